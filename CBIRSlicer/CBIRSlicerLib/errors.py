@@ -1,0 +1,46 @@
+"""The project's own small exception hierarchy: every message names the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CBIRError(Exception):
+    """Base of every error CBIRSlicer raises on purpose; the CLI prints these as one line."""
+
+
+class InputError(CBIRError):
+    """Bad input from a named file or folder."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class UnsupportedFormatError(InputError):
+    """The file is not in a format CBIRSlicer reads."""
+
+
+class UnreadableFileError(InputError):
+    """The file is in a known format but cannot be read (corrupt, truncated, missing)."""
+
+
+class DimensionError(InputError):
+    """The image is not a scalar 3D volume (2D, 4D, multi-component)."""
+
+
+class EmptySourceError(InputError):
+    """A folder holds nothing CBIRSlicer can read."""
+
+
+class DicomSeriesError(InputError):
+    """A DICOM series is inconsistent: missing slices, mixed sizes or orientations."""
+
+
+class GeometryError(CBIRError):
+    """A region or coordinate request does not fit the volume (for example an ROI outside it)."""
+
+
+class ParameterError(CBIRError):
+    """An option value is malformed (a window, a montage grid, an ROI string)."""

@@ -1,0 +1,63 @@
+"""Regions of interest as axis-aligned RAS boxes: centre and size in millimetres, as Slicer shows them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ParameterError
+
+
+@dataclass(frozen=True)
+class RoiBox:
+    """An axis-aligned box in RAS millimetres, given by its centre and full size."""
+
+    center: tuple[float, float, float]
+    size: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        center = tuple(float(v) for v in self.center)
+        size = tuple(float(v) for v in self.size)
+        if len(center) != 3 or len(size) != 3:
+            raise ParameterError("an ROI needs a 3D centre and a 3D size")
+        if not all(np.isfinite(center + size)) or min(size) <= 0:
+            raise ParameterError(f"ROI size must be positive and finite, got {size}")
+        object.__setattr__(self, "center", center)
+        object.__setattr__(self, "size", size)
+
+    @classmethod
+    def parse(cls, text: str) -> RoiBox:
+        """Parse 'CX,CY,CZ,SX,SY,SZ' (RAS mm), the form of ``--roi-ras``."""
+        try:
+            values = [float(v) for v in text.replace(" ", "").split(",")]
+        except ValueError:
+            raise ParameterError(f"ROI '{text}' is not six numbers CX,CY,CZ,SX,SY,SZ") from None
+        if len(values) != 6:
+            raise ParameterError(f"ROI '{text}' has {len(values)} numbers; expected six: CX,CY,CZ,SX,SY,SZ")
+        return cls(tuple(values[:3]), tuple(values[3:]))
+
+    @classmethod
+    def from_bounds(cls, low, high) -> RoiBox:
+        """A box from its RAS minimum and maximum corners."""
+        low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+        return cls(tuple((low + high) / 2), tuple(np.abs(high - low)))
+
+    @property
+    def low(self) -> np.ndarray:
+        """Minimum RAS corner."""
+        return np.asarray(self.center) - np.asarray(self.size) / 2
+
+    @property
+    def high(self) -> np.ndarray:
+        """Maximum RAS corner."""
+        return np.asarray(self.center) + np.asarray(self.size) / 2
+
+    def as_list(self) -> list[float]:
+        """[cx, cy, cz, sx, sy, sz], the JSON form."""
+        return [*self.center, *self.size]
+
+    def contains(self, ras, tolerance: float = 1e-6) -> bool:
+        """Whether a RAS point is inside the box."""
+        ras = np.asarray(ras, dtype=float)
+        return bool(np.all(ras >= self.low - tolerance) and np.all(ras <= self.high + tolerance))

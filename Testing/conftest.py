@@ -1,0 +1,85 @@
+"""Shared fixtures: synthetic phantoms in many storage orientations, and a headless MRML scene (slicer-core)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from CBIRSlicerLib import synthetic
+
+FORMATS = (".nii.gz", ".nrrd", ".mha")
+SHAPE = (40, 36, 28)
+
+
+def _canonical(spacing=(1.0, 1.0, 1.0), origin_shift=(0.0, 0.0, 0.0)):
+    matrix = synthetic.centered_matrix(SHAPE, spacing)
+    matrix[:3, 3] += origin_shift
+    return synthetic.render(matrix, SHAPE, body_radii=(18.0, 16.0, 14.0))
+
+
+def _blobs():
+    return [synthetic.Blob((6.0, -5.0, 3.0), 4.0, 300.0), synthetic.Blob((-7.0, 6.0, -4.0), 3.5, -400.0),
+            synthetic.Blob((2.0, 7.0, 6.0), 4.5, 150.0, "shell", 1.5)]
+
+
+def make_case(name: str):
+    """(canonical volume, twin volume, exact): the twin holds the same anatomy stored another way."""
+    spacing, shift = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
+    if name == "anisotropic":
+        spacing = (0.8, 1.2, 2.0)
+    if name == "nonzero-origin":
+        shift = (-120.5, 48.0, 310.25)
+    matrix = synthetic.centered_matrix(SHAPE, spacing)
+    matrix[:3, 3] += shift
+    blobs = [synthetic.Blob(tuple(np.add(b.center, shift)), b.radius, b.value, b.kind, b.wall_mm) for b in _blobs()]
+    body_centre = tuple(shift)
+    canonical = _render(matrix, SHAPE, blobs, body_centre)
+    storage = {
+        "identity": ((0, 1, 2), (False, False, False)),
+        "flip-lr": ((0, 1, 2), (True, False, False)),
+        "upside-down": ((0, 1, 2), (False, False, True)),
+        "rot90-axial": ((1, 0, 2), (True, False, False)),
+        "sagittal-stored": ((1, 2, 0), (False, True, False)),
+        "coronal-stored": ((0, 2, 1), (True, True, False)),
+        "anisotropic": ((2, 0, 1), (False, True, True)),
+        "nonzero-origin": ((0, 1, 2), (True, True, True)),
+    }
+    if name == "oblique":
+        directions = synthetic.rotation(12.0, -8.0, 20.0)
+        twin = _render(synthetic.centered_matrix(SHAPE, spacing, directions), SHAPE, blobs, body_centre)
+        return canonical, twin, False, blobs
+    permutation, flips = storage[name]
+    return canonical, synthetic.reorient(canonical, permutation, flips), True, blobs
+
+
+def _render(matrix, shape, blobs, body_centre):
+    i, j, k = shape
+    kk, jj, ii = np.meshgrid(np.arange(k), np.arange(j), np.arange(i), indexing="ij")
+    ras = np.stack([ii, jj, kk], -1).astype(float) @ matrix[:3, :3].T + matrix[:3, 3]
+    values = synthetic.phantom_values(ras, blobs, (18.0, 16.0, 14.0), body_centre)
+    from CBIRSlicerLib.volume import Volume
+
+    return Volume.from_array(np.round(values).astype(np.int16), matrix, name="phantom")
+
+
+CASES = ("identity", "flip-lr", "upside-down", "rot90-axial", "sagittal-stored", "coronal-stored",
+         "anisotropic", "nonzero-origin", "oblique")
+
+
+@pytest.fixture(scope="session")
+def mrml_volumes_logic():
+    """A vtkSlicerVolumesLogic on a fresh scene, set up as Slicer does, to load files headlessly."""
+    slicer = pytest.importorskip("slicer")
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLApplicationLogic(app_logic)
+    colors.SetMRMLScene(scene)
+    app_logic.SetModuleLogic("Colors", colors)
+    logic = slicer.vtkSlicerVolumesLogic()
+    logic.SetMRMLApplicationLogic(app_logic)
+    logic.SetMRMLScene(scene)
+    # MRML logics hold each other by weak pointers: keep every object alive for the session.
+    logic.keep_alive = (scene, app_logic, colors)
+    return logic
