@@ -74,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     slices.add_argument("volume", help="volume file (NIfTI, NRRD, MHA/MHD, DICOM) or a DICOM folder")
     slices.add_argument("--out", required=True, help="output folder")
     slices.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
-    slices.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ", help="ROI centre and size in RAS mm, as Slicer shows them")
+    slices.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ",
+                        help="ROI centre and size in RAS mm, as Slicer shows them")
     stride = slices.add_mutually_exclusive_group()
     stride.add_argument("--stride-mm", type=float, help="distance between slices in mm")
     stride.add_argument("--stride", type=int, help="distance between slices in slices")
-    slices.add_argument("--window", default="auto", help="auto, percentile, soft-tissue, lung, bone, brain, or W,L (default auto)")
+    slices.add_argument("--window", default="auto",
+                        help="auto, percentile, soft-tissue, lung, bone, brain, or W,L (default auto)")
     slices.add_argument("--montage", metavar="RxC", help="tile R x C evenly spaced slices into one image")
     slices.add_argument("--no-crop", action="store_true", help="with an ROI, keep whole slices instead of cropping to it")
     slices.add_argument("--margin-mm", type=float, default=0.0, help="margin around the ROI crop (mm)")

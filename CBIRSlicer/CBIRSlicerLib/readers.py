@@ -133,8 +133,11 @@ def _nifti_data_problem(path: str) -> str | None:
     ITK's NIfTI reader pads a truncated file (or a cut-short .nii.gz) with zeros without a word, so the
     length is checked here: for .nii.gz by decompressing the whole stream (gzip also checks its CRC).
     """
-    compressed = path.lower().endswith(".gz")
+    compressed = False
     try:
+        with open(path, "rb") as handle:
+            # ITK (znzlib) also reads a plain NIfTI misnamed .nii.gz: go by the gzip magic, not the name.
+            compressed = handle.read(2) == b"\x1f\x8b"
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as handle:
             header = handle.read(540)
             total = len(header)
@@ -147,7 +150,8 @@ def _nifti_data_problem(path: str) -> str | None:
             else:
                 total = os.path.getsize(path)
     except (OSError, EOFError, zlib.error) as error:
-        return f"compressed data is truncated or corrupt ({error})"
+        what = "compressed data" if compressed else "file"
+        return f"{what} is truncated or corrupt ({error})"
     if len(header) < 348:
         return f"is too short for a NIfTI header ({len(header)} bytes)"
     for order in "<>":

@@ -231,7 +231,8 @@ def crop_box(grid: SliceGrid, roi: RoiBox, margin_mm: float = 0.0) -> tuple[int,
     return r0, c0, r1 + 1, c1 + 1
 
 
-def select_planes(grid: SliceGrid, roi: RoiBox | None = None, stride_mm: float | None = None, stride: int | None = None) -> list[int]:
+def select_planes(grid: SliceGrid, roi: RoiBox | None = None, stride_mm: float | None = None,
+                  stride: int | None = None) -> list[int]:
     """Planes to extract: those the ROI spans (or all), every ``stride`` planes or every ``stride_mm`` millimetres."""
     first, last = planes_in(grid, roi)
     if stride_mm is not None and stride is not None:
