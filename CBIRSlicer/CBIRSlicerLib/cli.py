@@ -65,6 +65,37 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = (
+    ("biomedclip", "BiomedCLIP ViT-B/16, 512-d, image + text (default; downloads once to the Hugging Face cache)"),
+    ("openclip:ARCH:PRETRAINED", "any open_clip model, e.g. openclip:ViT-B-16:openai"),
+    ("hf-hub:ORG/REPO", "an open_clip model on the Hugging Face hub"),
+    ("local-dir:PATH", "an open_clip folder (open_clip_config.json + weights), for sites without internet"),
+    ("dinov2[:small|base|large|giant]", "DINOv2 CLS token, image only"),
+    ("rad-dino", "RAD-DINO (microsoft/rad-dino) CLS token, image only"),
+    ("hf-vit:REPO_OR_PATH", "any transformers vision backbone, CLS token, image only"),
+    ("handcrafted", "intensity, gradient and texture descriptor; no weights, always offline"),
+)
+
+
+def _models(args: argparse.Namespace) -> int:
+    """cbir models list | info NAME: what can be used, and what a model is once loaded."""
+    if args.action == "list":
+        width = max(len(name) for name, _ in MODEL_HELP)
+        for name, text in MODEL_HELP:
+            print(f"{name:<{width}}  {text}")
+        return 0
+    from .embedding import create_embedder
+
+    embedder = create_embedder(args.name, device=args.device)
+    info = embedder.describe()
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"{info['name']}: {info['dim']}-d on {info['device']}, text {'yes' if info['supports_text'] else 'no'}, "
+              f"fingerprint {info['digest']}, weights sha256 {info['fingerprint']['weights_sha256'] or '-'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every ``cbir`` command."""
     parser = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval for radiology volumes.")
@@ -92,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=96, help="voxels along R and A (default 96)")
     synth.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (default 1)")
     synth.set_defaults(run=_synth)
+
+    models = commands.add_parser("models", help="list the embedding models, or load one and show its fingerprint")
+    models.add_argument("action", choices=["list", "info"])
+    models.add_argument("name", nargs="?", default="biomedclip", help="model name for 'info' (default biomedclip)")
+    models.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    models.add_argument("--json", action="store_true", help="print the description as JSON")
+    models.set_defaults(run=_models)
     return parser
 
 

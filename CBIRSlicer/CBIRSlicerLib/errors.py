@@ -44,3 +44,19 @@ class GeometryError(CBIRError):
 
 class ParameterError(CBIRError):
     """An option value is malformed (a window, a montage grid, an ROI string)."""
+
+
+class ModelError(CBIRError):
+    """A model cannot be created or used as asked (unknown name, no text tower, bad images)."""
+
+
+class ModelUnavailableError(ModelError):
+    """A model's weights are neither in the local cache nor downloadable; the message says how to provide them."""
+
+
+class WorkerError(CBIRError):
+    """An embedding job failed in the background worker; the message carries the worker's reason."""
+
+
+class JobCancelled(CBIRError):
+    """An embedding job was cancelled before it finished."""

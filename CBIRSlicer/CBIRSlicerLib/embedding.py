@@ -1,0 +1,247 @@
+"""Embedders: images (and, for CLIP-family models, text) to L2-normalised float32 vectors.
+
+One entry point, :func:`create_embedder`, takes a model name with a schema prefix, in the
+spirit of open_clip's factory:
+
+==========================  ===============================================================
+``biomedclip`` (default)    open_clip ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``
+``openclip:ARCH:PRETRAINED`` an open_clip built-in architecture and pretrained tag
+``hf-hub:ORG/REPO``         an open_clip model on the Hugging Face hub
+``local-dir:PATH``          an open_clip folder (``open_clip_config.json`` + weights), for offline sites
+``dinov2[:SIZE]``           DINOv2 (``facebook/dinov2-SIZE``, default base) CLS token, via transformers
+``rad-dino``                RAD-DINO (``microsoft/rad-dino``) CLS token, via transformers
+``hf-vit:REPO_OR_PATH``     any transformers vision backbone (hub id or local folder), CLS token
+``handcrafted``             deterministic intensity / gradient / texture descriptor, no weights
+==========================  ===============================================================
+
+Every embedder has a dimension and a :class:`Fingerprint` (name, config, weights checksum,
+preprocessing) that an index stores, so vectors from different models never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "biomedclip"
+BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+DINOV2_SIZES = ("small", "base", "large", "giant")
+RAD_DINO_HUB_ID = "microsoft/rad-dino"
+
+Progress = Callable[[int, int], None]  # (images done, images in all)
+ShouldStop = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two embedders' vectors comparable: family, config, weights checksum and preprocessing.
+
+    ``name`` and ``source`` say where the model came from and are kept for people to read; they
+    are not part of the identity, so a hub checkpoint and a copy of it in a local folder match.
+    """
+
+    name: str
+    family: str
+    dim: int
+    config: dict = field(default_factory=dict)
+    weights_sha256: str | None = None
+    preprocessing: dict = field(default_factory=dict)
+    source: str = ""
+
+    IDENTITY = ("family", "dim", "config", "weights_sha256", "preprocessing")
+
+    def __post_init__(self) -> None:
+        # Store config and preprocessing as their JSON round trip (tuples become lists) so a
+        # fingerprint read back from a manifest compares equal to a freshly made one.
+        for key in ("config", "preprocessing"):
+            object.__setattr__(self, key, json.loads(json.dumps(getattr(self, key), sort_keys=True, default=str)))
+
+    def as_dict(self) -> dict:
+        """Plain JSON form (what the index manifest stores)."""
+        return asdict(self)
+
+    def digest(self) -> str:
+        """A short stable hash of the identity fields."""
+        identity = {key: getattr(self, key) for key in self.IDENTITY}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def differences(self, other: Fingerprint | dict) -> list[str]:
+        """Human-readable list of the identity fields that differ from another fingerprint (empty: compatible)."""
+        mine, theirs = self.as_dict(), other if isinstance(other, dict) else other.as_dict()
+        return [f"{key}: {mine.get(key)!r} != {theirs.get(key)!r}" for key in self.IDENTITY if mine.get(key) != theirs.get(key)]
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Validate a batch: each image is (rows, cols) or (rows, cols, 1|3), non-empty; uint8 or float in [0, 1]."""
+    checked = []
+    for n, image in enumerate(images):
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3) or min(array.shape[:2]) < 1:
+            raise ModelError(f"image {n} has shape {array.shape}; expected (rows, cols) or (rows, cols, 3)")
+        if array.dtype != np.uint8:
+            array = np.round(np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0) * 255).astype(np.uint8)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        checked.append(np.ascontiguousarray(array))
+    return checked
+
+
+def choose_device(requested: str | None = None) -> str:
+    """'cuda', then 'mps', then 'cpu', unless a device is requested (argument or CBIR_DEVICE)."""
+    requested = requested or os.environ.get("CBIR_DEVICE") or "auto"
+    if requested != "auto":
+        return requested
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def available_cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class Embedder:
+    """Base class: subclasses set name, dim, fingerprint, supports_text and implement ``_embed_batch``."""
+
+    name: str = ""
+    dim: int = 0
+    supports_text: bool = False
+    device: str = "cpu"
+    fingerprint: Fingerprint
+    default_batch_size: int = 16
+
+    def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _embed_text(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed_images(self, images: Sequence[np.ndarray], batch_size: int | None = None,
+                     progress: Progress | None = None, should_stop: ShouldStop | None = None) -> np.ndarray:
+        """Vectors (N, dim), float32, L2-normalised, for uint8 RGB / grey images; stops early if ``should_stop()``."""
+        images = check_images(images)
+        batch_size = max(1, batch_size or self.default_batch_size)
+        out = np.zeros((len(images), self.dim), np.float32)
+        for start in range(0, len(images), batch_size):
+            if should_stop is not None and should_stop():
+                from .errors import JobCancelled
+
+                raise JobCancelled(f"stopped after {start} of {len(images)} images")
+            batch = images[start:start + batch_size]
+            out[start:start + len(batch)] = l2_normalize(self._embed_batch(batch))
+            if progress is not None:
+                progress(start + len(batch), len(images))
+        return out
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors (N, dim) for phrases such as 'pleural effusion' (CLIP-family models only)."""
+        if not self.supports_text:
+            raise ModelError(f"model '{self.name}' embeds images only; text search needs a CLIP-family model such as biomedclip")
+        texts = [str(t) for t in texts]
+        if not texts or any(not t.strip() for t in texts):
+            raise ModelError("text queries must be non-empty phrases")
+        return l2_normalize(self._embed_text(texts))
+
+    def describe(self) -> dict:
+        """What a user or the worker reports about the loaded model."""
+        return {"name": self.name, "dim": self.dim, "device": self.device, "supports_text": self.supports_text,
+                "fingerprint": self.fingerprint.as_dict(), "digest": self.fingerprint.digest()}
+
+
+class HandcraftedEmbedder(Embedder):
+    """The weight-free descriptor of :mod:`handcrafted` as an embedder."""
+
+    default_batch_size = 64
+
+    def __init__(self):
+        from . import handcrafted
+
+        self._describe = handcrafted.describe
+        self.name = "handcrafted"
+        self.dim = handcrafted.DIM
+        self.fingerprint = Fingerprint(
+            name="handcrafted", family="handcrafted", dim=self.dim, source="built in",
+            config={"version": handcrafted.VERSION, "size": handcrafted.SIZE, "lbp_radii": list(handcrafted.LBP_RADII)},
+            preprocessing={"input": "grey in [0, 1]", "resize": f"bilinear {handcrafted.SIZE}x{handcrafted.SIZE}"},
+        )
+
+    def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([self._describe(image) for image in images])
+
+
+def parse_model_name(name: str) -> tuple[str, str]:
+    """(family, identifier) for a model name; raises ModelError for unknown names."""
+    name = (name or DEFAULT_MODEL).strip()
+    if name == "handcrafted":
+        return "handcrafted", ""
+    if name == "biomedclip":
+        return "open_clip", BIOMEDCLIP_HUB_ID
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return "open_clip", name
+    if name.startswith("openclip:"):
+        parts = name.split(":")
+        if len(parts) != 3 or not all(parts[1:]):
+            raise ModelError(f"model '{name}' must look like openclip:ARCH:PRETRAINED, for example openclip:ViT-B-16:openai")
+        return "open_clip", name
+    if name == "rad-dino":
+        return "hf_vision", RAD_DINO_HUB_ID
+    if name == "dinov2" or name.startswith("dinov2:"):
+        size = name.partition(":")[2] or "base"
+        if size in DINOV2_SIZES:
+            return "hf_vision", f"facebook/dinov2-{size}"
+        return "hf_vision", size  # a hub id or a local folder of a DINOv2 checkpoint
+    if name.startswith("hf-vit:") and name[7:]:
+        return "hf_vision", name[7:]
+    raise ModelError(
+        f"unknown model '{name}'; use biomedclip, openclip:ARCH:PRETRAINED, hf-hub:ORG/REPO, local-dir:PATH, "
+        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH or handcrafted")
+
+
+def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **options) -> Embedder:
+    """The embedder a model name stands for, loaded on a device ('auto' or None: cuda, then mps, then cpu)."""
+    family, identifier = parse_model_name(name)
+    if family == "handcrafted":
+        return HandcraftedEmbedder()
+    if family == "open_clip":
+        from .clip_models import OpenClipEmbedder
+
+        return OpenClipEmbedder(name, identifier, choose_device(device), **options)
+    from .vit_models import HFVisionEmbedder
+
+    return HFVisionEmbedder(name, identifier, choose_device(device), **options)

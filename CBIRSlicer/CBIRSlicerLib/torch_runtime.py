@@ -1,0 +1,119 @@
+"""What every torch-based embedder shares: device placement, precision choice, CPU threads, hub downloads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+from .embedding import Embedder, available_cores
+from .errors import ModelError, ModelUnavailableError
+
+MIN_MIXED_PRECISION_COSINE = 0.999
+
+
+def hub_cache_dir() -> str:
+    """Where Hugging Face keeps downloaded models (HF_HUB_CACHE / HF_HOME respected)."""
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
+
+
+def hub_snapshot(repo_id: str, model_name: str, patterns: list[str]) -> str:
+    """Local folder of a hub repository: from the cache, or downloaded into it with progress bars."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except Exception as error:  # offline, unknown repo, refused: all end the same way for the user
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelUnavailableError(
+            f"model '{model_name}' ({repo_id}) is not in the Hugging Face cache at {hub_cache_dir()} and could not "
+            f"be downloaded ({reason}). Run it once on a machine with internet access and copy that cache, or put "
+            f"the checkpoint in a folder and use --model local-dir:/path/to/folder (open_clip models: "
+            f"open_clip_config.json + open_clip_pytorch_model.bin; transformers models: hf-vit:/path/to/folder)."
+        ) from None
+
+
+def weights_file(folder: str, candidates: tuple[str, ...]) -> str | None:
+    """The first existing weights file of a checkpoint folder."""
+    for name in candidates:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+class TorchEmbedder(Embedder):
+    """An embedder backed by a torch module: subclasses provide ``preprocess`` and ``_features``."""
+
+    default_batch_size = 16
+
+    def __init__(self, device: str, precision: str = "auto", threads: int | None = None):
+        import torch
+
+        if precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise ModelError(f"precision must be auto, fp32, fp16 or bf16, not '{precision}'")
+        self.device = device
+        self.requested_precision = precision
+        self.precision: str | None = None if precision == "auto" else precision
+        self.precision_check: dict | None = None
+        if device == "cpu":
+            # Use the cores we were given; in Slicer the worker process is given one less than the machine has.
+            torch.set_num_threads(max(1, threads or available_cores()))
+
+    def preprocess(self, images: list[np.ndarray]):
+        """The model's own preprocessing of uint8 RGB images, as a (N, 3, H, W) float tensor."""
+        raise NotImplementedError
+
+    def _features(self, pixels):
+        raise NotImplementedError
+
+    def _autocast(self, precision: str):
+        import torch
+
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        device_type = "cuda" if self.device.startswith("cuda") else self.device
+        return torch.autocast(device_type=device_type, dtype=dtype)
+
+    def _run(self, pixels, precision: str) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode(), self._autocast(precision):
+            return self._features(pixels).float().cpu().numpy()
+
+    def _choose_precision(self, pixels) -> str:
+        """fp32 on CPU and MPS; on CUDA fp16 (or bf16) when it keeps cosine >= 0.999 to fp32 on a real batch."""
+        if not self.device.startswith("cuda"):
+            return "fp32"
+        reference = self._run(pixels, "fp32")
+        for candidate in ("fp16", "bf16"):
+            cosine = _min_cosine(reference, self._run(pixels, candidate))
+            if cosine >= MIN_MIXED_PRECISION_COSINE:
+                self.precision_check = {"precision": candidate, "min_cosine": cosine}
+                return candidate
+        self.precision_check = {"precision": "fp32", "min_cosine": cosine}
+        return "fp32"
+
+    def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        pixels = self.preprocess(images).to(self.device)
+        if self.precision is None:
+            self.precision = self._choose_precision(pixels)
+        return self._run(pixels, self.precision)
+
+    def describe(self) -> dict:
+        """Adds the precision in use to the base description."""
+        return {**super().describe(), "precision": self.precision or self.requested_precision}
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest row-wise cosine similarity between two batches of vectors."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float(np.min(np.sum(a * b, axis=1)))

@@ -1,0 +1,117 @@
+"""The background embedding service: never blocks the caller, cancels within a second, survives failures."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from CBIRSlicerLib import worker
+from CBIRSlicerLib.embedding import create_embedder
+from CBIRSlicerLib.errors import JobCancelled, ModelError, WorkerError
+from CBIRSlicerLib.worker import EmbeddingService
+
+
+def _images(n, size=96, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((size, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def service():
+    with EmbeddingService("handcrafted") as running:
+        running.wait_ready(60)
+        yield running
+
+
+def test_a_200_image_job_never_delays_the_callers_event_loop(service):
+    images = _images(200)
+    ticks, worst, seen = 0, 0.0, []
+    job = service.submit_images(images)  # returns at once: sending happens on a writer thread
+    last = time.perf_counter()
+    while not job.wait(0):
+        time.sleep(0.01)  # a simulated GUI event loop ticking every 10 ms
+        now = time.perf_counter()
+        worst = max(worst, now - last - 0.01)
+        last = now
+        ticks += 1
+        seen.append(job.progress().done)
+    assert worst < 0.050, f"a tick was delayed {worst * 1000:.0f} ms"
+    assert ticks > 5 and seen == sorted(seen) and 0 < max(seen) <= 200
+    vectors = job.result()
+    assert np.array_equal(vectors, create_embedder("handcrafted").embed_images(images))
+    progress = job.progress()
+    assert progress.state == "done" and progress.done == 200 and progress.rate > 0
+
+
+def test_cancel_stops_a_job_within_one_second(service):
+    job = service.submit_images(_images(3000, size=128))
+    while job.progress().done == 0:
+        time.sleep(0.01)
+    began = time.perf_counter()
+    job.cancel()
+    assert job.wait(1.0), "job still running 1 s after cancel"
+    assert time.perf_counter() - began < 1.0
+    assert job.progress().state == "cancelled" and job.progress().done < 3000
+    with pytest.raises(JobCancelled):
+        job.result()
+    assert service.submit_images(_images(2)).result(30).shape == (2, 300)
+
+
+def test_a_failing_job_reports_its_error_and_the_next_job_succeeds(service):
+    bad = service.submit_images([np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4, 2), np.uint8)])
+    with pytest.raises(WorkerError, match=r"image 1 has shape \(4, 4, 2\)") as caught:
+        bad.result(30)
+    assert "handcrafted" in str(caught.value) and bad.progress().state == "failed"
+    good = service.submit_images(_images(3))
+    assert good.result(30).shape == (3, 300)
+
+
+def test_text_on_an_image_only_model_fails_cleanly(service):
+    with pytest.raises(WorkerError, match="images only"):
+        service.submit_text(["pleural effusion"]).result(30)
+
+
+def test_the_model_is_loaded_once_for_several_jobs(tmp_path):
+    from CBIRSlicerLib.random_checkpoints import write_open_clip_folder
+
+    folder = write_open_clip_folder(str(tmp_path / "clip"))
+    with EmbeddingService(f"local-dir:{folder}", device="cpu") as service:
+        info = service.wait_ready(120)
+        assert info["dim"] == 32 and info["supports_text"]
+        jobs = [service.submit_images(_images(4, seed=s)) for s in range(3)] + [service.submit_text(["nodule", "effusion"])]
+        shapes = [job.result(120).shape for job in jobs]
+        assert shapes == [(4, 32)] * 3 + [(2, 32)]
+        assert service.model_loads == 1
+        reference = create_embedder(f"local-dir:{folder}", device="cpu").embed_images(_images(4, seed=0))
+        assert np.abs(jobs[0].result() - reference).max() < 1e-5
+
+
+def test_a_cancel_the_worker_cannot_honour_in_time_restarts_it(monkeypatch):
+    monkeypatch.setattr(worker, "HARD_CANCEL_S", 0.0)  # every cancel takes the kill path
+    with EmbeddingService("handcrafted") as service:
+        service.wait_ready(60)
+        job = service.submit_images(_images(2000, size=128))
+        while job.progress().done == 0:
+            time.sleep(0.01)
+        began = time.perf_counter()
+        job.cancel()
+        assert job.wait(1.0) and time.perf_counter() - began < 1.0 and job.progress().state == "cancelled"
+        assert service.submit_images(_images(2)).result(60).shape == (2, 300)
+        assert service.model_loads == 2  # the restart is visible, not hidden
+
+
+def test_a_model_that_cannot_load_is_reported():
+    with EmbeddingService("no-such-model") as service:
+        with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
+            service.wait_ready(60)
+
+
+def test_shutdown_ends_the_worker_and_pending_jobs():
+    service = EmbeddingService("handcrafted").start()
+    service.wait_ready(60)
+    job = service.submit_images(_images(3000, size=128))
+    process = service._process
+    service.shutdown(timeout=5)
+    assert process.poll() is not None
+    assert job.wait(5) and job.progress().state in ("cancelled", "done")
