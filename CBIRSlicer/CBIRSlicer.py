@@ -45,6 +45,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         import qt
+
         from CBIRSlicerLib import __version__
 
         label = qt.QLabel(
@@ -84,6 +85,7 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
 
     def test_node_geometry_reaches_the_core(self):
         import numpy as np
+
         from CBIRSlicerLib import synthetic
         from CBIRSlicerLib.roi import RoiBox
 

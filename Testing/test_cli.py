@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from CBIRSlicerLib import cli, synthetic
 from CBIRSlicerLib.images import read_png
 from CBIRSlicerLib.intensity import Window, to_uint8_rgb

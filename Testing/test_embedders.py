@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from CBIRSlicerLib import embedding, random_checkpoints
 from CBIRSlicerLib.embedding import create_embedder, file_sha256, parse_model_name
 from CBIRSlicerLib.errors import ModelError, ModelUnavailableError

@@ -13,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from CBIRSlicerLib import readers, synthetic
 from CBIRSlicerLib.errors import (
     CBIRError,

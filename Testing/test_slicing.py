@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_case
+
 from CBIRSlicerLib import slicing, synthetic
 from CBIRSlicerLib.errors import GeometryError, ParameterError
 from CBIRSlicerLib.roi import RoiBox
 from CBIRSlicerLib.volume import Volume
-from conftest import make_case
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+
 from CBIRSlicerLib import worker
 from CBIRSlicerLib.embedding import create_embedder
 from CBIRSlicerLib.errors import JobCancelled, ModelError, WorkerError
