@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,6 +97,177 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_printer(what: str):
+    """A progress callback drawing one updating line on a terminal, or a line per step otherwise."""
+    import time
+
+    began = time.monotonic()
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int, label: str) -> None:
+        elapsed = time.monotonic() - began
+        rate = done / elapsed if elapsed > 0 and done else 0.0
+        eta = f", {(total - done) / rate:.0f} s left" if rate > 0 and done < total else ""
+        width = 24
+        filled = int(width * done / total) if total else width
+        line = f"{what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{eta}  {os.path.basename(label)[:40]}"
+        print(("\r" + line.ljust(100)) if tty else line, end="" if tty and done < total else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _read_labels(path: str | None) -> dict[str, list[str]]:
+    """path,label rows (several rows per path allowed) from a CSV file."""
+    import csv
+
+    if not path:
+        return {}
+    labels: dict[str, list[str]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if "path" not in row or "label" not in row:
+                raise CBIRError(f"{path}: labels CSV needs the columns path,label")
+            labels.setdefault(os.path.abspath(row["path"]), []).append(row["label"])
+    return labels
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    """cbir index build / add: create (or resume) an index and add sources to it."""
+    from .embedding import create_embedder
+    from .index import MANIFEST, Index
+    from .index_items import IndexSettings
+
+    exists = os.path.exists(os.path.join(args.index, MANIFEST))
+    if args.action == "add" and not exists:
+        raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
+    if exists:
+        index = Index.open(args.index, writable=True)
+        embedder = create_embedder(args.model or index.model_name(), device=args.device)
+        if args.action == "build":
+            settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm,
+                                     tile_sizes_mm=[float(t) for t in args.tiles_mm.split(",") if t] if args.tiles_mm else [])
+            index.check_settings(settings)
+    else:
+        embedder = create_embedder(args.model or "biomedclip", device=args.device)
+        settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm,
+                                 tile_sizes_mm=[float(t) for t in args.tiles_mm.split(",") if t] if args.tiles_mm else [])
+        index = Index.create(args.index, embedder, settings, args.index_type)
+    with index:
+        report = index.add_sources(args.sources, embedder, progress=_progress_printer("indexing"),
+                                   labels=_read_labels(args.labels))
+    print(report.summary())
+    info = Index.open(args.index).info()
+    print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
+          f"({info['index_type']}), model {info['model']}")
+    return 0
+
+
+def _index_other(args: argparse.Namespace) -> int:
+    """cbir index remove / info / verify / refresh."""
+    from .index import Index
+
+    if args.action == "remove":
+        with Index.open(args.index, writable=True) as index:
+            removed = index.remove(args.sources)
+        print(f"removed {len(removed)} case(s): {', '.join(removed)}")
+        return 0
+    if args.action == "refresh":
+        from .embedding import create_embedder
+
+        with Index.open(args.index, writable=True) as index:
+            report = index.refresh(create_embedder(args.model or index.model_name(), device=args.device),
+                                   _progress_printer("refreshing"))
+        print(report.summary())
+        return 0
+    index = Index.open(args.index)
+    if args.action == "info":
+        info = index.info()
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            counts = info["counts"]
+            per_case = f", {info['bytes_per_case'] / 2**10:.0f} KiB per case" if info["bytes_per_case"] else ""
+            print(f"index {info['folder']}")
+            print(f"  model {info['model']} ({info['dim']}-d, fingerprint {info['model_digest']})")
+            print(f"  {counts['cases']} cases, {counts['items']} items, {counts['vectors']} vectors ({info['index_type']}), "
+                  f"{counts['tombstones']} tombstones")
+            print(f"  {info['bytes'] / 2**20:.1f} MiB on disk{per_case}")
+            print(f"  settings {json.dumps(info['settings'])}")
+            print(f"  created {info['created']}, updated {info['updated']}")
+        return 0
+    problems = index.verify(check_sources=not args.no_sources)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("index is consistent" if not problems else f"{len(problems)} problem(s) found")
+    return 0 if not problems else 1
+
+
+def _search(args: argparse.Namespace) -> int:
+    """cbir search: similar cases for a volume, an ROI, a slice, a phrase, an item, or a batch of queries."""
+    from .index import Index
+    from .roi import RoiBox, read_markups_roi
+    from .search import (
+        Searcher,
+        item_query,
+        load_volume_for_query,
+        parse_filters,
+        roi_query,
+        slice_query,
+        text_query,
+        volume_query,
+    )
+
+    index = Index.open(args.index)
+    searcher = Searcher(index, model=args.model, device=args.device)
+    filters = parse_filters(args.filter)
+
+    def volume_search(path: str, roi: RoiBox | None) -> dict:
+        volume = load_volume_for_query(path)
+        if roi is not None:
+            query = roi_query(volume, roi, args.axis, index, args.margin_mm)
+        elif args.slice_ras:
+            query = slice_query(volume, args.axis, index, [float(v) for v in args.slice_ras.split(",")])
+        else:
+            query = volume_query(volume, args.axis, index)
+        return searcher.search(query, args.k, filters, args.ranking)
+
+    if args.batch:
+        import csv
+
+        with open(args.batch, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and "volume" not in rows[0]:
+            raise CBIRError(f"{args.batch}: batch CSV needs a 'volume' column (and optionally 'roi_ras')")
+        for row in rows:
+            text = (row.get("roi_ras") or "").strip()
+            try:
+                answer = volume_search(row["volume"], RoiBox.parse(text) if text else None)
+            except CBIRError as error:
+                answer = {"query": {"volume": os.path.abspath(row["volume"]), "roi_ras": text or None}, "error": str(error)}
+            print(json.dumps(answer), flush=True)
+        return 0
+    if args.text:
+        answer = searcher.search(text_query(args.text, searcher.embedder), args.k, filters, args.ranking)
+    elif args.like is not None:
+        answer = searcher.search(item_query(index, args.like), args.k, filters, args.ranking)
+    elif args.volume:
+        roi = RoiBox.parse(args.roi_ras) if args.roi_ras else read_markups_roi(args.roi) if args.roi else None
+        answer = volume_search(args.volume, roi)
+    else:
+        raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
+    if args.json:
+        print(json.dumps(answer, indent=1))
+        return 0
+    print(f"query: {json.dumps(answer['query'])}  (ranking {answer['ranking']})")
+    if not answer["results"]:
+        print("no results")
+    for result in answer["results"]:
+        best = result["best_match"]
+        where = f"{best['axis']} slice {best['slice_index']} at RAS ({', '.join(f'{v:.1f}' for v in best['ras'])})"
+        print(f"{result['rank']:>3}. {result['score']:.3f}  {result['name'] or result['case_id']:<28} {where}  {result['source']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every ``cbir`` command."""
     parser = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval for radiology volumes.")
@@ -123,6 +295,42 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=96, help="voxels along R and A (default 96)")
     synth.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (default 1)")
     synth.set_defaults(run=_synth)
+
+    index = commands.add_parser("index", help="build, extend, check an index of volumes")
+    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh"])
+    index.add_argument("sources", nargs="*", help="files and folders to index (build, add), or case ids / sources (remove)")
+    index.add_argument("--index", required=True, help="index folder")
+    index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
+    index.add_argument("--axes", default="axial", help="comma-separated axes to index (default axial)")
+    index.add_argument("--stride-mm", type=float, default=5.0, help="distance between indexed slices (default 5 mm)")
+    index.add_argument("--tiles-mm", default="48", help="tile sizes in mm for region queries, comma-separated; '' for none")
+    index.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw"], help="FAISS structure (default auto)")
+    index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
+    index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    index.add_argument("--json", action="store_true", help="info as JSON")
+    index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
+    index.set_defaults(run=lambda a: _index_build(a) if a.action in ("build", "add") else _index_other(a))
+
+    search = commands.add_parser("search", help="find the cases most similar to a volume, an ROI, a slice or a phrase")
+    search.add_argument("--index", required=True, help="index folder")
+    what = search.add_mutually_exclusive_group()
+    what.add_argument("--volume", help="query volume (whole volume unless --roi-ras, --roi or --slice-ras)")
+    what.add_argument("--text", help="a phrase (CLIP-family models), e.g. 'pleural effusion'")
+    what.add_argument("--batch", help="CSV with columns volume[,roi_ras]; answers one JSON line per row")
+    what.add_argument("--like", type=int, metavar="ITEM", help="more like this: an item id from a previous answer")
+    area = search.add_mutually_exclusive_group()
+    area.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ", help="ROI centre and size in RAS mm")
+    area.add_argument("--roi", metavar="FILE.mrk.json", help="a Slicer markups ROI file")
+    area.add_argument("--slice-ras", metavar="R,A,S", help="query the one slice through this RAS point")
+    search.add_argument("-k", type=int, default=10, help="number of cases (default 10)")
+    search.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    search.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="modality=CT, label=..., any catalog field")
+    search.add_argument("--ranking", default="maxsim", choices=["maxsim", "votes", "pooled"], help="case ranking (default maxsim)")
+    search.add_argument("--margin-mm", type=float, default=0.0, help="margin around the ROI crops")
+    search.add_argument("--model", help="load the index's model from elsewhere, e.g. local-dir:PATH (fingerprints must match)")
+    search.add_argument("--device", help="cuda, mps or cpu")
+    search.add_argument("--json", action="store_true", help="answer as JSON")
+    search.set_defaults(run=_search)
 
     models = commands.add_parser("models", help="list the embedding models, or load one and show its fingerprint")
     models.add_argument("action", choices=["list", "info"])

@@ -60,3 +60,19 @@ class WorkerError(CBIRError):
 
 class JobCancelled(CBIRError):
     """An embedding job was cancelled before it finished."""
+
+
+class IndexError_(CBIRError):
+    """Base of index problems (named with a trailing underscore so it never shadows the builtin IndexError)."""
+
+
+class IndexLockedError(IndexError_):
+    """Another process is writing the index."""
+
+
+class IndexMismatchError(IndexError_):
+    """The index was built with another model or other slicing parameters than asked for."""
+
+
+class IndexCorruptError(IndexError_):
+    """The index folder is missing files or its parts disagree."""

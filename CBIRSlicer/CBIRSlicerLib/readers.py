@@ -33,7 +33,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # Files that sit beside volumes and are never volumes themselves: skipped silently.
 # (.raw, .raw.gz and .zraw hold the voxels of .nhdr and .mhd headers.) Any other file that is neither a volume
 # nor DICOM, a .txt included, is reported in Discovery.skipped as "unsupported format".
-_IGNORED_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".json", ".md", ".csv", ".png", ".jpg", ".db", ".sqlite")
+_IGNORED_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".json", ".md", ".csv", ".png", ".jpg", ".db", ".sqlite",
+                     ".sqlite-wal", ".sqlite-shm", ".faiss", ".html")
 _IGNORED_NAMES = ("DICOMDIR",)
 
 # DICOM tags read for the catalog and for series checks.
@@ -377,6 +378,9 @@ def discover(paths: Iterable[str | Path], recursive: bool = True) -> Discovery:
             continue
         walker = os.walk(path) if recursive else [next(os.walk(path))]
         for folder, subfolders, names in walker:
+            if "catalog.sqlite" in names and "manifest.json" in names:
+                subfolders[:] = []  # a CBIRSlicer index folder: nothing in it is a case
+                continue
             subfolders.sort()
             dicom_here: list[str] = []
             for name in sorted(names):

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ParameterError
+from .coords import lps_to_ras
+from .errors import InputError, ParameterError
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,27 @@ class RoiBox:
         """Whether a RAS point is inside the box."""
         ras = np.asarray(ras, dtype=float)
         return bool(np.all(ras >= self.low - tolerance) and np.all(ras <= self.high + tolerance))
+
+
+def read_markups_roi(path: str) -> RoiBox:
+    """The RAS box of the first ROI in a Slicer markups file (.mrk.json); a rotated ROI gives its 8 corners' bounds."""
+    import json
+
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+        markup = next(m for m in data.get("markups", []) if m.get("type") == "ROI")
+        center = np.array(markup["center"], dtype=float)
+        size = np.array(markup["size"], dtype=float)
+        orientation = np.array(markup.get("orientation", np.eye(3).ravel()), dtype=float).reshape(3, 3)
+    except FileNotFoundError:
+        raise InputError(path, "does not exist") from None
+    except (OSError, ValueError, KeyError, StopIteration, TypeError) as error:
+        raise InputError(path, f"is not a Slicer markups ROI file ({type(error).__name__}: {error})") from None
+    lps = markup.get("coordinateSystem", "LPS").upper() == "LPS"
+    # Corners in the ROI's own frame, rotated by its orientation (columns = axes), in the file's frame.
+    signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], dtype=float)
+    corners = center + (signs * size / 2) @ orientation.T
+    if lps:
+        corners = lps_to_ras(corners)
+    return RoiBox.from_bounds(corners.min(axis=0), corners.max(axis=0))

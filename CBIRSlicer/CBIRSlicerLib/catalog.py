@@ -1,0 +1,281 @@
+"""The index catalog: cases, items and thumbnails in one SQLite file (no pickle; JSON for structured fields).
+
+An item is one vector in the FAISS index; its integer id is the FAISS id. Ids come from an
+AUTOINCREMENT key, so they are never reused after a removal.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    case_id TEXT UNIQUE NOT NULL,
+    name TEXT,
+    source TEXT NOT NULL,
+    series_uid TEXT,
+    checksum TEXT,
+    modality TEXT,
+    body_part TEXT,
+    shape TEXT,
+    spacing TEXT,
+    ijk_to_ras TEXT,
+    labels TEXT DEFAULT '[]',
+    metadata TEXT DEFAULT '{}',
+    status TEXT NOT NULL DEFAULT 'pending',
+    added_at REAL
+);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    case_row INTEGER NOT NULL REFERENCES cases(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    axis TEXT NOT NULL,
+    slice_index INTEGER NOT NULL,
+    plane INTEGER NOT NULL,
+    ras_r REAL, ras_a REAL, ras_s REAL,
+    box TEXT,
+    low_ras TEXT,
+    high_ras TEXT,
+    size_mm REAL
+);
+CREATE INDEX IF NOT EXISTS items_case ON items(case_row);
+CREATE TABLE IF NOT EXISTS thumbnails (
+    case_row INTEGER NOT NULL REFERENCES cases(id) ON DELETE CASCADE,
+    axis TEXT NOT NULL,
+    plane INTEGER NOT NULL,
+    rows INTEGER, cols INTEGER,
+    pixels BLOB,
+    PRIMARY KEY (case_row, axis, plane)
+);
+CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY);
+"""
+
+CASE_FIELDS = ("case_id", "name", "source", "series_uid", "checksum", "modality", "body_part", "status")
+
+
+@dataclass
+class CaseRecord:
+    """One indexed case (a volume file or a DICOM series)."""
+
+    case_id: str
+    source: str
+    name: str = ""
+    series_uid: str | None = None
+    checksum: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    shape: list[int] = field(default_factory=list)
+    spacing: list[float] = field(default_factory=list)
+    ijk_to_ras: list[list[float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    status: str = "pending"
+    row: int | None = None
+
+    def as_dict(self) -> dict:
+        """JSON-ready description for results and `info`."""
+        return {"case_id": self.case_id, "name": self.name, "source": self.source, "series_uid": self.series_uid,
+                "modality": self.modality, "body_part": self.body_part, "shape": self.shape, "spacing": self.spacing,
+                "labels": self.labels, "metadata": self.metadata}
+
+
+@dataclass
+class ItemRecord:
+    """One indexed image: a whole slice or a tile of one, with where it lies (RAS mm) in its case."""
+
+    kind: str
+    axis: str
+    slice_index: int
+    plane: int
+    ras: tuple[float, float, float]
+    box: tuple[int, int, int, int]
+    low_ras: tuple[float, float, float]
+    high_ras: tuple[float, float, float]
+    size_mm: float
+    id: int | None = None
+    case_row: int | None = None
+
+    def best_match(self) -> dict:
+        """The JSON form a result's best match takes."""
+        return {"axis": self.axis, "slice_index": int(self.slice_index), "ras": [round(float(v), 3) for v in self.ras],
+                "kind": self.kind, "item_id": int(self.id) if self.id is not None else None, "box": list(self.box),
+                "bounds_ras": [[round(float(v), 3) for v in self.low_ras], [round(float(v), 3) for v in self.high_ras]]}
+
+
+class Catalog:
+    """SQLite access for one index folder."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA journal_mode = WAL")  # readers never block the one writer
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    def transaction(self):
+        """A context manager running its block in one transaction."""
+        return _Transaction(self.db)
+
+    # ----- cases ---------------------------------------------------------------------------------
+    def _case(self, row: sqlite3.Row | tuple) -> CaseRecord:
+        (rid, case_id, name, source, series_uid, checksum, modality, body_part, shape, spacing, matrix,
+         labels, metadata, status, _added) = row
+        return CaseRecord(case_id, source, name or "", series_uid, checksum, modality, body_part,
+                          json.loads(shape or "[]"), json.loads(spacing or "[]"), json.loads(matrix or "[]"),
+                          json.loads(labels or "[]"), json.loads(metadata or "{}"), status, rid)
+
+    def add_case(self, case: CaseRecord, added_at: float) -> int:
+        """Insert a case (status 'pending' until its vectors are saved); returns its row id."""
+        cursor = self.db.execute(
+            "INSERT INTO cases (case_id, name, source, series_uid, checksum, modality, body_part, shape, spacing, "
+            "ijk_to_ras, labels, metadata, status, added_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (case.case_id, case.name, case.source, case.series_uid, case.checksum, case.modality, case.body_part,
+             json.dumps(case.shape), json.dumps(case.spacing), json.dumps(case.ijk_to_ras), json.dumps(case.labels),
+             json.dumps(case.metadata), case.status, added_at))
+        case.row = cursor.lastrowid
+        return case.row
+
+    def cases(self, status: str | None = "complete") -> list[CaseRecord]:
+        """All cases (of a status, or any status with None)."""
+        query = "SELECT * FROM cases" + (" WHERE status = ?" if status else "") + " ORDER BY id"
+        return [self._case(r) for r in self.db.execute(query, (status,) if status else ())]
+
+    def case_by_id(self, case_id: str) -> CaseRecord | None:
+        """A case by its public id."""
+        row = self.db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        return self._case(row) if row else None
+
+    def case_by_row(self, row_id: int) -> CaseRecord:
+        """A case by its row id."""
+        return self._case(self.db.execute("SELECT * FROM cases WHERE id = ?", (row_id,)).fetchone())
+
+    def set_status(self, rows: Iterable[int], status: str) -> None:
+        """Mark cases complete (or pending)."""
+        self.db.executemany("UPDATE cases SET status = ? WHERE id = ?", [(status, r) for r in rows])
+
+    def delete_cases(self, rows: Iterable[int]) -> None:
+        """Delete cases with their items and thumbnails."""
+        self.db.executemany("DELETE FROM cases WHERE id = ?", [(r,) for r in rows])
+
+    def case_rows_matching(self, filters: dict[str, str]) -> list[int]:
+        """Rows of complete cases whose columns, labels or metadata equal the filter values (all must match)."""
+        clauses, values = ["status = 'complete'"], []
+        for key, value in filters.items():
+            if key in ("case_id", "name", "source", "series_uid", "modality", "body_part"):
+                clauses.append(f"lower({key}) = lower(?)")
+                values.append(value)
+            elif key in ("label", "labels"):
+                clauses.append("EXISTS (SELECT 1 FROM json_each(cases.labels) WHERE lower(json_each.value) = lower(?))")
+                values.append(value)
+            else:
+                clauses.append("lower(CAST(json_extract(metadata, ?) AS TEXT)) = lower(?)")
+                values.extend([f'$."{key}"', value])
+        query = f"SELECT id FROM cases WHERE {' AND '.join(clauses)}"
+        return [r[0] for r in self.db.execute(query, values)]
+
+    # ----- items ---------------------------------------------------------------------------------
+    def add_items(self, case_row: int, items: list[ItemRecord]) -> np.ndarray:
+        """Insert items of a case; returns their new ids (the FAISS ids), in order."""
+        ids = []
+        for item in items:
+            cursor = self.db.execute(
+                "INSERT INTO items (case_row, kind, axis, slice_index, plane, ras_r, ras_a, ras_s, box, low_ras, high_ras, size_mm) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (case_row, item.kind, item.axis, int(item.slice_index), int(item.plane), *map(float, item.ras),
+                 json.dumps([int(v) for v in item.box]), json.dumps([float(v) for v in item.low_ras]),
+                 json.dumps([float(v) for v in item.high_ras]), float(item.size_mm)))
+            item.id, item.case_row = cursor.lastrowid, case_row
+            ids.append(cursor.lastrowid)
+        return np.array(ids, dtype=np.int64)
+
+    def _item(self, row) -> ItemRecord:
+        rid, case_row, kind, axis, slice_index, plane, r, a, s, box, low, high, size = row
+        return ItemRecord(kind, axis, slice_index, plane, (r, a, s), tuple(json.loads(box)), tuple(json.loads(low)),
+                          tuple(json.loads(high)), size, rid, case_row)
+
+    def items(self, ids: Iterable[int]) -> dict[int, ItemRecord]:
+        """Items by id."""
+        ids = [int(i) for i in ids]
+        found = {}
+        for start in range(0, len(ids), 900):  # SQLite's parameter limit
+            chunk = ids[start:start + 900]
+            rows = self.db.execute(f"SELECT * FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            found.update({row[0]: self._item(row) for row in rows})
+        return found
+
+    def items_of_cases(self, case_rows: Iterable[int]) -> dict[int, list[ItemRecord]]:
+        """Every item of the given cases, grouped by case row."""
+        rows = [int(r) for r in case_rows]
+        grouped: dict[int, list[ItemRecord]] = {r: [] for r in rows}
+        for start in range(0, len(rows), 900):
+            chunk = rows[start:start + 900]
+            query = f"SELECT * FROM items WHERE case_row IN ({','.join('?' * len(chunk))}) ORDER BY id"
+            for row in self.db.execute(query, chunk):
+                grouped[row[1]].append(self._item(row))
+        return grouped
+
+    def item_ids(self, case_rows: Iterable[int] | None = None) -> np.ndarray:
+        """Ids of the items of some cases (or of all complete cases)."""
+        if case_rows is None:
+            query = "SELECT items.id FROM items JOIN cases ON cases.id = items.case_row WHERE cases.status = 'complete'"
+            return np.array([r[0] for r in self.db.execute(query)], dtype=np.int64)
+        grouped = self.items_of_cases(case_rows)
+        return np.array(sorted(i.id for items in grouped.values() for i in items), dtype=np.int64)
+
+    def count(self, table: str) -> int:
+        """Rows in a table (cases counts complete ones only)."""
+        where = " WHERE status = 'complete'" if table == "cases" else ""
+        return self.db.execute(f"SELECT COUNT(*) FROM {table}{where}").fetchone()[0]
+
+    # ----- tombstones ----------------------------------------------------------------------------
+    def add_tombstones(self, ids: Iterable[int]) -> None:
+        """Remember ids removed from the catalog but still inside a FAISS structure that cannot delete."""
+        self.db.executemany("INSERT OR IGNORE INTO tombstones (id) VALUES (?)", [(int(i),) for i in ids])
+
+    def tombstones(self) -> np.ndarray:
+        """Ids to filter out of every search until compaction."""
+        return np.array([r[0] for r in self.db.execute("SELECT id FROM tombstones")], dtype=np.int64)
+
+    def clear_tombstones(self) -> None:
+        """Forget tombstones (after compaction)."""
+        self.db.execute("DELETE FROM tombstones")
+
+    # ----- thumbnails ----------------------------------------------------------------------------
+    def add_thumbnail(self, case_row: int, axis: str, plane: int, grey: np.ndarray) -> None:
+        """Store a small uint8 grey thumbnail of a slice (zlib-compressed raw pixels; no image library needed)."""
+        grey = np.ascontiguousarray(grey, dtype=np.uint8)
+        self.db.execute("INSERT OR REPLACE INTO thumbnails VALUES (?,?,?,?,?,?)",
+                        (case_row, axis, int(plane), grey.shape[0], grey.shape[1], zlib.compress(grey.tobytes(), 6)))
+
+    def thumbnail(self, case_row: int, axis: str, plane: int) -> np.ndarray | None:
+        """The stored thumbnail of a slice, as uint8 (rows, cols), or None."""
+        row = self.db.execute("SELECT rows, cols, pixels FROM thumbnails WHERE case_row = ? AND axis = ? AND plane = ?",
+                              (case_row, axis, int(plane))).fetchone()
+        if row is None:
+            return None
+        rows, cols, blob = row
+        return np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(rows, cols)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False

@@ -1,0 +1,126 @@
+"""What an index holds for one volume: whole slices along the chosen axes, and tiles of them.
+
+A region-of-interest query is a crop, so comparing it only with whole slices compares unlike
+with unlike. Each indexed slice is therefore also cut into square tiles of a few physical sizes
+(with overlap); tiles that are mostly background are skipped. Every item keeps where it lies
+(axis, slice index, RAS centre, pixel box in the slice plane, RAS bounds) for the viewer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .catalog import ItemRecord
+from .errors import ParameterError
+from .handcrafted import resize_bilinear
+from .intensity import Window, choose_window, to_uint8_rgb
+from .slicing import AXES, Resampler, SliceImage, extract_slices
+from .volume import Volume
+
+
+@dataclass
+class IndexSettings:
+    """Slicing parameters an index is built with; the manifest pins them so every case is cut alike."""
+
+    axes: list[str] = field(default_factory=lambda: ["axial"])
+    stride_mm: float = 5.0
+    tile_sizes_mm: list[float] = field(default_factory=lambda: [48.0])
+    tile_overlap: float = 0.5
+    min_foreground: float = 0.2
+    window: str = "auto"
+    thumbnail_px: int = 96
+
+    def __post_init__(self) -> None:
+        if not self.axes or any(a not in AXES for a in self.axes):
+            raise ParameterError(f"axes must be among {', '.join(AXES)}, got {self.axes}")
+        if not self.stride_mm > 0:
+            raise ParameterError(f"stride must be positive, got {self.stride_mm} mm")
+        if any(not t > 0 for t in self.tile_sizes_mm) or not 0 <= self.tile_overlap < 1:
+            raise ParameterError("tile sizes must be positive and the overlap in [0, 1)")
+        self.stride_mm = float(self.stride_mm)
+        self.tile_sizes_mm = [float(t) for t in self.tile_sizes_mm]
+
+    def as_dict(self) -> dict:
+        """JSON form."""
+        return asdict(self)
+
+    def differences(self, other: dict) -> list[str]:
+        """Fields that differ from a stored settings dict."""
+        mine = self.as_dict()
+        return [f"{k}: {other.get(k)!r} in the index, {mine[k]!r} asked for" for k in mine if other.get(k) != mine[k]]
+
+
+@dataclass
+class VolumeItems:
+    """The items of one volume, their model-ready images, and slice thumbnails keyed by (axis, plane)."""
+
+    items: list[ItemRecord]
+    images: list[np.ndarray]
+    thumbnails: dict[tuple[str, int], np.ndarray]
+    window: Window
+
+
+def thumbnail(grey: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 grey thumbnail whose longer side is ``size`` pixels."""
+    rows, cols = grey.shape
+    scale = size / max(rows, cols)
+    out = resize_bilinear(grey.astype(np.float32), max(1, round(rows * scale)), max(1, round(cols * scale)))
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _positions(length: int, tile: int, step: int) -> list[int]:
+    """Start offsets of tiles along one side, the last one flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def _item(image: SliceImage, kind: str, box_in_image: tuple[int, int, int, int], size_mm: float) -> ItemRecord:
+    r0, c0, r1, c1 = box_in_image
+    corners = np.array([image.pixel_to_ras(r, c) for r in (r0, r1 - 1) for c in (c0, c1 - 1)])
+    centre = image.pixel_to_ras((r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2)
+    br, bc = image.box[0], image.box[1]
+    return ItemRecord(kind, image.axis, image.slice_index, image.plane, tuple(centre), (br + r0, bc + c0, br + r1, bc + c1),
+                      tuple(corners.min(axis=0)), tuple(corners.max(axis=0)), float(size_mm))
+
+
+def tiles_of(image: SliceImage, rgb: np.ndarray, settings: IndexSettings) -> list[tuple[ItemRecord, np.ndarray]]:
+    """Square tiles of one slice at each configured size, skipping those that are mostly background."""
+    rows, cols = image.pixels.shape
+    foreground = rgb[..., 0] > 12  # above ~5 % of the window: not air or the padding around the volume
+    out = []
+    for size_mm in settings.tile_sizes_mm:
+        side = max(2, int(round(size_mm / image.pixel_mm)))
+        if side >= max(rows, cols):
+            continue  # the whole slice is already an item of that size
+        step = max(1, int(round(side * (1 - settings.tile_overlap))))
+        for r0 in _positions(rows, side, step):
+            for c0 in _positions(cols, side, step):
+                r1, c1 = min(rows, r0 + side), min(cols, c0 + side)
+                if foreground[r0:r1, c0:c1].mean() < settings.min_foreground:
+                    continue
+                out.append((_item(image, "tile", (r0, c0, r1, c1), size_mm), rgb[r0:r1, c0:c1]))
+    return out
+
+
+def volume_items(volume: Volume, settings: IndexSettings) -> VolumeItems:
+    """Slices (and their tiles) of a volume as catalog items plus the uint8 RGB images to embed."""
+    window = choose_window(volume, settings.window)
+    resampler = Resampler(volume)
+    items, images, thumbs = [], [], {}
+    for axis in settings.axes:
+        for image in extract_slices(volume, axis, stride_mm=settings.stride_mm, resampler=resampler):
+            rgb = to_uint8_rgb(image.pixels, window)
+            rows, cols = image.pixels.shape
+            items.append(_item(image, "slice", (0, 0, rows, cols), max(rows, cols) * image.pixel_mm))
+            images.append(rgb)
+            thumbs[(axis, image.plane)] = thumbnail(rgb[..., 0], settings.thumbnail_px)
+            for item, tile in tiles_of(image, rgb, settings):
+                items.append(item)
+                images.append(tile)
+    return VolumeItems(items, images, thumbs, window)

@@ -1,0 +1,164 @@
+"""Queries (a slice, an ROI, a whole volume, a phrase, a result item) against an index, answered as ranked cases.
+
+A query becomes a few model-ready images, cut and windowed exactly as the index cut its cases
+(its pinned settings); their vectors go through a filtered nearest-neighbour search; the hits
+become case results (:mod:`ranking`), each with its best-matching item for the viewer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import ranking
+from .embedding import Embedder, create_embedder
+from .errors import InputError, ParameterError
+from .index import Index
+from .intensity import choose_window, to_uint8_rgb
+from .roi import RoiBox
+from .slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
+from .volume import Volume
+
+MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
+
+
+@dataclass
+class Query:
+    """What to search for: images (or ready vectors), a description for the answer, cases to leave out."""
+
+    description: dict
+    images: list[np.ndarray] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    exclude_sources: list[str] = field(default_factory=list)
+    exclude_item: int | None = None
+
+
+def _sample(items: list, count: int) -> list:
+    """At most ``count`` items evenly spread over a list (first and last kept)."""
+    if len(items) <= count:
+        return items
+    return [items[i] for i in montage_planes(0, len(items) - 1, count)]
+
+
+def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
+    source = os.path.abspath(volume.source) if volume.source else None
+    return {"volume": source, "axis": axis, "mode": mode, **more}
+
+
+def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+    """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread)."""
+    window = choose_window(volume, index.settings.window)
+    crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
+    return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
+                 [to_uint8_rgb(c.pixels, window) for c in crops], exclude_sources=[volume.source] if volume.source else [])
+
+
+def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
+    """One whole slice: the one through a RAS point (default the volume's centre)."""
+    window = choose_window(volume, index.settings.window)
+    image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
+    return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
+                 [to_uint8_rgb(image.pixels, window)], exclude_sources=[volume.source] if volume.source else [])
+
+
+def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
+    """A whole volume: ``count`` whole slices evenly spread along the axis."""
+    window = choose_window(volume, index.settings.window)
+    grid = plan_grid(volume, axis)
+    first, last = planes_in(grid)
+    planes = montage_planes(first, last, count)
+    images = [s for s in extract_slices(volume, axis, grid=grid) if s.plane in set(planes)]
+    return Query(_describe(volume, axis, "volume", slices=len(images)), [to_uint8_rgb(s.pixels, window) for s in images],
+                 exclude_sources=[volume.source] if volume.source else [])
+
+
+def text_query(text: str, embedder: Embedder) -> Query:
+    """A phrase, for CLIP-family models."""
+    return Query({"text": text, "mode": "text"}, vectors=embedder.embed_text([text]))
+
+
+def item_query(index: Index, item_id: int) -> Query:
+    """'More like this': an indexed item's own vector; its case is left out."""
+    item = index.catalog.items([item_id]).get(int(item_id))
+    if item is None:
+        raise ParameterError(f"item {item_id} is not in the index {index.folder}")
+    case = index.catalog.case_by_row(item.case_row)
+    return Query({"item": int(item_id), "case_id": case.case_id, "mode": "item", "axis": item.axis},
+                 vectors=index.store.reconstruct(np.array([item_id])), exclude_sources=[case.source], exclude_item=int(item_id))
+
+
+def parse_filters(pairs: list[str] | None) -> dict[str, str]:
+    """'FIELD=VALUE' strings to a dict."""
+    filters = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ParameterError(f"filter '{pair}' must look like FIELD=VALUE, for example modality=CT")
+        filters[key.strip()] = value.strip()
+    return filters
+
+
+class Searcher:
+    """Answers queries on one index with its model (loaded once)."""
+
+    def __init__(self, index: Index, embedder: Embedder | None = None, model: str | None = None, device: str | None = None):
+        self.index = index
+        self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
+        index.check_model(self.embedder)
+
+    def vectors(self, query: Query) -> np.ndarray:
+        """The query's vectors (embedding its images if needed)."""
+        if query.vectors is not None:
+            return query.vectors
+        if not query.images:
+            raise ParameterError("the query holds no images (an ROI outside the volume?)")
+        return self.embedder.embed_images(query.images)
+
+    def search(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, method: str = "maxsim",
+               hits_per_image: int | None = None) -> dict:
+        """Ranked cases as the JSON-ready answer of the CLI contract."""
+        if method not in ranking.METHODS:
+            raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
+        catalog, store = self.index.catalog, self.index.store
+        queries = self.vectors(query)
+        excluded_rows = {c.row for c in catalog.cases() if c.source in {os.path.abspath(s) for s in query.exclude_sources}}
+        excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
+        if query.exclude_item is not None:
+            excluded = np.union1d(excluded, [query.exclude_item])
+        allowed_rows = catalog.case_rows_matching(filters) if filters else None
+        allowed = catalog.item_ids(allowed_rows) if allowed_rows is not None else None
+        hits_per_image = hits_per_image or max(100, 10 * k)
+        scores, ids = store.search(queries, hits_per_image, allowed=allowed, excluded=excluded)
+        hit_items = catalog.items(np.unique(ids[ids >= 0]))
+        case_of = {i: item.case_row for i, item in hit_items.items()}
+        candidates = ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
+        items_by_case = catalog.items_of_cases(candidates)
+        results = []
+        excluded_set = set(excluded.tolist())
+        for row, votes in candidates.items():
+            item_ids = np.array([i.id for i in items_by_case[row] if i.id not in excluded_set], dtype=np.int64)
+            scored = ranking.score_case(queries, store.reconstruct(item_ids), item_ids, method, votes)
+            if scored is not None:
+                scored.case_row = row
+                results.append(scored)
+        ranked = ranking.rank(results)[:k]
+        best_items = catalog.items([r.best_item for r in ranked])
+        answer = []
+        for rank_number, result in enumerate(ranked, start=1):
+            case = catalog.case_by_row(result.case_row)
+            answer.append({"rank": rank_number, "case_id": case.case_id, "source": case.source, "name": case.name,
+                           "score": round(result.score, 5), "votes": result.votes, "per_image_scores": result.per_image,
+                           "modality": case.modality, "labels": case.labels,
+                           "best_match": best_items[result.best_item].best_match()})
+        return {"query": query.description, "ranking": method, "results": answer}
+
+
+def load_volume_for_query(path: str) -> Volume:
+    """Read a query volume, with a clear error if it is missing."""
+    from .readers import read_volume
+
+    if not os.path.exists(path):
+        raise InputError(path, "does not exist")
+    return read_volume(path)

@@ -1,0 +1,292 @@
+"""Index folders: build, resume after a kill, add / remove / refresh, refusals, filters, every query mode, JSON contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from CBIRSlicerLib import cli, synthetic
+from CBIRSlicerLib.embedding import create_embedder
+from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError
+from CBIRSlicerLib.index import Index, case_id_for
+from CBIRSlicerLib.index_items import IndexSettings
+from CBIRSlicerLib.readers import CaseSource
+from CBIRSlicerLib.roi import RoiBox, read_markups_roi
+from CBIRSlicerLib.search import Searcher, item_query, roi_query, slice_query, text_query, volume_query
+
+SHAPE = (40, 40, 20)
+SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])
+
+
+def _write_cases(folder, count=6, seed=0):
+    """Small phantoms: even cases hold a bright ball, odd ones a ring, at random places."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for n in range(count):
+        kind = "ball" if n % 2 == 0 else "shell"
+        centre = tuple(rng.uniform(-8, 8, 3) * np.array([1, 1, 0.5]))
+        blob = synthetic.Blob(centre, 6.0, 300.0 if kind == "ball" else 250.0, kind, 2.0)
+        volume = synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE, blobs=[blob], body_radii=(26, 24, 40))
+        paths.append(synthetic.write_volume(volume, os.path.join(folder, f"case{n}_{kind}.nii.gz")))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases")
+    return str(folder), _write_cases(str(folder))
+
+
+@pytest.fixture(scope="module")
+def built(cohort, tmp_path_factory):
+    folder, paths = cohort
+    index_dir = str(tmp_path_factory.mktemp("index") / "idx")
+    embedder = create_embedder("handcrafted")
+    with Index.create(index_dir, embedder, SETTINGS) as index:
+        report = index.add_sources([folder], embedder)
+    assert len(report.added) == 6 and not report.skipped
+    return index_dir, paths
+
+
+def _clone(index_dir, tmp_path):
+    import shutil
+
+    target = str(tmp_path / "copy")
+    shutil.copytree(index_dir, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
+
+
+def test_build_counts_thumbnails_and_verify(built):
+    index_dir, paths = built
+    index = Index.open(index_dir)
+    info = index.info()
+    assert info["counts"]["cases"] == 6 and info["counts"]["items"] == info["counts"]["vectors"] > 6 * 5
+    assert info["index_type"] == "flat" and index.verify() == []
+    case = index.catalog.case_by_id(case_id_for(CaseSource(paths[0])))
+    assert case.source == os.path.abspath(paths[0]) and case.shape == list(SHAPE) and len(case.checksum) == 64
+    items = index.catalog.items_of_cases([case.row])[case.row]
+    slices = [i for i in items if i.kind == "slice"]
+    assert [s.slice_index for s in slices] == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]  # every 4 mm of 2 mm slices
+    assert all(i.kind == "tile" for i in items if i not in slices) and len(items) > len(slices)
+    thumb = index.catalog.thumbnail(case.row, "axial", slices[3].plane)
+    assert thumb.dtype == np.uint8 and max(thumb.shape) == 96
+    with open(os.path.join(index_dir, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    assert manifest["model"]["name"] == "handcrafted" and manifest["settings"]["stride_mm"] == 4.0
+    assert manifest["counts"]["vectors"] == info["counts"]["vectors"]
+
+
+def test_kill_and_resume_finishes_without_duplicates_or_losses(cohort, built, tmp_path):
+    folder, _ = cohort
+    reference = Index.open(built[0])
+    expected = {c.case_id: len(reference.catalog.items_of_cases([c.row])[c.row]) for c in reference.catalog.cases()}
+    index_dir = str(tmp_path / "idx")
+    command = [sys.executable, "-m", "CBIRSlicerLib.cli", "index", "build", folder, "--index", index_dir,
+               "--model", "handcrafted", "--stride-mm", "4", "--tiles-mm", "20"]
+    env = {**os.environ, "CBIR_CHECKPOINT_SECONDS": "0"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(os.path.join(index_dir, "catalog.sqlite")) as db:
+                done = db.execute("SELECT COUNT(*) FROM cases WHERE status = 'complete'").fetchone()[0]
+        except sqlite3.Error:
+            done = 0
+        if done >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with sqlite3.connect(os.path.join(index_dir, "catalog.sqlite")) as db:
+        assert 2 <= db.execute("SELECT COUNT(*) FROM cases WHERE status = 'complete'").fetchone()[0] < 6
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    index = Index.open(index_dir)
+    got = {c.case_id: len(index.catalog.items_of_cases([c.row])[c.row]) for c in index.catalog.cases()}
+    assert got == expected
+    ids = index.store.ids()
+    assert len(ids) == len(np.unique(ids)) == sum(expected.values())
+    assert np.array_equal(np.sort(ids), np.sort(index.catalog.item_ids()))
+    assert index.verify() == []
+
+
+def test_add_remove_and_refresh_without_rebuilding(built, tmp_path):
+    index_dir = _clone(built[0], tmp_path)
+    embedder = create_embedder("handcrafted")
+    new = _write_cases(str(tmp_path), count=2, seed=5)
+    with Index.open(index_dir, writable=True) as index:
+        before = index.store.count
+        report = index.add_sources(new + [built[1][0]], embedder)
+        assert len(report.added) == 2 and report.unchanged == [built[1][0]]
+        assert index.store.count > before
+    with Index.open(index_dir, writable=True) as index:
+        gone = case_id_for(CaseSource(os.path.abspath(new[0])))
+        gone_ids = index.catalog.item_ids([index.catalog.case_by_id(gone).row])
+        assert index.remove([gone]) == [gone]
+        assert index.catalog.case_by_id(gone) is None and not np.isin(gone_ids, index.store.ids()).any()
+    # Change a file: the next add replaces its items (new checksum), keeping its case id.
+    volume = synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE, blobs=[], body_radii=(20, 20, 40))
+    synthetic.write_volume(volume, new[1])
+    with Index.open(index_dir, writable=True) as index:
+        old = index.catalog.case_by_id(case_id_for(CaseSource(os.path.abspath(new[1]))))
+        report = index.add_sources([new[1]], embedder)
+        fresh = index.catalog.case_by_id(old.case_id)
+        assert report.replaced == [new[1]] and fresh.checksum != old.checksum
+        assert index.catalog.count("cases") == 7 and index.verify() == []
+    with pytest.raises(InputError, match="is not a case"):
+        with Index.open(index_dir, writable=True) as index:
+            index.remove(["c-nope"])
+
+
+def test_another_model_or_other_settings_are_refused(built, tmp_path):
+    from CBIRSlicerLib.random_checkpoints import write_open_clip_folder
+
+    clip = create_embedder(f"local-dir:{write_open_clip_folder(str(tmp_path / 'clip'))}", device="cpu")
+    with Index.open(built[0]) as index:
+        with pytest.raises(IndexMismatchError, match="built with model 'handcrafted'") as caught:
+            index.check_model(clip)
+        assert "dim: 300 != 32" in str(caught.value) or "dim" in str(caught.value)
+        with pytest.raises(IndexMismatchError, match="stride_mm: 4.0 in the index, 2.0 asked for"):
+            index.check_settings(IndexSettings(axes=["axial"], stride_mm=2.0, tile_sizes_mm=[20.0]))
+    result = subprocess.run([sys.executable, "-m", "CBIRSlicerLib.cli", "index", "build", built[1][0], "--index", built[0],
+                             "--model", "handcrafted", "--stride-mm", "3"], capture_output=True, text=True)
+    assert result.returncode == 1 and "stride_mm" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_second_writer_is_refused(built, tmp_path):
+    index_dir = _clone(built[0], tmp_path)
+    with Index.open(index_dir, writable=True):
+        with pytest.raises(IndexLockedError, match=f"process {os.getpid()}"):
+            Index.open(index_dir, writable=True)
+        result = subprocess.run([sys.executable, "-m", "CBIRSlicerLib.cli", "index", "add", built[1][0], "--index", index_dir],
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and "being written by process" in result.stderr
+        Index.open(index_dir).info()  # readers are never refused
+    Index.open(index_dir, writable=True).close()  # released when the writer closes
+
+
+def _labels_csv(paths, folder):
+    path = os.path.join(folder, "labels.csv")
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        for p in paths:
+            writer.writerow([p, "ball" if "ball" in p else "ring"])
+    return path
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_filtered_search_stays_inside_the_filter_and_fills_k(cohort, tmp_path, index_type):
+    folder, paths = cohort
+    index_dir = str(tmp_path / "idx")
+    assert cli.main(["index", "build", folder, "--index", index_dir, "--model", "handcrafted", "--stride-mm", "4",
+                     "--tiles-mm", "20", "--index-type", index_type, "--labels", _labels_csv(paths, str(tmp_path))]) == 0
+    index = Index.open(index_dir)
+    assert index.store.kind == index_type
+    searcher = Searcher(index)
+    query = volume_query(synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE), "axial", index)
+    answer = searcher.search(query, k=3, filters={"label": "ring"})
+    assert len(answer["results"]) == 3 and all("shell" in r["source"] for r in answer["results"])
+    answer = searcher.search(query, k=5, filters={"label": "ring"})
+    assert len(answer["results"]) == 3  # only three rings exist
+    # Inside the nearest-neighbour search: every first-stage hit already belongs to the filter.
+    allowed = index.catalog.item_ids(index.catalog.case_rows_matching({"label": "ball"}))
+    _, ids = index.store.search(searcher.vectors(query), 50, allowed=allowed)
+    assert np.isin(ids[ids >= 0], allowed).all() and (ids >= 0).sum(axis=1).min() == 50
+    assert searcher.search(query, k=3, filters={"modality": "MR"})["results"] == []
+
+
+def test_removed_cases_never_come_back_from_hnsw(cohort, tmp_path):
+    folder, paths = cohort
+    index_dir = str(tmp_path / "idx")
+    embedder = create_embedder("handcrafted")
+    with Index.create(index_dir, embedder, SETTINGS, index_type="hnsw") as index:
+        index.add_sources([folder], embedder)
+        removed = case_id_for(CaseSource(os.path.abspath(paths[2])))
+        index.remove([removed])
+        assert len(index.catalog.tombstones()) > 0  # HNSW cannot delete: tombstoned
+    index = Index.open(index_dir)
+    volume = synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE)
+    answer = Searcher(index).search(volume_query(volume, "axial", index), k=10)
+    assert removed not in [r["case_id"] for r in answer["results"]] and len(answer["results"]) == 5
+    with Index.open(index_dir, writable=True) as writer:
+        writer.compact()
+        assert len(writer.catalog.tombstones()) == 0 and writer.verify() == []
+
+
+def test_query_modes_and_self_exclusion(built):
+    index_dir, paths = built
+    index = Index.open(index_dir)
+    searcher = Searcher(index)
+    from CBIRSlicerLib.readers import read_volume
+
+    volume = read_volume(paths[0])  # an indexed case: it must not find itself
+    own = case_id_for(CaseSource(os.path.abspath(paths[0])))
+    for query in (volume_query(volume, "axial", index), slice_query(volume, "axial", index),
+                  roi_query(volume, RoiBox(volume.center_ras, (20, 20, 10)), "axial", index)):
+        answer = searcher.search(query, k=3)
+        assert len(answer["results"]) == 3 and own not in [r["case_id"] for r in answer["results"]]
+    best_item = answer["results"][0]["best_match"]["item_id"]
+    like = searcher.search(item_query(index, best_item), k=3)
+    assert like["query"]["mode"] == "item" and answer["results"][0]["case_id"] not in [r["case_id"] for r in like["results"]]
+    with pytest.raises(Exception, match="images only"):
+        text_query("nodule", searcher.embedder)
+
+
+def test_text_search_with_a_clip_model(cohort, tmp_path):
+    from CBIRSlicerLib.random_checkpoints import write_open_clip_folder
+
+    folder, _ = cohort
+    model = f"local-dir:{write_open_clip_folder(str(tmp_path / 'clip'))}"
+    embedder = create_embedder(model, device="cpu")
+    with Index.create(str(tmp_path / "idx"), embedder, IndexSettings(stride_mm=8.0, tile_sizes_mm=[])) as index:
+        index.add_sources([folder], embedder)
+        searcher = Searcher(index, embedder)
+        answer = searcher.search(text_query("round hyperdense lesion", embedder), k=4)
+    assert answer["query"] == {"text": "round hyperdense lesion", "mode": "text"} and len(answer["results"]) == 4
+    scores = [r["score"] for r in answer["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_search_json_and_batch_follow_the_contract(built, tmp_path, capsys):
+    index_dir, paths = built
+    roi = "1,2,3,20,20,12"
+    assert cli.main(["search", "--index", index_dir, "--volume", paths[1], "--roi-ras", roi, "-k", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["query"]["volume"] == os.path.abspath(paths[1])
+    assert answer["query"]["roi_ras"] == [1.0, 2.0, 3.0, 20.0, 20.0, 12.0] and answer["query"]["axis"] == "axial"
+    assert [r["rank"] for r in answer["results"]] == [1, 2]
+    for result in answer["results"]:
+        assert result["case_id"].startswith("c") and os.path.isabs(result["source"]) and isinstance(result["score"], float)
+        best = result["best_match"]
+        assert best["axis"] == "axial" and isinstance(best["slice_index"], int) and len(best["ras"]) == 3
+    batch = tmp_path / "queries.csv"
+    batch.write_text(f'volume,roi_ras\n{paths[1]},"{roi}"\n{paths[2]},\n{tmp_path / "missing.nii.gz"},\n')
+    assert cli.main(["search", "--index", index_dir, "--batch", str(batch), "-k", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 3
+    assert lines[0]["query"]["roi_ras"] == answer["query"]["roi_ras"] and len(lines[0]["results"]) == 2
+    assert lines[1]["query"]["mode"] == "volume" and "does not exist" in lines[2]["error"]
+
+
+def test_markups_roi_file_in_lps_with_a_rotation(tmp_path):
+    angle = np.radians(30)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    path = tmp_path / "roi.mrk.json"
+    path.write_text(json.dumps({"markups": [{"type": "ROI", "coordinateSystem": "LPS", "center": [-10.0, 20.0, 5.0],
+                                             "size": [20.0, 10.0, 8.0], "orientation": rotation.ravel().tolist()}]}))
+    box = read_markups_roi(str(path))
+    assert np.allclose(box.center, [10.0, -20.0, 5.0])  # LPS -> RAS
+    half_x = 10 * np.cos(angle) + 5 * np.sin(angle)
+    half_y = 10 * np.sin(angle) + 5 * np.cos(angle)
+    assert np.allclose(box.size, [2 * half_x, 2 * half_y, 8.0])
+    with pytest.raises(InputError):
+        read_markups_roi(str(tmp_path / "none.mrk.json"))
