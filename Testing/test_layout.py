@@ -44,7 +44,7 @@ def test_only_the_mrml_glue_imports_slicer_qt_or_ctk():
 
 def test_importing_the_library_loads_no_heavy_package():
     code = ("import sys, CBIRSlicerLib, CBIRSlicerLib.cli, CBIRSlicerLib.slicing, CBIRSlicerLib.readers,"
-            " CBIRSlicerLib.embedding, CBIRSlicerLib.worker;"
+            " CBIRSlicerLib.embedding, CBIRSlicerLib.worker, CBIRSlicerLib.index, CBIRSlicerLib.search;"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
