@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
     index.add_argument("--axes", default="axial", help="comma-separated axes to index (default axial)")
     index.add_argument("--stride-mm", type=float, default=5.0, help="distance between indexed slices (default 5 mm)")
-    index.add_argument("--tiles-mm", default="48", help="tile sizes in mm for region queries, comma-separated; '' for none")
+    index.add_argument("--tiles-mm", default="32", help="tile sizes in mm for region queries, comma-separated; '' for none")
     index.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw"], help="FAISS structure (default auto)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")

@@ -26,7 +26,7 @@ class IndexSettings:
 
     axes: list[str] = field(default_factory=lambda: ["axial"])
     stride_mm: float = 5.0
-    tile_sizes_mm: list[float] = field(default_factory=lambda: [48.0])
+    tile_sizes_mm: list[float] = field(default_factory=lambda: [32.0])
     tile_overlap: float = 0.5
     min_foreground: float = 0.2
     window: str = "auto"
