@@ -140,17 +140,15 @@ def _index_build(args: argparse.Namespace) -> int:
     exists = os.path.exists(os.path.join(args.index, MANIFEST))
     if args.action == "add" and not exists:
         raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
+    settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm,
+                             tile_sizes_mm=[float(t) for t in args.tiles_mm.split(",") if t] if args.tiles_mm else [])
     if exists:
         index = Index.open(args.index, writable=True)
         embedder = create_embedder(args.model or index.model_name(), device=args.device)
-        if args.action == "build":
-            settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm,
-                                     tile_sizes_mm=[float(t) for t in args.tiles_mm.split(",") if t] if args.tiles_mm else [])
+        if args.action == "build":  # resuming or extending a build: the slicing must be the same
             index.check_settings(settings)
     else:
         embedder = create_embedder(args.model or "biomedclip", device=args.device)
-        settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm,
-                                 tile_sizes_mm=[float(t) for t in args.tiles_mm.split(",") if t] if args.tiles_mm else [])
         index = Index.create(args.index, embedder, settings, args.index_type)
     with index:
         report = index.add_sources(args.sources, embedder, progress=_progress_printer("indexing"),
