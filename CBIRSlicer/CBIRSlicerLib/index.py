@@ -291,7 +291,7 @@ class Index:
                 checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
                 spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
                 labels=list((labels or {}).get(os.path.abspath(source.path), [])),
-                metadata={k: v for k, v in {**volume.extra, "window": made.window.as_dict()}.items()})
+                metadata={**volume.extra, "window": made.window.as_dict()})
             with self.catalog.transaction():
                 row = self.catalog.add_case(record, time.time())
                 ids = self.catalog.add_items(row, made.items)
