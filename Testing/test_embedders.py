@@ -211,7 +211,7 @@ def test_handcrafted_is_deterministic_and_tells_shapes_apart():
 
 def test_handcrafted_has_a_fingerprint_and_no_text():
     embedder = create_embedder("handcrafted")
-    assert embedder.fingerprint.dim == embedder.dim == 300 and embedder.fingerprint.weights_sha256 is None
+    assert embedder.fingerprint.dim == embedder.dim == 116 and embedder.fingerprint.weights_sha256 is None
     with pytest.raises(ModelError, match="images only"):
         embedder.embed_text(["nodule"])
 

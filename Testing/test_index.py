@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import json
 import os
 import signal
@@ -153,7 +154,7 @@ def test_another_model_or_other_settings_are_refused(built, tmp_path):
     with Index.open(built[0]) as index:
         with pytest.raises(IndexMismatchError, match="built with model 'handcrafted'") as caught:
             index.check_model(clip)
-        assert "dim: 300 != 32" in str(caught.value) or "dim" in str(caught.value)
+        assert re.search(r"dim: (32 != 116|116 != 32)", str(caught.value))
         with pytest.raises(IndexMismatchError, match="stride_mm: 4.0 in the index, 2.0 asked for"):
             index.check_settings(IndexSettings(axes=["axial"], stride_mm=2.0, tile_sizes_mm=[20.0]))
     result = subprocess.run([sys.executable, "-m", "CBIRSlicerLib.cli", "index", "build", built[1][0], "--index", built[0],
@@ -220,6 +221,30 @@ def test_removed_cases_never_come_back_from_hnsw(cohort, tmp_path):
     with Index.open(index_dir, writable=True) as writer:
         writer.compact()
         assert len(writer.catalog.tombstones()) == 0 and writer.verify() == []
+
+
+def test_auto_index_switches_to_hnsw_past_the_flat_limit(cohort, tmp_path, monkeypatch):
+    from CBIRSlicerLib import vectors
+
+    monkeypatch.setattr(vectors, "FLAT_MAX", 100)  # the real limit is 50,000 vectors; the path is the same
+    folder, paths = cohort
+    embedder = create_embedder("handcrafted")
+    with Index.create(str(tmp_path / "idx"), embedder, SETTINGS) as index:
+        index.add_sources([folder], embedder)
+        assert index.store.kind == "hnsw" and index.manifest["index_type"]["current"] == "hnsw"
+        assert index.store.count == index.info()["counts"]["items"] > 100 and index.verify() == []
+
+
+def test_store_ids_when_simpleitk_owns_the_vector_proxy():
+    import SimpleITK as sitk
+
+    from CBIRSlicerLib.vectors import VectorStore
+
+    class Shim:  # what FAISS hands back once SimpleITK registered its std::vector<int64_t> proxy first
+        id_map = sitk.VectorInt64([5, 7, 9])
+        ntotal = 3
+
+    assert VectorStore(Shim(), "flat", 4).ids().tolist() == [5, 7, 9]
 
 
 def test_query_modes_and_self_exclusion(built):
@@ -290,3 +315,24 @@ def test_markups_roi_file_in_lps_with_a_rotation(tmp_path):
     assert np.allclose(box.size, [2 * half_x, 2 * half_y, 8.0])
     with pytest.raises(InputError):
         read_markups_roi(str(tmp_path / "none.mrk.json"))
+
+
+def test_roi_queries_on_the_lesion_cohort_rank_the_same_kind_well_above_chance(tmp_path):
+    """Leave-one-case-out ROI queries on 8 synthetic cases (4 kinds x 2), default index settings, handcrafted model."""
+    from CBIRSlicerLib.evaluation import evaluate_lesions
+
+    cases = synthetic.make_cohort(8, seed=5)
+    paths = dict(zip([c.name for c in cases], synthetic.write_cohort(cases, str(tmp_path / "cohort"))))
+    truth = synthetic.read_cohort(str(tmp_path / "cohort" / synthetic.COHORT_CSV))
+    embedder = create_embedder("handcrafted")
+    with Index.create(str(tmp_path / "idx"), embedder, IndexSettings(stride_mm=4.0)) as index:
+        index.add_sources(list(paths.values()), embedder)
+    evaluation = evaluate_lesions(Searcher(Index.open(str(tmp_path / "idx")), embedder), truth, paths, ks=(1, 3))
+    summary = evaluation.summary
+    # One other case holds each kind: chance puts it first for 1 query in 7. Measured: 5 of 8 first, 6 of 8 in the
+    # top 3. Where that case is found, its best match lies in its lesion for only 2 of 6 here (0.77 on the 16-case
+    # cohort, docs/benchmarks.md): placing the match is the weak part of the weight-free model, so it is not asserted.
+    assert summary["chance_mP@1"] == pytest.approx(1 / 7)
+    assert summary["mP@1_micro"] >= 0.5 and summary["recall@3"] >= 0.7, evaluation.records
+    for record in evaluation.records:
+        assert record["query"] not in record["ranked"]  # never itself

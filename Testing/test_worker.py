@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import worker
+from CBIRSlicerLib import handcrafted, worker
 from CBIRSlicerLib.embedding import create_embedder
 from CBIRSlicerLib.errors import JobCancelled, ModelError, WorkerError
 from CBIRSlicerLib.worker import EmbeddingService
@@ -56,7 +56,7 @@ def test_cancel_stops_a_job_within_one_second(service):
     assert job.progress().state == "cancelled" and job.progress().done < 3000
     with pytest.raises(JobCancelled):
         job.result()
-    assert service.submit_images(_images(2)).result(30).shape == (2, 300)
+    assert service.submit_images(_images(2)).result(30).shape == (2, handcrafted.DIM)
 
 
 def test_a_failing_job_reports_its_error_and_the_next_job_succeeds(service):
@@ -65,7 +65,7 @@ def test_a_failing_job_reports_its_error_and_the_next_job_succeeds(service):
         bad.result(30)
     assert "handcrafted" in str(caught.value) and bad.progress().state == "failed"
     good = service.submit_images(_images(3))
-    assert good.result(30).shape == (3, 300)
+    assert good.result(30).shape == (3, handcrafted.DIM)
 
 
 def test_text_on_an_image_only_model_fails_cleanly(service):
@@ -98,7 +98,7 @@ def test_a_cancel_the_worker_cannot_honour_in_time_restarts_it(monkeypatch):
         began = time.perf_counter()
         job.cancel()
         assert job.wait(1.0) and time.perf_counter() - began < 1.0 and job.progress().state == "cancelled"
-        assert service.submit_images(_images(2)).result(60).shape == (2, 300)
+        assert service.submit_images(_images(2)).result(60).shape == (2, handcrafted.DIM)
         assert service.model_loads == 2  # the restart is visible, not hidden
 
 

@@ -109,6 +109,17 @@ class ItemRecord:
                 "bounds_ras": [[round(float(v), 3) for v in self.low_ras], [round(float(v), 3) for v in self.high_ras]]}
 
 
+@dataclass
+class ItemArrays:
+    """Items of some cases as parallel arrays: id, case row, axis, RAS centre (n, 3), size in mm."""
+
+    ids: np.ndarray
+    case_rows: np.ndarray
+    axes: np.ndarray
+    centres: np.ndarray
+    sizes: np.ndarray
+
+
 class Catalog:
     """SQLite access for one index folder."""
 
@@ -226,12 +237,40 @@ class Catalog:
         return grouped
 
     def item_ids(self, case_rows: Iterable[int] | None = None) -> np.ndarray:
-        """Ids of the items of some cases (or of all complete cases)."""
+        """Ids of the items of some cases (or of all complete cases), sorted."""
         if case_rows is None:
             query = "SELECT items.id FROM items JOIN cases ON cases.id = items.case_row WHERE cases.status = 'complete'"
-            return np.array([r[0] for r in self.db.execute(query)], dtype=np.int64)
-        grouped = self.items_of_cases(case_rows)
-        return np.array(sorted(i.id for items in grouped.values() for i in items), dtype=np.int64)
+            return np.array(sorted(r[0] for r in self.db.execute(query)), dtype=np.int64)
+        return self.item_arrays(case_rows).ids
+
+    def item_arrays(self, case_rows: Iterable[int]) -> ItemArrays:
+        """The items of some cases as arrays (what ranking needs, without building a record per item), ordered by id."""
+        rows = [int(r) for r in case_rows]
+        found = []
+        for start in range(0, len(rows), 900):
+            chunk = rows[start:start + 900]
+            found += self.db.execute(f"SELECT id, case_row, axis, ras_r, ras_a, ras_s, size_mm FROM items "
+                                     f"WHERE case_row IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        found.sort()
+        return ItemArrays(np.array([f[0] for f in found], np.int64), np.array([f[1] for f in found], np.int64),
+                          np.array([f[2] for f in found], dtype=object),
+                          np.array([f[3:6] for f in found], np.float64).reshape(-1, 3), np.array([f[6] for f in found], np.float64))
+
+    def case_rows_of_items(self, ids: Iterable[int]) -> dict[int, int]:
+        """Case row of each item id."""
+        ids = [int(i) for i in ids]
+        found: dict[int, int] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start:start + 900]
+            found.update(self.db.execute(f"SELECT id, case_row FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def case_rows_of_sources(self, sources: Iterable[str]) -> list[int]:
+        """Rows of the cases indexed from some source paths."""
+        sources = list(sources)
+        if not sources:
+            return []
+        return [r[0] for r in self.db.execute(f"SELECT id FROM cases WHERE source IN ({','.join('?' * len(sources))})", sources)]
 
     def count(self, table: str) -> int:
         """Rows in a table (cases counts complete ones only)."""

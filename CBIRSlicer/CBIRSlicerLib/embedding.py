@@ -192,17 +192,18 @@ class HandcraftedEmbedder(Embedder):
     def __init__(self):
         from . import handcrafted
 
-        self._describe = handcrafted.describe
+        self._describe_batch = handcrafted.describe_batch
         self.name = "handcrafted"
         self.dim = handcrafted.DIM
         self.fingerprint = Fingerprint(
             name="handcrafted", family="handcrafted", dim=self.dim, source="built in",
-            config={"version": handcrafted.VERSION, "size": handcrafted.SIZE, "lbp_radii": list(handcrafted.LBP_RADII)},
+            config={"version": handcrafted.VERSION, "size": handcrafted.SIZE, "blocks": list(handcrafted.BLOCKS),
+                    "lbp_radii": list(handcrafted.LBP_RADII)},
             preprocessing={"input": "grey in [0, 1]", "resize": f"bilinear {handcrafted.SIZE}x{handcrafted.SIZE}"},
         )
 
     def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
-        return np.stack([self._describe(image) for image in images])
+        return self._describe_batch(images)
 
 
 def parse_model_name(name: str) -> tuple[str, str]:

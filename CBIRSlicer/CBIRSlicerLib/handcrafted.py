@@ -1,32 +1,36 @@
 """A deterministic image descriptor that needs no weights: the offline model and the baseline to beat.
 
-Blocks, each L2-normalised before the whole vector is: a 32-bin intensity histogram; 8-bin
-histograms of the four quadrants (coarse spatial layout of intensities); a 16-bin gradient
-magnitude histogram; 8-bin gradient-orientation histograms on a 4x4 grid of cells (HOG-like);
-rotation-invariant uniform local binary patterns at radius 1 and 2 (texture); an 8x8 thumbnail,
-zero-mean and unit-variance (layout); the mean intensity in 8 rings around the centre,
-zero-mean and unit-variance (what sits at the middle of a region, rotation-free). Gradients and
-texture are taken after a 3x3 binomial blur, so pixel noise does not read as texture.
-Histograms are square-rooted (Hellinger) so the background
-bin does not dominate. Images are first resized to 128x128 grey in [0, 1].
+Made for region queries against tiles: every block is a histogram or a radial profile, so it does
+not change when the same content sits a few millimetres off a tile grid (version 1 had quadrant,
+cell and layout blocks, which did, and lost region queries to tissue tiles; docs/benchmarks.md).
+Blocks, each L2-normalised before the whole vector is: a 32-bin intensity histogram; a 16-bin
+histogram of intensities after a wider blur (how large the bright and dark areas are); a 16-bin
+intensity histogram weighted by a Gaussian around the centre (what sits in the middle); the mean
+intensity in 8 rings around the centre, zero-mean and unit-variance (rotation-free shape: disc,
+ring, dot); a 16-bin gradient-magnitude histogram; an 8-bin gradient-orientation histogram; and
+rotation-invariant uniform local binary patterns at radius 1 and 2 (texture). Gradients and texture
+are taken after a 3x3 binomial blur, so pixel noise does not read as texture. Histograms are
+square-rooted (Hellinger) so the background bin does not dominate. Images are first resized to
+64x64 grey in [0, 1]; a batch of images is described in one vectorised pass.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SIZE = 128
+SIZE = 64
 INTENSITY_BINS = 32
-QUADRANT_BINS = 8
+BLURRED_BINS = 16
+BLUR_PASSES = 4  # four 3x3 binomial passes: a Gaussian of about 1.4 px (3 % of the image side)
+CENTRE_BINS = 16
+CENTRE_SIGMA = SIZE / 4
+RINGS = 8
 MAGNITUDE_BINS = 16
 ORIENTATION_BINS = 8
-CELLS = 4
-LAYOUT = 8
 LBP_RADII = (1, 2)
-RINGS = 8
-DIM = (INTENSITY_BINS + 4 * QUADRANT_BINS + MAGNITUDE_BINS + CELLS * CELLS * ORIENTATION_BINS + 10 * len(LBP_RADII)
-       + LAYOUT * LAYOUT + RINGS)
-VERSION = "1"  # bump when the descriptor changes: it is part of the fingerprint
+BLOCKS = ("intensity", "blurred", "centre", "rings", "magnitude", "orientation", "lbp")
+DIM = INTENSITY_BINS + BLURRED_BINS + CENTRE_BINS + RINGS + MAGNITUDE_BINS + ORIENTATION_BINS + 10 * len(LBP_RADII)
+VERSION = "2"  # bump when the descriptor changes: it is part of the fingerprint
 
 
 def as_grey(image: np.ndarray) -> np.ndarray:
@@ -43,7 +47,7 @@ def as_grey(image: np.ndarray) -> np.ndarray:
 
 
 def resize_bilinear(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Separable bilinear resize with pixel centres aligned (the same on every platform)."""
+    """Separable bilinear resize of the last two axes with pixel centres aligned (the same on every platform)."""
     def axis_weights(n_in: int, n_out: int):
         centres = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
         centres = np.clip(centres, 0, n_in - 1)
@@ -51,79 +55,113 @@ def resize_bilinear(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
         high = np.minimum(low + 1, n_in - 1)
         return low, high, (centres - low).astype(np.float32)
 
-    r0, r1, rw = axis_weights(image.shape[0], rows)
-    c0, c1, cw = axis_weights(image.shape[1], cols)
-    top = image[r0] * (1 - rw)[:, None] + image[r1] * rw[:, None]
-    return top[:, c0] * (1 - cw)[None, :] + top[:, c1] * cw[None, :]
+    r0, r1, rw = axis_weights(image.shape[-2], rows)
+    c0, c1, cw = axis_weights(image.shape[-1], cols)
+    top = image[..., r0, :] * (1 - rw)[:, None] + image[..., r1, :] * rw[:, None]
+    return top[..., c0] * (1 - cw) + top[..., c1] * cw
 
 
-def _normalised(block: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(block)
-    return block / norm if norm > 0 else block
+def _grey_stack(images: list[np.ndarray]) -> np.ndarray:
+    """Images resized to SIZE x SIZE grey, (n, SIZE, SIZE); images of one shape (a slice's tiles) resized together."""
+    out = np.empty((len(images), SIZE, SIZE), np.float32)
+    by_shape: dict[tuple, list[int]] = {}
+    for n, image in enumerate(images):
+        by_shape.setdefault(np.shape(image), []).append(n)
+    for members in by_shape.values():
+        stack = np.stack([as_grey(images[n]) for n in members])
+        out[members] = resize_bilinear(stack, SIZE, SIZE)
+    return out
 
 
-def _histogram(values: np.ndarray, bins: int, weights=None, upper: float = 1.0) -> np.ndarray:
-    """Square-rooted histogram (Hellinger), so the largest bin (usually background) does not swamp the rest."""
-    hist, _ = np.histogram(values, bins=bins, range=(0.0, upper), weights=weights)
-    return np.sqrt(hist.astype(np.float32))
+def _normalised_rows(block: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(block, axis=-1, keepdims=True)
+    return np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
 
 
-def _lbp_riu2(image: np.ndarray, radius: int) -> np.ndarray:
-    """10-bin histogram of rotation-invariant uniform LBP codes (8 neighbours at a radius)."""
+def _histograms(values: np.ndarray, bins: int, weights: np.ndarray | None = None, upper: float = 1.0) -> np.ndarray:
+    """Square-rooted (Hellinger) histograms over [0, upper] of each image of a stack (n, rows, cols) -> (n, bins)."""
+    count = len(values)
+    index = np.clip((values * (bins / upper)).astype(np.int64), 0, bins - 1).reshape(count, -1)
+    index += (np.arange(count) * bins)[:, None]
+    flat_weights = None if weights is None else np.broadcast_to(weights, values.shape).reshape(count, -1).ravel()
+    hist = np.bincount(index.ravel(), weights=flat_weights, minlength=count * bins).reshape(count, bins)
+    return np.sqrt(hist).astype(np.float32)
+
+
+def _blur(stack: np.ndarray) -> np.ndarray:
+    """3x3 binomial blur of each image of a stack, edges padded."""
+    padded = np.pad(stack, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows = padded[:, :-2] * 0.25 + padded[:, 1:-1] * 0.5 + padded[:, 2:] * 0.25
+    return rows[:, :, :-2] * 0.25 + rows[:, :, 1:-1] * 0.5 + rows[:, :, 2:] * 0.25
+
+
+def _riu2_table() -> np.ndarray:
+    """Rotation-invariant uniform code (0-8 set bits if at most 2 transitions around the circle, else 9) of each byte."""
+    table = np.empty(256, np.int64)
+    for code in range(256):
+        bits = [(code >> i) & 1 for i in range(8)]
+        transitions = sum(bits[i] != bits[(i + 1) % 8] for i in range(8))
+        table[code] = sum(bits) if transitions <= 2 else 9
+    return table
+
+
+_RIU2 = _riu2_table()
+
+
+def _lbp_riu2(stack: np.ndarray, radius: int) -> np.ndarray:
+    """10-bin histograms of rotation-invariant uniform LBP codes (8 neighbours at a radius) of each image."""
     offsets = [(0, radius), (radius, radius), (radius, 0), (radius, -radius),
                (0, -radius), (-radius, -radius), (-radius, 0), (-radius, radius)]
-    padded = np.pad(image, radius, mode="edge")
-    rows, cols = image.shape
-    # A small tolerance keeps flat regions from turning into noise-like codes.
-    bits = np.stack([padded[radius + dr:radius + dr + rows, radius + dc:radius + dc + cols] >= image - 1e-3
-                     for dr, dc in offsets]).astype(np.int8)
-    transitions = np.abs(np.diff(np.concatenate([bits, bits[:1]]), axis=0)).sum(axis=0)
-    codes = np.where(transitions <= 2, bits.sum(axis=0), 9)
-    return np.sqrt(np.bincount(codes.ravel(), minlength=10).astype(np.float32))
-
-
-def _blur(image: np.ndarray) -> np.ndarray:
-    """3x3 binomial blur with edge padding."""
-    padded = np.pad(image, 1, mode="edge")
-    rows = padded[:-2] * 0.25 + padded[1:-1] * 0.5 + padded[2:] * 0.25
-    return rows[:, :-2] * 0.25 + rows[:, 1:-1] * 0.5 + rows[:, 2:] * 0.25
-
-
-def _standardised(values: np.ndarray) -> np.ndarray:
-    return ((values - values.mean()) / (values.std() + 1e-3)).astype(np.float32)
+    padded = np.pad(stack, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
+    _, rows, cols = stack.shape
+    threshold = stack - 1e-3  # a small tolerance keeps flat regions from turning into noise-like codes
+    code = np.zeros(stack.shape, np.uint8)
+    for bit, (dr, dc) in enumerate(offsets):
+        code |= (padded[:, radius + dr:radius + dr + rows, radius + dc:radius + dc + cols] >= threshold).astype(np.uint8) << bit
+    return _histograms(_RIU2[code].astype(np.float32), 10, upper=10.0)
 
 
 _yy, _xx = np.mgrid[0:SIZE, 0:SIZE]
-_RING_INDEX = np.minimum((np.hypot(_yy - (SIZE - 1) / 2, _xx - (SIZE - 1) / 2) / (SIZE / 2) * RINGS).astype(int), RINGS - 1)
-_RING_COUNTS = np.bincount(_RING_INDEX.ravel(), minlength=RINGS)
+_RADIUS = np.hypot(_yy - (SIZE - 1) / 2, _xx - (SIZE - 1) / 2)
+_RING_INDEX = np.minimum((_RADIUS / (SIZE / 2) * RINGS).astype(np.int64), RINGS - 1)
+_RING_COUNTS = np.bincount(_RING_INDEX.ravel(), minlength=RINGS).astype(np.float32)
+_CENTRE_WEIGHTS = np.exp(-_RADIUS ** 2 / (2 * CENTRE_SIGMA ** 2)).astype(np.float32)
+
+
+def _ring_profiles(stack: np.ndarray) -> np.ndarray:
+    """Mean intensity in each ring around the centre, standardised per image."""
+    count = len(stack)
+    index = (_RING_INDEX.ravel()[None, :] + (np.arange(count) * RINGS)[:, None]).ravel()
+    sums = np.bincount(index, weights=stack.reshape(count, -1).ravel(), minlength=count * RINGS).reshape(count, RINGS)
+    means = sums / _RING_COUNTS
+    return ((means - means.mean(axis=1, keepdims=True)) / (means.std(axis=1, keepdims=True) + 1e-3)).astype(np.float32)
+
+
+def describe_batch(images: list[np.ndarray]) -> np.ndarray:
+    """The handcrafted descriptors of some images, float32 (n, DIM), each row L2-normalised."""
+    if not len(images):
+        return np.zeros((0, DIM), np.float32)
+    grey = _grey_stack(images)
+    smooth = _blur(grey)
+    wide = smooth
+    for _ in range(BLUR_PASSES - 1):
+        wide = _blur(wide)
+    gy, gx = np.gradient(smooth, axis=(1, 2))
+    magnitude = np.hypot(gx, gy)
+    orientation = np.mod(np.arctan2(gy, gx), np.pi)  # unsigned orientation in [0, pi)
+    blocks = [
+        _histograms(grey, INTENSITY_BINS),
+        _histograms(wide, BLURRED_BINS),
+        _histograms(grey, CENTRE_BINS, _CENTRE_WEIGHTS),
+        _ring_profiles(grey),
+        _histograms(np.clip(magnitude / 0.5, 0, 1), MAGNITUDE_BINS),  # gradients above 0.5 per pixel share the top bin
+        _histograms(orientation, ORIENTATION_BINS, magnitude, np.pi),
+        np.concatenate([_lbp_riu2(smooth, r) for r in LBP_RADII], axis=1),
+    ]
+    vectors = np.concatenate([_normalised_rows(b) for b in blocks], axis=1)
+    return _normalised_rows(vectors).astype(np.float32)
 
 
 def describe(image: np.ndarray) -> np.ndarray:
     """The handcrafted descriptor of one image, float32 of length DIM, L2-normalised."""
-    grey = resize_bilinear(as_grey(image), SIZE, SIZE)
-    half = SIZE // 2
-    quadrants = [grey[:half, :half], grey[:half, half:], grey[half:, :half], grey[half:, half:]]
-    smooth = _blur(grey)
-    gy, gx = np.gradient(smooth)
-    magnitude = np.hypot(gx, gy)
-    orientation = np.mod(np.arctan2(gy, gx), np.pi)  # unsigned orientation in [0, pi)
-    cell = SIZE // CELLS
-    hog = []
-    for r in range(CELLS):
-        for c in range(CELLS):
-            window = (slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
-            hog.append(_histogram(orientation[window], ORIENTATION_BINS, magnitude[window], np.pi))
-    hog = np.concatenate(hog)
-    layout = _standardised(grey.reshape(LAYOUT, SIZE // LAYOUT, LAYOUT, SIZE // LAYOUT).mean(axis=(1, 3)).ravel())
-    rings = _standardised(np.bincount(_RING_INDEX.ravel(), weights=grey.ravel(), minlength=RINGS) / _RING_COUNTS)
-    blocks = [
-        _histogram(grey, INTENSITY_BINS),
-        np.concatenate([_histogram(q, QUADRANT_BINS) for q in quadrants]),
-        _histogram(np.clip(magnitude / 0.5, 0, 1), MAGNITUDE_BINS),  # gradients above 0.5 per pixel share the top bin
-        hog,
-        np.concatenate([_lbp_riu2(smooth, r) for r in LBP_RADII]),
-        layout,
-        rings,
-    ]
-    vector = np.concatenate([_normalised(b) for b in blocks]).astype(np.float32)
-    return _normalised(vector)
+    return describe_batch([image])[0]

@@ -5,6 +5,12 @@ case's score is the mean over query images of the best cosine between that query
 of the case's items. The first stage (nearest-neighbour hits) picks the candidates; MaxSim
 re-ranks them exactly. Every result also names its best match: the item whose mean similarity
 to the query images is highest, so the viewer can jump there.
+
+Items sit on a grid (tiles every half tile, slices every few mm), so the best item's centre can
+lie up to half a step from what matched. The result's *focus* refines it: the similarity-weighted
+centre of the items of the best item's size and axis that overlap it, weighted by
+exp((s - s_best) / FOCUS_TEMPERATURE). Overlapping tiles that all hold the matched object surround
+it, so their weighted centre falls on it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 METHODS = ("maxsim", "votes", "pooled")
+FOCUS_TEMPERATURE = 0.01  # cosine units: an item 0.03 below the best weighs 5 %
 
 
 @dataclass
@@ -25,30 +32,62 @@ class CaseScore:
     votes: int
     per_image: list[float]
     best_item: int
+    focus_ras: tuple[float, float, float] | None = None
 
 
-def candidate_cases(hit_ids: np.ndarray, hit_scores: np.ndarray, case_of: dict[int, int], limit: int) -> dict[int, int]:
-    """Cases hit in the first stage, with their vote counts, the ``limit`` most-voted (ties by best score)."""
-    votes: dict[int, int] = {}
-    best: dict[int, float] = {}
-    for ids, scores in zip(hit_ids, hit_scores):
-        for item, score in zip(ids, scores):
-            if item < 0 or item not in case_of:
-                continue
-            row = case_of[item]
-            votes[row] = votes.get(row, 0) + 1
-            best[row] = max(best.get(row, -np.inf), float(score))
-    order = sorted(votes, key=lambda r: (-votes[r], -best[r]))
-    return {r: votes[r] for r in order[:limit]}
+def candidate_cases(hit_ids: np.ndarray, hit_scores: np.ndarray, case_of, limit: int) -> dict[int, int]:
+    """Cases hit in the first stage, with their vote counts, the ``limit`` most-voted (ties by best score).
+
+    ``case_of`` maps item id -> case row: a dict, or an array indexed by id.
+    """
+    ids, scores = np.asarray(hit_ids).ravel(), np.asarray(hit_scores, np.float64).ravel()
+    if isinstance(case_of, dict):
+        rows = np.array([case_of.get(int(i), -1) if i >= 0 else -1 for i in ids], np.int64)
+    else:
+        rows = np.where(ids >= 0, np.asarray(case_of)[np.maximum(ids, 0)], -1)
+    valid = rows >= 0
+    if not valid.any():
+        return {}
+    unique, inverse, votes = np.unique(rows[valid], return_inverse=True, return_counts=True)
+    best = np.full(len(unique), -np.inf)
+    np.maximum.at(best, inverse, scores[valid])
+    order = np.lexsort((-best, -votes))[:limit]  # most votes first, then the best single score
+    return {int(unique[n]): int(votes[n]) for n in order}
 
 
-def score_case(queries: np.ndarray, item_vectors: np.ndarray, item_ids: np.ndarray, method: str, votes: int) -> CaseScore | None:
-    """Score one candidate case from its item vectors (rows aligned with item_ids)."""
+def focus(similarity: np.ndarray, best: int, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """Similarity-weighted centre (RAS) of the items like the best one (same axis and size) that overlap it."""
+    alike = (axes == axes[best]) & np.isclose(sizes, sizes[best])
+    overlapping = alike & np.all(np.abs(centres - centres[best]) < sizes[best] / 2 + 1e-6, axis=1)
+    weights = np.exp((similarity[overlapping] - similarity[best]) / FOCUS_TEMPERATURE)
+    return weights @ centres[overlapping] / weights.sum()
+
+
+def similarities(queries: np.ndarray, blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """Query-to-item cosines for several cases' item vectors in one matrix product, split back per case."""
+    if not blocks:
+        return []
+    product = queries @ np.concatenate(blocks).T  # one BLAS call instead of one per case
+    return np.split(product, np.cumsum([len(b) for b in blocks])[:-1], axis=1)
+
+
+def score_case(queries: np.ndarray, item_vectors: np.ndarray, item_ids: np.ndarray, method: str, votes: int,
+               centres: np.ndarray | None = None, sizes: np.ndarray | None = None, axes: np.ndarray | None = None,
+               similarity: np.ndarray | None = None) -> CaseScore | None:
+    """Score one candidate case from its item vectors (rows aligned with item_ids; centres, sizes, axes for the focus).
+
+    ``similarity`` (query images x items) may be passed when already computed (:func:`similarities`).
+    """
     if not len(item_ids):
         return None
-    similarity = queries @ item_vectors.T  # (query images, items)
+    similarity = queries @ item_vectors.T if similarity is None else similarity  # (query images, items)
     per_image = similarity.max(axis=1)
-    best_item = int(item_ids[int(np.argmax(similarity.mean(axis=0)))])
+    mean_similarity = similarity.mean(axis=0)
+    best = int(np.argmax(mean_similarity))
+    best_item = int(item_ids[best])
+    focus_ras = None
+    if centres is not None:
+        focus_ras = tuple(float(v) for v in focus(mean_similarity, best, centres, sizes, axes))
     if method == "maxsim":
         score = float(per_image.mean())
     elif method == "pooled":
@@ -59,7 +98,7 @@ def score_case(queries: np.ndarray, item_vectors: np.ndarray, item_ids: np.ndarr
         score = float(votes)
     else:
         raise ValueError(f"unknown ranking method '{method}'; use one of {', '.join(METHODS)}")
-    return CaseScore(-1, score, votes, [round(float(v), 5) for v in per_image], best_item)
+    return CaseScore(-1, score, votes, [round(float(v), 5) for v in per_image], best_item, focus_ras)
 
 
 def rank(scores: list[CaseScore]) -> list[CaseScore]:

@@ -22,6 +22,9 @@ from .slicing import extract_slices, montage_planes, nearest_slice, plan_grid, p
 from .volume import Volume
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
+# HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
+# first stage on 95 % of its top 10 cases, in 46-59 ms (docs/benchmarks.md); single images keep the store's 1,024.
+MULTI_IMAGE_EF_SEARCH = 512
 
 
 @dataclass
@@ -123,23 +126,30 @@ class Searcher:
             raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
         catalog, store = self.index.catalog, self.index.store
         queries = self.vectors(query)
-        excluded_rows = {c.row for c in catalog.cases() if c.source in {os.path.abspath(s) for s in query.exclude_sources}}
+        # A path and the same file reached through a symbolic link are one case.
+        own = {form(s) for s in query.exclude_sources for form in (os.path.abspath, os.path.realpath)}
+        excluded_rows = catalog.case_rows_of_sources(own)
         excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])
         allowed_rows = catalog.case_rows_matching(filters) if filters else None
         allowed = catalog.item_ids(allowed_rows) if allowed_rows is not None else None
         hits_per_image = hits_per_image or max(100, 10 * k)
-        scores, ids = store.search(queries, hits_per_image, allowed=allowed, excluded=excluded)
-        hit_items = catalog.items(np.unique(ids[ids >= 0]))
-        case_of = {i: item.case_row for i, item in hit_items.items()}
+        # Many query images each only need to find candidate cases, which MaxSim then scores exactly, so each walks a
+        # narrower graph; what that costs in agreement with an exact first stage is measured (MULTI_IMAGE_EF_SEARCH).
+        breadth = MULTI_IMAGE_EF_SEARCH if len(queries) > 1 else None
+        scores, ids = store.search(queries, hits_per_image, allowed=allowed, excluded=excluded, ef_search=breadth)
+        case_of = catalog.case_rows_of_items(np.unique(ids[ids >= 0]))
         candidates = ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
-        items_by_case = catalog.items_of_cases(candidates)
+        items = catalog.item_arrays(candidates)
+        keep = ~np.isin(items.ids, excluded)
         results = []
-        excluded_set = set(excluded.tolist())
-        for row, votes in candidates.items():
-            item_ids = np.array([i.id for i in items_by_case[row] if i.id not in excluded_set], dtype=np.int64)
-            scored = ranking.score_case(queries, store.reconstruct(item_ids), item_ids, method, votes)
+        members = [keep & (items.case_rows == row) for row in candidates]
+        blocks = [store.vectors_of(items.ids[mine]) for mine in members]
+        for (row, votes), mine, vectors, similarity in zip(candidates.items(), members, blocks,
+                                                          ranking.similarities(queries, blocks)):
+            scored = ranking.score_case(queries, vectors, items.ids[mine], method, votes, items.centres[mine],
+                                        items.sizes[mine], items.axes[mine], similarity)
             if scored is not None:
                 scored.case_row = row
                 results.append(scored)
@@ -151,7 +161,8 @@ class Searcher:
             answer.append({"rank": rank_number, "case_id": case.case_id, "source": case.source, "name": case.name,
                            "score": round(result.score, 5), "votes": result.votes, "per_image_scores": result.per_image,
                            "modality": case.modality, "labels": case.labels,
-                           "best_match": best_items[result.best_item].best_match()})
+                           "best_match": {**best_items[result.best_item].best_match(),
+                                          "focus_ras": [round(v, 3) for v in result.focus_ras]}})
         return {"query": query.description, "ranking": method, "results": answer}
 
 

@@ -41,6 +41,8 @@ class VectorStore:
         self.kind = kind
         self.dim = dim
         self.ef_search = HNSW_EF_SEARCH  # HNSW: candidates kept while walking the graph (recall against speed)
+        self._id_array: np.ndarray | None = None  # ids in storage order, cached until the store changes
+        self._sorted: tuple[np.ndarray, bool] | None = None  # (the id array it was checked on, whether it is sorted)
 
     @classmethod
     def create(cls, dim: int, kind: str) -> VectorStore:
@@ -84,10 +86,50 @@ class VectorStore:
         return int(self.index.ntotal)
 
     def ids(self) -> np.ndarray:
-        """Every id held."""
+        """Every id held, in storage order."""
         import faiss
 
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        if self._id_array is None:
+            id_map = self.index.id_map
+            # SWIG extension modules share one type table: once SimpleITK is loaded, FAISS's std::vector<int64_t>
+            # can come back as SimpleITK's VectorInt64 proxy (same C++ object), which vector_to_array refuses.
+            if hasattr(id_map, "data"):
+                self._id_array = faiss.vector_to_array(id_map).astype(np.int64)
+            else:
+                self._id_array = np.fromiter(id_map, dtype=np.int64, count=self.count)
+        return self._id_array
+
+    def _ids_sorted(self) -> bool:
+        """Whether ids increase with storage position (they do unless ids were added out of order)."""
+        if self._sorted is None or self._sorted[0] is not self._id_array:
+            stored = self.ids()
+            self._sorted = (stored, bool(np.all(stored[1:] > stored[:-1])))
+        return self._sorted[1]
+
+    def _storage(self) -> np.ndarray | None:
+        """The raw (count, dim) float32 vectors in storage order, as a view into FAISS's memory (None if not flat-coded)."""
+        import faiss
+
+        inner = faiss.downcast_index(self.index.index)
+        flat = faiss.downcast_index(inner.storage) if hasattr(inner, "storage") else inner
+        if not hasattr(flat, "get_xb") or flat.ntotal == 0:
+            return None
+        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of some ids, for re-scoring: a view into FAISS's storage when they lie together (a case's items
+        are added together, so they do), else gathered. Use the result before the store changes."""
+        ids = np.asarray(ids, dtype=np.int64)
+        stored, storage = self.ids(), self._storage()
+        if not len(ids) or storage is None or not self._ids_sorted():
+            return self.reconstruct(ids)
+        positions = np.searchsorted(stored, ids)
+        positions = np.minimum(positions, len(stored) - 1)
+        if not np.array_equal(stored[positions], ids):
+            raise KeyError(f"ids not in the store: {ids[stored[positions] != ids][:5].tolist()}")
+        if positions[-1] - positions[0] + 1 == len(ids) and np.all(np.diff(positions) == 1):
+            return storage[positions[0]:positions[-1] + 1]
+        return storage[positions]
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add vectors under the given ids."""
@@ -96,6 +138,7 @@ class VectorStore:
             raise ValueError(f"expected ({len(ids)}, {self.dim}) vectors, got {vectors.shape}")
         if len(ids):
             self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+            self._id_array = None
 
     def remove(self, ids: np.ndarray) -> bool:
         """Delete ids where the structure can (flat: True); HNSW cannot, so the caller keeps tombstones (False)."""
@@ -104,6 +147,7 @@ class VectorStore:
         if self.kind != "flat":
             return False
         self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+        self._id_array = None
         return True
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
@@ -114,8 +158,11 @@ class VectorStore:
         return self.index.reconstruct_batch(ids)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query among allowed ids (all if None) minus excluded ones; -1 pads."""
+               excluded: np.ndarray | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query among allowed ids (all if None) minus excluded ones; -1 pads.
+
+        ``ef_search`` overrides the HNSW breadth for this call (a many-image query needs less per image).
+        """
         import faiss
 
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
@@ -133,8 +180,9 @@ class VectorStore:
         else:
             selector = None
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, 2 * k), sel=selector) if selector else \
-                faiss.SearchParametersHNSW(efSearch=max(self.ef_search, 2 * k))
+            breadth = max(ef_search or self.ef_search, 2 * k)
+            params = faiss.SearchParametersHNSW(efSearch=breadth, sel=selector) if selector else \
+                faiss.SearchParametersHNSW(efSearch=breadth)
         else:
             params = faiss.SearchParameters(sel=selector) if selector else None
         scores, ids = self.index.search(queries, k, params=params)
