@@ -1,22 +1,42 @@
-"""CBIRSlicer: similar-case search for CT and MR volumes (3D Slicer scripted module).
+"""CBIRSlicer: similar-case search for CT and MR volumes (3D Slicer scripted module, Slicer 5.8 and later).
 
-Thin by design: the widget wires the GUI, the logic turns MRML nodes into plain core
-objects and calls ``CBIRSlicerLib``, which holds everything else and is tested outside
-Slicer. Nothing heavy (torch, faiss, open_clip) is imported at file scope.
+Thin by design: the widget wires the GUI to a parameter node and polls background work from a
+timer; the logic turns MRML nodes into plain core objects and calls ``CBIRSlicerLib``, which holds
+everything else and is tested outside Slicer with ``slicer-core``. Nothing heavy (torch, faiss,
+open_clip) is imported at file scope, and nothing is installed without the user's consent.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": the parameter node wrapper reads the class annotations as real types.
 import logging
+import os
+import pathlib
+import shutil
+from typing import Annotated, Optional
 
+import qt
 import slicer
+import vtk
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
+README_URL = "https://github.com/cbirslicer/SlicerCBIR#readme"
+TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
+# What the weight-free model needs; every other model also needs the rest of Resources/requirements.txt and torch.
+HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK")
+QUERY_MODES = {"Region (ROI)": "roi", "Current slice": "slice", "Whole volume": "volume"}
+POLL_MS = 100
+
+
+#
+# Module
+#
 
 class CBIRSlicer(ScriptedLoadableModule):
     """Module metadata shown in Slicer's module list and help panel."""
@@ -28,53 +48,706 @@ class CBIRSlicer(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["CBIRSlicer developers"]
         self.parent.helpText = (
-            "Find the most similar cases to a volume, a slice or a region of interest in a local index, "
-            "using vision foundation models (BiomedCLIP by default). "
-            'See the <a href="https://github.com/cbirslicer/SlicerCBIR#readme">README</a> for the tutorial.'
+            "Find the cases most similar to a region of interest, a slice or a whole volume in a local index of "
+            "volumes, using vision foundation models (BiomedCLIP by default; a weight-free 'handcrafted' model works "
+            "offline). Build or open an index, choose the query, click <b>Find similar</b>, then double-click a result "
+            "to see it side by side with the query at its best-matching slice. "
+            f'See the <a href="{README_URL}">README</a> for installation, a tutorial with sample data and how to cite.'
         )
         self.parent.acknowledgementText = (
-            "Retrieval protocol after Denner et al. 2024, 'Leveraging foundation models for content-based image "
-            "retrieval in radiology', and Khun Jush et al. 2024 (slice-to-volume ranking with late interaction). "
-            "Default embedding model: BiomedCLIP (Zhang et al. 2023, microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)."
+            "CBIRSlicer builds on published work on content-based image retrieval in radiology with foundation models. "
+            "Please cite: "
+            "Denner S, Zimmerer D, Bounias D, et al. Leveraging foundation models for content-based image retrieval in "
+            "radiology. arXiv:2403.06567, 2024. "
+            "Khun Jush F, Vogler S, Truong T, Lenga M. Content-based image retrieval for multi-class volumetric radiology "
+            "images: a benchmark study. arXiv:2405.09334, 2024 (slice-to-volume ranking with late interaction). "
+            "Khun Jush F, Vogler S, Lenga M. Content-based 3D image retrieval and a ColBERT-inspired re-ranking for tumor "
+            "flagging and staging. arXiv:2507.17412, 2025 (C-MIR). "
+            "Zhang S, Xu Y, Usuyama N, et al. BiomedCLIP: a multimodal biomedical foundation model pretrained from fifteen "
+            "million scientific image-text pairs. arXiv:2303.00915, 2023 (default embedding model, "
+            "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)."
         )
 
 
-class CBIRSlicerWidget(ScriptedLoadableModuleWidget):
-    """The module panel. The search panel (index, query, results, side-by-side view) is not built yet."""
+#
+# Parameter node
+#
 
-    def setup(self):
+@parameterNodeWrapper
+class CBIRSlicerParameterNode:
+    """What the panel shows, saved with the scene."""
+
+    indexFolder: pathlib.Path
+    sourceFolder: pathlib.Path
+    model: str = "biomedclip"
+    queryVolume: vtkMRMLScalarVolumeNode
+    queryMode: Annotated[str, Choice(list(QUERY_MODES))] = "Region (ROI)"
+    roiNode: vtkMRMLMarkupsROINode
+    axis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
+    queryText: str = ""
+    k: Annotated[int, WithinRange(1, 100)] = 10
+    filters: str = ""
+    linkViews: bool = False
+
+
+#
+# Widget
+#
+
+class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: index, query, results. Long work runs elsewhere; a timer polls it."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._build = None
+        self._search = None
+        self._answer = None
+        self._timer = None
+        self._buildSkipped = []
+
+    def setup(self) -> None:
+        """Load the .ui, connect widgets, start observing the scene."""
         ScriptedLoadableModuleWidget.setup(self)
-        import qt
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CBIRSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CBIRSlicerLogic()
 
-        from CBIRSlicerLib import __version__
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self.onPoll)
 
-        label = qt.QLabel(
-            f"CBIRSlicer core {__version__}: volume reading, slicing and the 'cbir' command line are in place. "
-            "The search panel is not built yet."
-        )
-        label.wordWrap = True
-        self.layout.addWidget(label)
-        self.layout.addStretch(1)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.ui.openIndexButton.connect("clicked(bool)", self.onOpenIndex)
+        self.ui.indexFolderPathLineEdit.connect("currentPathChanged(QString)", self.onIndexFolderChanged)
+        self.ui.buildFromFolderButton.connect("clicked(bool)", self.onBuildFromFolder)
+        self.ui.buildFromSceneButton.connect("clicked(bool)", self.onBuildFromScene)
+        self.ui.cancelBuildButton.connect("clicked(bool)", self.onCancelBuild)
+        self.ui.placeRoiButton.connect("clicked(bool)", self.onPlaceRoi)
+        self.ui.findSimilarButton.connect("clicked(bool)", self.onFindSimilar)
+        self.ui.resultsListWidget.connect("itemDoubleClicked(QListWidgetItem*)", self.onResultActivated)
+        self.ui.resultsListWidget.connect("currentRowChanged(int)", self.onResultSelected)
+        self.ui.showResultButton.connect("clicked(bool)", self.onShowResult)
+        self.ui.moreLikeThisButton.connect("clicked(bool)", self.onMoreLikeThis)
+        self.ui.linkViewsCheckBox.connect("toggled(bool)", self.onLinkViews)
+        self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
+
+        self.initializeParameterNode()
+        self._updateButtons()
+
+    def cleanup(self) -> None:
+        """Stop polling and observing; the logic stops its workers."""
+        if self._timer is not None:
+            self._timer.stop()
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.cleanup()
+
+    def enter(self) -> None:
+        """Make sure a parameter node exists and is shown."""
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Leaving the module gives the previous layout back and stops reacting to parameter changes."""
+        if self.logic is not None:
+            self.logic.restoreLayout()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """The scene is going away: forget its nodes."""
+        self.setParameterNode(None)
+        self.logic.forgetScene()
+        self._answer = None
+        self.ui.resultsListWidget.clear()
+
+    def onSceneEndClose(self, caller, event) -> None:
+        """A new empty scene: start over with a fresh parameter node."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Bind to the module's parameter node, defaulting the query volume to the one in the Red view."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.queryVolume:
+            self._parameterNode.queryVolume = self.logic.defaultQueryVolume()
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Connect the GUI to a parameter node (and disconnect the previous one)."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        session = self.logic.session is not None
+        building = self._build is not None and not self._build.finished
+        searching = self._search is not None
+        mode = QUERY_MODES[p.queryMode]
+        canQuery = bool(p.queryVolume) and (mode != "roi" or bool(p.roiNode))
+        self.ui.findSimilarButton.enabled = session and (searching or canQuery or bool(p.queryText.strip()))
+        self.ui.findSimilarButton.text = "Cancel" if searching else "Find similar"
+        self.ui.findSimilarButton.toolTip = ("Cancel the search" if searching else
+                                             "Search the index" if session else "Open an index first")
+        self.ui.textQueryLineEdit.enabled = session and self.logic.supportsText()
+        self.ui.buildFromFolderButton.enabled = not building and _isFolder(p.sourceFolder) and _isFolder(p.indexFolder, True)
+        self.ui.buildFromSceneButton.enabled = not building and _isFolder(p.indexFolder, True)
+        self.ui.cancelBuildButton.enabled = building
+        selected = self._selectedResult() is not None
+        self.ui.showResultButton.enabled = selected
+        self.ui.moreLikeThisButton.enabled = selected and session
+        self.ui.restoreLayoutButton.enabled = self.logic.sideBySide is not None
+
+    # ----- index ---------------------------------------------------------------------------------
+    def onIndexFolderChanged(self, path: str) -> None:
+        """Open an index as soon as its folder is chosen."""
+        from CBIRSlicerLib.scene_search import is_index_folder
+
+        session = self.logic.session
+        if session is not None and os.path.abspath(path) == session.index.folder:
+            return  # already open (the parameter node writes the path back on every connect)
+        if is_index_folder(path):
+            self.onOpenIndex()
+
+    def onOpenIndex(self) -> None:
+        """Open the index (installing what its model needs, with consent) and show what it holds."""
+        folder = str(self._parameterNode.indexFolder)
+        with slicer.util.tryWithErrorDisplay("Could not open the index.", waitCursor=True):
+            from CBIRSlicerLib.scene_search import describe_index, index_summary, is_index_folder
+
+            if not is_index_folder(folder):
+                self.ui.indexInfoLabel.text = f"No index in {folder} yet: build one below."
+                return
+            if not self.logic.ensureDependencies(index_summary(folder)["model"]):
+                self.ui.indexInfoLabel.text = "Not opened: the packages the model needs are not installed."
+                return
+            info = self.logic.openIndex(folder)
+            self.ui.indexInfoLabel.text = describe_index(info)
+            self._showAnswer(None)
+        self._updateButtons()
+
+    def onBuildFromFolder(self) -> None:
+        """Index the volumes of a folder in the background."""
+        self._startBuild([str(self._parameterNode.sourceFolder)], [])
+
+    def onBuildFromScene(self) -> None:
+        """Index the scene's volumes that are saved to files."""
+        files, skipped = self.logic.sceneVolumeFiles()
+        if not files:
+            slicer.util.warningDisplay("No volume in the scene is saved to a file; save them first (File > Save Data).")
+            return
+        self._startBuild(files, skipped)
+
+    def _startBuild(self, sources: list[str], skipped: list[tuple[str, str]]) -> None:
+        folder = str(self._parameterNode.indexFolder)
+        with slicer.util.tryWithErrorDisplay("Could not start indexing.", waitCursor=True):
+            model = self.logic.buildModel(folder, self._parameterNode.model.strip() or "biomedclip")
+            if not self.logic.ensureDependencies(model):
+                return
+            self.logic.closeIndex()  # the build takes the index's write lock; reopened when it ends
+            self._build = self.logic.startBuild(folder, sources, model)
+            self._buildSkipped = list(skipped)
+            self.ui.skippedPlainTextEdit.plainText = ""
+            self.ui.buildStatusLabel.text = "Starting..."
+            self._timer.start()
+        self._updateButtons()
+
+    def onCancelBuild(self) -> None:
+        """Stop the build after the case in hand."""
+        if self._build is not None:
+            self._build.cancel()
+            self.ui.buildStatusLabel.text = "Stopping after the current case..."
+
+    def _pollBuild(self) -> None:
+        progress = self._build.progress()
+        self.ui.buildProgressBar.maximum = max(progress.total, 1)
+        self.ui.buildProgressBar.value = progress.done
+        if not self._build.finished:
+            rate = f", {progress.rate * 60:.1f} cases/min" if progress.rate else ""
+            left = f", about {_duration(progress.eta_s)} left" if progress.eta_s else ""
+            self.ui.buildStatusLabel.text = f"{progress.done} of {progress.total} cases{rate}{left}: {os.path.basename(progress.label)}"
+            return
+        build, self._build = self._build, None
+        if build.state == "failed":
+            self.ui.buildStatusLabel.text = f"Indexing failed: {build.error}"
+        else:
+            report = build.report or {}
+            self.ui.buildStatusLabel.text = ("Cancelled. " if build.state == "cancelled" else "Done. ") + (
+                f"{len(report.get('added', []))} added, {len(report.get('replaced', []))} refreshed, "
+                f"{len(report.get('unchanged', []))} unchanged, {len(report.get('skipped', [])) + len(self._buildSkipped)} skipped.")
+            skipped = self._buildSkipped + [tuple(s) for s in report.get("skipped", [])]
+            self.ui.skippedPlainTextEdit.plainText = "\n".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
+        self.onOpenIndex()
+
+    # ----- query ---------------------------------------------------------------------------------
+    def onPlaceRoi(self) -> None:
+        """Add an ROI centred on the query view (or the Red view) and select it."""
+        with slicer.util.tryWithErrorDisplay("Could not place an ROI.", waitCursor=True):
+            self._parameterNode.roiNode = self.logic.placeRoi()
+            self._parameterNode.queryMode = "Region (ROI)"
+
+    def onFindSimilar(self) -> None:
+        """Start a search (or cancel the running one: the button doubles as Cancel)."""
+        if self._search is not None:
+            self._search.cancel()
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not search.", waitCursor=True):
+            if p.queryText.strip() and self.logic.supportsText():
+                self._search = self.logic.startTextSearch(p.queryText, p.k, p.filters)
+            else:
+                self._search = self.logic.startSearch(p.queryVolume, QUERY_MODES[p.queryMode], p.roiNode, p.axis, p.k, p.filters)
+            self.ui.searchStatusLabel.text = "Searching..."
+            self._timer.start()
+        self._updateButtons()
+
+    def onMoreLikeThis(self) -> None:
+        """Search with the selected result's best-matching image."""
+        result = self._selectedResult()
+        with slicer.util.tryWithErrorDisplay("Could not search.", waitCursor=True):
+            self._search = self.logic.startMoreLike(result, self._parameterNode.k, self._parameterNode.filters)
+            self._timer.start()
+        self._updateButtons()
+
+    def _pollSearch(self) -> None:
+        progress = self._search.poll()
+        self.ui.searchProgressBar.maximum = max(progress.total, 1)
+        self.ui.searchProgressBar.value = progress.done
+        if progress.state in ("loading model", "embedding"):
+            self.ui.searchStatusLabel.text = "Loading the model (once per session)..." if progress.state == "loading model" else (
+                f"Embedding {progress.done} of {progress.total} query images...")
+            return
+        search, self._search = self._search, None
+        if progress.state == "done":
+            self._showAnswer(search.answer)
+        else:
+            self.ui.searchStatusLabel.text = "Cancelled." if progress.state == "cancelled" else f"Search failed: {progress.message}"
+        self._updateButtons()
+
+    def onPoll(self) -> None:
+        """Timer tick: advance the build and the search; stop ticking when neither runs."""
+        try:
+            if self._build is not None:
+                self._pollBuild()
+            if self._search is not None:
+                self._pollSearch()
+        except Exception as error:  # never leave a dead timer ticking on an error
+            self._build = self._search = None
+            slicer.util.errorDisplay(f"CBIRSlicer: {error}")
+            logging.exception("CBIRSlicer background work failed")
+        if self._build is None and self._search is None:
+            self._timer.stop()
+        self._updateButtons()
+
+    # ----- results -------------------------------------------------------------------------------
+    def _showAnswer(self, answer) -> None:
+        self._answer = answer
+        self.ui.resultsListWidget.clear()
+        if answer is None:
+            return
+        icons = self.logic.thumbnailFiles(answer)
+        for result in answer["results"]:
+            item = qt.QListWidgetItem(_describeResult(result))
+            if result["case_id"] in icons:
+                item.setIcon(qt.QIcon(icons[result["case_id"]]))
+            item.setToolTip(result["source"])
+            self.ui.resultsListWidget.addItem(item)
+        count = len(answer["results"])
+        self.ui.searchStatusLabel.text = f"{count} similar case{'s' if count != 1 else ''}." if count else "No similar cases found."
+
+    def _selectedResult(self):
+        row = self.ui.resultsListWidget.currentRow
+        if self._answer is None or row < 0 or row >= len(self._answer["results"]):
+            return None
+        return self._answer["results"][row]
+
+    def onResultSelected(self, row: int) -> None:
+        """Enable the result buttons."""
+        self._updateButtons()
+
+    def onResultActivated(self, item) -> None:
+        """Double-click: show the result side by side."""
+        self.onShowResult()
+
+    def onShowResult(self) -> None:
+        """Load the selected case (once) and show it next to the query at its best match."""
+        result = self._selectedResult()
+        if result is None:
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Could not show the case.", waitCursor=True):
+            self.logic.showResult(result, p.queryVolume, self._answer["query"], p.roiNode, p.linkViews)
+        self._updateButtons()
+
+    def onLinkViews(self, linked: bool) -> None:
+        """Link or unlink the two views while they are shown."""
+        self.logic.linkViews(linked)
+
+    def onRestoreLayout(self) -> None:
+        """Go back to the layout from before the side-by-side view."""
+        self.logic.restoreLayout()
+        self._updateButtons()
+
+
+def _isFolder(path, mayBeNew: bool = False) -> bool:
+    text = str(path) if path is not None else ""
+    if not text or text == ".":
+        return False
+    return os.path.isdir(text) or (mayBeNew and os.path.isdir(os.path.dirname(os.path.abspath(text))))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _describeResult(result: dict) -> str:
+    best = result["best_match"]
+    details = [d for d in (result.get("modality"), ", ".join(result.get("labels") or [])) if d]
+    return (f"{result['rank']}. {result.get('name') or result['case_id']}   score {result['score']:.3f}\n"
+            f"{best['axis']} slice {best['slice_index']}" + (f"   {'; '.join(details)}" if details else ""))
+
+
+#
+# Logic
+#
 
 class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
-    """Turns MRML nodes into core objects and calls CBIRSlicerLib."""
+    """Turns MRML nodes into core objects and calls CBIRSlicerLib; holds the open index and the side-by-side state."""
 
-    def volumeFromNode(self, volumeNode):
-        """The core Volume of a scalar volume node (voxels and RAS geometry)."""
-        from CBIRSlicerLib.mrml import volume_from_node
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.session = None
+        self.sideBySide = None
+        self._matchBox = None
+        self._layoutLogic = None
 
-        return volume_from_node(volumeNode)
+    def getParameterNode(self):
+        """The module's parameter node, typed."""
+        return CBIRSlicerParameterNode(super().getParameterNode())
 
-    def slicesOfNode(self, volumeNode, axis="axial", roi=None):
-        """The model-ready images of a volume node along an axis (optionally an RoiBox), each with its RAS position."""
-        from CBIRSlicerLib.slicing import extract_slices
+    def cleanup(self) -> None:
+        """Close the index and stop the background model workers."""
+        from CBIRSlicerLib.scene_search import shutdown_services
 
-        return extract_slices(self.volumeFromNode(volumeNode), axis, roi)
+        self.closeIndex()
+        shutdown_services()
 
+    def forgetScene(self) -> None:
+        """The scene is closing: its nodes, including the side-by-side views' content, are gone."""
+        self.sideBySide = None
+        self._matchBox = None
+
+    # ----- dependencies --------------------------------------------------------------------------
+    @staticmethod
+    def pythonExecutable() -> str:
+        """PythonSlicer: the interpreter the background workers run in (Slicer's own sys.executable is the application)."""
+        name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        found = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", name)
+        if not os.path.exists(found):
+            raise RuntimeError(f"PythonSlicer not found (looked in PATH and {slicer.app.slicerHome}/bin)")
+        return found
+
+    def requirements(self, model: str) -> list[str]:
+        """The requirement lines a model needs, from Resources/requirements.txt."""
+        path = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+        with open(path) as handle:
+            lines = [line.split("#")[0].strip() for line in handle]
+        lines = [line for line in lines if line]
+        if model == "handcrafted":
+            lines = [line for line in lines if any(line.lower().startswith(p.lower()) for p in HANDCRAFTED_PACKAGES)]
+        return lines
+
+    def missingRequirements(self, model: str) -> list[str]:
+        """Requirement lines not satisfied by what is installed."""
+        from importlib import metadata
+
+        from packaging.requirements import Requirement
+
+        missing = []
+        for line in self.requirements(model):
+            requirement = Requirement(line)
+            try:
+                installed = metadata.version(requirement.name)
+            except metadata.PackageNotFoundError:
+                missing.append(line)
+                continue
+            if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
+                missing.append(line)
+        return missing
+
+    def ensureDependencies(self, model: str) -> bool:
+        """Install what a model needs, after asking once: torch through the PyTorch extension, the rest with pip."""
+        needsTorch = model != "handcrafted"
+        if needsTorch:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                slicer.util.errorDisplay(f"The model '{model}' needs PyTorch: install the PyTorch extension from the "
+                                         "Extensions Manager, restart Slicer, then try again (or use the 'handcrafted' model).")
+                return False
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT,
+                                                torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+                if torch is None:
+                    return False
+        missing = self.missingRequirements(model)
+        if not missing:
+            return True
+        pydeps = _pythonDependencyModule()
+        if pydeps is not None:  # Slicer >= 5.11: checks, asks, installs with progress, offers a restart
+            from packaging.requirements import Requirement
+
+            pydeps.pip_ensure([Requirement(line) for line in missing], requester="CBIRSlicer")
+            return not self.missingRequirements(model)
+        if slicer.app.testingEnabled():
+            raise RuntimeError(f"missing Python packages under --testing: {', '.join(missing)}")
+        if not slicer.util.confirmOkCancelDisplay(
+                "CBIRSlicer needs these Python packages, which will be downloaded and installed now:\n\n  "
+                + "\n  ".join(missing) + "\n\nThis may take a few minutes.", windowTitle="CBIRSlicer: install packages"):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(missing)
+        return not self.missingRequirements(model)
+
+    @staticmethod
+    def supportsTextModel(model: str) -> bool:
+        """Whether a model name stands for a CLIP-family model (it embeds phrases too)."""
+        from CBIRSlicerLib.embedding import parse_model_name
+
+        try:
+            return parse_model_name(model)[0] == "open_clip"
+        except Exception:
+            return False
+
+    def supportsText(self) -> bool:
+        """Whether the open index's model embeds phrases."""
+        return self.session is not None and self.supportsTextModel(self.session.model)
+
+    # ----- index ---------------------------------------------------------------------------------
+    def openIndex(self, folder: str) -> dict:
+        """Open an index for searching (its model starts loading in the background now); returns its info."""
+        from CBIRSlicerLib.scene_search import SearchSession
+
+        self.closeIndex()
+        self.session = SearchSession(folder, python=self.pythonExecutable())
+        return self.session.info()
+
+    def closeIndex(self) -> None:
+        """Close the open index, if any."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    @staticmethod
+    def buildModel(folder: str, requested: str) -> str:
+        """The model a build will use: the index's own when it exists, else the one asked for."""
+        from CBIRSlicerLib.scene_search import index_summary, is_index_folder
+
+        return index_summary(folder)["model"] if is_index_folder(folder) else requested
+
+    def startBuild(self, folder: str, sources: list[str], model: str = "biomedclip"):
+        """Build or extend an index in a background process; poll the returned IndexBuild."""
+        from CBIRSlicerLib.index_build import BuildSpec, IndexBuild
+
+        return IndexBuild(BuildSpec(folder, list(sources), model=model), python=self.pythonExecutable()).start()
+
+    @staticmethod
+    def sceneVolumeFiles() -> tuple[list[str], list[tuple[str, str]]]:
+        """Files behind the scene's volumes, and the volumes that have none."""
+        from CBIRSlicerLib.mrml import volume_files_in_scene
+
+        return volume_files_in_scene(slicer.mrmlScene)
+
+    # ----- search --------------------------------------------------------------------------------
+    def _requireSession(self):
+        if self.session is None:
+            raise RuntimeError("open an index first")
+        return self.session
+
+    def startSearch(self, volumeNode, mode: str = "roi", roiNode=None, axis: str = "axial", k: int = 10, filters: str = ""):
+        """Start a search from scene nodes ('roi', 'slice' = what the view shows, 'volume'); poll the returned PendingSearch."""
+        from CBIRSlicerLib.scene_search import query_from_nodes
+        from CBIRSlicerLib.views import view_position
+
+        session = self._requireSession()
+        sliceRas = None
+        if mode == "slice":
+            viewAxis, sliceRas = view_position(self._querySliceNode())
+            axis = viewAxis
+        query = query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas)
+        return session.start(query, k, _filters(filters))
+
+    def startTextSearch(self, text: str, k: int = 10, filters: str = ""):
+        """Start a search for a phrase (CLIP-family models)."""
+        return self._requireSession().start_text(text, k, _filters(filters))
+
+    def startMoreLike(self, result: dict, k: int = 10, filters: str = ""):
+        """'More like this' from a result's best-matching item."""
+        return self._requireSession().more_like(int(result["best_match"]["item_id"]), k, _filters(filters))
+
+    def thumbnailFiles(self, answer: dict) -> dict:
+        """PNG thumbnails of the results (from the index, no volume loaded), by case id."""
+        from CBIRSlicerLib.thumbnails import write_result_thumbnails
+
+        folder = os.path.join(slicer.app.temporaryPath, "CBIRSlicer", "thumbnails")
+        return write_result_thumbnails(self._requireSession().index.catalog, answer, folder)
+
+    # ----- views ---------------------------------------------------------------------------------
+    def layoutNode(self):
+        """The scene's layout node (made through a layout logic when there is no main window, e.g. under --no-main-window)."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:
+            return layoutManager.layoutLogic().GetLayoutNode()
+        if self._layoutLogic is None or self._layoutLogic.GetMRMLScene() is not slicer.mrmlScene:
+            self._layoutLogic = slicer.vtkMRMLLayoutLogic()
+            self._layoutLogic.SetMRMLApplicationLogic(slicer.app.applicationLogic())
+            self._layoutLogic.SetMRMLScene(slicer.mrmlScene)
+        return self._layoutLogic.GetLayoutNode()
+
+    def _querySliceNode(self):
+        from CBIRSlicerLib import views
+
+        if self.sideBySide is not None and self.layoutNode().GetViewArrangement() == self.sideBySide.layout_id:
+            node = views.slice_node(slicer.mrmlScene, views.QUERY_VIEW)
+            if node is not None:
+                return node
+        return views.slice_node(slicer.mrmlScene, "Red")
+
+    def defaultQueryVolume(self):
+        """The volume shown in the Red view, else the first scalar volume of the scene."""
+        from CBIRSlicerLib import views
+
+        volumeId = views.composite_node(slicer.mrmlScene, "Red").GetBackgroundVolumeID() if views.slice_node(
+            slicer.mrmlScene, "Red") is not None else None
+        node = slicer.mrmlScene.GetNodeByID(volumeId) if volumeId else None
+        return node or slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def placeRoi(self):
+        """A new ROI centred on what the query (or Red) view shows."""
+        from CBIRSlicerLib.views import roi_in_view
+
+        sliceNode = self._querySliceNode()
+        if sliceNode is None:
+            raise RuntimeError("no slice view to place the ROI in")
+        return roi_in_view(slicer.mrmlScene, sliceNode)
+
+    def loadVolume(self, path: str, name: str, caseId: Optional[str] = None):
+        """Load a result case: Slicer's reader for files; the core DICOM reader for an indexed series folder."""
+        if os.path.isdir(path):
+            from CBIRSlicerLib.mrml import node_from_volume
+            from CBIRSlicerLib.readers import read_volume
+
+            case = self.session.index.catalog.case_by_id(caseId) if self.session is not None and caseId else None
+            return node_from_volume(slicer.mrmlScene, read_volume(path, case.series_uid if case else None), name)
+        return slicer.util.loadVolume(path, {"name": name, "show": False})
+
+    def resultVolume(self, result: dict):
+        """The volume node of a result: reused when already in the scene, else loaded from its source."""
+        from CBIRSlicerLib.result_volumes import result_volume_node
+
+        return result_volume_node(slicer.mrmlScene, result, lambda path, name: self.loadVolume(path, name, result["case_id"]))
+
+    def showResult(self, result: dict, queryVolume, query: dict, roiNode=None, link: bool = False):
+        """Load the result (once), switch to the side-by-side layout, and put both views at the matching places."""
+        from CBIRSlicerLib import views
+        from CBIRSlicerLib.scene_search import case_window
+
+        resultNode = self.resultVolume(result)
+        views.apply_window(resultNode, case_window(self._requireSession().index, result["case_id"]))  # as the model saw it
+        self.sideBySide = views.show_side_by_side(slicer.mrmlScene, self.layoutNode(), self._queryTarget(query, queryVolume, roiNode),
+                                                  views.result_target(result, resultNode), link, self.sideBySide)
+        self._matchBox = views.show_match_box(slicer.mrmlScene, result, self._matchBox)
+        return resultNode
+
+    def _queryTarget(self, query: dict, queryVolume, roiNode):
+        """Where the query view looks: the ROI centre or the query slice; for 'more like this', the case it started from."""
+        from CBIRSlicerLib import views
+        from CBIRSlicerLib.mrml import roi_from_node, volume_from_node
+
+        mode = query.get("mode")
+        if mode == "item":
+            session = self._requireSession()
+            item = session.index.catalog.items([query["item"]])[query["item"]]
+            case = session.index.catalog.case_by_id(query["case_id"])
+            node = self.resultVolume({"case_id": case.case_id, "name": case.name, "source": case.source})
+            return views.query_target(node, item.axis, item.ras)
+        if mode == "text" or queryVolume is None:
+            return None  # nothing to show on the left: it keeps what it shows
+        if query.get("roi_ras"):
+            position = query["roi_ras"][:3]
+        elif query.get("ras"):
+            position = query["ras"]
+        elif roiNode is not None and mode == "roi":
+            position = roi_from_node(roiNode).center
+        else:
+            position = volume_from_node(queryVolume).center_ras
+        return views.query_target(queryVolume, query.get("axis") or "axial", position)
+
+    def linkViews(self, linked: bool) -> None:
+        """Link or unlink the side-by-side views."""
+        from CBIRSlicerLib.views import link_views
+
+        if self.sideBySide is not None:
+            link_views(slicer.mrmlScene, linked)
+
+    def restoreLayout(self) -> None:
+        """Give back the layout from before the side-by-side view (if it is still showing)."""
+        from CBIRSlicerLib.views import restore_layout
+
+        if self.sideBySide is not None:
+            restore_layout(self.layoutNode(), self.sideBySide)
+            self.sideBySide = None
+
+
+def _filters(text: str) -> dict:
+    from CBIRSlicerLib.search import parse_filters
+
+    return parse_filters([part for part in (text or "").split(",") if part.strip()])
+
+
+def _pythonDependencyModule():
+    """Slicer's package helper (pip_ensure): slicer.pydeps (5.11+), also seen as slicer.packaging; None on older Slicer."""
+    import importlib
+
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure"):
+            return module
+    return None
+
+
+#
+# Test
+#
 
 class CBIRSlicerTest(ScriptedLoadableModuleTest):
-    """In-Slicer self-test: a synthetic volume node gives images at the right RAS positions."""
+    """In-Slicer self-test, written against the Slicer 5.8 API (also run on newer releases).
+
+    Builds a tiny index of synthetic phantoms with the weight-free 'handcrafted' model, queries it
+    through the logic with an in-memory copy of one case and an ROI on its lesion, and checks that
+    that case comes first and that the side-by-side layout shows it at its best-matching slice.
+    Needs faiss-cpu in Slicer's Python (the CI workflow installs it before running the test).
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -82,29 +755,88 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_node_geometry_reaches_the_core()
+        self.setUp()
+        self.test_find_similar_and_show_side_by_side()
 
     def test_node_geometry_reaches_the_core(self):
         import numpy as np
 
         from CBIRSlicerLib import synthetic
-        from CBIRSlicerLib.roi import RoiBox
+        from CBIRSlicerLib.mrml import node_from_volume, volume_from_node
 
-        self.delayDisplay("Building a synthetic volume node")
+        self.delayDisplay("Volume node under a transform reaches the core in world coordinates")
         shape = (40, 36, 28)
         matrix = synthetic.centered_matrix(shape, (1.0, 1.0, 1.0), synthetic.rotation(0, 0, 90), center=(5.0, -3.0, 2.0))
-        phantom = synthetic.render(matrix, shape)
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom")
-        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(matrix))
-        slicer.util.updateVolumeFromArray(node, phantom.array)
+        node = node_from_volume(slicer.mrmlScene, synthetic.render(matrix, shape), "phantom")
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        shift = np.eye(4)
+        shift[:3, 3] = (10.0, 0.0, -4.0)
+        transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+        node.SetAndObserveTransformNodeID(transform.GetID())
+        volume = volume_from_node(node)
+        self.assertTrue(np.allclose(volume.ijk_to_ras, shift @ matrix))
+        self.delayDisplay("Test passed")
+
+    def test_find_similar_and_show_side_by_side(self):
+        import tempfile
+
+        from CBIRSlicerLib import synthetic, views
+        from CBIRSlicerLib.embedding import create_embedder
+        from CBIRSlicerLib.index import Index
+        from CBIRSlicerLib.index_items import IndexSettings
+        from CBIRSlicerLib.mrml import node_from_volume
+        from CBIRSlicerLib.readers import read_volume
+
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            self.fail("faiss-cpu is not installed in this Slicer's Python; install it (pip_install('faiss-cpu')) first")
+
+        self.delayDisplay("Building a tiny index of synthetic cases with the handcrafted model")
+        work = tempfile.mkdtemp(prefix="CBIRSlicerTest-")
+        shape = (32, 32, 16)
+        blobs = [((-8.0, 6.0, 2.0), "ball"), ((7.0, -5.0, -4.0), "shell"), ((6.0, 7.0, 4.0), "ball"), ((-6.0, -7.0, 0.0), "shell")]
+        paths = []
+        for n, (center, kind) in enumerate(blobs):
+            blob = synthetic.Blob(center, 6.0, 300.0 if kind == "ball" else 250.0, kind, 2.0)
+            volume = synthetic.render(synthetic.centered_matrix(shape, (1.5, 1.5, 2.0)), shape, blobs=[blob], body_radii=(22, 21, 30))
+            paths.append(synthetic.write_volume(volume, os.path.join(work, f"case{n}_{kind}.nii.gz")))
+        folder = os.path.join(work, "index")
+        embedder = create_embedder("handcrafted")
+        with Index.create(folder, embedder, IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])) as index:
+            self.assertEqual(len(index.add_sources(paths, embedder).added), len(paths))
 
         logic = CBIRSlicerLogic()
-        volume = logic.volumeFromNode(node)
-        self.assertTrue(np.allclose(volume.ijk_to_ras, matrix))
-        blob = synthetic.default_blobs()[0]
-        crops = logic.slicesOfNode(node, "axial", RoiBox(blob.center, (12.0, 12.0, 12.0)))
-        self.assertEqual(len(crops), 12)
-        middle = min(crops, key=lambda c: abs(c.ras[2] - blob.center[2]))
-        row, col = middle.ras_to_pixel(blob.center)
-        self.assertAlmostEqual(float(middle.pixels[round(row), round(col)]), blob.value, delta=30)
-        logging.info("CBIRSlicer self-test passed")
+        try:
+            info = logic.openIndex(folder)
+            self.assertEqual(info["counts"]["cases"], len(paths))
+
+            self.delayDisplay("Querying an in-memory copy of case 2 with an ROI on its lesion")
+            queryNode = node_from_volume(slicer.mrmlScene, read_volume(paths[2]), "query")
+            roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion")
+            roi.SetCenter(*blobs[2][0])
+            roi.SetSize(20.0, 20.0, 12.0)
+            answer = logic.startSearch(queryNode, "roi", roi, "axial", k=3).wait(timeout=120)
+            first = answer["results"][0]
+            self.assertEqual(first["source"], os.path.abspath(paths[2]))
+
+            self.delayDisplay("Showing the first result side by side")
+            resultNode = logic.showResult(first, queryNode, answer["query"], roi)
+            again = logic.showResult(first, queryNode, answer["query"], roi)
+            self.assertEqual(again.GetID(), resultNode.GetID())  # loaded once, reused after
+            layoutNode = logic.layoutNode()
+            self.assertEqual(layoutNode.GetViewArrangement(), views.LAYOUT_ID)
+            resultView = views.slice_node(slicer.mrmlScene, views.RESULT_VIEW)
+            self.assertEqual(resultView.GetOrientation(), "Axial")
+            self.assertAlmostEqual(resultView.GetSliceOffset(), first["best_match"]["ras"][2], places=3)
+            self.assertLessEqual(abs(resultView.GetSliceOffset() - blobs[2][0][2]), 6.0)
+            composite = views.composite_node(slicer.mrmlScene, views.RESULT_VIEW)
+            self.assertEqual(composite.GetBackgroundVolumeID(), resultNode.GetID())
+            self.assertAlmostEqual(views.slice_node(slicer.mrmlScene, views.QUERY_VIEW).GetSliceOffset(), blobs[2][0][2], places=3)
+
+            logic.restoreLayout()
+            self.assertNotEqual(layoutNode.GetViewArrangement(), views.LAYOUT_ID)
+        finally:
+            logic.cleanup()
+            shutil.rmtree(work, ignore_errors=True)
         self.delayDisplay("Test passed")

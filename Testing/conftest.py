@@ -66,9 +66,14 @@ CASES = ("identity", "flip-lr", "upside-down", "rot90-axial", "sagittal-stored",
          "anisotropic", "nonzero-origin", "oblique")
 
 
-@pytest.fixture(scope="session")
-def mrml_volumes_logic():
-    """A vtkSlicerVolumesLogic on a fresh scene, set up as Slicer does, to load files headlessly."""
+def headless_slicer(layout: bool = False):
+    """A scene set up as Slicer sets one up, without the application: application, colour and volumes logics, and
+    optionally the layout logic (made after the application logic, so slice views get their orientation presets).
+
+    MRML logics hold each other by weak pointers: the returned namespace keeps every object alive.
+    """
+    from types import SimpleNamespace
+
     slicer = pytest.importorskip("slicer")
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
@@ -77,9 +82,23 @@ def mrml_volumes_logic():
     colors.SetMRMLApplicationLogic(app_logic)
     colors.SetMRMLScene(scene)
     app_logic.SetModuleLogic("Colors", colors)
-    logic = slicer.vtkSlicerVolumesLogic()
-    logic.SetMRMLApplicationLogic(app_logic)
-    logic.SetMRMLScene(scene)
-    # MRML logics hold each other by weak pointers: keep every object alive for the session.
-    logic.keep_alive = (scene, app_logic, colors)
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLApplicationLogic(app_logic)
+    volumes.SetMRMLScene(scene)
+    layout_logic = layout_node = None
+    if layout:
+        layout_logic = slicer.vtkMRMLLayoutLogic()
+        layout_logic.SetMRMLApplicationLogic(app_logic)
+        layout_logic.SetMRMLScene(scene)
+        layout_node = layout_logic.GetLayoutNode()
+    return SimpleNamespace(scene=scene, app_logic=app_logic, volumes=volumes, layout_node=layout_node,
+                           keep_alive=(colors, layout_logic))
+
+
+@pytest.fixture(scope="session")
+def mrml_volumes_logic():
+    """A vtkSlicerVolumesLogic on a fresh scene, set up as Slicer does, to load files headlessly."""
+    headless = headless_slicer()
+    logic = headless.volumes
+    logic.keep_alive = headless
     return logic

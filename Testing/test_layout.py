@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "CBIRSlicer" / "CBIRSlicerLib"
-HEAVY = ("torch", "faiss", "open_clip", "monai", "transformers", "timm")
+HEAVY = ("torch", "faiss", "open_clip", "monai", "transformers", "timm", "matplotlib")
 
 
 def test_every_lib_script_is_listed_in_the_module_cmakelists():
@@ -44,7 +44,9 @@ def test_only_the_mrml_glue_imports_slicer_qt_or_ctk():
 
 def test_importing_the_library_loads_no_heavy_package():
     code = ("import sys, CBIRSlicerLib, CBIRSlicerLib.cli, CBIRSlicerLib.slicing, CBIRSlicerLib.readers,"
-            " CBIRSlicerLib.embedding, CBIRSlicerLib.worker, CBIRSlicerLib.index, CBIRSlicerLib.search;"
+            " CBIRSlicerLib.embedding, CBIRSlicerLib.worker, CBIRSlicerLib.index, CBIRSlicerLib.search,"
+            " CBIRSlicerLib.scene_search, CBIRSlicerLib.views, CBIRSlicerLib.thumbnails, CBIRSlicerLib.index_build,"
+            " CBIRSlicerLib.evaluation, CBIRSlicerLib.demo, CBIRSlicerLib.report;"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

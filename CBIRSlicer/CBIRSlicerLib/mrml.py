@@ -1,14 +1,22 @@
-"""The only module that touches Slicer: MRML nodes in, plain core objects out.
+"""MRML glue: volume and ROI nodes in, plain core objects out (and a core Volume back into a node).
 
 Runs inside Slicer and with the PyPI package ``slicer-core`` (real MRML classes without Qt),
-which is how the tests exercise it.
+which is how the tests exercise it. Everything here is in Slicer's *world* RAS: a node under a
+linear parent transform is seen where Slicer draws it, because the transform is folded into
+the geometry (hardened) on the way out. Non-linear transforms are refused with a message.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from .errors import DimensionError, GeometryError
+from .roi import RoiBox
 from .volume import Volume
+
+ORTHOGONALITY_TOLERANCE = 1e-4  # a hardened matrix whose axes are skewed beyond this would need resampling
 
 
 def matrix_to_numpy(vtk_matrix) -> np.ndarray:
@@ -16,19 +24,114 @@ def matrix_to_numpy(vtk_matrix) -> np.ndarray:
     return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def numpy_to_matrix(array: np.ndarray):
+    """A 4x4 numpy array as a vtkMatrix4x4."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
+def to_world_matrix(node) -> np.ndarray:
+    """4x4 matrix from a transformable node's own RAS to world RAS: identity without a parent transform."""
+    import vtk
+
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return np.eye(4)
+    if not transform.IsTransformToWorldLinear():
+        raise GeometryError(
+            f"'{node.GetName()}' is under the non-linear transform '{transform.GetName()}'; harden the transform "
+            "(Data module: right-click the node, 'Harden transform') or remove it before searching")
+    matrix = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(matrix)
+    return matrix_to_numpy(matrix)
+
+
+def _storage_file(node) -> str | None:
+    storage = node.GetStorageNode()
+    name = storage.GetFileName() if storage is not None else None
+    return os.path.abspath(name) if name else None
+
+
 def volume_from_node(node) -> Volume:
-    """A core Volume from a vtkMRMLScalarVolumeNode (voxels copied; geometry in RAS, as the node holds it)."""
+    """A core Volume from a scalar volume node: voxels copied, geometry in world RAS (parent transform hardened)."""
     import vtk
     from vtk.util import numpy_support
 
     image = node.GetImageData()
     if image is None:
-        raise ValueError(f"volume node '{node.GetName()}' has no image data")
+        raise DimensionError(None, f"volume node '{node.GetName()}' has no image data")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise DimensionError(None, f"volume node '{node.GetName()}' has {image.GetNumberOfScalarComponents()} components "
+                                   "per voxel; similar-case search needs a scalar (grey) volume")
     dims = image.GetDimensions()
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     array = np.array(scalars, copy=True).reshape(dims[2], dims[1], dims[0])
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
-    storage = node.GetStorageNode()
-    source = storage.GetFileName() if storage is not None else None
-    return Volume.from_array(array, matrix_to_numpy(matrix), name=node.GetName(), source=source)
+    ijk_to_world = to_world_matrix(node) @ matrix_to_numpy(matrix)
+    axes = ijk_to_world[:3, :3] / np.linalg.norm(ijk_to_world[:3, :3], axis=0)
+    if np.abs(axes.T @ axes - np.eye(3)).max() > ORTHOGONALITY_TOLERANCE:
+        raise GeometryError(f"the transform of '{node.GetName()}' shears its voxel grid; harden it with resampling "
+                            "(Resample Scalar/Vector/DWI Volume) before searching")
+    return Volume.from_array(array, ijk_to_world, name=node.GetName(), source=_storage_file(node))
+
+
+def node_from_volume(scene, volume: Volume, name: str | None = None):
+    """A new scalar volume node in a scene holding a core Volume's voxels and geometry (no file behind it)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    array = np.ascontiguousarray(volume.array)
+    k, j, i = array.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(i, j, k)
+    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or volume.name or "volume")
+    node.SetIJKToRASMatrix(numpy_to_matrix(volume.ijk_to_ras))
+    node.SetAndObserveImageData(image)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def roi_corners_from_node(node) -> np.ndarray:
+    """World RAS positions of a markups ROI's 8 corners, shape (8, 3): rotation and parent transform included."""
+    if node.GetNumberOfControlPoints() == 0:
+        raise GeometryError(f"ROI '{node.GetName()}' has not been placed yet; place it in a slice view first")
+    to_world_matrix(node)  # refuses non-linear parents, whose object-to-world matrix would be only an approximation
+    bounds = [0.0] * 6
+    node.GetObjectBounds(bounds)  # in the ROI's own (object) frame, centred on the origin
+    corners = np.array([[x, y, z, 1.0] for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
+    return (corners @ matrix_to_numpy(node.GetObjectToWorldMatrix()).T)[:, :3]
+
+
+def roi_from_node(node) -> RoiBox:
+    """The axis-aligned RAS box holding a markups ROI exactly: the bounds of its 8 world corners."""
+    corners = roi_corners_from_node(node)
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    if np.any(high - low <= 0):
+        raise GeometryError(f"ROI '{node.GetName()}' has zero size along an axis; give it a size in the Markups module")
+    return RoiBox.from_bounds(low, high)
+
+
+def volume_files_in_scene(scene) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files behind the scalar volume nodes of a scene (to index them), and the nodes skipped with the reason."""
+    files, skipped = [], []
+    collection = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for n in range(collection.GetNumberOfItems()):
+        node = collection.GetItemAsObject(n)
+        if node.IsA("vtkMRMLLabelMapVolumeNode"):
+            continue
+        path = _storage_file(node)
+        if path is None or not os.path.exists(path):
+            skipped.append((node.GetName(), "not saved to a file; save it (File > Save Data) to index it"))
+        elif node.GetModifiedSinceRead():
+            skipped.append((node.GetName(), f"changed since it was read from {path}; save it first"))
+        elif path not in files:
+            files.append(path)
+    return files, skipped

@@ -1,0 +1,199 @@
+"""Building or extending an index in a separate process, for the GUI: progress, rate, time left, cancel.
+
+The child runs :meth:`Index.add_sources` (reading, slicing, embedding, writing) and reports one
+JSON line per event on its own protocol stream; the parent only runs a thread that reads those
+lines, so nothing the GUI owns is touched off its thread and a timer can poll :meth:`IndexBuild.progress`.
+Cancel asks the child to stop after the case in hand; if it has not stopped within
+``HARD_STOP_S`` (a large case with a slow model) it is killed, which the index is built to
+survive: complete cases stay, the unfinished one is purged by the next writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+HARD_STOP_S = 10.0
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """Cases done of total, the case in hand, rate (cases per second) and estimated seconds left."""
+
+    state: str  # starting, running, stopping, done, failed, cancelled
+    done: int
+    total: int
+    label: str
+    rate: float
+    eta_s: float | None
+
+
+@dataclass
+class BuildSpec:
+    """What to build: the index folder, the sources, and (for a new index) the model and slicing settings."""
+
+    folder: str
+    sources: list[str]
+    model: str = "biomedclip"
+    settings: dict = field(default_factory=dict)  # IndexSettings fields; empty: the defaults
+    index_type: str = "auto"
+    device: str | None = None
+
+
+class IndexBuild:
+    """One build in a child process; ``progress()`` from a timer, ``cancel()``, then ``report`` or ``error``."""
+
+    def __init__(self, spec: BuildSpec, python: str | None = None):
+        self.spec = spec
+        self.python = python or sys.executable
+        self.state = "starting"
+        self.done = self.total = 0
+        self.label = ""
+        self.report: dict | None = None
+        self.error: str | None = None
+        self.log: list[str] = []
+        self._process: subprocess.Popen | None = None
+        self._first_case: float | None = None
+        self._finished: float | None = None
+
+    def start(self) -> IndexBuild:
+        """Start the child process; returns at once."""
+        env = dict(os.environ)
+        library_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH")) if p)
+        self._process = subprocess.Popen([self.python, "-m", "CBIRSlicerLib.index_build", json.dumps(asdict(self.spec))],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        threading.Thread(target=self._read_events, daemon=True, name="cbir-build-events").start()
+        threading.Thread(target=self._read_log, daemon=True, name="cbir-build-log").start()
+        return self
+
+    @property
+    def finished(self) -> bool:
+        """Whether the build has ended (done, failed or cancelled)."""
+        return self.state in ("done", "failed", "cancelled")
+
+    def progress(self) -> BuildProgress:
+        """A snapshot for the progress bar (safe from any thread)."""
+        rate, eta = 0.0, None
+        if self._first_case is not None and self.done:
+            elapsed = (self._finished or time.monotonic()) - self._first_case
+            rate = self.done / max(elapsed, 1e-9)
+            eta = (self.total - self.done) / rate if not self.finished else None
+        return BuildProgress(self.state, self.done, self.total, self.label, rate, eta)
+
+    def cancel(self) -> None:
+        """Ask the build to stop after the current case; kill it if it has not within HARD_STOP_S (from a later call)."""
+        if self.finished or self._process is None:
+            return
+        self.state = "stopping"
+        try:
+            self._process.stdin.write(b"stop\n")
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        threading.Thread(target=self._kill_if_stuck, daemon=True, name="cbir-build-stop").start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the build ends (scripts and tests); True if it did."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.finished:
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _kill_if_stuck(self) -> None:
+        process = self._process
+        try:
+            process.wait(HARD_STOP_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+    def _read_log(self) -> None:
+        for line in self._process.stderr:
+            self.log.append(line.decode(errors="replace").rstrip())
+
+    def _read_events(self) -> None:
+        for line in self._process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self._handle(event)
+        code = self._process.wait()
+        self._finished = time.monotonic()
+        if not self.finished:
+            stopped = self.state == "stopping"
+            self.state = "cancelled" if stopped else "failed"
+            if not stopped:
+                tail = "; ".join(self.log[-3:])
+                self.error = f"the index build exited with code {code}" + (f": {tail}" if tail else "")
+
+    def _handle(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            if self._first_case is None:
+                self._first_case = time.monotonic()
+            self.done, self.total, self.label = event["done"], event["total"], event["label"]
+            if self.state == "starting":
+                self.state = "running"
+        elif kind == "report":
+            self.report = event["report"]
+            self._finished = time.monotonic()
+            self.state = "cancelled" if self.state == "stopping" else "done"
+        elif kind == "error":
+            self.error = event["message"]
+            self._finished = time.monotonic()
+            self.state = "failed"
+
+
+# ===== the child process ===========================================================================
+
+def _run(spec: dict) -> int:
+    """Build as asked, reporting progress as JSON lines on the original stdout; everything printed goes to stderr."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    stop = threading.Event()
+
+    def emit(event: dict) -> None:
+        protocol.write(json.dumps(event) + "\n")
+
+    def watch_stdin() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()  # "stop", or the parent has gone
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    from .embedding import create_embedder
+    from .errors import CBIRError
+    from .index import MANIFEST, Index
+    from .index_items import IndexSettings
+
+    try:
+        if os.path.exists(os.path.join(spec["folder"], MANIFEST)):
+            index = Index.open(spec["folder"], writable=True)
+            embedder = create_embedder(index.model_name(), device=spec.get("device"))
+        else:
+            embedder = create_embedder(spec["model"], device=spec.get("device"))
+            index = Index.create(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
+        with index:
+            report = index.add_sources(spec["sources"], embedder, should_stop=stop.is_set,
+                                       progress=lambda done, total, label: emit({"event": "progress", "done": done,
+                                                                                 "total": total, "label": label}))
+    except CBIRError as error:
+        emit({"event": "error", "message": str(error)})
+        return 1
+    emit({"event": "report", "report": {"added": report.added, "replaced": report.replaced, "unchanged": report.unchanged,
+                                        "skipped": report.skipped, "vectors": report.vectors, "seconds": report.seconds,
+                                        "summary": report.summary()}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run(json.loads(sys.argv[1])))

@@ -1,0 +1,222 @@
+"""Searching an index from what is in the Slicer scene, without freezing the GUI.
+
+A :class:`SearchSession` holds one open index and the model it was built with, running in a
+background :class:`~CBIRSlicerLib.worker.EmbeddingService` process (started once and reused, so
+the model loads once per Slicer session). A query is made from a volume node plus an ROI node,
+a slice position or the whole volume (:func:`query_from_nodes`, fast: cutting a few slices); its
+images are embedded in the worker while the caller polls :meth:`PendingSearch.poll` from a
+timer; the nearest-neighbour search and ranking then take milliseconds on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .embedding import Embedder, Fingerprint
+from .errors import CBIRError, JobCancelled, ParameterError
+from .index import MANIFEST, Index
+from .mrml import roi_from_node, volume_from_node
+from .search import Query, Searcher, item_query, roi_query, slice_query, volume_query
+from .worker import EmbeddingService, Job
+
+QUERY_MODES = ("roi", "slice", "volume")
+
+_services: dict[tuple[str, str | None, str | None], EmbeddingService] = {}
+
+
+def embedding_service(model: str, python: str | None = None, device: str | None = None) -> EmbeddingService:
+    """The session's worker for a model, started on first use and reused after (the model loads once)."""
+    key = (model, python, device)
+    service = _services.get(key)
+    if service is None:
+        service = _services[key] = EmbeddingService(model=model, device=device, python=python)
+    return service.start()
+
+
+def shutdown_services() -> None:
+    """Stop every worker this session started (Slicer calls this when the module is cleaned up)."""
+    while _services:
+        _, service = _services.popitem()
+        service.shutdown()
+
+
+def is_index_folder(folder: str | os.PathLike | None) -> bool:
+    """Whether a folder holds an index (a manifest), so the panel can offer 'open' or 'build'."""
+    return bool(folder) and os.path.isfile(os.path.join(str(folder), MANIFEST))
+
+
+def index_summary(folder: str) -> dict:
+    """What the index panel shows: model, cases, vectors, dates (the index's own info), read without a lock."""
+    index = Index.open(folder)
+    try:
+        return index.info()
+    finally:
+        index.close()
+
+
+def describe_index(info: dict) -> str:
+    """One line for the panel from :func:`index_summary`."""
+    counts = info["counts"]
+    return (f"{counts['cases']} cases, {counts['vectors']} vectors ({info['index_type']}), model {info['model']}; "
+            f"updated {info['updated']}")
+
+
+def case_window(index: Index, case_id: str) -> dict | None:
+    """The intensity window the index cut a case's images with ({'name', 'lower', 'upper'}), to show it the same way."""
+    case = index.catalog.case_by_id(case_id)
+    return case.metadata.get("window") if case is not None else None
+
+
+class ServiceModel(Embedder):
+    """The model of a running EmbeddingService, seen as an Embedder: its identity, with images embedded in the worker."""
+
+    def __init__(self, service: EmbeddingService, info: dict):
+        self.service = service
+        self.name = info["name"]
+        self.dim = int(info["dim"])
+        self.device = info.get("device", "cpu")
+        self.supports_text = bool(info.get("supports_text"))
+        self.fingerprint = Fingerprint(**info["fingerprint"])
+
+    def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.service.submit_images(images).result()
+
+    def _embed_text(self, texts: list[str]) -> np.ndarray:
+        return self.service.submit_text(texts).result()
+
+
+def query_from_nodes(index: Index, volume_node, axis: str = "axial", mode: str = "roi", roi_node=None,
+                     slice_ras: Sequence[float] | None = None) -> Query:
+    """A query from the scene: the ROI's slices (mode 'roi'), the slice through a point ('slice') or the whole volume."""
+    if mode not in QUERY_MODES:
+        raise ParameterError(f"query mode must be one of {', '.join(QUERY_MODES)}, not '{mode}'")
+    if volume_node is None:
+        raise ParameterError("choose a query volume first")
+    volume = volume_from_node(volume_node)
+    if mode == "roi":
+        if roi_node is None:
+            raise ParameterError("choose or place an ROI first, or query the current slice or the whole volume")
+        return roi_query(volume, roi_from_node(roi_node), axis, index)
+    if mode == "slice":
+        return slice_query(volume, axis, index, slice_ras)
+    return volume_query(volume, axis, index)
+
+
+@dataclass(frozen=True)
+class SearchProgress:
+    """Where a search stands: state ('loading model', 'embedding', 'done', 'failed', 'cancelled'), images done of total."""
+
+    state: str
+    done: int
+    total: int
+    message: str = ""
+
+
+class PendingSearch:
+    """One search whose query images are being embedded in the background; poll it from a timer."""
+
+    def __init__(self, session: SearchSession, query: Query, job: Job | None, k: int, filters: dict[str, str] | None,
+                 ranking: str):
+        self.session, self.query, self.job = session, query, job
+        self.k, self.filters, self.ranking = k, filters, ranking
+        self.answer: dict | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+        if job is None:  # the query already holds its vectors ('more like this'): answer at once
+            self._finish()
+
+    def poll(self) -> SearchProgress:
+        """Advance the search if its vectors are ready (ranking runs here, on the caller's thread); say where it stands."""
+        if self.answer is not None:
+            return SearchProgress("done", 1, 1)
+        if self.cancelled:
+            return SearchProgress("cancelled", 0, 0, "cancelled")
+        if self.error is not None:
+            return SearchProgress("failed", 0, 0, str(self.error))
+        progress = self.job.progress()
+        if progress.state == "done":
+            self.query.vectors = self.job.result()
+            self._finish()
+            return self.poll()
+        if progress.state in ("failed", "cancelled"):
+            try:
+                self.job.result(timeout=0)
+            except JobCancelled:
+                self.cancelled = True
+            except Exception as error:  # the worker's reason, shown to the user
+                self.error = error
+            return self.poll()
+        state = "embedding" if self.session.service.ready else "loading model"
+        return SearchProgress(state, progress.done, progress.total)
+
+    def _finish(self) -> None:
+        try:
+            self.answer = self.session.searcher().search(self.query, self.k, self.filters, self.ranking)
+        except CBIRError as error:
+            self.error = error
+
+    def cancel(self) -> None:
+        """Stop embedding the query (the worker stays up with its model loaded)."""
+        if self.job is not None and self.answer is None:
+            self.job.cancel()
+        self.cancelled = self.answer is None
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """Block until the answer is ready (scripts and tests); raises the search's error."""
+        if self.job is not None:
+            self.job.wait(timeout)
+        progress = self.poll()
+        if progress.state == "done":
+            return self.answer
+        if progress.state == "cancelled":
+            raise JobCancelled("search cancelled")
+        raise self.error or TimeoutError(f"search still {progress.state} after {timeout} s")
+
+
+class SearchSession:
+    """An index opened for searching, with its model running in a background worker."""
+
+    def __init__(self, folder: str, model: str | None = None, python: str | None = None, device: str | None = None):
+        self.index = Index.open(folder)
+        self.model = model or self.index.model_name()
+        self.service = embedding_service(self.model, python, device)
+        self._searcher: Searcher | None = None
+
+    def close(self) -> None:
+        """Close the index (the worker stays, for the next index built with the same model)."""
+        self.index.close()
+
+    def info(self) -> dict:
+        """The index's info (model, counts, dates)."""
+        return self.index.info()
+
+    def searcher(self) -> Searcher:
+        """The searcher over the index; waits for the model identity, which the worker sends once it has loaded."""
+        if self._searcher is None:
+            model = ServiceModel(self.service, self.service.wait_ready())
+            self._searcher = Searcher(self.index, embedder=model)  # refuses a model other than the index's
+        return self._searcher
+
+    def start(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, ranking: str = "maxsim") -> PendingSearch:
+        """Start a search: the query's images go to the worker at once; returns without waiting."""
+        job = None
+        if query.vectors is None:
+            if not query.images:
+                raise ParameterError("the query holds no images (is the ROI outside the volume?)")
+            job = self.service.submit_images(query.images)
+        return PendingSearch(self, query, job, k, filters, ranking)
+
+    def start_text(self, text: str, k: int = 10, filters: dict[str, str] | None = None) -> PendingSearch:
+        """Start a search for a phrase (CLIP-family models)."""
+        if not text.strip():
+            raise ParameterError("type a phrase to search for")
+        query = Query({"text": text, "mode": "text"})
+        return PendingSearch(self, query, self.service.submit_text([text]), k, filters, "maxsim")
+
+    def more_like(self, item_id: int, k: int = 10, filters: dict[str, str] | None = None) -> PendingSearch:
+        """'More like this': the result's best-matching item as the query; answered at once (no embedding)."""
+        return PendingSearch(self, item_query(self.index, item_id), None, k, filters, "maxsim")
