@@ -2,14 +2,16 @@
 
 A synthetic CT-like cohort with lesions of a few kinds at known places is written to disk, an
 index is built from the files (as a user would build one), one ROI query is made per lesion,
-leave-one-case-out, and the answers are scored and drawn: each query slice beside its top
-neighbours at their best-matching slices. The default model is ``handcrafted`` (nothing to
+leave-one-case-out, and the answers are scored (``evaluation.json``) and drawn
+(``report.html``): each query slice beside its top neighbours at their best-matching slices.
+The default model is ``handcrafted`` (nothing to
 download); ``--model biomedclip`` runs the same road with the foundation model.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import os
 import time
 
@@ -66,6 +68,8 @@ def run_demo(out: str, model: str = "handcrafted", cases: int = DEMO_CASES, seed
     queries = _draw_queries(out, evaluation.records, truth, paths, searcher.index)
     summary["seconds"] = round(time.monotonic() - began, 1)
     intro = _intro(embedder.name, cases, seed, report, summary)
+    with open(os.path.join(out, "evaluation.json"), "w", encoding="utf-8") as handle:
+        json.dump(evaluation.as_dict(), handle, indent=1)
     summary["report"] = write_report(os.path.join(out, "report.html"), "CBIRSlicer demo: similar-case search by ROI", intro,
                                      summary, DEMO_KS, os.path.basename(figure), queries)
     return summary
