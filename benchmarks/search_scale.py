@@ -45,9 +45,8 @@ def roi_query(store: VectorStore, queries: np.ndarray, case_of: np.ndarray, item
     results = []
     ids_of = [np.arange(case * items_per_case, (case + 1) * items_per_case, dtype=np.int64) for case in candidates]
     blocks = [store.vectors_of(item_ids) for item_ids in ids_of]
-    for (case, votes), item_ids, vectors, similarity in zip(candidates.items(), ids_of, blocks,
-                                                           ranking.similarities(queries, blocks)):
-        scored = ranking.score_case(queries, vectors, item_ids, "maxsim", votes, similarity=similarity)
+    for (case, votes), similarity in zip(candidates.items(), ranking.similarities(queries, blocks)):
+        scored = ranking.score_case(similarity, "maxsim", votes)
         scored.case_row = case
         results.append(scored)
     top = [r.case_row for r in ranking.rank(results)[:k]]

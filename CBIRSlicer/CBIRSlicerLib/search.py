@@ -23,7 +23,7 @@ from .volume import Volume
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
-# first stage on 95 % of its top 10 cases, in 46-59 ms (docs/benchmarks.md); single images keep the store's 1,024.
+# first stage on 95 % of its top 10 cases, in 46-59 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
 MULTI_IMAGE_EF_SEARCH = 512
 
 
@@ -143,17 +143,22 @@ class Searcher:
         candidates = ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
         items = catalog.item_arrays(candidates)
         keep = ~np.isin(items.ids, excluded)
-        results = []
         members = [keep & (items.case_rows == row) for row in candidates]
         blocks = [store.vectors_of(items.ids[mine]) for mine in members]
+        results, located = [], {}
         for (row, votes), mine, vectors, similarity in zip(candidates.items(), members, blocks,
                                                           ranking.similarities(queries, blocks)):
-            scored = ranking.score_case(queries, vectors, items.ids[mine], method, votes, items.centres[mine],
-                                        items.sizes[mine], items.axes[mine], similarity)
-            if scored is not None:
-                scored.case_row = row
-                results.append(scored)
+            if not mine.any():
+                continue
+            scored = ranking.score_case(similarity, method, votes, queries, vectors)
+            scored.case_row = row
+            results.append(scored)
+            located[row] = (mine, similarity)
         ranked = ranking.rank(results)[:k]
+        for result in ranked:  # where each shown case matched: only for the cases shown
+            mine, similarity = located[result.case_row]
+            best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine])
+            result.best_item, result.focus_ras = int(items.ids[mine][best]), tuple(float(v) for v in spot)
         best_items = catalog.items([r.best_item for r in ranked])
         answer = []
         for rank_number, result in enumerate(ranked, start=1):
