@@ -743,9 +743,10 @@ def _pythonDependencyModule():
 class CBIRSlicerTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test, written against the Slicer 5.8 API (also run on newer releases).
 
-    Builds a tiny index of synthetic phantoms with the weight-free 'handcrafted' model, queries it
-    through the logic with an in-memory copy of one case and an ROI on its lesion, and checks that
-    that case comes first and that the side-by-side layout shows it at its best-matching slice.
+    Builds a tiny index of synthetic phantoms (two balls, two shells) with the weight-free 'handcrafted'
+    model, queries it through the logic with a new ball phantom and an ROI on its lesion, and checks
+    that a ball case comes first, that the side-by-side layout shows it at its best-matching slice,
+    and that an unsaved copy of an indexed case does not find itself.
     Needs faiss-cpu in Slicer's Python (the CI workflow installs it before running the test).
     """
 
@@ -811,14 +812,20 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
             info = logic.openIndex(folder)
             self.assertEqual(info["counts"]["cases"], len(paths))
 
-            self.delayDisplay("Querying an in-memory copy of case 2 with an ROI on its lesion")
-            queryNode = node_from_volume(slicer.mrmlScene, read_volume(paths[2]), "query")
+            self.delayDisplay("Querying a new ball phantom (not in the index) with an ROI on its lesion")
+            queryCenter = (5.0, -6.0, 2.0)
+            queryBlob = synthetic.Blob(queryCenter, 6.0, 300.0, "ball", 2.0)
+            queryVolume = synthetic.render(synthetic.centered_matrix(shape, (1.5, 1.5, 2.0)), shape, blobs=[queryBlob],
+                                           body_radii=(22, 21, 30))
+            queryNode = node_from_volume(slicer.mrmlScene, queryVolume, "query")
             roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion")
-            roi.SetCenter(*blobs[2][0])
+            roi.SetCenter(*queryCenter)
             roi.SetSize(20.0, 20.0, 12.0)
             answer = logic.startSearch(queryNode, "roi", roi, "axial", k=3).wait(timeout=120)
             first = answer["results"][0]
-            self.assertEqual(first["source"], os.path.abspath(paths[2]))
+            balls = {os.path.abspath(paths[n]): blobs[n][0] for n in (0, 2)}
+            self.assertIn(first["source"], balls)  # a case holding a ball comes first
+            matched = balls[first["source"]]
 
             self.delayDisplay("Showing the first result side by side")
             resultNode = logic.showResult(first, queryNode, answer["query"], roi)
@@ -829,10 +836,16 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
             resultView = views.slice_node(slicer.mrmlScene, views.RESULT_VIEW)
             self.assertEqual(resultView.GetOrientation(), "Axial")
             self.assertAlmostEqual(resultView.GetSliceOffset(), first["best_match"]["ras"][2], places=3)
-            self.assertLessEqual(abs(resultView.GetSliceOffset() - blobs[2][0][2]), 6.0)
+            self.assertLessEqual(abs(resultView.GetSliceOffset() - matched[2]), 6.0)
             composite = views.composite_node(slicer.mrmlScene, views.RESULT_VIEW)
             self.assertEqual(composite.GetBackgroundVolumeID(), resultNode.GetID())
-            self.assertAlmostEqual(views.slice_node(slicer.mrmlScene, views.QUERY_VIEW).GetSliceOffset(), blobs[2][0][2], places=3)
+            self.assertAlmostEqual(views.slice_node(slicer.mrmlScene, views.QUERY_VIEW).GetSliceOffset(), queryCenter[2], places=3)
+
+            self.delayDisplay("An unsaved copy of an indexed case does not find itself")
+            copyNode = node_from_volume(slicer.mrmlScene, read_volume(paths[2]), "copy of case 2")
+            roi.SetCenter(*blobs[2][0])
+            answer = logic.startSearch(copyNode, "roi", roi, "axial", k=3).wait(timeout=120)
+            self.assertNotIn(os.path.abspath(paths[2]), [r["source"] for r in answer["results"]])
 
             logic.restoreLayout()
             self.assertNotEqual(layoutNode.GetViewArrangement(), views.LAYOUT_ID)

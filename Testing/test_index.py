@@ -142,6 +142,10 @@ def test_add_remove_and_refresh_without_rebuilding(built, tmp_path):
         fresh = index.catalog.case_by_id(old.case_id)
         assert report.replaced == [new[1]] and fresh.checksum != old.checksum
         assert index.catalog.count("cases") == 7 and index.verify() == []
+        # Each case's voxel digest follows it: removed with the removed case, replaced with the refreshed one.
+        digests = dict(index.catalog.db.execute("SELECT case_row, digest FROM contents"))
+        assert sorted(digests) == sorted(c.row for c in index.catalog.cases())
+        assert digests[fresh.row] == volume.voxel_digest
     with pytest.raises(InputError, match="is not a case"):
         with Index.open(index_dir, writable=True) as index:
             index.remove(["c-nope"])
@@ -264,6 +268,34 @@ def test_query_modes_and_self_exclusion(built):
     assert like["query"]["mode"] == "item" and answer["results"][0]["case_id"] not in [r["case_id"] for r in like["results"]]
     with pytest.raises(Exception, match="images only"):
         text_query("nodule", searcher.embedder)
+
+
+def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, tmp_path):
+    from CBIRSlicerLib.readers import read_volume
+    from CBIRSlicerLib.volume import Volume
+
+    index_dir, paths = built
+    index = Index.open(index_dir)
+    searcher = Searcher(index)
+    original = read_volume(paths[0])
+    own = case_id_for(CaseSource(os.path.abspath(paths[0])))
+    # The same scan as NRRD of float32 in another folder, and as an in-memory volume without a file (a Slicer node).
+    copy = Volume.from_array(original.array.astype(np.float32), original.ijk_to_ras)
+    os.makedirs(tmp_path / "elsewhere")
+    copy_path = synthetic.write_volume(copy, str(tmp_path / "elsewhere" / "same_scan.nrrd"))
+    unsaved = Volume.from_array(original.array.copy(), original.ijk_to_ras, name="node")
+    assert read_volume(copy_path).voxel_digest == original.voxel_digest == unsaved.voxel_digest
+    for volume in (read_volume(copy_path), unsaved):
+        query = roi_query(volume, RoiBox(volume.center_ras, (20, 20, 10)), "axial", index)
+        assert query.exclude_rows == [index.catalog.case_by_id(own).row]
+        assert own not in [r["case_id"] for r in searcher.search(query, k=5)["results"]]
+    # Another scan of the same shape is not taken for this one: one voxel differs.
+    changed = original.array.copy()
+    changed[0, 0, 0] += 1
+    other = Volume.from_array(changed, original.ijk_to_ras)
+    assert roi_query(other, RoiBox(other.center_ras, (20, 20, 10)), "axial", index).exclude_rows == []
+    answer = searcher.search(slice_query(other, "axial", index), k=6)
+    assert own in [r["case_id"] for r in answer["results"]]
 
 
 def test_text_search_with_a_clip_model(cohort, tmp_path):

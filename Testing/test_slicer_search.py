@@ -83,25 +83,40 @@ def test_index_info_for_the_panel(tiny_index, tmp_path):
     assert describe_index(info).startswith("4 cases, ") and "model handcrafted" in describe_index(info)
 
 
-def test_an_in_memory_copy_of_a_case_finds_that_case_first(tiny_index, session, scene):
+NEW_BALL = (5.0, -6.0, 2.0)  # a ball phantom that is not in the index: the query of the ROI tests
+
+
+def _roi(scene, center):
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(*center)
+    roi.SetSize(20.0, 20.0, 12.0)
+    return roi
+
+
+def test_an_roi_on_a_new_phantom_finds_a_case_of_its_kind_with_the_match_on_the_lesion(tiny_index, session, scene):
     _, paths = tiny_index
-    copy = node_from_volume(scene, read_volume(paths[2]), "query copy")  # no file behind it: not excluded
+    query = node_from_volume(scene, _case(NEW_BALL, "ball"), "new ball")
+    answer = session.start(query_from_nodes(session.index, query, "axial", "roi", roi_node=_roi(scene, NEW_BALL)), k=3)
+    answer = answer.wait(timeout=60)
+    balls = {os.path.abspath(paths[n]): BLOBS[n][0] for n in (0, 2)}
+    first = answer["results"][0]
+    assert first["source"] in balls, [r["name"] for r in answer["results"]]
+    # The best match lies on that case's ball: within its radius along the axis, inside its box in plane.
+    center, best = np.array(balls[first["source"]]), first["best_match"]
+    assert abs(best["ras"][2] - center[2]) <= 6.0
+    low, high = np.array(best["bounds_ras"][0]), np.array(best["bounds_ras"][1])
+    assert np.all(low[:2] - 1e-6 <= center[:2]) and np.all(center[:2] <= high[:2] + 1e-6)
+
+
+def test_an_unsaved_copy_of_a_case_does_not_find_itself_in_any_mode(tiny_index, session, scene):
+    _, paths = tiny_index
+    copy = node_from_volume(scene, read_volume(paths[2]), "query copy")  # no file behind it: found by its voxels
     for mode in ("volume", "slice", "roi"):
-        roi = None
-        if mode == "roi":
-            roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
-            roi.SetCenter(*BLOBS[2][0])
-            roi.SetSize(20.0, 20.0, 12.0)
+        roi = _roi(scene, BLOBS[2][0]) if mode == "roi" else None
         query = query_from_nodes(session.index, copy, "axial", mode, roi_node=roi, slice_ras=BLOBS[2][0])
         answer = session.start(query, k=3).wait(timeout=60)
-        first = answer["results"][0]
-        assert first["source"] == os.path.abspath(paths[2]), (mode, [r["name"] for r in answer["results"]])
         assert answer["query"]["mode"] == mode and len(answer["results"]) == 3
-    # The ROI's best match lies on the ball: within its radius along the axis, inside its box in plane.
-    best = first["best_match"]
-    assert abs(best["ras"][2] - BLOBS[2][0][2]) <= 6.0
-    low, high = np.array(best["bounds_ras"][0]), np.array(best["bounds_ras"][1])
-    assert np.all(low[:2] - 1e-6 <= np.array(BLOBS[2][0][:2])) and np.all(np.array(BLOBS[2][0][:2]) <= high[:2] + 1e-6)
+        assert os.path.abspath(paths[2]) not in [r["source"] for r in answer["results"]], mode
 
 
 def test_a_loaded_case_does_not_find_itself(tiny_index, session, app, scene):
@@ -245,28 +260,27 @@ def test_clicking_a_result_shows_it_side_by_side_at_its_best_match(tiny_index, s
     _, paths = tiny_index
     layout_node = app.layout_node
     layout_node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
-    query_node = node_from_volume(scene, read_volume(paths[2]), "query")
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
-    roi.SetCenter(*BLOBS[2][0])
-    roi.SetSize(20.0, 20.0, 12.0)
-    answer = session.start(query_from_nodes(session.index, query_node, "axial", "roi", roi_node=roi), k=2).wait(timeout=60)
-    first = answer["results"][0]
-    assert first["source"] == os.path.abspath(paths[2])
+    query_node = node_from_volume(scene, _case(NEW_BALL, "ball"), "query")
+    answer = session.start(query_from_nodes(session.index, query_node, "axial", "roi", roi_node=_roi(scene, NEW_BALL)), k=2)
+    first = answer.wait(timeout=60)["results"][0]
+    balls = {os.path.abspath(paths[n]): BLOBS[n][0] for n in (0, 2)}
+    assert first["source"] in balls
+    matched = balls[first["source"]]
 
     result_node = result_volume_node(scene, first, _loader(app.volumes))
-    state = views.show_side_by_side(scene, layout_node, views.query_target(query_node, "axial", BLOBS[2][0]),
+    state = views.show_side_by_side(scene, layout_node, views.query_target(query_node, "axial", NEW_BALL),
                                     views.result_target(first, result_node))
     right = views.slice_node(scene, views.RESULT_VIEW)
     assert right.GetOrientation() == "Axial"
     assert right.GetSliceOffset() == pytest.approx(first["best_match"]["ras"][2])
     assert views.composite_node(scene, views.RESULT_VIEW).GetBackgroundVolumeID() == result_node.GetID()
-    assert views.slice_node(scene, views.QUERY_VIEW).GetSliceOffset() == pytest.approx(BLOBS[2][0][2])
+    assert views.slice_node(scene, views.QUERY_VIEW).GetSliceOffset() == pytest.approx(NEW_BALL[2])
     # The result view shows a voxel plane of the case as Slicer loaded it, and that plane cuts the ball.
     ras_to_ijk = numpy_to_matrix(np.eye(4))
     result_node.GetRASToIJKMatrix(ras_to_ijk)
     k = matrix_to_numpy(ras_to_ijk) @ np.r_[first["best_match"]["ras"], 1.0]
     assert abs(k[2] - round(k[2])) < 1e-6
-    assert abs(right.GetSliceOffset() - BLOBS[2][0][2]) <= 6.0
+    assert abs(right.GetSliceOffset() - matched[2]) <= 6.0
     # Shown in the window the index cut its images with.
     window = case_window(session.index, first["case_id"])
     assert views.apply_window(result_node, window)

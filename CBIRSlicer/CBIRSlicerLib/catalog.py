@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +55,14 @@ CREATE TABLE IF NOT EXISTS thumbnails (
     PRIMARY KEY (case_row, axis, plane)
 );
 CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY);
+-- What a case's voxels are, so a query from a copy of an indexed volume (another path, another format, a
+-- Slicer node) still leaves its own case out. A table of its own: readers that predate it ignore it.
+CREATE TABLE IF NOT EXISTS contents (
+    case_row INTEGER PRIMARY KEY REFERENCES cases(id) ON DELETE CASCADE,
+    shape TEXT NOT NULL,
+    digest TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS contents_shape ON contents(shape);
 """
 
 CASE_FIELDS = ("case_id", "name", "source", "series_uid", "checksum", "modality", "body_part", "status")
@@ -178,6 +186,24 @@ class Catalog:
     def delete_cases(self, rows: Iterable[int]) -> None:
         """Delete cases with their items and thumbnails."""
         self.db.executemany("DELETE FROM cases WHERE id = ?", [(r,) for r in rows])
+
+    def set_content(self, row: int, shape: Sequence[int], digest: str) -> None:
+        """Record what a case's voxels are (shape and digest, see :func:`volume.voxel_digest`)."""
+        self.db.execute("INSERT OR REPLACE INTO contents (case_row, shape, digest) VALUES (?, ?, ?)",
+                        (int(row), json.dumps([int(n) for n in shape]), digest))
+
+    def case_rows_with_content(self, shape: Sequence[int], digest_of: Callable[[], str]) -> list[int]:
+        """Rows of the cases whose voxels are the same; ``digest_of`` is only called when some case has the shape."""
+        found = self.db.execute("SELECT case_row, digest FROM contents WHERE shape = ?",
+                                (json.dumps([int(n) for n in shape]),)).fetchall()
+        if not found:
+            return []
+        digest = digest_of()
+        return [row for row, other in found if other == digest]
+
+    def case_rows_of_series(self, series_uid: str) -> list[int]:
+        """Rows of the cases indexed from a DICOM series."""
+        return [r[0] for r in self.db.execute("SELECT id FROM cases WHERE series_uid = ?", (series_uid,))]
 
     def case_rows_matching(self, filters: dict[str, str]) -> list[int]:
         """Rows of complete cases whose columns, labels or metadata equal the filter values (all must match)."""

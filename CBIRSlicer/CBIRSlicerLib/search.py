@@ -35,6 +35,7 @@ class Query:
     images: list[np.ndarray] = field(default_factory=list)
     vectors: np.ndarray | None = None
     exclude_sources: list[str] = field(default_factory=list)
+    exclude_rows: list[int] = field(default_factory=list)  # the query volume's own cases, found by content or series
     exclude_item: int | None = None
 
 
@@ -43,6 +44,18 @@ def _sample(items: list, count: int) -> list:
     if len(items) <= count:
         return items
     return [items[i] for i in montage_planes(0, len(items) - 1, count)]
+
+
+def _own(volume: Volume, index: Index) -> dict:
+    """How to leave the query volume's own case out: its path, and the cases holding the same voxels or series.
+
+    A copy of an indexed file elsewhere, in another format, or a volume loaded into Slicer from DICOM has another
+    path (or none), so paths alone miss it. The voxels are hashed only when some indexed case has the same shape.
+    """
+    rows = set(index.catalog.case_rows_with_content(volume.shape_ijk, lambda: volume.voxel_digest))
+    if volume.series_uid:
+        rows.update(index.catalog.case_rows_of_series(volume.series_uid))
+    return {"exclude_sources": [volume.source] if volume.source else [], "exclude_rows": sorted(rows)}
 
 
 def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
@@ -55,7 +68,7 @@ def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: f
     window = choose_window(volume, index.settings.window)
     crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
-                 [to_uint8_rgb(c.pixels, window) for c in crops], exclude_sources=[volume.source] if volume.source else [])
+                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index))
 
 
 def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
@@ -63,7 +76,7 @@ def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
     window = choose_window(volume, index.settings.window)
     image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
     return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
-                 [to_uint8_rgb(image.pixels, window)], exclude_sources=[volume.source] if volume.source else [])
+                 [to_uint8_rgb(image.pixels, window)], **_own(volume, index))
 
 
 def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
@@ -74,7 +87,7 @@ def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY
     planes = montage_planes(first, last, count)
     images = [s for s in extract_slices(volume, axis, grid=grid) if s.plane in set(planes)]
     return Query(_describe(volume, axis, "volume", slices=len(images)), [to_uint8_rgb(s.pixels, window) for s in images],
-                 exclude_sources=[volume.source] if volume.source else [])
+                 **_own(volume, index))
 
 
 def text_query(text: str, embedder: Embedder) -> Query:
@@ -128,7 +141,7 @@ class Searcher:
         queries = self.vectors(query)
         # A path and the same file reached through a symbolic link are one case.
         own = {form(s) for s in query.exclude_sources for form in (os.path.abspath, os.path.realpath)}
-        excluded_rows = catalog.case_rows_of_sources(own)
+        excluded_rows = sorted(set(catalog.case_rows_of_sources(own)) | set(query.exclude_rows))
         excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])

@@ -69,6 +69,16 @@ class Volume:
         image.SetDirection(direction)
         return image
 
+    @cached_property
+    def voxel_digest(self) -> str:
+        """SHA-1 of the shape and the voxel values as float32: equal for the same scan in any file format or dtype."""
+        import hashlib
+
+        digest = hashlib.sha1(repr(tuple(self.array.shape)).encode())
+        for plane in self.array:  # one plane at a time: no float copy of the whole volume
+            digest.update(np.ascontiguousarray(plane, dtype=np.float32).tobytes())
+        return digest.hexdigest()
+
     @property
     def shape_ijk(self) -> tuple[int, int, int]:
         """Number of voxels along i, j, k."""
