@@ -86,6 +86,11 @@ def test_index_info_for_the_panel(tiny_index, tmp_path):
 NEW_BALL = (5.0, -6.0, 2.0)  # a ball phantom that is not in the index: the query of the ROI tests
 
 
+def _balls(paths) -> dict:
+    """Source path -> lesion centre of the indexed cases that hold a ball."""
+    return {os.path.abspath(paths[n]): BLOBS[n][0] for n, (_, kind) in enumerate(BLOBS) if kind == "ball"}
+
+
 def _roi(scene, center):
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     roi.SetCenter(*center)
@@ -98,7 +103,7 @@ def test_an_roi_on_a_new_phantom_finds_a_case_of_its_kind_with_the_match_on_the_
     query = node_from_volume(scene, _case(NEW_BALL, "ball"), "new ball")
     answer = session.start(query_from_nodes(session.index, query, "axial", "roi", roi_node=_roi(scene, NEW_BALL)), k=3)
     answer = answer.wait(timeout=60)
-    balls = {os.path.abspath(paths[n]): BLOBS[n][0] for n in (0, 2)}
+    balls = _balls(paths)
     first = answer["results"][0]
     assert first["source"] in balls, [r["name"] for r in answer["results"]]
     # The best match lies on that case's ball: within its radius along the axis, inside its box in plane.
@@ -263,7 +268,7 @@ def test_clicking_a_result_shows_it_side_by_side_at_its_best_match(tiny_index, s
     query_node = node_from_volume(scene, _case(NEW_BALL, "ball"), "query")
     answer = session.start(query_from_nodes(session.index, query_node, "axial", "roi", roi_node=_roi(scene, NEW_BALL)), k=2)
     first = answer.wait(timeout=60)["results"][0]
-    balls = {os.path.abspath(paths[n]): BLOBS[n][0] for n in (0, 2)}
+    balls = _balls(paths)
     assert first["source"] in balls
     matched = balls[first["source"]]
 

@@ -59,10 +59,8 @@ CREATE TABLE IF NOT EXISTS tombstones (id INTEGER PRIMARY KEY);
 -- Slicer node) still leaves its own case out. A table of its own: readers that predate it ignore it.
 CREATE TABLE IF NOT EXISTS contents (
     case_row INTEGER PRIMARY KEY REFERENCES cases(id) ON DELETE CASCADE,
-    shape TEXT NOT NULL,
     digest TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS contents_shape ON contents(shape);
 """
 
 CASE_FIELDS = ("case_id", "name", "source", "series_uid", "checksum", "modality", "body_part", "status")
@@ -187,15 +185,15 @@ class Catalog:
         """Delete cases with their items and thumbnails."""
         self.db.executemany("DELETE FROM cases WHERE id = ?", [(r,) for r in rows])
 
-    def set_content(self, row: int, shape: Sequence[int], digest: str) -> None:
-        """Record what a case's voxels are (shape and digest, see :func:`volume.voxel_digest`)."""
-        self.db.execute("INSERT OR REPLACE INTO contents (case_row, shape, digest) VALUES (?, ?, ?)",
-                        (int(row), json.dumps([int(n) for n in shape]), digest))
+    def set_content(self, row: int, digest: str) -> None:
+        """Record what a case's voxels are (:attr:`Volume.voxel_digest`)."""
+        self.db.execute("INSERT OR REPLACE INTO contents (case_row, digest) VALUES (?, ?)", (int(row), digest))
 
     def case_rows_with_content(self, shape: Sequence[int], digest_of: Callable[[], str]) -> list[int]:
         """Rows of the cases whose voxels are the same; ``digest_of`` is only called when some case has the shape."""
-        found = self.db.execute("SELECT case_row, digest FROM contents WHERE shape = ?",
-                                (json.dumps([int(n) for n in shape]),)).fetchall()
+        # The shape is the cases' own column, written as add_case writes it (a JSON list of ints).
+        found = self.db.execute("SELECT contents.case_row, contents.digest FROM contents JOIN cases ON cases.id = contents.case_row "
+                                "WHERE cases.shape = ?", (json.dumps([int(n) for n in shape]),)).fetchall()
         if not found:
             return []
         digest = digest_of()

@@ -4,8 +4,8 @@ A synthetic CT-like cohort with lesions of a few kinds at known places is writte
 index is built from the files (as a user would build one), one ROI query is made per lesion,
 leave-one-case-out, and the answers are scored (``evaluation.json``) and drawn
 (``report.html``): each query slice beside its top neighbours at their best-matching slices.
-The default model is ``handcrafted`` (nothing to
-download); ``--model biomedclip`` runs the same road with the foundation model.
+The default model is ``handcrafted`` (nothing to download); ``--model biomedclip`` runs the
+same road with the foundation model.
 """
 
 from __future__ import annotations

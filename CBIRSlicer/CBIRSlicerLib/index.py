@@ -294,7 +294,7 @@ class Index:
                 metadata={**volume.extra, "window": made.window.as_dict()})
             with self.catalog.transaction():
                 row = self.catalog.add_case(record, time.time())
-                self.catalog.set_content(row, volume.shape_ijk, volume.voxel_digest)
+                self.catalog.set_content(row, volume.voxel_digest)
                 ids = self.catalog.add_items(row, made.items)
                 for (axis, plane), grey in made.thumbnails.items():
                     self.catalog.add_thumbnail(row, axis, plane, grey)
