@@ -29,7 +29,7 @@ from slicer.util import VTKObservationMixin
 README_URL = "https://github.com/cbirslicer/SlicerCBIR#readme"
 TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
 # What the weight-free model needs; every other model also needs the rest of Resources/requirements.txt and torch.
-HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK")
+HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK", "threadpoolctl")
 QUERY_MODES = {"Region (ROI)": "roi", "Current slice": "slice", "Whole volume": "volume"}
 POLL_MS = 100
 

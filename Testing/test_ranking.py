@@ -74,3 +74,19 @@ def test_locate_picks_the_best_mean_item_and_centres_the_focus_between_equal_nei
     expected = (10 * w_left + 20 + 30 * w_right) / (w_left + 1 + w_right)
     assert focus[0] == pytest.approx(expected)
     assert 22.5 < focus[0] < 23.0  # e^-1 weight for the 0.89 neighbour, e^-10 for the 0.80 one
+
+
+def test_one_blas_thread_limits_numpy_blas_inside_and_restores_it_after():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from CBIRSlicerLib.threads import one_blas_thread
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "numpy is linked to a BLAS that threadpoolctl can see"
+    with one_blas_thread():
+        assert blas_threads() == [1] * len(before)
+        product = np.ones((4, 3), np.float32) @ np.ones((3, 2), np.float32)
+    assert blas_threads() == before
+    assert product.tolist() == [[3.0, 3.0]] * 4

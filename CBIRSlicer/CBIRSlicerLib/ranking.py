@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .threads import one_blas_thread
+
 METHODS = ("maxsim", "votes", "pooled")
 FOCUS_TEMPERATURE = 0.01  # cosine units: an item 0.03 below the best weighs 5 %
 
@@ -68,10 +70,12 @@ def similarities(queries: np.ndarray, blocks: list[np.ndarray]) -> list[np.ndarr
 
     Each block is multiplied as (items x dim) @ (dim x queries), transposed after: the blocks are views into the
     store's row-major storage, so this reads them in place, where joining them first copied every vector
-    (16 images x 30 cases x 500 items: 3 ms instead of 9-13 ms; docs/benchmarks.md).
+    (16 images x 30 cases x 500 items: 3 ms instead of 9-13 ms; docs/benchmarks.md). They run on one BLAS thread,
+    so no idle BLAS threads spin against the next FAISS search (:mod:`threads`).
     """
     transposed = np.ascontiguousarray(np.asarray(queries, np.float32).T)
-    return [(block @ transposed).T for block in blocks]
+    with one_blas_thread():
+        return [(block @ transposed).T for block in blocks]
 
 
 def score_case(similarity: np.ndarray, method: str, votes: int, queries: np.ndarray | None = None,
@@ -91,7 +95,7 @@ def score_case(similarity: np.ndarray, method: str, votes: int, queries: np.ndar
         score = float(votes)
     else:
         raise ValueError(f"unknown ranking method '{method}'; use one of {', '.join(METHODS)}")
-    return CaseScore(-1, score, votes, [round(float(v), 5) for v in per_image], -1)
+    return CaseScore(-1, score, votes, np.round(per_image.astype(np.float64), 5).tolist(), -1)
 
 
 def locate(similarity: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray) -> tuple[int, np.ndarray]:

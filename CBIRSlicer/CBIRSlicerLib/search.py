@@ -23,7 +23,7 @@ from .volume import Volume
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
-# first stage on 95 % of its top 10 cases, in 46-59 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
+# first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
 MULTI_IMAGE_EF_SEARCH = 512
 
 

@@ -42,6 +42,7 @@ class VectorStore:
         self.dim = dim
         self.ef_search = HNSW_EF_SEARCH  # HNSW: candidates kept while walking the graph (recall against speed)
         self._id_array: np.ndarray | None = None  # ids in storage order, cached until the store changes
+        self._storage_view: np.ndarray | None = None  # the raw vectors, cached until the store changes (FAISS may move them)
         self._sorted: tuple[np.ndarray, bool] | None = None  # (the id array it was checked on, whether it is sorted)
 
     @classmethod
@@ -107,14 +108,20 @@ class VectorStore:
         return self._sorted[1]
 
     def _storage(self) -> np.ndarray | None:
-        """The raw (count, dim) float32 vectors in storage order, as a view into FAISS's memory (None if not flat-coded)."""
+        """The raw (count, dim) float32 vectors in storage order, as a view into FAISS's memory (None if not flat-coded).
+
+        Looked up once per state of the store: finding it through SWIG cost ~0.1 ms, 3 ms for a query's 30 cases.
+        """
         import faiss
 
+        if self._storage_view is not None and len(self._storage_view) == self.count:
+            return self._storage_view
         inner = faiss.downcast_index(self.index.index)
         flat = faiss.downcast_index(inner.storage) if hasattr(inner, "storage") else inner
         if not hasattr(flat, "get_xb") or flat.ntotal == 0:
             return None
-        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        self._storage_view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        return self._storage_view
 
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of some ids, for re-scoring: a view into FAISS's storage when they lie together (a case's items
@@ -138,7 +145,7 @@ class VectorStore:
             raise ValueError(f"expected ({len(ids)}, {self.dim}) vectors, got {vectors.shape}")
         if len(ids):
             self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
-            self._id_array = None
+            self._id_array = self._storage_view = None
 
     def remove(self, ids: np.ndarray) -> bool:
         """Delete ids where the structure can (flat: True); HNSW cannot, so the caller keeps tombstones (False)."""
@@ -147,7 +154,7 @@ class VectorStore:
         if self.kind != "flat":
             return False
         self.index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
-        self._id_array = None
+        self._id_array = self._storage_view = None
         return True
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:

@@ -1,0 +1,33 @@
+"""Thread pools of the numerical libraries: keep numpy's BLAS from fighting FAISS's OpenMP threads.
+
+numpy's OpenBLAS runs its products on a pool of threads that keep spinning for a while after each
+call, and FAISS walks its graph on an OpenMP pool of its own. When a search alternates the two (a
+FAISS walk, then MaxSim products, then the next query's walk) each pool's spinning threads take
+cores from the other: on 2 cores a 16-image query at 1 M vectors walked its graphs in ~50 ms after
+multi-threaded products and in ~27 ms after single-threaded ones, while the products themselves
+(a few 500 x 512 by 512 x 16 blocks) gained nothing from a second thread (docs/benchmarks.md).
+So the re-scoring products run on one BLAS thread; the previous limits come back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+_controller = None  # threadpoolctl's view of the loaded libraries; finding them costs milliseconds, so it is kept
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the enclosed numpy products on a single BLAS thread (a no-op where threadpoolctl is not installed)."""
+    global _controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # an optional speed-up: results are the same without it
+        yield
+        return
+    if _controller is None:
+        _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
+
