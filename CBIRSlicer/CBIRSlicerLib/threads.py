@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-_controller = None  # threadpoolctl's view of the loaded libraries; finding them costs milliseconds, so it is kept
+# threadpoolctl's view of the loaded libraries, kept since finding them costs milliseconds (None: not looked yet;
+# False: it could not inspect this runtime).
+_controller = None
 
 
 @contextlib.contextmanager
@@ -27,7 +29,13 @@ def one_blas_thread() -> Iterator[None]:
         yield
         return
     if _controller is None:
-        _controller = ThreadpoolController()
+        try:
+            _controller = ThreadpoolController()
+        except Exception:  # a runtime it cannot inspect: search at the old speed rather than not at all
+            _controller = False
+    if not _controller:
+        yield
+        return
     with _controller.limit(limits=1, user_api="blas"):
         yield
 
