@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Iterator
 
 # threadpoolctl's view of the loaded libraries, kept since finding them costs milliseconds (None: not looked yet;
-# False: it could not inspect this runtime).
+# False: threadpoolctl is missing or could not inspect this runtime).
 _controller = None
 
 
@@ -23,15 +23,12 @@ _controller = None
 def one_blas_thread() -> Iterator[None]:
     """Run the enclosed numpy products on a single BLAS thread (a no-op where threadpoolctl is not installed)."""
     global _controller
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # an optional speed-up: results are the same without it
-        yield
-        return
     if _controller is None:
         try:
+            from threadpoolctl import ThreadpoolController
+
             _controller = ThreadpoolController()
-        except Exception:  # a runtime it cannot inspect: search at the old speed rather than not at all
+        except Exception:  # not installed, or a runtime it cannot inspect: the same results at the old speed
             _controller = False
     if not _controller:
         yield
