@@ -200,3 +200,18 @@ def test_a_lesion_query_finds_a_lesion_of_the_same_kind(kinds, box_per_radius):
     same_kind = found_kinds[similarity.argmax(axis=1)] == found_kinds
     # Chance is about 1 / len(kinds): 25 % or 20 %.
     assert same_kind.mean() >= 0.75, f"same-kind nearest neighbour for {same_kind.mean():.0%} of queries"
+
+
+def test_the_index_holds_crops_centred_on_every_lesion():
+    """Blob crops (index_items) put every lesion, of every kind, at the centre of a crop on the slice through it."""
+    from CBIRSlicerLib.index_items import IndexSettings, volume_items
+
+    settings = IndexSettings(stride_mm=4.0, tile_sizes_mm=[])
+    for case in synthetic.make_cohort(8, seed=2):
+        items = volume_items(case.volume, settings).items
+        blobs = np.array([item.ras for item in items if item.kind == "blob"])
+        assert {item.size_mm for item in items if item.kind == "blob"} == {16.0, 24.0, 32.0}
+        for lesion in case.lesions:
+            on_slice = blobs[np.abs(blobs[:, 2] - lesion.center[2]) <= 2.0]
+            offset = np.linalg.norm(on_slice[:, :2] - np.array(lesion.center[:2]), axis=1).min()
+            assert offset <= 2.9, f"{case.name}: nearest blob crop {offset:.1f} mm from its {lesion.kind} lesion"

@@ -94,7 +94,7 @@ class CaseRecord:
 
 @dataclass
 class ItemRecord:
-    """One indexed image: a whole slice or a tile of one, with where it lies (RAS mm) in its case."""
+    """One indexed image: a whole slice, a tile of one or a crop around a blob in one, with where it lies (RAS mm) in its case."""
 
     kind: str
     axis: str

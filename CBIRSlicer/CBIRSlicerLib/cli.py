@@ -142,7 +142,8 @@ def _index_build(args: argparse.Namespace) -> int:
         raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
     settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm,
                              tile_sizes_mm=[float(t) for t in args.tiles_mm.split(",") if t] if args.tiles_mm else [],
-                             tile_overlap=args.tile_overlap)
+                             tile_overlap=args.tile_overlap, blobs_per_slice=args.blobs,
+                             blob_sizes_mm=[float(t) for t in args.blob_sizes_mm.split(",") if t] if args.blob_sizes_mm else [])
     if exists:
         index = Index.open(args.index, writable=True)
         embedder = create_embedder(args.model or index.model_name(), device=args.device)
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--tiles-mm", default="32", help="tile sizes in mm for region queries, comma-separated; '' for none")
     index.add_argument("--tile-overlap", type=float, default=0.5,
                        help="overlap of neighbouring tiles, 0 to <1 (default 0.5; 0.75 places matches better, 4x the items)")
+    index.add_argument("--blobs", type=int, default=12,
+                       help="per slice, how many blob-like places (lesion candidates) get crops centred on them (default 12; 0 for none)")
+    index.add_argument("--blob-sizes-mm", default="16,24,32", help="sizes in mm of the crops around each blob, comma-separated")
     index.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw"], help="FAISS structure (default auto)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")

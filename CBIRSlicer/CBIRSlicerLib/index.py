@@ -216,7 +216,7 @@ class Index:
     @property
     def settings(self) -> IndexSettings:
         """The stored slicing settings."""
-        return IndexSettings(**self.manifest["settings"])
+        return IndexSettings.from_stored(self.manifest["settings"])
 
     def check_model(self, embedder: Embedder) -> None:
         """Refuse an embedder whose fingerprint differs from the one the index was built with."""
@@ -353,7 +353,7 @@ class Index:
     def _maybe_change_structure(self) -> None:
         """Switch flat -> HNSW when 'auto' and the index has grown past the flat limit; compact many tombstones."""
         requested = self.manifest["index_type"]["requested"]
-        wanted = choose_kind(self.store.count, requested)
+        wanted = choose_kind(self.store.count, requested, self.store.dim)
         tombstones = self.catalog.tombstones()
         if wanted != self.store.kind or len(tombstones) > 0.2 * max(1, self.store.count):
             self.compact(wanted)

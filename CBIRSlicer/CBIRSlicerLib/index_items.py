@@ -1,8 +1,10 @@
-"""What an index holds for one volume: whole slices along the chosen axes, and tiles of them.
+"""What an index holds for one volume: whole slices along the chosen axes, tiles of them, and crops around blobs.
 
 A region-of-interest query is a crop, so comparing it only with whole slices compares unlike
 with unlike. Each indexed slice is therefore also cut into square tiles of a few physical sizes
-(with overlap); tiles that are mostly background are skipped. Every item keeps where it lies
+(with overlap), and into squares of a few sizes centred on its most blob-like places (:mod:`blobs`),
+so an object that falls across tile edges is also held once centred, as a reader's box around
+it would hold it. Items that are mostly background are skipped. Every item keeps where it lies
 (axis, slice index, RAS centre, pixel box in the slice plane, RAS bounds) for the viewer.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .blobs import detect_blobs
 from .catalog import ItemRecord
 from .errors import ParameterError
 from .handcrafted import resize_bilinear
@@ -31,6 +34,8 @@ class IndexSettings:
     min_foreground: float = 0.2
     window: str = "auto"
     thumbnail_px: int = 96
+    blobs_per_slice: int = 12
+    blob_sizes_mm: list[float] = field(default_factory=lambda: [16.0, 24.0, 32.0])
 
     def __post_init__(self) -> None:
         if not self.axes or any(a not in AXES for a in self.axes):
@@ -39,8 +44,17 @@ class IndexSettings:
             raise ParameterError(f"stride must be positive, got {self.stride_mm} mm")
         if any(not t > 0 for t in self.tile_sizes_mm) or not 0 <= self.tile_overlap < 1:
             raise ParameterError("tile sizes must be positive and the overlap in [0, 1)")
+        if self.blobs_per_slice < 0 or any(not b > 0 for b in self.blob_sizes_mm):
+            raise ParameterError("blobs per slice must be 0 or more and blob crop sizes positive")
         self.stride_mm = float(self.stride_mm)
         self.tile_sizes_mm = [float(t) for t in self.tile_sizes_mm]
+        self.blobs_per_slice = int(self.blobs_per_slice)
+        self.blob_sizes_mm = [float(b) for b in self.blob_sizes_mm]
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> IndexSettings:
+        """Settings as a manifest stores them; an index made before blob items existed has none."""
+        return cls(**{"blobs_per_slice": 0, "blob_sizes_mm": [], **stored})
 
     def as_dict(self) -> dict:
         """JSON form."""
@@ -49,7 +63,8 @@ class IndexSettings:
     def differences(self, other: dict) -> list[str]:
         """Fields that differ from a stored settings dict."""
         mine = self.as_dict()
-        return [f"{k}: {other.get(k)!r} in the index, {mine[k]!r} asked for" for k in mine if other.get(k) != mine[k]]
+        stored = IndexSettings.from_stored(other).as_dict()
+        return [f"{k}: {stored[k]!r} in the index, {mine[k]!r} asked for" for k in mine if stored[k] != mine[k]]
 
 
 @dataclass
@@ -108,8 +123,26 @@ def tiles_of(image: SliceImage, rgb: np.ndarray, settings: IndexSettings) -> lis
     return out
 
 
+def blob_crops_of(image: SliceImage, rgb: np.ndarray, settings: IndexSettings) -> list[tuple[ItemRecord, np.ndarray]]:
+    """Squares of each configured size centred on the slice's strongest blobs, skipping those mostly background."""
+    if not settings.blobs_per_slice or not settings.blob_sizes_mm:
+        return []
+    rows, cols = image.pixels.shape
+    foreground = rgb[..., 0] > 12
+    out = []
+    for blob in detect_blobs(rgb[..., 0] / 255.0, image.pixel_mm, settings.blobs_per_slice):
+        for size_mm in settings.blob_sizes_mm:
+            half = max(1, int(round(size_mm / 2 / image.pixel_mm)))
+            r0, c0 = max(0, blob.row - half), max(0, blob.col - half)
+            r1, c1 = min(rows, blob.row + half + 1), min(cols, blob.col + half + 1)
+            if foreground[r0:r1, c0:c1].mean() < settings.min_foreground:
+                continue
+            out.append((_item(image, "blob", (r0, c0, r1, c1), size_mm), rgb[r0:r1, c0:c1]))
+    return out
+
+
 def volume_items(volume: Volume, settings: IndexSettings) -> VolumeItems:
-    """Slices (and their tiles) of a volume as catalog items plus the uint8 RGB images to embed."""
+    """Slices (with their tiles and blob crops) of a volume as catalog items plus the uint8 RGB images to embed."""
     window = choose_window(volume, settings.window)
     resampler = Resampler(volume)
     items, images, thumbs = [], [], {}
@@ -120,7 +153,7 @@ def volume_items(volume: Volume, settings: IndexSettings) -> VolumeItems:
             items.append(_item(image, "slice", (0, 0, rows, cols), max(rows, cols) * image.pixel_mm))
             images.append(rgb)
             thumbs[(axis, image.plane)] = thumbnail(rgb[..., 0], settings.thumbnail_px)
-            for item, tile in tiles_of(image, rgb, settings):
+            for item, crop in tiles_of(image, rgb, settings) + blob_crops_of(image, rgb, settings):
                 items.append(item)
-                images.append(tile)
+                images.append(crop)
     return VolumeItems(items, images, thumbs, window)
