@@ -76,6 +76,33 @@ def test_locate_picks_the_best_mean_item_and_centres_the_focus_between_equal_nei
     assert 22.5 < focus[0] < 23.0  # e^-1 weight for the 0.89 neighbour, e^-10 for the 0.80 one
 
 
+def test_centre_weights_follow_likeness_to_the_central_image():
+    # Five region images in slice order: tissue, object, object, object, tissue. Tissue and object are 2-d unit
+    # vectors with a cosine of 0.6, so a tissue image weighs exp((0.6 - 1) / T) = exp(-8) of an object image.
+    tissue, lesion = [1.0, 0.0], [0.6, 0.8]
+    queries = np.array([tissue, lesion, lesion, lesion, tissue])
+    weights = ranking.centre_weights(queries)
+    small = np.exp((0.6 - 1.0) / ranking.CENTRE_TEMPERATURE)
+    np.testing.assert_allclose(weights, np.array([small, 1, 1, 1, small]) / (3 + 2 * small), rtol=1e-9)
+    # With an even count the centre is the mean of the two central images; one image weighs 1.
+    np.testing.assert_allclose(ranking.centre_weights(np.array([tissue, lesion, lesion, tissue])),
+                               np.array([small, 1, 1, small]) / (2 + 2 * small), rtol=1e-9)
+    assert ranking.centre_weights(np.array([lesion])).tolist() == [1.0]
+
+
+def test_locate_with_centre_weights_follows_the_object_where_the_mean_follows_the_tissue():
+    # The tissue-only first and last images like item 0 (tissue elsewhere) far better than item 1 (the object);
+    # the three object images prefer item 1 by less. The plain mean picks item 0 ((0.95 * 2 + 0.80 * 3) / 5 = 0.860
+    # against (0.70 * 2 + 0.90 * 3) / 5 = 0.820); weighted by likeness to the central image, item 1 wins.
+    similarity = np.array([[0.95, 0.70], [0.80, 0.90], [0.80, 0.90], [0.80, 0.90], [0.95, 0.70]])
+    centres, sizes, axes = np.array([[-60.0, 0, 0], [0.0, 0, 0]]), np.array([32.0, 32.0]), np.array(["axial"] * 2, dtype=object)
+    assert ranking.locate(similarity, centres, sizes, axes)[0] == 0
+    weights = ranking.centre_weights(np.array([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [1.0, 0.0]]))
+    best, focus = ranking.locate(similarity, centres, sizes, axes, weights)
+    assert best == 1
+    np.testing.assert_allclose(focus, [0.0, 0, 0])
+
+
 def test_one_blas_thread_limits_numpy_blas_inside_and_restores_it_after():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     from CBIRSlicerLib.threads import one_blas_thread

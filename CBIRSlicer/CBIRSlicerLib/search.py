@@ -168,9 +168,11 @@ class Searcher:
             results.append(scored)
             located[row] = (mine, similarity)
         ranked = ranking.rank(results)[:k]
+        # A region's images are its slices in order, centred on what the reader boxed; other queries weigh theirs alike.
+        weights = ranking.centre_weights(queries) if query.description.get("mode") == "roi" else None
         for result in ranked:  # where each shown case matched: only for the cases shown
             mine, similarity = located[result.case_row]
-            best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine])
+            best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine], weights)
             result.best_item, result.focus_ras = int(items.ids[mine][best]), tuple(float(v) for v in spot)
         best_items = catalog.items([r.best_item for r in ranked])
         answer = []
