@@ -86,7 +86,7 @@ def main() -> None:
     rows, roi_rows, truth, exact_tops = [], [], None, None
     work = args.cache or tempfile.mkdtemp(prefix="cbir-scale-")
     os.makedirs(work, exist_ok=True)
-    for kind in ("flat", choose_kind(args.n)):
+    for kind in ("flat", choose_kind(args.n, dim=args.dim)):
         path = os.path.join(work, f"{kind}-{args.n}x{args.dim}.faiss")
         if args.cache and os.path.exists(path) and os.path.exists(path + ".json"):
             store = VectorStore.load(path, kind, args.dim)  # same vectors (fixed seed); build time from the run that built it

@@ -1,7 +1,7 @@
 """The FAISS side of an index: inner-product search over L2-normalised vectors with stable int64 ids.
 
 Two structures, chosen by size (overridable): ``flat`` (exact, ``IndexFlatIP``) up to
-``FLAT_MAX`` vectors, then ``hnsw`` (``IndexHNSWFlat``, M=32). HNSW keeps the full vectors, so the
+``FLAT_MAX_FLOATS`` numbers held (50,000 vectors of 512-d), then ``hnsw`` (``IndexHNSWFlat``, M=32). HNSW keeps the full vectors, so the
 scores it returns for its candidates are exact inner products; only the candidate set is
 approximate. Filters and removed ids are applied inside the search through FAISS id selectors.
 A restrictive filter falls back to an exact search over just the allowed vectors, so a filtered
@@ -16,7 +16,9 @@ import numpy as np
 
 from .errors import IndexCorruptError, ParameterError
 
-FLAT_MAX = 50_000  # exact search stays under ~10 ms per query up to here (175 ms at 1 M on the project machine)
+# Exact search costs in proportion to vectors x dimension: 175 ms at 1 M x 512 on the project machine, so it stays
+# under ~10 ms per query up to 50,000 512-d vectors, or 220,000 of the handcrafted model's 116-d ones.
+FLAT_MAX_FLOATS = 50_000 * 512
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 1024  # measured at 1 M x 512: recall@10 0.98 at 5.5 ms (128 gave 0.60), docs/benchmarks.md
@@ -24,13 +26,13 @@ EXACT_FALLBACK_FRACTION = 0.05  # filters allowing less than this share of vecto
 KINDS = ("auto", "flat", "hnsw")
 
 
-def choose_kind(count: int, requested: str = "auto") -> str:
-    """The structure for an index of ``count`` vectors: the requested one, or flat up to FLAT_MAX, then HNSW."""
+def choose_kind(count: int, requested: str = "auto", dim: int = 512) -> str:
+    """The structure for an index of ``count`` vectors of ``dim``: the requested one, or flat up to FLAT_MAX_FLOATS, then HNSW."""
     if requested not in KINDS:
         raise ParameterError(f"index type must be one of {', '.join(KINDS)}, not '{requested}'")
     if requested != "auto":
         return requested
-    return "flat" if count <= FLAT_MAX else "hnsw"
+    return "flat" if count * dim <= FLAT_MAX_FLOATS else "hnsw"
 
 
 class VectorStore:
