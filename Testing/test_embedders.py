@@ -209,6 +209,18 @@ def test_handcrafted_is_deterministic_and_tells_shapes_apart():
     assert near @ first[0] > 0.8 and near @ first[0] > near @ first[1] + 0.1
 
 
+def test_handcrafted_chunks_on_threads_give_the_vectors_of_one_pass(monkeypatch):
+    from CBIRSlicerLib import handcrafted
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (rng.integers(8, 40), rng.integers(8, 40), 3), dtype=np.uint8) for _ in range(150)]
+    monkeypatch.setattr(embedding, "available_cores", lambda: 2)
+    embedder = create_embedder("handcrafted")
+    chunked = embedder.embed_images(images)  # one batch of 150: chunks of 64, 64 and 22 on two threads
+    assert embedder._threads is not None
+    np.testing.assert_allclose(chunked, handcrafted.describe_batch(images), atol=1e-6)  # summation order aside
+
+
 def test_handcrafted_has_a_fingerprint_and_no_text():
     embedder = create_embedder("handcrafted")
     assert embedder.fingerprint.dim == embedder.dim == 116 and embedder.fingerprint.weights_sha256 is None

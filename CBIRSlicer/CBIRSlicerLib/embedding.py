@@ -185,14 +185,19 @@ class Embedder:
 
 
 class HandcraftedEmbedder(Embedder):
-    """The weight-free descriptor of :mod:`handcrafted` as an embedder."""
+    """The weight-free descriptor of :mod:`handcrafted` as an embedder; a batch is described in chunks on all cores."""
 
-    default_batch_size = 64
+    default_batch_size = 256
+    # Images described as one stack: larger stacks fall out of the CPU caches (5,184 crops of a case: 4.3 s in stacks
+    # of 64, 6.6 s in stacks of 256). numpy releases the GIL in the descriptor's array work, so stacks described on
+    # one thread per core run side by side: 2.3 s on 2 cores.
+    chunk = 64
 
     def __init__(self):
         from . import handcrafted
 
         self._describe_batch = handcrafted.describe_batch
+        self._threads = None
         self.name = "handcrafted"
         self.dim = handcrafted.DIM
         self.fingerprint = Fingerprint(
@@ -203,7 +208,14 @@ class HandcraftedEmbedder(Embedder):
         )
 
     def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
-        return self._describe_batch(images)
+        chunks = [images[start:start + self.chunk] for start in range(0, len(images), self.chunk)]
+        if len(chunks) < 2 or available_cores() < 2:
+            return self._describe_batch(images)
+        if self._threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._threads = ThreadPoolExecutor(min(available_cores(), 8), thread_name_prefix="handcrafted")
+        return np.concatenate(list(self._threads.map(self._describe_batch, chunks)))
 
 
 def parse_model_name(name: str) -> tuple[str, str]:
