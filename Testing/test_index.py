@@ -371,8 +371,8 @@ def test_roi_queries_on_the_lesion_cohort_rank_the_same_kind_well_above_chance(t
         index.add_sources(list(paths.values()), embedder)
     evaluation = evaluate_lesions(Searcher(Index.open(str(tmp_path / "idx")), embedder), truth, paths, ks=(1, 3))
     summary = evaluation.summary
-    # One other case holds each kind: chance puts it first for 1 query in 7. Measured: 6 of 8 first, all 8 in the top 3,
-    # and the best match lies in the lesion for 7 of those 8 (before blob crops and centre-weighted placing:
+    # One other case holds each kind: chance puts it first for 1 query in 7. Measured: 7 of 8 first, all 8 in the top 3,
+    # and the best match lies in the lesion for 7 of those 8 (before blob crops and centre weights:
     # 5 of 8 first, 6 in the top 3, 2 of 6 placed in the lesion).
     assert summary["chance_mP@1"] == pytest.approx(1 / 7)
     assert summary["mP@1_micro"] >= 0.6 and summary["recall@3"] >= 0.85, evaluation.records

@@ -90,6 +90,15 @@ def test_centre_weights_follow_likeness_to_the_central_image():
     assert ranking.centre_weights(np.array([lesion])).tolist() == [1.0]
 
 
+def test_maxsim_with_weights_is_the_weighted_mean_of_each_image_best():
+    similarity = np.array([[0.9, 0.2, 0.1], [0.3, 0.6, 0.5], [0.4, 0.4, 0.8]])  # best per image: 0.9, 0.6, 0.8
+    weights = np.array([0.5, 0.25, 0.25])
+    scored = ranking.score_case(similarity, "maxsim", votes=2, weights=weights)
+    assert scored.score == pytest.approx(0.5 * 0.9 + 0.25 * 0.6 + 0.25 * 0.8)
+    assert ranking.score_case(similarity, "maxsim", votes=2).score == pytest.approx((0.9 + 0.6 + 0.8) / 3)
+    assert scored.per_image == [0.9, 0.6, 0.8]  # per-image scores are the images' own, unweighted
+
+
 def test_locate_with_centre_weights_follows_the_object_where_the_mean_follows_the_tissue():
     # The tissue-only first and last images like item 0 (tissue elsewhere) far better than item 1 (the object);
     # the three object images prefer item 1 by less. The plain mean picks item 0 ((0.95 * 2 + 0.80 * 3) / 5 = 0.860

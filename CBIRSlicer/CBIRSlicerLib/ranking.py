@@ -1,14 +1,14 @@
 """From image hits to case results: vote counting, pooled embeddings, and late interaction (MaxSim).
 
 MaxSim after ColBERT, as Khun Jush et al. use it for slice-to-volume retrieval: a candidate
-case's score is the mean over query images of the best cosine between that query image and any
-of the case's items. The first stage (nearest-neighbour hits) picks the candidates; MaxSim
+case's score is the (weighted) mean over query images of the best cosine between that query image
+and any of the case's items. The first stage (nearest-neighbour hits) picks the candidates; MaxSim
 re-ranks them exactly. Every result also names its best match, so the viewer can jump there: the
 item of the highest weighted mean similarity to the query images. For a region query the images
-are weighted by how alike they are to the region's central image (:func:`centre_weights`): a
-reader centres the box on what they ask about, and the box's first and last slices often hold only
-the tissue around it; those agree with tissue anywhere, and with equal weights they pulled the
-match off the object (docs/benchmarks.md).
+are weighted, in the score and in placing the match, by how alike they are to the region's central
+image (:func:`centre_weights`): a reader centres the box on what they ask about, and the box's
+first and last slices often hold only the tissue around it; those agree with tissue anywhere, and
+with equal weights they pulled matches off the object and tissue-alike cases up (docs/benchmarks.md).
 
 Items sit on a grid (tiles every half tile, slices every few mm), so the best item's centre can
 lie up to half a step from what matched. The result's *focus* refines it: the similarity-weighted
@@ -84,14 +84,15 @@ def similarities(queries: np.ndarray, blocks: list[np.ndarray]) -> list[np.ndarr
 
 
 def score_case(similarity: np.ndarray, method: str, votes: int, queries: np.ndarray | None = None,
-               item_vectors: np.ndarray | None = None) -> CaseScore:
+               item_vectors: np.ndarray | None = None, weights: np.ndarray | None = None) -> CaseScore:
     """One candidate case's score from its query-to-item similarities (query images x items).
 
-    ``queries`` and ``item_vectors`` are needed by the pooled method only.
+    ``queries`` and ``item_vectors`` are needed by the pooled method only; ``weights`` (the query images', summing to 1;
+    default equal) by maxsim.
     """
     per_image = similarity.max(axis=1)
     if method == "maxsim":
-        score = float(per_image.mean())
+        score = float(per_image.mean() if weights is None else np.asarray(weights) @ per_image)
     elif method == "pooled":
         pooled_items = item_vectors.mean(axis=0)
         pooled_query = queries.mean(axis=0)

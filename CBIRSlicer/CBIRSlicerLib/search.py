@@ -158,18 +158,18 @@ class Searcher:
         keep = ~np.isin(items.ids, excluded)
         members = [keep & (items.case_rows == row) for row in candidates]
         blocks = [store.vectors_of(items.ids[mine]) for mine in members]
+        # A region's images are its slices in order, centred on what the reader boxed; other queries weigh theirs alike.
+        weights = ranking.centre_weights(queries) if query.description.get("mode") == "roi" else None
         results, located = [], {}
         for (row, votes), mine, vectors, similarity in zip(candidates.items(), members, blocks,
                                                           ranking.similarities(queries, blocks)):
             if not mine.any():
                 continue
-            scored = ranking.score_case(similarity, method, votes, queries, vectors)
+            scored = ranking.score_case(similarity, method, votes, queries, vectors, weights)
             scored.case_row = row
             results.append(scored)
             located[row] = (mine, similarity)
         ranked = ranking.rank(results)[:k]
-        # A region's images are its slices in order, centred on what the reader boxed; other queries weigh theirs alike.
-        weights = ranking.centre_weights(queries) if query.description.get("mode") == "roi" else None
         for result in ranked:  # where each shown case matched: only for the cases shown
             mine, similarity = located[result.case_row]
             best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine], weights)
