@@ -131,6 +131,11 @@ def _read_labels(path: str | None) -> dict[str, list[str]]:
     return labels
 
 
+def _sizes_mm(text: str | None) -> list[float]:
+    """A comma-separated list of sizes in mm ('' or None: none)."""
+    return [float(t) for t in text.split(",") if t] if text else []
+
+
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
     from .embedding import create_embedder
@@ -140,10 +145,8 @@ def _index_build(args: argparse.Namespace) -> int:
     exists = os.path.exists(os.path.join(args.index, MANIFEST))
     if args.action == "add" and not exists:
         raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
-    settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm,
-                             tile_sizes_mm=[float(t) for t in args.tiles_mm.split(",") if t] if args.tiles_mm else [],
-                             tile_overlap=args.tile_overlap, blobs_per_slice=args.blobs,
-                             blob_sizes_mm=[float(t) for t in args.blob_sizes_mm.split(",") if t] if args.blob_sizes_mm else [])
+    settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm, tile_sizes_mm=_sizes_mm(args.tiles_mm),
+                             tile_overlap=args.tile_overlap, blobs_per_slice=args.blobs, blob_sizes_mm=_sizes_mm(args.blob_sizes_mm))
     if exists:
         index = Index.open(args.index, writable=True)
         embedder = create_embedder(args.model or index.model_name(), device=args.device)

@@ -104,10 +104,15 @@ def _item(image: SliceImage, kind: str, box_in_image: tuple[int, int, int, int],
                       tuple(corners.min(axis=0)), tuple(corners.max(axis=0)), float(size_mm))
 
 
+def _foreground(rgb: np.ndarray) -> np.ndarray:
+    """Pixels above ~5 % of the window: not air or the padding around the volume."""
+    return rgb[..., 0] > 12
+
+
 def tiles_of(image: SliceImage, rgb: np.ndarray, settings: IndexSettings) -> list[tuple[ItemRecord, np.ndarray]]:
     """Square tiles of one slice at each configured size, skipping those that are mostly background."""
     rows, cols = image.pixels.shape
-    foreground = rgb[..., 0] > 12  # above ~5 % of the window: not air or the padding around the volume
+    foreground = _foreground(rgb)
     out = []
     for size_mm in settings.tile_sizes_mm:
         side = max(2, int(round(size_mm / image.pixel_mm)))
@@ -128,7 +133,7 @@ def blob_crops_of(image: SliceImage, rgb: np.ndarray, settings: IndexSettings) -
     if not settings.blobs_per_slice or not settings.blob_sizes_mm:
         return []
     rows, cols = image.pixels.shape
-    foreground = rgb[..., 0] > 12
+    foreground = _foreground(rgb)
     out = []
     for blob in detect_blobs(rgb[..., 0] / 255.0, image.pixel_mm, settings.blobs_per_slice):
         for size_mm in settings.blob_sizes_mm:
