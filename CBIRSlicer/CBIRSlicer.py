@@ -217,7 +217,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----- index ---------------------------------------------------------------------------------
     def onIndexFolderChanged(self, path: str) -> None:
         """Open an index as soon as its folder is chosen."""
-        from CBIRSlicerLib.scene_search import is_index_folder
+        from CBIRSlicerLib.scene.search_session import is_index_folder
 
         session = self.logic.session
         if session is not None and os.path.abspath(path) == session.index.folder:
@@ -229,7 +229,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Open the index (installing what its model needs, with consent) and show what it holds."""
         folder = str(self._parameterNode.indexFolder)
         with slicer.util.tryWithErrorDisplay("Could not open the index.", waitCursor=True):
-            from CBIRSlicerLib.scene_search import describe_index, index_summary, is_index_folder
+            from CBIRSlicerLib.scene.search_session import describe_index, index_summary, is_index_folder
 
             if not is_index_folder(folder):
                 self.ui.indexInfoLabel.text = f"No index in {folder} yet: build one below."
@@ -443,7 +443,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def cleanup(self) -> None:
         """Close the index and stop the background model workers."""
-        from CBIRSlicerLib.scene_search import shutdown_services
+        from CBIRSlicerLib.scene.search_session import shutdown_services
 
         self.closeIndex()
         shutdown_services()
@@ -529,7 +529,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def supportsTextModel(model: str) -> bool:
         """Whether a model name stands for a CLIP-family model (it embeds phrases too)."""
-        from CBIRSlicerLib.embedding import parse_model_name
+        from CBIRSlicerLib.models.registry import parse_model_name
 
         try:
             return parse_model_name(model)[0] == "open_clip"
@@ -543,7 +543,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     # ----- index ---------------------------------------------------------------------------------
     def openIndex(self, folder: str) -> dict:
         """Open an index for searching (its model starts loading in the background now); returns its info."""
-        from CBIRSlicerLib.scene_search import SearchSession
+        from CBIRSlicerLib.scene.search_session import SearchSession
 
         self.closeIndex()
         self.session = SearchSession(folder, python=self.pythonExecutable())
@@ -558,20 +558,20 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def buildModel(folder: str, requested: str) -> str:
         """The model a build will use: the index's own when it exists, else the one asked for."""
-        from CBIRSlicerLib.scene_search import index_summary, is_index_folder
+        from CBIRSlicerLib.scene.search_session import index_summary, is_index_folder
 
         return index_summary(folder)["model"] if is_index_folder(folder) else requested
 
     def startBuild(self, folder: str, sources: list[str], model: str = "biomedclip"):
         """Build or extend an index in a background process; poll the returned IndexBuild."""
-        from CBIRSlicerLib.index_build import BuildSpec, IndexBuild
+        from CBIRSlicerLib.index.background_build import BuildSpec, IndexBuild
 
         return IndexBuild(BuildSpec(folder, list(sources), model=model), python=self.pythonExecutable()).start()
 
     @staticmethod
     def sceneVolumeFiles() -> tuple[list[str], list[tuple[str, str]]]:
         """Files behind the scene's volumes, and the volumes that have none."""
-        from CBIRSlicerLib.mrml import volume_files_in_scene
+        from CBIRSlicerLib.scene.nodes import volume_files_in_scene
 
         return volume_files_in_scene(slicer.mrmlScene)
 
@@ -583,8 +583,8 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def startSearch(self, volumeNode, mode: str = "roi", roiNode=None, axis: str = "axial", k: int = 10, filters: str = ""):
         """Start a search from scene nodes ('roi', 'slice' = what the view shows, 'volume'); poll the returned PendingSearch."""
-        from CBIRSlicerLib.scene_search import query_from_nodes
-        from CBIRSlicerLib.views import view_position
+        from CBIRSlicerLib.scene.layout import view_position
+        from CBIRSlicerLib.scene.search_session import query_from_nodes
 
         session = self._requireSession()
         sliceRas = None
@@ -604,7 +604,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def thumbnailFiles(self, answer: dict) -> dict:
         """PNG thumbnails of the results (from the index, no volume loaded), by case id."""
-        from CBIRSlicerLib.thumbnails import write_result_thumbnails
+        from CBIRSlicerLib.scene.thumbnails import write_result_thumbnails
 
         folder = os.path.join(slicer.app.temporaryPath, "CBIRSlicer", "thumbnails")
         return write_result_thumbnails(self._requireSession().index.catalog, answer, folder)
@@ -622,7 +622,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         return self._layoutLogic.GetLayoutNode()
 
     def _querySliceNode(self):
-        from CBIRSlicerLib import views
+        from CBIRSlicerLib.scene import layout as views
 
         if self.sideBySide is not None and self.layoutNode().GetViewArrangement() == self.sideBySide.layout_id:
             node = views.slice_node(slicer.mrmlScene, views.QUERY_VIEW)
@@ -632,7 +632,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def defaultQueryVolume(self):
         """The volume shown in the Red view, else the first scalar volume of the scene."""
-        from CBIRSlicerLib import views
+        from CBIRSlicerLib.scene import layout as views
 
         volumeId = views.composite_node(slicer.mrmlScene, "Red").GetBackgroundVolumeID() if views.slice_node(
             slicer.mrmlScene, "Red") is not None else None
@@ -641,7 +641,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def placeRoi(self):
         """A new ROI centred on what the query (or Red) view shows."""
-        from CBIRSlicerLib.views import roi_in_view
+        from CBIRSlicerLib.scene.layout import roi_in_view
 
         sliceNode = self._querySliceNode()
         if sliceNode is None:
@@ -651,8 +651,8 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     def loadVolume(self, path: str, name: str, caseId: Optional[str] = None):
         """Load a result case: Slicer's reader for files; the core DICOM reader for an indexed series folder."""
         if os.path.isdir(path):
-            from CBIRSlicerLib.mrml import node_from_volume
-            from CBIRSlicerLib.readers import read_volume
+            from CBIRSlicerLib.imaging.readers import read_volume
+            from CBIRSlicerLib.scene.nodes import node_from_volume
 
             case = self.session.index.catalog.case_by_id(caseId) if self.session is not None and caseId else None
             return node_from_volume(slicer.mrmlScene, read_volume(path, case.series_uid if case else None), name)
@@ -660,14 +660,14 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def resultVolume(self, result: dict):
         """The volume node of a result: reused when already in the scene, else loaded from its source."""
-        from CBIRSlicerLib.result_volumes import result_volume_node
+        from CBIRSlicerLib.scene.result_volumes import result_volume_node
 
         return result_volume_node(slicer.mrmlScene, result, lambda path, name: self.loadVolume(path, name, result["case_id"]))
 
     def showResult(self, result: dict, queryVolume, query: dict, roiNode=None, link: bool = False):
         """Load the result (once), switch to the side-by-side layout, and put both views at the matching places."""
-        from CBIRSlicerLib import views
-        from CBIRSlicerLib.scene_search import case_window
+        from CBIRSlicerLib.scene import layout as views
+        from CBIRSlicerLib.scene.search_session import case_window
 
         resultNode = self.resultVolume(result)
         views.apply_window(resultNode, case_window(self._requireSession().index, result["case_id"]))  # as the model saw it
@@ -678,8 +678,8 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def _queryTarget(self, query: dict, queryVolume, roiNode):
         """Where the query view looks: the ROI centre or the query slice; for 'more like this', the case it started from."""
-        from CBIRSlicerLib import views
-        from CBIRSlicerLib.mrml import roi_from_node, volume_from_node
+        from CBIRSlicerLib.scene import layout as views
+        from CBIRSlicerLib.scene.nodes import roi_from_node, volume_from_node
 
         mode = query.get("mode")
         if mode == "item":
@@ -702,14 +702,14 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def linkViews(self, linked: bool) -> None:
         """Link or unlink the side-by-side views."""
-        from CBIRSlicerLib.views import link_views
+        from CBIRSlicerLib.scene.layout import link_views
 
         if self.sideBySide is not None:
             link_views(slicer.mrmlScene, linked)
 
     def restoreLayout(self) -> None:
         """Give back the layout from before the side-by-side view (if it is still showing)."""
-        from CBIRSlicerLib.views import restore_layout
+        from CBIRSlicerLib.scene.layout import restore_layout
 
         if self.sideBySide is not None:
             restore_layout(self.layoutNode(), self.sideBySide)
@@ -717,7 +717,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
 
 def _filters(text: str) -> dict:
-    from CBIRSlicerLib.search import parse_filters
+    from CBIRSlicerLib.retrieval.search import parse_filters
 
     return parse_filters([part for part in (text or "").split(",") if part.strip()])
 
@@ -762,8 +762,8 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
     def test_node_geometry_reaches_the_core(self):
         import numpy as np
 
-        from CBIRSlicerLib import synthetic
-        from CBIRSlicerLib.mrml import node_from_volume, volume_from_node
+        from CBIRSlicerLib.imaging import synthetic
+        from CBIRSlicerLib.scene.nodes import node_from_volume, volume_from_node
 
         self.delayDisplay("Volume node under a transform reaches the core in world coordinates")
         shape = (40, 36, 28)
@@ -781,12 +781,13 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
     def test_find_similar_and_show_side_by_side(self):
         import tempfile
 
-        from CBIRSlicerLib import synthetic, views
-        from CBIRSlicerLib.embedding import create_embedder
-        from CBIRSlicerLib.index import Index
-        from CBIRSlicerLib.index_items import IndexSettings
-        from CBIRSlicerLib.mrml import node_from_volume
-        from CBIRSlicerLib.readers import read_volume
+        from CBIRSlicerLib.imaging import synthetic
+        from CBIRSlicerLib.imaging.readers import read_volume
+        from CBIRSlicerLib.index.folder import Index
+        from CBIRSlicerLib.index.items import IndexSettings
+        from CBIRSlicerLib.models.registry import create_embedder
+        from CBIRSlicerLib.scene import layout as views
+        from CBIRSlicerLib.scene.nodes import node_from_volume
 
         try:
             import faiss  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import synthetic
+from CBIRSlicerLib.imaging import synthetic
 
 FORMATS = (".nii.gz", ".nrrd", ".mha")
 SHAPE = (40, 36, 28)
@@ -57,7 +57,7 @@ def _render(matrix, shape, blobs, body_centre):
     kk, jj, ii = np.meshgrid(np.arange(k), np.arange(j), np.arange(i), indexing="ij")
     ras = np.stack([ii, jj, kk], -1).astype(float) @ matrix[:3, :3].T + matrix[:3, 3]
     values = synthetic.phantom_values(ras, blobs, (18.0, 16.0, 14.0), body_centre)
-    from CBIRSlicerLib.volume import Volume
+    from CBIRSlicerLib.imaging.volume import Volume
 
     return Volume.from_array(np.round(values).astype(np.int16), matrix, name="phantom")
 

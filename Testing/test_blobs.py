@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from CBIRSlicerLib.blobs import detect_blobs, gaussian_blur
+from CBIRSlicerLib.imaging.blobs import detect_blobs, gaussian_blur
 
 
 def disc_image(shape=(96, 96), background=0.5, discs=(), noise=0.0, seed=0):

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import cli, synthetic
-from CBIRSlicerLib.images import read_png
-from CBIRSlicerLib.intensity import Window, to_uint8_rgb
-from CBIRSlicerLib.readers import read_volume
-from CBIRSlicerLib.slicing import extract_slices
+from CBIRSlicerLib import cli
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.imaging.intensity import Window, to_uint8_rgb
+from CBIRSlicerLib.imaging.png import read_png
+from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.imaging.slicing import extract_slices
 
 
 @pytest.fixture(scope="module")

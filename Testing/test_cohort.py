@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import intensity, readers, slicing, synthetic
-from CBIRSlicerLib.embedding import create_embedder
-from CBIRSlicerLib.roi import RoiBox
+from CBIRSlicerLib.imaging import intensity, readers, slicing, synthetic
+from CBIRSlicerLib.imaging.roi import RoiBox
+from CBIRSlicerLib.models.registry import create_embedder
 
 GAP_MM = 10.0  # make_case's default clearance between lesion surfaces
 
@@ -204,7 +204,7 @@ def test_a_lesion_query_finds_a_lesion_of_the_same_kind(kinds, box_per_radius):
 
 def test_the_index_holds_crops_centred_on_every_lesion():
     """Blob crops (index_items) put every lesion, of every kind, at the centre of a crop on the slice through it."""
-    from CBIRSlicerLib.index_items import IndexSettings, volume_items
+    from CBIRSlicerLib.index.items import IndexSettings, volume_items
 
     settings = IndexSettings(stride_mm=4.0, tile_sizes_mm=[])
     for case in synthetic.make_cohort(8, seed=2):

@@ -8,10 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+import random_checkpoints
 
-from CBIRSlicerLib import embedding, random_checkpoints
-from CBIRSlicerLib.embedding import create_embedder, file_sha256, parse_model_name
+from CBIRSlicerLib.digests import file_sha256
 from CBIRSlicerLib.errors import ModelError, ModelUnavailableError
+from CBIRSlicerLib.models import base as embedding
+from CBIRSlicerLib.models import registry
+from CBIRSlicerLib.models.registry import create_embedder, parse_model_name
 
 torch = pytest.importorskip("torch")
 
@@ -32,7 +35,7 @@ def dino_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, family, identifier", [
-    ("biomedclip", "open_clip", embedding.BIOMEDCLIP_HUB_ID),
+    ("biomedclip", "open_clip", registry.BIOMEDCLIP_HUB_ID),
     ("openclip:ViT-B-16:openai", "open_clip", "openclip:ViT-B-16:openai"),
     ("hf-hub:org/repo", "open_clip", "hf-hub:org/repo"),
     ("local-dir:/models/x", "open_clip", "local-dir:/models/x"),
@@ -148,7 +151,7 @@ def test_missing_local_checkpoints_say_what_is_missing(tmp_path):
 def test_offline_hub_models_fail_with_directions(tmp_path, name, repo):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_CACHE", None)
-    code = ("from CBIRSlicerLib.embedding import create_embedder\n"
+    code = ("from CBIRSlicerLib.models.registry import create_embedder\n"
             "from CBIRSlicerLib.errors import ModelUnavailableError\n"
             f"try:\n    create_embedder({name!r}, device='cpu')\nexcept ModelUnavailableError as e:\n    print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -210,7 +213,7 @@ def test_handcrafted_is_deterministic_and_tells_shapes_apart():
 
 
 def test_handcrafted_chunks_on_threads_give_the_vectors_of_one_pass(monkeypatch):
-    from CBIRSlicerLib import handcrafted
+    from CBIRSlicerLib.models import handcrafted
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (rng.integers(8, 40), rng.integers(8, 40), 3), dtype=np.uint8) for _ in range(150)]

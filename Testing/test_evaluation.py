@@ -11,8 +11,8 @@ import pytest
 
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.errors import InputError
-from CBIRSlicerLib.evaluation import average_precision_at_k, micro_macro, modified_precision_at_k, read_labelled_csv
-from CBIRSlicerLib.index import Index
+from CBIRSlicerLib.index.folder import Index
+from CBIRSlicerLib.retrieval.evaluation import average_precision_at_k, micro_macro, modified_precision_at_k, read_labelled_csv
 
 
 def test_modified_precision_caps_k_at_the_class_size():
@@ -45,7 +45,7 @@ RADII = {"small": (10, 13, 17), "mid": (20, 29), "large": (35,)}
 
 def _disc_folders(root):
     """A folder per class of bright discs on a dark ground; the handcrafted model ranks them by nearness of radius."""
-    from CBIRSlicerLib.images import write_png
+    from CBIRSlicerLib.imaging.png import write_png
 
     yy, xx = np.mgrid[0:96, 0:96]
     for label, radii in RADII.items():
@@ -83,7 +83,7 @@ def test_cbir_evaluate_reproduces_metrics_computed_by_hand(tmp_path, capsys):
 
 
 def test_cbir_evaluate_labelled_volumes_with_regions(tmp_path, capsys):
-    from CBIRSlicerLib import synthetic
+    from CBIRSlicerLib.imaging import synthetic
 
     cases = synthetic.make_cohort(6, seed=3, kinds=("enhancing", "cyst"))
     paths = synthetic.write_cohort(cases, str(tmp_path / "cohort"))

@@ -13,10 +13,11 @@ import pytest
 import SimpleITK as sitk
 from conftest import CASES, FORMATS, make_case
 
-from CBIRSlicerLib import cli, slicing, synthetic
-from CBIRSlicerLib.coords import lps_to_ras, ras_to_lps
-from CBIRSlicerLib.mrml import matrix_to_numpy, volume_from_node
-from CBIRSlicerLib.readers import read_volume
+from CBIRSlicerLib import cli
+from CBIRSlicerLib.imaging import slicing, synthetic
+from CBIRSlicerLib.imaging.coordinates import lps_to_ras, ras_to_lps
+from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.scene.nodes import matrix_to_numpy, volume_from_node
 
 
 def _probe_points(volume, blobs, count=12, seed=0):

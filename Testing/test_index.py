@@ -16,14 +16,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import cli, synthetic
-from CBIRSlicerLib.embedding import create_embedder
+from CBIRSlicerLib import cli
 from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError
-from CBIRSlicerLib.index import Index, case_id_for
-from CBIRSlicerLib.index_items import IndexSettings
-from CBIRSlicerLib.readers import CaseSource
-from CBIRSlicerLib.roi import RoiBox, read_markups_roi
-from CBIRSlicerLib.search import Searcher, item_query, roi_query, slice_query, text_query, volume_query
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.imaging.readers import CaseSource
+from CBIRSlicerLib.imaging.roi import RoiBox, read_markups_roi
+from CBIRSlicerLib.index.folder import Index, case_id_for
+from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.models.registry import create_embedder
+from CBIRSlicerLib.retrieval.search import Searcher, item_query, roi_query, slice_query, text_query, volume_query
 
 SHAPE = (40, 40, 20)
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])
@@ -154,7 +155,7 @@ def test_add_remove_and_refresh_without_rebuilding(built, tmp_path):
 
 
 def test_another_model_or_other_settings_are_refused(built, tmp_path):
-    from CBIRSlicerLib.random_checkpoints import write_open_clip_folder
+    from random_checkpoints import write_open_clip_folder
 
     clip = create_embedder(f"local-dir:{write_open_clip_folder(str(tmp_path / 'clip'))}", device="cpu")
     with Index.open(built[0]) as index:
@@ -230,7 +231,7 @@ def test_removed_cases_never_come_back_from_hnsw(cohort, tmp_path):
 
 
 def test_auto_index_switches_to_hnsw_past_the_flat_limit(cohort, tmp_path, monkeypatch):
-    from CBIRSlicerLib import vectors
+    from CBIRSlicerLib.index import faiss_store as vectors
 
     monkeypatch.setattr(vectors, "FLAT_MAX_FLOATS", 100 * 116)  # really 50,000 512-d vectors; the path is the same
     folder, paths = cohort
@@ -242,7 +243,7 @@ def test_auto_index_switches_to_hnsw_past_the_flat_limit(cohort, tmp_path, monke
 
 
 def test_the_flat_limit_counts_numbers_held_not_vectors():
-    from CBIRSlicerLib.vectors import choose_kind
+    from CBIRSlicerLib.index.faiss_store import choose_kind
 
     assert choose_kind(50_000, dim=512) == "flat" and choose_kind(50_001, dim=512) == "hnsw"
     assert choose_kind(220_000, dim=116) == "flat" and choose_kind(221_000, dim=116) == "hnsw"
@@ -252,7 +253,7 @@ def test_the_flat_limit_counts_numbers_held_not_vectors():
 def test_store_ids_when_simpleitk_owns_the_vector_proxy():
     import SimpleITK as sitk
 
-    from CBIRSlicerLib.vectors import VectorStore
+    from CBIRSlicerLib.index.faiss_store import VectorStore
 
     class Shim:  # what FAISS hands back once SimpleITK registered its std::vector<int64_t> proxy first
         id_map = sitk.VectorInt64([5, 7, 9])
@@ -265,7 +266,7 @@ def test_query_modes_and_self_exclusion(built):
     index_dir, paths = built
     index = Index.open(index_dir)
     searcher = Searcher(index)
-    from CBIRSlicerLib.readers import read_volume
+    from CBIRSlicerLib.imaging.readers import read_volume
 
     volume = read_volume(paths[0])  # an indexed case: it must not find itself
     own = case_id_for(CaseSource(os.path.abspath(paths[0])))
@@ -281,8 +282,8 @@ def test_query_modes_and_self_exclusion(built):
 
 
 def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, tmp_path):
-    from CBIRSlicerLib.readers import read_volume
-    from CBIRSlicerLib.volume import Volume
+    from CBIRSlicerLib.imaging.readers import read_volume
+    from CBIRSlicerLib.imaging.volume import Volume
 
     index_dir, paths = built
     index = Index.open(index_dir)
@@ -309,7 +310,7 @@ def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, 
 
 
 def test_text_search_with_a_clip_model(cohort, tmp_path):
-    from CBIRSlicerLib.random_checkpoints import write_open_clip_folder
+    from random_checkpoints import write_open_clip_folder
 
     folder, _ = cohort
     model = f"local-dir:{write_open_clip_folder(str(tmp_path / 'clip'))}"
@@ -361,7 +362,7 @@ def test_markups_roi_file_in_lps_with_a_rotation(tmp_path):
 
 def test_roi_queries_on_the_lesion_cohort_rank_the_same_kind_well_above_chance(tmp_path):
     """Leave-one-case-out ROI queries on 8 synthetic cases (4 kinds x 2), default index settings, handcrafted model."""
-    from CBIRSlicerLib.evaluation import evaluate_lesions
+    from CBIRSlicerLib.retrieval.evaluation import evaluate_lesions
 
     cases = synthetic.make_cohort(8, seed=5)
     paths = dict(zip([c.name for c in cases], synthetic.write_cohort(cases, str(tmp_path / "cohort"))))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import intensity
 from CBIRSlicerLib.errors import ParameterError
-from CBIRSlicerLib.volume import Volume
+from CBIRSlicerLib.imaging import intensity
+from CBIRSlicerLib.imaging.volume import Volume
 
 
 def _volume(array, modality=None):

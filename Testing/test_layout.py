@@ -1,4 +1,4 @@
-"""Packaging rules a Slicer extension must keep: every script listed in CMake, cheap imports, Slicer only in mrml.py."""
+"""Packaging and layout rules: every script listed in CMake, cheap imports, Slicer only in the scene glue, the road's import order."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ HEAVY = ("torch", "faiss", "open_clip", "monai", "transformers", "timm", "matplo
 
 
 def test_every_lib_script_is_listed_in_the_module_cmakelists():
-    listed = set(re.findall(r"\$\{MODULE_NAME\}Lib/(\w+\.py)", (ROOT / "CBIRSlicer" / "CMakeLists.txt").read_text()))
-    present = {p.name for p in LIB.glob("*.py")}
+    listed = set(re.findall(r"\$\{MODULE_NAME\}Lib/([\w/]+\.py)", (ROOT / "CBIRSlicer" / "CMakeLists.txt").read_text()))
+    present = {p.relative_to(LIB).as_posix() for p in LIB.rglob("*.py")}
     assert present == listed, f"missing from CMakeLists: {present - listed}; listed but absent: {listed - present}"
 
 
@@ -36,18 +36,81 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_mrml_glue_imports_slicer_qt_or_ctk():
-    for path in LIB.glob("*.py"):
+def test_only_the_scene_glue_imports_slicer_qt_or_ctk():
+    for path in LIB.rglob("*.py"):
         found = _imported_modules(path) & {"slicer", "qt", "ctk", "vtk"}
-        assert not found or path.name == "mrml.py", f"{path.name} imports {found}"
+        assert not found or path.relative_to(LIB).as_posix() == "scene/nodes.py", f"{path} imports {found}"
+
+
+# The road, in order: a subpackage may import only those before it; the base layer (top-level modules that are
+# not entry points) imports none of them; nothing imports the entry modules.
+ROAD = ("imaging", "models", "index", "retrieval", "scene")
+ENTRY = {"cli", "demo", "report", "plots"}
+
+
+def _lib_imports(path: Path) -> set[str]:
+    """The library modules a file imports, as dotted names relative to CBIRSlicerLib (``imaging.volume``, ``errors``)."""
+    here = path.relative_to(LIB).with_suffix("").parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(here[:-1])[: len(here) - node.level] if node.level > 1 else list(here[:-1])
+                target = base + (node.module.split(".") if node.module else [])
+                names = [".".join(target + [a.name]) for a in node.names] if not node.module else [".".join(target)]
+            elif node.module and node.module.split(".")[0] == "CBIRSlicerLib":
+                names = [node.module.partition(".")[2] or a.name for a in node.names]
+            else:
+                continue
+            found |= {n for n in names if n}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.partition(".")[2] for a in node.names if a.name.startswith("CBIRSlicerLib.")}
+    return found
+
+
+def _group(module: str) -> str:
+    head = module.split(".")[0]
+    return head if head in ROAD else ("entry" if head in ENTRY else "base")
+
+
+def test_subpackages_import_only_earlier_ones_and_nothing_imports_the_entry_modules():
+    rank = {"base": -1, **{name: n for n, name in enumerate(ROAD)}}
+    for path in LIB.rglob("*.py"):
+        mine = _group(".".join(path.relative_to(LIB).with_suffix("").parts))
+        for target in _lib_imports(path):
+            theirs = _group(target)
+            if mine == "entry":
+                continue
+            assert theirs != "entry", f"{path.relative_to(LIB)} imports the entry module {target}"
+            assert rank[theirs] <= rank[mine], f"{path.relative_to(LIB)} ({mine}) imports {target} ({theirs}), a later layer"
+
+
+def test_library_modules_have_no_import_cycle():
+    graph = {}
+    for path in LIB.rglob("*.py"):
+        name = ".".join(path.relative_to(LIB).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = {t for t in _lib_imports(path) if t != name}
+    modules = set(graph)
+    graph = {name: {t if t in modules else t.rsplit(".", 1)[0] for t in targets} & modules for name, targets in graph.items()}
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in graph[node]:
+            assert state.get(nxt) != "open", f"import cycle: {' -> '.join(trail + [node, nxt])}"
+            if nxt not in state:
+                visit(nxt, trail + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
 
 
 def test_importing_the_library_loads_no_heavy_package():
-    code = ("import sys, CBIRSlicerLib, CBIRSlicerLib.cli, CBIRSlicerLib.slicing, CBIRSlicerLib.readers,"
-            " CBIRSlicerLib.embedding, CBIRSlicerLib.worker, CBIRSlicerLib.index, CBIRSlicerLib.search,"
-            " CBIRSlicerLib.scene_search, CBIRSlicerLib.views, CBIRSlicerLib.thumbnails, CBIRSlicerLib.index_build,"
-            " CBIRSlicerLib.evaluation, CBIRSlicerLib.demo, CBIRSlicerLib.report;"
-            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    modules = sorted("CBIRSlicerLib." + ".".join(p.relative_to(LIB).with_suffix("").parts).removesuffix(".__init__")
+                     for p in LIB.rglob("*.py"))
+    code = f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\nprint([m for m in {HEAVY!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

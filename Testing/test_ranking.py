@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import ranking
+from CBIRSlicerLib.retrieval import ranking
 
 
 def test_candidate_cases_count_votes_and_break_ties_by_best_score():

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CBIRSlicerLib import readers, synthetic
 from CBIRSlicerLib.errors import (
     CBIRError,
     DicomSeriesError,
@@ -24,7 +23,8 @@ from CBIRSlicerLib.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
-from CBIRSlicerLib.readers import CaseSource, discover, read_case, read_volume, read_volume_file, read_volumes
+from CBIRSlicerLib.imaging import readers, synthetic
+from CBIRSlicerLib.imaging.readers import CaseSource, discover, read_case, read_volume, read_volume_file, read_volumes
 
 SHAPE = (24, 20, 12)  # i, j, k
 SPACING = (0.8, 0.9, 2.5)

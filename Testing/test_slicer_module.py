@@ -102,7 +102,7 @@ def module(tmp_path, monkeypatch):
     spec.loader.exec_module(loaded)
     loaded.stubs = stubs
     yield loaded
-    from CBIRSlicerLib.scene_search import shutdown_services
+    from CBIRSlicerLib.scene.search_session import shutdown_services
 
     shutdown_services()
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import synthetic
 from CBIRSlicerLib.errors import GeometryError
-from CBIRSlicerLib.mrml import (
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.imaging.slicing import extract_slices
+from CBIRSlicerLib.imaging.volume import Volume
+from CBIRSlicerLib.scene.nodes import (
     matrix_to_numpy,
     node_from_volume,
     numpy_to_matrix,
@@ -16,8 +18,6 @@ from CBIRSlicerLib.mrml import (
     volume_files_in_scene,
     volume_from_node,
 )
-from CBIRSlicerLib.slicing import extract_slices
-from CBIRSlicerLib.volume import Volume
 
 slicer = pytest.importorskip("slicer")
 

@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 from conftest import headless_slicer
 
-from CBIRSlicerLib import synthetic, views
 from CBIRSlicerLib.errors import InputError, JobCancelled, ParameterError
-from CBIRSlicerLib.images import read_png
-from CBIRSlicerLib.index import Index
-from CBIRSlicerLib.index_build import BuildSpec, IndexBuild
-from CBIRSlicerLib.index_items import IndexSettings
-from CBIRSlicerLib.mrml import matrix_to_numpy, node_from_volume, numpy_to_matrix
-from CBIRSlicerLib.readers import read_volume
-from CBIRSlicerLib.result_volumes import SOURCE_ATTRIBUTE, find_volume_node, result_volume_node
-from CBIRSlicerLib.scene_search import SearchSession, case_window, describe_index, index_summary, is_index_folder, query_from_nodes
-from CBIRSlicerLib.thumbnails import OUTLINE_RGB, qimage_buffer, result_thumbnail, write_result_thumbnails
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.imaging.png import read_png
+from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.index.background_build import BuildSpec, IndexBuild
+from CBIRSlicerLib.index.folder import Index
+from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.scene import layout as views
+from CBIRSlicerLib.scene.nodes import matrix_to_numpy, node_from_volume, numpy_to_matrix
+from CBIRSlicerLib.scene.result_volumes import SOURCE_ATTRIBUTE, find_volume_node, result_volume_node
+from CBIRSlicerLib.scene.search_session import SearchSession, case_window, describe_index, index_summary, is_index_folder, query_from_nodes
+from CBIRSlicerLib.scene.thumbnails import OUTLINE_RGB, qimage_buffer, result_thumbnail, write_result_thumbnails
 
 slicer = pytest.importorskip("slicer")
 
@@ -39,7 +40,7 @@ def _case(center, kind) -> object:
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory):
     """(index folder, case paths) of four phantoms indexed with the handcrafted model, built in-process."""
-    from CBIRSlicerLib.embedding import create_embedder
+    from CBIRSlicerLib.models.registry import create_embedder
 
     folder = tmp_path_factory.mktemp("slicer_cases")
     paths = [synthetic.write_volume(_case(c, k), str(folder / f"case{n}_{k}.nii.gz")) for n, (c, k) in enumerate(BLOBS)]

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import headless_slicer
 
-from CBIRSlicerLib import synthetic, views
 from CBIRSlicerLib.errors import GeometryError
-from CBIRSlicerLib.mrml import node_from_volume, roi_from_node
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.scene import layout as views
+from CBIRSlicerLib.scene.nodes import node_from_volume, roi_from_node
 
 slicer = pytest.importorskip("slicer")
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import make_case
 
-from CBIRSlicerLib import slicing, synthetic
 from CBIRSlicerLib.errors import GeometryError, ParameterError
-from CBIRSlicerLib.roi import RoiBox
-from CBIRSlicerLib.volume import Volume
+from CBIRSlicerLib.imaging import slicing, synthetic
+from CBIRSlicerLib.imaging.roi import RoiBox
+from CBIRSlicerLib.imaging.volume import Volume
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from CBIRSlicerLib import handcrafted, worker
-from CBIRSlicerLib.embedding import create_embedder
 from CBIRSlicerLib.errors import JobCancelled, ModelError, WorkerError
-from CBIRSlicerLib.worker import EmbeddingService
+from CBIRSlicerLib.models import handcrafted, worker
+from CBIRSlicerLib.models.registry import create_embedder
+from CBIRSlicerLib.models.worker import EmbeddingService
 
 
 def _images(n, size=96, seed=0):
@@ -74,7 +74,7 @@ def test_text_on_an_image_only_model_fails_cleanly(service):
 
 
 def test_the_model_is_loaded_once_for_several_jobs(tmp_path):
-    from CBIRSlicerLib.random_checkpoints import write_open_clip_folder
+    from random_checkpoints import write_open_clip_folder
 
     folder = write_open_clip_folder(str(tmp_path / "clip"))
     with EmbeddingService(f"local-dir:{folder}", device="cpu") as service:

@@ -16,16 +16,21 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-from CBIRSlicerLib import random_checkpoints, synthetic
-from CBIRSlicerLib.embedding import available_cores, create_embedder
-from CBIRSlicerLib.intensity import choose_window, to_uint8_rgb
-from CBIRSlicerLib.readers import read_volume
-from CBIRSlicerLib.slicing import extract_slices
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Testing"))
+import random_checkpoints  # noqa: E402  (test-only random checkpoints in the real folder layouts)
+
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.imaging.intensity import choose_window, to_uint8_rgb
+from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.imaging.slicing import extract_slices
+from CBIRSlicerLib.models.base import available_cores
+from CBIRSlicerLib.models.registry import create_embedder
 
 
 def machine() -> dict:

@@ -20,12 +20,12 @@ import os
 import tempfile
 import time
 
-from CBIRSlicerLib import synthetic
-from CBIRSlicerLib.embedding import create_embedder
-from CBIRSlicerLib.evaluation import evaluate_lesions
-from CBIRSlicerLib.index import Index
-from CBIRSlicerLib.index_items import IndexSettings
-from CBIRSlicerLib.search import Searcher
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.index.folder import Index
+from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.models.registry import create_embedder
+from CBIRSlicerLib.retrieval.evaluation import evaluate_lesions
+from CBIRSlicerLib.retrieval.search import Searcher
 
 NO_BLOBS = {"blobs_per_slice": 0}
 CONFIGS = {

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from CBIRSlicerLib import ranking
-from CBIRSlicerLib.vectors import VectorStore, choose_kind
+from CBIRSlicerLib.index.faiss_store import VectorStore, choose_kind
+from CBIRSlicerLib.retrieval import ranking
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:

@@ -109,17 +109,18 @@ def main(argv=None) -> int:
                                                       "Resources", "Screenshot.png"))
     args = parser.parse_args(argv)
 
-    from CBIRSlicerLib import synthetic, views
-    from CBIRSlicerLib.embedding import create_embedder
-    from CBIRSlicerLib.images import write_png
-    from CBIRSlicerLib.index import Index
-    from CBIRSlicerLib.index_items import IndexSettings
-    from CBIRSlicerLib.intensity import choose_window
-    from CBIRSlicerLib.mrml import volume_from_node
-    from CBIRSlicerLib.result_volumes import result_volume_node
-    from CBIRSlicerLib.roi import RoiBox
-    from CBIRSlicerLib.scene_search import SearchSession, case_window, query_from_nodes, shutdown_services
-    from CBIRSlicerLib.search import Searcher, roi_query
+    from CBIRSlicerLib.imaging import synthetic
+    from CBIRSlicerLib.imaging.intensity import choose_window
+    from CBIRSlicerLib.imaging.png import write_png
+    from CBIRSlicerLib.imaging.roi import RoiBox
+    from CBIRSlicerLib.index.folder import Index
+    from CBIRSlicerLib.index.items import IndexSettings
+    from CBIRSlicerLib.models.registry import create_embedder
+    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+    from CBIRSlicerLib.scene import layout as views
+    from CBIRSlicerLib.scene.nodes import volume_from_node
+    from CBIRSlicerLib.scene.result_volumes import result_volume_node
+    from CBIRSlicerLib.scene.search_session import SearchSession, case_window, query_from_nodes, shutdown_services
 
     work = args.work or tempfile.mkdtemp(prefix="cbir-screenshot-")
     cohort_dir, index_dir = os.path.join(work, "cohort"), os.path.join(work, "index")

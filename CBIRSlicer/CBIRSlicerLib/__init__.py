@@ -2,7 +2,7 @@
 
 Importing this package is cheap: heavy libraries (torch, faiss, open_clip, monai) are
 imported only inside the functions that use them, and nothing here imports Slicer except
-:mod:`CBIRSlicerLib.mrml`.
+:mod:`CBIRSlicerLib.scene.nodes`.
 """
 
 __version__ = "0.1.0"

@@ -13,11 +13,11 @@ from .errors import CBIRError
 
 def _slices(args: argparse.Namespace) -> int:
     """cbir slices: write what the model will see for a volume, as PNGs plus slices.json."""
-    from .images import write_png
-    from .intensity import choose_window, to_uint8_rgb
-    from .readers import read_volume
-    from .roi import RoiBox
-    from .slicing import extract_slices, make_montage, parse_layout
+    from .imaging.intensity import choose_window, to_uint8_rgb
+    from .imaging.png import write_png
+    from .imaging.readers import read_volume
+    from .imaging.roi import RoiBox
+    from .imaging.slicing import extract_slices, make_montage, parse_layout
 
     roi = RoiBox.parse(args.roi_ras) if args.roi_ras else None
     layout = parse_layout(args.montage) if args.montage else None
@@ -55,7 +55,7 @@ def _slices(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     """cbir synth: write a synthetic CT-like phantom with objects at known RAS positions."""
-    from .synthetic import centered_matrix, default_blobs, render, write_volume
+    from .imaging.synthetic import centered_matrix, default_blobs, render, write_volume
 
     shape = (args.size, args.size, max(8, args.size * 3 // 4))
     volume = render(centered_matrix(shape, (args.spacing,) * 3), shape, modality=None)
@@ -85,7 +85,7 @@ def _models(args: argparse.Namespace) -> int:
         for name, text in MODEL_HELP:
             print(f"{name:<{width}}  {text}")
         return 0
-    from .embedding import create_embedder
+    from .models.registry import create_embedder
 
     embedder = create_embedder(args.name, device=args.device)
     info = embedder.describe()
@@ -138,9 +138,9 @@ def _sizes_mm(text: str | None) -> list[float]:
 
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
-    from .embedding import create_embedder
-    from .index import MANIFEST, Index
-    from .index_items import IndexSettings
+    from .index.folder import MANIFEST, Index
+    from .index.items import IndexSettings
+    from .models.registry import create_embedder
 
     exists = os.path.exists(os.path.join(args.index, MANIFEST))
     if args.action == "add" and not exists:
@@ -167,7 +167,7 @@ def _index_build(args: argparse.Namespace) -> int:
 
 def _index_other(args: argparse.Namespace) -> int:
     """cbir index remove / info / verify / refresh."""
-    from .index import Index
+    from .index.folder import Index
 
     if args.action == "remove":
         with Index.open(args.index, writable=True) as index:
@@ -175,7 +175,7 @@ def _index_other(args: argparse.Namespace) -> int:
         print(f"removed {len(removed)} case(s): {', '.join(removed)}")
         return 0
     if args.action == "refresh":
-        from .embedding import create_embedder
+        from .models.registry import create_embedder
 
         with Index.open(args.index, writable=True) as index:
             report = index.refresh(create_embedder(args.model or index.model_name(), device=args.device),
@@ -207,9 +207,9 @@ def _index_other(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     """cbir search: similar cases for a volume, an ROI, a slice, a phrase, an item, or a batch of queries."""
-    from .index import Index
-    from .roi import RoiBox, read_markups_roi
-    from .search import (
+    from .imaging.roi import RoiBox, read_markups_roi
+    from .index.folder import Index
+    from .retrieval.search import (
         Searcher,
         item_query,
         load_volume_for_query,
@@ -283,12 +283,12 @@ def _parse_ks(text: str) -> list[int]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """cbir evaluate: retrieval metrics on labelled volumes (CSV) or a folder per class of 2D images."""
-    from .embedding import create_embedder
-    from .evaluation import evaluate_images, evaluate_volumes, format_summary, read_labelled_csv
-    from .index import MANIFEST, Index
-    from .index_items import IndexSettings
+    from .index.folder import MANIFEST, Index
+    from .index.items import IndexSettings
+    from .models.registry import create_embedder
     from .plots import precision_curve_png
-    from .search import Searcher
+    from .retrieval.evaluation import evaluate_images, evaluate_volumes, format_summary, read_labelled_csv
+    from .retrieval.search import Searcher
 
     ks = _parse_ks(args.k)
     out = Path(args.out)
@@ -331,7 +331,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """cbir demo: synthetic cohort, index, ROI queries, evaluation and an HTML report."""
     from .demo import DEMO_KS, run_demo
-    from .evaluation import format_summary
+    from .retrieval.evaluation import format_summary
 
     summary = run_demo(args.out, args.model, args.cases, args.seed, args.device, progress=_progress_printer("indexing"),
                        log=lambda line: print(line, flush=True))

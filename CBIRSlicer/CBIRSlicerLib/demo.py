@@ -15,16 +15,16 @@ import json
 import os
 import time
 
-from . import synthetic
-from .embedding import create_embedder
-from .evaluation import evaluate_lesions
-from .index import MANIFEST, Index
-from .index_items import IndexSettings
-from .intensity import choose_window
+from .imaging import synthetic
+from .imaging.intensity import choose_window
+from .imaging.readers import read_volume
+from .index.folder import MANIFEST, Index
+from .index.items import IndexSettings
+from .models.registry import create_embedder
 from .plots import precision_curve_png
-from .readers import read_volume
 from .report import match_panel, query_panel, save_panel, write_report
-from .search import Searcher
+from .retrieval.evaluation import evaluate_lesions
+from .retrieval.search import Searcher
 
 DEMO_CASES = 12  # 3 of each of the 4 default kinds: chance mP@1 = 2/11
 DEMO_KS = (1, 3, 5)

@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 
-from .images import write_png
-from .intensity import Window, to_uint8_rgb
-from .slicing import SliceImage, extract_slices, nearest_slice
-from .volume import Volume
+from .imaging.intensity import Window, to_uint8_rgb
+from .imaging.png import write_png
+from .imaging.slicing import SliceImage, extract_slices, nearest_slice
+from .imaging.volume import Volume
 
 PANEL_PX = 256
 QUERY_COLOUR = (255, 70, 70)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from .errors import InputError
+from ..errors import InputError
 
 SOURCE_ATTRIBUTE = "CBIRSlicer.source"
 

@@ -7,8 +7,9 @@ import os
 
 import numpy as np
 
-from .embedding import Fingerprint, file_sha256
-from .errors import ModelError, ModelUnavailableError
+from ..digests import file_sha256
+from ..errors import ModelError, ModelUnavailableError
+from .base import Fingerprint
 from .torch_runtime import TorchEmbedder, hub_snapshot, weights_file
 
 OPEN_CLIP_FILES = ("open_clip_config.json", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")

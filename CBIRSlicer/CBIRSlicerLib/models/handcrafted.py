@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..imaging.resize import resize_bilinear
+from .base import Embedder, Fingerprint, available_cores
+
 SIZE = 64
 INTENSITY_BINS = 32
 BLURRED_BINS = 16
@@ -44,21 +47,6 @@ def as_grey(image: np.ndarray) -> np.ndarray:
     if np.asarray(image).dtype == np.uint8:
         grey /= 255.0
     return np.clip(np.nan_to_num(grey, nan=0.0), 0.0, 1.0)
-
-
-def resize_bilinear(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Separable bilinear resize of the last two axes with pixel centres aligned (the same on every platform)."""
-    def axis_weights(n_in: int, n_out: int):
-        centres = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
-        centres = np.clip(centres, 0, n_in - 1)
-        low = np.floor(centres).astype(int)
-        high = np.minimum(low + 1, n_in - 1)
-        return low, high, (centres - low).astype(np.float32)
-
-    r0, r1, rw = axis_weights(image.shape[-2], rows)
-    c0, c1, cw = axis_weights(image.shape[-1], cols)
-    top = image[..., r0, :] * (1 - rw)[:, None] + image[..., r1, :] * rw[:, None]
-    return top[..., c0] * (1 - cw) + top[..., c1] * cw
 
 
 def _grey_stack(images: list[np.ndarray]) -> np.ndarray:
@@ -165,3 +153,35 @@ def describe_batch(images: list[np.ndarray]) -> np.ndarray:
 def describe(image: np.ndarray) -> np.ndarray:
     """The handcrafted descriptor of one image, float32 of length DIM, L2-normalised."""
     return describe_batch([image])[0]
+
+
+class HandcraftedEmbedder(Embedder):
+    """The weight-free descriptor of this module as an embedder; a batch is described in chunks on all cores."""
+
+    default_batch_size = 256
+    # Images described as one stack: larger stacks fall out of the CPU caches (5,184 crops of a case: 4.3 s in stacks
+    # of 64, 6.6 s in stacks of 256). numpy releases the GIL in the descriptor's array work, so stacks described on
+    # one thread per core run side by side: 2.3 s on 2 cores.
+    chunk = 64
+
+    def __init__(self):
+        self._describe_batch = describe_batch
+        self._threads = None
+        self.name = "handcrafted"
+        self.dim = DIM
+        self.fingerprint = Fingerprint(
+            name="handcrafted", family="handcrafted", dim=self.dim, source="built in",
+            config={"version": VERSION, "size": SIZE, "blocks": list(BLOCKS),
+                    "lbp_radii": list(LBP_RADII)},
+            preprocessing={"input": "grey in [0, 1]", "resize": f"bilinear {SIZE}x{SIZE}"},
+        )
+
+    def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        chunks = [images[start:start + self.chunk] for start in range(0, len(images), self.chunk)]
+        if len(chunks) < 2 or available_cores() < 2:
+            return self._describe_batch(images)
+        if self._threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._threads = ThreadPoolExecutor(min(available_cores(), 8), thread_name_prefix="handcrafted")
+        return np.concatenate(list(self._threads.map(self._describe_batch, chunks)))

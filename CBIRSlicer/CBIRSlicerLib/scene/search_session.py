@@ -1,7 +1,7 @@
 """Searching an index from what is in the Slicer scene, without freezing the GUI.
 
 A :class:`SearchSession` holds one open index and the model it was built with, running in a
-background :class:`~CBIRSlicerLib.worker.EmbeddingService` process (started once and reused, so
+background :class:`~CBIRSlicerLib.models.worker.EmbeddingService` process (started once and reused, so
 the model loads once per Slicer session). A query is made from a volume node plus an ROI node,
 a slice position or the whole volume (:func:`query_from_nodes`, fast: cutting a few slices); its
 images are embedded in the worker while the caller polls :meth:`PendingSearch.poll` from a
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .embedding import Embedder, Fingerprint
-from .errors import CBIRError, JobCancelled, ParameterError
-from .index import MANIFEST, Index
-from .mrml import roi_from_node, volume_from_node
-from .search import Query, Searcher, item_query, roi_query, slice_query, volume_query
-from .worker import EmbeddingService, Job
+from ..errors import CBIRError, JobCancelled, ParameterError
+from ..index.folder import MANIFEST, Index
+from ..models.base import Embedder, Fingerprint
+from ..models.worker import EmbeddingService, Job
+from ..retrieval.search import Query, Searcher, item_query, roi_query, slice_query, volume_query
+from .nodes import roi_from_node, volume_from_node
 
 QUERY_MODES = ("roi", "slice", "volume")
 

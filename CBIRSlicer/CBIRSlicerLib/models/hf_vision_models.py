@@ -6,8 +6,9 @@ import os
 
 import numpy as np
 
-from .embedding import Fingerprint, file_sha256
-from .errors import ModelUnavailableError
+from ..digests import file_sha256
+from ..errors import ModelUnavailableError
+from .base import Fingerprint
 from .torch_runtime import TorchEmbedder, hub_snapshot, weights_file
 
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")

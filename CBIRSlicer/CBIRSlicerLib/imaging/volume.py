@@ -13,8 +13,8 @@ from functools import cached_property
 
 import numpy as np
 
-from .coords import ijk_to_ras_from_lps_geometry, lps_geometry_from_ijk_to_ras
-from .errors import DimensionError, InputError
+from ..errors import DimensionError, InputError
+from .coordinates import ijk_to_ras_from_lps_geometry, lps_geometry_from_ijk_to_ras
 
 
 @dataclass(eq=False)

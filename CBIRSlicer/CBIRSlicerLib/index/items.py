@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .blobs import detect_blobs
+from ..errors import ParameterError
+from ..imaging.blobs import detect_blobs
+from ..imaging.intensity import Window, choose_window, to_uint8_rgb
+from ..imaging.resize import resize_bilinear
+from ..imaging.slicing import AXES, Resampler, SliceImage, extract_slices
+from ..imaging.volume import Volume
 from .catalog import ItemRecord
-from .errors import ParameterError
-from .handcrafted import resize_bilinear
-from .intensity import Window, choose_window, to_uint8_rgb
-from .slicing import AXES, Resampler, SliceImage, extract_slices
-from .volume import Volume
 
 
 @dataclass

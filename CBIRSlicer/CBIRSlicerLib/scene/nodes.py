@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 
-from .errors import DimensionError, GeometryError
-from .roi import RoiBox
-from .volume import Volume
+from ..errors import DimensionError, GeometryError
+from ..imaging.roi import RoiBox
+from ..imaging.volume import Volume
 
 ORTHOGONALITY_TOLERANCE = 1e-4  # a hardened matrix whose axes are skewed beyond this would need resampling
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import GeometryError
-from .slicing import VIEW_FRAMES, check_axis
+from ..errors import GeometryError
+from ..imaging.slicing import VIEW_FRAMES, check_axis
 
 QUERY_VIEW = "CBIRQuery"
 RESULT_VIEW = "CBIRResult"

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .coords import lps_to_ras
-from .errors import InputError, ParameterError
+from ..errors import InputError, ParameterError
+from .coordinates import lps_to_ras
 
 
 @dataclass(frozen=True)

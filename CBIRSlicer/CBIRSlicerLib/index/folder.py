@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..digests import file_sha256
+from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError
+from ..imaging.readers import CaseSource, discover, read_case
+from ..models.base import Embedder
 from .catalog import CaseRecord, Catalog
-from .embedding import Embedder, file_sha256
-from .errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError
-from .index_items import IndexSettings, volume_items
-from .readers import CaseSource, discover, read_case
-from .vectors import VectorStore, choose_kind
+from .faiss_store import VectorStore, choose_kind
+from .items import IndexSettings, volume_items
 
 FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 1

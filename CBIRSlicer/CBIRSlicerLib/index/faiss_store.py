@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .errors import IndexCorruptError, ParameterError
+from ..errors import IndexCorruptError, ParameterError
 
 # Exact search costs in proportion to vectors x dimension: 175 ms at 1 M x 512 on the project machine, so it stays
 # under ~10 ms per query up to 50,000 512-d vectors, or 220,000 of the handcrafted model's 116-d ones.

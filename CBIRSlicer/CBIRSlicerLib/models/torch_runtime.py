@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from .embedding import Embedder, available_cores
-from .errors import ModelError, ModelUnavailableError
+from ..errors import ModelError, ModelUnavailableError
+from .base import Embedder, available_cores
 
 MIN_MIXED_PRECISION_COSINE = 0.999
 

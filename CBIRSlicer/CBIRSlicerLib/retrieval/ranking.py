@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .threads import one_blas_thread
+from ..threads import one_blas_thread
 
 METHODS = ("maxsim", "votes", "pooled")
 FOCUS_TEMPERATURE = 0.01  # cosine units: an item 0.03 below the best weighs 5 %

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import InputError, ParameterError
+from ..imaging.intensity import choose_window, to_uint8_rgb
+from ..imaging.roi import RoiBox
+from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
+from ..imaging.volume import Volume
+from ..index.folder import Index
+from ..models.base import Embedder
+from ..models.registry import create_embedder
 from . import ranking
-from .embedding import Embedder, create_embedder
-from .errors import InputError, ParameterError
-from .index import Index
-from .intensity import choose_window, to_uint8_rgb
-from .roi import RoiBox
-from .slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
-from .volume import Volume
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
@@ -188,7 +189,7 @@ class Searcher:
 
 def load_volume_for_query(path: str) -> Volume:
     """Read a query volume, with a clear error if it is missing."""
-    from .readers import read_volume
+    from ..imaging.readers import read_volume
 
     if not os.path.exists(path):
         raise InputError(path, "does not exist")

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .coords import RAS_TO_LPS, ras_to_lps
-from .errors import GeometryError, ParameterError
+from ..errors import GeometryError, ParameterError
+from .coordinates import RAS_TO_LPS, ras_to_lps
 from .roi import RoiBox
 from .volume import Volume
 

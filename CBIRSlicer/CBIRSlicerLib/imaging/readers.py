@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import (
+from ..errors import (
     DicomSeriesError,
     DimensionError,
     EmptySourceError,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .catalog import Catalog, ItemRecord
-from .images import write_png
+from ..imaging.png import write_png
+from ..index.catalog import Catalog, ItemRecord
 
 OUTLINE_RGB = (255, 200, 0)  # the same yellow as the result view's label colour
 

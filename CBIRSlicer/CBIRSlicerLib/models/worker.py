@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import JobCancelled, ModelError, WorkerError
+from ..errors import JobCancelled, ModelError, WorkerError
+from ..processes import in_thread, start_module, wait_or_kill
 
 HARD_CANCEL_S = 0.8  # a cancel not acknowledged by then kills the worker, so every cancel ends within 1 s
 TARGET_BATCH_S = 0.25  # batches are sized to take about this long, so cancels are seen promptly
@@ -159,18 +160,13 @@ class EmbeddingService:
         with self._lock:
             if self._process is not None and self._process.poll() is None:
                 return self
-            env = dict(os.environ)
-            library_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH")) if p)
             self._ready.clear()
             self._load_error = None
-            self._process = subprocess.Popen(
-                [self.python, "-m", "CBIRSlicerLib.worker", json.dumps(self.spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env, bufsize=0)
+            self._process = start_module(self.python, "models.worker", self.spec, stderr=None)
             self._outbox = queue.Queue()
             process, outbox = self._process, self._outbox
-        threading.Thread(target=self._writer, args=(process, outbox), daemon=True, name="cbir-worker-writer").start()
-        threading.Thread(target=self._reader, args=(process,), daemon=True, name="cbir-worker-reader").start()
+        in_thread(self._writer, process, outbox, name="cbir-worker-writer")
+        in_thread(self._reader, process, name="cbir-worker-reader")
         return self
 
     def wait_ready(self, timeout: float | None = None) -> dict:
@@ -195,11 +191,7 @@ class EmbeddingService:
         if process is None:
             return
         outbox.put(({"op": "shutdown"}, []))
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        wait_or_kill(process, timeout)
         self._fail_pending(JobCancelled("the embedding service was shut down"), state="cancelled")
 
     def __enter__(self) -> EmbeddingService:
@@ -343,7 +335,7 @@ def _serve(spec: dict) -> int:
             else:
                 jobs.put((header, arrays))
 
-    from .embedding import create_embedder
+    from .registry import create_embedder
 
     try:
         embedder = create_embedder(spec["model"], device=spec.get("device"), precision=spec.get("precision", "auto"),
@@ -387,7 +379,7 @@ def _serve(spec: dict) -> int:
 
 def _embed_adaptively(embedder, images: list[np.ndarray], should_stop, report) -> np.ndarray:
     """Embed in batches sized to take about TARGET_BATCH_S each (first one image, to measure)."""
-    from .embedding import check_images
+    from .base import check_images
 
     images = check_images(images)  # up front, so a bad image is reported by its place in the whole job
     out, start, batch = [], 0, 1

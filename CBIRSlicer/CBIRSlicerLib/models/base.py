@@ -1,21 +1,8 @@
-"""Embedders: images (and, for CLIP-family models, text) to L2-normalised float32 vectors.
-
-One entry point, :func:`create_embedder`, takes a model name with a schema prefix, in the
-spirit of open_clip's factory:
-
-==========================  ===============================================================
-``biomedclip`` (default)    open_clip ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``
-``openclip:ARCH:PRETRAINED`` an open_clip built-in architecture and pretrained tag
-``hf-hub:ORG/REPO``         an open_clip model on the Hugging Face hub
-``local-dir:PATH``          an open_clip folder (``open_clip_config.json`` + weights), for offline sites
-``dinov2[:SIZE]``           DINOv2 (``facebook/dinov2-SIZE``, default base) CLS token, via transformers
-``rad-dino``                RAD-DINO (``microsoft/rad-dino``) CLS token, via transformers
-``hf-vit:REPO_OR_PATH``     any transformers vision backbone (hub id or local folder), CLS token
-``handcrafted``             deterministic intensity / gradient / texture descriptor, no weights
-==========================  ===============================================================
+"""The embedder contract: images (and, for CLIP-family models, text) to L2-normalised float32 vectors.
 
 Every embedder has a dimension and a :class:`Fingerprint` (name, config, weights checksum,
-preprocessing) that an index stores, so vectors from different models never mix.
+preprocessing) that an index stores, so vectors from different models never mix. Which
+embedder a model name stands for is decided in :mod:`.registry`.
 """
 
 from __future__ import annotations
@@ -28,12 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import ModelError
-
-DEFAULT_MODEL = "biomedclip"
-BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-DINOV2_SIZES = ("small", "base", "large", "giant")
-RAD_DINO_HUB_ID = "microsoft/rad-dino"
+from ..errors import ModelError
 
 Progress = Callable[[int, int], None]  # (images done, images in all)
 ShouldStop = Callable[[], bool]
@@ -76,15 +58,6 @@ class Fingerprint:
         """Human-readable list of the identity fields that differ from another fingerprint (empty: compatible)."""
         mine, theirs = self.as_dict(), other if isinstance(other, dict) else other.as_dict()
         return [f"{key}: {mine.get(key)!r} != {theirs.get(key)!r}" for key in self.IDENTITY if mine.get(key) != theirs.get(key)]
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -160,7 +133,7 @@ class Embedder:
         out = np.zeros((len(images), self.dim), np.float32)
         for start in range(0, len(images), batch_size):
             if should_stop is not None and should_stop():
-                from .errors import JobCancelled
+                from ..errors import JobCancelled
 
                 raise JobCancelled(f"stopped after {start} of {len(images)} images")
             batch = images[start:start + batch_size]
@@ -182,79 +155,3 @@ class Embedder:
         """What a user or the worker reports about the loaded model."""
         return {"name": self.name, "dim": self.dim, "device": self.device, "supports_text": self.supports_text,
                 "fingerprint": self.fingerprint.as_dict(), "digest": self.fingerprint.digest()}
-
-
-class HandcraftedEmbedder(Embedder):
-    """The weight-free descriptor of :mod:`handcrafted` as an embedder; a batch is described in chunks on all cores."""
-
-    default_batch_size = 256
-    # Images described as one stack: larger stacks fall out of the CPU caches (5,184 crops of a case: 4.3 s in stacks
-    # of 64, 6.6 s in stacks of 256). numpy releases the GIL in the descriptor's array work, so stacks described on
-    # one thread per core run side by side: 2.3 s on 2 cores.
-    chunk = 64
-
-    def __init__(self):
-        from . import handcrafted
-
-        self._describe_batch = handcrafted.describe_batch
-        self._threads = None
-        self.name = "handcrafted"
-        self.dim = handcrafted.DIM
-        self.fingerprint = Fingerprint(
-            name="handcrafted", family="handcrafted", dim=self.dim, source="built in",
-            config={"version": handcrafted.VERSION, "size": handcrafted.SIZE, "blocks": list(handcrafted.BLOCKS),
-                    "lbp_radii": list(handcrafted.LBP_RADII)},
-            preprocessing={"input": "grey in [0, 1]", "resize": f"bilinear {handcrafted.SIZE}x{handcrafted.SIZE}"},
-        )
-
-    def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
-        chunks = [images[start:start + self.chunk] for start in range(0, len(images), self.chunk)]
-        if len(chunks) < 2 or available_cores() < 2:
-            return self._describe_batch(images)
-        if self._threads is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._threads = ThreadPoolExecutor(min(available_cores(), 8), thread_name_prefix="handcrafted")
-        return np.concatenate(list(self._threads.map(self._describe_batch, chunks)))
-
-
-def parse_model_name(name: str) -> tuple[str, str]:
-    """(family, identifier) for a model name; raises ModelError for unknown names."""
-    name = (name or DEFAULT_MODEL).strip()
-    if name == "handcrafted":
-        return "handcrafted", ""
-    if name == "biomedclip":
-        return "open_clip", BIOMEDCLIP_HUB_ID
-    if name.startswith(("hf-hub:", "local-dir:")):
-        return "open_clip", name
-    if name.startswith("openclip:"):
-        parts = name.split(":")
-        if len(parts) != 3 or not all(parts[1:]):
-            raise ModelError(f"model '{name}' must look like openclip:ARCH:PRETRAINED, for example openclip:ViT-B-16:openai")
-        return "open_clip", name
-    if name == "rad-dino":
-        return "hf_vision", RAD_DINO_HUB_ID
-    if name == "dinov2" or name.startswith("dinov2:"):
-        size = name.partition(":")[2] or "base"
-        if size in DINOV2_SIZES:
-            return "hf_vision", f"facebook/dinov2-{size}"
-        return "hf_vision", size  # a hub id or a local folder of a DINOv2 checkpoint
-    if name.startswith("hf-vit:") and name[7:]:
-        return "hf_vision", name[7:]
-    raise ModelError(
-        f"unknown model '{name}'; use biomedclip, openclip:ARCH:PRETRAINED, hf-hub:ORG/REPO, local-dir:PATH, "
-        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH or handcrafted")
-
-
-def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **options) -> Embedder:
-    """The embedder a model name stands for, loaded on a device ('auto' or None: cuda, then mps, then cpu)."""
-    family, identifier = parse_model_name(name)
-    if family == "handcrafted":
-        return HandcraftedEmbedder()
-    if family == "open_clip":
-        from .clip_models import OpenClipEmbedder
-
-        return OpenClipEmbedder(name, identifier, choose_device(device), **options)
-    from .vit_models import HFVisionEmbedder
-
-    return HFVisionEmbedder(name, identifier, choose_device(device), **options)

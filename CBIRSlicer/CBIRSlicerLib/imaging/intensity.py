@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ParameterError
+from ..errors import ParameterError
 from .volume import Volume
 
 # CT presets as (width, level) in Hounsfield units; the usual radiology reading windows.

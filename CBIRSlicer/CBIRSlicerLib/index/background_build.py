@@ -18,6 +18,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..processes import in_thread, start_module, wait_or_kill
+
 HARD_STOP_S = 10.0
 
 
@@ -63,13 +65,9 @@ class IndexBuild:
 
     def start(self) -> IndexBuild:
         """Start the child process; returns at once."""
-        env = dict(os.environ)
-        library_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH")) if p)
-        self._process = subprocess.Popen([self.python, "-m", "CBIRSlicerLib.index_build", json.dumps(asdict(self.spec))],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        threading.Thread(target=self._read_events, daemon=True, name="cbir-build-events").start()
-        threading.Thread(target=self._read_log, daemon=True, name="cbir-build-log").start()
+        self._process = start_module(self.python, "index.background_build", asdict(self.spec))
+        in_thread(self._read_events, name="cbir-build-events")
+        in_thread(self._read_log, name="cbir-build-log")
         return self
 
     @property
@@ -96,7 +94,7 @@ class IndexBuild:
             self._process.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             pass
-        threading.Thread(target=self._kill_if_stuck, daemon=True, name="cbir-build-stop").start()
+        in_thread(wait_or_kill, self._process, HARD_STOP_S, name="cbir-build-stop")
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the build ends (scripts and tests); True if it did."""
@@ -106,13 +104,6 @@ class IndexBuild:
                 return False
             time.sleep(0.05)
         return True
-
-    def _kill_if_stuck(self) -> None:
-        process = self._process
-        try:
-            process.wait(HARD_STOP_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
     def _read_log(self) -> None:
         for line in self._process.stderr:
@@ -170,10 +161,10 @@ def _run(spec: dict) -> int:
         stop.set()  # "stop", or the parent has gone
 
     threading.Thread(target=watch_stdin, daemon=True).start()
-    from .embedding import create_embedder
-    from .errors import CBIRError
-    from .index import MANIFEST, Index
-    from .index_items import IndexSettings
+    from ..errors import CBIRError
+    from ..models.registry import create_embedder
+    from .folder import MANIFEST, Index
+    from .items import IndexSettings
 
     try:
         if os.path.exists(os.path.join(spec["folder"], MANIFEST)):

@@ -139,8 +139,8 @@ def read_labelled_csv(path: str) -> list[LabelledVolume]:
     """Rows path,label[,roi_ras] (paths relative to the CSV; several rows per volume allowed)."""
     import csv
 
-    from .errors import InputError
-    from .roi import RoiBox
+    from ..errors import InputError
+    from ..imaging.roi import RoiBox
 
     if not os.path.isfile(path):
         raise InputError(path, "does not exist")
@@ -166,7 +166,7 @@ def read_labelled_csv(path: str) -> list[LabelledVolume]:
 
 def read_class_folders(folder: str) -> list[tuple[str, str]]:
     """(image path, class) for every 2D image in the sub-folders of a folder, one sub-folder per class."""
-    from .errors import InputError
+    from ..errors import InputError
 
     pairs = []
     for label in sorted(os.listdir(folder)):
@@ -182,7 +182,7 @@ def _image_as_rgb(path: str) -> np.ndarray:
     """A 2D image file as uint8 RGB (16-bit and float images scaled from their own range)."""
     import SimpleITK as sitk
 
-    from .errors import InputError
+    from ..errors import InputError
 
     try:
         array = sitk.GetArrayFromImage(sitk.ReadImage(path))
@@ -201,7 +201,7 @@ def _image_as_rgb(path: str) -> np.ndarray:
 
 def evaluate_images(folder: str, embedder, ks: Sequence[int] = (1, 3, 5, 10)) -> Evaluation:
     """Denner et al.'s protocol on a folder per class of 2D images: exact search, each image against all the others."""
-    from .vectors import VectorStore
+    from ..index.faiss_store import VectorStore
 
     pairs = read_class_folders(folder)
     vectors = embedder.embed_images([_image_as_rgb(p) for p, _ in pairs])
@@ -227,7 +227,7 @@ def evaluate_volumes(rows: list[LabelledVolume], searcher, ks: Sequence[int] = (
     Relevant cases hold a row with the query's label; a relevant result is localised when its focus lies in one of
     that case's ROIs with the query's label.
     """
-    from .readers import read_volume
+    from ..imaging.readers import read_volume
     from .search import roi_query, volume_query
 
     labels_of: dict[str, set[str]] = {}
@@ -270,8 +270,8 @@ def evaluate_lesions(searcher, truth: dict[str, list], paths: dict[str, str], ks
 
     Localised: the best match of a relevant result lies inside a lesion of that kind (within its radius of its centre).
     """
-    from .readers import read_volume
-    from .roi import RoiBox
+    from ..imaging.readers import read_volume
+    from ..imaging.roi import RoiBox
     from .search import roi_query
 
     kinds_of = {name: {lesion.kind for lesion in lesions} for name, lesions in truth.items()}

@@ -1,0 +1,71 @@
+"""Model names to embedders.
+
+One entry point, :func:`create_embedder`, takes a model name with a schema prefix, in the
+spirit of open_clip's factory:
+
+==========================  ===============================================================
+``biomedclip`` (default)    open_clip ``hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224``
+``openclip:ARCH:PRETRAINED`` an open_clip built-in architecture and pretrained tag
+``hf-hub:ORG/REPO``         an open_clip model on the Hugging Face hub
+``local-dir:PATH``          an open_clip folder (``open_clip_config.json`` + weights), for offline sites
+``dinov2[:SIZE]``           DINOv2 (``facebook/dinov2-SIZE``, default base) CLS token, via transformers
+``rad-dino``                RAD-DINO (``microsoft/rad-dino``) CLS token, via transformers
+``hf-vit:REPO_OR_PATH``     any transformers vision backbone (hub id or local folder), CLS token
+``handcrafted``             deterministic intensity / gradient / texture descriptor, no weights
+==========================  ===============================================================
+
+"""
+
+from __future__ import annotations
+
+from ..errors import ModelError
+from .base import Embedder, choose_device
+
+DEFAULT_MODEL = "biomedclip"
+BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+DINOV2_SIZES = ("small", "base", "large", "giant")
+RAD_DINO_HUB_ID = "microsoft/rad-dino"
+
+
+def parse_model_name(name: str) -> tuple[str, str]:
+    """(family, identifier) for a model name; raises ModelError for unknown names."""
+    name = (name or DEFAULT_MODEL).strip()
+    if name == "handcrafted":
+        return "handcrafted", ""
+    if name == "biomedclip":
+        return "open_clip", BIOMEDCLIP_HUB_ID
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return "open_clip", name
+    if name.startswith("openclip:"):
+        parts = name.split(":")
+        if len(parts) != 3 or not all(parts[1:]):
+            raise ModelError(f"model '{name}' must look like openclip:ARCH:PRETRAINED, for example openclip:ViT-B-16:openai")
+        return "open_clip", name
+    if name == "rad-dino":
+        return "hf_vision", RAD_DINO_HUB_ID
+    if name == "dinov2" or name.startswith("dinov2:"):
+        size = name.partition(":")[2] or "base"
+        if size in DINOV2_SIZES:
+            return "hf_vision", f"facebook/dinov2-{size}"
+        return "hf_vision", size  # a hub id or a local folder of a DINOv2 checkpoint
+    if name.startswith("hf-vit:") and name[7:]:
+        return "hf_vision", name[7:]
+    raise ModelError(
+        f"unknown model '{name}'; use biomedclip, openclip:ARCH:PRETRAINED, hf-hub:ORG/REPO, local-dir:PATH, "
+        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH or handcrafted")
+
+
+def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **options) -> Embedder:
+    """The embedder a model name stands for, loaded on a device ('auto' or None: cuda, then mps, then cpu)."""
+    family, identifier = parse_model_name(name)
+    if family == "handcrafted":
+        from .handcrafted import HandcraftedEmbedder
+
+        return HandcraftedEmbedder()
+    if family == "open_clip":
+        from .open_clip_models import OpenClipEmbedder
+
+        return OpenClipEmbedder(name, identifier, choose_device(device), **options)
+    from .hf_vision_models import HFVisionEmbedder
+
+    return HFVisionEmbedder(name, identifier, choose_device(device), **options)
