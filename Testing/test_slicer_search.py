@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import headless_slicer
+from volume_helpers import read_png
 
 from CBIRSlicerLib.errors import InputError, JobCancelled, ParameterError
 from CBIRSlicerLib.imaging import synthetic
-from CBIRSlicerLib.imaging.png import read_png
 from CBIRSlicerLib.imaging.readers import read_volume
 from CBIRSlicerLib.index.background_build import BuildSpec, IndexBuild
 from CBIRSlicerLib.index.folder import Index

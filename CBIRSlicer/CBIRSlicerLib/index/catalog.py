@@ -63,8 +63,6 @@ CREATE TABLE IF NOT EXISTS contents (
 );
 """
 
-CASE_FIELDS = ("case_id", "name", "source", "series_uid", "checksum", "modality", "body_part", "status")
-
 
 @dataclass
 class CaseRecord:
