@@ -1,7 +1,7 @@
 """Reading volumes from disk: NIfTI, NRRD, MetaImage, DICOM series and multi-frame DICOM.
 
 Everything goes through SimpleITK (GDCM for DICOM); geometry is taken from the file and
-converted to RAS once, in :mod:`coords`. Folders are searched recursively; every DICOM
+converted to RAS once, in :mod:`coordinates`. Folders are searched recursively; every DICOM
 series found is its own case.
 """
 
