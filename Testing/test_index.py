@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from CBIRSlicerLib import cli
-from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError
+from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import CaseSource
 from CBIRSlicerLib.imaging.roi import RoiBox, read_markups_roi
@@ -209,7 +209,9 @@ def test_filtered_search_stays_inside_the_filter_and_fills_k(cohort, tmp_path, i
     allowed = index.catalog.item_ids(index.catalog.case_rows_matching({"label": "ball"}))
     _, ids = index.store.search(searcher.vectors(query), 50, allowed=allowed)
     assert np.isin(ids[ids >= 0], allowed).all() and (ids >= 0).sum(axis=1).min() == 50
-    assert searcher.search(query, k=3, filters={"modality": "MR"})["results"] == []
+    assert searcher.search(query, k=3, filters={"label": "no-such-label"})["results"] == []
+    with pytest.raises(ParameterError, match="'modality': no case of the index has it; fields that exist: .*label"):
+        searcher.search(query, k=3, filters={"modality": "MR"})  # a field no case has is an error, not an empty answer
 
 
 def test_removed_cases_never_come_back_from_hnsw(cohort, tmp_path):

@@ -14,11 +14,13 @@ import os
 
 import numpy as np
 
-from ..errors import IndexCorruptError, ParameterError
+from ..errors import IndexCorruptError, ModelError, ParameterError
+from .integrity import ChunkHasher
 
 # Exact search costs in proportion to vectors x dimension: 175 ms at 1 M x 512 on the project machine, so it stays
 # under ~10 ms per query up to 50,000 512-d vectors, or 220,000 of the handcrafted model's 116-d ones.
 FLAT_MAX_FLOATS = 50_000 * 512
+UNIT_TOLERANCE = 1e-3  # stored vectors are the model's L2-normalised output: |norm - 1| above this is damage
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 1024  # measured at 1 M x 512: recall@10 0.98 at 5.5 ms (128 gave 0.60), docs/benchmarks.md
@@ -63,17 +65,31 @@ class VectorStore:
         return cls(faiss.IndexIDMap2(base), kind, dim)
 
     @classmethod
-    def load(cls, path: str, kind: str, dim: int) -> VectorStore:
-        """Read a saved store."""
+    def load(cls, path: str, kind: str, dim: int) -> tuple[VectorStore, dict]:
+        """Read a saved store, hashing its bytes as FAISS reads them; returns it with the file's size and chunk digests."""
         import faiss
 
+        hasher = ChunkHasher()
         try:
-            index = faiss.read_index(path)
+            with open(path, "rb") as handle:
+                def read(size: int) -> bytes:
+                    data = handle.read(size)
+                    hasher.update(data)
+                    return data
+
+                index = faiss.read_index(faiss.PyCallbackIOReader(read))
+                while True:  # bytes after what FAISS wanted count too
+                    rest = handle.read(1 << 20)
+                    if not rest:
+                        break
+                    hasher.update(rest)
         except RuntimeError as error:
-            raise IndexCorruptError(f"{path}: FAISS index cannot be read ({str(error).splitlines()[0]})") from None
+            raise IndexCorruptError(f"{path}: FAISS index cannot be read ({str(error).splitlines()[0]}); the file is damaged") from None
         if index.d != dim:
             raise IndexCorruptError(f"{path}: vectors have {index.d} dimensions, the manifest says {dim}")
-        return cls(index, kind, dim)
+        if not isinstance(index, faiss.IndexIDMap2):  # read_index hands back the owning object, already of its own class
+            raise IndexCorruptError(f"{path}: not a FAISS index with an id map; the file is damaged")
+        return cls(index, kind, dim), hasher.record()
 
     def save(self, path: str) -> None:
         """Write to a temporary file, then rename over the old one, so a crash never leaves half a file."""
@@ -81,6 +97,8 @@ class VectorStore:
 
         temporary = f"{path}.tmp-{os.getpid()}"
         faiss.write_index(self.index, temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
 
     @property
@@ -145,6 +163,9 @@ class VectorStore:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(ids):
             raise ValueError(f"expected ({len(ids)}, {self.dim}) vectors, got {vectors.shape}")
+        bad = vector_problem(vectors)
+        if bad:
+            raise ModelError(f"the model returned {bad}; nothing of this volume was stored")
         if len(ids):
             self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
             self._id_array = self._storage_view = None
@@ -194,7 +215,12 @@ class VectorStore:
                 faiss.SearchParametersHNSW(efSearch=breadth)
         else:
             params = faiss.SearchParameters(sel=selector) if selector else None
+        if not np.all(np.isfinite(queries)):
+            raise ModelError("a query vector is not finite (NaN or infinite); nothing can be ranked with it")
         scores, ids = self.index.search(queries, k, params=params)
+        if not np.all(np.isfinite(scores[ids >= 0])):
+            raise IndexCorruptError("vectors.faiss: a stored vector gives a score that is not a number; the index is damaged: "
+                                    "run 'cbir index verify' and 'cbir index repair'")
         if allowed is not None and self.kind != "flat":
             # A filtered graph walk can come back short; the exact answer is cheap for those rows.
             wanted = min(k, len(allowed))
@@ -224,3 +250,37 @@ class VectorStore:
             chunk = keep[start:start + 10_000]
             fresh.add(self.reconstruct(chunk), chunk)
         return fresh
+
+    def vector_problems(self, batch: int = 65_536) -> list[str]:
+        """Every stored vector checked: finite and of unit length (the model's L2-normalised output)."""
+        not_finite = not_unit = 0
+        first = None
+        ids = self.ids()
+        for start in range(0, self.count, batch):
+            chunk = ids[start:start + batch]
+            vectors = self.reconstruct(chunk)
+            finite = np.all(np.isfinite(vectors), axis=1)
+            unit = np.zeros(len(chunk), bool)
+            unit[finite] = np.abs(np.linalg.norm(vectors[finite].astype(np.float64), axis=1) - 1) <= UNIT_TOLERANCE
+            not_finite += int((~finite).sum())
+            not_unit += int((finite & ~unit).sum())
+            if first is None and not unit.all():
+                first = int(chunk[np.flatnonzero(~unit)[0]])
+        problems = []
+        if not_finite:
+            problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first bad id {first})")
+        if not_unit:
+            problems.append(f"{not_unit} stored vector(s) are not of unit length (first bad id {first})")
+        return problems
+
+
+def vector_problem(vectors: np.ndarray) -> str | None:
+    """Why vectors cannot be stored (not finite, not L2-normalised), or None."""
+    finite = np.all(np.isfinite(vectors), axis=1)
+    if not finite.all():
+        return f"{int((~finite).sum())} of {len(vectors)} vectors with NaN or infinite numbers"
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    off = np.abs(norms - 1) > UNIT_TOLERANCE
+    if off.any():
+        return f"{int(off.sum())} of {len(vectors)} vectors not of unit length (norm {norms[off][0]:.4g})"
+    return None
