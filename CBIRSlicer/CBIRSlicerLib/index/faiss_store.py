@@ -15,7 +15,6 @@ import os
 import numpy as np
 
 from ..errors import IndexCorruptError, ModelError, ParameterError
-from .integrity import ChunkHasher
 
 # Exact search costs in proportion to vectors x dimension: 175 ms at 1 M x 512 on the project machine, so it stays
 # under ~10 ms per query up to 50,000 512-d vectors, or 220,000 of the handcrafted model's 116-d ones.
@@ -65,31 +64,20 @@ class VectorStore:
         return cls(faiss.IndexIDMap2(base), kind, dim)
 
     @classmethod
-    def load(cls, path: str, kind: str, dim: int) -> tuple[VectorStore, dict]:
-        """Read a saved store, hashing its bytes as FAISS reads them; returns it with the file's size and chunk digests."""
+    def load(cls, path: str, kind: str, dim: int) -> VectorStore:
+        """Read a saved store."""
         import faiss
 
-        hasher = ChunkHasher()
         try:
-            with open(path, "rb") as handle:
-                def read(size: int) -> bytes:
-                    data = handle.read(size)
-                    hasher.update(data)
-                    return data
-
-                index = faiss.read_index(faiss.PyCallbackIOReader(read))
-                while True:  # bytes after what FAISS wanted count too
-                    rest = handle.read(1 << 20)
-                    if not rest:
-                        break
-                    hasher.update(rest)
-        except RuntimeError as error:
-            raise IndexCorruptError(f"{path}: FAISS index cannot be read ({str(error).splitlines()[0]}); the file is damaged") from None
+            index = faiss.read_index(path)
+        except (RuntimeError, MemoryError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise IndexCorruptError(f"{path}: FAISS index cannot be read ({reason}); the file is damaged") from None
         if index.d != dim:
             raise IndexCorruptError(f"{path}: vectors have {index.d} dimensions, the manifest says {dim}")
         if not isinstance(index, faiss.IndexIDMap2):  # read_index hands back the owning object, already of its own class
             raise IndexCorruptError(f"{path}: not a FAISS index with an id map; the file is damaged")
-        return cls(index, kind, dim), hasher.record()
+        return cls(index, kind, dim)
 
     def save(self, path: str) -> None:
         """Write to a temporary file, then rename over the old one, so a crash never leaves half a file."""

@@ -305,13 +305,15 @@ class Index:
             if checked and recorded and os.path.getsize(os.path.join(folder, name)) != recorded.get("size"):
                 problem(f"{os.path.join(folder, name)}: holds {os.path.getsize(os.path.join(folder, name))} bytes, the manifest "
                         f"says {recorded.get('size')}")
-        store, vectors_record = VectorStore.load(os.path.join(folder, VECTORS), kind, dim)
+        vectors_path = os.path.join(folder, VECTORS)
+        if checked and files.get(VECTORS):
+            # Checked before FAISS reads it: a damaged header could make FAISS allocate or read without bound.
+            found = record_problem(vectors_path, files[VECTORS], file_record(vectors_path))
+            if found:
+                raise IndexCorruptError(f"{found}; {recovery_hint(folder)}")
+        store = VectorStore.load(vectors_path, kind, dim)
         catalog = Catalog(os.path.join(folder, CATALOG), readonly=not writable)
         try:
-            if checked and files.get(VECTORS):
-                found = record_problem(os.path.join(folder, VECTORS), files[VECTORS], vectors_record)
-                if found:
-                    problem(found)
             if checked and writable:  # about to seal: everything it owns must be what the last seal vouched for
                 for name, recorded in files.items():
                     if name != VECTORS and recorded:
@@ -463,12 +465,12 @@ class Index:
             volume = read_case(source)
             refused, warning = content_problem(volume)
             if refused:
-                raise InputError(source.label, refused)
+                raise InputError(None, refused)
             made = volume_items(volume, self.settings)
             vectors = embedder.embed_images(made.images)
             bad = vector_problem(vectors) if len(vectors) else None
             if bad:
-                raise InputError(source.label, f"model '{embedder.name}' returned {bad}; not indexed")
+                raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
         except (CBIRError, OSError) as error:
             report.skipped.append((source.label, str(error)))
             return

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, ParameterError
+from ..errors import IndexCorruptError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
@@ -146,7 +146,10 @@ class Searcher:
         excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])
-        allowed_rows = catalog.case_rows_matching(filters) if filters else None
+        allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
+        if allowed_rows == []:
+            return {"query": query.description, "ranking": method, "results": [],
+                    "note": "no case of the index matches the filters " + ", ".join(f"{k}={v}" for k, v in filters.items())}
         allowed = catalog.item_ids(allowed_rows) if allowed_rows is not None else None
         hits_per_image = hits_per_image or max(100, 10 * k)
         # Many query images each only need to find candidate cases, which MaxSim then scores exactly, so each walks a
@@ -171,6 +174,9 @@ class Searcher:
             results.append(scored)
             located[row] = (mine, similarity)
         ranked = ranking.rank(results)[:k]
+        if any(not np.isfinite(r.score) for r in ranked):  # never a NaN score: only damaged vectors give one
+            raise IndexCorruptError(f"{self.index.folder}: a case scores NaN; the index is damaged: run 'cbir index verify' and "
+                                    "'cbir index repair'")
         for result in ranked:  # where each shown case matched: only for the cases shown
             mine, similarity = located[result.case_row]
             best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine], weights)
