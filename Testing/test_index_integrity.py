@@ -461,3 +461,18 @@ def test_patient_ids_are_stored_only_as_a_keyed_hash_unless_kept_on_purpose(tmp_
     assert patient_key("PAT-0042", b"another-site") != case.metadata["patient_key"]
     assert cbir(capsys, "index", "build", folder, "--index", tmp_path / "kept", *SMALL, "--keep-patient-ids")[0] == 0
     assert Index.open(str(tmp_path / "kept")).catalog.cases()[0].metadata["patient_id"] == "PAT-0042"
+
+
+def test_the_readme_filter_example_returns_results_on_the_data_it_builds(cases, tmp_path, capsys):
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    build = next(line for line in readme.splitlines() if line.startswith("cbir index build"))
+    field, value = re.search(r"--filter (\w+)=(\S+)", readme).groups()
+    assert field == "label" and "--labels labels.csv" in build  # the README builds with the labels its filter uses
+    folder, paths = cases
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{value if n else 'cyst'}\n" for n, p in enumerate(paths)))
+    assert cbir(capsys, "index", "build", folder, "--index", tmp_path / "idx", "--labels", labels, *SMALL)[0] == 0
+    code, out, _ = search(capsys, str(tmp_path / "idx"), paths[0], "--filter", f"{field}={value}")
+    assert code == 0 and len(json.loads(out)["results"]) == 2
