@@ -20,7 +20,6 @@ import SimpleITK as sitk
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.index.folder import CATALOG, MANIFEST, VECTORS, Index
-from CBIRSlicerLib.index.integrity import SEAL, write_json_atomically
 
 SHAPE = (24, 24, 12)
 SMALL = ["--model", "handcrafted", "--stride-mm", "8", "--tiles-mm", "", "--blobs", "0"]
@@ -172,7 +171,7 @@ def test_a_truncated_or_corrupt_part_is_one_line_in_every_command(copy, cases, c
 def test_search_never_prints_a_nan_score(copy, cases, capsys):
     _, paths = cases
     # A NaN written where a vector lies, with the manifest re-sealed over it: only the score check stands in the way.
-    from CBIRSlicerLib.index.integrity import file_record, seal
+    from CBIRSlicerLib.index.integrity import file_record, seal, write_json_atomically
 
     index = Index.open(copy)
     vector = index.store.reconstruct(index.store.ids()[:1])[0]
@@ -397,6 +396,8 @@ def test_repair_reembeds_from_the_sources_and_never_drops_cases_silently(copy, c
 
 def _as_format_1(folder):
     """What an index of format 1 looked like: WAL catalog, manifest without checksums, state or privacy."""
+    from CBIRSlicerLib.index.integrity import SEAL
+
     manifest = json.load(open(os.path.join(folder, MANIFEST)))
     for key in ("files", "state", "privacy", SEAL):
         manifest.pop(key, None)
@@ -426,7 +427,7 @@ def test_an_older_index_is_searched_read_only_and_repair_brings_it_up_to_date(co
 
 
 def test_a_newer_format_is_refused_in_one_line(copy, capsys):
-    from CBIRSlicerLib.index.integrity import seal
+    from CBIRSlicerLib.index.integrity import seal, write_json_atomically
 
     manifest = json.load(open(os.path.join(copy, MANIFEST)))
     manifest["format_version"] = 99
@@ -476,3 +477,17 @@ def test_the_readme_filter_example_returns_results_on_the_data_it_builds(cases, 
     assert cbir(capsys, "index", "build", folder, "--index", tmp_path / "idx", "--labels", labels, *SMALL)[0] == 0
     code, out, _ = search(capsys, str(tmp_path / "idx"), paths[0], "--filter", f"{field}={value}")
     assert code == 0 and len(json.loads(out)["results"]) == 2
+
+
+def test_a_lost_manifest_is_rebuilt_by_repair_from_the_catalogs_copy(copy, cases, capsys):
+    _, paths = cases
+    _, expected, _ = search(capsys, copy, paths[0])
+    os.remove(os.path.join(copy, MANIFEST))
+    code, out, err = search(capsys, copy, paths[0])
+    assert code == 1 and out == ""
+    one_line_error(err, MANIFEST, "missing", "cbir index repair")
+    code, out, err = cbir(capsys, "index", "repair", "--index", copy)
+    assert code == 0 and "3 case(s) re-embedded" in out, err
+    assert cbir(capsys, "index", "verify", "--index", copy)[0] == 0
+    _, answer, _ = search(capsys, copy, paths[0])
+    assert [r["case_id"] for r in json.loads(answer)["results"]] == [r["case_id"] for r in json.loads(expected)["results"]]

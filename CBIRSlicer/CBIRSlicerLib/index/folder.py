@@ -291,9 +291,11 @@ class Index:
             dim = int(manifest["model"]["fingerprint"]["dim"])
             kind = manifest["index_type"]["current"]
             counts = dict(manifest["counts"])
-            manifest["model"]["name"], manifest["settings"]  # noqa: B018 - present, or the manifest is damaged
-        except (KeyError, TypeError, ValueError) as error:
-            raise IndexCorruptError(f"{path}: lacks {error} ; {recovery_hint(folder)}") from None
+            IndexSettings.from_stored(manifest["settings"])
+            if not isinstance(manifest["model"]["name"], str):
+                raise TypeError("a model name")
+        except (KeyError, TypeError, ValueError, CBIRError) as error:
+            raise IndexCorruptError(f"{path}: lacks or garbles {error}; {recovery_hint(folder)}") from None
         state = manifest.get("state", CLEAN)
         live = state == WRITING and not writable and writer_active(folder)
         checked = state == CLEAN  # a writer's work in progress, or a dead writer's, has no checksums to match yet
