@@ -26,7 +26,10 @@ from CBIRSlicerLib.models.registry import create_embedder
 
 SHAPE = (16, 16, 8)
 TINY = IndexSettings(axes=["axial"], stride_mm=8.0, tile_sizes_mm=[], blobs_per_slice=0)
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# Derandomised (the same examples on every run, so the suite is repeatable) and without an example database in the tree.
+QUIET = {"deadline": None, "derandomize": True, "database": None,
+         "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]}
+FUZZ = settings(max_examples=40, **QUIET)
 
 
 def _volume(seed=0):
@@ -105,7 +108,7 @@ def test_readers_refuse_random_header_fields_in_one_line(originals, suffix, data
 NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-10**6, 10**6))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, **QUIET)
 @given(values=st.lists(NUMBERS, min_size=0, max_size=8), option=st.sampled_from(["--roi-ras", "--slice-ras"]))
 def test_number_lists_reach_the_options_whatever_their_sign(values, option):
     text = ",".join(repr(float(v)) if isinstance(v, float) else str(v) for v in values)
@@ -133,7 +136,7 @@ def test_number_lists_reach_the_options_whatever_their_sign(values, option):
         assert np.allclose(roi.as_list(), [float(v) for v in values]) and min(roi.size) > 0
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, **QUIET)
 @given(text=st.text(max_size=40))
 def test_any_roi_text_is_a_box_or_a_parameter_error(text):
     try:
@@ -157,7 +160,7 @@ def embedder():
     return create_embedder("handcrafted")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=8, **QUIET)
 @given(operations=OPERATIONS)
 def test_index_matches_a_model_through_add_remove_refresh_and_kills(embedder, operations):
     work = tempfile.mkdtemp()

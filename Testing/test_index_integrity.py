@@ -491,3 +491,15 @@ def test_a_lost_manifest_is_rebuilt_by_repair_from_the_catalogs_copy(copy, cases
     assert cbir(capsys, "index", "verify", "--index", copy)[0] == 0
     _, answer, _ = search(capsys, copy, paths[0])
     assert [r["case_id"] for r in json.loads(answer)["results"]] == [r["case_id"] for r in json.loads(expected)["results"]]
+
+
+def test_the_patient_key_lives_outside_the_index_in_the_users_config(tmp_path, monkeypatch):
+    from CBIRSlicerLib.index import privacy
+
+    monkeypatch.delenv("CBIR_PATIENT_KEY", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    first = privacy.patient_key("PAT-1")
+    path = tmp_path / "config" / "cbirslicer" / "patient-key"
+    assert path.is_file() and (path.stat().st_mode & 0o777) == 0o600 and len(path.read_text()) == 64
+    assert privacy.patient_key("PAT-1") == first != privacy.patient_key("PAT-2")
+    assert privacy.private_metadata({"patient_id": "PAT-1", "modality": "CT"}) == {"modality": "CT", "patient_key": first}

@@ -34,9 +34,16 @@ def patient_key_secret() -> bytes:
     path = key_path()
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        temporary = f"{path}.tmp-{os.getpid()}"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:
             handle.write(secrets.token_hex(32))
+        try:
+            os.link(temporary, path)  # whole or not at all; a key another process made first wins
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(temporary)
     with open(path) as handle:
         return handle.read().strip().encode()
 
