@@ -503,3 +503,23 @@ def test_the_patient_key_lives_outside_the_index_in_the_users_config(tmp_path, m
     assert path.is_file() and (path.stat().st_mode & 0o777) == 0o600 and len(path.read_text()) == 64
     assert privacy.patient_key("PAT-1") == first != privacy.patient_key("PAT-2")
     assert privacy.private_metadata({"patient_id": "PAT-1", "modality": "CT"}) == {"modality": "CT", "patient_key": first}
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_verify_names_vectors_that_are_not_finite_or_not_unit_and_add_refuses_them(kind):
+    from CBIRSlicerLib.errors import ModelError
+    from CBIRSlicerLib.index.faiss_store import VectorStore
+
+    vectors = np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store = VectorStore.create(16, kind)
+    store.add(vectors, np.arange(100, 400))
+    assert store.vector_problems() == []
+    storage = store._storage()
+    storage[5, 3] = np.nan
+    storage[7] *= 1.01
+    assert store.vector_problems() == ["1 stored vector(s) hold NaN or infinite numbers (first id 105)",
+                                       "1 stored vector(s) are not of unit length (first id 107)"]
+    for bad in (vectors[:2] * 2, np.full((2, 16), np.nan, np.float32), np.zeros((2, 16), np.float32)):
+        with pytest.raises(ModelError):
+            store.add(bad, np.array([1, 2]))

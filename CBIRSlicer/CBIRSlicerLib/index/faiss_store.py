@@ -242,23 +242,26 @@ class VectorStore:
     def vector_problems(self, batch: int = 65_536) -> list[str]:
         """Every stored vector checked: finite and of unit length (the model's L2-normalised output)."""
         not_finite = not_unit = 0
-        first = None
+        first_nan = first_off = None
         ids = self.ids()
+        storage = self._storage()  # the raw vectors in storage order, when the structure keeps them flat (no copying)
         for start in range(0, self.count, batch):
             chunk = ids[start:start + batch]
-            vectors = self.reconstruct(chunk)
+            vectors = storage[start:start + batch] if storage is not None else self.reconstruct(chunk)
             finite = np.all(np.isfinite(vectors), axis=1)
             unit = np.zeros(len(chunk), bool)
-            unit[finite] = np.abs(np.linalg.norm(vectors[finite].astype(np.float64), axis=1) - 1) <= UNIT_TOLERANCE
+            unit[finite] = np.abs(np.einsum("ij,ij->i", vectors[finite], vectors[finite], dtype=np.float64) - 1) <= 2 * UNIT_TOLERANCE
             not_finite += int((~finite).sum())
             not_unit += int((finite & ~unit).sum())
-            if first is None and not unit.all():
-                first = int(chunk[np.flatnonzero(~unit)[0]])
+            if first_nan is None and not finite.all():
+                first_nan = int(chunk[np.flatnonzero(~finite)[0]])
+            if first_off is None and not (unit | ~finite).all():
+                first_off = int(chunk[np.flatnonzero(~unit & finite)[0]])
         problems = []
         if not_finite:
-            problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first bad id {first})")
+            problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first id {first_nan})")
         if not_unit:
-            problems.append(f"{not_unit} stored vector(s) are not of unit length (first bad id {first})")
+            problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
         return problems
 
 
