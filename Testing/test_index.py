@@ -112,7 +112,14 @@ def test_kill_and_resume_finishes_without_duplicates_or_losses(cohort, built, tm
     process.wait()
     with sqlite3.connect(os.path.join(index_dir, "catalog.sqlite")) as db:
         assert 2 <= db.execute("SELECT COUNT(*) FROM cases WHERE status = 'complete'").fetchone()[0] < 6
+    # Killed mid-write: readers say so (and still answer), verify calls it a problem, the next writer finishes.
+    cli_run = [sys.executable, "-m", "CBIRSlicerLib.cli", "index"]
+    info = subprocess.run([*cli_run, "info", "--index", index_dir], capture_output=True, text=True)
+    assert info.returncode == 0 and "a writer stopped before finishing" in info.stderr
+    verify = subprocess.run([*cli_run, "verify", "--index", index_dir, "--no-sources"], capture_output=True, text=True)
+    assert verify.returncode == 1 and "a writer stopped" in verify.stdout
     assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    assert subprocess.run([*cli_run, "verify", "--index", index_dir], capture_output=True).returncode == 0
     index = Index.open(index_dir)
     got = {c.case_id: len(index.catalog.items_of_cases([c.row])[c.row]) for c in index.catalog.cases()}
     assert got == expected
