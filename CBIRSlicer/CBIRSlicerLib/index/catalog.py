@@ -196,11 +196,14 @@ class Catalog:
 
     # ----- cases ---------------------------------------------------------------------------------
     def _case(self, row: sqlite3.Row | tuple) -> CaseRecord:
-        (rid, case_id, name, source, series_uid, checksum, modality, body_part, shape, spacing, matrix,
-         labels, metadata, status, _added) = row
-        return CaseRecord(case_id, source, name or "", series_uid, checksum, modality, body_part,
-                          json.loads(shape or "[]"), json.loads(spacing or "[]"), json.loads(matrix or "[]"),
-                          json.loads(labels or "[]"), json.loads(metadata or "{}"), status, rid)
+        try:
+            (rid, case_id, name, source, series_uid, checksum, modality, body_part, shape, spacing, matrix,
+             labels, metadata, status, _added) = row
+            return CaseRecord(case_id, source, name or "", series_uid, checksum, modality, body_part,
+                              json.loads(shape or "[]"), json.loads(spacing or "[]"), json.loads(matrix or "[]"),
+                              json.loads(labels or "[]"), json.loads(metadata or "{}"), status, rid)
+        except (ValueError, TypeError) as error:  # what only a damaged file holds
+            raise IndexCorruptError(f"{self.path}: a case row cannot be decoded ({error}); the file is damaged") from None
 
     def add_case(self, case: CaseRecord, added_at: float) -> int:
         """Insert a case (status 'pending' until its vectors are saved); returns its row id."""
@@ -303,9 +306,12 @@ class Catalog:
         return np.array(ids, dtype=np.int64)
 
     def _item(self, row) -> ItemRecord:
-        rid, case_row, kind, axis, slice_index, plane, r, a, s, box, low, high, size = row
-        return ItemRecord(kind, axis, slice_index, plane, (r, a, s), tuple(json.loads(box)), tuple(json.loads(low)),
-                          tuple(json.loads(high)), size, rid, case_row)
+        try:
+            rid, case_row, kind, axis, slice_index, plane, r, a, s, box, low, high, size = row
+            return ItemRecord(kind, axis, slice_index, plane, (r, a, s), tuple(json.loads(box)), tuple(json.loads(low)),
+                              tuple(json.loads(high)), size, rid, case_row)
+        except (ValueError, TypeError) as error:  # what only a damaged file holds
+            raise IndexCorruptError(f"{self.path}: an item row cannot be decoded ({error}); the file is damaged") from None
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRecord]:
         """Items by id."""
@@ -398,7 +404,10 @@ class Catalog:
         if row is None:
             return None
         rows, cols, blob = row
-        return np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(rows, cols)
+        try:
+            return np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(rows, cols)
+        except (zlib.error, ValueError, TypeError) as error:
+            raise IndexCorruptError(f"{self.path}: a thumbnail cannot be decoded ({error}); the file is damaged") from None
 
 
 class _Transaction:
