@@ -223,6 +223,16 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
     assert code == 0
     for args in (["index", "info", "--index", built], ["index", "verify", "--index", built]):
         assert cbir(capsys, *args)[0] == 0
+    from CBIRSlicerLib.retrieval.search import load_volume_for_query, volume_query
+    from CBIRSlicerLib.scene.search_session import SearchSession, shutdown_services
+
+    session = SearchSession(built)  # the Slicer module's way in: an index plus a model in a worker process
+    try:
+        answer = session.start(volume_query(load_volume_for_query(paths[0]), "axial", session.index), k=3).wait(timeout=60)
+        assert [r["case_id"] for r in answer["results"]] == [r["case_id"] for r in json.loads(expected)["results"]]
+    finally:
+        session.close()
+        shutdown_services()  # no worker left running after the test
     after = {name: open(os.path.join(built, name), "rb").read() for name in os.listdir(built)}
     assert after == before  # no -wal, -shm, -journal or lock file, and no byte changed
     if not _nobody_can_run():
@@ -254,6 +264,8 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
         assert [r["case_id"] for r in theirs["results"]] == [r["case_id"] for r in mine["results"]]
         assert [r["score"] for r in theirs["results"]] == [r["score"] for r in mine["results"]]
         query = str(shared / "query.nii.gz")
+        # The module's panel reads the index with index_summary and searches it with a Searcher over the session's index
+        # (the session's worker process cannot start as 'nobody' here: the interpreter lives under /root).
         logic = ("from CBIRSlicerLib.scene.search_session import index_summary; from CBIRSlicerLib.index.folder import Index; "
                  "from CBIRSlicerLib.retrieval.search import Searcher, volume_query, load_volume_for_query; import json; "
                  f"s = index_summary({readonly!r}); i = Index.open({readonly!r}); q = load_volume_for_query({query!r}); "
