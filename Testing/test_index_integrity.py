@@ -238,17 +238,21 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
     if not _nobody_can_run():
         pytest.skip("needs root and setpriv to run a reader as a user who cannot write the copy")
     # A copy nobody may write (a DVD, a teaching archive), read by a user who cannot write it: the CLI and the module's logic.
-    shared = tmp_path / "shared"
+    # Outside pytest's own temporary root: a pytest session starting meanwhile (another test run) makes that root 0700 again.
+    import pathlib
+    import tempfile
+
+    outside = pathlib.Path(tempfile.mkdtemp(prefix="cbir-readonly-"))
+    shared = outside / "shared"
     shutil.copytree(built, shared / "idx", ignore=shutil.ignore_patterns(".lock"))
     shutil.copy(paths[0], shared / "query.nii.gz")
-    for folder, _, files in os.walk(tmp_path):
+    for folder, _, files in os.walk(outside):
         os.chmod(folder, 0o555)
         for name in files:
             os.chmod(os.path.join(folder, name), 0o444)
-    for parent in (tmp_path.parent, tmp_path.parent.parent):
-        os.chmod(parent, os.stat(parent).st_mode | 0o555)
+    os.chmod(outside, 0o555)
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HOME": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HOME": str(outside)}
     readonly = str(shared / "idx")
 
     def run(*args):
@@ -277,8 +281,9 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
         assert counts["cases"] == 3 and ids == [r["case_id"] for r in mine["results"]]
         assert sorted(os.listdir(readonly)) == sorted(n for n in os.listdir(built) if n != ".lock")
     finally:
-        for folder, _, _files in os.walk(tmp_path):
+        for folder, _, _files in os.walk(outside):
             os.chmod(folder, 0o755)
+        shutil.rmtree(outside)
 
 
 # ----- bad input, one line each -------------------------------------------------------------------------------------------
@@ -322,8 +327,14 @@ def test_index_add_refuses_slicing_flags_that_differ_from_the_pinned_ones(copy, 
     code, _, err = cbir(capsys, "index", "add", folder, "--index", copy, "--axes", "coronal", "--stride-mm", "1")
     assert code == 1
     one_line_error(err, "--axes coronal", "['axial']", "--stride-mm 1", "8.0")
+    code, out, err = cbir(capsys, "index", "verify", "--index", copy)
+    assert code == 0 and "a writer stopped" not in err + out  # a refusal leaves the index sealed, not 'interrupted'
     code, out, _ = cbir(capsys, "index", "add", folder, "--index", copy, "--stride-mm", "8")  # the pinned value is fine
     assert code == 0 and "3 unchanged" in out
+    code, _, err = cbir(capsys, "index", "remove", "no-such-case", "--index", copy)
+    assert code == 1 and "is not a case of the index" in err
+    code, out, err = cbir(capsys, "index", "verify", "--index", copy)
+    assert code == 0 and err == ""
 
 
 def test_an_empty_folder_or_an_all_skipped_build_exits_1(tmp_path, capsys):

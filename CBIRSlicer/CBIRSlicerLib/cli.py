@@ -190,8 +190,8 @@ def _index_build(args: argparse.Namespace) -> int:
                 index.check_settings(_settings_from(args, SLICING_DEFAULTS))
             else:
                 _refuse_other_slicing(args, index)
-        except BaseException:
-            index.__exit__(BaseException, None, None)
+        except BaseException as error:
+            index.__exit__(type(error), error, None)
             raise
     else:
         settings = _settings_from(args, SLICING_DEFAULTS)

@@ -356,7 +356,17 @@ class Index:
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is not None and self._lock is not None:
-            self._lock.release()  # an error mid-case: leave it pending and the manifest 'writing'; the next writer tidies
+            if issubclass(kind, CBIRError) and not issubclass(kind, IndexCorruptError):
+                # A refusal (an unknown case, another model, bad settings): drop what is unfinished and seal the rest,
+                # so a typo never leaves the index looking interrupted.
+                try:
+                    self._pending_rows = []
+                    self._purge_pending()
+                    self.close()
+                    return
+                except (CBIRError, OSError):
+                    pass
+            self._lock.release()  # a crash mid-case: leave it pending and the manifest 'writing'; the next writer tidies
             self._lock = None
             self.catalog.close()
             return
