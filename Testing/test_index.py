@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from CBIRSlicerLib import cli
-from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError
+from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import CaseSource
 from CBIRSlicerLib.imaging.roi import RoiBox, read_markups_roi
@@ -112,7 +112,14 @@ def test_kill_and_resume_finishes_without_duplicates_or_losses(cohort, built, tm
     process.wait()
     with sqlite3.connect(os.path.join(index_dir, "catalog.sqlite")) as db:
         assert 2 <= db.execute("SELECT COUNT(*) FROM cases WHERE status = 'complete'").fetchone()[0] < 6
+    # Killed mid-write: readers say so (and still answer), verify calls it a problem, the next writer finishes.
+    cli_run = [sys.executable, "-m", "CBIRSlicerLib.cli", "index"]
+    info = subprocess.run([*cli_run, "info", "--index", index_dir], capture_output=True, text=True)
+    assert info.returncode == 0 and "a writer stopped before finishing" in info.stderr
+    verify = subprocess.run([*cli_run, "verify", "--index", index_dir, "--no-sources"], capture_output=True, text=True)
+    assert verify.returncode == 1 and "a writer stopped" in verify.stdout
     assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    assert subprocess.run([*cli_run, "verify", "--index", index_dir], capture_output=True).returncode == 0
     index = Index.open(index_dir)
     got = {c.case_id: len(index.catalog.items_of_cases([c.row])[c.row]) for c in index.catalog.cases()}
     assert got == expected
@@ -209,7 +216,9 @@ def test_filtered_search_stays_inside_the_filter_and_fills_k(cohort, tmp_path, i
     allowed = index.catalog.item_ids(index.catalog.case_rows_matching({"label": "ball"}))
     _, ids = index.store.search(searcher.query_vectors(query), 50, allowed=allowed)
     assert np.isin(ids[ids >= 0], allowed).all() and (ids >= 0).sum(axis=1).min() == 50
-    assert searcher.search(query, k=3, filters={"modality": "MR"}).results == []
+    assert searcher.search(query, k=3, filters={"label": "no-such-label"}).results == []
+    with pytest.raises(ParameterError, match="'modality': no case of the index has it; fields that exist: .*label"):
+        searcher.search(query, k=3, filters={"modality": "MR"})  # a field no case has is an error, not an empty answer
 
 
 def test_removed_cases_never_come_back_from_hnsw(cohort, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -63,11 +64,14 @@ def test_scope_leaves_out_the_query_case_its_link_and_item_and_keeps_the_filtere
     assert set(scope.excluded.tolist()) == set(catalog.item_ids([own]).tolist()) | {other_item}
     assert scope.allowed is None
     ball_rows = [_row(searcher, searcher.paths[n]) for n in (0, 2)]
-    catalog.db.execute("UPDATE cases SET modality = 'CT' WHERE id IN (?, ?)", ball_rows)
+    # Readers open the catalog read-only: the test writes through a connection of its own.
+    writer = sqlite3.connect(os.path.join(searcher.index.folder, "catalog.sqlite"), isolation_level=None)
+    writer.execute("UPDATE cases SET modality = 'CT' WHERE id IN (?, ?)", ball_rows)
     try:
         filtered = searcher.scope(Query({}), {"modality": "CT"})
     finally:
-        catalog.db.execute("UPDATE cases SET modality = NULL")
+        writer.execute("UPDATE cases SET modality = NULL")
+        writer.close()
     assert sorted(filtered.allowed.tolist()) == sorted(catalog.item_ids(ball_rows).tolist()) and filtered.excluded.size == 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -136,25 +138,65 @@ def _sizes_mm(text: str | None) -> list[float]:
     return [float(t) for t in text.split(",") if t] if text else []
 
 
+# Slicing flags of 'index build' / 'add' with their defaults; 'add' takes the index's pinned values for those not given.
+SLICING_DEFAULTS = {"axes": "axial", "stride_mm": 5.0, "tiles_mm": "32", "tile_overlap": 0.5, "blobs": 12,
+                    "blob_sizes_mm": "16,24,32"}
+SLICING_FIELDS = {"axes": "axes", "stride_mm": "stride_mm", "tiles_mm": "tile_sizes_mm", "tile_overlap": "tile_overlap",
+                  "blobs": "blobs_per_slice", "blob_sizes_mm": "blob_sizes_mm"}
+
+
+def _settings_from(args: argparse.Namespace, defaults: dict):
+    """IndexSettings from the slicing flags, taking ``defaults`` (flag name -> value) for those not given."""
+    from .index.items import IndexSettings
+
+    value = {name: getattr(args, name) if getattr(args, name) is not None else defaults[name] for name in SLICING_DEFAULTS}
+    axes = value["axes"] if isinstance(value["axes"], list) else str(value["axes"]).split(",")
+    sizes = {k: value[k] if isinstance(value[k], list) else _sizes_mm(value[k]) for k in ("tiles_mm", "blob_sizes_mm")}
+    return IndexSettings(axes=axes, stride_mm=value["stride_mm"], tile_sizes_mm=sizes["tiles_mm"], tile_overlap=value["tile_overlap"],
+                         blobs_per_slice=value["blobs"], blob_sizes_mm=sizes["blob_sizes_mm"])
+
+
+def _refuse_other_slicing(args: argparse.Namespace, index) -> None:
+    """'index add' with slicing flags: each must equal the index's pinned value (an index cuts every case alike)."""
+    from .errors import IndexMismatchError
+
+    pinned = index.settings.as_dict()
+    given = {name: getattr(args, name) for name in SLICING_DEFAULTS if getattr(args, name) is not None}
+    if not given:
+        return
+    asked = _settings_from(args, {name: pinned[SLICING_FIELDS[name]] for name in SLICING_DEFAULTS}).as_dict()
+    differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the index has {pinned[SLICING_FIELDS[name]]})"
+              for name in given if asked[SLICING_FIELDS[name]] != pinned[SLICING_FIELDS[name]]]
+    if differ:
+        raise IndexMismatchError(f"{index.folder}: slicing settings are pinned when an index is built; asked for " + ", ".join(differ)
+                                 + ": leave the flags out, or build a new index with them")
+
+
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
     from .index.folder import MANIFEST, Index
-    from .index.items import IndexSettings
     from .models.registry import create_embedder
 
     exists = os.path.exists(os.path.join(args.index, MANIFEST))
     if args.action == "add" and not exists:
         raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
-    settings = IndexSettings(axes=args.axes.split(","), stride_mm=args.stride_mm, tile_sizes_mm=_sizes_mm(args.tiles_mm),
-                             tile_overlap=args.tile_overlap, blobs_per_slice=args.blobs, blob_sizes_mm=_sizes_mm(args.blob_sizes_mm))
+    if not args.sources:
+        raise CBIRError(f"index {args.action}: name the files or folders to index")
     if exists:
         index = Index.open(args.index, writable=True)
-        embedder = create_embedder(args.model or index.model_name(), device=args.device)
-        if args.action == "build":  # resuming or extending a build: the slicing must be the same
-            index.check_settings(settings)
+        try:
+            embedder = create_embedder(args.model or index.model_name(), device=args.device)
+            if args.action == "build":  # resuming or extending a build: the slicing must be the same
+                index.check_settings(_settings_from(args, SLICING_DEFAULTS))
+            else:
+                _refuse_other_slicing(args, index)
+        except BaseException as error:
+            index.__exit__(type(error), error, None)
+            raise
     else:
+        settings = _settings_from(args, SLICING_DEFAULTS)
         embedder = create_embedder(args.model or "biomedclip", device=args.device)
-        index = Index.create(args.index, embedder, settings, args.index_type)
+        index = Index.create(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
     with index:
         report = index.add_sources(args.sources, embedder, progress=_progress_printer("indexing"),
                                    labels=_read_labels(args.labels))
@@ -162,11 +204,22 @@ def _index_build(args: argparse.Namespace) -> int:
     info = Index.open(args.index).info()
     print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
           f"({info['index_type']}), model {info['model']}")
+    if not report.indexed:
+        what = ", ".join(args.sources)
+        reason = "every file was skipped" if report.skipped else "no volume files or DICOM series were found"
+        raise CBIRError(f"{what}: nothing indexed ({reason})")
     return 0
 
 
+def _state_note(index) -> None:
+    """Tell the user (stderr) when an index is older, being written, or was interrupted."""
+    note = index.state_note()
+    if note:
+        print(f"cbir: note: {index.folder}: {note}", file=sys.stderr)
+
+
 def _index_other(args: argparse.Namespace) -> int:
-    """cbir index remove / info / verify / refresh."""
+    """cbir index remove / info / verify / refresh / repair."""
     from .index.folder import Index
 
     if args.action == "remove":
@@ -182,7 +235,16 @@ def _index_other(args: argparse.Namespace) -> int:
                                    _progress_printer("refreshing"))
         print(report.summary())
         return 0
-    index = Index.open(args.index)
+    if args.action == "repair":
+        from .index.folder import repair
+        from .models.registry import create_embedder
+
+        report = repair(args.index, lambda name: create_embedder(args.model or name, device=args.device), args.drop_missing,
+                        _progress_printer("re-embedding"))
+        print(report.summary())
+        return 0
+    index = Index.open(args.index, strict=args.action != "verify")
+    _state_note(index)
     if args.action == "info":
         info = index.info()
         if args.json:
@@ -205,6 +267,40 @@ def _index_other(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def _ras_point(text: str) -> list[float]:
+    """'R,A,S' in mm, the form of --slice-ras."""
+    from .errors import ParameterError
+
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise ParameterError(f"--slice-ras '{text}' is not three numbers R,A,S") from None
+    if len(values) != 3 or not all(map(math.isfinite, values)):
+        raise ParameterError(f"--slice-ras '{text}' must be three finite numbers R,A,S (mm)")
+    return values
+
+
+def _read_batch(path: str) -> list[dict]:
+    """The rows of a --batch CSV (volume[,roi_ras]), each with a volume; a bad file is one error naming it."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except FileNotFoundError:
+        raise CBIRError(f"{path}: batch CSV does not exist") from None
+    except UnicodeDecodeError as error:
+        raise CBIRError(f"{path}: batch CSV is not UTF-8 text (byte {error.start} cannot be decoded)") from None
+    except csv.Error as error:
+        raise CBIRError(f"{path}: batch CSV cannot be parsed ({error})") from None
+    if rows and "volume" not in rows[0]:
+        raise CBIRError(f"{path}: batch CSV needs a 'volume' column (and optionally 'roi_ras')")
+    for number, row in enumerate(rows, start=2):
+        if not (row.get("volume") or "").strip():
+            raise CBIRError(f"{path}: row {number} has no volume (a short row?)")
+    return rows
+
+
 def _search(args: argparse.Namespace) -> int:
     """cbir search: similar cases for a volume, an ROI, a slice, a phrase, an item, or a batch of queries."""
     from .imaging.roi import RoiBox, read_markups_roi
@@ -222,26 +318,24 @@ def _search(args: argparse.Namespace) -> int:
     )
 
     index = Index.open(args.index)
+    _state_note(index)
     searcher = Searcher(index, model=args.model, device=args.device)
     filters = parse_filters(args.filter)
+    if filters and not index.catalog.case_rows_matching(filters):  # a field no case has raises there
+        print(f"cbir: note: no case of the index matches the filters {filters}; the answer is empty", file=sys.stderr)
 
     def volume_search(path: str, roi: RoiBox | None) -> SearchAnswer:
         volume = load_volume_for_query(path)
         if roi is not None:
             query = roi_query(volume, roi, args.axis, index, args.margin_mm)
         elif args.slice_ras:
-            query = slice_query(volume, args.axis, index, [float(v) for v in args.slice_ras.split(",")])
+            query = slice_query(volume, args.axis, index, _ras_point(args.slice_ras))
         else:
             query = volume_query(volume, args.axis, index)
         return searcher.search(query, args.k, filters, args.ranking)
 
     if args.batch:
-        import csv
-
-        with open(args.batch, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if rows and "volume" not in rows[0]:
-            raise CBIRError(f"{args.batch}: batch CSV needs a 'volume' column (and optionally 'roi_ras')")
+        rows = _read_batch(args.batch)
         for row in rows:
             text = (row.get("roi_ras") or "").strip()
             try:
@@ -370,18 +464,23 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth)
 
     index = commands.add_parser("index", help="build, extend, check an index of volumes")
-    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh"])
+    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair"])
     index.add_argument("sources", nargs="*", help="files and folders to index (build, add), or case ids / sources (remove)")
     index.add_argument("--index", required=True, help="index folder")
     index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
-    index.add_argument("--axes", default="axial", help="comma-separated axes to index (default axial)")
-    index.add_argument("--stride-mm", type=float, default=5.0, help="distance between indexed slices (default 5 mm)")
-    index.add_argument("--tiles-mm", default="32", help="tile sizes in mm for region queries, comma-separated; '' for none")
-    index.add_argument("--tile-overlap", type=float, default=0.5,
+    # Slicing flags have no argparse default: 'add' must tell a flag given from one left out (SLICING_DEFAULTS).
+    index.add_argument("--axes", help="comma-separated axes to index (default axial)")
+    index.add_argument("--stride-mm", type=float, help="distance between indexed slices (default 5 mm)")
+    index.add_argument("--tiles-mm", help="tile sizes in mm for region queries, comma-separated; '' for none (default 32)")
+    index.add_argument("--tile-overlap", type=float,
                        help="overlap of neighbouring tiles, 0 to <1 (default 0.5; 0.75 places matches better, 4x the items)")
-    index.add_argument("--blobs", type=int, default=12,
+    index.add_argument("--blobs", type=int,
                        help="per slice, how many blob-like places (lesion candidates) get crops centred on them (default 12; 0 for none)")
-    index.add_argument("--blob-sizes-mm", default="16,24,32", help="sizes in mm of the crops around each blob, comma-separated")
+    index.add_argument("--blob-sizes-mm", help="sizes in mm of the crops around each blob, comma-separated (default 16,24,32)")
+    index.add_argument("--keep-patient-ids", action="store_true",
+                       help="build: keep patient IDs from DICOM headers in the catalog (default: only a keyed hash of them)")
+    index.add_argument("--drop-missing", action="store_true",
+                       help="repair: leave out cases whose sources are gone or unreadable (default: refuse and list them)")
     index.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw"], help="FAISS structure (default auto)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
@@ -441,14 +540,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value is a list of numbers that may start with a minus sign ('--roi-ras -9,-7,34,30,30,30').
+NUMBER_LIST_OPTIONS = ("--roi-ras", "--slice-ras")
+_NEGATIVE_LIST = re.compile(r"^-\s*(\d|\.\d|nan|inf)", re.IGNORECASE)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """'--roi-ras -9,...' as '--roi-ras=-9,...': argparse would take a value starting with '-' for an option."""
+    joined, n = [], 0
+    while n < len(argv):
+        if argv[n] in NUMBER_LIST_OPTIONS and n + 1 < len(argv) and _NEGATIVE_LIST.match(argv[n + 1]):
+            joined.append(f"{argv[n]}={argv[n + 1]}")
+            n += 2
+        else:
+            joined.append(argv[n])
+            n += 1
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cbir`` console script."""
+    import sqlite3
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         return args.run(args)
     except CBIRError as error:
         print(f"cbir: error: {error}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as error:  # a catalog damaged past what opening it checks
+        where = f"{os.path.join(os.path.abspath(args.index), 'catalog.sqlite')}: " if getattr(args, "index", None) else ""
+        print(f"cbir: error: {where}cannot be read ({error}); the index is damaged: see 'cbir index verify', "
+              "then 'cbir index repair'", file=sys.stderr)
         return 1
     except OSError as error:  # disk full, permission denied: the user can act on these
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""

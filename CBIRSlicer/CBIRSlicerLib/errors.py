@@ -34,6 +34,10 @@ class EmptySourceError(InputError):
     """A folder holds nothing CBIRSlicer can read."""
 
 
+class GeometryFileError(InputError):
+    """A file's header places its voxels impossibly: zero or negative spacing, a singular or skewed direction matrix."""
+
+
 class DicomSeriesError(InputError):
     """A DICOM series is inconsistent: missing slices, mixed sizes or orientations."""
 

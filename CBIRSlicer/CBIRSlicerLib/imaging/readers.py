@@ -22,6 +22,7 @@ from ..errors import (
     DicomSeriesError,
     DimensionError,
     EmptySourceError,
+    GeometryFileError,
     InputError,
     UnreadableFileError,
     UnsupportedFormatError,
@@ -210,6 +211,28 @@ def _check_scalar_3d(image_or_reader, path: str):
         raise DimensionError(path, f"is a 2D image ({size[0]}x{size[1]}), not a volume")
 
 
+ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I| above this is a skewed or scaled direction matrix, not rounding
+
+
+def _geometry_problem(reader) -> str | None:
+    """Why a header's geometry is unusable (zero, negative or non-finite spacing; a singular or skewed direction), or None."""
+    spacing = np.array(reader.GetSpacing()[:3], dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        return f"has voxel spacing {' x '.join(f'{v:g}' for v in spacing)} mm in its header; every spacing must be a positive number"
+    dimension = reader.GetDimension()
+    direction = np.array(reader.GetDirection(), dtype=float).reshape(dimension, dimension)[:3, :3]
+    if not np.all(np.isfinite(direction)):
+        return "has a direction matrix with non-finite numbers in its header"
+    if abs(np.linalg.det(direction)) < 1e-6:
+        return (f"has a singular direction matrix in its header (its axes are not independent: "
+                f"{np.round(direction, 4).tolist()}); the voxels have no place in space")
+    error = float(np.max(np.abs(direction.T @ direction - np.eye(3))))
+    if error > ORTHONORMAL_TOLERANCE:
+        return (f"has a direction matrix that is not orthonormal (axes skewed or scaled, off by up to {error:.3g}): "
+                f"{np.round(direction, 4).tolist()}; resample it onto an orthogonal grid first")
+    return None
+
+
 def _to_volume(image, path: str, metadata: dict[str, str], name: str) -> Volume:
     """Turn a checked SimpleITK image into a Volume with metadata."""
     if image.GetDimension() == 4:
@@ -244,6 +267,9 @@ def read_volume_file(path: str | Path) -> Volume:
         raise UnreadableFileError(path, "is empty (0 bytes)")
     reader = _read_information(path)
     _check_scalar_3d(reader, path)
+    geometry = _geometry_problem(reader)
+    if geometry:
+        raise GeometryFileError(path, geometry)
     if volume_suffix(path) in (".nii", ".nii.gz"):
         problem = _nifti_data_problem(path)
         if problem:

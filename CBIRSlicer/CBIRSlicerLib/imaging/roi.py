@@ -22,7 +22,9 @@ class RoiBox:
         size = tuple(float(v) for v in self.size)
         if len(center) != 3 or len(size) != 3:
             raise ParameterError("an ROI needs a 3D centre and a 3D size")
-        if not all(np.isfinite(center + size)) or min(size) <= 0:
+        if not all(np.isfinite(center)):
+            raise ParameterError(f"ROI centre must be three finite numbers (mm), got {center}")
+        if not all(np.isfinite(size)) or min(size) <= 0:
             raise ParameterError(f"ROI size must be positive and finite, got {size}")
         object.__setattr__(self, "center", center)
         object.__setattr__(self, "size", size)

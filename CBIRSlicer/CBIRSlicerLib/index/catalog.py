@@ -7,12 +7,16 @@ AUTOINCREMENT key, so they are never reused after a removal.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..errors import IndexCorruptError, ParameterError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases (
@@ -61,7 +65,12 @@ CREATE TABLE IF NOT EXISTS contents (
     case_row INTEGER PRIMARY KEY REFERENCES cases(id) ON DELETE CASCADE,
     digest TEXT NOT NULL
 );
+-- The index's identity (model, settings) copied from the manifest, so a repair can work without one.
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+TABLES = ("cases", "items", "thumbnails", "tombstones")
+BUSY_SECONDS = 30.0  # a reader waits this long for a writer's commit (rollback journal: commits are short)
+COLUMN_FILTERS = ("case_id", "name", "source", "series_uid", "modality", "body_part")
 
 
 @dataclass
@@ -121,12 +130,53 @@ class ItemArrays:
 class Catalog:
     """SQLite access for one index folder."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, readonly: bool = False, create: bool = False):
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA journal_mode = WAL")  # readers never block the one writer
-        self.db.executescript(SCHEMA)
+        self.readonly = readonly
+        if not create and not os.path.isfile(path):
+            raise IndexCorruptError(f"{path}: missing")
+        try:
+            if readonly:
+                # No journal mode change, no schema, no files created: a copy on a DVD or a share others only read works.
+                # Where the folder cannot be written at all, nobody writes the file either: immutable skips locking.
+                uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+                if not os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK):
+                    uri += "&immutable=1"
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+            else:
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_SECONDS)
+                self.db.execute("PRAGMA foreign_keys = ON")
+                # A rollback journal, not WAL: committed data is then always in the file itself, so the manifest's checksum
+                # covers it and a read-only copy needs no -wal or -shm file beside it.
+                self.db.execute("PRAGMA journal_mode = DELETE")
+                self.db.executescript(SCHEMA)
+            found = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as error:
+            raise IndexCorruptError(f"{path}: cannot be read as an SQLite catalog ({error}); the file is damaged") from None
+        missing = [t for t in TABLES if t not in found]
+        if missing:
+            self.db.close()
+            raise IndexCorruptError(f"{path}: lacks the table(s) {', '.join(missing)}; the file is damaged")
+
+    def integrity_problems(self) -> list[str]:
+        """SQLite's own full check of the file (every page, every index)."""
+        try:
+            rows = [r[0] for r in self.db.execute("PRAGMA integrity_check")]
+        except sqlite3.DatabaseError as error:
+            return [f"{self.path}: SQLite integrity check failed ({error})"]
+        return [] if rows == ["ok"] else [f"{self.path}: SQLite integrity check: " + "; ".join(rows[:5])]
+
+    def set_meta(self, key: str, value: dict) -> None:
+        """Store a JSON value under a key."""
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def meta(self, key: str) -> dict | None:
+        """A stored JSON value, or None (older catalogs have no meta table)."""
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return json.loads(row[0]) if row else None
 
     def close(self) -> None:
         """Close the database."""
@@ -138,11 +188,14 @@ class Catalog:
 
     # ----- cases ---------------------------------------------------------------------------------
     def _case(self, row: sqlite3.Row | tuple) -> CaseRecord:
-        (rid, case_id, name, source, series_uid, checksum, modality, body_part, shape, spacing, matrix,
-         labels, metadata, status, _added) = row
-        return CaseRecord(case_id, source, name or "", series_uid, checksum, modality, body_part,
-                          json.loads(shape or "[]"), json.loads(spacing or "[]"), json.loads(matrix or "[]"),
-                          json.loads(labels or "[]"), json.loads(metadata or "{}"), status, rid)
+        try:
+            (rid, case_id, name, source, series_uid, checksum, modality, body_part, shape, spacing, matrix,
+             labels, metadata, status, _added) = row
+            return CaseRecord(case_id, source, name or "", series_uid, checksum, modality, body_part,
+                              json.loads(shape or "[]"), json.loads(spacing or "[]"), json.loads(matrix or "[]"),
+                              json.loads(labels or "[]"), json.loads(metadata or "{}"), status, rid)
+        except (ValueError, TypeError) as error:  # what only a damaged file holds
+            raise IndexCorruptError(f"{self.path}: a case row cannot be decoded ({error}); the file is damaged") from None
 
     def add_case(self, case: CaseRecord, added_at: float) -> int:
         """Insert a case (status 'pending' until its vectors are saved); returns its row id."""
@@ -195,11 +248,29 @@ class Catalog:
         """Rows of the cases indexed from a DICOM series."""
         return [r[0] for r in self.db.execute("SELECT id FROM cases WHERE series_uid = ?", (series_uid,))]
 
+    def filter_fields(self) -> list[str]:
+        """Fields some complete case has a value for: filterable columns, 'label' and metadata keys."""
+        fields = [c for c in COLUMN_FILTERS
+                  if self.db.execute(f"SELECT 1 FROM cases WHERE status = 'complete' AND {c} IS NOT NULL AND {c} != '' LIMIT 1").fetchone()]
+        if self.db.execute("SELECT 1 FROM cases, json_each(cases.labels) WHERE status = 'complete' LIMIT 1").fetchone():
+            fields.append("label")
+        keys = self.db.execute("SELECT DISTINCT json_each.key FROM cases, json_each(cases.metadata) WHERE status = 'complete' "
+                               "AND json_each.type NOT IN ('object', 'array', 'null') ORDER BY 1")
+        return fields + [k for (k,) in keys if k not in fields]
+
     def case_rows_matching(self, filters: dict[str, str]) -> list[int]:
-        """Rows of complete cases whose columns, labels or metadata equal the filter values (all must match)."""
+        """Rows of complete cases whose columns, labels or metadata equal the filter values (all must match).
+
+        A field no case has is a ParameterError listing the fields that exist, never an empty answer.
+        """
+        known = self.filter_fields()
+        unknown = [k for k in filters if (k if k != "labels" else "label") not in known]
+        if unknown:
+            raise ParameterError(f"filter field '{unknown[0]}': no case of the index has it; fields that exist: "
+                                 f"{', '.join(known) or 'none'}")
         clauses, values = ["status = 'complete'"], []
         for key, value in filters.items():
-            if key in ("case_id", "name", "source", "series_uid", "modality", "body_part"):
+            if key in COLUMN_FILTERS:
                 clauses.append(f"lower({key}) = lower(?)")
                 values.append(value)
             elif key in ("label", "labels"):
@@ -227,9 +298,12 @@ class Catalog:
         return np.array(ids, dtype=np.int64)
 
     def _item(self, row) -> ItemRecord:
-        rid, case_row, kind, axis, slice_index, plane, r, a, s, box, low, high, size = row
-        return ItemRecord(kind, axis, slice_index, plane, (r, a, s), tuple(json.loads(box)), tuple(json.loads(low)),
-                          tuple(json.loads(high)), size, rid, case_row)
+        try:
+            rid, case_row, kind, axis, slice_index, plane, r, a, s, box, low, high, size = row
+            return ItemRecord(kind, axis, slice_index, plane, (r, a, s), tuple(json.loads(box)), tuple(json.loads(low)),
+                              tuple(json.loads(high)), size, rid, case_row)
+        except (ValueError, TypeError) as error:  # what only a damaged file holds
+            raise IndexCorruptError(f"{self.path}: an item row cannot be decoded ({error}); the file is damaged") from None
 
     def items(self, ids: Iterable[int]) -> dict[int, ItemRecord]:
         """Items by id."""
@@ -290,6 +364,8 @@ class Catalog:
 
     def count(self, table: str) -> int:
         """Rows in a table (cases counts complete ones only)."""
+        if table not in (*TABLES, "contents"):
+            raise ValueError(f"no table {table}")
         where = " WHERE status = 'complete'" if table == "cases" else ""
         return self.db.execute(f"SELECT COUNT(*) FROM {table}{where}").fetchone()[0]
 
@@ -320,7 +396,10 @@ class Catalog:
         if row is None:
             return None
         rows, cols, blob = row
-        return np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(rows, cols)
+        try:
+            return np.frombuffer(zlib.decompress(blob), dtype=np.uint8).reshape(rows, cols)
+        except (zlib.error, ValueError, TypeError) as error:
+            raise IndexCorruptError(f"{self.path}: a thumbnail cannot be decoded ({error}); the file is damaged") from None
 
 
 class _Transaction:

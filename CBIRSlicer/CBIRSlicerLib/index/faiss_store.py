@@ -14,11 +14,12 @@ import os
 
 import numpy as np
 
-from ..errors import IndexCorruptError, ParameterError
+from ..errors import IndexCorruptError, ModelError, ParameterError
 
 # Exact search costs in proportion to vectors x dimension: 175 ms at 1 M x 512 on the project machine, so it stays
 # under ~10 ms per query up to 50,000 512-d vectors, or 220,000 of the handcrafted model's 116-d ones.
 FLAT_MAX_FLOATS = 50_000 * 512
+UNIT_TOLERANCE = 1e-3  # stored vectors are the model's L2-normalised output: |norm - 1| above this is damage
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 1024  # measured at 1 M x 512: recall@10 0.98 at 5.5 ms (128 gave 0.60), docs/benchmarks.md
@@ -69,10 +70,13 @@ class VectorStore:
 
         try:
             index = faiss.read_index(path)
-        except RuntimeError as error:
-            raise IndexCorruptError(f"{path}: FAISS index cannot be read ({str(error).splitlines()[0]})") from None
+        except (RuntimeError, MemoryError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise IndexCorruptError(f"{path}: FAISS index cannot be read ({reason}); the file is damaged") from None
         if index.d != dim:
             raise IndexCorruptError(f"{path}: vectors have {index.d} dimensions, the manifest says {dim}")
+        if not isinstance(index, faiss.IndexIDMap2):  # read_index hands back the owning object, already of its own class
+            raise IndexCorruptError(f"{path}: not a FAISS index with an id map; the file is damaged")
         return cls(index, kind, dim)
 
     def save(self, path: str) -> None:
@@ -81,6 +85,8 @@ class VectorStore:
 
         temporary = f"{path}.tmp-{os.getpid()}"
         faiss.write_index(self.index, temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
 
     @property
@@ -145,6 +151,9 @@ class VectorStore:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or len(vectors) != len(ids):
             raise ValueError(f"expected ({len(ids)}, {self.dim}) vectors, got {vectors.shape}")
+        bad = vector_problem(vectors)
+        if bad:
+            raise ModelError(f"the model returned {bad}; nothing of this volume was stored")
         if len(ids):
             self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
             self._id_array = self._storage_view = None
@@ -194,7 +203,12 @@ class VectorStore:
                 faiss.SearchParametersHNSW(efSearch=breadth)
         else:
             params = faiss.SearchParameters(sel=selector) if selector else None
+        if not np.all(np.isfinite(queries)):
+            raise ModelError("a query vector is not finite (NaN or infinite); nothing can be ranked with it")
         scores, ids = self.index.search(queries, k, params=params)
+        if not np.all(np.isfinite(scores[ids >= 0])):
+            raise IndexCorruptError("vectors.faiss: a stored vector gives a score that is not a number; the index is damaged: "
+                                    "run 'cbir index verify' and 'cbir index repair'")
         if allowed is not None and self.kind != "flat":
             # A filtered graph walk can come back short; the exact answer is cheap for those rows.
             wanted = min(k, len(allowed))
@@ -224,3 +238,40 @@ class VectorStore:
             chunk = keep[start:start + 10_000]
             fresh.add(self.reconstruct(chunk), chunk)
         return fresh
+
+    def vector_problems(self, batch: int = 65_536) -> list[str]:
+        """Every stored vector checked: finite and of unit length (the model's L2-normalised output)."""
+        not_finite = not_unit = 0
+        first_nan = first_off = None
+        ids = self.ids()
+        storage = self._storage()  # the raw vectors in storage order, when the structure keeps them flat (no copying)
+        for start in range(0, self.count, batch):
+            chunk = ids[start:start + batch]
+            vectors = storage[start:start + batch] if storage is not None else self.reconstruct(chunk)
+            finite = np.all(np.isfinite(vectors), axis=1)
+            unit = np.zeros(len(chunk), bool)
+            unit[finite] = np.abs(np.einsum("ij,ij->i", vectors[finite], vectors[finite], dtype=np.float64) - 1) <= 2 * UNIT_TOLERANCE
+            not_finite += int((~finite).sum())
+            not_unit += int((finite & ~unit).sum())
+            if first_nan is None and not finite.all():
+                first_nan = int(chunk[np.flatnonzero(~finite)[0]])
+            if first_off is None and not (unit | ~finite).all():
+                first_off = int(chunk[np.flatnonzero(~unit & finite)[0]])
+        problems = []
+        if not_finite:
+            problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first id {first_nan})")
+        if not_unit:
+            problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
+        return problems
+
+
+def vector_problem(vectors: np.ndarray) -> str | None:
+    """Why vectors cannot be stored (not finite, not L2-normalised), or None."""
+    finite = np.all(np.isfinite(vectors), axis=1)
+    if not finite.all():
+        return f"{int((~finite).sum())} of {len(vectors)} vectors with NaN or infinite numbers"
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    off = np.abs(norms - 1) > UNIT_TOLERANCE
+    if off.any():
+        return f"{int(off.sum())} of {len(vectors)} vectors not of unit length (norm {norms[off][0]:.4g})"
+    return None

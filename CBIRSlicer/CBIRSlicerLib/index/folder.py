@@ -1,11 +1,17 @@
-"""An index folder: manifest, FAISS vectors, SQLite catalog with thumbnails; built, updated and checked here.
+"""An index folder: manifest, FAISS vectors, SQLite catalog with thumbnails; built, updated, checked and repaired here.
 
-Folder layout (format version 1)::
+Folder layout (format version 2)::
 
-    manifest.json    format, model fingerprint, slicing settings, index type, counts (JSON)
+    manifest.json    format, model fingerprint, slicing settings, index type, counts, privacy, state, and the size and
+                     per-chunk SHA-256 of every file it owns, sealed by a checksum of itself (:mod:`integrity`)
     vectors.faiss    FAISS index with stable int64 ids (the catalog's item ids)
-    catalog.sqlite   cases, items, thumbnails, tombstones
-    .lock            held (flock) by the one process writing
+    catalog.sqlite   cases, items, thumbnails, tombstones (rollback journal: committed data is always in the file)
+    .lock            held (flock) by the one process writing; readers never create it
+
+Integrity: a writer marks the manifest ``writing`` before it changes anything and seals it ``clean``
+with fresh checksums when it closes. Readers check the cheap facts (files there, sizes, counts) and
+the vectors' checksum, which costs little since they read that file whole anyway; ``verify`` checks
+everything; writers check everything before they touch a clean index, so they never seal damage.
 
 Crash safety: a case is inserted as 'pending', its vectors are added in memory, and at a
 checkpoint the vectors file is replaced atomically *before* the case is marked 'complete'. A
@@ -28,14 +34,24 @@ import numpy as np
 from ..digests import file_sha256
 from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError
 from ..imaging.readers import CaseSource, discover, read_case
+from ..imaging.volume import Volume
 from ..models.base import Embedder
+from . import privacy
 from .catalog import CaseRecord, Catalog
-from .faiss_store import VectorStore, choose_kind
+from .faiss_store import VectorStore, choose_kind, vector_problem
+from .integrity import file_record, read_manifest, record_problem, seal, write_json_atomically
 from .items import IndexSettings, volume_items
 
 FORMAT = "cbirslicer-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed
 MANIFEST, VECTORS, CATALOG, LOCK = "manifest.json", "vectors.faiss", "catalog.sqlite", ".lock"
+CLEAN, WRITING = "clean", "writing"
+
+
+def recovery_hint(folder: str) -> str:
+    """How to recover a damaged index, for the end of an error."""
+    return (f"the index is damaged: see 'cbir index verify --index {folder}', then 'cbir index repair --index {folder}' "
+            "re-embeds its cases from their source volumes (or rebuild it with 'cbir index build')")
 # Seconds between checkpoints while building (vectors saved, cases marked complete); env CBIR_CHECKPOINT_SECONDS.
 CHECKPOINT_SECONDS = float(os.environ.get("CBIR_CHECKPOINT_SECONDS", "20"))
 
@@ -54,13 +70,6 @@ def source_checksum(source: CaseSource) -> str:
     for path in source.files:
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
-
-
-def _write_json(path: str, data: dict) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(temporary, path)
 
 
 def _now() -> str:
@@ -104,6 +113,46 @@ class _FolderLock:
             self.handle = None
 
 
+def writer_active(folder: str) -> bool:
+    """Whether some process holds the folder's write lock now (probed without creating the lock file)."""
+    path = os.path.join(folder, LOCK)
+    if not os.path.exists(path):
+        return False
+    if os.name == "nt":
+        return True  # cannot probe without taking it; assume the writer that left the file is alive
+    import fcntl
+
+    try:
+        handle = open(path)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        handle.close()
+
+
+def content_problem(volume: Volume) -> tuple[str | None, str | None]:
+    """(why a volume cannot be indexed, a warning about it): all NaN, constant, or some voxels not finite."""
+    data = np.asarray(volume.array)
+    if not np.issubdtype(data.dtype, np.floating):
+        low, high = data.min(), data.max()
+        return (f"every voxel is {low}: a constant volume holds nothing to search for" if low == high else None), None
+    finite = np.isfinite(data)
+    count = int(finite.sum())
+    if count == 0:
+        return "no voxel holds a number (all NaN or infinite): nothing to index", None
+    values = data[finite]
+    if values.min() == values.max():
+        return f"every finite voxel is {float(values.min()):g}: a constant volume holds nothing to search for", None
+    if count < data.size:
+        return None, f"{data.size - count} of {data.size} voxels are NaN or infinite; indexed as the nearest finite values"
+    return None, None
+
+
 @dataclass
 class BuildReport:
     """What a build or an add did."""
@@ -112,6 +161,7 @@ class BuildReport:
     replaced: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
     vectors: int = 0
     seconds: float = 0.0
 
@@ -120,7 +170,13 @@ class BuildReport:
         lines = [f"{len(self.added)} case(s) added, {len(self.replaced)} refreshed, {len(self.unchanged)} unchanged, "
                  f"{len(self.skipped)} skipped; {self.vectors} vectors added in {self.seconds:.1f} s"]
         lines += [f"  skipped {path}: {reason}" for path, reason in self.skipped]
+        lines += [f"  warning {path}: {reason}" for path, reason in self.warnings]
         return "\n".join(lines)
+
+    @property
+    def indexed(self) -> int:
+        """Cases that are in the index after this run (added, refreshed or already there)."""
+        return len(self.added) + len(self.replaced) + len(self.unchanged)
 
 
 Progress = Callable[[int, int, str], None]  # (cases done, cases in all, what is being done)
@@ -137,14 +193,21 @@ class Index:
         self._lock = lock
         self._pending_rows: list[int] = []
         self._last_checkpoint = time.monotonic()
+        self.problems: list[str] = []  # what a lenient open (verify) found instead of raising
+        self.interrupted = False  # a writer died before sealing the index: its complete cases are still whole
+        self.writer_active = False  # a reader opened it while a writer works on it: counts and checksums are in flux
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: str, embedder: Embedder, settings: IndexSettings, index_type: str = "auto") -> Index:
+    def create(cls, folder: str, embedder: Embedder, settings: IndexSettings, index_type: str = "auto",
+               keep_patient_ids: bool = False) -> Index:
         """A new, empty index in a folder that does not hold one yet."""
         folder = os.path.abspath(folder)
         if os.path.exists(os.path.join(folder, MANIFEST)):
             raise InputError(folder, "already holds an index; use 'cbir index add' to extend it")
+        for name in (VECTORS, CATALOG):
+            if os.path.exists(os.path.join(folder, name)):
+                raise IndexCorruptError(f"{os.path.join(folder, name)}: an index file without a manifest; " + recovery_hint(folder))
         os.makedirs(folder, exist_ok=True)
         lock = _FolderLock(folder)
         lock.acquire()
@@ -153,46 +216,137 @@ class Index:
             "format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(), "updated": _now(),
             "model": {"name": embedder.name, "digest": embedder.fingerprint.digest(), "fingerprint": embedder.fingerprint.as_dict()},
             "settings": settings.as_dict(), "index_type": {"requested": index_type, "current": choose_kind(0, index_type)},
+            "privacy": {"patient_ids": privacy.KEPT if keep_patient_ids else privacy.HASHED},
             "counts": {"cases": 0, "items": 0, "vectors": 0, "tombstones": 0},
+            "state": WRITING, "files": {VECTORS: {}, CATALOG: {}},
         }
         store = VectorStore.create(embedder.dim, manifest["index_type"]["current"])
-        index = cls(folder, manifest, Catalog(os.path.join(folder, CATALOG)), store, lock)
+        index = cls(folder, manifest, Catalog(os.path.join(folder, CATALOG), create=True), store, lock)
+        with index.catalog.transaction():
+            index.catalog.set_meta("identity", index._identity())
         index._save()
         return index
 
     @classmethod
-    def open(cls, folder: str, writable: bool = False) -> Index:
-        """Open an existing index (readers need no lock; a writer takes it and tidies an interrupted build)."""
+    def open(cls, folder: str, writable: bool = False, strict: bool = True) -> Index:
+        """Open an existing index, checking it.
+
+        Readers need no lock and write nothing. A writer takes the lock, checks every checksum of a clean index (it is
+        about to seal what it finds), and tidies an interrupted build. ``strict=False`` (verify) collects mismatches in
+        :attr:`problems` instead of raising; a part that cannot be read at all still raises.
+        """
         folder = os.path.abspath(folder)
         path = os.path.join(folder, MANIFEST)
         if not os.path.isfile(path):
+            if any(os.path.exists(os.path.join(folder, name)) for name in (VECTORS, CATALOG)):
+                raise IndexCorruptError(f"{path}: missing; " + recovery_hint(folder))
             raise InputError(folder, "is not a CBIRSlicer index (no manifest.json); build one with 'cbir index build'")
         lock = None
         if writable:
             lock = _FolderLock(folder)
             lock.acquire()
         try:
-            with open(path) as handle:
-                manifest = json.load(handle)
-            if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-                raise IndexCorruptError(f"{path}: not a CBIRSlicer index of format version {FORMAT_VERSION}")
-            dim = int(manifest["model"]["fingerprint"]["dim"])
-            kind = manifest["index_type"]["current"]
-            vectors_path = os.path.join(folder, VECTORS)
-            store = VectorStore.load(vectors_path, kind, dim) if os.path.exists(vectors_path) else VectorStore.create(dim, kind)
-            index = cls(folder, manifest, Catalog(os.path.join(folder, CATALOG)), store, lock)
+            try:
+                index = cls._open_checked(folder, writable, strict, lock)
+            except IndexCorruptError:
+                # A writer may have begun between our reading the manifest and the files: its 'writing' state then says so.
+                if writable or not writer_active(folder):
+                    raise
+                index = cls._open_checked(folder, writable, strict, lock)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
         if writable:
+            index._begin_writing()
             index._purge_pending()
         return index
 
+    @classmethod
+    def _open_checked(cls, folder: str, writable: bool, strict: bool, lock: _FolderLock | None) -> Index:
+        path = os.path.join(folder, MANIFEST)
+        problems: list[str] = []
+
+        def problem(text: str) -> None:
+            if strict:
+                raise IndexCorruptError(f"{text}; {recovery_hint(folder)}")
+            problems.append(text)
+
+        manifest = read_manifest(path, require_seal=False)
+        if manifest.get("format") != FORMAT:
+            raise IndexCorruptError(f"{path}: not a CBIRSlicer index manifest")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise IndexMismatchError(f"{folder}: written by a newer CBIRSlicer (index format {version}, this one reads up to "
+                                     f"{FORMAT_VERSION}); update CBIRSlicer to use it")
+        legacy = version < FORMAT_VERSION
+        if legacy and writable:
+            raise IndexMismatchError(
+                f"{folder}: written by an older CBIRSlicer (index format {version}); it can be searched as it is but not changed: "
+                f"'cbir index repair --index {folder}' re-embeds its cases into format {FORMAT_VERSION} in place, or rebuild it "
+                "with 'cbir index build SOURCES --index NEW_FOLDER'")
+        if not legacy:
+            read_manifest(path)  # the seal: a version 2 manifest must carry a matching checksum of itself
+        try:
+            dim = int(manifest["model"]["fingerprint"]["dim"])
+            kind = manifest["index_type"]["current"]
+            counts = dict(manifest["counts"])
+            IndexSettings.from_stored(manifest["settings"])
+            if not isinstance(manifest["model"]["name"], str):
+                raise TypeError("a model name")
+        except (KeyError, TypeError, ValueError, CBIRError) as error:
+            raise IndexCorruptError(f"{path}: lacks or garbles {error}; {recovery_hint(folder)}") from None
+        state = manifest.get("state", CLEAN)
+        live = state == WRITING and not writable and writer_active(folder)
+        checked = state == CLEAN  # a writer's work in progress, or a dead writer's, has no checksums to match yet
+        files = manifest.get("files") or {VECTORS: {}, CATALOG: {}}
+        for name in files:
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise IndexCorruptError(f"{os.path.join(folder, name)}: missing; {recovery_hint(folder)}")
+            recorded = files[name]
+            if checked and recorded and os.path.getsize(os.path.join(folder, name)) != recorded.get("size"):
+                problem(f"{os.path.join(folder, name)}: holds {os.path.getsize(os.path.join(folder, name))} bytes, the manifest "
+                        f"says {recorded.get('size')}")
+        vectors_path = os.path.join(folder, VECTORS)
+        if checked and files.get(VECTORS):
+            # Checked before FAISS reads it: a damaged header could make FAISS allocate or read without bound.
+            found = record_problem(vectors_path, files[VECTORS], file_record(vectors_path))
+            if found:
+                raise IndexCorruptError(f"{found}; {recovery_hint(folder)}")
+        store = VectorStore.load(vectors_path, kind, dim)
+        catalog = Catalog(os.path.join(folder, CATALOG), readonly=not writable)
+        try:
+            if checked and writable:  # about to seal: everything it owns must be what the last seal vouched for
+                for name, recorded in files.items():
+                    if name != VECTORS and recorded:
+                        found = record_problem(os.path.join(folder, name), recorded, file_record(os.path.join(folder, name)))
+                        if found:
+                            problem(found)
+            if state == WRITING and writable:
+                found = catalog.integrity_problems()
+                if found:
+                    problem(found[0])
+            if checked:
+                actual = {"cases": catalog.count("cases"), "items": catalog.count("items"), "vectors": store.count,
+                          "tombstones": catalog.count("tombstones")}
+                differ = [f"{k} {counts.get(k)} in the manifest, {v} found" for k, v in actual.items() if counts.get(k) != v]
+                if differ:
+                    problem(f"{folder}: counts disagree: " + "; ".join(differ))
+        except BaseException:
+            catalog.close()
+            raise
+        index = cls(folder, manifest, catalog, store, lock)
+        index.problems = problems
+        index.legacy = legacy
+        index.writer_active = live
+        index.interrupted = state == WRITING and not live
+        return index
+
     def close(self) -> None:
-        """Save pending work (writers), close the catalog, release the lock."""
+        """Save pending work and seal the manifest (writers), close the catalog, release the lock."""
         if self._lock is not None:
             self.checkpoint()
+            self._seal_manifest()
             self._lock.release()
             self._lock = None
         self.catalog.close()
@@ -202,13 +356,25 @@ class Index:
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is not None and self._lock is not None:
-            self._lock.release()  # an error mid-case: leave it pending, the next writer purges it
+            if issubclass(kind, CBIRError) and not issubclass(kind, IndexCorruptError):
+                # A refusal (an unknown case, another model, bad settings): drop what is unfinished and seal the rest,
+                # so a typo never leaves the index looking interrupted.
+                try:
+                    self._pending_rows = []
+                    self._purge_pending()
+                    self.close()
+                    return
+                except (CBIRError, OSError):
+                    pass
+            self._lock.release()  # a crash mid-case: leave it pending and the manifest 'writing'; the next writer tidies
             self._lock = None
             self.catalog.close()
             return
         self.close()
 
     # ----- properties ----------------------------------------------------------------------------
+    legacy = False
+
     @property
     def fingerprint(self) -> dict:
         """The stored model fingerprint."""
@@ -218,6 +384,11 @@ class Index:
     def settings(self) -> IndexSettings:
         """The stored slicing settings."""
         return IndexSettings.from_stored(self.manifest["settings"])
+
+    @property
+    def privacy_policy(self) -> str:
+        """What the index keeps of patient identities (privacy.HASHED unless built to keep them)."""
+        return self.manifest.get("privacy", {}).get("patient_ids", privacy.HASHED)
 
     def check_model(self, embedder: Embedder) -> None:
         """Refuse an embedder whose fingerprint differs from the one the index was built with."""
@@ -237,10 +408,24 @@ class Index:
         """The model name the index was built with (what a search loads unless told otherwise)."""
         return self.manifest["model"]["name"]
 
+    def _identity(self) -> dict:
+        """What the index is, copied into the catalog so a repair can do without the manifest."""
+        return {k: self.manifest[k] for k in ("format", "format_version", "created", "model", "settings", "index_type", "privacy")}
+
+    def own_file(self, name: str) -> None:
+        """Make a file in the folder part of the index: checked on open and by verify, sealed at each commit."""
+        self._require_writer()
+        self.manifest.setdefault("files", {}).setdefault(name, {})
+
     # ----- writing -------------------------------------------------------------------------------
     def _require_writer(self) -> None:
         if self._lock is None:
             raise CBIRError(f"{self.folder}: index opened read-only")
+
+    def _begin_writing(self) -> None:
+        """Say in the manifest that the files are about to change, before anything changes."""
+        self.manifest["state"] = WRITING
+        write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
 
     def _purge_pending(self) -> None:
         pending = [c.row for c in self.catalog.cases(status="pending")]
@@ -265,44 +450,13 @@ class Index:
         report = BuildReport()
         found = discover(paths)
         report.skipped.extend(found.skipped)
-        settings = self.settings
         for n, source in enumerate(found.cases):
             if should_stop is not None and should_stop():
                 report.skipped.extend((s.label, "not reached (stopped)") for s in found.cases[n:])
                 break
             if progress is not None:
                 progress(n, len(found.cases), source.label)
-            case_id = case_id_for(source)
-            try:
-                checksum = source_checksum(source)
-                existing = self.catalog.case_by_id(case_id)
-                if existing is not None and existing.checksum == checksum:
-                    report.unchanged.append(source.label)
-                    continue
-                volume = read_case(source)
-                made = volume_items(volume, settings)
-                vectors = embedder.embed_images(made.images)
-            except (CBIRError, OSError) as error:
-                report.skipped.append((source.label, str(error)))
-                continue
-            if existing is not None:
-                self._remove_rows([existing.row])
-            record = CaseRecord(
-                case_id=case_id, source=os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
-                checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
-                spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
-                labels=list((labels or {}).get(os.path.abspath(source.path), [])),
-                metadata={**volume.extra, "window": made.window.as_dict()})
-            with self.catalog.transaction():
-                row = self.catalog.add_case(record, time.time())
-                self.catalog.set_content(row, volume.voxel_digest)
-                ids = self.catalog.add_items(row, made.items)
-                for (axis, plane), grey in made.thumbnails.items():
-                    self.catalog.add_thumbnail(row, axis, plane, grey)
-            self.store.add(vectors, ids)
-            self._pending_rows.append(row)
-            (report.replaced if existing is not None else report.added).append(source.label)
-            report.vectors += len(ids)
+            self._index_source(source, embedder, list((labels or {}).get(os.path.abspath(source.path), [])), report)
             if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                 self.checkpoint()
         self.checkpoint()
@@ -310,6 +464,47 @@ class Index:
             progress(len(found.cases), len(found.cases), "done")
         report.seconds = time.monotonic() - began
         return report
+
+    def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport) -> None:
+        """Index one case (or note it unchanged or skipped, with why)."""
+        case_id = case_id_for(source)
+        try:
+            checksum = source_checksum(source)
+            existing = self.catalog.case_by_id(case_id)
+            if existing is not None and existing.checksum == checksum:
+                report.unchanged.append(source.label)
+                return
+            volume = read_case(source)
+            refused, warning = content_problem(volume)
+            if refused:
+                raise InputError(None, refused)
+            made = volume_items(volume, self.settings)
+            vectors = embedder.embed_images(made.images)
+            bad = vector_problem(vectors) if len(vectors) else None
+            if bad:
+                raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
+        except (CBIRError, OSError) as error:
+            report.skipped.append((source.label, str(error)))
+            return
+        if warning:
+            report.warnings.append((source.label, warning))
+        if existing is not None:
+            self._remove_rows([existing.row])
+        record = CaseRecord(
+            case_id=case_id, source=os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
+            checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
+            spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
+            labels=labels, metadata={**privacy.private_metadata(volume.extra, self.privacy_policy), "window": made.window.as_dict()})
+        with self.catalog.transaction():
+            row = self.catalog.add_case(record, time.time())
+            self.catalog.set_content(row, volume.voxel_digest)
+            ids = self.catalog.add_items(row, made.items)
+            for (axis, plane), grey in made.thumbnails.items():
+                self.catalog.add_thumbnail(row, axis, plane, grey)
+        self.store.add(vectors, ids)
+        self._pending_rows.append(row)
+        (report.replaced if existing is not None else report.added).append(source.label)
+        report.vectors += len(ids)
 
     def remove(self, case_ids: Iterable[str]) -> list[str]:
         """Remove cases by id (or by source path); returns the ids removed. Unknown ones raise InputError."""
@@ -340,7 +535,7 @@ class Index:
         return result
 
     def checkpoint(self) -> None:
-        """Save vectors atomically, then mark pending cases complete, then the manifest."""
+        """Save vectors atomically, then mark pending cases complete, then the manifest (still 'writing')."""
         self._require_writer()
         self._maybe_change_structure()
         self.store.save(os.path.join(self.folder, VECTORS))
@@ -374,11 +569,31 @@ class Index:
         self.store.save(os.path.join(self.folder, VECTORS))
         self._save_manifest()
 
+    def _counts(self) -> dict:
+        return {"cases": self.catalog.count("cases"), "items": self.catalog.count("items"), "vectors": self.store.count,
+                "tombstones": self.catalog.count("tombstones")}
+
     def _save_manifest(self) -> None:
+        """The manifest of work in progress: counts so far, state 'writing', the last seal's checksums left as they were."""
         self.manifest["updated"] = _now()
-        self.manifest["counts"] = {"cases": self.catalog.count("cases"), "items": len(self.catalog.item_ids()),
-                                   "vectors": self.store.count, "tombstones": len(self.catalog.tombstones())}
-        _write_json(os.path.join(self.folder, MANIFEST), self.manifest)
+        self.manifest["counts"] = self._counts()
+        self.manifest["state"] = WRITING
+        write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
+
+    def _seal_manifest(self) -> None:
+        """Commit: every owned file's size and chunk checksums, the counts, state 'clean', and the seal."""
+        files = self.manifest.setdefault("files", {})
+        files.setdefault(VECTORS, {})
+        files.setdefault(CATALOG, {})
+        for name in list(files):
+            path = os.path.join(self.folder, name)
+            if os.path.isfile(path):
+                files[name] = file_record(path)
+            else:
+                del files[name]  # an owned file its writer removed is no longer owned
+        self.manifest["counts"] = self._counts()
+        self.manifest["state"] = CLEAN
+        write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
 
     # ----- reading -------------------------------------------------------------------------------
     def excluded_ids(self) -> np.ndarray:
@@ -387,7 +602,7 @@ class Index:
         return np.union1d(self.catalog.tombstones(), pending).astype(np.int64)
 
     def info(self) -> dict:
-        """What the index is: model, settings, type, counts, size on disk."""
+        """What the index is: model, settings, type, counts, size on disk, format and state."""
         size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, CATALOG)
                    if os.path.exists(os.path.join(self.folder, f)))
         cases = self.catalog.count("cases")
@@ -396,11 +611,39 @@ class Index:
                 "index_type": self.store.kind, "settings": self.manifest["settings"],
                 "counts": {"cases": cases, "items": len(self.catalog.item_ids()), "vectors": self.store.count,
                            "tombstones": len(self.catalog.tombstones())},
-                "bytes": size, "bytes_per_case": round(size / cases) if cases else None}
+                "bytes": size, "bytes_per_case": round(size / cases) if cases else None,
+                "format_version": self.manifest["format_version"], "state": self.state_note() or "clean",
+                "patient_ids": self.privacy_policy}
+
+    def state_note(self) -> str | None:
+        """A line for the user when the index is not simply clean (older format, being written, interrupted)."""
+        if self.legacy:
+            return (f"written in index format {self.manifest['format_version']} (this CBIRSlicer writes {FORMAT_VERSION}): "
+                    f"read-only; 'cbir index repair --index {self.folder}' brings it up to date")
+        if self.writer_active:
+            return "being written by another process: counts may change and checksums are not checked until it finishes"
+        if self.interrupted:
+            return (f"a writer stopped before finishing; its complete cases are whole, the rest is tidied by the next "
+                    f"'cbir index add' or 'cbir index repair --index {self.folder}'")
+        return None
 
     def verify(self, check_sources: bool = True) -> list[str]:
-        """Problems found (empty when all is well): catalog and vectors agree, counts, source files intact."""
-        problems = []
+        """Problems found (empty when all is well): checksums, SQLite's integrity check, every vector finite and unit,
+        every item with a vector and every vector with an item, counts, and (unless told not to) the source files."""
+        problems = list(self.problems)
+        files = self.manifest.get("files") or {}
+        if self.interrupted:
+            problems.append(f"{self.folder}: " + self.state_note())
+        elif not self.legacy and not self.writer_active and self._lock is None and self.manifest.get("state") == CLEAN:
+            for name, recorded in files.items():
+                path = os.path.join(self.folder, name)
+                if name == VECTORS or not recorded or any(p.startswith(path + ":") for p in problems):
+                    continue  # the vectors were hashed as they were read (open)
+                found = record_problem(path, recorded, file_record(path)) if os.path.isfile(path) else f"{path}: missing"
+                if found:
+                    problems.append(found)
+        problems += self.catalog.integrity_problems()
+        problems += self.store.vector_problems()
         catalog_ids = self.catalog.item_ids()
         stored = self.store.ids()
         live = np.setdiff1d(stored, self.excluded_ids())
@@ -414,27 +657,157 @@ class Index:
             problems.append(f"{len(extra)} vectors have no catalog item (first id {extra[0]})")
         if self.store.count and self.store.dim != self.fingerprint["dim"]:
             problems.append(f"vectors have {self.store.dim} dimensions, the model {self.fingerprint['dim']}")
-        counts = self.manifest["counts"]
-        if counts.get("cases") != self.catalog.count("cases") or counts.get("vectors") != self.store.count:
-            problems.append(f"manifest counts {counts} disagree with the catalog ({self.catalog.count('cases')} cases) "
-                            f"and vectors ({self.store.count})")
-        if len(catalog_ids):
-            sample = catalog_ids[:: max(1, len(catalog_ids) // 200)]
-            norms = np.linalg.norm(self.store.reconstruct(np.intersect1d(sample, stored)), axis=1)
-            if len(norms) and np.abs(norms - 1).max() > 1e-3:
-                problems.append("some vectors are not unit length")
         if check_sources:
             for case in self.catalog.cases():
                 if not os.path.exists(case.source):
                     problems.append(f"{case.source}: source of case {case.case_id} is missing")
                     continue
-                files = CaseSource(case.source, case.series_uid)
+                files_of = CaseSource(case.source, case.series_uid)
                 if os.path.isdir(case.source):
                     found = [c for c in discover([case.source], recursive=False).cases if c.series_uid == case.series_uid]
                     if not found:
                         problems.append(f"{case.source}: series {case.series_uid} of case {case.case_id} is no longer there")
                         continue
-                    files = found[0]
-                if source_checksum(files) != case.checksum:
+                    files_of = found[0]
+                if source_checksum(files_of) != case.checksum:
                     problems.append(f"{case.source}: changed since it was indexed (checksum differs); run 'cbir index add' to refresh")
         return problems
+
+
+@dataclass
+class RepairReport:
+    """What a repair did: cases re-embedded (some from sources changed since), and cases that could not be."""
+
+    reembedded: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    lost: list[tuple[str, str]] = field(default_factory=list)
+    note: str = ""
+
+    def summary(self) -> str:
+        """A paragraph for the terminal."""
+        if self.note:
+            return self.note
+        lines = [f"repaired: {len(self.reembedded)} case(s) re-embedded from their sources"
+                 + (f" ({len(self.changed)} changed since they were indexed, now indexed as they are)" if self.changed else "")
+                 + (f"; {len(self.lost)} left out (--drop-missing)" if self.lost else "")]
+        lines += [f"  left out {label}: {why}" for label, why in self.lost]
+        return "\n".join(lines)
+
+
+def _repair_sources(rows: list[tuple]) -> tuple[list[tuple[CaseSource, str | None, list[str]]], list[tuple[str, str]]]:
+    """The sources of catalog cases (source, series UID, checksum, labels) that are still there, and those that are not."""
+    found, lost = [], []
+    for source, series_uid, checksum, labels in rows:
+        label = f"{source} [series {series_uid}]" if series_uid else source
+        if not os.path.exists(source):
+            lost.append((label, "its source is missing"))
+        elif os.path.isdir(source):
+            series = [c for c in discover([source], recursive=False).cases if c.series_uid == series_uid]
+            if series:
+                found.append((series[0], checksum, json.loads(labels or "[]")))
+            else:
+                lost.append((label, "its DICOM series is no longer in that folder"))
+        else:
+            found.append((CaseSource(source), checksum, json.loads(labels or "[]")))
+    return found, lost
+
+
+def repair(folder: str, make_embedder: Callable[[str], Embedder], drop_missing: bool = False,
+           progress: Progress | None = None) -> RepairReport:
+    """Re-embed every case of a damaged (or older-format, or interrupted) index from the sources its catalog lists.
+
+    Nothing is dropped silently: cases whose sources are gone stop the repair unless ``drop_missing``. The new files are
+    built beside the old ones and moved in, manifest last. An index whose list of cases cannot be read must be rebuilt.
+    """
+    import shutil
+    import sqlite3
+
+    folder = os.path.abspath(folder)
+    manifest_path, catalog_path = os.path.join(folder, MANIFEST), os.path.join(folder, CATALOG)
+    if not os.path.isdir(folder) or not any(os.path.exists(os.path.join(folder, f)) for f in (MANIFEST, CATALOG, VECTORS)):
+        raise InputError(folder, "is not a CBIRSlicer index folder")
+    try:  # an index with nothing wrong needs no re-embedding; an interrupted one only needs its writer's tidying
+        index = Index.open(folder, strict=False)
+        problems = [p for p in index.verify(check_sources=False) if not (index.interrupted and "a writer stopped" in p)]
+        healthy = not index.legacy and not index.writer_active and not problems
+        interrupted = index.interrupted
+        index.catalog.close()
+        if healthy:
+            if interrupted:
+                Index.open(folder, writable=True).close()
+                return RepairReport(note=f"{folder}: finished what an interrupted writer left; the index is consistent")
+            return RepairReport(note=f"{folder}: the index is consistent; nothing to repair")
+    except (CBIRError, OSError, sqlite3.DatabaseError):
+        pass
+    lock = _FolderLock(folder)
+    lock.acquire()
+    work = os.path.join(folder, ".repair")
+    try:
+        identity, why = None, ""
+        try:
+            identity = read_manifest(manifest_path, require_seal=False)
+            if identity.get("format_version", 0) >= 2:
+                read_manifest(manifest_path)
+        except (CBIRError, OSError) as error:
+            identity, why = None, str(error)
+        try:
+            catalog = Catalog(catalog_path, readonly=True)
+            identity = identity or catalog.meta("identity")
+            rows = catalog.db.execute("SELECT source, series_uid, checksum, labels FROM cases WHERE status = 'complete' "
+                                      "ORDER BY id").fetchall()
+            catalog.close()
+        except (CBIRError, sqlite3.DatabaseError) as error:
+            raise IndexCorruptError(f"{catalog_path}: its list of cases cannot be read ({str(error).split('; ')[0]}), so the index "
+                                    f"cannot be repaired: move the folder away and rebuild it with 'cbir index build SOURCES "
+                                    f"--index {folder}'") from None
+        if identity is None:
+            raise IndexCorruptError(f"{why or manifest_path + ': missing'}; the catalog holds no copy of the model and settings "
+                                    f"(an older index), so rebuild it with 'cbir index build SOURCES --index NEW_FOLDER'")
+        embedder = make_embedder(identity["model"]["name"])
+        differences = embedder.fingerprint.differences(identity["model"]["fingerprint"])
+        if differences:
+            raise IndexMismatchError(f"{folder}: model '{embedder.name}' is not the one the index was built with; differs in "
+                                     + "; ".join(differences))
+        sources, report_lost = _repair_sources(rows)
+        report = RepairReport(lost=report_lost)
+        if report.lost and not drop_missing:
+            raise CBIRError(f"{folder}: {len(report.lost)} of {len(rows)} case(s) cannot be re-embedded ({report.lost[0][0]}: "
+                            f"{report.lost[0][1]}); restore their sources and repair again, or repair with --drop-missing "
+                            "to leave them out")
+        if os.path.exists(work):
+            shutil.rmtree(work)
+        settings = IndexSettings.from_stored(identity["settings"])
+        keep = identity.get("privacy", {}).get("patient_ids") == privacy.KEPT
+        fresh = Index.create(work, embedder, settings, identity["index_type"]["requested"], keep_patient_ids=keep)
+        built = BuildReport()
+        try:
+            for n, (source, checksum, labels) in enumerate(sources):
+                if progress is not None:
+                    progress(n, len(sources), source.label)
+                before = len(built.added)
+                fresh._index_source(source, embedder, labels, built)
+                if len(built.added) > before:
+                    report.reembedded.append(source.label)
+                    if source_checksum(source) != checksum:
+                        report.changed.append(source.label)
+            if built.skipped and not drop_missing:
+                raise CBIRError(f"{folder}: {len(built.skipped)} case(s) cannot be re-embedded ({built.skipped[0][0]}: "
+                                f"{built.skipped[0][1]}); fix them and repair again, or repair with --drop-missing to leave them out")
+            report.lost += built.skipped
+            fresh.close()
+        except BaseException:
+            fresh.__exit__(BaseException, None, None)
+            raise
+        for suffix in ("-journal", "-wal", "-shm"):  # an old journal must never be applied to the new catalog
+            if os.path.exists(catalog_path + suffix):
+                os.remove(catalog_path + suffix)
+        os.replace(os.path.join(work, VECTORS), os.path.join(folder, VECTORS))
+        os.replace(os.path.join(work, CATALOG), catalog_path)
+        os.replace(os.path.join(work, MANIFEST), manifest_path)
+        if progress is not None:
+            progress(len(sources), len(sources), "done")
+        return report
+    finally:
+        if os.path.exists(work):
+            shutil.rmtree(work, ignore_errors=True)
+        lock.release()

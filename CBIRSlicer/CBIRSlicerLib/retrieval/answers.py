@@ -94,7 +94,9 @@ class SearchAnswer:
     query: dict
     ranking: str
     results: list[CaseResult] = field(default_factory=list)
+    note: str | None = None  # why there are no results, when the search itself could say (a filter no case matches)
 
     def to_json(self) -> dict:
         """The CLI's JSON answer."""
-        return {"query": dict(self.query), "ranking": self.ranking, "results": [r.to_json() for r in self.results]}
+        return {"query": dict(self.query), "ranking": self.ranking, "results": [r.to_json() for r in self.results],
+                **({"note": self.note} if self.note else {})}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, ParameterError
+from ..errors import IndexCorruptError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
@@ -171,7 +171,7 @@ class Searcher:
         excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])
-        allowed_rows = catalog.case_rows_matching(filters) if filters else None
+        allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
         return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None)
 
     def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None) -> dict[int, int]:
@@ -228,10 +228,16 @@ class Searcher:
             raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
         vectors = self.query_vectors(query)
         scope = self.scope(query, filters)
+        if scope.allowed is not None and not len(scope.allowed):
+            return SearchAnswer(query.description, method, [],
+                                note="no case of the index matches the filters " + ", ".join(f"{k}={v}" for k, v in filters.items()))
         candidates = self.first_stage(vectors, scope, k, hits_per_image)
         weights = query_weights(query, vectors)
         scored = self.score_cases(vectors, candidates, scope, method, weights)
         shown = ranking.rank(scored.scores)[:k]
+        if any(not np.isfinite(r.score) for r in shown):  # never a NaN score: only damaged vectors give one
+            raise IndexCorruptError(f"{self.index.folder}: a case scores NaN; the index is damaged: run 'cbir index verify' and "
+                                    "'cbir index repair'")
         self.locate(scored, shown, weights)
         return self.package(query, method, shown)
 
