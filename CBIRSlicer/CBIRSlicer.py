@@ -252,11 +252,13 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if session is not None and os.path.abspath(path) == session.index.folder:
             return  # already open (the parameter node writes the path back on every connect)
         if search_session.is_index_folder(path):
-            self.onOpenIndex()
+            self._openIndex(path)  # the path given: the parameter node may not have it yet (its slot runs after this one)
 
     def onOpenIndex(self) -> None:
         """Open the index (installing what its model needs, with consent) and show what it holds."""
-        folder = str(self._parameterNode.indexFolder)
+        self._openIndex(str(self._parameterNode.indexFolder))
+
+    def _openIndex(self, folder: str) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not open the index."), waitCursor=True):
             if not search_session.is_index_folder(folder):
                 self.ui.indexInfoLabel.text = _("No index in {folder} yet: build one below.").format(folder=folder)
