@@ -10,6 +10,7 @@ to ``$CBIR_SCREENSHOTS`` (else a temporary folder).
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -182,3 +183,140 @@ def test_open_search_show_more_like_link_and_restore(panel, qtbot, cohort, shots
     # Restore layout gives back the layout from before.
     _click(qtbot, ui.restoreLayoutButton)
     assert layout_node.GetViewArrangement() == before and not ui.restoreLayoutButton.enabled
+
+
+def _expand_build_section(panel):
+    panel.ui.buildCollapsibleGroupBox.collapsed = False  # the .ui starts it collapsed, as the user first sees it
+
+
+def test_build_from_folder_with_progress_then_cancel(panel, qtbot, cohort, tmp_path):
+    ui = panel.ui
+    _, _, paths = cohort
+    source = tmp_path / "volumes"
+    source.mkdir()
+    for path in paths:
+        shutil.copy(path, source)
+    folder = str(tmp_path / "new index")
+    assert not ui.buildFromFolderButton.visible  # collapsed section
+    _expand_build_section(panel)
+    ui.indexFolderPathLineEdit.currentPath = folder
+    assert ui.indexInfoLabel.text == "No index open." and not ui.buildFromFolderButton.enabled  # no volumes folder yet
+    ui.sourceFolderPathLineEdit.currentPath = str(source)
+    ui.modelLineEdit.text = "handcrafted"
+    assert ui.buildFromFolderButton.enabled and ui.buildFromSceneButton.enabled and not ui.cancelBuildButton.enabled
+
+    seen = []
+
+    def finished() -> bool:
+        seen.append((ui.buildStatusLabel.text, ui.buildProgressBar.value, ui.buildProgressBar.maximum))
+        return panel.widget._build is None
+
+    _click(qtbot, ui.buildFromFolderButton)
+    assert ui.buildStatusLabel.text == "Starting..." and ui.cancelBuildButton.enabled
+    assert not ui.buildFromFolderButton.enabled and not ui.buildFromSceneButton.enabled
+    qtbot.waitUntil(finished, timeout=WAIT_MS)
+    texts = [text for text, _, _ in seen]
+    assert any(text.startswith(("0 of 4 cases", "1 of 4 cases", "2 of 4 cases", "3 of 4 cases")) for text in texts), seen
+    assert not any(text.startswith("0 of 0 cases") or text.endswith(": ") for text in texts), seen  # was "0 of 0 cases: "
+    assert all(value <= maximum for _, value, maximum in seen)
+    assert ui.buildStatusLabel.text == "Done. 4 added, 0 refreshed, 0 unchanged, 0 skipped."
+    assert (ui.buildProgressBar.value, ui.buildProgressBar.maximum) == (4, 4) and not ui.cancelBuildButton.enabled
+    assert ui.indexInfoLabel.text.startswith("4 cases,") and panel.widget.logic.session is not None  # opened when done
+
+    # More volumes, built into the same index, cancelled at once: it stops after the case in hand.
+    for n, (center, kind) in enumerate(BLOBS):
+        synthetic.write_volume(_case(tuple(-c for c in center), kind), str(source / f"more{n}_{kind}.nii.gz"))
+    _click(qtbot, ui.buildFromFolderButton)
+    assert panel.widget.logic.session is None  # the build holds the index's write lock
+    _click(qtbot, ui.cancelBuildButton)
+    assert ui.buildStatusLabel.text == "Stopping after the current case..."
+    qtbot.waitUntil(lambda: panel.widget._build is None, timeout=WAIT_MS)
+    status = ui.buildStatusLabel.text
+    assert status.startswith("Cancelled. "), status
+    added = int(status.split("Cancelled. ")[1].split(" added")[0])
+    assert added < 4 and ui.indexInfoLabel.text.startswith(f"{4 + added} cases,")  # reopened with what was finished
+    not_reached = [line for line in ui.skippedPlainTextEdit.plainText.splitlines() if line.endswith(": not reached (stopped)")]
+    assert status.endswith(f" {len(not_reached)} skipped.") and len(not_reached) >= 4 - added
+    assert ui.buildFromFolderButton.enabled and not ui.cancelBuildButton.enabled
+
+    # Index scene volumes: none of the scene's volumes is saved to a file, which the user is told.
+    _query_node(panel.scene)
+    _click(qtbot, ui.buildFromSceneButton)
+    assert stand_ins.MESSAGES[-1]["text"].startswith("No volume in the scene is saved to a file")
+    assert panel.widget._build is None
+
+
+def test_scene_close_during_a_search(panel, qtbot, cohort):
+    ui, scene = panel.ui, panel.scene
+    query = _query_node(scene)
+    ui.queryVolumeSelector.setCurrentNode(query)
+    _open(panel, qtbot, cohort[0])
+    ui.queryModeComboBox.currentIndex = ui.queryModeComboBox.findText("Whole volume")
+    assert panel.widget._parameterNode.queryMode == "Whole volume" and ui.findSimilarButton.enabled
+    _click(qtbot, ui.findSimilarButton)
+    assert ui.findSimilarButton.text == "Cancel"
+    scene.Clear(0)  # File > Close Scene
+    qtbot.waitUntil(lambda: panel.widget._search is None, timeout=WAIT_MS)
+    assert not panel.widget._timer.isActive() and stand_ins.MESSAGES == []
+    # The search was for a volume that is gone: nothing is listed, and the panel is ready for the new scene.
+    assert _rows(ui) == [] and ui.searchStatusLabel.text == "Cancelled."
+    assert ui.findSimilarButton.text == "Find similar" and ui.queryVolumeSelector.currentNode() is None
+    assert panel.widget._parameterNode is not None and panel.widget._parameterNode.queryVolume is None
+    assert ui.indexInfoLabel.text.startswith("4 cases,")  # the index stays open: it is not part of the scene
+
+
+def test_a_bad_index_folder_is_a_message_not_a_traceback(panel, qtbot, cohort, tmp_path):
+    ui = panel.ui
+    ui.queryVolumeSelector.setCurrentNode(_query_node(panel.scene))
+    ui.queryModeComboBox.currentIndex = ui.queryModeComboBox.findText("Whole volume")
+    _open(panel, qtbot, cohort[0])
+    assert ui.findSimilarButton.enabled
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ui.indexFolderPathLineEdit.currentPath = str(empty)
+    _click(qtbot, ui.openIndexButton)
+    assert ui.indexInfoLabel.text == f"No index in {empty} yet: build one below." and stand_ins.MESSAGES == []
+    # Not the index open before either (it stayed open, searchable, under another folder's name).
+    assert panel.widget.logic.session is None and not ui.findSimilarButton.enabled
+    _open(panel, qtbot, cohort[0])
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cohort[0], broken)
+    (broken / "manifest.json").write_text("{ not json")
+    ui.indexFolderPathLineEdit.currentPath = str(broken)  # an index folder by its name: opened at once, and refused
+    (message,) = stand_ins.MESSAGES
+    assert message["text"].startswith("Could not open the index.\n\n") and len(message["text"].splitlines()) == 3
+    assert "Traceback" not in message["text"] and "Traceback" in message["details"]  # under "Show details", as in Slicer
+    # The index open before is not kept: Find similar must not stay enabled (it did, searching the previous index).
+    assert panel.widget.logic.session is None and not ui.findSimilarButton.enabled
+    assert ui.findSimilarButton.toolTip == "Open an index first"
+
+
+def test_search_errors_are_messages_not_tracebacks(panel, qtbot, cohort):
+    ui, scene = panel.ui, panel.scene
+    ui.queryVolumeSelector.setCurrentNode(_query_node(scene))
+    _open(panel, qtbot, cohort[0])
+    _click(qtbot, ui.placeRoiButton)
+    panel.widget._parameterNode.roiNode.SetCenter(500.0, 500.0, 500.0)  # dragged far outside the volume
+    _click(qtbot, ui.findSimilarButton)
+    (message,) = stand_ins.MESSAGES
+    assert message["text"].startswith("Could not search.\n\n") and "outside the volume" in message["text"]
+    assert "Traceback" not in message["text"]
+    assert ui.findSimilarButton.text == "Find similar" and panel.widget._search is None and not panel.widget._timer.isActive()
+
+    panel.widget._parameterNode.roiNode.SetCenter(*QUERY_CENTRE)
+    ui.filtersLineEdit.text = "modality"  # not FIELD=VALUE
+    _click(qtbot, ui.findSimilarButton)
+    assert stand_ins.MESSAGES[-1]["text"] == "Could not search.\n\nfilter 'modality' must look like FIELD=VALUE, for example modality=CT"
+    ui.filtersLineEdit.text = "modality=MR"  # no such case: an empty answer, said so
+    _click(qtbot, ui.findSimilarButton)
+    _wait_search(panel, qtbot)
+    assert _rows(ui) == [] and ui.searchStatusLabel.text == "No similar cases found." and len(stand_ins.MESSAGES) == 2
+
+
+def test_every_handler_connected_in_setup_ran(request):
+    """Runs last: over the tests above, a signal called each slot the widget connected in setup() at least once."""
+    names = {item.name for item in request.session.items if item.module is request.module}
+    if len(names) < 6:
+        pytest.skip("needs the whole file")
+    assert HANDLERS_RUN and all(HANDLERS_RUN.values()), {slot: n for slot, n in HANDLERS_RUN.items() if not n}

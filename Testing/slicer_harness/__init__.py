@@ -93,8 +93,9 @@ def start(monkeypatch, app: stand_ins.qSlicerApplication, home: Path) -> Panel:
     headless = headless_slicer()
     (home / "bin").mkdir(parents=True, exist_ok=True)
     python = home / "bin" / "PythonSlicer"
-    if not python.exists():
-        os.symlink(sys.executable, python)  # the workers' interpreter, where a Slicer install has it
+    if not python.exists():  # the workers' interpreter, where a Slicer install has it: a launcher, as Slicer's is
+        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # (a symlink would leave this virtual environment)
+        python.chmod(0o755)
     app.setUp(str(home), headless.app_logic, headless.volumes, headless.scene)
     app.__dict__["_keep_alive"] = headless
     entries, attributes = modules(headless.scene, app)

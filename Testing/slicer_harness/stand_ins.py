@@ -139,12 +139,12 @@ class ctkCollapsibleButton(qt.QGroupBox):
 
     def _set_collapsed(self, collapsed: bool) -> None:
         self.__dict__["_is_collapsed"] = collapsed
-        for child in self.findChildren(qt.QtWidgets.QWidget, options=qt.Qt.FindDirectChildrenOnly):
-            child.setVisible(not collapsed)
+        self._show_contents()
+        qt.QtCore.QTimer.singleShot(0, self, self._show_contents)  # also the contents the .ui adds after setting it
 
-    def showEvent(self, event) -> None:  # contents added after "collapsed" was set (as the .ui does) are hidden too
-        self._set_collapsed(self._collapsed())
-        super().showEvent(event)
+    def _show_contents(self) -> None:
+        for child in self.findChildren(qt.QtWidgets.QWidget, options=qt.Qt.FindDirectChildrenOnly):
+            child.setVisible(not self._collapsed())
 
     text = qt.Property(str, _text, _set_text)
     collapsed = qt.Property(bool, _collapsed, _set_collapsed)
@@ -155,7 +155,7 @@ class ctkCollapsibleGroupBox(qt.QGroupBox):
     """CTK's collapsible group box: ``collapsed`` hides its contents (the .ui starts the build section collapsed)."""
 
     _collapsed, _set_collapsed = ctkCollapsibleButton._collapsed, ctkCollapsibleButton._set_collapsed
-    showEvent = ctkCollapsibleButton.showEvent
+    _show_contents = ctkCollapsibleButton._show_contents
     collapsed = qt.Property(bool, _collapsed, _set_collapsed)
 
 
