@@ -53,7 +53,7 @@ def cohort(tmp_path_factory):
 
     cases = tmp_path_factory.mktemp("panel_cases")
     paths = [synthetic.write_volume(_case(c, k), str(cases / f"case{n}_{k}.nii.gz")) for n, (c, k) in enumerate(BLOBS)]
-    folder = str(tmp_path_factory.mktemp("panel_index") / "idx")
+    folder = str(tmp_path_factory.mktemp("panel_index") / "cohort-index")
     embedder = create_embedder("handcrafted")
     with Index.create(folder, embedder, IndexSettings(**SETTINGS)) as index:
         assert len(index.add_sources(paths, embedder).added) == 4

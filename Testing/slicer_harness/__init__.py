@@ -111,7 +111,7 @@ def start(monkeypatch, app: stand_ins.qSlicerApplication, home: Path) -> Panel:
     module.CBIRSlicer(stand_ins.ModuleParent())
     panel = stand_ins.qSlicerScriptedModulePanel()
     window = stand_ins.qSlicerMainWindow(panel)
-    window.resize(460, 980)
+    window.resize(460, 780)
     widget = module.CBIRSlicerWidget(panel)
     widget.setup()
     window.show()

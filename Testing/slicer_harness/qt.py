@@ -80,7 +80,7 @@ def _find_signal(obj, signature: str) -> str:
         method = meta.method(i)
         if method.methodType() == QtCore.QMetaMethod.Signal and bytes(method.methodSignature()).decode() in (wanted, as_python):
             return bytes(method.methodSignature()).decode()
-    raise AttributeError(f"{meta.className()} '{obj.objectName()}' has no signal {signature}")
+    raise AttributeError(f"{meta.className()} '{QtCore.QObject.objectName(obj)}' has no signal {signature}")
 
 
 class PythonQtObject:

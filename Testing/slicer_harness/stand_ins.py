@@ -214,7 +214,8 @@ class qMRMLNodeComboBox(qt.QComboBox):
             scene.AddObserver(event, lambda caller, name: self._refresh())
         self._refresh()
 
-    def _refresh(self) -> None:
+    def _refresh(self, **changes) -> None:
+        self.__dict__.update(changes)
         scene, current = self._scene, self.currentNode()
         nodes = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())] if scene is not None else []
         self.__dict__["_nodes"] = [None] * self._none + [n for n in nodes if any(n.IsA(t) for t in self._types)]
@@ -222,21 +223,21 @@ class qMRMLNodeComboBox(qt.QComboBox):
         self.clear()
         self.addItems([node.GetName() if node else "(none)" for node in self._nodes])
         self.blockSignals(False)
-        self.setCurrentNode(current if current in self._nodes else None)
+        self.setCurrentNode(current if current in self._nodes else None, before=current)
 
     def currentNode(self):
         return self._nodes[self.currentIndex] if 0 <= self.currentIndex < len(self._nodes) else None
 
-    def setCurrentNode(self, node) -> None:
-        before = self.currentNode()
+    def setCurrentNode(self, node, before=False) -> None:
+        before = self.currentNode() if before is False else before
         self.blockSignals(True)
         self.setCurrentIndex(self._nodes.index(node) if node in self._nodes else -1)
         self.blockSignals(False)
         if self.currentNode() is not before:
             self.currentNodeChanged.emit(self.currentNode())
 
-    nodeTypes = qt.Property(list, lambda self: list(self._types), lambda self, types: self.__dict__.update(_types=list(types)))
-    noneEnabled = qt.Property(bool, lambda self: self._none, lambda self, on: self.__dict__.update(_none=bool(on)))
+    nodeTypes = qt.Property(list, lambda self: list(self._types), lambda self, types: self._refresh(_types=list(types)))
+    noneEnabled = qt.Property(bool, lambda self: self._none, lambda self, on: self._refresh(_none=bool(on)))
     addEnabled = removeEnabled = showChildNodeTypes = qt.Property(bool, lambda self: False, lambda self, on: None)
 
 
