@@ -205,11 +205,11 @@ class qMRMLNodeComboBox(qt.QComboBox):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.__dict__.update(_types=[], _none=False, _scene=None, _nodes=[])
+        self._types, self._none, self._scene, self._nodes = [], False, None, []
         self.currentIndexChanged.connect(lambda index: self.currentNodeChanged.emit(self.currentNode()))
 
     def setMRMLScene(self, scene) -> None:
-        self.__dict__["_scene"] = scene
+        self._scene = scene
         for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent, scene.EndCloseEvent):
             scene.AddObserver(event, lambda caller, name: self._refresh())
         self._refresh()
@@ -218,11 +218,10 @@ class qMRMLNodeComboBox(qt.QComboBox):
         self.__dict__.update(changes)
         scene, current = self._scene, self.currentNode()
         nodes = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())] if scene is not None else []
-        self.__dict__["_nodes"] = [None] * self._none + [n for n in nodes if any(n.IsA(t) for t in self._types)]
-        self.blockSignals(True)
-        self.clear()
-        self.addItems([node.GetName() if node else "(none)" for node in self._nodes])
-        self.blockSignals(False)
+        self._nodes = [None] * self._none + [n for n in nodes if any(n.IsA(t) for t in self._types)]
+        with qt.QSignalBlocker(self):
+            self.clear()
+            self.addItems([node.GetName() if node else "(none)" for node in self._nodes])
         self.setCurrentNode(current if current in self._nodes else None, before=current)
 
     def currentNode(self):
@@ -230,9 +229,8 @@ class qMRMLNodeComboBox(qt.QComboBox):
 
     def setCurrentNode(self, node, before=False) -> None:
         before = self.currentNode() if before is False else before
-        self.blockSignals(True)
-        self.setCurrentIndex(self._nodes.index(node) if node in self._nodes else -1)
-        self.blockSignals(False)
+        with qt.QSignalBlocker(self):
+            self.setCurrentIndex(self._nodes.index(node) if node in self._nodes else -1)
         if self.currentNode() is not before:
             self.currentNodeChanged.emit(self.currentNode())
 
