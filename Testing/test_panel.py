@@ -314,9 +314,30 @@ def test_search_errors_are_messages_not_tracebacks(panel, qtbot, cohort):
     assert _rows(ui) == [] and ui.searchStatusLabel.text == "No similar cases found." and len(stand_ins.MESSAGES) == 2
 
 
+def test_a_crashed_model_worker_is_a_status_line_and_the_next_search_works(panel, qtbot, cohort):
+    import signal
+
+    ui = panel.ui
+    ui.queryVolumeSelector.setCurrentNode(_query_node(panel.scene))
+    ui.queryModeComboBox.currentIndex = ui.queryModeComboBox.findText("Whole volume")
+    _open(panel, qtbot, cohort[0])
+    service = panel.widget.logic.session.service
+    service.wait_ready(timeout=WAIT_MS / 1000)
+    worker = service._process
+    os.kill(worker.pid, signal.SIGSTOP)  # frozen: it cannot answer the query sent next
+    _click(qtbot, ui.findSimilarButton)
+    os.kill(worker.pid, signal.SIGKILL)  # then it dies, as a worker out of memory does
+    _wait_search(panel, qtbot)
+    assert ui.searchStatusLabel.text.startswith("Search failed: embedding worker exited unexpectedly")
+    assert _rows(ui) == [] and ui.findSimilarButton.text == "Find similar" and stand_ins.MESSAGES == []
+    _click(qtbot, ui.findSimilarButton)  # a new worker starts for the next search
+    _wait_search(panel, qtbot)
+    assert len(_rows(ui)) == 4 and ui.searchStatusLabel.text == "4 similar cases."
+
+
 def test_every_handler_connected_in_setup_ran(request):
     """Runs last: over the tests above, a signal called each slot the widget connected in setup() at least once."""
     names = {item.name for item in request.session.items if item.module is request.module}
-    if len(names) < 6:
+    if len(names) < 7:
         pytest.skip("needs the whole file")
     assert HANDLERS_RUN and all(HANDLERS_RUN.values()), {slot: n for slot, n in HANDLERS_RUN.items() if not n}
