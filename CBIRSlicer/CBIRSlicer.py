@@ -9,6 +9,7 @@ user's consent, and leaving the module leaves the view layout as the user has it
 """
 
 # No "from __future__ import annotations": the parameter node wrapper reads the class annotations as real types.
+import contextlib
 import importlib
 import logging
 import os
@@ -195,7 +196,9 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """The scene is going away: forget its nodes."""
+        """The scene is going away: forget its nodes, and stop a search for one of them."""
+        if self._search is not None:
+            self._search.cancel()  # the next tick says "Cancelled." instead of listing answers to a closed scene's query
         self.setParameterNode(None)
         self.logic.forgetScene()
         self._answer = None
@@ -252,22 +255,29 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if session is not None and os.path.abspath(path) == session.index.folder:
             return  # already open (the parameter node writes the path back on every connect)
         if search_session.is_index_folder(path):
-            self.onOpenIndex()
+            self._openIndex(path)  # the path given: the parameter node may not have it yet (its slot runs after this one)
 
     def onOpenIndex(self) -> None:
         """Open the index (installing what its model needs, with consent) and show what it holds."""
-        folder = str(self._parameterNode.indexFolder)
-        with slicer.util.tryWithErrorDisplay(_("Could not open the index."), waitCursor=True):
-            if not search_session.is_index_folder(folder):
-                self.ui.indexInfoLabel.text = _("No index in {folder} yet: build one below.").format(folder=folder)
-                return
-            if not self.logic.ensureDependencies(search_session.index_summary(folder)["model"]):
-                self.ui.indexInfoLabel.text = _("Not opened: the packages the model needs are not installed.")
-                return
-            info = self.logic.openIndex(folder)
-            self.ui.indexInfoLabel.text = search_session.describe_index(info)
-            self._showAnswer(None)
-        self._updateButtons()
+        self._openIndex(str(self._parameterNode.indexFolder))
+
+    def _openIndex(self, folder: str) -> None:
+        # The index searched is the one in the folder field, or none: not the previous one kept after a failed open.
+        self.logic.closeIndex()
+        self._showAnswer(None)
+        self.ui.indexInfoLabel.text = _("No index open.")
+        try:
+            with _errorShown(_("Could not open the index.")):
+                if not search_session.is_index_folder(folder):
+                    self.ui.indexInfoLabel.text = _("No index in {folder} yet: build one below.").format(folder=folder)
+                    return
+                if not self.logic.ensureDependencies(search_session.index_summary(folder)["model"]):
+                    self.ui.indexInfoLabel.text = _("Not opened: the packages the model needs are not installed.")
+                    return
+                info = self.logic.openIndex(folder)
+                self.ui.indexInfoLabel.text = search_session.describe_index(info)
+        finally:
+            self._updateButtons()
 
     def onBuildFromFolder(self) -> None:
         """Index the volumes of a folder in the background."""
@@ -283,7 +293,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startBuild(self, sources: list[str], skipped: list[tuple[str, str]]) -> None:
         folder = str(self._parameterNode.indexFolder)
-        with slicer.util.tryWithErrorDisplay(_("Could not start indexing."), waitCursor=True):
+        with _errorShown(_("Could not start indexing.")):
             model = self.logic.buildModel(folder, self._parameterNode.model.strip() or "biomedclip")
             if not self.logic.ensureDependencies(model):
                 return
@@ -321,7 +331,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----- query ---------------------------------------------------------------------------------
     def onPlaceRoi(self) -> None:
         """Add an ROI centred on the query view (or the Red view) and select it."""
-        with slicer.util.tryWithErrorDisplay(_("Could not place an ROI."), waitCursor=True):
+        with _errorShown(_("Could not place an ROI.")):
             self._parameterNode.roiNode = self.logic.placeRoi()
             self._parameterNode.queryMode = "Region (ROI)"
 
@@ -331,7 +341,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._search.cancel()
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Could not search."), waitCursor=True):
+        with _errorShown(_("Could not search.")):
             if p.queryText.strip() and self.logic.supportsText():
                 self._search = self.logic.startTextSearch(p.queryText, p.k, p.filters)
             else:
@@ -343,7 +353,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMoreLikeThis(self) -> None:
         """Search with the selected result's best-matching image."""
         result = self._selectedResult()
-        with slicer.util.tryWithErrorDisplay(_("Could not search."), waitCursor=True):
+        with _errorShown(_("Could not search.")):
             self._search = self.logic.startMoreLike(result, self._parameterNode.k, self._parameterNode.filters)
             self._timer.start()
         self._updateButtons()
@@ -416,7 +426,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result is None:
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Could not show the case."), waitCursor=True):
+        with _errorShown(_("Could not show the case.")):
             self.logic.showResult(result, p.queryVolume, self._answer.query, p.roiNode, p.linkViews)
         self._updateButtons()
 
@@ -428,6 +438,19 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Go back to the layout from before the side-by-side view."""
         self.logic.restoreLayout()
         self._updateButtons()
+
+
+@contextlib.contextmanager
+def _errorShown(message: str):
+    """Show an error in a message box (its traceback under "Show details") and go on: slicer.util.tryWithErrorDisplay
+    re-raises after showing, which would end the handler early (its buttons not updated) and print the traceback to the
+    Python console as well. Under --testing nothing is shown, so the error is raised."""
+    try:
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
+            yield
+    except Exception:
+        if slicer.app.testingEnabled():
+            raise
 
 
 def _isFolder(path, mayBeNew: bool = False) -> bool:
@@ -443,12 +466,14 @@ def _duration(seconds: float) -> str:
 
 def _buildStatus(progress) -> str:
     """The status line of a running build: cases done, rate, time left, the case in hand."""
+    if not progress.total:  # still listing the folder: not "0 of 0 cases: "
+        return _("Looking for volumes...")
     text = _("{done} of {total} cases").format(done=progress.done, total=progress.total)
     if progress.rate:
         text += _(", {rate} cases/min").format(rate=f"{progress.rate * 60:.1f}")
     if progress.eta_s:
         text += _(", about {duration} left").format(duration=_duration(progress.eta_s))
-    return f"{text}: {os.path.basename(progress.label)}"
+    return f"{text}: {os.path.basename(progress.label)}" if progress.label else text
 
 
 def _buildOutcome(state: str, report: BuildReport, skipped: int) -> str:
