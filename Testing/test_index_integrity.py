@@ -229,7 +229,7 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
     session = SearchSession(built)  # the Slicer module's way in: an index plus a model in a worker process
     try:
         answer = session.start(volume_query(load_volume_for_query(paths[0]), "axial", session.index), k=3).wait(timeout=60)
-        assert [r["case_id"] for r in answer["results"]] == [r["case_id"] for r in json.loads(expected)["results"]]
+        assert [r.case_id for r in answer.results] == [r["case_id"] for r in json.loads(expected)["results"]]
     finally:
         session.close()
         shutdown_services()  # no worker left running after the test
@@ -274,7 +274,7 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
                  "from CBIRSlicerLib.retrieval.search import Searcher, volume_query, load_volume_for_query; import json; "
                  f"s = index_summary({readonly!r}); i = Index.open({readonly!r}); q = load_volume_for_query({query!r}); "
                  "a = Searcher(i).search(volume_query(q, 'axial', i), 3); "
-                 "print(json.dumps([s['counts'], [r['case_id'] for r in a['results']]]))")
+                 "print(json.dumps([s['counts'], [r.case_id for r in a.results]]))")
         result = subprocess.run([*nobody, "-c", logic], capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode == 0, result.stderr
         counts, ids = json.loads(result.stdout)
