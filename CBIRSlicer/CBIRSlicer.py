@@ -2,15 +2,19 @@
 
 Thin by design: the widget wires the GUI to a parameter node and polls background work from a
 timer; the logic turns MRML nodes into plain core objects and calls ``CBIRSlicerLib``, which holds
-everything else and is tested outside Slicer with ``slicer-core``. Nothing heavy (torch, faiss,
-open_clip) is imported at file scope, and nothing is installed without the user's consent.
+everything else and is tested outside Slicer with ``slicer-core``. The library is imported once,
+here at the top: importing it loads nothing heavy (torch, faiss and open_clip load inside the
+functions that use them), and the widget's Reload reloads it too. Nothing is installed without the
+user's consent, and leaving the module leaves the view layout as the user has it.
 """
 
 # No "from __future__ import annotations": the parameter node wrapper reads the class annotations as real types.
+import importlib
 import logging
 import os
 import pathlib
 import shutil
+import sys
 from typing import Annotated, Optional
 
 import qt
@@ -26,12 +30,35 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from CBIRSlicerLib.imaging import readers, synthetic
+from CBIRSlicerLib.index import background_build
+from CBIRSlicerLib.index.folder import BuildReport, Index
+from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.models import registry
+from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
+from CBIRSlicerLib.retrieval.search import parse_filters
+from CBIRSlicerLib.scene import layout as views
+from CBIRSlicerLib.scene import nodes, result_volumes, search_session, thumbnails
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # outside the Slicer application (slicer-core): strings stay as written
+
+    def _(text: str) -> str:
+        return text
+
+    def translate(context: str, text: str) -> str:
+        return text
+
+
 README_URL = "https://github.com/cbirslicer/SlicerCBIR#readme"
 TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
 # What the weight-free model needs; every other model also needs the rest of Resources/requirements.txt and torch.
 HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK", "threadpoolctl")
-QUERY_MODES = {"Region (ROI)": "roi", "Current slice": "slice", "Whole volume": "volume"}
+QUERY_MODES = {"Region (ROI)": "roi", "Current slice": "slice", "Whole volume": "volume"}  # parameter-node values
 POLL_MS = 100
+LIBRARY = "CBIRSlicerLib"
 
 
 #
@@ -43,18 +70,18 @@ class CBIRSlicer(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Similar Cases (CBIR)"
-        self.parent.categories = ["Informatics"]
+        self.parent.title = _("Similar Cases (CBIR)")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Informatics")]
         self.parent.dependencies = []
         self.parent.contributors = ["CBIRSlicer developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Find the cases most similar to a region of interest, a slice or a whole volume in a local index of "
             "volumes, using vision foundation models (BiomedCLIP by default; a weight-free 'handcrafted' model works "
             "offline). Build or open an index, choose the query, click <b>Find similar</b>, then double-click a result "
             "to see it side by side with the query at its best-matching slice. "
-            f'See the <a href="{README_URL}">README</a> for installation, a tutorial with sample data and how to cite.'
-        )
-        self.parent.acknowledgementText = (
+            'See the <a href="{url}">README</a> for installation, a tutorial with sample data and how to cite.'
+        ).format(url=README_URL)
+        self.parent.acknowledgementText = _(
             "CBIRSlicer builds on published work on content-based image retrieval in radiology with foundation models. "
             "Please cite: "
             "Denner S, Zimmerer D, Bounias D, et al. Leveraging foundation models for content-based image retrieval in "
@@ -155,13 +182,17 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        """Leaving the module gives the previous layout back and stops reacting to parameter changes."""
-        if self.logic is not None:
-            self.logic.restoreLayout()
+        """Leaving the module stops reacting to parameter changes; the layout stays as it is (Restore layout gives it back)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onReload(self) -> None:
+        """Developer Reload: stop the background work, reload the library's modules, then reload this file as Slicer does."""
+        self.cleanup()  # the workers are owned by the library modules about to be replaced
+        reloadLibrary()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event) -> None:
         """The scene is going away: forget its nodes."""
@@ -202,9 +233,9 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         mode = QUERY_MODES[p.queryMode]
         canQuery = bool(p.queryVolume) and (mode != "roi" or bool(p.roiNode))
         self.ui.findSimilarButton.enabled = session and (searching or canQuery or bool(p.queryText.strip()))
-        self.ui.findSimilarButton.text = "Cancel" if searching else "Find similar"
-        self.ui.findSimilarButton.toolTip = ("Cancel the search" if searching else
-                                             "Search the index" if session else "Open an index first")
+        self.ui.findSimilarButton.text = _("Cancel") if searching else _("Find similar")
+        self.ui.findSimilarButton.toolTip = (_("Cancel the search") if searching else
+                                             _("Search the index") if session else _("Open an index first"))
         self.ui.textQueryLineEdit.enabled = session and self.logic.supportsText()
         self.ui.buildFromFolderButton.enabled = not building and _isFolder(p.sourceFolder) and _isFolder(p.indexFolder, True)
         self.ui.buildFromSceneButton.enabled = not building and _isFolder(p.indexFolder, True)
@@ -217,28 +248,24 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----- index ---------------------------------------------------------------------------------
     def onIndexFolderChanged(self, path: str) -> None:
         """Open an index as soon as its folder is chosen."""
-        from CBIRSlicerLib.scene.search_session import is_index_folder
-
         session = self.logic.session
         if session is not None and os.path.abspath(path) == session.index.folder:
             return  # already open (the parameter node writes the path back on every connect)
-        if is_index_folder(path):
+        if search_session.is_index_folder(path):
             self.onOpenIndex()
 
     def onOpenIndex(self) -> None:
         """Open the index (installing what its model needs, with consent) and show what it holds."""
         folder = str(self._parameterNode.indexFolder)
-        with slicer.util.tryWithErrorDisplay("Could not open the index.", waitCursor=True):
-            from CBIRSlicerLib.scene.search_session import describe_index, index_summary, is_index_folder
-
-            if not is_index_folder(folder):
-                self.ui.indexInfoLabel.text = f"No index in {folder} yet: build one below."
+        with slicer.util.tryWithErrorDisplay(_("Could not open the index."), waitCursor=True):
+            if not search_session.is_index_folder(folder):
+                self.ui.indexInfoLabel.text = _("No index in {folder} yet: build one below.").format(folder=folder)
                 return
-            if not self.logic.ensureDependencies(index_summary(folder)["model"]):
-                self.ui.indexInfoLabel.text = "Not opened: the packages the model needs are not installed."
+            if not self.logic.ensureDependencies(search_session.index_summary(folder)["model"]):
+                self.ui.indexInfoLabel.text = _("Not opened: the packages the model needs are not installed.")
                 return
             info = self.logic.openIndex(folder)
-            self.ui.indexInfoLabel.text = describe_index(info)
+            self.ui.indexInfoLabel.text = search_session.describe_index(info)
             self._showAnswer(None)
         self._updateButtons()
 
@@ -250,13 +277,13 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Index the scene's volumes that are saved to files."""
         files, skipped = self.logic.sceneVolumeFiles()
         if not files:
-            slicer.util.warningDisplay("No volume in the scene is saved to a file; save them first (File > Save Data).")
+            slicer.util.warningDisplay(_("No volume in the scene is saved to a file; save them first (File > Save Data)."))
             return
         self._startBuild(files, skipped)
 
     def _startBuild(self, sources: list[str], skipped: list[tuple[str, str]]) -> None:
         folder = str(self._parameterNode.indexFolder)
-        with slicer.util.tryWithErrorDisplay("Could not start indexing.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not start indexing."), waitCursor=True):
             model = self.logic.buildModel(folder, self._parameterNode.model.strip() or "biomedclip")
             if not self.logic.ensureDependencies(model):
                 return
@@ -264,7 +291,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._build = self.logic.startBuild(folder, sources, model)
             self._buildSkipped = list(skipped)
             self.ui.skippedPlainTextEdit.plainText = ""
-            self.ui.buildStatusLabel.text = "Starting..."
+            self.ui.buildStatusLabel.text = _("Starting...")
             self._timer.start()
         self._updateButtons()
 
@@ -272,33 +299,29 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Stop the build after the case in hand."""
         if self._build is not None:
             self._build.cancel()
-            self.ui.buildStatusLabel.text = "Stopping after the current case..."
+            self.ui.buildStatusLabel.text = _("Stopping after the current case...")
 
     def _pollBuild(self) -> None:
         progress = self._build.progress()
         self.ui.buildProgressBar.maximum = max(progress.total, 1)
         self.ui.buildProgressBar.value = progress.done
         if not self._build.finished:
-            rate = f", {progress.rate * 60:.1f} cases/min" if progress.rate else ""
-            left = f", about {_duration(progress.eta_s)} left" if progress.eta_s else ""
-            self.ui.buildStatusLabel.text = f"{progress.done} of {progress.total} cases{rate}{left}: {os.path.basename(progress.label)}"
+            self.ui.buildStatusLabel.text = _buildStatus(progress)
             return
         build, self._build = self._build, None
         if build.state == "failed":
-            self.ui.buildStatusLabel.text = f"Indexing failed: {build.error}"
+            self.ui.buildStatusLabel.text = _("Indexing failed: {error}").format(error=build.error)
         else:
-            report = build.report or {}
-            self.ui.buildStatusLabel.text = ("Cancelled. " if build.state == "cancelled" else "Done. ") + (
-                f"{len(report.get('added', []))} added, {len(report.get('replaced', []))} refreshed, "
-                f"{len(report.get('unchanged', []))} unchanged, {len(report.get('skipped', [])) + len(self._buildSkipped)} skipped.")
-            skipped = self._buildSkipped + [tuple(s) for s in report.get("skipped", [])]
+            report = build.report or BuildReport()
+            skipped = self._buildSkipped + report.skipped
+            self.ui.buildStatusLabel.text = _buildOutcome(build.state, report, len(skipped))
             self.ui.skippedPlainTextEdit.plainText = "\n".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
         self.onOpenIndex()
 
     # ----- query ---------------------------------------------------------------------------------
     def onPlaceRoi(self) -> None:
         """Add an ROI centred on the query view (or the Red view) and select it."""
-        with slicer.util.tryWithErrorDisplay("Could not place an ROI.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not place an ROI."), waitCursor=True):
             self._parameterNode.roiNode = self.logic.placeRoi()
             self._parameterNode.queryMode = "Region (ROI)"
 
@@ -308,19 +331,19 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._search.cancel()
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not search.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not search."), waitCursor=True):
             if p.queryText.strip() and self.logic.supportsText():
                 self._search = self.logic.startTextSearch(p.queryText, p.k, p.filters)
             else:
                 self._search = self.logic.startSearch(p.queryVolume, QUERY_MODES[p.queryMode], p.roiNode, p.axis, p.k, p.filters)
-            self.ui.searchStatusLabel.text = "Searching..."
+            self.ui.searchStatusLabel.text = _("Searching...")
             self._timer.start()
         self._updateButtons()
 
     def onMoreLikeThis(self) -> None:
         """Search with the selected result's best-matching image."""
         result = self._selectedResult()
-        with slicer.util.tryWithErrorDisplay("Could not search.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not search."), waitCursor=True):
             self._search = self.logic.startMoreLike(result, self._parameterNode.k, self._parameterNode.filters)
             self._timer.start()
         self._updateButtons()
@@ -330,14 +353,15 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.searchProgressBar.maximum = max(progress.total, 1)
         self.ui.searchProgressBar.value = progress.done
         if progress.state in ("loading model", "embedding"):
-            self.ui.searchStatusLabel.text = "Loading the model (once per session)..." if progress.state == "loading model" else (
-                f"Embedding {progress.done} of {progress.total} query images...")
+            self.ui.searchStatusLabel.text = _("Loading the model (once per session)...") if progress.state == "loading model" else (
+                _("Embedding {done} of {total} query images...").format(done=progress.done, total=progress.total))
             return
         search, self._search = self._search, None
         if progress.state == "done":
             self._showAnswer(search.answer)
         else:
-            self.ui.searchStatusLabel.text = "Cancelled." if progress.state == "cancelled" else f"Search failed: {progress.message}"
+            self.ui.searchStatusLabel.text = (_("Cancelled.") if progress.state == "cancelled"
+                                              else _("Search failed: {reason}").format(reason=progress.message))
         self._updateButtons()
 
     def onPoll(self) -> None:
@@ -349,33 +373,34 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._pollSearch()
         except Exception as error:  # never leave a dead timer ticking on an error
             self._build = self._search = None
-            slicer.util.errorDisplay(f"CBIRSlicer: {error}")
+            slicer.util.errorDisplay(_("CBIRSlicer: {error}").format(error=error))
             logging.exception("CBIRSlicer background work failed")
         if self._build is None and self._search is None:
             self._timer.stop()
         self._updateButtons()
 
     # ----- results -------------------------------------------------------------------------------
-    def _showAnswer(self, answer) -> None:
+    def _showAnswer(self, answer: Optional[SearchAnswer]) -> None:
         self._answer = answer
         self.ui.resultsListWidget.clear()
         if answer is None:
             return
         icons = self.logic.thumbnailFiles(answer)
-        for result in answer["results"]:
+        for result in answer.results:
             item = qt.QListWidgetItem(_describeResult(result))
-            if result["case_id"] in icons:
-                item.setIcon(qt.QIcon(icons[result["case_id"]]))
-            item.setToolTip(result["source"])
+            if result.case_id in icons:
+                item.setIcon(qt.QIcon(icons[result.case_id]))
+            item.setToolTip(result.source)
             self.ui.resultsListWidget.addItem(item)
-        count = len(answer["results"])
-        self.ui.searchStatusLabel.text = f"{count} similar case{'s' if count != 1 else ''}." if count else "No similar cases found."
+        count = len(answer.results)
+        self.ui.searchStatusLabel.text = (_("1 similar case.") if count == 1 else _("{count} similar cases.").format(count=count)
+                                          if count else _("No similar cases found."))
 
-    def _selectedResult(self):
+    def _selectedResult(self) -> Optional[CaseResult]:
         row = self.ui.resultsListWidget.currentRow
-        if self._answer is None or row < 0 or row >= len(self._answer["results"]):
+        if self._answer is None or row < 0 or row >= len(self._answer.results):
             return None
-        return self._answer["results"][row]
+        return self._answer.results[row]
 
     def onResultSelected(self, row: int) -> None:
         """Enable the result buttons."""
@@ -391,8 +416,8 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result is None:
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not show the case.", waitCursor=True):
-            self.logic.showResult(result, p.queryVolume, self._answer["query"], p.roiNode, p.linkViews)
+        with slicer.util.tryWithErrorDisplay(_("Could not show the case."), waitCursor=True):
+            self.logic.showResult(result, p.queryVolume, self._answer.query, p.roiNode, p.linkViews)
         self._updateButtons()
 
     def onLinkViews(self, linked: bool) -> None:
@@ -413,14 +438,33 @@ def _isFolder(path, mayBeNew: bool = False) -> bool:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    return _("{seconds} s").format(seconds=f"{seconds:.0f}") if seconds < 90 else _("{minutes} min").format(minutes=f"{seconds / 60:.0f}")
 
 
-def _describeResult(result: dict) -> str:
-    best = result["best_match"]
-    details = [d for d in (result.get("modality"), ", ".join(result.get("labels") or [])) if d]
-    return (f"{result['rank']}. {result.get('name') or result['case_id']}   score {result['score']:.3f}\n"
-            f"{best['axis']} slice {best['slice_index']}" + (f"   {'; '.join(details)}" if details else ""))
+def _buildStatus(progress) -> str:
+    """The status line of a running build: cases done, rate, time left, the case in hand."""
+    text = _("{done} of {total} cases").format(done=progress.done, total=progress.total)
+    if progress.rate:
+        text += _(", {rate} cases/min").format(rate=f"{progress.rate * 60:.1f}")
+    if progress.eta_s:
+        text += _(", about {duration} left").format(duration=_duration(progress.eta_s))
+    return f"{text}: {os.path.basename(progress.label)}"
+
+
+def _buildOutcome(state: str, report: BuildReport, skipped: int) -> str:
+    """The status line of a finished (or cancelled) build."""
+    counts = _("{added} added, {refreshed} refreshed, {unchanged} unchanged, {skipped} skipped.").format(
+        added=len(report.added), refreshed=len(report.replaced), unchanged=len(report.unchanged), skipped=skipped)
+    return (_("Cancelled.") if state == "cancelled" else _("Done.")) + " " + counts
+
+
+def _describeResult(result: CaseResult) -> str:
+    """A result's two lines in the list: rank, name and score; where it matched, its modality and labels."""
+    best = result.best_match
+    details = [d for d in (result.modality, ", ".join(result.labels)) if d]
+    first = _("{rank}. {name}   score {score}").format(rank=result.rank, name=result.title, score=f"{result.score:.3f}")
+    second = _("{axis} slice {index}").format(axis=best.axis, index=best.slice_index)
+    return f"{first}\n{second}" + (f"   {'; '.join(details)}" if details else "")
 
 
 #
@@ -443,10 +487,8 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def cleanup(self) -> None:
         """Close the index and stop the background model workers."""
-        from CBIRSlicerLib.scene.search_session import shutdown_services
-
         self.closeIndex()
-        shutdown_services()
+        search_session.shutdown_services()
 
     def forgetScene(self) -> None:
         """The scene is closing: its nodes, including the side-by-side views' content, are gone."""
@@ -460,18 +502,27 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
         found = shutil.which("PythonSlicer") or os.path.join(slicer.app.slicerHome, "bin", name)
         if not os.path.exists(found):
-            raise RuntimeError(f"PythonSlicer not found (looked in PATH and {slicer.app.slicerHome}/bin)")
+            raise RuntimeError(_("PythonSlicer not found (looked in PATH and {folder})").format(
+                folder=os.path.join(slicer.app.slicerHome, "bin")))
         return found
+
+    @staticmethod
+    def requirementsFile() -> str:
+        """Resources/requirements.txt: every package the models need (torch aside)."""
+        return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+
+    @staticmethod
+    def needs(model: str, package: str) -> bool:
+        """Whether a model needs a package of requirements.txt (the weight-free model needs only a few)."""
+        return model != "handcrafted" or package.lower() in {p.lower() for p in HANDCRAFTED_PACKAGES}
 
     def requirements(self, model: str) -> list[str]:
         """The requirement lines a model needs, from Resources/requirements.txt."""
-        path = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
-        with open(path) as handle:
+        from packaging.requirements import Requirement
+
+        with open(self.requirementsFile()) as handle:
             lines = [line.split("#")[0].strip() for line in handle]
-        lines = [line for line in lines if line]
-        if model == "handcrafted":
-            lines = [line for line in lines if any(line.lower().startswith(p.lower()) for p in HANDCRAFTED_PACKAGES)]
-        return lines
+        return [line for line in lines if line and self.needs(model, Requirement(line).name)]
 
     def missingRequirements(self, model: str) -> list[str]:
         """Requirement lines not satisfied by what is installed."""
@@ -498,8 +549,9 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
             try:
                 import PyTorchUtils
             except ModuleNotFoundError:
-                slicer.util.errorDisplay(f"The model '{model}' needs PyTorch: install the PyTorch extension from the "
-                                         "Extensions Manager, restart Slicer, then try again (or use the 'handcrafted' model).")
+                slicer.util.errorDisplay(_("The model '{model}' needs PyTorch: install the PyTorch extension from the "
+                                           "Extensions Manager, restart Slicer, then try again (or use the 'handcrafted' model).")
+                                         .format(model=model))
                 return False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
@@ -507,20 +559,24 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
                                                 torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
                 if torch is None:
                     return False
+        packaging = slicerPackaging()
+        if packaging is not None:  # Slicer's own way: checks, asks, installs with progress, offers a restart
+            needed = [r for r in packaging.load_requirements(self.requirementsFile()) if self.needs(model, r.name)]
+            try:
+                packaging.pip_ensure(needed, requester="CBIRSlicer")
+            except RuntimeError:  # the user declined
+                return False
+            return not self.missingRequirements(model)
+        # Older Slicer: ask once, then pip_install.
         missing = self.missingRequirements(model)
         if not missing:
             return True
-        pydeps = _pythonDependencyModule()
-        if pydeps is not None:  # Slicer >= 5.11: checks, asks, installs with progress, offers a restart
-            from packaging.requirements import Requirement
-
-            pydeps.pip_ensure([Requirement(line) for line in missing], requester="CBIRSlicer")
-            return not self.missingRequirements(model)
         if slicer.app.testingEnabled():
-            raise RuntimeError(f"missing Python packages under --testing: {', '.join(missing)}")
+            raise RuntimeError(_("missing Python packages under --testing: {packages}").format(packages=", ".join(missing)))
         if not slicer.util.confirmOkCancelDisplay(
-                "CBIRSlicer needs these Python packages, which will be downloaded and installed now:\n\n  "
-                + "\n  ".join(missing) + "\n\nThis may take a few minutes.", windowTitle="CBIRSlicer: install packages"):
+                _("CBIRSlicer needs these Python packages, which will be downloaded and installed now:\n\n  {packages}"
+                  "\n\nThis may take a few minutes.").format(packages="\n  ".join(missing)),
+                windowTitle=_("CBIRSlicer: install packages")):
             return False
         with slicer.util.WaitCursor():
             slicer.util.pip_install(missing)
@@ -529,10 +585,8 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def supportsTextModel(model: str) -> bool:
         """Whether a model name stands for a CLIP-family model (it embeds phrases too)."""
-        from CBIRSlicerLib.models.registry import parse_model_name
-
         try:
-            return parse_model_name(model)[0] == "open_clip"
+            return registry.parse_model_name(model)[0] == "open_clip"
         except Exception:
             return False
 
@@ -543,10 +597,8 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     # ----- index ---------------------------------------------------------------------------------
     def openIndex(self, folder: str) -> dict:
         """Open an index for searching (its model starts loading in the background now); returns its info."""
-        from CBIRSlicerLib.scene.search_session import SearchSession
-
         self.closeIndex()
-        self.session = SearchSession(folder, python=self.pythonExecutable())
+        self.session = search_session.SearchSession(folder, python=self.pythonExecutable())
         return self.session.info()
 
     def closeIndex(self) -> None:
@@ -558,56 +610,45 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def buildModel(folder: str, requested: str) -> str:
         """The model a build will use: the index's own when it exists, else the one asked for."""
-        from CBIRSlicerLib.scene.search_session import index_summary, is_index_folder
-
-        return index_summary(folder)["model"] if is_index_folder(folder) else requested
+        return search_session.index_summary(folder)["model"] if search_session.is_index_folder(folder) else requested
 
     def startBuild(self, folder: str, sources: list[str], model: str = "biomedclip"):
         """Build or extend an index in a background process; poll the returned IndexBuild."""
-        from CBIRSlicerLib.index.background_build import BuildSpec, IndexBuild
-
-        return IndexBuild(BuildSpec(folder, list(sources), model=model), python=self.pythonExecutable()).start()
+        spec = background_build.BuildSpec(folder, list(sources), model=model)
+        return background_build.IndexBuild(spec, python=self.pythonExecutable()).start()
 
     @staticmethod
     def sceneVolumeFiles() -> tuple[list[str], list[tuple[str, str]]]:
         """Files behind the scene's volumes, and the volumes that have none."""
-        from CBIRSlicerLib.scene.nodes import volume_files_in_scene
-
-        return volume_files_in_scene(slicer.mrmlScene)
+        return nodes.volume_files_in_scene(slicer.mrmlScene)
 
     # ----- search --------------------------------------------------------------------------------
     def _requireSession(self):
         if self.session is None:
-            raise RuntimeError("open an index first")
+            raise RuntimeError(_("Open an index first."))
         return self.session
 
     def startSearch(self, volumeNode, mode: str = "roi", roiNode=None, axis: str = "axial", k: int = 10, filters: str = ""):
         """Start a search from scene nodes ('roi', 'slice' = what the view shows, 'volume'); poll the returned PendingSearch."""
-        from CBIRSlicerLib.scene.layout import view_position
-        from CBIRSlicerLib.scene.search_session import query_from_nodes
-
         session = self._requireSession()
         sliceRas = None
         if mode == "slice":
-            viewAxis, sliceRas = view_position(self._querySliceNode())
-            axis = viewAxis
-        query = query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas)
+            axis, sliceRas = views.view_position(self._querySliceNode())
+        query = search_session.query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas)
         return session.start(query, k, _filters(filters))
 
     def startTextSearch(self, text: str, k: int = 10, filters: str = ""):
         """Start a search for a phrase (CLIP-family models)."""
         return self._requireSession().start_text(text, k, _filters(filters))
 
-    def startMoreLike(self, result: dict, k: int = 10, filters: str = ""):
+    def startMoreLike(self, result: CaseResult, k: int = 10, filters: str = ""):
         """'More like this' from a result's best-matching item."""
-        return self._requireSession().more_like(int(result["best_match"]["item_id"]), k, _filters(filters))
+        return self._requireSession().more_like(result.best_match.item_id, k, _filters(filters))
 
-    def thumbnailFiles(self, answer: dict) -> dict:
+    def thumbnailFiles(self, answer: SearchAnswer) -> dict:
         """PNG thumbnails of the results (from the index, no volume loaded), by case id."""
-        from CBIRSlicerLib.scene.thumbnails import write_result_thumbnails
-
         folder = os.path.join(slicer.app.temporaryPath, "CBIRSlicer", "thumbnails")
-        return write_result_thumbnails(self._requireSession().index.catalog, answer, folder)
+        return thumbnails.write_result_thumbnails(self._requireSession().index.catalog, answer, folder)
 
     # ----- views ---------------------------------------------------------------------------------
     def layoutNode(self):
@@ -622,8 +663,6 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         return self._layoutLogic.GetLayoutNode()
 
     def _querySliceNode(self):
-        from CBIRSlicerLib.scene import layout as views
-
         if self.sideBySide is not None and self.layoutNode().GetViewArrangement() == self.sideBySide.layout_id:
             node = views.slice_node(slicer.mrmlScene, views.QUERY_VIEW)
             if node is not None:
@@ -632,8 +671,6 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def defaultQueryVolume(self):
         """The volume shown in the Red view, else the first scalar volume of the scene."""
-        from CBIRSlicerLib.scene import layout as views
-
         volumeId = views.composite_node(slicer.mrmlScene, "Red").GetBackgroundVolumeID() if views.slice_node(
             slicer.mrmlScene, "Red") is not None else None
         node = slicer.mrmlScene.GetNodeByID(volumeId) if volumeId else None
@@ -641,52 +678,38 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def placeRoi(self):
         """A new ROI centred on what the query (or Red) view shows."""
-        from CBIRSlicerLib.scene.layout import roi_in_view
-
         sliceNode = self._querySliceNode()
         if sliceNode is None:
-            raise RuntimeError("no slice view to place the ROI in")
-        return roi_in_view(slicer.mrmlScene, sliceNode)
+            raise RuntimeError(_("There is no slice view to place the ROI in."))
+        return views.roi_in_view(slicer.mrmlScene, sliceNode)
 
     def loadVolume(self, path: str, name: str, caseId: Optional[str] = None):
         """Load a result case: Slicer's reader for files; the core DICOM reader for an indexed series folder."""
         if os.path.isdir(path):
-            from CBIRSlicerLib.imaging.readers import read_volume
-            from CBIRSlicerLib.scene.nodes import node_from_volume
-
             case = self.session.index.catalog.case_by_id(caseId) if self.session is not None and caseId else None
-            return node_from_volume(slicer.mrmlScene, read_volume(path, case.series_uid if case else None), name)
+            return nodes.node_from_volume(slicer.mrmlScene, readers.read_volume(path, case.series_uid if case else None), name)
         return slicer.util.loadVolume(path, {"name": name, "show": False})
 
-    def resultVolume(self, result: dict):
-        """The volume node of a result: reused when already in the scene, else loaded from its source."""
-        from CBIRSlicerLib.scene.result_volumes import result_volume_node
+    def resultVolume(self, case):
+        """The volume node of an indexed case (a CaseResult or a catalog CaseRecord): reused when in the scene, else loaded."""
+        return result_volumes.result_volume_node(slicer.mrmlScene, case, lambda path, name: self.loadVolume(path, name, case.case_id))
 
-        return result_volume_node(slicer.mrmlScene, result, lambda path, name: self.loadVolume(path, name, result["case_id"]))
-
-    def showResult(self, result: dict, queryVolume, query: dict, roiNode=None, link: bool = False):
+    def showResult(self, result: CaseResult, queryVolume, query: dict, roiNode=None, link: bool = False):
         """Load the result (once), switch to the side-by-side layout, and put both views at the matching places."""
-        from CBIRSlicerLib.scene import layout as views
-        from CBIRSlicerLib.scene.search_session import case_window
-
         resultNode = self.resultVolume(result)
-        views.apply_window(resultNode, case_window(self._requireSession().index, result["case_id"]))  # as the model saw it
+        views.apply_window(resultNode, search_session.case_window(self._requireSession().index, result.case_id))  # as the model saw it
         self.sideBySide = views.show_side_by_side(slicer.mrmlScene, self.layoutNode(), self._queryTarget(query, queryVolume, roiNode),
-                                                  views.result_target(result, resultNode), link, self.sideBySide)
-        self._matchBox = views.show_match_box(slicer.mrmlScene, result, self._matchBox)
+                                                  views.result_target(result.best_match, resultNode), link, self.sideBySide)
+        self._matchBox = views.show_match_box(slicer.mrmlScene, result.best_match, self._matchBox)
         return resultNode
 
     def _queryTarget(self, query: dict, queryVolume, roiNode):
         """Where the query view looks: the ROI centre or the query slice; for 'more like this', the case it started from."""
-        from CBIRSlicerLib.scene import layout as views
-        from CBIRSlicerLib.scene.nodes import roi_from_node, volume_from_node
-
         mode = query.get("mode")
         if mode == "item":
             session = self._requireSession()
             item = session.index.catalog.items([query["item"]])[query["item"]]
-            case = session.index.catalog.case_by_id(query["case_id"])
-            node = self.resultVolume({"case_id": case.case_id, "name": case.name, "source": case.source})
+            node = self.resultVolume(session.index.catalog.case_by_id(query["case_id"]))
             return views.query_target(node, item.axis, item.ras)
         if mode == "text" or queryVolume is None:
             return None  # nothing to show on the left: it keeps what it shows
@@ -695,45 +718,54 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         elif query.get("ras"):
             position = query["ras"]
         elif roiNode is not None and mode == "roi":
-            position = roi_from_node(roiNode).center
+            position = nodes.roi_from_node(roiNode).center
         else:
-            position = volume_from_node(queryVolume).center_ras
+            position = nodes.volume_from_node(queryVolume).center_ras
         return views.query_target(queryVolume, query.get("axis") or "axial", position)
 
     def linkViews(self, linked: bool) -> None:
         """Link or unlink the side-by-side views."""
-        from CBIRSlicerLib.scene.layout import link_views
-
         if self.sideBySide is not None:
-            link_views(slicer.mrmlScene, linked)
+            views.link_views(slicer.mrmlScene, linked)
 
     def restoreLayout(self) -> None:
         """Give back the layout from before the side-by-side view (if it is still showing)."""
-        from CBIRSlicerLib.scene.layout import restore_layout
-
         if self.sideBySide is not None:
-            restore_layout(self.layoutNode(), self.sideBySide)
+            views.restore_layout(self.layoutNode(), self.sideBySide)
             self.sideBySide = None
 
 
 def _filters(text: str) -> dict:
-    from CBIRSlicerLib.retrieval.search import parse_filters
-
     return parse_filters([part for part in (text or "").split(",") if part.strip()])
 
 
-def _pythonDependencyModule():
-    """Slicer's package helper (pip_ensure): slicer.pydeps (5.11+), also seen as slicer.packaging; None on older Slicer."""
-    import importlib
-
-    for name in ("slicer.pydeps", "slicer.packaging"):
+def slicerPackaging():
+    """Slicer's package helpers (``load_requirements``, ``pip_ensure``): ``slicer.packaging``, named ``slicer.pydeps``
+    in some 5.11 previews; None on older Slicer, which gets the confirm-then-pip_install fallback."""
+    for name in ("slicer.packaging", "slicer.pydeps"):
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        if hasattr(module, "pip_ensure"):
+        if hasattr(module, "pip_ensure") and hasattr(module, "load_requirements"):
             return module
     return None
+
+
+def reloadLibrary() -> list[str]:
+    """Reload every loaded module of the library, so Slicer's Reload picks up edits to it too; returns their names.
+
+    All are dropped from ``sys.modules`` (deepest first) and imported afresh, each importing what it needs first,
+    so no module keeps a name bound from an old copy of another; the module file, re-run by Slicer after this,
+    binds the new ones.
+    """
+    loaded = sorted((name for name in sys.modules if name == LIBRARY or name.startswith(LIBRARY + ".")),
+                    key=lambda name: (-name.count("."), name))
+    for name in loaded:
+        del sys.modules[name]
+    for name in sorted(loaded):
+        importlib.import_module(name)
+    return sorted(loaded)
 
 
 #
@@ -762,32 +794,21 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
     def test_node_geometry_reaches_the_core(self):
         import numpy as np
 
-        from CBIRSlicerLib.imaging import synthetic
-        from CBIRSlicerLib.scene.nodes import node_from_volume, volume_from_node
-
         self.delayDisplay("Volume node under a transform reaches the core in world coordinates")
         shape = (40, 36, 28)
         matrix = synthetic.centered_matrix(shape, (1.0, 1.0, 1.0), synthetic.rotation(0, 0, 90), center=(5.0, -3.0, 2.0))
-        node = node_from_volume(slicer.mrmlScene, synthetic.render(matrix, shape), "phantom")
+        node = nodes.node_from_volume(slicer.mrmlScene, synthetic.render(matrix, shape), "phantom")
         transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
         shift = np.eye(4)
         shift[:3, 3] = (10.0, 0.0, -4.0)
         transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
         node.SetAndObserveTransformNodeID(transform.GetID())
-        volume = volume_from_node(node)
+        volume = nodes.volume_from_node(node)
         self.assertTrue(np.allclose(volume.ijk_to_ras, shift @ matrix))
         self.delayDisplay("Test passed")
 
     def test_find_similar_and_show_side_by_side(self):
         import tempfile
-
-        from CBIRSlicerLib.imaging import synthetic
-        from CBIRSlicerLib.imaging.readers import read_volume
-        from CBIRSlicerLib.index.folder import Index
-        from CBIRSlicerLib.index.items import IndexSettings
-        from CBIRSlicerLib.models.registry import create_embedder
-        from CBIRSlicerLib.scene import layout as views
-        from CBIRSlicerLib.scene.nodes import node_from_volume
 
         try:
             import faiss  # noqa: F401
@@ -804,7 +825,7 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
             volume = synthetic.render(synthetic.centered_matrix(shape, (1.5, 1.5, 2.0)), shape, blobs=[blob], body_radii=(22, 21, 30))
             paths.append(synthetic.write_volume(volume, os.path.join(work, f"case{n}_{kind}.nii.gz")))
         folder = os.path.join(work, "index")
-        embedder = create_embedder("handcrafted")
+        embedder = registry.create_embedder("handcrafted")
         with Index.create(folder, embedder, IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])) as index:
             self.assertEqual(len(index.add_sources(paths, embedder).added), len(paths))
 
@@ -818,35 +839,35 @@ class CBIRSlicerTest(ScriptedLoadableModuleTest):
             queryBlob = synthetic.Blob(queryCenter, 6.0, 300.0, "ball", 2.0)
             queryVolume = synthetic.render(synthetic.centered_matrix(shape, (1.5, 1.5, 2.0)), shape, blobs=[queryBlob],
                                            body_radii=(22, 21, 30))
-            queryNode = node_from_volume(slicer.mrmlScene, queryVolume, "query")
+            queryNode = nodes.node_from_volume(slicer.mrmlScene, queryVolume, "query")
             roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "lesion")
             roi.SetCenter(*queryCenter)
             roi.SetSize(20.0, 20.0, 12.0)
             answer = logic.startSearch(queryNode, "roi", roi, "axial", k=3).wait(timeout=120)
-            first = answer["results"][0]
+            first = answer.results[0]
             balls = {os.path.abspath(paths[n]): blobs[n][0] for n in (0, 2)}
-            self.assertIn(first["source"], balls)  # a case holding a ball comes first
-            matched = balls[first["source"]]
+            self.assertIn(first.source, balls)  # a case holding a ball comes first
+            matched = balls[first.source]
 
             self.delayDisplay("Showing the first result side by side")
-            resultNode = logic.showResult(first, queryNode, answer["query"], roi)
-            again = logic.showResult(first, queryNode, answer["query"], roi)
+            resultNode = logic.showResult(first, queryNode, answer.query, roi)
+            again = logic.showResult(first, queryNode, answer.query, roi)
             self.assertEqual(again.GetID(), resultNode.GetID())  # loaded once, reused after
             layoutNode = logic.layoutNode()
             self.assertEqual(layoutNode.GetViewArrangement(), views.LAYOUT_ID)
             resultView = views.slice_node(slicer.mrmlScene, views.RESULT_VIEW)
             self.assertEqual(resultView.GetOrientation(), "Axial")
-            self.assertAlmostEqual(resultView.GetSliceOffset(), first["best_match"]["ras"][2], places=3)
+            self.assertAlmostEqual(resultView.GetSliceOffset(), first.best_match.ras[2], places=3)
             self.assertLessEqual(abs(resultView.GetSliceOffset() - matched[2]), 6.0)
             composite = views.composite_node(slicer.mrmlScene, views.RESULT_VIEW)
             self.assertEqual(composite.GetBackgroundVolumeID(), resultNode.GetID())
             self.assertAlmostEqual(views.slice_node(slicer.mrmlScene, views.QUERY_VIEW).GetSliceOffset(), queryCenter[2], places=3)
 
             self.delayDisplay("An unsaved copy of an indexed case does not find itself")
-            copyNode = node_from_volume(slicer.mrmlScene, read_volume(paths[2]), "copy of case 2")
+            copyNode = nodes.node_from_volume(slicer.mrmlScene, readers.read_volume(paths[2]), "copy of case 2")
             roi.SetCenter(*blobs[2][0])
             answer = logic.startSearch(copyNode, "roi", roi, "axial", k=3).wait(timeout=120)
-            self.assertNotIn(os.path.abspath(paths[2]), [r["source"] for r in answer["results"]])
+            self.assertNotIn(os.path.abspath(paths[2]), [r.source for r in answer.results])
 
             logic.restoreLayout()
             self.assertNotEqual(layoutNode.GetViewArrangement(), views.LAYOUT_ID)

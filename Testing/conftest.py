@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from volume_helpers import reorient
 
 from CBIRSlicerLib.imaging import synthetic
 
@@ -49,7 +50,7 @@ def make_case(name: str):
         twin = _render(synthetic.centered_matrix(SHAPE, spacing, directions), SHAPE, blobs, body_centre)
         return canonical, twin, False, blobs
     permutation, flips = storage[name]
-    return canonical, synthetic.reorient(canonical, permutation, flips), True, blobs
+    return canonical, reorient(canonical, permutation, flips), True, blobs
 
 
 def _render(matrix, shape, blobs, body_centre):

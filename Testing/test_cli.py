@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from volume_helpers import read_png
 
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.intensity import Window, to_uint8_rgb
-from CBIRSlicerLib.imaging.png import read_png
 from CBIRSlicerLib.imaging.readers import read_volume
 from CBIRSlicerLib.imaging.slicing import extract_slices
 

@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from volume_helpers import contains_ras
 
 from CBIRSlicerLib.imaging import intensity, readers, slicing, synthetic
 from CBIRSlicerLib.imaging.roi import RoiBox
@@ -61,7 +62,7 @@ def test_lesions_lie_inside_the_body_clear_of_bone_and_of_each_other(all_kinds_c
             center = np.asarray(lesion.center)
             assert 6.0 <= lesion.radius_mm <= 13.0
             assert lesion.radius_mm / max(volume.spacing) >= 1.5  # at least 3 voxels across along every axis
-            assert volume.contains_ras(center + lesion.radius_mm) and volume.contains_ras(center - lesion.radius_mm)
+            assert contains_ras(volume, center + lesion.radius_mm) and contains_ras(volume, center - lesion.radius_mm)
             assert anatomy.body_depth(center, anatomy.fat_mm) >= lesion.radius_mm
             bone = np.linalg.norm(center[:2] - np.asarray(anatomy.vertebra_center))
             assert bone >= max(anatomy.vertebra_radii) + lesion.radius_mm

@@ -202,14 +202,14 @@ def test_filtered_search_stays_inside_the_filter_and_fills_k(cohort, tmp_path, i
     searcher = Searcher(index)
     query = volume_query(synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE), "axial", index)
     answer = searcher.search(query, k=3, filters={"label": "ring"})
-    assert len(answer["results"]) == 3 and all("shell" in r["source"] for r in answer["results"])
+    assert len(answer.results) == 3 and all("shell" in r.source for r in answer.results)
     answer = searcher.search(query, k=5, filters={"label": "ring"})
-    assert len(answer["results"]) == 3  # only three rings exist
+    assert len(answer.results) == 3  # only three rings exist
     # Inside the nearest-neighbour search: every first-stage hit already belongs to the filter.
     allowed = index.catalog.item_ids(index.catalog.case_rows_matching({"label": "ball"}))
-    _, ids = index.store.search(searcher.vectors(query), 50, allowed=allowed)
+    _, ids = index.store.search(searcher.query_vectors(query), 50, allowed=allowed)
     assert np.isin(ids[ids >= 0], allowed).all() and (ids >= 0).sum(axis=1).min() == 50
-    assert searcher.search(query, k=3, filters={"modality": "MR"})["results"] == []
+    assert searcher.search(query, k=3, filters={"modality": "MR"}).results == []
 
 
 def test_removed_cases_never_come_back_from_hnsw(cohort, tmp_path):
@@ -224,7 +224,7 @@ def test_removed_cases_never_come_back_from_hnsw(cohort, tmp_path):
     index = Index.open(index_dir)
     volume = synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE)
     answer = Searcher(index).search(volume_query(volume, "axial", index), k=10)
-    assert removed not in [r["case_id"] for r in answer["results"]] and len(answer["results"]) == 5
+    assert removed not in [r.case_id for r in answer.results] and len(answer.results) == 5
     with Index.open(index_dir, writable=True) as writer:
         writer.compact()
         assert len(writer.catalog.tombstones()) == 0 and writer.verify() == []
@@ -273,10 +273,10 @@ def test_query_modes_and_self_exclusion(built):
     for query in (volume_query(volume, "axial", index), slice_query(volume, "axial", index),
                   roi_query(volume, RoiBox(volume.center_ras, (20, 20, 10)), "axial", index)):
         answer = searcher.search(query, k=3)
-        assert len(answer["results"]) == 3 and own not in [r["case_id"] for r in answer["results"]]
-    best_item = answer["results"][0]["best_match"]["item_id"]
+        assert len(answer.results) == 3 and own not in [r.case_id for r in answer.results]
+    best_item = answer.results[0].best_match.item_id
     like = searcher.search(item_query(index, best_item), k=3)
-    assert like["query"]["mode"] == "item" and answer["results"][0]["case_id"] not in [r["case_id"] for r in like["results"]]
+    assert like.query["mode"] == "item" and answer.results[0].case_id not in [r.case_id for r in like.results]
     with pytest.raises(Exception, match="images only"):
         text_query("nodule", searcher.embedder)
 
@@ -299,14 +299,14 @@ def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, 
     for volume in (read_volume(copy_path), unsaved):
         query = roi_query(volume, RoiBox(volume.center_ras, (20, 20, 10)), "axial", index)
         assert query.exclude_rows == [index.catalog.case_by_id(own).row]
-        assert own not in [r["case_id"] for r in searcher.search(query, k=5)["results"]]
+        assert own not in [r.case_id for r in searcher.search(query, k=5).results]
     # Another scan of the same shape is not taken for this one: one voxel differs.
     changed = original.array.copy()
     changed[0, 0, 0] += 1
     other = Volume.from_array(changed, original.ijk_to_ras)
     assert roi_query(other, RoiBox(other.center_ras, (20, 20, 10)), "axial", index).exclude_rows == []
     answer = searcher.search(slice_query(other, "axial", index), k=6)
-    assert own in [r["case_id"] for r in answer["results"]]
+    assert own in [r.case_id for r in answer.results]
 
 
 def test_text_search_with_a_clip_model(cohort, tmp_path):
@@ -319,8 +319,8 @@ def test_text_search_with_a_clip_model(cohort, tmp_path):
         index.add_sources([folder], embedder)
         searcher = Searcher(index, embedder)
         answer = searcher.search(text_query("round hyperdense lesion", embedder), k=4)
-    assert answer["query"] == {"text": "round hyperdense lesion", "mode": "text"} and len(answer["results"]) == 4
-    scores = [r["score"] for r in answer["results"]]
+    assert answer.query == {"text": "round hyperdense lesion", "mode": "text"} and len(answer.results) == 4
+    scores = [r.score for r in answer.results]
     assert scores == sorted(scores, reverse=True)
 
 

@@ -50,12 +50,6 @@ def test_to_uint8_rgb_maps_the_window_linearly():
     assert np.array_equal(rgb[..., 0], rgb[..., 2])
 
 
-def test_to_float_rgb_is_channel_first_in_unit_range():
-    out = intensity.to_float_rgb(np.array([[25.0, 75.0]]), intensity.Window(0.0, 100.0))
-    assert out.shape == (3, 1, 2) and out.dtype == np.float32
-    assert np.allclose(out[:, 0, :], [[0.25, 0.75]] * 3)
-
-
 @pytest.mark.parametrize("array", [np.full((3, 3, 3), 7.0), np.full((3, 3, 3), np.nan), np.array([[[np.inf, -np.inf, 1.0]]])])
 def test_degenerate_volumes_give_a_usable_window(array):
     window = intensity.choose_window(_volume(array))

@@ -115,12 +115,29 @@ def test_importing_the_library_loads_no_heavy_package():
     assert result.stdout.strip() == "[]"
 
 
-def test_module_file_imports_nothing_heavy_at_file_scope():
+def test_module_file_imports_the_library_at_file_scope_and_nothing_heavy():
+    """The module file imports the library once at the top; those imports, and what they import, load nothing heavy."""
     tree = ast.parse((ROOT / "CBIRSlicer" / "CBIRSlicer.py").read_text())
-    top = set()
+    top, library = set(), set()
     for node in tree.body:
         if isinstance(node, ast.Import):
             top |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             top.add(node.module.split(".")[0])
+            if node.module.split(".")[0] == "CBIRSlicerLib":
+                library |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in _library_modules() else node.module
+                            for a in node.names}
     assert not top & set(HEAVY), top
+    assert {"CBIRSlicerLib.scene.layout", "CBIRSlicerLib.scene.search_session"} <= library, library
+    inner = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.col_offset > 0
+             and (n.module or "").startswith("CBIRSlicerLib")]
+    assert not inner, f"library imports inside functions (import it once at the top): {inner}"
+    code = ("import sys, importlib\n"
+            f"for m in {sorted(library)!r}: importlib.import_module(m)\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def _library_modules() -> set[str]:
+    return {"CBIRSlicerLib." + ".".join(p.relative_to(LIB).with_suffix("").parts).removesuffix(".__init__") for p in LIB.rglob("*.py")}

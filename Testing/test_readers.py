@@ -13,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from volume_helpers import is_dicom_series, read_volumes, reorient
 
 from CBIRSlicerLib.errors import (
     CBIRError,
@@ -24,7 +25,7 @@ from CBIRSlicerLib.errors import (
     UnsupportedFormatError,
 )
 from CBIRSlicerLib.imaging import readers, synthetic
-from CBIRSlicerLib.imaging.readers import CaseSource, discover, read_case, read_volume, read_volume_file, read_volumes
+from CBIRSlicerLib.imaging.readers import CaseSource, discover, read_case, read_volume, read_volume_file
 
 SHAPE = (24, 20, 12)  # i, j, k
 SPACING = (0.8, 0.9, 2.5)
@@ -380,7 +381,7 @@ def test_dicom_series_reads_with_exact_geometry_and_voxels(tmp_path):
     assert volume.source == str(folder)
     assert volume.name == "series-.3.4.100"  # folder name and the UID's last 8 characters, without a description
     [case] = discover([folder]).cases
-    assert case.series_uid == "1.2.3.4.100" and case.files == tuple(files) and case.is_dicom_series
+    assert case.series_uid == "1.2.3.4.100" and case.files == tuple(files) and is_dicom_series(case)
     assert case.label == f"{folder} [series 1.2.3.4.100]"
     assert_same_volume(read_case(case), source)
     assert_same_volume(readers.read_dicom_series(folder, "1.2.3.4.100"), source)
@@ -398,7 +399,7 @@ def test_left_handed_dicom_source_reads_as_the_same_anatomy_in_slice_normal_orde
     source = phantom(np.diag([1.0, 1.0, -1.0]))
     write_dicom_series(source, tmp_path, "1.2.3.4.102")
     volume = read_volume(tmp_path)
-    expected = synthetic.reorient(source, (0, 1, 2), (False, False, True))
+    expected = reorient(source, (0, 1, 2), (False, False, True))
     assert_same_volume(volume, expected)
     assert volume.ijk_to_ras[2, 2] == pytest.approx(SPACING[2], abs=1e-6)  # the source had -2.5
     np.testing.assert_allclose(volume.center_ras, source.center_ras, atol=1e-4)
@@ -560,7 +561,7 @@ def test_multiframe_dicom_file(tmp_path):
     assert volume.name == "multiframe"
     # Found in a folder, it is a one-file series, and reads the same way.
     [case] = discover([tmp_path]).cases
-    assert case.files == (path,) and not case.is_dicom_series and case.series_uid == volume.series_uid
+    assert case.files == (path,) and not is_dicom_series(case) and case.series_uid == volume.series_uid
     from_folder = read_volume(tmp_path)
     np.testing.assert_array_equal(from_folder.array, stored)
     assert from_folder.series_uid == volume.series_uid
@@ -599,7 +600,7 @@ def test_discover_counts_and_skips(tmp_path):
     assert [os.path.relpath(c.path, tmp_path) for c in found.cases] == [
         "a.nii.gz", "b.nrrd", "c.mha", "d.mhd", os.path.join("sub", "e.nii"),
     ]
-    assert all(c.series_uid is None and c.files == () and not c.is_dicom_series for c in found.cases)
+    assert all(c.series_uid is None and c.files == () and not is_dicom_series(c) for c in found.cases)
     assert found.skipped == [(str(tmp_path / "notes.txt"), "unsupported format"),
                              (str(tmp_path / "sub" / "table.xyz"), "unsupported format")]
     shallow = discover([tmp_path], recursive=False)

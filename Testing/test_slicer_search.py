@@ -7,14 +7,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import headless_slicer
+from volume_helpers import read_png
 
 from CBIRSlicerLib.errors import InputError, JobCancelled, ParameterError
 from CBIRSlicerLib.imaging import synthetic
-from CBIRSlicerLib.imaging.png import read_png
 from CBIRSlicerLib.imaging.readers import read_volume
 from CBIRSlicerLib.index.background_build import BuildSpec, IndexBuild
 from CBIRSlicerLib.index.folder import Index
@@ -23,7 +24,7 @@ from CBIRSlicerLib.scene import layout as views
 from CBIRSlicerLib.scene.nodes import matrix_to_numpy, node_from_volume, numpy_to_matrix
 from CBIRSlicerLib.scene.result_volumes import SOURCE_ATTRIBUTE, find_volume_node, result_volume_node
 from CBIRSlicerLib.scene.search_session import SearchSession, case_window, describe_index, index_summary, is_index_folder, query_from_nodes
-from CBIRSlicerLib.scene.thumbnails import OUTLINE_RGB, qimage_buffer, result_thumbnail, write_result_thumbnails
+from CBIRSlicerLib.scene.thumbnails import OUTLINE_RGB, result_thumbnail, write_result_thumbnails
 
 slicer = pytest.importorskip("slicer")
 
@@ -105,12 +106,12 @@ def test_an_roi_on_a_new_phantom_finds_a_case_of_its_kind_with_the_match_on_the_
     answer = session.start(query_from_nodes(session.index, query, "axial", "roi", roi_node=_roi(scene, NEW_BALL)), k=3)
     answer = answer.wait(timeout=60)
     balls = _balls(paths)
-    first = answer["results"][0]
-    assert first["source"] in balls, [r["name"] for r in answer["results"]]
+    first = answer.results[0]
+    assert first.source in balls, [r.name for r in answer.results]
     # The best match lies on that case's ball: within its radius along the axis, inside its box in plane.
-    center, best = np.array(balls[first["source"]]), first["best_match"]
-    assert abs(best["ras"][2] - center[2]) <= 6.0
-    low, high = np.array(best["bounds_ras"][0]), np.array(best["bounds_ras"][1])
+    center, best = np.array(balls[first.source]), first.best_match
+    assert abs(best.ras[2] - center[2]) <= 6.0
+    low, high = np.array(best.bounds_ras[0]), np.array(best.bounds_ras[1])
     assert np.all(low[:2] - 1e-6 <= center[:2]) and np.all(center[:2] <= high[:2] + 1e-6)
 
 
@@ -121,15 +122,15 @@ def test_an_unsaved_copy_of_a_case_does_not_find_itself_in_any_mode(tiny_index, 
         roi = _roi(scene, BLOBS[2][0]) if mode == "roi" else None
         query = query_from_nodes(session.index, copy, "axial", mode, roi_node=roi, slice_ras=BLOBS[2][0])
         answer = session.start(query, k=3).wait(timeout=60)
-        assert answer["query"]["mode"] == mode and len(answer["results"]) == 3
-        assert os.path.abspath(paths[2]) not in [r["source"] for r in answer["results"]], mode
+        assert answer.query["mode"] == mode and len(answer.results) == 3
+        assert os.path.abspath(paths[2]) not in [r.source for r in answer.results], mode
 
 
 def test_a_loaded_case_does_not_find_itself(tiny_index, session, app, scene):
     _, paths = tiny_index
     node = app.volumes.AddArchetypeVolume(paths[0], "case0")
     answer = session.start(query_from_nodes(session.index, node, "axial", "volume"), k=3).wait(timeout=60)
-    assert os.path.abspath(paths[0]) not in [r["source"] for r in answer["results"]]
+    assert os.path.abspath(paths[0]) not in [r.source for r in answer.results]
 
 
 def test_query_needs_a_volume_and_an_roi_in_roi_mode(session, scene):
@@ -157,17 +158,17 @@ def test_search_polls_while_embedding_and_cancels(session, scene):
     # The worker stays up with its model: the next search needs no reload.
     loads = session.service.model_loads
     answer = session.start(query_from_nodes(session.index, node, "axial", "volume"), k=2).wait(timeout=60)
-    assert len(answer["results"]) == 2 and session.service.model_loads == loads
+    assert len(answer.results) == 2 and session.service.model_loads == loads
 
 
 def test_more_like_this_answers_without_embedding(tiny_index, session, scene):
     _, paths = tiny_index
     copy = node_from_volume(scene, read_volume(paths[1]), "q")
     answer = session.start(query_from_nodes(session.index, copy, "axial", "volume"), k=2).wait(timeout=60)
-    item = answer["results"][0]["best_match"]["item_id"]
+    item = answer.results[0].best_match.item_id
     pending = session.more_like(item, k=2)
     assert pending.job is None and pending.poll().state == "done"
-    assert answer["results"][0]["case_id"] not in [r["case_id"] for r in pending.answer["results"]]
+    assert answer.results[0].case_id not in [r.case_id for r in pending.answer.results]
 
 
 def test_result_thumbnails_come_from_the_index_with_the_match_outlined(tiny_index, session, scene, tmp_path):
@@ -178,29 +179,26 @@ def test_result_thumbnails_come_from_the_index_with_the_match_outlined(tiny_inde
     roi.SetSize(20.0, 20.0, 10.0)
     answer = session.start(query_from_nodes(session.index, copy, "axial", "roi", roi_node=roi), k=3).wait(timeout=60)
     catalog = session.index.catalog
-    first = answer["results"][0]
+    first = answer.results[0]
     rgb = result_thumbnail(catalog, first)
-    item = catalog.items([first["best_match"]["item_id"]])[first["best_match"]["item_id"]]
+    item = catalog.items([first.best_match.item_id])[first.best_match.item_id]
     grey = catalog.thumbnail(item.case_row, item.axis, item.plane)
     assert rgb.shape == (*grey.shape, 3) and rgb.dtype == np.uint8 and max(grey.shape) == SETTINGS["thumbnail_px"]
     outlined = np.all(rgb == OUTLINE_RGB, axis=2)
     # An ROI query matches a tile; the outline sits where the tile is: its box scaled from slice pixels
     # (32 x 32 at 1.5 mm) to the thumbnail.
-    assert first["best_match"]["kind"] == "tile"
+    assert first.best_match.kind == "tile"
     rows, cols = np.nonzero(outlined)
-    r0, c0, r1, c1 = first["best_match"]["box"]
+    r0, c0, r1, c1 = first.best_match.box
     scale = grey.shape[0] / 32
     assert abs(rows.min() - r0 * scale) <= 1 and abs(rows.max() - (r1 * scale - 1)) <= 1.5
     assert abs(cols.min() - c0 * scale) <= 1 and abs(cols.max() - (c1 * scale - 1)) <= 1.5
     assert np.array_equal(rgb[..., 0][~outlined], grey[~outlined])  # elsewhere, the stored pixels themselves
     assert np.array_equal(result_thumbnail(catalog, first, mark_match=False)[..., 1], grey)
 
-    buffer = qimage_buffer(rgb)
-    assert (buffer.width, buffer.height, buffer.bytes_per_line) == (grey.shape[1], grey.shape[0], 3 * grey.shape[1])
-    assert buffer.data == rgb.tobytes()
     files = write_result_thumbnails(catalog, answer, str(tmp_path / "thumbs"))
-    assert set(files) == {r["case_id"] for r in answer["results"]}
-    assert np.array_equal(read_png(files[first["case_id"]]), rgb)
+    assert set(files) == {r.case_id for r in answer.results}
+    assert np.array_equal(read_png(files[first.case_id]), rgb)
 
 
 def test_result_volumes_are_loaded_once_and_moved_files_are_named(tiny_index, session, scene, app, tmp_path):
@@ -211,7 +209,7 @@ def test_result_volumes_are_loaded_once_and_moved_files_are_named(tiny_index, se
         loads.append(path)
         return app.volumes.AddArchetypeVolume(path, name)
 
-    result = {"case_id": "c0", "name": "case0", "source": paths[0]}
+    result = SimpleNamespace(case_id="c0", name="case0", source=paths[0])  # a search result or a catalog case
     node = result_volume_node(scene, result, load)
     assert node.GetAttribute(SOURCE_ATTRIBUTE) == os.path.abspath(paths[0]) and loads == [os.path.abspath(paths[0])]
     assert result_volume_node(scene, result, load) is not None and len(loads) == 1
@@ -219,11 +217,12 @@ def test_result_volumes_are_loaded_once_and_moved_files_are_named(tiny_index, se
     # A volume the user opened from the same file is reused too.
     own = app.volumes.AddArchetypeVolume(paths[1], "mine")
     assert find_volume_node(scene, paths[1]).GetID() == own.GetID()
-    assert result_volume_node(scene, {"case_id": "c1", "source": paths[1]}, load).GetID() == own.GetID() and len(loads) == 1
+    assert result_volume_node(scene, SimpleNamespace(case_id="c1", name="", source=paths[1]), load).GetID() == own.GetID()
+    assert len(loads) == 1
 
     moved = str(tmp_path / "gone.nii.gz")
     with pytest.raises(InputError, match="no longer at the path.*cbir index remove c9"):
-        result_volume_node(scene, {"case_id": "c9", "name": "gone", "source": moved}, load)
+        result_volume_node(scene, SimpleNamespace(case_id="c9", name="gone", source=moved), load)
 
 
 def test_background_build_reports_progress_and_stops_on_cancel(tiny_index, tmp_path):
@@ -235,7 +234,7 @@ def test_background_build_reports_progress_and_stops_on_cancel(tiny_index, tmp_p
         seen.append(build.progress())
         time.sleep(0.02)
     assert build.state == "done", build.error
-    assert len(build.report["added"]) == 2 and build.report["vectors"] > 0
+    assert len(build.report.added) == 2 and build.report.vectors > 0
     assert build.progress().done == build.progress().total == 2 and build.progress().rate > 0
     assert index_summary(folder)["counts"]["cases"] == 2
 
@@ -250,9 +249,9 @@ def test_background_build_reports_progress_and_stops_on_cancel(tiny_index, tmp_p
     build.cancel()
     assert build.wait(timeout=30) and build.state == "cancelled"
     cases = index_summary(folder)["counts"]["cases"]
-    assert 2 < cases < 8 and cases == 2 + len(build.report["added"])
-    assert len(build.report["skipped"]) == 6 - len(build.report["added"])
-    assert all(reason == "not reached (stopped)" for _, reason in build.report["skipped"])
+    assert 2 < cases < 8 and cases == 2 + len(build.report.added)
+    assert len(build.report.skipped) == 6 - len(build.report.added)
+    assert all(reason == "not reached (stopped)" for _, reason in build.report.skipped)
     assert Index.open(folder).verify(check_sources=False) == []
 
 
@@ -268,27 +267,27 @@ def test_clicking_a_result_shows_it_side_by_side_at_its_best_match(tiny_index, s
     layout_node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
     query_node = node_from_volume(scene, _case(NEW_BALL, "ball"), "query")
     answer = session.start(query_from_nodes(session.index, query_node, "axial", "roi", roi_node=_roi(scene, NEW_BALL)), k=2)
-    first = answer.wait(timeout=60)["results"][0]
+    first = answer.wait(timeout=60).results[0]
     balls = _balls(paths)
-    assert first["source"] in balls
-    matched = balls[first["source"]]
+    assert first.source in balls
+    matched = balls[first.source]
 
     result_node = result_volume_node(scene, first, _loader(app.volumes))
     state = views.show_side_by_side(scene, layout_node, views.query_target(query_node, "axial", NEW_BALL),
-                                    views.result_target(first, result_node))
+                                    views.result_target(first.best_match, result_node))
     right = views.slice_node(scene, views.RESULT_VIEW)
     assert right.GetOrientation() == "Axial"
-    assert right.GetSliceOffset() == pytest.approx(first["best_match"]["ras"][2])
+    assert right.GetSliceOffset() == pytest.approx(first.best_match.ras[2])
     assert views.composite_node(scene, views.RESULT_VIEW).GetBackgroundVolumeID() == result_node.GetID()
     assert views.slice_node(scene, views.QUERY_VIEW).GetSliceOffset() == pytest.approx(NEW_BALL[2])
     # The result view shows a voxel plane of the case as Slicer loaded it, and that plane cuts the ball.
     ras_to_ijk = numpy_to_matrix(np.eye(4))
     result_node.GetRASToIJKMatrix(ras_to_ijk)
-    k = matrix_to_numpy(ras_to_ijk) @ np.r_[first["best_match"]["ras"], 1.0]
+    k = matrix_to_numpy(ras_to_ijk) @ np.r_[first.best_match.ras, 1.0]
     assert abs(k[2] - round(k[2])) < 1e-6
     assert abs(right.GetSliceOffset() - matched[2]) <= 6.0
     # Shown in the window the index cut its images with.
-    window = case_window(session.index, first["case_id"])
+    window = case_window(session.index, first.case_id)
     assert views.apply_window(result_node, window)
     assert result_node.GetDisplayNode().GetWindow() == pytest.approx(window["upper"] - window["lower"])
     assert views.restore_layout(layout_node, state)

@@ -172,13 +172,62 @@ def test_extension_urls_point_at_files_in_the_repository():
         assert (ROOT / relative).is_file() and relative.endswith(".png"), url
 
 
+def _is_import_with_fallback(node: ast.AST) -> bool:
+    """``try: <imports> except ImportError: <functions or assignments>``: the translation function and its stand-in."""
+    return (isinstance(node, ast.Try) and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in node.body)
+            and len(node.handlers) == 1 and ast.unparse(node.handlers[0].type) == "ImportError"
+            and all(isinstance(n, (ast.FunctionDef, ast.Assign)) for n in node.handlers[0].body)
+            and not node.orelse and not node.finalbody)
+
+
 def test_module_file_imports_no_heavy_package_and_runs_nothing_at_import():
     tree = ast.parse(MODULE_FILE.read_text())
     for node in tree.body:
         # Only imports, assignments of constants, classes and functions at file scope: no code runs at import.
-        assert isinstance(node, (ast.Import, ast.ImportFrom, ast.Assign, ast.ClassDef, ast.FunctionDef, ast.Expr)), ast.unparse(node)
+        allowed = (ast.Import, ast.ImportFrom, ast.Assign, ast.ClassDef, ast.FunctionDef, ast.Expr)
+        assert isinstance(node, allowed) or _is_import_with_fallback(node), ast.unparse(node)
         if isinstance(node, ast.Expr):
             assert isinstance(node.value, ast.Constant), ast.unparse(node)  # docstrings only
+
+
+# Where the module shows text to the user: widget properties it sets, and the display functions it calls.
+SHOWN_PROPERTIES = {"text", "toolTip", "plainText", "title", "helpText", "acknowledgementText"}
+SHOWN_CALLS = {"errorDisplay", "warningDisplay", "infoDisplay", "confirmOkCancelDisplay", "tryWithErrorDisplay",
+               "QListWidgetItem", "RuntimeError"}
+
+
+def _is_literal_text(node: ast.AST) -> bool:
+    """Text written in the code and not passed through ``_()``: a string constant, an f-string, or either joined."""
+    if isinstance(node, (ast.JoinedStr,)) or (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip()):
+        return True
+    if isinstance(node, ast.BinOp):
+        return _is_literal_text(node.left) or _is_literal_text(node.right)
+    if isinstance(node, ast.IfExp):
+        return _is_literal_text(node.body) or _is_literal_text(node.orelse)
+    return False
+
+
+def test_user_visible_strings_go_through_the_translation_function(source):
+    """As Slicer's module template does: every text the user sees is ``_("...")`` (``.format()`` after, never an f-string)."""
+    tree = ast.parse(source)
+    tests = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CBIRSlicerTest")
+    in_tests = {id(n) for n in ast.walk(tests)}
+    shown = []
+    for node in ast.walk(tree):
+        if id(node) in in_tests:
+            continue  # the self-test's progress messages are for developers
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in SHOWN_PROPERTIES for t in node.targets):
+            shown.append(node.value)
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in SHOWN_CALLS:
+                shown.extend(node.args[:1] + [k.value for k in node.keywords if k.arg == "windowTitle"])
+    assert len(shown) > 30, "fewer user-visible texts found than the module shows: the check is looking in the wrong place"
+    bare = [ast.unparse(value) for value in shown if _is_literal_text(value)]
+    assert not bare, f"shown without _(): {bare}"
+    translated = re.findall(r"\b_\(\s*\"", source)
+    assert len(translated) > 40
+    assert "from slicer.i18n import tr as _" in source
 
 
 def test_extensions_index_entry_follows_the_catalog_schema():

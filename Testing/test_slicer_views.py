@@ -10,6 +10,7 @@ from conftest import headless_slicer
 
 from CBIRSlicerLib.errors import GeometryError
 from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.retrieval.answers import BestMatch
 from CBIRSlicerLib.scene import layout as views
 from CBIRSlicerLib.scene.nodes import node_from_volume, roi_from_node
 
@@ -33,9 +34,7 @@ def _volume_node(scene, name, center=(0.0, 0.0, 0.0)):
     return node_from_volume(scene, volume, name)
 
 
-RESULT = {"rank": 1, "case_id": "c1", "source": "/nowhere/case.nii.gz", "score": 0.9,
-          "best_match": {"axis": "coronal", "slice_index": 9, "ras": [4.0, -3.6, 7.5], "kind": "tile", "item_id": 12,
-                         "box": [10, 4, 30, 24], "bounds_ras": [[-6.0, -3.6, -2.5], [14.0, -3.6, 17.5]]}}
+BEST = BestMatch("coronal", 9, (4.0, -3.6, 7.5), "tile", 12, (10, 4, 30, 24), ((-6.0, -3.6, -2.5), (14.0, -3.6, 17.5)))
 
 
 def test_layout_description_names_two_slice_views():
@@ -57,7 +56,7 @@ def test_show_result_places_each_view_and_restore_gives_the_layout_back(layout):
     scene, node = layout
     query, result = _volume_node(scene, "query"), _volume_node(scene, "result", center=(4.0, -3.0, 6.0))
     state = views.show_side_by_side(scene, node, views.query_target(query, "axial", (1.0, 2.0, 3.75)),
-                                    views.result_target(RESULT, result))
+                                    views.result_target(BEST, result))
     assert node.GetViewArrangement() == views.LAYOUT_ID and state.previous_layout == slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView
     assert ET.fromstring(node.GetCurrentLayoutDescription()) is not None
 
@@ -68,7 +67,7 @@ def test_show_result_places_each_view_and_restore_gives_the_layout_back(layout):
     slice_to_ras = np.array([[right.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
     bounds = np.array(views.volume_bounds(result))
     assert np.allclose(slice_to_ras[[0, 2], 3], ((bounds[0::2] + bounds[1::2]) / 2)[[0, 2]])
-    assert np.dot(np.array(RESULT["best_match"]["ras"]) - slice_to_ras[:3, 3], slice_to_ras[:3, 2]) == pytest.approx(0)
+    assert np.dot(np.array(BEST.ras) - slice_to_ras[:3, 3], slice_to_ras[:3, 2]) == pytest.approx(0)
     assert views.composite_node(scene, views.QUERY_VIEW).GetBackgroundVolumeID() == query.GetID()
     assert views.composite_node(scene, views.RESULT_VIEW).GetBackgroundVolumeID() == result.GetID()
     # Fitted to the result volume: coronal shows R across (30 mm) and S up (50 mm); 256 x 256 pixels, so 50 mm wins.
@@ -76,7 +75,7 @@ def test_show_result_places_each_view_and_restore_gives_the_layout_back(layout):
     assert views.composite_node(scene, views.QUERY_VIEW).GetLinkedControl() == 0
 
     # A second result keeps the layout from before the first; restore goes back to it.
-    again = views.show_side_by_side(scene, node, views.query_target(query, "axial", (0, 0, 0)), views.result_target(RESULT, result),
+    again = views.show_side_by_side(scene, node, views.query_target(query, "axial", (0, 0, 0)), views.result_target(BEST, result),
                                     link=True, state=state)
     assert again.previous_layout == state.previous_layout
     assert views.composite_node(scene, views.RESULT_VIEW).GetLinkedControl() == 1
@@ -88,7 +87,7 @@ def test_show_result_places_each_view_and_restore_gives_the_layout_back(layout):
 def test_restore_leaves_a_layout_the_user_chose_since(layout):
     scene, node = layout
     volume = _volume_node(scene, "v")
-    state = views.show_side_by_side(scene, node, views.query_target(volume, "axial", (0, 0, 0)), views.result_target(RESULT, volume))
+    state = views.show_side_by_side(scene, node, views.query_target(volume, "axial", (0, 0, 0)), views.result_target(BEST, volume))
     node.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
     assert views.restore_layout(node, state) is False
     assert node.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView
@@ -99,20 +98,20 @@ def test_standard_views_are_left_untouched(layout):
     red = views.slice_node(scene, "Red")
     red.JumpSliceByCentering(0.0, 0.0, 12.0)
     volume = _volume_node(scene, "v")
-    views.show_side_by_side(scene, node, views.query_target(volume, "sagittal", (5, 0, 0)), views.result_target(RESULT, volume))
+    views.show_side_by_side(scene, node, views.query_target(volume, "sagittal", (5, 0, 0)), views.result_target(BEST, volume))
     assert red.GetOrientation() == "Axial" and red.GetSliceOffset() == pytest.approx(12.0)
 
 
 def test_match_box_outlines_the_best_match_in_the_result_view_only(layout):
     scene, node = layout
     volume = _volume_node(scene, "v")
-    views.show_side_by_side(scene, node, views.query_target(volume, "axial", (0, 0, 0)), views.result_target(RESULT, volume))
-    box = views.show_match_box(scene, RESULT)
+    views.show_side_by_side(scene, node, views.query_target(volume, "axial", (0, 0, 0)), views.result_target(BEST, volume))
+    box = views.show_match_box(scene, BEST)
     size, centre = box.GetSize(), [0.0] * 3
     box.GetCenter(centre)
     assert np.allclose(size, (20.0, views.MATCH_BOX_THICKNESS_MM, 20.0)) and np.allclose(centre, (4.0, -3.6, 7.5))
     assert box.GetDisplayNode().GetViewNodeIDs() == (views.slice_node(scene, views.RESULT_VIEW).GetID(),)
-    assert views.show_match_box(scene, RESULT, box) is box  # reused, not a second node
+    assert views.show_match_box(scene, BEST, box) is box  # reused, not a second node
     assert box.GetDisplayNode().GetFillOpacity() == 0.0
 
 
@@ -145,4 +144,4 @@ def test_placing_a_view_that_does_not_exist_says_so(layout):
     scene, _ = layout
     volume = _volume_node(scene, "v")
     with pytest.raises(GeometryError, match="side-by-side layout first"):
-        views.place_view(scene, views.RESULT_VIEW, views.result_target(RESULT, volume))
+        views.place_view(scene, views.RESULT_VIEW, views.result_target(BEST, volume))

@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     # Candidate queries in a fixed order; the first whose rank-1 case holds a lesion of the same kind, with the best
     # match on that lesion, is shown.
     def on_lesion(result, kind) -> bool:
-        ras = np.array(result["best_match"]["focus_ras"])  # as the evaluation judges it: the focus inside the lesion
-        return any(x.kind == kind and np.linalg.norm(ras - x.center) <= x.radius_mm for x in truth[result["name"]])
+        ras = np.array(result.best_match.focus_ras)  # as the evaluation judges it: the focus inside the lesion
+        return any(x.kind == kind and np.linalg.norm(ras - x.center) <= x.radius_mm for x in truth[result.name])
 
     searcher = Searcher(Index.open(index_dir), create_embedder("handcrafted"))
     tried = []
@@ -144,8 +144,8 @@ def main(argv=None) -> int:
         query_case = synthetic.make_case(f"new_patient_{n}", QUERY_SEED + n, (kind,))
         lesion = query_case.lesions[0]
         roi_box = RoiBox(lesion.center, (ROI_SIDE_MM,) * 3)
-        ranked = searcher.search(roi_query(query_case.volume, roi_box, "axial", searcher.index), k=1)["results"]
-        tried.append((kind, [x.kind for x in truth[ranked[0]["name"]]], on_lesion(ranked[0], kind)))
+        ranked = searcher.search(roi_query(query_case.volume, roi_box, "axial", searcher.index), k=1).results
+        tried.append((kind, [x.kind for x in truth[ranked[0].name]], on_lesion(ranked[0], kind)))
         if tried[-1][2]:
             break
     hits = sum(kind in found for kind, found, _ in tried)
@@ -162,20 +162,20 @@ def main(argv=None) -> int:
 
     session = SearchSession(index_dir, python=sys.executable)
     answer = session.start(query_from_nodes(session.index, query_node, "axial", "roi", roi_node=roi), k=5).wait(timeout=120)
-    first = answer["results"][0]
+    first = answer.results[0]
     result_node = result_volume_node(scene, first, lambda path, name: volumes.AddArchetypeVolume(path, name))
     layout_node = layout.GetLayoutNode()
     views.show_side_by_side(scene, layout_node, views.query_target(query_node, "axial", lesion.center),
-                            views.result_target(first, result_node))
-    views.show_match_box(scene, first)
+                            views.result_target(first.best_match, result_node))
+    views.show_match_box(scene, first.best_match)
     # Both volumes in the window the index cuts images with (what the module does for results; a user would pick
     # the same CT preset for the query).
-    views.apply_window(result_node, case_window(session.index, first["case_id"]))
+    views.apply_window(result_node, case_window(session.index, first.case_id))
     views.apply_window(query_node, choose_window(volume_from_node(query_node), session.index.settings.window).as_dict())
     for name in (views.QUERY_VIEW, views.RESULT_VIEW):  # fit again now the views have their final pixel size
         views.slice_node(scene, name).SetDimensions(VIEW_PX, VIEW_PX, 1)
     views.show_side_by_side(scene, layout_node, views.query_target(query_node, "axial", lesion.center),
-                            views.result_target(first, result_node))
+                            views.result_target(first.best_match, result_node))
 
     left = render_view(scene, app, views.slice_node(scene, views.QUERY_VIEW))
     right = render_view(scene, app, views.slice_node(scene, views.RESULT_VIEW))
@@ -185,19 +185,19 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_png(picture, args.out)
 
-    best = first["best_match"]
-    found = truth[first["name"]]
+    best = first.best_match
+    found = truth[first.name]
     print(f"wrote {args.out}")
     print(f"left: query view (axial) of a new synthetic CT case, slice through its {lesion.kind} lesion at RAS "
           f"{tuple(round(v, 1) for v in lesion.center)}, inside the query ROI ({ROI_SIDE_MM:.0f} mm box)")
-    print(f"right: rank-1 result '{first['name']}' (score {first['score']:.3f}; its lesion: "
+    print(f"right: rank-1 result '{first.name}' (score {first.score:.3f}; its lesion: "
           f"{', '.join(f'{x.kind} at {tuple(round(v, 1) for v in x.center)}' for x in found)}), "
-          f"{best['axis']} slice {best['slice_index']} at S = {best['ras'][2]:.1f} mm, best-matching {best['kind']} outlined")
+          f"{best.axis} slice {best.slice_index} at S = {best.ras[2]:.1f} mm, best-matching {best.kind} outlined")
     print(f"query chosen: candidate {len(tried)} of {len(tried)} tried; rank 1 had the same kind for {hits} and the best "
           f"match on that lesion for {located} (" + ", ".join(f"{kind}->{'/'.join(found)}{'*' if on else ''}"
                                                              for kind, found, on in tried) + "; * = on the lesion)")
-    print("ranking: " + "; ".join(f"{r['rank']}. {r['name']} ({', '.join(x.kind for x in truth[r['name']])}) {r['score']:.3f}"
-                                  for r in answer["results"]))
+    print("ranking: " + "; ".join(f"{r.rank}. {r.name} ({', '.join(x.kind for x in truth[r.name])}) {r.score:.3f}"
+                                  for r in answer.results))
     session.close()
     shutdown_services()
     sys.stdout.flush()

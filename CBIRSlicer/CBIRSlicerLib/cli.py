@@ -209,6 +209,7 @@ def _search(args: argparse.Namespace) -> int:
     """cbir search: similar cases for a volume, an ROI, a slice, a phrase, an item, or a batch of queries."""
     from .imaging.roi import RoiBox, read_markups_roi
     from .index.folder import Index
+    from .retrieval.answers import SearchAnswer
     from .retrieval.search import (
         Searcher,
         item_query,
@@ -224,7 +225,7 @@ def _search(args: argparse.Namespace) -> int:
     searcher = Searcher(index, model=args.model, device=args.device)
     filters = parse_filters(args.filter)
 
-    def volume_search(path: str, roi: RoiBox | None) -> dict:
+    def volume_search(path: str, roi: RoiBox | None) -> SearchAnswer:
         volume = load_volume_for_query(path)
         if roi is not None:
             query = roi_query(volume, roi, args.axis, index, args.margin_mm)
@@ -244,10 +245,10 @@ def _search(args: argparse.Namespace) -> int:
         for row in rows:
             text = (row.get("roi_ras") or "").strip()
             try:
-                answer = volume_search(row["volume"], RoiBox.parse(text) if text else None)
+                line = volume_search(row["volume"], RoiBox.parse(text) if text else None).to_json()
             except CBIRError as error:
-                answer = {"query": {"volume": os.path.abspath(row["volume"]), "roi_ras": text or None}, "error": str(error)}
-            print(json.dumps(answer), flush=True)
+                line = {"query": {"volume": os.path.abspath(row["volume"]), "roi_ras": text or None}, "error": str(error)}
+            print(json.dumps(line), flush=True)
         return 0
     if args.text:
         answer = searcher.search(text_query(args.text, searcher.embedder), args.k, filters, args.ranking)
@@ -259,15 +260,15 @@ def _search(args: argparse.Namespace) -> int:
     else:
         raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
     if args.json:
-        print(json.dumps(answer, indent=1))
+        print(json.dumps(answer.to_json(), indent=1))
         return 0
-    print(f"query: {json.dumps(answer['query'])}  (ranking {answer['ranking']})")
-    if not answer["results"]:
+    print(f"query: {json.dumps(answer.query)}  (ranking {answer.ranking})")
+    if not answer.results:
         print("no results")
-    for result in answer["results"]:
-        best = result["best_match"]
-        where = f"{best['axis']} slice {best['slice_index']} at RAS ({', '.join(f'{v:.1f}' for v in best['ras'])})"
-        print(f"{result['rank']:>3}. {result['score']:.3f}  {result['name'] or result['case_id']:<28} {where}  {result['source']}")
+    for result in answer.results:
+        best = result.best_match
+        where = f"{best.axis} slice {best.slice_index} at RAS ({', '.join(f'{v:.1f}' for v in best.ras)})"
+        print(f"{result.rank:>3}. {result.score:.3f}  {result.title:<28} {where}  {result.source}")
     return 0
 
 

@@ -136,9 +136,3 @@ def to_uint8_rgb(pixels: np.ndarray, window: Window) -> np.ndarray:
     """Windowed grey image as (rows, cols, 3) uint8, the form PNG files and thumbnails take."""
     grey = np.round(apply_window(pixels, window) * 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
-
-
-def to_float_rgb(pixels: np.ndarray, window: Window) -> np.ndarray:
-    """Windowed grey image as (3, rows, cols) float32 in [0, 1], channel first as models take it."""
-    grey = apply_window(pixels, window)
-    return np.repeat(grey[None], 3, axis=0)

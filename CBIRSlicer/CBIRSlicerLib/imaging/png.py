@@ -16,11 +16,3 @@ def write_png(rgb: np.ndarray, path: str | Path) -> str:
         raise ValueError(f"expected a (rows, cols, 3) image, got shape {rgb.shape}")
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
     return str(path)
-
-
-def read_png(path: str | Path) -> np.ndarray:
-    """Read a PNG as a (rows, cols, channels) uint8 array."""
-    import SimpleITK as sitk
-
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    return array if array.ndim == 3 else array[..., None]

@@ -1,7 +1,7 @@
 """Reading volumes from disk: NIfTI, NRRD, MetaImage, DICOM series and multi-frame DICOM.
 
 Everything goes through SimpleITK (GDCM for DICOM); geometry is taken from the file and
-converted to RAS once, in :mod:`coords`. Folders are searched recursively; every DICOM
+converted to RAS once, in :mod:`coordinates`. Folders are searched recursively; every DICOM
 series found is its own case.
 """
 
@@ -12,7 +12,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +46,6 @@ TAG_SERIES_DESCRIPTION = "0008|103e"
 TAG_PATIENT_ID = "0010|0020"
 TAG_POSITION = "0020|0032"
 TAG_ORIENTATION = "0020|0037"
-TAG_ROWS = "0028|0010"
-TAG_COLUMNS = "0028|0011"
 TAG_FRAMES = "0028|0008"
 
 
@@ -58,11 +56,6 @@ class CaseSource:
     path: str
     series_uid: str | None = None
     files: tuple[str, ...] = ()
-
-    @property
-    def is_dicom_series(self) -> bool:
-        """Whether this case is a DICOM series of several files."""
-        return self.series_uid is not None and len(self.files) > 1
 
     @property
     def label(self) -> str:
@@ -240,7 +233,7 @@ def read_volume_file(path: str | Path) -> Volume:
     if not os.path.exists(path):
         raise UnreadableFileError(path, "does not exist")
     if os.path.isdir(path):
-        raise InputError(path, "is a folder; use read_volume() or read_volumes() for folders")
+        raise InputError(path, "is a folder; use read_volume() for a folder")
     if volume_suffix(path) is None and not is_dicom_file(path):
         raise UnsupportedFormatError(
             path,
@@ -410,19 +403,6 @@ def read_case(source: CaseSource) -> Volume:
     if source.series_uid is not None:
         return read_dicom_series(source.path, source.series_uid, source.files or None)
     return read_volume_file(source.path)
-
-
-def read_volumes(path: str | Path) -> Iterator[Volume]:
-    """Every volume in a file or folder (recursively), one per file or DICOM series."""
-    if not os.path.isdir(str(path)):
-        # One file: the same checks, and the same precise errors, as read_volume_file.
-        yield read_volume_file(path)
-        return
-    found = discover([path])
-    if not found.cases:
-        raise EmptySourceError(path, "holds no volume files or DICOM series")
-    for source in found.cases:
-        yield read_case(source)
 
 
 def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:

@@ -71,12 +71,6 @@ class SliceGrid:
                    + np.multiply.outer(np.asarray(plane, float) * self.plane_mm, normal))
         return np.asarray(self.origin) + offsets
 
-    def from_ras(self, ras) -> np.ndarray:
-        """Continuous (plane, row, column) of RAS points (..., 3)."""
-        right, down, normal = self.frame
-        delta = np.asarray(ras, float) - np.asarray(self.origin)
-        return np.stack([delta @ normal / self.plane_mm, delta @ down / self.pixel_mm, delta @ right / self.pixel_mm], axis=-1)
-
 
 @dataclass(eq=False)
 class SliceImage:

@@ -104,24 +104,6 @@ def render(ijk_to_ras: np.ndarray, shape_ijk, blobs: list[Blob] | None = None,
     return Volume.from_array(array, ijk_to_ras, name=name, modality=modality)
 
 
-def reorient(volume: Volume, permutation=(0, 1, 2), flips=(False, False, False)) -> Volume:
-    """The same voxels stored in another order: new axis a is old axis ``permutation[a]``, reversed where ``flips[a]``."""
-    old_ijk = np.transpose(volume.array, (2, 1, 0))  # [i, j, k]
-    new_ijk = np.transpose(old_ijk, permutation)
-    old_shape = volume.shape_ijk
-    index_map = np.zeros((4, 4))  # new (i, j, k, 1) -> old (i, j, k, 1)
-    index_map[3, 3] = 1.0
-    for new_axis, old_axis in enumerate(permutation):
-        if flips[new_axis]:
-            new_ijk = np.flip(new_ijk, axis=new_axis)
-            index_map[old_axis, new_axis] = -1.0
-            index_map[old_axis, 3] = old_shape[old_axis] - 1
-        else:
-            index_map[old_axis, new_axis] = 1.0
-    array = np.ascontiguousarray(np.transpose(new_ijk, (2, 1, 0)))
-    return Volume.from_array(array, volume.ijk_to_ras @ index_map, name=volume.name, modality=volume.modality)
-
-
 def write_volume(volume: Volume, path: str, compress: bool = True) -> str:
     """Write a volume in the format its suffix names (.nii.gz, .nrrd, .mha, ...), geometry included."""
     import SimpleITK as sitk

@@ -121,12 +121,6 @@ class Volume:
         """RAS position of the volume's centre."""
         return self.corners_ras().mean(axis=0)
 
-    def contains_ras(self, ras: np.ndarray, tolerance_voxels: float = 0.5) -> bool:
-        """Whether a RAS point lies inside the voxel grid (voxel centres extended by half a voxel)."""
-        ijk = self.ras_to_ijk_points(ras)
-        upper = np.array(self.shape_ijk) - 1 + tolerance_voxels
-        return bool(np.all(ijk >= -tolerance_voxels) and np.all(ijk <= upper))
-
     def finite_float32(self) -> np.ndarray:
         """The voxels as float32 with NaN and infinities replaced by the finite extremes, so no step downstream sees them."""
         data = np.asarray(self.array, dtype=np.float32)

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..processes import in_thread, start_module, wait_or_kill
+from .folder import BuildReport
 
 HARD_STOP_S = 10.0
 
@@ -48,7 +49,7 @@ class BuildSpec:
 
 
 class IndexBuild:
-    """One build in a child process; ``progress()`` from a timer, ``cancel()``, then ``report`` or ``error``."""
+    """One build in a child process; ``progress()`` from a timer, ``cancel()``, then ``report`` (typed) or ``error``."""
 
     def __init__(self, spec: BuildSpec, python: str | None = None):
         self.spec = spec
@@ -56,7 +57,7 @@ class IndexBuild:
         self.state = "starting"
         self.done = self.total = 0
         self.label = ""
-        self.report: dict | None = None
+        self.report: BuildReport | None = None
         self.error: str | None = None
         self.log: list[str] = []
         self._process: subprocess.Popen | None = None
@@ -134,7 +135,8 @@ class IndexBuild:
             if self.state == "starting":
                 self.state = "running"
         elif kind == "report":
-            self.report = event["report"]
+            fields = event["report"]  # a BuildReport as JSON: its (path, reason) pairs came back as lists
+            self.report = BuildReport(**{**fields, "skipped": [tuple(pair) for pair in fields.get("skipped", [])]})
             self._finished = time.monotonic()
             self.state = "cancelled" if self.state == "stopping" else "done"
         elif kind == "error":
@@ -180,9 +182,7 @@ def _run(spec: dict) -> int:
     except CBIRError as error:
         emit({"event": "error", "message": str(error)})
         return 1
-    emit({"event": "report", "report": {"added": report.added, "replaced": report.replaced, "unchanged": report.unchanged,
-                                        "skipped": report.skipped, "vectors": report.vectors, "seconds": report.seconds,
-                                        "summary": report.summary()}})
+    emit({"event": "report", "report": asdict(report)})
     return 0
 
 

@@ -63,8 +63,6 @@ CREATE TABLE IF NOT EXISTS contents (
 );
 """
 
-CASE_FIELDS = ("case_id", "name", "source", "series_uid", "checksum", "modality", "body_part", "status")
-
 
 @dataclass
 class CaseRecord:
@@ -107,12 +105,6 @@ class ItemRecord:
     size_mm: float
     id: int | None = None
     case_row: int | None = None
-
-    def best_match(self) -> dict:
-        """The JSON form a result's best match takes."""
-        return {"axis": self.axis, "slice_index": int(self.slice_index), "ras": [round(float(v), 3) for v in self.ras],
-                "kind": self.kind, "item_id": int(self.id) if self.id is not None else None, "box": list(self.box),
-                "bounds_ras": [[round(float(v), 3) for v in self.low_ras], [round(float(v), 3) for v in self.high_ras]]}
 
 
 @dataclass

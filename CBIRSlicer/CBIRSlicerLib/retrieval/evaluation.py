@@ -249,14 +249,13 @@ def evaluate_volumes(rows: list[LabelledVolume], searcher, ks: Sequence[int] = (
         else:
             query = volume_query(volume, axis, searcher.index)
         answer = searcher.search(query, k=depth, method=method)
-        ranked = [r["source"] for r in answer["results"]]
+        ranked = [r.source for r in answer.results]
         relevant = [row.label in labels_of.get(source, set()) for source in ranked]
         located = []
-        for result, is_relevant in zip(answer["results"], relevant):
-            boxes = regions.get((result["source"], row.label))
+        for result, is_relevant in zip(answer.results, relevant):
+            boxes = regions.get((result.source, row.label))
             if is_relevant and boxes:
-                spot = result["best_match"].get("focus_ras", result["best_match"]["ras"])
-                located.append(any(box.contains(spot) for box in boxes))
+                located.append(any(box.contains(result.best_match.spot) for box in boxes))
         relevant_total = sum(1 for path, labels in labels_of.items() if path != row.path and row.label in labels)
         name = os.path.basename(row.path) + (f" roi {','.join(f'{v:g}' for v in row.roi.as_list())}" if row.roi else "")
         records.append(record(name, row.label, [os.path.basename(s) for s in ranked], relevant, relevant_total, ks, located))
@@ -285,19 +284,19 @@ def evaluate_lesions(searcher, truth: dict[str, list], paths: dict[str, str], ks
             side = roi_scale * lesion.radius_mm
             query = roi_query(volume, RoiBox(lesion.center, (side, side, side)), axis, searcher.index)
             answer = searcher.search(query, k=max(depth, len(truth)), method=method)
-            ranked = [by_source.get(r["source"]) for r in answer["results"]]
+            ranked = [by_source.get(r.source) for r in answer.results]
             relevant = [lesion.kind in kinds_of.get(other, set()) for other in ranked]
             relevant_total = sum(1 for other in truth if other != name and lesion.kind in kinds_of[other])
             located = []
-            for r, other, is_relevant in zip(answer["results"][:depth], ranked, relevant):
+            for r, other, is_relevant in zip(answer.results[:depth], ranked, relevant):
                 if not is_relevant:
                     continue
-                spot = np.array(r["best_match"]["focus_ras" if use_focus else "ras"])
+                spot = np.array(r.best_match.focus_ras if use_focus else r.best_match.ras)
                 located.append(any(np.linalg.norm(spot - np.array(t.center)) <= t.radius_mm
                                    for t in truth[other] if t.kind == lesion.kind))
             item = record(name, lesion.kind, ranked, relevant, relevant_total, ks, located)
-            item["best_matches"] = [r["best_match"] for r in answer["results"][:depth]]
-            item["scores"] = [r["score"] for r in answer["results"][:depth]]
+            item["best_matches"] = [r.best_match.to_json() for r in answer.results[:depth]]
+            item["scores"] = [r.score for r in answer.results[:depth]]
             records.append(item)
     return summarise(records, ks, len(truth) - 1, protocol="lesion ROI queries, leave-one-case-out", ranking=method,
                      roi_scale=roi_scale, seconds_per_query=(time.monotonic() - began) / max(1, len(records)))

@@ -2,7 +2,10 @@
 
 A query becomes a few model-ready images, cut and windowed exactly as the index cut its cases
 (its pinned settings); their vectors go through a filtered nearest-neighbour search; the hits
-become case results (:mod:`ranking`), each with its best-matching item for the viewer.
+become case results (:mod:`ranking`), each with its best-matching item for the viewer. A search runs
+in steps, each a method of :class:`Searcher`: the query's vectors, its scope (what it must not find,
+what the filters allow), the first stage (candidate cases by nearest items), scoring every candidate
+case exactly, locating the shown cases' best matches, and packaging the typed answer (:mod:`answers`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
+from ..index.catalog import ItemArrays
 from ..index.folder import Index
 from ..models.base import Embedder
 from ..models.registry import create_embedder
 from . import ranking
+from .answers import BestMatch, CaseResult, SearchAnswer
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
@@ -117,6 +122,30 @@ def parse_filters(pairs: list[str] | None) -> dict[str, str]:
     return filters
 
 
+@dataclass
+class SearchScope:
+    """Which items a search may return: none of ``excluded``; with filters, only those in ``allowed`` (None: any)."""
+
+    excluded: np.ndarray
+    allowed: np.ndarray | None = None
+
+
+@dataclass
+class ScoredCases:
+    """The candidate cases scored: their items (as arrays), and per case its score, its items and their similarities."""
+
+    items: ItemArrays
+    scores: list[ranking.CaseScore]
+    members: dict[int, np.ndarray]  # case row -> mask over ``items`` of the case's searchable items
+    similarities: dict[int, np.ndarray]  # case row -> query images x the case's items
+
+
+def query_weights(query: Query, vectors: np.ndarray) -> np.ndarray | None:
+    """How much each query image counts: a region's by likeness to its central image; other queries' alike (None)."""
+    # A region's images are its slices in order, centred on what the reader boxed.
+    return ranking.centre_weights(vectors) if query.description.get("mode") == "roi" else None
+
+
 class Searcher:
     """Answers queries on one index with its model (loaded once)."""
 
@@ -125,21 +154,17 @@ class Searcher:
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
 
-    def vectors(self, query: Query) -> np.ndarray:
-        """The query's vectors (embedding its images if needed)."""
+    def query_vectors(self, query: Query) -> np.ndarray:
+        """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
         if query.vectors is not None:
             return query.vectors
         if not query.images:
             raise ParameterError("the query holds no images (an ROI outside the volume?)")
         return self.embedder.embed_images(query.images)
 
-    def search(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, method: str = "maxsim",
-               hits_per_image: int | None = None) -> dict:
-        """Ranked cases as the JSON-ready answer of the CLI contract."""
-        if method not in ranking.METHODS:
-            raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
-        catalog, store = self.index.catalog, self.index.store
-        queries = self.vectors(query)
+    def scope(self, query: Query, filters: dict[str, str] | None = None) -> SearchScope:
+        """The items the query must not find (its own case, removed items, the item it started from) and the filters' items."""
+        catalog = self.index.catalog
         # A path and the same file reached through a symbolic link are one case.
         own = {form(s) for s in query.exclude_sources for form in (os.path.abspath, os.path.realpath)}
         excluded_rows = sorted(set(catalog.case_rows_of_sources(own)) | set(query.exclude_rows))
@@ -147,44 +172,68 @@ class Searcher:
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])
         allowed_rows = catalog.case_rows_matching(filters) if filters else None
-        allowed = catalog.item_ids(allowed_rows) if allowed_rows is not None else None
+        return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None)
+
+    def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None) -> dict[int, int]:
+        """Candidate cases (case row -> votes) from each query image's nearest items inside the scope."""
         hits_per_image = hits_per_image or max(100, 10 * k)
         # Many query images each only need to find candidate cases, which MaxSim then scores exactly, so each walks a
         # narrower graph; what that costs in agreement with an exact first stage is measured (MULTI_IMAGE_EF_SEARCH).
-        breadth = MULTI_IMAGE_EF_SEARCH if len(queries) > 1 else None
-        scores, ids = store.search(queries, hits_per_image, allowed=allowed, excluded=excluded, ef_search=breadth)
-        case_of = catalog.case_rows_of_items(np.unique(ids[ids >= 0]))
-        candidates = ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
-        items = catalog.item_arrays(candidates)
-        keep = ~np.isin(items.ids, excluded)
+        breadth = MULTI_IMAGE_EF_SEARCH if len(vectors) > 1 else None
+        scores, ids = self.index.store.search(vectors, hits_per_image, allowed=scope.allowed, excluded=scope.excluded,
+                                              ef_search=breadth)
+        case_of = self.index.catalog.case_rows_of_items(np.unique(ids[ids >= 0]))
+        return ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
+
+    def score_cases(self, vectors: np.ndarray, candidates: dict[int, int], scope: SearchScope, method: str,
+                    weights: np.ndarray | None = None) -> ScoredCases:
+        """Every candidate case scored exactly against all its items in the scope (cases left with none are dropped)."""
+        items = self.index.catalog.item_arrays(candidates)
+        keep = ~np.isin(items.ids, scope.excluded)
         members = [keep & (items.case_rows == row) for row in candidates]
-        blocks = [store.vectors_of(items.ids[mine]) for mine in members]
-        # A region's images are its slices in order, centred on what the reader boxed; other queries weigh theirs alike.
-        weights = ranking.centre_weights(queries) if query.description.get("mode") == "roi" else None
-        results, located = [], {}
-        for (row, votes), mine, vectors, similarity in zip(candidates.items(), members, blocks,
-                                                          ranking.similarities(queries, blocks)):
+        blocks = [self.index.store.vectors_of(items.ids[mine]) for mine in members]
+        scored = ScoredCases(items, [], {}, {})
+        for (row, votes), mine, block, similarity in zip(candidates.items(), members, blocks,
+                                                         ranking.similarities(vectors, blocks)):
             if not mine.any():
                 continue
-            scored = ranking.score_case(similarity, method, votes, queries, vectors, weights)
-            scored.case_row = row
-            results.append(scored)
-            located[row] = (mine, similarity)
-        ranked = ranking.rank(results)[:k]
-        for result in ranked:  # where each shown case matched: only for the cases shown
-            mine, similarity = located[result.case_row]
+            score = ranking.score_case(similarity, method, votes, vectors, block, weights)
+            score.case_row = row
+            scored.scores.append(score)
+            scored.members[row], scored.similarities[row] = mine, similarity
+        return scored
+
+    @staticmethod
+    def locate(scored: ScoredCases, shown: list[ranking.CaseScore], weights: np.ndarray | None = None) -> None:
+        """Where each shown case matched (its best item and the focus around it): only for the cases shown."""
+        items = scored.items
+        for result in shown:
+            mine, similarity = scored.members[result.case_row], scored.similarities[result.case_row]
             best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine], weights)
             result.best_item, result.focus_ras = int(items.ids[mine][best]), tuple(float(v) for v in spot)
-        best_items = catalog.items([r.best_item for r in ranked])
-        answer = []
-        for rank_number, result in enumerate(ranked, start=1):
-            case = catalog.case_by_row(result.case_row)
-            answer.append({"rank": rank_number, "case_id": case.case_id, "source": case.source, "name": case.name,
-                           "score": round(result.score, 5), "votes": result.votes, "per_image_scores": result.per_image,
-                           "modality": case.modality, "labels": case.labels,
-                           "best_match": {**best_items[result.best_item].best_match(),
-                                          "focus_ras": [round(v, 3) for v in result.focus_ras]}})
-        return {"query": query.description, "ranking": method, "results": answer}
+
+    def package(self, query: Query, method: str, shown: list[ranking.CaseScore]) -> SearchAnswer:
+        """The typed answer: each shown case (best first) with its catalog details and best match."""
+        catalog = self.index.catalog
+        best_items = catalog.items([r.best_item for r in shown])
+        results = [CaseResult.of_case(rank, catalog.case_by_row(r.case_row), r.score, r.votes, r.per_image,
+                                      BestMatch.of_item(best_items[r.best_item], r.focus_ras))
+                   for rank, r in enumerate(shown, start=1)]
+        return SearchAnswer(query.description, method, results)
+
+    def search(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, method: str = "maxsim",
+               hits_per_image: int | None = None) -> SearchAnswer:
+        """The k most similar cases, best first, each with where it matched (``to_json()``: the CLI's JSON answer)."""
+        if method not in ranking.METHODS:
+            raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
+        vectors = self.query_vectors(query)
+        scope = self.scope(query, filters)
+        candidates = self.first_stage(vectors, scope, k, hits_per_image)
+        weights = query_weights(query, vectors)
+        scored = self.score_cases(vectors, candidates, scope, method, weights)
+        shown = ranking.rank(scored.scores)[:k]
+        self.locate(scored, shown, weights)
+        return self.package(query, method, shown)
 
 
 def load_volume_for_query(path: str) -> Volume:

@@ -1,6 +1,6 @@
 """The side-by-side view: a two-slice-view layout (query left, result right) and where each view looks.
 
-Functions take the scene, the layout node and plain data (a result's ``best_match``), and only
+Functions take the scene, the layout node and plain data (a result's :class:`BestMatch`), and only
 call methods on the MRML nodes handed to them, so they run the same in Slicer and in
 ``slicer-core`` tests. The two views have their own names instead of reusing Red and Yellow:
 leaving the layout then gives the user's own views back exactly as they were, with their
@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import GeometryError
 from ..imaging.slicing import VIEW_FRAMES, check_axis
+from ..retrieval.answers import BestMatch
 
 QUERY_VIEW = "CBIRQuery"
 RESULT_VIEW = "CBIRResult"
@@ -166,18 +167,17 @@ def restore_layout(layout_node, state: SideBySide | None) -> bool:
     return True
 
 
-def result_target(result: dict, volume_node) -> ViewTarget:
+def result_target(best: BestMatch, volume_node) -> ViewTarget:
     """Where the result view should look for one search result: its best match's slice, centred on the match's focus.
 
     The focus (the similarity-weighted centre of the items around the best one) places the match
     better in-plane; along the axis the view stays on the best item's own slice, a voxel plane.
     """
-    best = result["best_match"]
-    ras = np.array(best["ras"], float)
-    if best.get("focus_ras") is not None:
-        normal = int(np.argmax(np.abs(VIEW_FRAMES[best["axis"]][2])))
-        ras = np.where(np.arange(3) == normal, ras, np.asarray(best["focus_ras"], float))
-    return ViewTarget(volume_node.GetID(), best["axis"], tuple(float(v) for v in ras), volume_bounds(volume_node))
+    ras = np.array(best.ras, float)
+    if best.focus_ras is not None:
+        normal = int(np.argmax(np.abs(VIEW_FRAMES[best.axis][2])))
+        ras = np.where(np.arange(3) == normal, ras, np.asarray(best.focus_ras, float))
+    return ViewTarget(volume_node.GetID(), best.axis, tuple(float(v) for v in ras), volume_bounds(volume_node))
 
 
 def query_target(volume_node, axis: str, ras) -> ViewTarget:
@@ -217,9 +217,9 @@ def apply_window(volume_node, window: dict | None) -> bool:
     return True
 
 
-def show_match_box(scene, result: dict, box_node=None):
+def show_match_box(scene, best: BestMatch, box_node=None):
     """An ROI outlining a result's best-matching region, shown in the result view only; reused when given."""
-    low, high = (np.array(b, float) for b in result["best_match"]["bounds_ras"])
+    low, high = (np.array(b, float) for b in best.bounds_ras)
     size = np.maximum(high - low, MATCH_BOX_THICKNESS_MM)
     if box_node is None or scene.GetNodeByID(box_node.GetID()) is None:
         box_node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", MATCH_BOX_NAME)

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 from ..errors import InputError
 
 SOURCE_ATTRIBUTE = "CBIRSlicer.source"
 
 Loader = Callable[[str, str], object]  # (path, node name) -> volume node in the scene
+
+
+class IndexedCase(Protocol):
+    """A case of the index as a search result (``CaseResult``) or a catalog row (``CaseRecord``) names it."""
+
+    case_id: str
+    source: str
+    name: str
 
 
 def _volume_nodes(scene) -> list:
@@ -38,17 +47,17 @@ def find_volume_node(scene, source: str):
     return None
 
 
-def result_volume_node(scene, result: dict, load: Loader):
-    """The volume node of a search result: reused if already loaded, else loaded from its source path."""
-    source = os.path.abspath(result["source"])
+def result_volume_node(scene, case: IndexedCase, load: Loader):
+    """The volume node of an indexed case (a search result): reused if already loaded, else loaded from its source path."""
+    source = os.path.abspath(case.source)
     node = find_volume_node(scene, source)
     if node is not None:
         return node
     if not os.path.exists(source):
-        raise InputError(source, f"case '{result.get('name') or result['case_id']}' is no longer at the path it was indexed "
+        raise InputError(source, f"case '{case.name or case.case_id}' is no longer at the path it was indexed "
                                  "from (moved or deleted); put it back, or re-index it with 'cbir index add' and remove "
-                                 f"the old entry with 'cbir index remove {result['case_id']}'")
-    node = load(source, result.get("name") or os.path.basename(source))
+                                 f"the old entry with 'cbir index remove {case.case_id}'")
+    node = load(source, case.name or os.path.basename(source))
     if node is None:
         raise InputError(source, "Slicer could not load this volume")
     node.SetAttribute(SOURCE_ATTRIBUTE, source)

@@ -20,6 +20,7 @@ from ..errors import CBIRError, JobCancelled, ParameterError
 from ..index.folder import MANIFEST, Index
 from ..models.base import Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
+from ..retrieval.answers import SearchAnswer
 from ..retrieval.search import Query, Searcher, item_query, roi_query, slice_query, volume_query
 from .nodes import roi_from_node, volume_from_node
 
@@ -123,7 +124,7 @@ class PendingSearch:
                  ranking: str):
         self.session, self.query, self.job = session, query, job
         self.k, self.filters, self.ranking = k, filters, ranking
-        self.answer: dict | None = None
+        self.answer: SearchAnswer | None = None
         self.error: Exception | None = None
         self.cancelled = False
         if job is None:  # the query already holds its vectors ('more like this'): answer at once
@@ -165,7 +166,7 @@ class PendingSearch:
             self.job.cancel()
         self.cancelled = self.answer is None
 
-    def wait(self, timeout: float | None = None) -> dict:
+    def wait(self, timeout: float | None = None) -> SearchAnswer:
         """Block until the answer is ready (scripts and tests); raises the search's error."""
         if self.job is not None:
             self.job.wait(timeout)

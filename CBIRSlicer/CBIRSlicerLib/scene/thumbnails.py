@@ -2,35 +2,25 @@
 
 The index keeps one small grey thumbnail per indexed slice. A result's picture is the thumbnail
 of its best-matching slice with the matching region outlined, as RGB (row 0 at the top, the way
-Qt and PNG store images); the panel shows it from a PNG file or a ``QImage`` over its bytes.
+Qt and PNG store images); the panel shows it from a PNG file.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..imaging.png import write_png
 from ..index.catalog import Catalog, ItemRecord
+from ..retrieval.answers import BestMatch, CaseResult, SearchAnswer
 
 OUTLINE_RGB = (255, 200, 0)  # the same yellow as the result view's label colour
 
 
-@dataclass(frozen=True)
-class QImageBuffer:
-    """Bytes of an RGB image laid out for ``qt.QImage(data, width, height, bytes_per_line, QImage.Format_RGB888)``."""
-
-    data: bytes
-    width: int
-    height: int
-    bytes_per_line: int
-
-
-def _best_item(catalog: Catalog, case_id: str, best_match: dict) -> ItemRecord | None:
+def _best_item(catalog: Catalog, case_id: str, best_match: BestMatch) -> ItemRecord | None:
     """The catalog item of a result's best match (by id, else the nearest slice along its axis)."""
-    item_id = best_match.get("item_id")
+    item_id = best_match.item_id
     if item_id is not None:
         item = catalog.items([item_id]).get(int(item_id))
         if item is not None:
@@ -38,8 +28,8 @@ def _best_item(catalog: Catalog, case_id: str, best_match: dict) -> ItemRecord |
     case = catalog.case_by_id(case_id)
     if case is None:
         return None
-    slices = [i for i in catalog.items_of_cases([case.row])[case.row] if i.kind == "slice" and i.axis == best_match["axis"]]
-    return min(slices, key=lambda i: abs(i.slice_index - int(best_match["slice_index"])), default=None)
+    slices = [i for i in catalog.items_of_cases([case.row])[case.row] if i.kind == "slice" and i.axis == best_match.axis]
+    return min(slices, key=lambda i: abs(i.slice_index - best_match.slice_index), default=None)
 
 
 def _slice_shape(catalog: Catalog, item: ItemRecord) -> tuple[int, int]:
@@ -64,9 +54,9 @@ def outline(rgb: np.ndarray, box: tuple[int, int, int, int], colour=OUTLINE_RGB)
     return out
 
 
-def result_thumbnail(catalog: Catalog, result: dict, mark_match: bool = True) -> np.ndarray | None:
+def result_thumbnail(catalog: Catalog, result: CaseResult, mark_match: bool = True) -> np.ndarray | None:
     """RGB uint8 (rows, cols, 3) thumbnail of a result's best-matching slice, its matching tile outlined; None if absent."""
-    item = _best_item(catalog, result["case_id"], result["best_match"])
+    item = _best_item(catalog, result.case_id, result.best_match)
     if item is None:
         return None
     grey = catalog.thumbnail(item.case_row, item.axis, item.plane)
@@ -82,19 +72,12 @@ def result_thumbnail(catalog: Catalog, result: dict, mark_match: bool = True) ->
     return rgb
 
 
-def qimage_buffer(rgb: np.ndarray) -> QImageBuffer:
-    """The bytes and sizes a QImage needs for an RGB uint8 image (rows are packed; bytes_per_line says so)."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    rows, cols = rgb.shape[:2]
-    return QImageBuffer(rgb.tobytes(), cols, rows, 3 * cols)
-
-
-def write_result_thumbnails(catalog: Catalog, answer: dict, folder: str) -> dict[str, str]:
+def write_result_thumbnails(catalog: Catalog, answer: SearchAnswer, folder: str) -> dict[str, str]:
     """PNG files of every result's thumbnail in a folder, keyed by case id (cases without a thumbnail are left out)."""
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    for result in answer["results"]:
+    for result in answer.results:
         rgb = result_thumbnail(catalog, result)
         if rgb is not None:
-            paths[result["case_id"]] = write_png(rgb, os.path.join(folder, f"{result['case_id']}_{result['rank']}.png"))
+            paths[result.case_id] = write_png(rgb, os.path.join(folder, f"{result.case_id}_{result.rank}.png"))
     return paths

@@ -1,0 +1,100 @@
+"""A search's answer as typed values: the ranked cases, each with where it matched best.
+
+The viewer, the thumbnails and the widget read these attributes; :meth:`SearchAnswer.to_json`
+gives the CLI's JSON contract (key order and rounding as the CLI has always printed them,
+checked byte for byte by ``Testing/test_cli_answers.py``). Values are rounded when an answer
+is made, so what the viewer places and what the JSON says are the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..index.catalog import CaseRecord, ItemRecord
+
+Point = tuple[float, float, float]
+
+
+def _point(values: Sequence[float]) -> Point:
+    """Three coordinates (RAS mm) rounded to a micrometre, as the answer carries them."""
+    return tuple(round(float(v), 3) for v in values)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class BestMatch:
+    """Where a case matched best: its item (a slice, a tile or a blob crop), the item's place, and the match's focus."""
+
+    axis: str
+    slice_index: int
+    ras: Point  # the item's centre
+    kind: str  # slice, tile or blob
+    item_id: int | None
+    box: tuple[int, int, int, int]  # row0, col0, row1, col1 in the slice's pixels
+    bounds_ras: tuple[Point, Point]  # the item's RAS corners (low, high)
+    focus_ras: Point | None = None  # the similarity-weighted centre of the items around it (ranking.focus)
+
+    @classmethod
+    def of_item(cls, item: ItemRecord, focus_ras: Sequence[float] | None = None) -> BestMatch:
+        """The best match an indexed item makes, with the focus ranking found around it."""
+        return cls(item.axis, int(item.slice_index), _point(item.ras), item.kind, int(item.id) if item.id is not None else None,
+                   tuple(int(v) for v in item.box), (_point(item.low_ras), _point(item.high_ras)),
+                   _point(focus_ras) if focus_ras is not None else None)
+
+    @property
+    def spot(self) -> Point:
+        """The point that stands for the match: its focus, else the item's centre."""
+        return self.focus_ras if self.focus_ras is not None else self.ras
+
+    def to_json(self) -> dict:
+        """The JSON form of the CLI contract."""
+        return {"axis": self.axis, "slice_index": self.slice_index, "ras": list(self.ras), "kind": self.kind,
+                "item_id": self.item_id, "box": list(self.box), "bounds_ras": [list(self.bounds_ras[0]), list(self.bounds_ras[1])],
+                "focus_ras": list(self.focus_ras) if self.focus_ras is not None else None}
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One ranked case: who it is, its score (and per query image), first-stage votes, and its best match."""
+
+    rank: int
+    case_id: str
+    source: str
+    name: str
+    score: float
+    votes: int
+    per_image_scores: list[float]
+    modality: str | None
+    labels: list[str]
+    best_match: BestMatch
+
+    @classmethod
+    def of_case(cls, rank: int, case: CaseRecord, score: float, votes: int, per_image_scores: list[float],
+                best_match: BestMatch) -> CaseResult:
+        """A result for a catalog case (its score rounded to 5 decimals, as the answer carries it)."""
+        return cls(rank, case.case_id, case.source, case.name, round(float(score), 5), int(votes), list(per_image_scores),
+                   case.modality, list(case.labels), best_match)
+
+    @property
+    def title(self) -> str:
+        """What to call the case: its name, else its id."""
+        return self.name or self.case_id
+
+    def to_json(self) -> dict:
+        """The JSON form of the CLI contract."""
+        return {"rank": self.rank, "case_id": self.case_id, "source": self.source, "name": self.name, "score": self.score,
+                "votes": self.votes, "per_image_scores": list(self.per_image_scores), "modality": self.modality,
+                "labels": list(self.labels), "best_match": self.best_match.to_json()}
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """A search's answer: the query's description (as the query made it), the ranking method, the cases best first."""
+
+    query: dict
+    ranking: str
+    results: list[CaseResult] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """The CLI's JSON answer."""
+        return {"query": dict(self.query), "ranking": self.ranking, "results": [r.to_json() for r in self.results]}
