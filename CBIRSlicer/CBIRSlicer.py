@@ -133,6 +133,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._build = None
         self._search = None
+        self._placement = None  # matches being placed anatomically after the list is shown
         self._answer = None
         self._timer = None
         self._buildSkipped = []
@@ -201,7 +202,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._search.cancel()  # the next tick says "Cancelled." instead of listing answers to a closed scene's query
         self.setParameterNode(None)
         self.logic.forgetScene()
-        self._answer = None
+        self._answer = self._placement = None
         self.ui.resultsListWidget.clear()
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -369,6 +370,10 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         search, self._search = self._search, None
         if progress.state == "done":
             self._showAnswer(search.answer)
+            # The list is shown; where each case matched is refined in the background (placement reads the volumes).
+            self._placement = self.logic.startPlacement(search)
+            if self._placement is not None:
+                self.ui.searchStatusLabel.text = self.ui.searchStatusLabel.text + " " + _("Placing the matches...")
         else:
             self.ui.searchStatusLabel.text = (_("Cancelled.") if progress.state == "cancelled"
                                               else _("Search failed: {reason}").format(reason=progress.message))
@@ -381,13 +386,23 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._pollBuild()
             if self._search is not None:
                 self._pollSearch()
+            if self._placement is not None and self._placement.finished:
+                self._placementDone()
         except Exception as error:  # never leave a dead timer ticking on an error
-            self._build = self._search = None
+            self._build = self._search = self._placement = None
             slicer.util.errorDisplay(_("CBIRSlicer: {error}").format(error=error))
             logging.exception("CBIRSlicer background work failed")
-        if self._build is None and self._search is None:
+        if self._build is None and self._search is None and self._placement is None:
             self._timer.stop()
         self._updateButtons()
+
+    def _placementDone(self) -> None:
+        placement, self._placement = self._placement, None
+        if placement.answer is not None and self._answer is not None and placement.answer.query is self._answer.query:
+            self._answer = placement.answer  # same cases in the same order: the list stays, the matches move
+            self.ui.searchStatusLabel.text = self.ui.searchStatusLabel.text.replace(_("Placing the matches..."), _("Matches placed."))
+        elif placement.error is not None:
+            self.ui.searchStatusLabel.text = _("Matches not placed: {reason}").format(reason=placement.error)
 
     # ----- results -------------------------------------------------------------------------------
     def _showAnswer(self, answer: Optional[SearchAnswer]) -> None:
@@ -661,6 +676,10 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
             axis, sliceRas = views.view_position(self._querySliceNode())
         query = search_session.query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas)
         return session.start(query, k, _filters(filters))
+
+    def startPlacement(self, search):
+        """Place a finished search's matches anatomically in the background; poll ``finished`` (None: nothing to place)."""
+        return self._requireSession().start_placement(search)
 
     def startTextSearch(self, text: str, k: int = 10, filters: str = ""):
         """Start a search for a phrase (CLIP-family models)."""

@@ -332,7 +332,8 @@ def _search(args: argparse.Namespace) -> int:
             query = slice_query(volume, args.axis, index, _ras_point(args.slice_ras))
         else:
             query = volume_query(volume, args.axis, index)
-        return searcher.search(query, args.k, filters, args.ranking)
+        answer = searcher.search(query, args.k, filters, args.ranking)
+        return answer if args.no_place else searcher.place(query, answer)
 
     if args.batch:
         rows = _read_batch(args.batch)
@@ -504,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="modality=CT, label=..., any catalog field")
     search.add_argument("--ranking", default="maxsim", choices=["maxsim", "votes", "pooled"], help="case ranking (default maxsim)")
     search.add_argument("--margin-mm", type=float, default=0.0, help="margin around the ROI crops")
+    search.add_argument("--no-place", action="store_true",
+                        help="keep each result's best-looking item as its match, without placing the query's anatomical place "
+                             "in it (registration; reads each shown result's volume, about a second a result)")
     search.add_argument("--model", help="load the index's model from elsewhere, e.g. local-dir:PATH (fingerprints must match)")
     search.add_argument("--device", help="cuda, mps or cpu")
     search.add_argument("--json", action="store_true", help="answer as JSON")

@@ -264,7 +264,7 @@ def evaluate_volumes(rows: list[LabelledVolume], searcher, ks: Sequence[int] = (
 
 
 def evaluate_lesions(searcher, truth: dict[str, list], paths: dict[str, str], ks=(1, 3, 5), roi_scale: float = 2.5,
-                     method: str = "maxsim", axis: str = "axial", use_focus: bool = True) -> Evaluation:
+                     method: str = "maxsim", axis: str = "axial", use_focus: bool = True, place: bool = False) -> Evaluation:
     """The synthetic cohort: one ROI query per lesion (a cube of ``roi_scale`` radii); relevant cases hold the same kind.
 
     Localised: the best match of a relevant result lies inside a lesion of that kind (within its radius of its centre).
@@ -284,6 +284,8 @@ def evaluate_lesions(searcher, truth: dict[str, list], paths: dict[str, str], ks
             side = roi_scale * lesion.radius_mm
             query = roi_query(volume, RoiBox(lesion.center, (side, side, side)), axis, searcher.index)
             answer = searcher.search(query, k=max(depth, len(truth)), method=method)
+            if place:
+                answer = searcher.place(query, answer, limit=depth)
             ranked = [by_source.get(r.source) for r in answer.results]
             relevant = [lesion.kind in kinds_of.get(other, set()) for other in ranked]
             relevant_total = sum(1 for other in truth if other != name and lesion.kind in kinds_of[other])

@@ -10,6 +10,7 @@ case exactly, locating the shown cases' best matches, and packaging the typed an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -43,6 +44,8 @@ class Query:
     exclude_sources: list[str] = field(default_factory=list)
     exclude_rows: list[int] = field(default_factory=list)  # the query volume's own cases, found by content or series
     exclude_item: int | None = None
+    volume: Volume | None = None  # the query's volume and the point asked about, for placing matches anatomically
+    centre_ras: tuple[float, float, float] | None = None
 
 
 def _sample(items: list, count: int) -> list:
@@ -74,7 +77,8 @@ def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: f
     window = choose_window(volume, index.settings.window)
     crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
-                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index))
+                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume,
+                 centre_ras=tuple(float(v) for v in roi.center))
 
 
 def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
@@ -82,7 +86,8 @@ def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
     window = choose_window(volume, index.settings.window)
     image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
     return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
-                 [to_uint8_rgb(image.pixels, window)], **_own(volume, index))
+                 [to_uint8_rgb(image.pixels, window)], **_own(volume, index), volume=volume,
+                 centre_ras=tuple(float(v) for v in image.ras))
 
 
 def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
@@ -122,6 +127,28 @@ def parse_filters(pairs: list[str] | None) -> dict[str, str]:
     return filters
 
 
+COARSE_IMAGES_KEPT = 32  # a 4 mm copy of a 400 mm cube is 1 M voxels (4 MB): 128 MB at most
+
+
+class _Recent:
+    """The last few values by key (least recently used dropped first)."""
+
+    def __init__(self, size: int):
+        self.size, self.values = size, {}
+
+    def get(self, key):
+        value = self.values.pop(key, None)
+        if value is not None:
+            self.values[key] = value
+        return value
+
+    def put(self, key, value):
+        self.values[key] = value
+        while len(self.values) > self.size:
+            self.values.pop(next(iter(self.values)))
+        return value
+
+
 @dataclass
 class SearchScope:
     """Which items a search may return: none of ``excluded``; with filters, only those in ``allowed`` (None: any)."""
@@ -153,6 +180,7 @@ class Searcher:
         self.index = index
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
+        self._coarse_images = _Recent(COARSE_IMAGES_KEPT)  # results' registration grids: the same cases come back often
 
     def query_vectors(self, query: Query) -> np.ndarray:
         """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
@@ -160,7 +188,8 @@ class Searcher:
             return query.vectors
         if not query.images:
             raise ParameterError("the query holds no images (an ROI outside the volume?)")
-        return self.embedder.embed_images(query.images)
+        query.vectors = self.embedder.embed_images(query.images)  # kept: placing the matches later compares them again
+        return query.vectors
 
     def scope(self, query: Query, filters: dict[str, str] | None = None) -> SearchScope:
         """The items the query must not find (its own case, removed items, the item it started from) and the filters' items."""
@@ -240,6 +269,52 @@ class Searcher:
                                     "'cbir index repair'")
         self.locate(scored, shown, weights)
         return self.package(query, method, shown)
+
+
+    def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None) -> SearchAnswer:
+        """The answer with each shown match placed at the query's anatomical place (see :mod:`placement`).
+
+        Needs the query's volume and centre (ROI and slice queries); other answers come back unchanged. ``loader`` reads
+        a result's volume from its source (default: the file readers); a result whose volume cannot be read keeps its
+        descriptor match. Meant to run after the list is shown: it reads volumes and registers, about a second a result.
+        """
+        from ..errors import CBIRError
+        from . import placement
+
+        if query.volume is None or query.centre_ras is None or not answer.results:
+            return answer
+        loader = loader or load_volume_for_query
+        vectors = self.query_vectors(query)
+        weights = query_weights(query, vectors)
+        query_image = placement.coarse_image(query.volume)
+        roi = query.description.get("roi_ras")
+        margin = placement.look_alike_margin(max(roi[3:]) if roi else None)
+        excluded = self.index.excluded_ids()
+        placed = []
+        for number, result in enumerate(answer.results):
+            if limit is not None and number >= limit:
+                placed.append(result)
+                continue
+            try:
+                target_image = self._coarse_images.get(result.source)
+                if target_image is None:
+                    target_image = self._coarse_images.put(result.source, placement.coarse_image(loader(result.source)))
+            except (CBIRError, OSError):
+                placed.append(result)
+                continue
+            row = self.index.catalog.case_by_id(result.case_id).row
+            items = self.index.catalog.item_arrays([row])
+            keep = ~np.isin(items.ids, excluded)
+            similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
+            agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
+            start = placement.global_start(query_image, target_image, query.centre_ras)
+            where = placement.place(query.volume, query.centre_ras, None, {"global": start}, query_image, target_image)
+            best, spot, _ = placement.anatomical_match(agreed, items.centres[keep], items.sizes[keep], items.axes[keep],
+                                                       where.ras, margin)
+            item = self.index.catalog.items([int(items.ids[keep][best])])[int(items.ids[keep][best])]
+            match = BestMatch.of_item(item, spot, placed_ras=where.ras)
+            placed.append(dataclasses.replace(result, best_match=match))
+        return dataclasses.replace(answer, results=placed)
 
 
 def load_volume_for_query(path: str) -> Volume:

@@ -178,6 +178,40 @@ class PendingSearch:
         raise self.error or TimeoutError(f"search still {progress.state} after {timeout} s")
 
 
+class PendingPlacement:
+    """Placing a shown answer's matches anatomically, on a background thread; poll it from a timer.
+
+    The list is shown first; this refines where each result matched (:meth:`Searcher.place`), which reads every shown
+    result's volume and registers the query's neighbourhood into it: about a second a result, so never on the GUI
+    thread. SimpleITK releases the GIL while it works, so the GUI stays responsive.
+    """
+
+    def __init__(self, searcher: Searcher, query: Query, answer: SearchAnswer, loader=None):
+        import threading
+
+        self.answer: SearchAnswer | None = None
+        self.error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(searcher, query, answer, loader), daemon=True,
+                                        name="cbir-placement")
+        self._thread.start()
+
+    def _run(self, searcher: Searcher, query: Query, answer: SearchAnswer, loader) -> None:
+        try:
+            self.answer = searcher.place(query, answer, loader)
+        except Exception as error:  # shown to the user; the unplaced list stays
+            self.error = error
+
+    @property
+    def finished(self) -> bool:
+        """Whether placing has ended (``answer`` or ``error`` is set)."""
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> SearchAnswer | None:
+        """Block until placed (scripts and tests); the placed answer, or None if it failed or is not done."""
+        self._thread.join(timeout)
+        return self.answer
+
+
 class SearchSession:
     """An index opened for searching, with its model running in a background worker."""
 
@@ -217,6 +251,12 @@ class SearchSession:
             raise ParameterError("type a phrase to search for")
         query = Query({"text": text, "mode": "text"})
         return PendingSearch(self, query, self.service.submit_text([text]), k, filters, "maxsim")
+
+    def start_placement(self, search: PendingSearch, loader=None) -> PendingPlacement | None:
+        """Place a finished search's matches in the background (ROI and slice queries); None when there is nothing to place."""
+        if search.answer is None or search.query.volume is None or not search.answer.results:
+            return None
+        return PendingPlacement(self.searcher(), search.query, search.answer, loader)
 
     def more_like(self, item_id: int, k: int = 10, filters: dict[str, str] | None = None) -> PendingSearch:
         """'More like this': the result's best-matching item as the query; answered at once (no embedding)."""

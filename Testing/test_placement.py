@@ -1,0 +1,53 @@
+"""Placing a match anatomically: the prior over a case's items, and registration carrying a point into a moved copy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.imaging.volume import Volume
+from CBIRSlicerLib.retrieval import placement
+
+SHAPE, SPACING = (60, 60, 44), (2.0, 2.0, 2.5)
+
+
+def _moved_copy(degrees_about_s: float, shift) -> tuple[Volume, Volume, np.ndarray, np.ndarray]:
+    """The default phantom, and a copy whose voxel at RAS x shows the phantom at R x + t (a patient moved in the scanner)."""
+    matrix = synthetic.centered_matrix(SHAPE, SPACING)
+    original = synthetic.render(matrix, SHAPE)
+    rotation = synthetic.rotation(degrees_about_s=degrees_about_s)
+    moved = np.eye(4)
+    moved[:3, :3], moved[:3, 3] = rotation, shift
+    copy = synthetic.render(moved @ matrix, SHAPE)
+    return original, Volume.from_array(copy.array, matrix), rotation, np.asarray(shift, float)
+
+
+def test_registration_carries_a_point_into_a_moved_copy():
+    original, copy, rotation, shift = _moved_copy(7.0, (9.0, -6.0, 5.0))
+    point = np.array([12.0, -8.0, 6.0])  # the centre of the first ball
+    truth = np.linalg.solve(rotation, point - shift)  # where the copy shows it
+    query_image, target_image = placement.coarse_image(original), placement.coarse_image(copy)
+    start = placement.global_start(query_image, target_image, point)
+    placed = placement.place(original, point, copy, {"global": start}, query_image, target_image)
+    assert np.linalg.norm(np.array(placed.ras) - truth) < 3.0, (placed, truth)
+    assert np.linalg.norm(point - truth) > 8.0  # the copy really moved: the identity would be wrong
+
+
+def test_a_clearly_better_look_alike_elsewhere_wins_for_a_finding_but_not_for_a_region():
+    centres = np.array([[0.0, 0, 0], [100.0, 0, 0], [8.0, 0, 0]])
+    sizes, axes = np.full(3, 16.0), np.array(["axial"] * 3, dtype=object)
+    agreed = np.array([0.90, 0.99, 0.905])  # a lesion-like item 100 mm away is 0.085 more alike than the anatomical place
+    best, spot, anatomical = placement.anatomical_match(agreed, centres, sizes, axes, (1.0, 0.0, 0.0),
+                                                        placement.look_alike_margin(20.0))
+    assert best == 1 and not anatomical and np.allclose(spot, centres[1])
+    best, spot, anatomical = placement.anatomical_match(agreed, centres, sizes, axes, (1.0, 0.0, 0.0),
+                                                        placement.look_alike_margin(80.0))
+    assert best == 2 and anatomical  # the most alike item holding the placed point
+    assert np.allclose(spot, (1.0, 0.0, 0.0))  # the registered point is the focus: finer than the item grid
+
+
+def test_the_margin_grows_from_findings_to_regions():
+    assert placement.look_alike_margin(20.0) == placement.FINDING_MARGIN
+    assert placement.look_alike_margin(None) == placement.look_alike_margin(200.0) == placement.REGION_MARGIN
+    middle = placement.look_alike_margin((placement.FINDING_MAX_MM + placement.REGION_MIN_MM) / 2)
+    assert abs(middle - (placement.FINDING_MARGIN + placement.REGION_MARGIN) / 2) < 1e-9
