@@ -5,6 +5,7 @@ Folder layout (format version 1)::
     manifest.json    format, model fingerprint, slicing settings, index type, counts (JSON)
     vectors.faiss    FAISS index with stable int64 ids (the catalog's item ids)
     catalog.sqlite   cases, items, thumbnails, tombstones
+    transform.npz    the learned vector transform (centering or whitening), pinned in the manifest (:mod:`vector_transform`)
     .lock            held (flock) by the one process writing
 
 Crash safety: a case is inserted as 'pending', its vectors are added in memory, and at a
@@ -29,6 +30,7 @@ from ..digests import file_sha256
 from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError
 from ..imaging.readers import CaseSource, discover, read_case
 from ..models.base import Embedder
+from . import vector_transform
 from .catalog import CaseRecord, Catalog
 from .faiss_store import VectorStore, choose_kind
 from .items import IndexSettings, volume_items
@@ -36,6 +38,7 @@ from .items import IndexSettings, volume_items
 FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 1
 MANIFEST, VECTORS, CATALOG, LOCK = "manifest.json", "vectors.faiss", "catalog.sqlite", ".lock"
+TRANSFORM = vector_transform.TRANSFORM_FILE  # an owned file: the learned vector transform the manifest pins
 # Seconds between checkpoints while building (vectors saved, cases marked complete); env CBIR_CHECKPOINT_SECONDS.
 CHECKPOINT_SECONDS = float(os.environ.get("CBIR_CHECKPOINT_SECONDS", "20"))
 
@@ -65,6 +68,18 @@ def _write_json(path: str, data: dict) -> None:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_transform(folder: str, manifest: dict) -> vector_transform.VectorTransform | None:
+    """The pinned vector transform of an index, or None (none fitted yet, identity, or an index older than transforms)."""
+    pinned = manifest.get("transform") or {}
+    if "checksum" not in pinned or pinned.get("kind") == "identity":
+        return None
+    path = os.path.join(folder, TRANSFORM)
+    if not os.path.isfile(path):
+        raise IndexCorruptError(f"{path}: missing, though the manifest pins a {pinned.get('kind')} vector transform; "
+                                "open the index for writing ('cbir index add') to fit it again")
+    return vector_transform.load(path, pinned, int(manifest["model"]["fingerprint"]["dim"]))
 
 
 class _FolderLock:
@@ -137,6 +152,14 @@ class Index:
         self._lock = lock
         self._pending_rows: list[int] = []
         self._last_checkpoint = time.monotonic()
+        try:
+            self.transform = _load_transform(folder, manifest)  # None: compare raw vectors, as indexes made before it did
+        except IndexCorruptError:
+            if lock is None:
+                raise
+            # A writer killed between writing a refitted transform and the manifest that pins it: fit again at the checkpoint.
+            self.transform = None
+            manifest["transform"] = {key: manifest["transform"][key] for key in ("requested", "shrinkage")}
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
@@ -154,6 +177,7 @@ class Index:
             "model": {"name": embedder.name, "digest": embedder.fingerprint.digest(), "fingerprint": embedder.fingerprint.as_dict()},
             "settings": settings.as_dict(), "index_type": {"requested": index_type, "current": choose_kind(0, index_type)},
             "counts": {"cases": 0, "items": 0, "vectors": 0, "tombstones": 0},
+            "transform": {"requested": vector_transform.DEFAULT_KIND, "shrinkage": vector_transform.SHRINKAGE},
         }
         store = VectorStore.create(embedder.dim, manifest["index_type"]["current"])
         index = cls(folder, manifest, Catalog(os.path.join(folder, CATALOG)), store, lock)
@@ -348,8 +372,24 @@ class Index:
             with self.catalog.transaction():
                 self.catalog.set_status(self._pending_rows, "complete")
             self._pending_rows = []
+        self._maybe_refit_transform()
         self._save_manifest()
         self._last_checkpoint = time.monotonic()
+
+    def _maybe_refit_transform(self) -> None:
+        """Fit the vector transform on the live vectors when none is fitted yet or the index has grown much since."""
+        pinned = self.manifest.get("transform")
+        if pinned is None:  # an index made before transforms existed keeps comparing raw vectors
+            return
+        live = np.setdiff1d(self.store.ids(), self.excluded_ids())
+        if not vector_transform.needs_refit(pinned, len(live)):
+            return
+        sample = live[vector_transform.sample_rows(len(live))]
+        fitted = vector_transform.fit(self.store.reconstruct(sample), pinned["requested"],
+                                      pinned.get("shrinkage", vector_transform.SHRINKAGE), count=len(live))
+        fitted.save(os.path.join(self.folder, TRANSFORM))  # before the manifest pins it: a crash leaves the old pin
+        self.manifest["transform"] = {"requested": pinned["requested"], **fitted.manifest_entry()}
+        self.transform = None if fitted.kind == "identity" else fitted
 
     def _maybe_change_structure(self) -> None:
         """Switch flat -> HNSW when 'auto' and the index has grown past the flat limit; compact many tombstones."""
@@ -388,12 +428,13 @@ class Index:
 
     def info(self) -> dict:
         """What the index is: model, settings, type, counts, size on disk."""
-        size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, CATALOG)
+        size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, CATALOG, TRANSFORM)
                    if os.path.exists(os.path.join(self.folder, f)))
         cases = self.catalog.count("cases")
         return {"folder": self.folder, "model": self.manifest["model"]["name"], "model_digest": self.manifest["model"]["digest"],
                 "dim": self.fingerprint["dim"], "created": self.manifest["created"], "updated": self.manifest["updated"],
                 "index_type": self.store.kind, "settings": self.manifest["settings"],
+                "transform": self.manifest.get("transform"),
                 "counts": {"cases": cases, "items": len(self.catalog.item_ids()), "vectors": self.store.count,
                            "tombstones": len(self.catalog.tombstones())},
                 "bytes": size, "bytes_per_case": round(size / cases) if cases else None}

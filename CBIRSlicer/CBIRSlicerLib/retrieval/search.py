@@ -26,6 +26,8 @@ MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
 MULTI_IMAGE_EF_SEARCH = 512
+PLACE_ON_RAW = False
+WEIGHTS_ON_RAW = False
 
 
 @dataclass
@@ -106,6 +108,13 @@ def item_query(index: Index, item_id: int) -> Query:
                  vectors=index.store.reconstruct(np.array([item_id])), exclude_sources=[case.source], exclude_item=int(item_id))
 
 
+def _transformed(transform, queries: np.ndarray, blocks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The query's and the candidates' vectors as the index compares them: through its pinned transform, if it has one."""
+    if transform is None:
+        return queries, blocks
+    return transform.apply(queries), [transform.apply(block) for block in blocks]
+
+
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
     """'FIELD=VALUE' strings to a dict."""
     filters = {}
@@ -152,27 +161,32 @@ class Searcher:
         # Many query images each only need to find candidate cases, which MaxSim then scores exactly, so each walks a
         # narrower graph; what that costs in agreement with an exact first stage is measured (MULTI_IMAGE_EF_SEARCH).
         breadth = MULTI_IMAGE_EF_SEARCH if len(queries) > 1 else None
-        scores, ids = store.search(queries, hits_per_image, allowed=allowed, excluded=excluded, ef_search=breadth)
+        transform = None if query.description.get("mode") == "text" else self.index.transform
+        first_stage = queries if transform is None else transform.fold(queries)
+        scores, ids = store.search(first_stage, hits_per_image, allowed=allowed, excluded=excluded, ef_search=breadth)
         case_of = catalog.case_rows_of_items(np.unique(ids[ids >= 0]))
         candidates = ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
         items = catalog.item_arrays(candidates)
         keep = ~np.isin(items.ids, excluded)
         members = [keep & (items.case_rows == row) for row in candidates]
         blocks = [store.vectors_of(items.ids[mine]) for mine in members]
+        compared, compared_blocks = _transformed(transform, queries, blocks)
         # A region's images are its slices in order, centred on what the reader boxed; other queries weigh theirs alike.
-        weights = ranking.centre_weights(queries) if query.description.get("mode") == "roi" else None
+        weights = ranking.centre_weights(queries if WEIGHTS_ON_RAW else compared) if query.description.get("mode") == "roi" else None
         results, located = [], {}
-        for (row, votes), mine, vectors, similarity in zip(candidates.items(), members, blocks,
-                                                          ranking.similarities(queries, blocks)):
+        for (row, votes), mine, vectors, similarity in zip(candidates.items(), members, compared_blocks,
+                                                          ranking.similarities(compared, compared_blocks)):
             if not mine.any():
                 continue
-            scored = ranking.score_case(similarity, method, votes, queries, vectors, weights)
+            scored = ranking.score_case(similarity, method, votes, compared, vectors, weights)
             scored.case_row = row
             results.append(scored)
             located[row] = (mine, similarity)
         ranked = ranking.rank(results)[:k]
         for result in ranked:  # where each shown case matched: only for the cases shown
             mine, similarity = located[result.case_row]
+            if PLACE_ON_RAW and transform is not None:
+                similarity = ranking.similarities(queries, [blocks[list(candidates).index(result.case_row)]])[0]
             best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine], weights)
             result.best_item, result.focus_ras = int(items.ids[mine][best]), tuple(float(v) for v in spot)
         best_items = catalog.items([r.best_item for r in ranked])
