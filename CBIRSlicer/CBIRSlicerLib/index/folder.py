@@ -385,10 +385,9 @@ class Index:
         if not vector_transform.needs_refit(pinned, len(live)):
             return
         sample = live[vector_transform.sample_rows(len(live))]
-        fitted = vector_transform.fit(self.store.reconstruct(sample), pinned["requested"],
-                                      pinned.get("shrinkage", vector_transform.SHRINKAGE), count=len(live))
+        fitted = vector_transform.fit(self.store.reconstruct(sample), pinned["requested"], pinned["shrinkage"], count=len(live))
         fitted.save(os.path.join(self.folder, TRANSFORM))  # before the manifest pins it: a crash leaves the old pin
-        self.manifest["transform"] = {"requested": pinned["requested"], **fitted.manifest_entry()}
+        self.manifest["transform"] = {"requested": pinned["requested"], "shrinkage": pinned["shrinkage"], **fitted.manifest_entry()}
         self.transform = None if fitted.kind == "identity" else fitted
 
     def _maybe_change_structure(self) -> None:

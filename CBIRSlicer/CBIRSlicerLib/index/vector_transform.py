@@ -89,9 +89,9 @@ class VectorTransform:
         return digest.hexdigest()
 
     def manifest_entry(self) -> dict:
-        """What the manifest pins: kind, parameters' checksum, when fitted, on how many vectors, the shrinkage."""
+        """What the manifest pins: kind, parameters' checksum, when fitted, on how many vectors (the file holds the rest)."""
         return {"kind": self.kind, "checksum": self.checksum(), "fitted": self.fitted, "fitted_on": self.fitted_on,
-                "shrinkage": self.shrinkage, "file": TRANSFORM_FILE}
+                "file": TRANSFORM_FILE}
 
     def save(self, path: str) -> None:
         """Write the parameters atomically (temporary file, then rename)."""

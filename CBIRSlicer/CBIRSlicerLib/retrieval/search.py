@@ -26,8 +26,9 @@ MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
 MULTI_IMAGE_EF_SEARCH = 512
+# Whether a region query's image weights and the match's focus use the raw cosines, whose spread their temperatures were
+# tuned on, rather than the transformed ones that score the cases. Measured: the transformed ones place as well or better.
 PLACE_ON_RAW = False
-WEIGHTS_ON_RAW = False
 
 
 @dataclass
@@ -172,21 +173,21 @@ class Searcher:
         blocks = [store.vectors_of(items.ids[mine]) for mine in members]
         compared, compared_blocks = _transformed(transform, queries, blocks)
         # A region's images are its slices in order, centred on what the reader boxed; other queries weigh theirs alike.
-        weights = ranking.centre_weights(queries if WEIGHTS_ON_RAW else compared) if query.description.get("mode") == "roi" else None
+        weights = ranking.centre_weights(queries if PLACE_ON_RAW else compared) if query.description.get("mode") == "roi" else None
         results, located = [], {}
-        for (row, votes), mine, vectors, similarity in zip(candidates.items(), members, compared_blocks,
-                                                          ranking.similarities(compared, compared_blocks)):
+        for (row, votes), mine, raw, vectors, similarity in zip(candidates.items(), members, blocks, compared_blocks,
+                                                               ranking.similarities(compared, compared_blocks)):
             if not mine.any():
                 continue
             scored = ranking.score_case(similarity, method, votes, compared, vectors, weights)
             scored.case_row = row
             results.append(scored)
-            located[row] = (mine, similarity)
+            located[row] = (mine, similarity, raw)
         ranked = ranking.rank(results)[:k]
         for result in ranked:  # where each shown case matched: only for the cases shown
-            mine, similarity = located[result.case_row]
+            mine, similarity, raw = located[result.case_row]
             if PLACE_ON_RAW and transform is not None:
-                similarity = ranking.similarities(queries, [blocks[list(candidates).index(result.case_row)]])[0]
+                similarity = ranking.similarities(queries, [raw])[0]
             best, spot = ranking.locate(similarity, items.centres[mine], items.sizes[mine], items.axes[mine], weights)
             result.best_item, result.focus_ras = int(items.ids[mine][best]), tuple(float(v) for v in spot)
         best_items = catalog.items([r.best_item for r in ranked])
