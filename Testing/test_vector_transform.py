@@ -62,9 +62,9 @@ def test_folded_query_ranks_raw_vectors_by_the_transformed_score():
 
 
 def test_small_fits_fall_back():
-    dim = 116
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(vector_transform.WHITEN_MIN_PER_DIM * dim, dim))
+    dim = 512
+    least = int(np.ceil(vector_transform.WHITEN_MIN_PER_DIM * dim))
+    vectors = np.random.default_rng(0).normal(size=(least, dim))
     assert vector_transform.fit(vectors[:vector_transform.CENTER_MIN_VECTORS - 1]).kind == "identity"
     assert vector_transform.fit(vectors[:vector_transform.CENTER_MIN_VECTORS]).kind == "center"
     assert vector_transform.fit(vectors[:-1]).kind == "center"
@@ -119,7 +119,7 @@ def _state(folder):
 def test_pinned_in_manifest_and_reloaded_identical(grown):
     folder, (two, four, five) = grown
     pinned = two["manifest"]["transform"]
-    assert len(two["ids"]) > vector_transform.WHITEN_MIN_PER_DIM * 116
+    assert len(two["ids"]) > 500
     assert pinned["kind"] == "whiten" and pinned["requested"] == "whiten" and pinned["fitted_on"] == len(two["ids"])
     assert pinned["shrinkage"] == vector_transform.SHRINKAGE and len(pinned["checksum"]) == 64 and pinned["fitted"]
     index = Index.open(folder)

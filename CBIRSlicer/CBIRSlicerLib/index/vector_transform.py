@@ -35,11 +35,13 @@ from ..errors import IndexCorruptError, ParameterError
 TRANSFORM_FILE = "transform.npz"
 KINDS = ("identity", "center", "whiten")
 DEFAULT_KIND = "whiten"  # measured against centering and none: benchmarks/vector_transform.py, docs/benchmarks.md
-SHRINKAGE = 0.1  # a: the weight of the mean eigenvalue in each whitened direction's variance (docs/benchmarks.md)
-# Fallback for small indexes (docs/benchmarks.md): below CENTER_MIN_VECTORS nothing is transformed; whitening needs a
-# covariance of WHITEN_MIN_PER_DIM vectors per dimension, centering is used until there are that many.
-CENTER_MIN_VECTORS = 100
-WHITEN_MIN_PER_DIM = 4
+SHRINKAGE = 0.3  # a: the weight of the mean eigenvalue in each whitened direction's variance (docs/benchmarks.md)
+# Fallback for small indexes (docs/benchmarks.md): whitening (a = 0.3) fitted to 30 of the 116-d handcrafted vectors of
+# the demo cohort scored as one fitted to all 62,000, fitted to 10 as no transform. So below CENTER_MIN_VECTORS nothing is
+# transformed, and whitening needs WHITEN_MIN_PER_DIM vectors per dimension (30 of 116); centering in between, which
+# only models of more dimensions reach (a 512-d one: 30-127 vectors).
+CENTER_MIN_VECTORS = 30
+WHITEN_MIN_PER_DIM = 0.25
 REFIT_GROWTH = 2.0  # refit when the index holds this many times the vectors the transform was fitted on
 FIT_SAMPLE = 200_000  # at most this many vectors (an even sample) are read to fit: the covariance settles long before
 
