@@ -61,6 +61,23 @@ def test_folded_query_ranks_raw_vectors_by_the_transformed_score():
         assert slope > 0 and np.allclose(folded[:, column], slope * unnormalised[:, column] + offset, atol=1e-5)
 
 
+def test_first_stage_finds_the_exact_transformed_neighbours():
+    from CBIRSlicerLib.index.faiss_store import VectorStore
+
+    rng = np.random.default_rng(2)
+    raw = rng.normal(size=(2000, 16)) * np.linspace(3, 0.2, 16) + 2
+    raw = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32)
+    store = VectorStore.create(16, "flat")
+    store.add(raw, np.arange(2000) + 100)
+    fitted = vector_transform.fit(raw, "whiten", 0.3)
+    queries = raw[:4]
+    scores, ids = vector_transform.first_stage(store, fitted, queries, 10, excluded=np.array([100]))
+    exact = fitted.apply(queries) @ fitted.apply(raw).T
+    exact[:, 0] = -np.inf  # id 100 excluded
+    assert np.array_equal(ids, np.argsort(-exact, axis=1)[:, :10] + 100)
+    assert np.allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+
 def test_small_fits_fall_back():
     dim = 512
     least = int(np.ceil(vector_transform.WHITEN_MIN_PER_DIM * dim))

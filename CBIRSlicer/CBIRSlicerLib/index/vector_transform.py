@@ -16,8 +16,9 @@ beside them (``transform.npz``), pinned in the manifest by kind, parameter check
 number of vectors it was fitted on, and refitted when the index has grown REFIT_GROWTH-fold since,
 which re-encodes nothing. At search time the first stage asks the raw store with the *folded*
 query ``W W^T (q - m)``: its inner product with a raw x is the transformed, un-normalised score
-plus a per-query constant (:meth:`VectorTransform.fold`); the candidates' MaxSim scores are then
-exact cosines of transformed, re-normalised vectors (:meth:`VectorTransform.apply`).
+plus a per-query constant (:meth:`VectorTransform.fold`); a few times more hits than asked for are
+re-scored exactly (:func:`first_stage`), and the candidates' MaxSim scores are exact cosines of
+transformed, re-normalised vectors (:meth:`VectorTransform.apply`). No second FAISS index is kept.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ SHRINKAGE = 0.3  # a: the weight of the mean eigenvalue in each whitened directi
 # only models of more dimensions reach (a 512-d one: 30-127 vectors).
 CENTER_MIN_VECTORS = 30
 WHITEN_MIN_PER_DIM = 0.25
+# The folded first stage misses the stored vectors' transformed norms, so it fetches this many times the hits asked for and
+# re-scores them exactly: on the demo cohort its top 100 items then hold 96-100 % of the exact top 100 (1x: 52-61 %).
+FOLD_OVERFETCH = 8
 REFIT_GROWTH = 2.0  # refit when the index holds this many times the vectors the transform was fitted on
 FIT_SAMPLE = 200_000  # at most this many vectors (an even sample) are read to fit: the covariance settles long before
 
@@ -109,6 +113,19 @@ class VectorTransform:
         with open(temporary, "wb") as handle:
             handle.write(buffer.getvalue())
         os.replace(temporary, path)
+
+
+def first_stage(store, transform: VectorTransform, queries: np.ndarray, k: int, **options) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (transformed cosines, ids) per query from a store of raw vectors: FOLD_OVERFETCH x k hits of the folded
+    queries, re-scored exactly (``options`` go to ``VectorStore.search``: allowed, excluded, ef_search)."""
+    scores, ids = store.search(transform.fold(queries), FOLD_OVERFETCH * k, **options)
+    found = ids >= 0
+    exact = np.full(ids.shape, -np.inf, np.float32)
+    if found.any():
+        vectors = transform.apply(store.reconstruct(ids[found]))
+        exact[found] = np.einsum("nd,nd->n", vectors, transform.apply(queries)[np.nonzero(found)[0]])
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 def identity(count: int = 0) -> VectorTransform:

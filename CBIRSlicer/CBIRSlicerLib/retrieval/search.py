@@ -17,6 +17,7 @@ from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
+from ..index import vector_transform
 from ..index.folder import Index
 from ..models.base import Embedder
 from ..models.registry import create_embedder
@@ -163,8 +164,11 @@ class Searcher:
         # narrower graph; what that costs in agreement with an exact first stage is measured (MULTI_IMAGE_EF_SEARCH).
         breadth = MULTI_IMAGE_EF_SEARCH if len(queries) > 1 else None
         transform = None if query.description.get("mode") == "text" else self.index.transform
-        first_stage = queries if transform is None else transform.fold(queries)
-        scores, ids = store.search(first_stage, hits_per_image, allowed=allowed, excluded=excluded, ef_search=breadth)
+        if transform is None:
+            scores, ids = store.search(queries, hits_per_image, allowed=allowed, excluded=excluded, ef_search=breadth)
+        else:
+            scores, ids = vector_transform.first_stage(store, transform, queries, hits_per_image, allowed=allowed,
+                                                       excluded=excluded, ef_search=breadth)
         case_of = catalog.case_rows_of_items(np.unique(ids[ids >= 0]))
         candidates = ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
         items = catalog.item_arrays(candidates)
