@@ -44,7 +44,7 @@ SHRINKAGE = 0.3  # a: the weight of the mean eigenvalue in each whitened directi
 CENTER_MIN_VECTORS = 30
 WHITEN_MIN_PER_DIM = 0.25
 # The folded first stage misses the stored vectors' transformed norms, so it fetches this many times the hits asked for and
-# re-scores them exactly: on the demo cohort its top 100 items then hold 96-100 % of the exact top 100 (1x: 52-61 %).
+# re-scores them exactly: on the demo cohort its top 100 items then hold 98-99 % of the exact top 100 (1x: 52-61 %).
 FOLD_OVERFETCH = 8
 REFIT_GROWTH = 2.0  # refit when the index holds this many times the vectors the transform was fitted on
 FIT_SAMPLE = 200_000  # at most this many vectors (an even sample) are read to fit: the covariance settles long before
