@@ -195,7 +195,7 @@ def test_tampered_transform_refused_by_readers_and_refitted_by_writers(grown, tm
     with pytest.raises(IndexCorruptError, match="transform.npz: the vector transform differs from the one the manifest pins"):
         Index.open(copy)
     with Index.open(copy, writable=True):
-        pass  # the writer refits at its closing checkpoint
+        pass  # the writer refits as it opens
     refitted = Index.open(copy)
     assert refitted.transform.kind == "whiten" and refitted.manifest["transform"]["fitted_on"] == manifest["counts"]["vectors"]
     assert refitted.transform.checksum() == refitted.manifest["transform"]["checksum"] != manifest["transform"]["checksum"]

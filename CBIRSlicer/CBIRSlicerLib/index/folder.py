@@ -157,7 +157,7 @@ class Index:
         except IndexCorruptError:
             if lock is None:
                 raise
-            # A writer killed between writing a refitted transform and the manifest that pins it: fit again at the checkpoint.
+            # A writer killed between writing a refitted transform and the manifest that pins it: fit again now (open).
             self.transform = None
             manifest["transform"] = {key: manifest["transform"][key] for key in ("requested", "shrinkage")}
 
@@ -211,6 +211,7 @@ class Index:
             raise
         if writable:
             index._purge_pending()
+            index._maybe_refit_transform()  # a build killed before its first fit, or a pin that no longer matches its file
         return index
 
     def close(self) -> None:
@@ -330,6 +331,7 @@ class Index:
             if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                 self.checkpoint()
         self.checkpoint()
+        self._maybe_refit_transform()
         if progress is not None:
             progress(len(found.cases), len(found.cases), "done")
         report.seconds = time.monotonic() - began
@@ -372,12 +374,14 @@ class Index:
             with self.catalog.transaction():
                 self.catalog.set_status(self._pending_rows, "complete")
             self._pending_rows = []
-        self._maybe_refit_transform()
         self._save_manifest()
         self._last_checkpoint = time.monotonic()
 
     def _maybe_refit_transform(self) -> None:
-        """Fit the vector transform on the live vectors when none is fitted yet or the index has grown much since."""
+        """Fit the vector transform on the live vectors when none is fitted yet or the index has grown much since.
+
+        Called when a build or an add is committed and when a writer opens the index, not at the timed checkpoints between,
+        so what it is fitted on does not depend on the machine's speed."""
         pinned = self.manifest.get("transform")
         if pinned is None:  # an index made before transforms existed keeps comparing raw vectors
             return
@@ -389,6 +393,7 @@ class Index:
         fitted.save(os.path.join(self.folder, TRANSFORM))  # before the manifest pins it: a crash leaves the old pin
         self.manifest["transform"] = {"requested": pinned["requested"], "shrinkage": pinned["shrinkage"], **fitted.manifest_entry()}
         self.transform = None if fitted.kind == "identity" else fitted
+        self._save_manifest()
 
     def _maybe_change_structure(self) -> None:
         """Switch flat -> HNSW when 'auto' and the index has grown past the flat limit; compact many tombstones."""
