@@ -6,6 +6,7 @@ Folder layout (format version 2)::
                      per-chunk SHA-256 of every file it owns, sealed by a checksum of itself (:mod:`integrity`)
     vectors.faiss    FAISS index with stable int64 ids (the catalog's item ids)
     catalog.sqlite   cases, items, thumbnails, tombstones (rollback journal: committed data is always in the file)
+    transform.npz    the learned vector transform (centering or whitening), pinned in the manifest (:mod:`vector_transform`)
     .lock            held (flock) by the one process writing; readers never create it
 
 Integrity: a writer marks the manifest ``writing`` before it changes anything and seals it ``clean``
@@ -36,7 +37,7 @@ from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismat
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
 from ..models.base import Embedder
-from . import privacy
+from . import privacy, vector_transform
 from .catalog import CaseRecord, Catalog
 from .faiss_store import VectorStore, choose_kind, vector_problem
 from .integrity import file_record, read_manifest, record_problem, seal, write_json_atomically
@@ -46,6 +47,7 @@ FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed
 MANIFEST, VECTORS, CATALOG, LOCK = "manifest.json", "vectors.faiss", "catalog.sqlite", ".lock"
 CLEAN, WRITING = "clean", "writing"
+TRANSFORM = vector_transform.TRANSFORM_FILE  # an owned file: the learned vector transform the manifest pins
 
 
 def recovery_hint(folder: str) -> str:
@@ -74,6 +76,18 @@ def source_checksum(source: CaseSource) -> str:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_transform(folder: str, manifest: dict) -> vector_transform.VectorTransform | None:
+    """The pinned vector transform of an index, or None (none fitted yet, identity, or an index older than transforms)."""
+    pinned = manifest.get("transform") or {}
+    if "checksum" not in pinned or pinned.get("kind") == "identity":
+        return None
+    path = os.path.join(folder, TRANSFORM)
+    if not os.path.isfile(path):
+        raise IndexCorruptError(f"{path}: missing, though the manifest pins a {pinned.get('kind')} vector transform; "
+                                "open the index for writing ('cbir index add') to fit it again")
+    return vector_transform.load(path, pinned, int(manifest["model"]["fingerprint"]["dim"]))
 
 
 class _FolderLock:
@@ -196,6 +210,14 @@ class Index:
         self.problems: list[str] = []  # what a lenient open (verify) found instead of raising
         self.interrupted = False  # a writer died before sealing the index: its complete cases are still whole
         self.writer_active = False  # a reader opened it while a writer works on it: counts and checksums are in flux
+        try:
+            self.transform = _load_transform(folder, manifest)  # None: compare raw vectors, as indexes made before it did
+        except IndexCorruptError:
+            if lock is None:
+                raise
+            # A writer killed between writing a refitted transform and the manifest that pins it: fit again now (open).
+            self.transform = None
+            manifest["transform"] = {key: manifest["transform"][key] for key in ("requested", "shrinkage")}
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
@@ -219,6 +241,7 @@ class Index:
             "privacy": {"patient_ids": privacy.KEPT if keep_patient_ids else privacy.HASHED},
             "counts": {"cases": 0, "items": 0, "vectors": 0, "tombstones": 0},
             "state": WRITING, "files": {VECTORS: {}, CATALOG: {}},
+            "transform": {"requested": vector_transform.DEFAULT_KIND, "shrinkage": vector_transform.SHRINKAGE},
         }
         store = VectorStore.create(embedder.dim, manifest["index_type"]["current"])
         index = cls(folder, manifest, Catalog(os.path.join(folder, CATALOG), create=True), store, lock)
@@ -260,6 +283,7 @@ class Index:
         if writable:
             index._begin_writing()
             index._purge_pending()
+            index._maybe_refit_transform()  # a build killed before its first fit, or a pin that no longer matches its file
         return index
 
     @classmethod
@@ -460,6 +484,7 @@ class Index:
             if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                 self.checkpoint()
         self.checkpoint()
+        self._maybe_refit_transform()
         if progress is not None:
             progress(len(found.cases), len(found.cases), "done")
         report.seconds = time.monotonic() - began
@@ -565,6 +590,25 @@ class Index:
             self.catalog.clear_tombstones()
         self._save_manifest()
 
+    def _maybe_refit_transform(self) -> None:
+        """Fit the vector transform on the live vectors when none is fitted yet or the index has grown much since.
+
+        Called when a build or an add is committed and when a writer opens the index, not at the timed checkpoints between,
+        so what it is fitted on does not depend on the machine's speed."""
+        pinned = self.manifest.get("transform")
+        if pinned is None:  # an index made before transforms existed keeps comparing raw vectors
+            return
+        live = np.setdiff1d(self.store.ids(), self.excluded_ids())
+        if not vector_transform.needs_refit(pinned, len(live)):
+            return
+        sample = live[vector_transform.sample_rows(len(live))]
+        fitted = vector_transform.fit(self.store.reconstruct(sample), pinned["requested"], pinned["shrinkage"], count=len(live))
+        fitted.save(os.path.join(self.folder, TRANSFORM))  # before the manifest pins it: a crash leaves the old pin
+        self.own_file(TRANSFORM)
+        self.manifest["transform"] = {"requested": pinned["requested"], "shrinkage": pinned["shrinkage"], **fitted.manifest_entry()}
+        self.transform = None if fitted.kind == "identity" else fitted
+        self._save_manifest()
+
     def _save(self) -> None:
         self.store.save(os.path.join(self.folder, VECTORS))
         self._save_manifest()
@@ -603,12 +647,13 @@ class Index:
 
     def info(self) -> dict:
         """What the index is: model, settings, type, counts, size on disk, format and state."""
-        size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, CATALOG)
+        size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, CATALOG, TRANSFORM)
                    if os.path.exists(os.path.join(self.folder, f)))
         cases = self.catalog.count("cases")
         return {"folder": self.folder, "model": self.manifest["model"]["name"], "model_digest": self.manifest["model"]["digest"],
                 "dim": self.fingerprint["dim"], "created": self.manifest["created"], "updated": self.manifest["updated"],
                 "index_type": self.store.kind, "settings": self.manifest["settings"],
+                "transform": self.manifest.get("transform"),
                 "counts": {"cases": cases, "items": len(self.catalog.item_ids()), "vectors": self.store.count,
                            "tombstones": len(self.catalog.tombstones())},
                 "bytes": size, "bytes_per_case": round(size / cases) if cases else None,

@@ -21,6 +21,7 @@ from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
+from ..index import vector_transform
 from ..index.catalog import ItemArrays
 from ..index.folder import Index
 from ..models.base import Embedder
@@ -116,6 +117,13 @@ def item_query(index: Index, item_id: int) -> Query:
                  vectors=index.store.reconstruct(np.array([item_id])), exclude_sources=[case.source], exclude_item=int(item_id))
 
 
+def _transformed(transform, queries: np.ndarray, blocks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The query's and the candidates' vectors as the index compares them: through its pinned transform, if it has one."""
+    if transform is None:
+        return queries, blocks
+    return transform.apply(queries), [transform.apply(block) for block in blocks]
+
+
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
     """'FIELD=VALUE' strings to a dict."""
     filters = {}
@@ -203,24 +211,34 @@ class Searcher:
         allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
         return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None)
 
-    def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None) -> dict[int, int]:
-        """Candidate cases (case row -> votes) from each query image's nearest items inside the scope."""
+    def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None,
+                    transform=None) -> dict[int, int]:
+        """Candidate cases (case row -> votes) from each query image's nearest items inside the scope (raw query vectors)."""
         hits_per_image = hits_per_image or max(100, 10 * k)
         # Many query images each only need to find candidate cases, which MaxSim then scores exactly, so each walks a
         # narrower graph; what that costs in agreement with an exact first stage is measured (MULTI_IMAGE_EF_SEARCH).
         breadth = MULTI_IMAGE_EF_SEARCH if len(vectors) > 1 else None
-        scores, ids = self.index.store.search(vectors, hits_per_image, allowed=scope.allowed, excluded=scope.excluded,
-                                              ef_search=breadth)
+        if transform is None:
+            scores, ids = self.index.store.search(vectors, hits_per_image, allowed=scope.allowed, excluded=scope.excluded,
+                                                  ef_search=breadth)
+        else:  # the transform folded into the query, then the hits re-scored exactly (vector_transform.first_stage)
+            scores, ids = vector_transform.first_stage(self.index.store, transform, vectors, hits_per_image, allowed=scope.allowed,
+                                                       excluded=scope.excluded, ef_search=breadth)
         case_of = self.index.catalog.case_rows_of_items(np.unique(ids[ids >= 0]))
         return ranking.candidate_cases(ids, scores, case_of, limit=max(3 * k, 30))
 
     def score_cases(self, vectors: np.ndarray, candidates: dict[int, int], scope: SearchScope, method: str,
-                    weights: np.ndarray | None = None) -> ScoredCases:
-        """Every candidate case scored exactly against all its items in the scope (cases left with none are dropped)."""
+                    weights: np.ndarray | None = None, transform=None) -> ScoredCases:
+        """Every candidate case scored exactly against all its items in the scope (cases left with none are dropped).
+
+        With a transform, ``vectors`` are the query's transformed vectors and the stored ones go through it too.
+        """
         items = self.index.catalog.item_arrays(candidates)
         keep = ~np.isin(items.ids, scope.excluded)
         members = [keep & (items.case_rows == row) for row in candidates]
         blocks = [self.index.store.vectors_of(items.ids[mine]) for mine in members]
+        if transform is not None:
+            blocks = [transform.apply(block) for block in blocks]
         scored = ScoredCases(items, [], {}, {})
         for (row, votes), mine, block, similarity in zip(candidates.items(), members, blocks,
                                                          ranking.similarities(vectors, blocks)):
@@ -260,9 +278,12 @@ class Searcher:
         if scope.allowed is not None and not len(scope.allowed):
             return SearchAnswer(query.description, method, [],
                                 note="no case of the index matches the filters " + ", ".join(f"{k}={v}" for k, v in filters.items()))
-        candidates = self.first_stage(vectors, scope, k, hits_per_image)
-        weights = query_weights(query, vectors)
-        scored = self.score_cases(vectors, candidates, scope, method, weights)
+        # Text is compared raw: the transform is learned on image vectors (vector_transform).
+        transform = None if query.description.get("mode") == "text" else self.index.transform
+        candidates = self.first_stage(vectors, scope, k, hits_per_image, transform)
+        compared = vectors if transform is None else transform.apply(vectors)
+        weights = query_weights(query, compared)
+        scored = self.score_cases(compared, candidates, scope, method, weights, transform)
         shown = ranking.rank(scored.scores)[:k]
         if any(not np.isfinite(r.score) for r in shown):  # never a NaN score: only damaged vectors give one
             raise IndexCorruptError(f"{self.index.folder}: a case scores NaN; the index is damaged: run 'cbir index verify' and "
@@ -286,7 +307,10 @@ class Searcher:
         loader = loader or load_volume_for_query
         vectors = self.query_vectors(query)
         weights = query_weights(query, vectors)
-        query_image = placement.coarse_image(query.volume)
+        try:
+            query_image = placement.coarse_image(query.volume)
+        except RuntimeError:  # ITK: a volume too thin to smooth at the coarse grid: nothing to register
+            return answer
         roi = query.description.get("roi_ras")
         margin = placement.look_alike_margin(max(roi[3:]) if roi else None)
         excluded = self.index.excluded_ids()
@@ -299,7 +323,7 @@ class Searcher:
                 target_image = self._coarse_images.get(result.source)
                 if target_image is None:
                     target_image = self._coarse_images.put(result.source, placement.coarse_image(loader(result.source)))
-            except (CBIRError, OSError):
+            except (CBIRError, OSError, RuntimeError):  # moved, unreadable, or too thin for the coarse grid
                 placed.append(result)
                 continue
             row = self.index.catalog.case_by_id(result.case_id).row
@@ -307,8 +331,12 @@ class Searcher:
             keep = ~np.isin(items.ids, excluded)
             similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
             agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
-            start = placement.global_start(query_image, target_image, query.centre_ras)
-            where = placement.place(query.volume, query.centre_ras, None, {"global": start}, query_image, target_image)
+            try:
+                start = placement.global_start(query_image, target_image, query.centre_ras)
+                where = placement.place(query.volume, query.centre_ras, None, {"global": start}, query_image, target_image)
+            except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
+                placed.append(result)
+                continue
             best, spot, _ = placement.anatomical_match(agreed, items.centres[keep], items.sizes[keep], items.axes[keep],
                                                        where.ras, margin)
             item = self.index.catalog.items([int(items.ids[keep][best])])[int(items.ids[keep][best])]
