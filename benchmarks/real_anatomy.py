@@ -8,9 +8,9 @@ one copy, its own case left out; the answer's top case should be another copy of
 and its match focus should lie inside the same structure (looked up in that copy's warped label map)
 and near the query centre's true position there (mapped exactly through both copies' transforms).
 
-* Query centre: the structure's voxel nearest its centroid (inside it even when the structure is
-  curved). Query ROI: a box centred there, each side the structure's extent along that axis clipped
-  to 20-60 mm (head CT landmarks: a 40 mm cube).
+* Query centre: the structure's deepest voxel (farthest from its border: inside it even when the
+  structure is curved, and its true place in another copy stays inside). Query ROI: a box centred
+  there, each side the structure's extent along that axis clipped to 20-60 mm (head CT landmarks: a 40 mm cube).
 * Abdominal CT: organs inside the labelled slab (k 82-111) only; a match outside it finds label 0, a
   miss. Brain MR: AAL regions. Head CT: bone and air landmarks (``landmarks()``, committed in
   docs/benchmarks/real_head_landmarks.json), scored by distance only.
@@ -174,8 +174,7 @@ def build(work: str, config: dict, seed: int = 0, cache: str | None = None) -> B
     from CBIRSlicerLib.models.registry import create_embedder
 
     began = time.monotonic()
-    volumes = real_data.prepare(cache)
-    volumes = {name: volumes[name] for name in config.get("volumes", volumes)}
+    volumes = real_data.prepare(cache, config.get("volumes", real_data.VOLUMES))
     copies: list[Copy] = []
     for number, (name, volume) in enumerate(volumes.items()):
         folder = Path(work, name)
@@ -195,7 +194,7 @@ def build(work: str, config: dict, seed: int = 0, cache: str | None = None) -> B
         if len(phantoms) != config["phantoms"]:
             phantoms = synthetic.write_cohort(synthetic.make_cohort(config["phantoms"], seed=seed, prefix="phantom"), str(folder))
     index_folder = os.path.join(work, "index")
-    embedder = create_embedder(config.get("model", "handcrafted"))
+    embedder = create_embedder(config.get("model", "handcrafted"))  # settings: the product's defaults unless a test asks
     if not os.path.exists(os.path.join(index_folder, "manifest.json")):
         with Index.create(index_folder, embedder, IndexSettings(**config.get("settings", {}))) as index:
             index.add_sources([c.image for c in copies] + phantoms, embedder)
@@ -228,12 +227,32 @@ class _LabelMap:
             return int(self.array[index[2], index[1], index[0]])
         return 0
 
-    def voxels_ras(self, label: int) -> np.ndarray:
-        k, j, i = np.nonzero(self.array == label)
-        ijk = np.stack([i, j, k], -1).astype(float)
+    def _ras(self, kji: np.ndarray) -> np.ndarray:
         direction = np.array(self.image.GetDirection()).reshape(3, 3)
-        lps = ijk * np.array(self.image.GetSpacing()) @ direction.T + np.array(self.image.GetOrigin())
+        lps = kji[:, ::-1].astype(float) * np.array(self.image.GetSpacing()) @ direction.T + np.array(self.image.GetOrigin())
         return lps * pseudo_patients.FLIP
+
+    def voxels_ras(self, label: int) -> np.ndarray:
+        return self._ras(np.argwhere(self.array == label))
+
+    def deepest_ras(self, label: int) -> np.ndarray:
+        """The structure's voxel farthest inside it (largest distance to its border, in mm); ties: nearest its centroid."""
+        import SimpleITK as sitk
+
+        where = np.argwhere(self.array == label)
+        low, high = where.min(axis=0) - 1, where.max(axis=0) + 2
+        low = np.maximum(low, 0)
+        crop = (self.array[low[0]:high[0], low[1]:high[1], low[2]:high[2]] == label).astype(np.uint8)
+        mask = sitk.GetImageFromArray(crop)
+        mask.SetSpacing(self.image.GetSpacing())
+        depth = -sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False,
+                                                                     useImageSpacing=True))
+        inside = np.argwhere(crop > 0)
+        values = depth[tuple(inside.T)]
+        best = inside[values >= values.max() - 1e-6] + low
+        points = self._ras(best)
+        centroid = self._ras(where).mean(axis=0)
+        return points[np.argmin(np.linalg.norm(points - centroid, axis=1))]
 
 
 def queries_of(bench: Benchmark, copy: Copy, labels: _LabelMap | None, patient, volume) -> list[dict]:
@@ -260,8 +279,7 @@ def queries_of(bench: Benchmark, copy: Copy, labels: _LabelMap | None, patient, 
         points = labels.voxels_ras(label)
         if len(points) * np.prod(labels.image.GetSpacing()) < 0.5 * table[label]["volume_mm3"]:
             continue  # mostly cropped away in this copy: no fair query
-        centroid = points.mean(axis=0)
-        centre = points[np.argmin(np.linalg.norm(points - centroid, axis=1))]
+        centre = labels.deepest_ras(label)
         sides = np.clip(points.max(axis=0) - points.min(axis=0), ROI_MIN_MM, ROI_MAX_MM)
         out.append({"structure": table[label]["name"], "label": label, "large": table[label]["large"], "centre": centre,
                     "roi": RoiBox(tuple(centre), tuple(sides))})

@@ -159,24 +159,37 @@ def aal_names(path: Path) -> dict[int, str]:
     return names
 
 
-def prepare(cache: str | os.PathLike | None = None) -> dict[str, RealVolume]:
-    """Every real volume of the benchmark, fetched and converted as needed: abdomen_ct, head_ct, brain_mr."""
+VOLUMES = ("abdomen_ct", "head_ct", "brain_mr")
+
+
+def abdomen_ct() -> RealVolume:
+    """The abdominal CT of the shared data folder, with its organ labels."""
     shared = shared_data_dir() / ABDOMEN
     for needed in ("abdomen_ct.nii.gz", "abdomen_ct_labels.nii.gz", "labels.json"):
         if not (shared / needed).is_file():
             raise RealDataError(f"{shared / needed}: missing from the shared data")
     names = {int(k): v for k, v in json.loads((shared / "labels.json").read_text()).items()}
-    root = fetch_debian(cache)
-    templates = root / TEMPLATES
-    return {
-        "abdomen_ct": RealVolume("abdomen_ct", "CT", "abdomen", str(shared / "abdomen_ct.nii.gz"),
-                                 str(shared / "abdomen_ct_labels.nii.gz"), names, ABDOMEN_LABELLED_K,
-                                 "TotalSegmentator test reference (Apache-2.0), labels are model output"),
-        "head_ct": RealVolume("head_ct", "CT", "head", str(convert_cranium(root, cache_dir(cache) / "converted")),
-                              source="Debian invesalius-examples Cranium.inv3 (GPL-2)"),
-        "brain_mr": RealVolume("brain_mr", "MR", "head", str(templates / "ch2.nii.gz"), str(templates / "aal.nii.gz"),
-                               aal_names(templates / "aal.nii.txt"), source="Debian mricron-data ch2 + AAL (BSD-3 / atlas terms)"),
-    }
+    return RealVolume("abdomen_ct", "CT", "abdomen", str(shared / "abdomen_ct.nii.gz"), str(shared / "abdomen_ct_labels.nii.gz"),
+                      names, ABDOMEN_LABELLED_K, "TotalSegmentator test reference (Apache-2.0), labels are model output")
+
+
+def prepare(cache: str | os.PathLike | None = None, names=VOLUMES) -> dict[str, RealVolume]:
+    """The real volumes asked for (default all: abdomen_ct, head_ct, brain_mr), fetched and converted as needed."""
+    unknown = set(names) - set(VOLUMES)
+    if unknown:
+        raise RealDataError(f"unknown real volumes {sorted(unknown)}; known: {', '.join(VOLUMES)}")
+    out = {"abdomen_ct": abdomen_ct()} if "abdomen_ct" in names else {}
+    if {"head_ct", "brain_mr"} & set(names):
+        root = fetch_debian(cache)
+        templates = root / TEMPLATES
+        if "head_ct" in names:
+            out["head_ct"] = RealVolume("head_ct", "CT", "head", str(convert_cranium(root, cache_dir(cache) / "converted")),
+                                        source="Debian invesalius-examples Cranium.inv3 (GPL-2)")
+        if "brain_mr" in names:
+            out["brain_mr"] = RealVolume("brain_mr", "MR", "head", str(templates / "ch2.nii.gz"), str(templates / "aal.nii.gz"),
+                                         aal_names(templates / "aal.nii.txt"),
+                                         source="Debian mricron-data ch2 + AAL (BSD-3 / atlas terms)")
+    return {name: out[name] for name in VOLUMES if name in out}
 
 
 def main() -> None:
