@@ -156,3 +156,23 @@ def test_organ_queries_find_the_same_patient(bench):
     assert summary["case ranking (volume queries)"]["top_case_same_kind"] == 1.0
     # Localisation is near chance today (docs/benchmarks.md): only that the figures exist and are distances in a body.
     assert 0 <= large["inside_at_1"] <= 1 and large["first_same_patient_median_error_mm"] < 400
+
+
+def test_the_index_infers_modality_and_body_region(bench):
+    """NIfTI copies say nothing of themselves: the catalog holds CT / ABDOMEN inferred from the image."""
+    kinds = real_anatomy.catalog_kinds(bench)
+    assert kinds["cases"] == 3 and kinds["right"] == 3 and kinds["sources"] == ["inferred"]
+
+
+def test_body_region_and_modality_of_every_real_volume(abdomen):
+    """The head CT and brain MR come from Debian packages (.ci/run fetches them): missing, this fails rather than skips."""
+    from CBIRSlicerLib.imaging.body_region import fill_in, infer
+    from CBIRSlicerLib.imaging.readers import read_volume
+
+    volumes = {"abdomen_ct": abdomen, **real_data.prepare(names=("head_ct", "brain_mr"))}
+    for volume in volumes.values():
+        found = infer(read_volume(volume.image))
+        assert (found.modality, found.body_part) == (volume.modality, volume.body_region.upper()), (volume.name, found)
+    told = read_volume(abdomen.image)
+    told.modality, told.body_part = "CT", "PELVIS"  # what a DICOM header says wins
+    assert fill_in(told) == {"modality_source": "dicom", "body_part_source": "dicom"} and told.body_part == "PELVIS"

@@ -54,7 +54,7 @@ CONFIGS = {
     # copies per real volume, phantoms, in-plane spacing of the copies (None: the source's), AAL regions queried per copy
     "quick": {"copies": 3, "phantoms": 4, "inplane_mm": {"abdomen_ct": None, "head_ct": 1.5, "brain_mr": 1.5},
               "brain_regions": 16, "abdomen_structures": 0},
-    "full": {"copies": 5, "phantoms": 8, "inplane_mm": {"abdomen_ct": None, "head_ct": None, "brain_mr": None},
+    "full": {"copies": 4, "phantoms": 6, "inplane_mm": {"abdomen_ct": None, "head_ct": None, "brain_mr": None},
              "brain_regions": 0, "abdomen_structures": 0},
 }
 
@@ -348,6 +348,25 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim") ->
             "seconds_per_query": round(seconds / max(1, len(records) + len(cases)), 3)}
 
 
+def catalog_kinds(bench: Benchmark) -> dict:
+    """Whether the index inferred each copy's modality and body region right (the files are NIfTI: nothing is told)."""
+    from CBIRSlicerLib.index.folder import Index
+
+    expected = {os.path.abspath(c.image): bench.volumes[c.volume] for c in bench.copies}
+    index = Index.open(bench.index_folder)
+    rows = []
+    for case in index.catalog.cases():
+        volume = expected.get(os.path.abspath(case.source))
+        if volume is None:
+            continue
+        rows.append({"case": os.path.basename(case.source), "modality": case.modality, "body_part": case.body_part,
+                     "sources": [case.metadata.get("modality_source"), case.metadata.get("body_part_source")],
+                     "right": case.modality == volume.modality and (case.body_part or "").lower() == volume.body_region})
+    index.close()
+    return {"cases": len(rows), "right": sum(r["right"] for r in rows), "wrong": [r for r in rows if not r["right"]],
+            "sources": sorted({s for r in rows for s in r["sources"] if s})}
+
+
 def _median(values) -> float | None:
     values = [np.inf if v is None else v for v in values]
     return round(float(np.median(values)), 1) if values else None
@@ -415,7 +434,8 @@ def main() -> None:
     bench = build(work, config, args.seed, args.cache)
     print(f"built in {bench.build_seconds:.0f} s: {len(bench.copies)} copies, {len(bench.phantoms)} phantoms, in {work}", flush=True)
     outcome = run(bench)
-    result = {"data": {n: {"kind": kind_of(v), "source": v.source} for n, v in bench.volumes.items()},
+    kinds = catalog_kinds(bench)
+    result = {"inferred_kinds": kinds, "data": {n: {"kind": kind_of(v), "source": v.source} for n, v in bench.volumes.items()},
               "note": "pseudo-patients of one real volume each: copies of one real patient are easier than other patients",
               "model": "handcrafted", "config": config, "seed": args.seed, "build_seconds": round(bench.build_seconds, 1),
               "copies": [asdict(c) | {"image": os.path.basename(c.image)} for c in bench.copies],

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..digests import file_sha256
 from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError
+from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..models.base import Embedder
 from .catalog import CaseRecord, Catalog
@@ -280,6 +281,7 @@ class Index:
                     report.unchanged.append(source.label)
                     continue
                 volume = read_case(source)
+                origin = fill_in(volume)  # modality and body part from the image where the file is silent
                 made = volume_items(volume, settings)
                 vectors = embedder.embed_images(made.images)
             except (CBIRError, OSError) as error:
@@ -292,7 +294,7 @@ class Index:
                 checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
                 spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
                 labels=list((labels or {}).get(os.path.abspath(source.path), [])),
-                metadata={**volume.extra, "window": made.window.as_dict()})
+                metadata={**volume.extra, **origin, "window": made.window.as_dict()})
             with self.catalog.transaction():
                 row = self.catalog.add_case(record, time.time())
                 self.catalog.set_content(row, volume.voxel_digest)
