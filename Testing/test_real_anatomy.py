@@ -176,3 +176,23 @@ def test_body_region_and_modality_of_every_real_volume(abdomen):
     told = read_volume(abdomen.image)
     told.modality, told.body_part = "CT", "PELVIS"  # what a DICOM header says wins
     assert fill_in(told) == {"modality_source": "dicom", "body_part_source": "dicom"} and told.body_part == "PELVIS"
+
+
+def test_cli_queries_by_segment(bench, abdomen, capsys):
+    """cbir search --roi-mask LABELS --label N queries the box around segment N, as --roi-ras with that box would."""
+    import json
+
+    from CBIRSlicerLib import cli
+    from CBIRSlicerLib.imaging.roi import roi_of_label
+
+    copy = bench.copies[0]
+    label = {name: n for n, name in abdomen.names.items()}["kidney_left"]
+    common = ["search", "--index", bench.index_folder, "--volume", copy.image, "-k", "2", "--json"]
+    assert cli.main([*common, "--roi-mask", copy.labels, "--label", str(label)]) == 0
+    by_mask = json.loads(capsys.readouterr().out)
+    box = roi_of_label(copy.labels, label)
+    assert cli.main([*common, "--roi-ras=" + ",".join(str(v) for v in box.as_list())]) == 0
+    assert by_mask == json.loads(capsys.readouterr().out) and by_mask["query"]["mode"] == "roi"
+    assert 20 < min(box.size) and max(box.size) < 120  # a kidney, not the whole volume
+    assert cli.main([*common, "--roi-mask", copy.labels, "--label", "250"]) != 0
+    assert "holds no voxel of label 250" in capsys.readouterr().err
