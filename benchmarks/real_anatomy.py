@@ -367,6 +367,25 @@ def catalog_kinds(bench: Benchmark) -> dict:
             "sources": sorted({s for r in rows for s in r["sources"] if s})}
 
 
+def add_chance(bench: Benchmark, records: list[dict]) -> None:
+    """Each labelled query's chance of 'inside': the structure's share of the body (CT > -500 HU; MR > 10 % of p99) in its copy."""
+    import SimpleITK as sitk
+
+    shares = {}
+    for copy in bench.copies:
+        if not copy.labels:
+            continue
+        image = sitk.GetArrayFromImage(sitk.ReadImage(copy.image))
+        ct = bench.volumes[copy.volume].modality == "CT"
+        body = np.count_nonzero(image > (-500 if ct else 0.1 * np.percentile(image, 99)))
+        counts = np.bincount(sitk.GetArrayFromImage(sitk.ReadImage(copy.labels)).ravel())
+        shares[(copy.volume, copy.number)] = counts / max(1, body)
+    for r in records:
+        share = shares.get((r["volume"], r["copy"]))
+        if share is not None and r["label"] is not None:
+            r["chance_inside"] = round(float(share[r["label"]]) if r["label"] < len(share) else 0.0, 5)
+
+
 def _median(values) -> float | None:
     values = [np.inf if v is None else v for v in values]
     return round(float(np.median(values)), 1) if values else None
@@ -399,6 +418,8 @@ def summarise(outcome: dict) -> dict:
                      "within_10mm_at_1": round(float(np.mean([e is not None and e <= 10 for e in errors])), 3)}
             if rows[0]["label"] is not None:
                 entry["inside_at_1"] = round(float(np.mean([r["inside_at_1"] for r in rows])), 3)
+                if all("chance_inside" in r for r in rows):
+                    entry["chance_inside"] = round(float(np.mean([r["chance_inside"] for r in rows])), 4)
             firsts = [r["first_same_patient"] for r in rows if r["first_same_patient"] is not None]
             entry["first_same_patient_in_top10"] = round(len(firsts) / len(rows), 3)
             entry["first_same_patient_median_error_mm"] = _median([f["error_mm"] for f in firsts]) if firsts else None
@@ -414,6 +435,41 @@ def summarise(outcome: dict) -> dict:
     return {"summary": summary, "per_structure": table}
 
 
+def markdown(result: dict) -> str:
+    """The summary and per-structure tables of a result JSON as Markdown, for docs/benchmarks.md."""
+    def cell(value, percent=False):
+        if value is None:
+            return "-"
+        if isinstance(value, float) and np.isinf(value):
+            return "inf"
+        return f"{100 * value:.0f} %" if percent else f"{value:g}"
+
+    lines = ["| volume (structures) | queries | top case same kind | top case same patient | inside, top 1 (chance) |"
+             " median error, top 1 | within 10 mm | same patient in top 10: inside / median error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, e in result["summary"].items():
+        if "queries" not in e or name.startswith("case ranking"):
+            continue
+        chance = e.get("chance_inside")
+        inside = cell(e.get("inside_at_1"), True) + (f" ({100 * chance:.1f} %)" if chance is not None else "")
+        inside = inside if "inside_at_1" in e else "-"
+        first = (f"{cell(e.get('first_same_patient_inside'), True)} / {cell(e.get('first_same_patient_median_error_mm'))} mm"
+                 if "first_same_patient_inside" in e else f"- / {cell(e.get('first_same_patient_median_error_mm'))} mm")
+        lines.append(f"| {name} | {e['queries']} | {cell(e['same_kind_at_1'], True)} | {cell(e['same_patient_at_1'], True)} | "
+                     f"{inside} | {cell(e['median_error_mm_at_1'])} mm | {cell(e['within_10mm_at_1'], True)} | {first} |")
+    ranking = result["summary"].get("case ranking (volume queries)")
+    if ranking:
+        lines += ["", f"Whole-volume queries ({ranking['queries']}): top case of the same modality and body region "
+                      f"{cell(ranking['top_case_same_kind'], True)}, a copy of the same real volume "
+                      f"{cell(ranking['top_case_same_volume'], True)} (by kind: "
+                      + ", ".join(f"{k} {cell(v, True)}" for k, v in ranking["by_kind"].items()) + ")."]
+    lines += ["", "| volume | structure | large | queries | inside, top 1 | median error, top 1 |", "|---|---|---|---|---|---|"]
+    for row in result["per_structure"]:
+        lines.append(f"| {row['volume']} | {row['structure']} | {'yes' if row['large'] else 'no'} | {row['queries']} | "
+                     f"{cell(row.get('inside_at_1'), True)} | {cell(row['median_error_mm_at_1'])} mm |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 copies per volume, coarser copies, 16 AAL regions per copy")
@@ -423,7 +479,11 @@ def main() -> None:
     parser.add_argument("--volumes", default="", help="comma-separated subset of abdomen_ct,head_ct,brain_mr")
     parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/real_anatomy[_quick].json)")
     parser.add_argument("--landmarks", action="store_true", help="recompute and write the head CT landmarks JSON, then stop")
+    parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result JSON as Markdown, then stop")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     if args.landmarks:
         print(json.dumps(write_landmarks(real_data.prepare(args.cache)["head_ct"].image), indent=1))
         return
@@ -434,6 +494,7 @@ def main() -> None:
     bench = build(work, config, args.seed, args.cache)
     print(f"built in {bench.build_seconds:.0f} s: {len(bench.copies)} copies, {len(bench.phantoms)} phantoms, in {work}", flush=True)
     outcome = run(bench)
+    add_chance(bench, outcome["records"])
     kinds = catalog_kinds(bench)
     result = {"inferred_kinds": kinds, "data": {n: {"kind": kind_of(v), "source": v.source} for n, v in bench.volumes.items()},
               "note": "pseudo-patients of one real volume each: copies of one real patient are easier than other patients",
