@@ -125,10 +125,10 @@ def test_metrics_score_a_perfect_answer_as_perfect(bench):
             self.copies = {os.path.abspath(c.image): c for c in bench.copies}
             self.patients = {c.number: pseudo_patients.PseudoPatient.load(c.transform) for c in bench.copies}
 
-        def search(self, query, k=10, method="maxsim"):
+        def search(self, query, k=10, filters=None, method="maxsim"):
             mine = self.copies[query.description["volume"]]
             if query.description["mode"] != "roi":
-                return self.real.search(query, k=k, method=method)
+                return self.real.search(query, k=k, filters=filters, method=method)
             other = bench.copies[(mine.number + 1) % len(bench.copies)]
             centre = np.array(query.description["roi_ras"][:3])
             truth = self.patients[other.number].source_to_copy(self.patients[mine.number].copy_to_source(centre))

@@ -286,8 +286,12 @@ def queries_of(bench: Benchmark, copy: Copy, labels: _LabelMap | None, patient, 
     return out
 
 
-def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim") -> dict:
-    """Every query of the benchmark through ``searcher`` (default: the index's own model); per-query records."""
+def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", prior: bool = False) -> dict:
+    """Every query of the benchmark through ``searcher`` (default: the index's own model); per-query records.
+
+    ``prior``: search only cases of the query's own modality and body region as the catalog holds them (inferred
+    from the images here), through the search's catalog filters.
+    """
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.retrieval.search import Searcher, roi_query, volume_query
@@ -305,6 +309,10 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim") ->
         key = (copy.volume, copy.number)
         patient = patients[key]
         kind = kind_of(bench.volumes[copy.volume])
+        filters = None
+        if prior:
+            case = next(c for c in searcher.index.catalog.cases() if os.path.abspath(c.source) == os.path.abspath(copy.image))
+            filters = {"modality": case.modality, "body_part": case.body_part}
 
         def describe(result):
             other = by_source.get(os.path.abspath(result["source"]))
@@ -312,14 +320,15 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim") ->
                 return None, "phantom" if os.path.abspath(result["source"]) in phantoms else "other"
             return other, kind_of(bench.volumes[other.volume])
 
-        answer = searcher.search(volume_query(volume, "axial", searcher.index), k=k, method=method)
+        answer = searcher.search(volume_query(volume, "axial", searcher.index), k=k, filters=filters, method=method)
         top, top_kind = describe(answer["results"][0]) if answer["results"] else (None, "none")
         cases.append({"volume": copy.volume, "copy": copy.number, "kind": kind, "top_kind": top_kind,
                       "same_kind": top_kind == kind, "same_volume": top is not None and top.volume == copy.volume})
         for query in queries_of(bench, copy, label_maps.get(key), patient, volume):
             if not volume.contains_ras(query["centre"]):
                 continue  # a landmark cropped out of this copy
-            answer = searcher.search(roi_query(volume, query["roi"], "axial", searcher.index), k=k, method=method)
+            answer = searcher.search(roi_query(volume, query["roi"], "axial", searcher.index), k=k, filters=filters,
+                                     method=method)
             source_point = patient.copy_to_source(query["centre"])
             outcome = {"volume": copy.volume, "copy": copy.number, "structure": query["structure"], "label": query["label"],
                        "large": query["large"], "roi_ras": [round(v, 2) for v in query["roi"].as_list()]}
@@ -479,6 +488,7 @@ def main() -> None:
     parser.add_argument("--volumes", default="", help="comma-separated subset of abdomen_ct,head_ct,brain_mr")
     parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/real_anatomy[_quick].json)")
     parser.add_argument("--landmarks", action="store_true", help="recompute and write the head CT landmarks JSON, then stop")
+    parser.add_argument("--prior", action="store_true", help="search only the query's own modality and body region (catalog)")
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result JSON as Markdown, then stop")
     args = parser.parse_args()
     if args.markdown:
@@ -493,16 +503,18 @@ def main() -> None:
     work = args.work or tempfile.mkdtemp(prefix="cbir-real-")
     bench = build(work, config, args.seed, args.cache)
     print(f"built in {bench.build_seconds:.0f} s: {len(bench.copies)} copies, {len(bench.phantoms)} phantoms, in {work}", flush=True)
-    outcome = run(bench)
+    outcome = run(bench, prior=args.prior)
     add_chance(bench, outcome["records"])
     kinds = catalog_kinds(bench)
     result = {"inferred_kinds": kinds, "data": {n: {"kind": kind_of(v), "source": v.source} for n, v in bench.volumes.items()},
               "note": "pseudo-patients of one real volume each: copies of one real patient are easier than other patients",
-              "model": "handcrafted", "config": config, "seed": args.seed, "build_seconds": round(bench.build_seconds, 1),
+              "model": "handcrafted", "prior": args.prior,
+              "config": config, "seed": args.seed, "build_seconds": round(bench.build_seconds, 1),
               "copies": [asdict(c) | {"image": os.path.basename(c.image)} for c in bench.copies],
               **summarise(outcome), "seconds": outcome["seconds"], "seconds_per_query": outcome["seconds_per_query"],
               "records": outcome["records"], "cases": outcome["cases"]}
-    out = args.out or str(REPO / "docs" / "benchmarks" / f"real_anatomy{'_quick' if args.quick else ''}.json")
+    stem = f"real_anatomy{'_quick' if args.quick else ''}{'_prior' if args.prior else ''}"
+    out = args.out or str(REPO / "docs" / "benchmarks" / f"{stem}.json")
     with open(out, "w") as handle:
         json.dump(result, handle, indent=1, default=str)
     print(json.dumps(result["summary"], indent=1))
