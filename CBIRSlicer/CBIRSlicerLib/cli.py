@@ -303,7 +303,7 @@ def _read_batch(path: str) -> list[dict]:
 
 def _search(args: argparse.Namespace) -> int:
     """cbir search: similar cases for a volume, an ROI, a slice, a phrase, an item, or a batch of queries."""
-    from .imaging.roi import RoiBox, read_markups_roi
+    from .imaging.roi import RoiBox, read_markups_roi, roi_of_label
     from .index.folder import Index
     from .retrieval.answers import SearchAnswer
     from .retrieval.search import (
@@ -351,6 +351,7 @@ def _search(args: argparse.Namespace) -> int:
         answer = searcher.search(item_query(index, args.like), args.k, filters, args.ranking)
     elif args.volume:
         roi = RoiBox.parse(args.roi_ras) if args.roi_ras else read_markups_roi(args.roi) if args.roi else None
+        roi = roi_of_label(args.roi_mask, args.label) if args.roi_mask else roi
         answer = volume_search(args.volume, roi)
     else:
         raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
@@ -499,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     area = search.add_mutually_exclusive_group()
     area.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ", help="ROI centre and size in RAS mm")
     area.add_argument("--roi", metavar="FILE.mrk.json", help="a Slicer markups ROI file")
+    area.add_argument("--roi-mask", metavar="LABELMAP", help="a label map on the query's patient: the box around --label")
+    search.add_argument("--label", type=int, default=1, help="the label of --roi-mask to query (default 1)")
     area.add_argument("--slice-ras", metavar="R,A,S", help="query the one slice through this RAS point")
     search.add_argument("-k", type=int, default=10, help="number of cases (default 10)")
     search.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])

@@ -88,3 +88,18 @@ def read_markups_roi(path: str) -> RoiBox:
     if lps:
         corners = lps_to_ras(corners)
     return RoiBox.from_bounds(corners.min(axis=0), corners.max(axis=0))
+
+
+def roi_of_label(path: str, label: int) -> RoiBox:
+    """The RAS box around one label of a label map file (a Segment Editor export): its voxels' extent, half a voxel out."""
+    from .readers import read_volume
+
+    labels = read_volume(path)
+    where = np.argwhere(np.asarray(labels.array) == label)
+    if where.size == 0:
+        present = sorted(int(v) for v in np.unique(labels.array) if v != 0)[:20]
+        raise InputError(path, f"holds no voxel of label {label} (labels present: {present or 'none'})")
+    low, high = where.min(axis=0)[::-1] - 0.5, where.max(axis=0)[::-1] + 0.5  # (k, j, i) rows to (i, j, k) corners
+    corners = labels.ijk_to_ras_points(np.array([[a, b, c] for a in (low[0], high[0]) for b in (low[1], high[1])
+                                                 for c in (low[2], high[2])]))
+    return RoiBox.from_bounds(corners.min(axis=0), corners.max(axis=0))

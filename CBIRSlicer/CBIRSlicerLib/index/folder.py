@@ -34,6 +34,7 @@ import numpy as np
 
 from ..digests import file_sha256
 from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError
+from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
 from ..models.base import Embedder
@@ -503,6 +504,7 @@ class Index:
             refused, warning = content_problem(volume)
             if refused:
                 raise InputError(None, refused)
+            origin = fill_in(volume)  # modality and body part from the image where the file is silent
             made = volume_items(volume, self.settings)
             vectors = embedder.embed_images(made.images)
             bad = vector_problem(vectors) if len(vectors) else None
@@ -519,7 +521,8 @@ class Index:
             case_id=case_id, source=os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
             checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
             spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
-            labels=labels, metadata={**privacy.private_metadata(volume.extra, self.privacy_policy), "window": made.window.as_dict()})
+            labels=labels, metadata={**privacy.private_metadata(volume.extra, self.privacy_policy), **origin,
+                                        "window": made.window.as_dict()})
         with self.catalog.transaction():
             row = self.catalog.add_case(record, time.time())
             self.catalog.set_content(row, volume.voxel_digest)
