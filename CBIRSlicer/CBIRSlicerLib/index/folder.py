@@ -31,7 +31,7 @@ from ..imaging.readers import CaseSource, discover, read_case
 from ..models.base import Embedder
 from .catalog import CaseRecord, Catalog
 from .faiss_store import VectorStore, choose_kind
-from .items import IndexSettings, volume_items
+from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d
 
 FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 1
@@ -54,6 +54,14 @@ def source_checksum(source: CaseSource) -> str:
     for path in source.files:
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
+
+
+def embedded_items(volume, settings: IndexSettings, embedder: Embedder) -> tuple[VolumeItems, np.ndarray]:
+    """A volume's items and their vectors: slices, tiles and blob crops for 2D models; whole volume and cells for 3D ones."""
+    if embedder.embeds_volumes:
+        return volume_items_3d(volume, embedder, settings)
+    made = volume_items(volume, settings)
+    return made, embedder.embed_images(made.images)
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -280,8 +288,7 @@ class Index:
                     report.unchanged.append(source.label)
                     continue
                 volume = read_case(source)
-                made = volume_items(volume, settings)
-                vectors = embedder.embed_images(made.images)
+                made, vectors = embedded_items(volume, settings, embedder)
             except (CBIRError, OSError) as error:
                 report.skipped.append((source.label, str(error)))
                 continue

@@ -38,6 +38,8 @@ class Query:
     exclude_sources: list[str] = field(default_factory=list)
     exclude_rows: list[int] = field(default_factory=list)  # the query volume's own cases, found by content or series
     exclude_item: int | None = None
+    volume: Volume | None = None  # 3D models embed the volume (or the ROI's sub-volume) itself, not its images
+    roi: RoiBox | None = None
 
 
 def _sample(items: list, count: int) -> list:
@@ -69,7 +71,7 @@ def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: f
     window = choose_window(volume, index.settings.window)
     crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
-                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index))
+                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, roi=roi)
 
 
 def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
@@ -77,7 +79,7 @@ def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
     window = choose_window(volume, index.settings.window)
     image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
     return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
-                 [to_uint8_rgb(image.pixels, window)], **_own(volume, index))
+                 [to_uint8_rgb(image.pixels, window)], **_own(volume, index), volume=volume)
 
 
 def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
@@ -88,7 +90,7 @@ def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY
     planes = montage_planes(first, last, count)
     images = [s for s in extract_slices(volume, axis, grid=grid) if s.plane in set(planes)]
     return Query(_describe(volume, axis, "volume", slices=len(images)), [to_uint8_rgb(s.pixels, window) for s in images],
-                 **_own(volume, index))
+                 **_own(volume, index), volume=volume)
 
 
 def text_query(text: str, embedder: Embedder) -> Query:
@@ -104,6 +106,17 @@ def item_query(index: Index, item_id: int) -> Query:
     case = index.catalog.case_by_row(item.case_row)
     return Query({"item": int(item_id), "case_id": case.case_id, "mode": "item", "axis": item.axis},
                  vectors=index.store.reconstruct(np.array([item_id])), exclude_sources=[case.source], exclude_item=int(item_id))
+
+
+def volume_model_vectors(embedder: Embedder, query: Query) -> np.ndarray:
+    """A 3D model's query vector: the ROI's sub-volume with context, or the whole volume; slices are refused."""
+    mode = query.description.get("mode")
+    if query.volume is None or mode not in ("roi", "volume"):
+        raise ParameterError(f"model '{embedder.name}' is a 3D CT encoder: it answers region (--roi-ras) and whole-volume "
+                             f"queries, not {mode or 'image'} queries (a single slice holds too little depth for it)")
+    if mode == "roi":
+        return embedder.embed_region(query.volume, query.roi)[None]
+    return embedder.embed_volume(query.volume).whole[None]
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
@@ -129,6 +142,8 @@ class Searcher:
         """The query's vectors (embedding its images if needed)."""
         if query.vectors is not None:
             return query.vectors
+        if self.embedder.embeds_volumes:
+            return volume_model_vectors(self.embedder, query)
         if not query.images:
             raise ParameterError("the query holds no images (an ROI outside the volume?)")
         return self.embedder.embed_images(query.images)
