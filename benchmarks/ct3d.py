@@ -9,6 +9,8 @@ Parts (``--parts``, default all):
   volume + feature-map cells), the latter raw and centred (the mean of the index's vectors subtracted from index
   and query vectors, then re-normalised), with ROI vectors from a sub-volume crop or pooled from the query
   volume's cells.
+* ``organ_index``: the same copies indexed (astra-ct and handcrafted), organ ROIs of the original searched; the
+  distance from each result's best-match focus to the organ's true centre in that copy.
 * ``organs``: real anatomy. Pseudo-patients of the shared abdominal CT (rotated, shifted, resampled, noise and an
   intensity shift added; every organ's true place known); for each labelled organ an ROI around its centroid in
   the original is compared with the same-size ROIs around every organ's true place in a copy: top-1 organ
@@ -39,6 +41,7 @@ from CBIRSlicerLib.index.faiss_store import VectorStore
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.base import l2_normalize
+from CBIRSlicerLib.models.i3d import pool_cells
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval.evaluation import evaluate_lesions
 from CBIRSlicerLib.retrieval.search import Searcher
@@ -70,8 +73,9 @@ def peak_mb() -> float:
 class Variant:
     """astra-ct seen through a variant: vectors centred on a learned mean, ROI vectors from a crop or pooled cells."""
 
-    def __init__(self, base, mean: np.ndarray | None = None, roi_mode: str = "crop", cache: dict | None = None):
-        self.base, self.mean, self.roi_mode = base, mean, roi_mode
+    def __init__(self, base, mean: np.ndarray | None = None, roi_mode: str = "crop", cache: dict | None = None,
+                 context_mm: float = 24.0):
+        self.base, self.mean, self.roi_mode, self.context_mm = base, mean, roi_mode, context_mm
         self.name, self.dim, self.fingerprint, self.embeds_volumes = base.name, base.dim, base.fingerprint, True
         self.cache = {} if cache is None else cache
 
@@ -90,19 +94,12 @@ class Variant:
                               self._centre(features.whole))
 
     def embed_region(self, volume: Volume, roi: RoiBox) -> np.ndarray:
-        key = (self.roi_mode, volume.source, tuple(roi.as_list()))
+        key = (self.roi_mode, self.context_mm, volume.source, tuple(roi.as_list()))
         if key not in self.cache:
             if self.roi_mode == "crop":
-                self.cache[key] = self.base.embed_region(volume, roi)
-            else:  # the cells of one pass over the query volume that overlap the ROI, averaged
-                features = self._features(volume)
-                centres = features.centres_ras.reshape(-1, 3)
-                reach = np.asarray(roi.size) / 2 + features.cell_mm / 2
-                inside = np.all(np.abs(centres - np.asarray(roi.center)) < reach, axis=1)
-                if not inside.any():
-                    inside = np.linalg.norm(centres - np.asarray(roi.center), axis=1) == \
-                        np.linalg.norm(centres - np.asarray(roi.center), axis=1).min()
-                self.cache[key] = l2_normalize(features.cells.reshape(-1, self.dim)[inside].mean(axis=0)[None])[0]
+                self.cache[key] = self.base.embed_crop(volume, roi, self.context_mm)
+            else:  # the cells of one pass over the query volume that overlap the ROI, averaged (the library's default)
+                self.cache[key] = pool_cells(self._features(volume), roi)
         return self._centre(self.cache[key])
 
 
@@ -142,8 +139,8 @@ def part_cost(astra, out: dict) -> None:
     lesion = case.lesions[0]
     roi = RoiBox(lesion.center, (2.5 * lesion.radius_mm,) * 3)
     began = time.monotonic()
-    astra.embed_region(case.volume, roi)
-    out["phantom_roi_query_embed_s"] = round(time.monotonic() - began, 2)
+    astra.embed_crop(case.volume, roi)
+    out["phantom_roi_crop_embed_s"] = round(time.monotonic() - began, 2)
     block = astra.region_array(astra.prepare(case.volume), roi)
     for count in (1, 12):
         began = time.monotonic()
@@ -153,34 +150,44 @@ def part_cost(astra, out: dict) -> None:
     out["peak_rss_mb"] = round(peak_mb())
 
 
-def part_phantom(astra, out: dict, cases: int, seeds: list[int], roi_modes: list[str]) -> None:
-    """The demo's protocol, handcrafted against astra-ct variants."""
+def part_phantom(astra, out: dict, cases: int, seeds: list[int], roi_modes: list[str], contexts: list[float],
+                 work_root: str | None, skip_handcrafted: bool = False) -> None:
+    """The demo's protocol, handcrafted against astra-ct variants; an index already in ``work_root`` is reused."""
     handcrafted = create_embedder("handcrafted")
     for seed in seeds:
-        work = tempfile.mkdtemp(prefix="cbir-ct3d-")
-        cohort = synthetic.make_cohort(cases, seed=seed)
-        paths = dict(zip([c.name for c in cohort], synthetic.write_cohort(cohort, work)))
+        # the real path: the index stores its sources' absolute paths and the evaluation matches results by them
+        work = os.path.realpath(os.path.join(work_root, f"seed{seed}") if work_root else tempfile.mkdtemp(prefix="cbir-ct3d-"))
+        os.makedirs(work, exist_ok=True)
+        if not os.path.exists(os.path.join(work, synthetic.COHORT_CSV)):
+            synthetic.write_cohort(synthetic.make_cohort(cases, seed=seed), work)
         truth = synthetic.read_cohort(os.path.join(work, synthetic.COHORT_CSV))
+        paths = {name: os.path.join(work, f"{name}.nii.gz") for name in truth}
         rows = out.setdefault(f"cohort_{cases}_seed_{seed}", {})
-        for label, embedder in (("handcrafted", handcrafted), ("astra-ct", Variant(astra))):
+        cache: dict = {}
+        for label, embedder in (("handcrafted", handcrafted), ("astra-ct", Variant(astra, cache=cache))):
             folder = os.path.join(work, f"index-{label}")
-            began = time.monotonic()
-            with Index.create(folder, embedder, IndexSettings()) as index:
-                index.add_sources(list(paths.values()), embedder)
-            build = time.monotonic() - began
+            if not os.path.exists(folder):
+                began = time.monotonic()
+                with Index.create(folder, embedder, IndexSettings()) as index:
+                    index.add_sources(list(paths.values()), embedder)
+                rows[label] = {"build_s_per_case": round((time.monotonic() - began) / cases, 2)}
             index = Index.open(folder)
-            rows[label] = {"build_s_per_case": round(build / cases, 2), "items_per_case": index.store.count / cases}
+            rows.setdefault(label, {})["items_per_case"] = index.store.count / cases
             if label == "handcrafted":
-                rows[label] |= brief(evaluate_lesions(Searcher(index, embedder), truth, paths, ks=(1, 3, 5)))
+                if not skip_handcrafted:
+                    rows[label] |= brief(evaluate_lesions(Searcher(index, embedder), truth, paths, ks=(1, 3, 5)))
                 print(label, rows[label], flush=True)
                 continue
             raw_store = index.store
             store, mean = centred_store(index)
-            for mode in roi_modes:
+            whole = raw_store.reconstruct(raw_store.ids()[:: max(1, raw_store.count // 400)])
+            cosines = whole @ whole.T
+            rows["raw_item_cosine_mean"] = round(float(cosines[~np.eye(len(whole), dtype=bool)].mean()), 3)
+            for mode, context in [(m, c) for m in roi_modes for c in (contexts if m == "crop" else [0.0])]:
                 for centred in (False, True):
                     index.store = store if centred else raw_store
-                    variant = Variant(astra, mean if centred else None, mode, embedder.cache)
-                    name = f"astra-ct {mode}{' centred' if centred else ''}"
+                    variant = Variant(astra, mean if centred else None, mode, cache, context)
+                    name = f"astra-ct {mode}{f' context {context:g} mm' if mode == 'crop' else ''}{' centred' if centred else ''}"
                     rows[name] = {**rows[label], **brief(evaluate_lesions(Searcher(index, variant), truth, paths, ks=(1, 3, 5)))}
                     print(name, rows[name], flush=True)
             del rows[label]
@@ -264,6 +271,52 @@ def part_organs(out: dict, side_mm: float = 40.0) -> None:
     out["roi_side_mm"] = side_mm
 
 
+def part_organ_index(astra, out: dict, work_root: str | None, side_mm: float = 40.0,
+                     modes: tuple = ("handcrafted", "astra-ct")) -> None:
+    """Real anatomy through the whole pipeline: index two pseudo-patients, query organ ROIs of the original.
+
+    For each organ and each indexed copy: the distance from the result's best-match focus to the organ's true
+    centroid in that copy, for astra-ct (raw index) and handcrafted (its default 2D index).
+    """
+    from CBIRSlicerLib.imaging.synthetic import write_volume
+    from CBIRSlicerLib.retrieval.search import roi_query
+
+    work = work_root or tempfile.mkdtemp(prefix="cbir-ct3d-organs-")
+    abdomen = read_volume(ABDOMEN)
+    labels = read_volume(ABDOMEN.replace("abdomen_ct.nii.gz", "abdomen_ct_labels.nii.gz"))
+    centroids = organ_centroids(labels, ORGANS)
+    copies = [pseudo_patient(abdomen, (4, 0, 8), (6, -8, 10), (2.5, 2.5, 3.5), 15, 15, 1),
+              pseudo_patient(abdomen, (-5, 3, -6), (-8, 5, -6), (2.0, 2.0, 5.0), 25, -20, 2)]
+    paths = [write_volume(copy, os.path.join(work, f"copy{n + 1}.nii.gz")) for n, (copy, _) in enumerate(copies)]
+    mappings = {os.path.abspath(p): mapping for p, (_, mapping) in zip(paths, copies)}
+    cache: dict = {}
+    for label, embedder in (("handcrafted", create_embedder("handcrafted")), ("astra-ct", Variant(astra, cache=cache)),
+                            ("astra-ct cells", Variant(astra, roi_mode="cells", cache=cache))):
+        if label.split()[0] not in modes:
+            continue
+        folder = os.path.join(work, f"organs-{label.split()[0]}")
+        began = time.monotonic()
+        if not os.path.exists(folder):
+            with Index.create(folder, embedder, IndexSettings()) as index:
+                index.add_sources(paths, embedder)
+        build = time.monotonic() - began
+        index = Index.open(folder)
+        searcher = Searcher(index, embedder)
+        distances, seconds = {}, []
+        for organ, centre in centroids.items():
+            began = time.monotonic()
+            answer = searcher.search(roi_query(abdomen, RoiBox(tuple(centre), (side_mm,) * 3), "axial", index), k=2)
+            seconds.append(time.monotonic() - began)
+            distances[organ] = [round(float(np.linalg.norm(np.array(r["best_match"]["focus_ras"]) -
+                                                           mappings[os.path.abspath(r["source"])](centre))), 1)
+                                for r in answer["results"]]
+        flat = np.array([d for v in distances.values() for d in v])
+        out[label] = {"build_s_per_case": round(build / len(paths), 1), "seconds_per_query": round(float(np.mean(seconds)), 2),
+                      "median_mm": round(float(np.median(flat)), 1), "within_25mm": round(float(np.mean(flat <= 25)), 3),
+                      "within_50mm": round(float(np.mean(flat <= 50)), 3), "distances_mm": distances}
+        print(label, {k: v for k, v in out[label].items() if k != "distances_mm"}, flush=True)
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -271,6 +324,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--roi-modes", default="crop,cells")
+    parser.add_argument("--contexts", default="24", help="ROI crop context in mm, comma-separated")
+    parser.add_argument("--work", default=None, help="folder for cohorts and indexes (kept, and reused when there)")
+    parser.add_argument("--skip-handcrafted", action="store_true", help="index handcrafted but do not query it")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="docs/benchmarks/ct3d.json")
     args = parser.parse_args()
@@ -285,9 +341,13 @@ def main() -> None:
         print(result["cost"], flush=True)
     if "organs" in parts:
         part_organs(result.setdefault("organs", {}))
+    if "organ_index" in parts:
+        part_organ_index(astra, result.setdefault("organ_index", {}), args.work,
+                         modes=("astra-ct",) if args.skip_handcrafted else ("handcrafted", "astra-ct"))
     if "phantom" in parts:
         part_phantom(astra, result.setdefault("phantom", {}), args.cases, [int(s) for s in args.seeds.split(",")],
-                     args.roi_modes.split(","))
+                     args.roi_modes.split(","), [float(c) for c in args.contexts.split(",")], args.work,
+                     args.skip_handcrafted)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1, default=float)

@@ -119,6 +119,17 @@ def volume_model_vectors(embedder: Embedder, query: Query) -> np.ndarray:
     return embedder.embed_volume(query.volume).whole[None]
 
 
+def volume_model_other_scale(index: Index, query: Query) -> np.ndarray:
+    """Items a 3D model's query must not match: an ROI is compared with regions, a whole volume with whole volumes.
+
+    A whole volume's vector is the mean of all its cells, so it is like every region a little; left in, it came
+    first for ROI queries and put every best match at the case's centre (docs/benchmarks.md).
+    """
+    if query.description.get("mode") == "volume":
+        return index.catalog.item_ids_of_kinds(["volume"], negate=True)
+    return index.catalog.item_ids_of_kinds(["volume"])
+
+
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
     """'FIELD=VALUE' strings to a dict."""
     filters = {}
@@ -161,6 +172,8 @@ class Searcher:
         excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])
+        if self.embedder.embeds_volumes:
+            excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         allowed_rows = catalog.case_rows_matching(filters) if filters else None
         allowed = catalog.item_ids(allowed_rows) if allowed_rows is not None else None
         hits_per_image = hits_per_image or max(100, 10 * k)
