@@ -269,3 +269,16 @@ def test_index_and_queries_with_a_3d_model(small_random, tmp_path):
     assert all(r["best_match"]["kind"] == "volume" for r in answer["results"])  # whole volumes against whole volumes
     with pytest.raises(ParameterError, match="3D CT encoder"):
         searcher.search(slice_query(cases[0].volume, "axial", index))
+
+
+def test_the_worker_embeds_a_volume_job_as_the_embedder_does(small_random):
+    from CBIRSlicerLib.models.worker import embed_volume_job
+
+    case = synthetic.make_cohort(1, seed=3)[0]
+    roi = RoiBox(case.lesions[0].center, (24.0, 24.0, 24.0))
+    header = {"ijk_to_ras": case.volume.ijk_to_ras.tolist(), "roi": roi.as_list()}
+    assert np.allclose(embed_volume_job(small_random, header, case.volume.array)[0], small_random.embed_region(case.volume, roi),
+                       atol=1e-5)
+    whole = embed_volume_job(small_random, {**header, "roi": None}, case.volume.array)
+    assert whole.shape == (1, 2048) and np.allclose(whole[0], small_random.embed_volume(case.volume).whole, atol=1e-5)
+    assert small_random.describe()["embeds_volumes"] is True

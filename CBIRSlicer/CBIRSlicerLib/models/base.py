@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import ModelError
 
+VOLUME_FAMILIES = ("i3d",)  # fingerprint families of 3D models (they embed volumes, not 2D images)
 Progress = Callable[[int, int], None]  # (images done, images in all)
 ShouldStop = Callable[[], bool]
 
@@ -175,4 +176,5 @@ class Embedder:
     def describe(self) -> dict:
         """What a user or the worker reports about the loaded model."""
         return {"name": self.name, "dim": self.dim, "device": self.device, "supports_text": self.supports_text,
+                "embeds_volumes": self.embeds_volumes,
                 "fingerprint": self.fingerprint.as_dict(), "digest": self.fingerprint.digest()}
