@@ -179,7 +179,7 @@ def _pseudo_patient(volume, labels_volume):
 
 def _organ_top1(embedder, volume, copy, centroids, mapping, side_mm=40.0) -> tuple[float, float]:
     """Share of organs whose ROI in the original is nearest the same organ's ROI in the copy: raw, and centred."""
-    arrays = [embedder.region_array(embedder.prepare(v), RoiBox(tuple(f(c)), (side_mm,) * 3))
+    arrays = [embedder.region_array(embedder.prepare(v), RoiBox(tuple(f(c)), (side_mm,) * 3), context_mm=24.0)
               for v, f in ((volume, lambda p: p), (copy, mapping)) for c in centroids.values()]
     vectors = embedder.embed_blocks(arrays)
     queries, keys = vectors[:len(centroids)], vectors[len(centroids):]

@@ -139,9 +139,9 @@ def part_cost(astra, out: dict) -> None:
     lesion = case.lesions[0]
     roi = RoiBox(lesion.center, (2.5 * lesion.radius_mm,) * 3)
     began = time.monotonic()
-    astra.embed_crop(case.volume, roi)
+    astra.embed_crop(case.volume, roi, 24.0)
     out["phantom_roi_crop_embed_s"] = round(time.monotonic() - began, 2)
-    block = astra.region_array(astra.prepare(case.volume), roi)
+    block = astra.region_array(astra.prepare(case.volume), roi, 24.0)
     for count in (1, 12):
         began = time.monotonic()
         astra.embed_blocks([block] * count)
@@ -258,11 +258,11 @@ def part_organs(out: dict, side_mm: float = 40.0) -> None:
         embedder = I3DEmbedder(label, "-", "cpu", network=net, weights_sha256="-")
         began = time.monotonic()
         prepared = embedder.prepare(abdomen)
-        queries = embedder.embed_blocks([embedder.region_array(prepared, RoiBox(tuple(c), (side_mm,) * 3))
+        queries = embedder.embed_blocks([embedder.region_array(prepared, RoiBox(tuple(c), (side_mm,) * 3), 24.0)
                                          for c in centroids.values()])
         for n, (copy, mapping) in enumerate(copies):
             prepared_copy = embedder.prepare(copy)
-            keys = embedder.embed_blocks([embedder.region_array(prepared_copy, RoiBox(tuple(mapping(c)), (side_mm,) * 3))
+            keys = embedder.embed_blocks([embedder.region_array(prepared_copy, RoiBox(tuple(mapping(c)), (side_mm,) * 3), 24.0)
                                           for c in centroids.values()])
             out[f"{label} copy{n + 1}"] = organ_scores(queries, keys)
             print(label, n, out[f"{label} copy{n + 1}"], flush=True)
