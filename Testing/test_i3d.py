@@ -267,6 +267,10 @@ def test_index_and_queries_with_a_3d_model(small_random, tmp_path):
     answer = searcher.search(volume_query(cases[1].volume, "axial", index), k=5)
     assert sorted(r["name"] for r in answer["results"]) == sorted([cases[0].name, cases[2].name])
     assert all(r["best_match"]["kind"] == "volume" for r in answer["results"])  # whole volumes against whole volumes
+    from CBIRSlicerLib.retrieval.search import item_query
+
+    like = searcher.search(item_query(index, answer["results"][0]["best_match"]["item_id"]), k=5)
+    assert like["results"] and all(r["best_match"]["kind"] == "volume" for r in like["results"])
     with pytest.raises(ParameterError, match="3D CT encoder"):
         searcher.search(slice_query(cases[0].volume, "axial", index))
 

@@ -109,7 +109,7 @@ def item_query(index: Index, item_id: int) -> Query:
 
 
 def volume_model_vectors(embedder: Embedder, query: Query) -> np.ndarray:
-    """A 3D model's query vector: the ROI's sub-volume with context, or the whole volume; slices are refused."""
+    """A 3D model's query vector: the ROI's (the cells of one pass that overlap it), or the whole volume's; not slices."""
     mode = query.description.get("mode")
     if query.volume is None or mode not in ("roi", "volume"):
         raise ParameterError(f"model '{embedder.name}' is a 3D CT encoder: it answers region (--roi-ras) and whole-volume "
@@ -125,7 +125,11 @@ def volume_model_other_scale(index: Index, query: Query) -> np.ndarray:
     A whole volume's vector is the mean of all its cells, so it is like every region a little; left in, it came
     first for ROI queries and put every best match at the case's centre (docs/benchmarks.md).
     """
-    if query.description.get("mode") == "volume":
+    mode = query.description.get("mode")
+    if mode == "item":  # 'more like this': like the item's own scale
+        item = index.catalog.items([query.exclude_item]).get(query.exclude_item)
+        mode = "volume" if item is not None and item.kind == "volume" else "roi"
+    if mode == "volume":
         return index.catalog.item_ids_of_kinds(["volume"], negate=True)
     return index.catalog.item_ids_of_kinds(["volume"])
 
