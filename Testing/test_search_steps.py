@@ -66,11 +66,12 @@ def test_scope_leaves_out_the_query_case_its_link_and_item_and_keeps_the_filtere
     ball_rows = [_row(searcher, searcher.paths[n]) for n in (0, 2)]
     # Readers open the catalog read-only: the test writes through a connection of its own.
     writer = sqlite3.connect(os.path.join(searcher.index.folder, "catalog.sqlite"), isolation_level=None)
-    writer.execute("UPDATE cases SET modality = 'CT' WHERE id IN (?, ?)", ball_rows)
+    before = writer.execute("SELECT id, modality FROM cases").fetchall()  # CT, inferred from the phantoms' HU
+    writer.execute("UPDATE cases SET modality = 'MR' WHERE id IN (?, ?)", ball_rows)
     try:
-        filtered = searcher.scope(Query({}), {"modality": "CT"})
+        filtered = searcher.scope(Query({}), {"modality": "MR"})
     finally:
-        writer.execute("UPDATE cases SET modality = NULL")
+        writer.executemany("UPDATE cases SET modality = ? WHERE id = ?", [(m, r) for r, m in before])
         writer.close()
     assert sorted(filtered.allowed.tolist()) == sorted(catalog.item_ids(ball_rows).tolist()) and filtered.excluded.size == 0
 

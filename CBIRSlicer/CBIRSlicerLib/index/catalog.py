@@ -346,6 +346,13 @@ class Catalog:
                           np.array([f[2] for f in found], dtype=object),
                           np.array([f[3:6] for f in found], np.float64).reshape(-1, 3), np.array([f[6] for f in found], np.float64))
 
+    def item_ids_of_kinds(self, kinds: Iterable[str], negate: bool = False) -> np.ndarray:
+        """Ids of the items of some kinds (or, with ``negate``, of every other kind), sorted."""
+        kinds = list(kinds)
+        test = "NOT IN" if negate else "IN"
+        found = self.db.execute(f"SELECT id FROM items WHERE kind {test} ({','.join('?' * len(kinds))}) ORDER BY id", kinds)
+        return np.array([f[0] for f in found], np.int64)
+
     def case_rows_of_items(self, ids: Iterable[int]) -> dict[int, int]:
         """Case row of each item id."""
         ids = [int(i) for i in ids]

@@ -42,7 +42,7 @@ from . import privacy, vector_transform
 from .catalog import CaseRecord, Catalog
 from .faiss_store import VectorStore, choose_kind, vector_problem
 from .integrity import file_record, read_manifest, record_problem, seal, write_json_atomically
-from .items import IndexSettings, volume_items
+from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d
 
 FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed
@@ -73,6 +73,14 @@ def source_checksum(source: CaseSource) -> str:
     for path in source.files:
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
+
+
+def embedded_items(volume, settings: IndexSettings, embedder: Embedder) -> tuple[VolumeItems, np.ndarray]:
+    """A volume's items and their vectors: slices, tiles and blob crops for 2D models; whole volume and cells for 3D ones."""
+    if embedder.embeds_volumes:
+        return volume_items_3d(volume, embedder, settings)
+    made = volume_items(volume, settings)
+    return made, embedder.embed_images(made.images)
 
 
 def _now() -> str:
@@ -505,8 +513,7 @@ class Index:
             if refused:
                 raise InputError(None, refused)
             origin = fill_in(volume)  # modality and body part from the image where the file is silent
-            made = volume_items(volume, self.settings)
-            vectors = embedder.embed_images(made.images)
+            made, vectors = embedded_items(volume, self.settings, embedder)
             bad = vector_problem(vectors) if len(vectors) else None
             if bad:
                 raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")

@@ -162,3 +162,62 @@ def volume_items(volume: Volume, settings: IndexSettings) -> VolumeItems:
                 items.append(item)
                 images.append(crop)
     return VolumeItems(items, images, thumbs, window)
+
+
+# ----- 3D models: one pass over the volume, regions are cells of its feature map ---------------------------------
+REGION_CELLS = (1, 2)  # region items: single feature-map cells and 2 x 2 x 2 windows of them (docs/benchmarks.md)
+
+
+def _cell_regions(cells: np.ndarray, centres: np.ndarray, foreground: np.ndarray, cell_mm: np.ndarray, span: int,
+                  min_foreground: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(vector, centre, low, high) of every ``span``-cubed window of cells (stride one cell) that is mostly body."""
+    grid = np.array(cells.shape[:3])
+    if np.any(grid < span):
+        return []
+    out = []
+    for a in range(grid[0] - span + 1):
+        for b in range(grid[1] - span + 1):
+            for c in range(grid[2] - span + 1):
+                window = (slice(a, a + span), slice(b, b + span), slice(c, c + span))
+                if foreground[window].mean() < min_foreground:
+                    continue
+                centre = centres[window].reshape(-1, 3).mean(axis=0)
+                half = cell_mm * span / 2
+                out.append((cells[window].reshape(-1, cells.shape[-1]).mean(axis=0), centre, centre - half, centre + half))
+    return out
+
+
+def volume_items_3d(volume: Volume, embedder, settings: IndexSettings) -> tuple[VolumeItems, np.ndarray]:
+    """A 3D model's items of a volume: the whole volume and cell regions of one feature-map pass, with their vectors.
+
+    Each item is placed for the viewer on the axial slice through its centre (``slice_index``, ``box`` in that
+    slice's pixels), so results show side by side as the 2D models' do; thumbnails are kept for those slices.
+    """
+    from ..imaging.slicing import nearest_slice
+    from ..models.base import l2_normalize
+
+    window = choose_window(volume, settings.window)
+    features = embedder.embed_volume(volume)
+    corners = volume.corners_ras()
+    low_volume, high_volume = corners.min(axis=0), corners.max(axis=0)
+    regions = [("volume", features.whole, np.asarray(volume.center_ras, float), low_volume, high_volume)]
+    for span in REGION_CELLS:
+        kind = "cell" if span == 1 else f"cell{span}"
+        regions += [(kind, *region) for region in _cell_regions(features.cells, features.centres_ras, features.foreground,
+                                                                 features.cell_mm, span, settings.min_foreground)]
+    slices = extract_slices(volume, "axial", stride_mm=settings.stride_mm)
+    items, vectors, thumbs = [], [], {}
+    for kind, vector, centre, low, high in regions:
+        low, high = np.maximum(low, low_volume), np.minimum(high, high_volume)
+        image = nearest_slice(slices, centre)
+        rows, cols = image.pixels.shape
+        pixels = np.array([image.ras_to_pixel(p) for p in (low, high)])
+        r0, c0 = np.clip(np.floor(pixels.min(axis=0)).astype(int), 0, [rows - 1, cols - 1])
+        r1, c1 = np.clip(np.ceil(pixels.max(axis=0)).astype(int) + 1, [r0 + 1, c0 + 1], [rows, cols])
+        items.append(ItemRecord(kind, "axial", image.slice_index, image.plane, tuple(float(v) for v in centre),
+                                (int(r0), int(c0), int(r1), int(c1)), tuple(float(v) for v in low),
+                                tuple(float(v) for v in high), float(np.max(high - low))))
+        vectors.append(vector)
+        if ("axial", image.plane) not in thumbs:
+            thumbs[("axial", image.plane)] = thumbnail(to_uint8_rgb(image.pixels, window)[..., 0], settings.thumbnail_px)
+    return VolumeItems(items, [], thumbs, window), l2_normalize(np.array(vectors, np.float32))

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import ModelError
 
+VOLUME_FAMILIES = ("i3d",)  # fingerprint families of 3D models (they embed volumes, not 2D images)
 Progress = Callable[[int, int], None]  # (images done, images in all)
 ShouldStop = Callable[[], bool]
 
@@ -109,12 +110,33 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+@dataclass
+class VolumeFeatures:
+    """What a 3D model makes of a whole volume in one pass: a feature map and where its cells lie.
+
+    ``cells`` (nx, ny, nz, dim) raw features; ``centres_ras`` (nx, ny, nz, 3); ``foreground`` (nx, ny, nz) share of a
+    cell's input that is body, not air or padding; ``cell_mm`` the cell's extent along R, A, S; ``whole`` the unit
+    vector of the whole volume.
+    """
+
+    cells: np.ndarray
+    centres_ras: np.ndarray
+    foreground: np.ndarray
+    cell_mm: np.ndarray
+    whole: np.ndarray
+
+
 class Embedder:
-    """Base class: subclasses set name, dim, fingerprint, supports_text and implement ``_embed_batch``."""
+    """Base class: subclasses set name, dim, fingerprint, supports_text and implement ``_embed_batch``.
+
+    A 3D model sets ``embeds_volumes`` and implements ``embed_volume(volume) -> VolumeFeatures`` and
+    ``embed_region(volume, roi) -> vector`` instead of the 2D image path.
+    """
 
     name: str = ""
     dim: int = 0
     supports_text: bool = False
+    embeds_volumes: bool = False
     device: str = "cpu"
     fingerprint: Fingerprint
     default_batch_size: int = 16
@@ -154,4 +176,5 @@ class Embedder:
     def describe(self) -> dict:
         """What a user or the worker reports about the loaded model."""
         return {"name": self.name, "dim": self.dim, "device": self.device, "supports_text": self.supports_text,
+                "embeds_volumes": self.embeds_volumes,
                 "fingerprint": self.fingerprint.as_dict(), "digest": self.fingerprint.digest()}

@@ -12,11 +12,15 @@ spirit of open_clip's factory:
 ``rad-dino``                RAD-DINO (``microsoft/rad-dino``) CLS token, via transformers
 ``hf-vit:REPO_OR_PATH``     any transformers vision backbone (hub id or local folder), CLS token
 ``handcrafted``             deterministic intensity / gradient / texture descriptor, no weights
+``astra-ct``                3D CT encoder: Merlin's I3D ResNet-152 as fine-tuned by Astra_CTRG (pip package weights)
+``i3d:PATH``                3D CT encoder: any Merlin-architecture I3D ResNet-152 checkpoint file
 ==========================  ===============================================================
 
 """
 
 from __future__ import annotations
+
+import os
 
 from ..errors import ModelError
 from .base import Embedder, choose_device
@@ -41,6 +45,12 @@ def parse_model_name(name: str) -> tuple[str, str]:
         if len(parts) != 3 or not all(parts[1:]):
             raise ModelError(f"model '{name}' must look like openclip:ARCH:PRETRAINED, for example openclip:ViT-B-16:openai")
         return "open_clip", name
+    if name == "astra-ct":
+        return "i3d", ""
+    if name.startswith("i3d:"):
+        if not name[4:]:
+            raise ModelError(f"model '{name}' must look like i3d:/path/to/checkpoint.pt")
+        return "i3d", name[4:]
     if name == "rad-dino":
         return "hf_vision", RAD_DINO_HUB_ID
     if name == "dinov2" or name.startswith("dinov2:"):
@@ -52,7 +62,7 @@ def parse_model_name(name: str) -> tuple[str, str]:
         return "hf_vision", name[7:]
     raise ModelError(
         f"unknown model '{name}'; use biomedclip, openclip:ARCH:PRETRAINED, hf-hub:ORG/REPO, local-dir:PATH, "
-        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH or handcrafted")
+        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH, handcrafted, astra-ct or i3d:PATH")
 
 
 def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **options) -> Embedder:
@@ -66,6 +76,17 @@ def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **opti
         from .open_clip_models import OpenClipEmbedder
 
         return OpenClipEmbedder(name, identifier, choose_device(device), **options)
+    if family == "i3d":
+        return _create_i3d(name, identifier, choose_device(device), **options)
     from .hf_vision_models import HFVisionEmbedder
 
     return HFVisionEmbedder(name, identifier, choose_device(device), **options)
+
+
+def _create_i3d(name: str, path: str, device: str, **options) -> Embedder:
+    """A 3D CT encoder: ``astra-ct`` from the installed weights package, ``i3d:PATH`` from a file."""
+    from .i3d import I3DEmbedder, astra_weights_path
+
+    if not path:
+        return I3DEmbedder(name, astra_weights_path(), device, **options)
+    return I3DEmbedder(name, os.path.abspath(os.path.expanduser(path)), device, **options)

@@ -211,6 +211,11 @@ class EmbeddingService:
         texts = [str(t) for t in texts]
         return self._submit("text", len(texts), {"texts": texts}, [])
 
+    def submit_volume(self, volume, roi=None) -> Job:
+        """Queue a volume for a 3D model: the vector of an ROI of it (RoiBox), or of the whole volume; returns a Job."""
+        fields = {"ijk_to_ras": np.asarray(volume.ijk_to_ras, float).tolist(), "roi": roi.as_list() if roi is not None else None}
+        return self._submit("volume", 1, fields, [np.ascontiguousarray(volume.array)])
+
     def _submit(self, kind: str, total: int, fields: dict, arrays: list[np.ndarray]) -> Job:
         self.start()
         with self._lock:
@@ -357,6 +362,8 @@ def _serve(spec: dict) -> int:
         try:
             if header["kind"] == "text":
                 vectors = embedder.embed_text(header["texts"])
+            elif header["kind"] == "volume":
+                vectors = embed_volume_job(embedder, header, arrays[0])
             else:
                 def stop(job_id=job_id) -> bool:
                     return job_id in cancelled
@@ -375,6 +382,20 @@ def _serve(spec: dict) -> int:
             continue
         _write_message(protocol_out, {"event": "result", "job": job_id}, [vectors])
     return 0
+
+
+def embed_volume_job(embedder, header: dict, array: np.ndarray) -> np.ndarray:
+    """A 3D model's query vector (1, dim) for a volume job: its ROI's, or the whole volume's."""
+    from ..imaging.roi import RoiBox
+    from ..imaging.volume import Volume
+
+    if not embedder.embeds_volumes:
+        raise ModelError(f"model '{embedder.name}' embeds 2D images, not volumes")
+    volume = Volume.from_array(array, np.asarray(header["ijk_to_ras"], float))
+    roi = header.get("roi")
+    if roi is not None:
+        return embedder.embed_region(volume, RoiBox(tuple(roi[:3]), tuple(roi[3:])))[None]
+    return embedder.embed_volume(volume).whole[None]
 
 
 def _embed_adaptively(embedder, images: list[np.ndarray], should_stop, report) -> np.ndarray:

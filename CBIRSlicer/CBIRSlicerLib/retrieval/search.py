@@ -45,8 +45,9 @@ class Query:
     exclude_sources: list[str] = field(default_factory=list)
     exclude_rows: list[int] = field(default_factory=list)  # the query volume's own cases, found by content or series
     exclude_item: int | None = None
-    volume: Volume | None = None  # the query's volume and the point asked about, for placing matches anatomically
-    centre_ras: tuple[float, float, float] | None = None
+    volume: Volume | None = None  # the query's volume: 3D models embed it (or the ROI's part); placement registers it
+    roi: RoiBox | None = None
+    centre_ras: tuple[float, float, float] | None = None  # the point asked about, for placing matches anatomically
 
 
 def _sample(items: list, count: int) -> list:
@@ -78,7 +79,7 @@ def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: f
     window = choose_window(volume, index.settings.window)
     crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
-                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume,
+                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, roi=roi,
                  centre_ras=tuple(float(v) for v in roi.center))
 
 
@@ -99,7 +100,7 @@ def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY
     planes = montage_planes(first, last, count)
     images = [s for s in extract_slices(volume, axis, grid=grid) if s.plane in set(planes)]
     return Query(_describe(volume, axis, "volume", slices=len(images)), [to_uint8_rgb(s.pixels, window) for s in images],
-                 **_own(volume, index))
+                 **_own(volume, index), volume=volume)
 
 
 def text_query(text: str, embedder: Embedder) -> Query:
@@ -117,11 +118,30 @@ def item_query(index: Index, item_id: int) -> Query:
                  vectors=index.store.reconstruct(np.array([item_id])), exclude_sources=[case.source], exclude_item=int(item_id))
 
 
-def _transformed(transform, queries: np.ndarray, blocks: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The query's and the candidates' vectors as the index compares them: through its pinned transform, if it has one."""
-    if transform is None:
-        return queries, blocks
-    return transform.apply(queries), [transform.apply(block) for block in blocks]
+def volume_model_vectors(embedder: Embedder, query: Query) -> np.ndarray:
+    """A 3D model's query vector: the ROI's (the cells of one pass that overlap it), or the whole volume's; not slices."""
+    mode = query.description.get("mode")
+    if query.volume is None or mode not in ("roi", "volume"):
+        raise ParameterError(f"model '{embedder.name}' is a 3D CT encoder: it answers region (--roi-ras) and whole-volume "
+                             f"queries, not {mode or 'image'} queries (a single slice holds too little depth for it)")
+    if mode == "roi":
+        return embedder.embed_region(query.volume, query.roi)[None]
+    return embedder.embed_volume(query.volume).whole[None]
+
+
+def volume_model_other_scale(index: Index, query: Query) -> np.ndarray:
+    """Items a 3D model's query must not match: an ROI is compared with regions, a whole volume with whole volumes.
+
+    A whole volume's vector is the mean of all its cells, so it is like every region a little; left in, it came
+    first for ROI queries and put every best match at the case's centre (docs/benchmarks.md).
+    """
+    mode = query.description.get("mode")
+    if mode == "item":  # 'more like this': like the item's own scale
+        item = index.catalog.items([query.exclude_item]).get(query.exclude_item)
+        mode = "volume" if item is not None and item.kind == "volume" else "roi"
+    if mode == "volume":
+        return index.catalog.item_ids_of_kinds(["volume"], negate=True)
+    return index.catalog.item_ids_of_kinds(["volume"])
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
@@ -194,6 +214,9 @@ class Searcher:
         """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
         if query.vectors is not None:
             return query.vectors
+        if self.embedder.embeds_volumes:
+            query.vectors = volume_model_vectors(self.embedder, query)
+            return query.vectors
         if not query.images:
             raise ParameterError("the query holds no images (an ROI outside the volume?)")
         query.vectors = self.embedder.embed_images(query.images)  # kept: placing the matches later compares them again
@@ -208,6 +231,8 @@ class Searcher:
         excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])
+        if self.embedder.embeds_volumes:
+            excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
         return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None)
 
@@ -314,6 +339,8 @@ class Searcher:
         roi = query.description.get("roi_ras")
         margin = placement.look_alike_margin(max(roi[3:]) if roi else None)
         excluded = self.index.excluded_ids()
+        if self.embedder.embeds_volumes:
+            excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         placed = []
         for number, result in enumerate(answer.results):
             if limit is not None and number >= limit:

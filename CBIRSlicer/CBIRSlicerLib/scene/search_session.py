@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import CBIRError, JobCancelled, ParameterError
 from ..index.folder import MANIFEST, Index
-from ..models.base import Embedder, Fingerprint
+from ..models.base import VOLUME_FAMILIES, Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..retrieval.answers import SearchAnswer
 from ..retrieval.search import Query, Searcher, item_query, roi_query, slice_query, volume_query
@@ -81,6 +81,7 @@ class ServiceModel(Embedder):
         self.dim = int(info["dim"])
         self.device = info.get("device", "cpu")
         self.supports_text = bool(info.get("supports_text"))
+        self.embeds_volumes = bool(info.get("embeds_volumes"))
         self.fingerprint = Fingerprint(**info["fingerprint"])
 
     def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
@@ -239,11 +240,22 @@ class SearchSession:
     def start(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, ranking: str = "maxsim") -> PendingSearch:
         """Start a search: the query's images go to the worker at once; returns without waiting."""
         job = None
-        if query.vectors is None:
+        # decided from the index's model family, so a search starts without waiting for the worker's model to load
+        if query.vectors is None and self.index.fingerprint.get("family") in VOLUME_FAMILIES:
+            job = self._volume_job(query)
+        elif query.vectors is None:
             if not query.images:
                 raise ParameterError("the query holds no images (is the ROI outside the volume?)")
             job = self.service.submit_images(query.images)
         return PendingSearch(self, query, job, k, filters, ranking)
+
+    def _volume_job(self, query: Query):
+        """A 3D model embeds the query's volume (its ROI, or all of it) in the worker; slice queries are refused."""
+        mode = query.description.get("mode")
+        if query.volume is None or mode not in ("roi", "volume"):
+            raise ParameterError(f"the index's model ({self.index.model_name()}) is a 3D CT encoder: query an ROI or "
+                                 "the whole volume, not a slice")
+        return self.service.submit_volume(query.volume, query.roi if mode == "roi" else None)
 
     def start_text(self, text: str, k: int = 10, filters: dict[str, str] | None = None) -> PendingSearch:
         """Start a search for a phrase (CLIP-family models)."""
