@@ -169,3 +169,27 @@ def test_answer_values_are_rounded_when_made_so_the_viewer_and_the_json_agree():
                                               "bounds_ras": [[-6.0, -3.6, -2.5], [14.0, -3.6, 17.5]], "focus_ras": [4.123, -3.6, 7.0]}
     unplaced = BestMatch.of_item(item)
     assert unplaced.spot == unplaced.ras and unplaced.to_json()["focus_ras"] is None
+
+
+def test_the_query_patients_other_cases_are_left_out_by_their_keyed_hash(searcher, monkeypatch):
+    from CBIRSlicerLib.index import privacy
+
+    monkeypatch.setenv(privacy.KEY_VARIABLE, "site-secret")
+    catalog = searcher.index.catalog
+    row = _row(searcher, searcher.paths[2])
+    writer = sqlite3.connect(os.path.join(searcher.index.folder, "catalog.sqlite"), isolation_level=None)
+    (before,) = writer.execute("SELECT metadata FROM cases WHERE id = ?", (row,)).fetchone()
+    stored = {**json.loads(before), "patient_key": privacy.patient_key("PAT-7")}  # what indexing a DICOM series of PAT-7 keeps
+    writer.execute("UPDATE cases SET metadata = ? WHERE id = ?", (json.dumps(stored), row))
+    try:
+        query = _roi_query(searcher, 0)
+        assert row not in query.exclude_rows  # a NIfTI query: no patient ID, nothing more left out
+        volume = read_volume(searcher.paths[0])
+        volume.extra["patient_id"] = "PAT-7"  # the same patient as case 2, another series
+        query = roi_query(volume, RoiBox(BLOBS[0][0], (14.0, 14.0, 8.0)), "axial", searcher.index)
+        assert row in query.exclude_rows
+        assert set(catalog.item_ids([row]).tolist()) <= set(searcher.scope(query).excluded.tolist())
+        assert "PAT-7" not in json.dumps(stored)  # the index holds the hash, never the ID
+    finally:
+        writer.execute("UPDATE cases SET metadata = ? WHERE id = ?", (before, row))
+        writer.close()

@@ -21,7 +21,7 @@ from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
-from ..index import vector_transform
+from ..index import privacy, vector_transform
 from ..index.catalog import ItemArrays
 from ..index.folder import Index
 from ..models.base import Embedder
@@ -66,7 +66,19 @@ def _own(volume: Volume, index: Index) -> dict:
     rows = set(index.catalog.case_rows_with_content(volume.shape_ijk, lambda: volume.voxel_digest))
     if volume.series_uid:
         rows.update(index.catalog.case_rows_of_series(volume.series_uid))
+    rows.update(_same_patient(volume, index))
     return {"exclude_sources": [volume.source] if volume.source else [], "exclude_rows": sorted(rows)}
+
+
+def _same_patient(volume: Volume, index: Index) -> list[int]:
+    """The indexed cases of the query's patient (other series and studies): similar *cases* are other patients.
+
+    The index keeps only a keyed hash of patient IDs (:mod:`privacy`); the query's ID is hashed the same way.
+    """
+    patient = (volume.extra or {}).get("patient_id")
+    if not patient or "patient_key" not in index.catalog.filter_fields():
+        return []
+    return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
 
 
 def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
