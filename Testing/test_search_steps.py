@@ -151,7 +151,7 @@ def test_search_runs_the_steps_and_its_json_is_the_contract(searcher):
     data = answer.to_json()
     assert list(data) == ["query", "ranking", "results"]
     assert list(data["results"][0]) == ["rank", "case_id", "source", "name", "score", "votes", "per_image_scores",
-                                        "modality", "labels", "best_match"]
+                                        "modality", "body_part", "labels", "best_match"]
     assert list(data["results"][0]["best_match"]) == ["axis", "slice_index", "ras", "kind", "item_id", "box", "bounds_ras",
                                                       "focus_ras"]
     assert json.loads(json.dumps(data)) == data  # plain JSON types only
@@ -192,4 +192,25 @@ def test_the_query_patients_other_cases_are_left_out_by_their_keyed_hash(searche
         assert "PAT-7" not in json.dumps(stored)  # the index holds the hash, never the ID
     finally:
         writer.execute("UPDATE cases SET metadata = ? WHERE id = ?", (before, row))
+        writer.close()
+
+
+def test_same_kind_first_moves_the_query_kind_up_and_keeps_the_others_in_order(searcher):
+    rows = [_row(searcher, p) for p in searcher.paths]
+    writer = sqlite3.connect(os.path.join(searcher.index.folder, "catalog.sqlite"), isolation_level=None)
+    before = writer.execute("SELECT id, modality, body_part FROM cases").fetchall()
+    kinds = {rows[0]: ("CT", "ABDOMEN"), rows[1]: ("MR", "HEAD"), rows[2]: ("CT", "HEAD"), rows[3]: ("MR", "HEAD")}
+    writer.executemany("UPDATE cases SET modality = ?, body_part = ? WHERE id = ?", [(m, b, r) for r, (m, b) in kinds.items()])
+    try:
+        ranked = [ranking.CaseScore(row, 0.9 - 0.1 * n, 1, [0.9], -1) for n, row in enumerate(rows)]
+        volume = read_volume(searcher.paths[0])
+        volume.modality, volume.body_part = "MR", "HEAD"  # as DICOM would say
+        query = volume_query(volume, "axial", searcher.index)
+        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[1], rows[3], rows[0], rows[2]]
+        assert query.description["prior"] == {"modality": "MR", "body_part": "HEAD"}
+        volume.body_part = None  # region unknown here: the modality alone decides (the phantom is inferred HEAD-sized)
+        query = volume_query(volume, "axial", searcher.index)
+        assert [s.case_row for s in searcher.same_kind_first(query, ranked)][:2] == [rows[1], rows[3]]
+    finally:
+        writer.executemany("UPDATE cases SET modality = ?, body_part = ? WHERE id = ?", [(m, b, r) for r, m, b in before])
         writer.close()

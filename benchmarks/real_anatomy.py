@@ -499,6 +499,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/real_anatomy[_quick].json)")
     parser.add_argument("--landmarks", action="store_true", help="recompute and write the head CT landmarks JSON, then stop")
     parser.add_argument("--prior", action="store_true", help="search only the query's own modality and body region (catalog)")
+    parser.add_argument("--model", default="handcrafted", help="the index's model (e.g. astra-ct, with the ct3d extra)")
     parser.add_argument("--no-place", action="store_true", help="keep the look-alike matches (no placement), as before it")
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result JSON as Markdown, then stop")
     args = parser.parse_args()
@@ -508,7 +509,7 @@ def main() -> None:
     if args.landmarks:
         print(json.dumps(write_landmarks(real_data.prepare(args.cache)["head_ct"].image), indent=1))
         return
-    config = dict(CONFIGS["quick" if args.quick else "full"])
+    config = dict(CONFIGS["quick" if args.quick else "full"], model=args.model)
     if args.volumes:
         config["volumes"] = args.volumes.split(",")
     work = args.work or tempfile.mkdtemp(prefix="cbir-real-")
@@ -519,12 +520,13 @@ def main() -> None:
     kinds = catalog_kinds(bench)
     result = {"inferred_kinds": kinds, "data": {n: {"kind": kind_of(v), "source": v.source} for n, v in bench.volumes.items()},
               "note": "pseudo-patients of one real volume each: copies of one real patient are easier than other patients",
-              "model": "handcrafted", "prior": args.prior, "placed": not args.no_place,
+              "model": args.model, "prior": args.prior, "placed": not args.no_place,
               "config": config, "seed": args.seed, "build_seconds": round(bench.build_seconds, 1),
               "copies": [asdict(c) | {"image": os.path.basename(c.image)} for c in bench.copies],
               **summarise(outcome), "seconds": outcome["seconds"], "seconds_per_query": outcome["seconds_per_query"],
               "records": outcome["records"], "cases": outcome["cases"]}
-    stem = f"real_anatomy{'_quick' if args.quick else ''}{'_prior' if args.prior else ''}{'' if args.no_place else '_placed'}"
+    stem = "real_anatomy" + ("_quick" if args.quick else "") + ("_prior" if args.prior else "")
+    stem += ("" if args.no_place else "_placed") + ("" if args.model == "handcrafted" else "_" + args.model)
     out = args.out or str(REPO / "docs" / "benchmarks" / f"{stem}.json")
     with open(out, "w") as handle:
         json.dump(result, handle, indent=1, default=str)

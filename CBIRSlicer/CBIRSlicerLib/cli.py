@@ -334,7 +334,7 @@ def _search(args: argparse.Namespace) -> int:
             query = slice_query(volume, args.axis, index, _ras_point(args.slice_ras))
         else:
             query = volume_query(volume, args.axis, index)
-        answer = searcher.search(query, args.k, filters, args.ranking)
+        answer = searcher.search(query, args.k, filters, args.ranking, prior=not args.no_prior)
         return answer if args.no_place else searcher.place(query, answer)
 
     if args.batch:
@@ -510,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="modality=CT, label=..., any catalog field")
     search.add_argument("--ranking", default="maxsim", choices=["maxsim", "votes", "pooled"], help="case ranking (default maxsim)")
     search.add_argument("--margin-mm", type=float, default=0.0, help="margin around the ROI crops")
+    search.add_argument("--no-prior", action="store_true",
+                        help="rank by similarity alone; by default cases of the query's modality and body region come first")
     search.add_argument("--no-place", action="store_true",
                         help="keep each result's best-looking item as its match, without placing the query's anatomical place "
                              "in it (registration; reads each shown result's volume, about a second a result)")

@@ -70,13 +70,14 @@ class CaseResult:
     modality: str | None
     labels: list[str]
     best_match: BestMatch
+    body_part: str | None = None
 
     @classmethod
     def of_case(cls, rank: int, case: CaseRecord, score: float, votes: int, per_image_scores: list[float],
                 best_match: BestMatch) -> CaseResult:
         """A result for a catalog case (its score rounded to 5 decimals, as the answer carries it)."""
         return cls(rank, case.case_id, case.source, case.name, round(float(score), 5), int(votes), list(per_image_scores),
-                   case.modality, list(case.labels), best_match)
+                   case.modality, list(case.labels), best_match, case.body_part)
 
     @property
     def title(self) -> str:
@@ -86,7 +87,7 @@ class CaseResult:
     def to_json(self) -> dict:
         """The JSON form of the CLI contract."""
         return {"rank": self.rank, "case_id": self.case_id, "source": self.source, "name": self.name, "score": self.score,
-                "votes": self.votes, "per_image_scores": list(self.per_image_scores), "modality": self.modality,
+                "votes": self.votes, "per_image_scores": list(self.per_image_scores), "modality": self.modality, "body_part": self.body_part,
                 "labels": list(self.labels), "best_match": self.best_match.to_json()}
 
 

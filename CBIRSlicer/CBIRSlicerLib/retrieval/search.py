@@ -306,8 +306,12 @@ class Searcher:
         return SearchAnswer(query.description, method, results)
 
     def search(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, method: str = "maxsim",
-               hits_per_image: int | None = None) -> SearchAnswer:
-        """The k most similar cases, best first, each with where it matched (``to_json()``: the CLI's JSON answer)."""
+               hits_per_image: int | None = None, prior: bool = True) -> SearchAnswer:
+        """The k most similar cases, best first, each with where it matched (``to_json()``: the CLI's JSON answer).
+
+        ``prior``: cases of the query volume's own modality and body region (as the catalog holds them: DICOM, else
+        inferred from the image) come before the others (:meth:`same_kind_first`); ``False`` ranks by similarity alone.
+        """
         if method not in ranking.METHODS:
             raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
         vectors = self.query_vectors(query)
@@ -321,13 +325,44 @@ class Searcher:
         compared = vectors if transform is None else transform.apply(vectors)
         weights = query_weights(query, compared)
         scored = self.score_cases(compared, candidates, scope, method, weights, transform)
-        shown = ranking.rank(scored.scores)[:k]
+        shown = ranking.rank(scored.scores)
+        if prior:
+            shown = self.same_kind_first(query, shown)
+        shown = shown[:k]
         if any(not np.isfinite(r.score) for r in shown):  # never a NaN score: only damaged vectors give one
             raise IndexCorruptError(f"{self.index.folder}: a case scores NaN; the index is damaged: run 'cbir index verify' and "
                                     "'cbir index repair'")
         self.locate(scored, shown, weights)
         return self.package(query, method, shown)
 
+
+    def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
+        """Ranked cases with those of the query's modality and body region first, each group in its own order.
+
+        A soft prior, not a filter: on real CT the weight-free descriptor ranked a brain MR or a head CT above the other
+        patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow, so a wrongly
+        inferred region costs places in the list, never the case. A body region nobody knows (an MR of the trunk) leaves
+        the modality alone to decide. The kind of the query is recorded in the answer's description.
+        """
+        if query.volume is None or not ranked:
+            return ranked
+        if "prior" not in query.description:
+            from ..imaging.body_region import infer
+
+            found = infer(query.volume)
+            modality = (query.volume.modality or found.modality or "").upper() or None
+            region = (query.volume.body_part or ("" if found.body_part == "UNKNOWN" else found.body_part)).upper() or None
+            query.description["prior"] = {"modality": modality, "body_part": region}
+        wanted = query.description["prior"]
+
+        def same(score: ranking.CaseScore) -> bool:
+            case = self.index.catalog.case_by_row(score.case_row)
+            if wanted["modality"] and (case.modality or "").upper() != wanted["modality"]:
+                return False
+            return not wanted["body_part"] or (case.body_part or "").upper() == wanted["body_part"]
+
+        alike = [same(s) for s in ranked]
+        return [s for s, a in zip(ranked, alike) if a] + [s for s, a in zip(ranked, alike) if not a]
 
     def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None) -> SearchAnswer:
         """The answer with each shown match placed at the query's anatomical place (see :mod:`placement`).
