@@ -87,8 +87,8 @@ class CaseResult:
     def to_json(self) -> dict:
         """The JSON form of the CLI contract."""
         return {"rank": self.rank, "case_id": self.case_id, "source": self.source, "name": self.name, "score": self.score,
-                "votes": self.votes, "per_image_scores": list(self.per_image_scores), "modality": self.modality, "body_part": self.body_part,
-                "labels": list(self.labels), "best_match": self.best_match.to_json()}
+                "votes": self.votes, "per_image_scores": list(self.per_image_scores), "modality": self.modality,
+                "body_part": self.body_part, "labels": list(self.labels), "best_match": self.best_match.to_json()}
 
 
 @dataclass(frozen=True)
