@@ -15,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from volume_helpers import write_blob_cases
 
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
@@ -30,23 +31,10 @@ SHAPE = (40, 40, 20)
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])
 
 
-def _write_cases(folder, count=6, seed=0):
-    """Small phantoms: even cases hold a bright ball, odd ones a ring, at random places."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for n in range(count):
-        kind = "ball" if n % 2 == 0 else "shell"
-        centre = tuple(rng.uniform(-8, 8, 3) * np.array([1, 1, 0.5]))
-        blob = synthetic.Blob(centre, 6.0, 300.0 if kind == "ball" else 250.0, kind, 2.0)
-        volume = synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE, blobs=[blob], body_radii=(26, 24, 40))
-        paths.append(synthetic.write_volume(volume, os.path.join(folder, f"case{n}_{kind}.nii.gz")))
-    return paths
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cases")
-    return str(folder), _write_cases(str(folder))
+    return str(folder), write_blob_cases(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +120,7 @@ def test_kill_and_resume_finishes_without_duplicates_or_losses(cohort, built, tm
 def test_add_remove_and_refresh_without_rebuilding(built, tmp_path):
     index_dir = _clone(built[0], tmp_path)
     embedder = create_embedder("handcrafted")
-    new = _write_cases(str(tmp_path), count=2, seed=5)
+    new = write_blob_cases(str(tmp_path), count=2, seed=5)
     with Index.open(index_dir, writable=True) as index:
         before = index.store.count
         report = index.add_sources(new + [built[1][0]], embedder)

@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 import pytest
+from volume_helpers import write_blob_cases
 
 from CBIRSlicerLib.errors import IndexCorruptError, ParameterError
-from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.index import vector_transform
 from CBIRSlicerLib.index.folder import MANIFEST, TRANSFORM, Index
 from CBIRSlicerLib.index.items import IndexSettings
@@ -90,19 +90,6 @@ def test_small_fits_fall_back():
     assert vector_transform.needs_refit({"checksum": "x", "fitted_on": 10}, 20)
 
 
-def _write_cases(folder, count, seed=0, first=0):
-    """Small phantoms: even cases hold a bright ball, odd ones a ring, at random places."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for n in range(first, first + count):
-        kind = "ball" if n % 2 == 0 else "shell"
-        centre = tuple(rng.uniform(-8, 8, 3) * np.array([1, 1, 0.5]))
-        blob = synthetic.Blob(centre, 6.0, 300.0 if kind == "ball" else 250.0, kind, 2.0)
-        volume = synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE, blobs=[blob], body_radii=(26, 24, 40))
-        paths.append(synthetic.write_volume(volume, os.path.join(folder, f"case{n}_{kind}.nii.gz")))
-    return paths
-
-
 @pytest.fixture(scope="module")
 def embedder():
     return create_embedder("handcrafted")
@@ -112,7 +99,7 @@ def embedder():
 def grown(tmp_path_factory, embedder):
     """An index of 2 cases, then grown to 4 (refit) and 5 (no refit); manifests and stored vectors after each step."""
     cases = str(tmp_path_factory.mktemp("cases"))
-    paths = _write_cases(cases, 5)
+    paths = write_blob_cases(cases, 5)
     folder = str(tmp_path_factory.mktemp("index") / "idx")
     steps = []
     with Index.create(folder, embedder, SETTINGS) as index:
@@ -224,7 +211,7 @@ def test_index_without_transform_compares_raw_vectors(grown, embedder, tmp_path)
 
 
 def test_small_index_falls_back_to_identity(tmp_path, embedder):
-    paths = _write_cases(str(tmp_path), 1)
+    paths = write_blob_cases(str(tmp_path), 1)
     folder = str(tmp_path / "small")
     with Index.create(folder, embedder, IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[], blobs_per_slice=0)) as index:
         index.add_sources(paths, embedder)

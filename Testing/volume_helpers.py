@@ -63,3 +63,18 @@ def read_volumes(path: str | Path) -> Iterator[Volume]:
         raise EmptySourceError(path, "holds no volume files or DICOM series")
     for source in found.cases:
         yield read_case(source)
+
+
+def write_blob_cases(folder: str, count: int = 6, seed: int = 0, shape=(40, 40, 20)) -> list[str]:
+    """Small phantoms: even cases hold a bright ball, odd ones a ring, at random places (NIfTI files in a folder)."""
+    from CBIRSlicerLib.imaging import synthetic
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for n in range(count):
+        kind = "ball" if n % 2 == 0 else "shell"
+        centre = tuple(rng.uniform(-8, 8, 3) * np.array([1, 1, 0.5]))
+        blob = synthetic.Blob(centre, 6.0, 300.0 if kind == "ball" else 250.0, kind, 2.0)
+        volume = synthetic.render(synthetic.centered_matrix(shape, (1.5, 1.5, 2.0)), shape, blobs=[blob], body_radii=(26, 24, 40))
+        paths.append(synthetic.write_volume(volume, os.path.join(folder, f"case{n}_{kind}.nii.gz")))
+    return paths
