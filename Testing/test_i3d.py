@@ -287,3 +287,47 @@ def test_the_worker_embeds_a_volume_job_as_the_embedder_does(small_random):
     whole = embed_volume_job(small_random, {**header, "roi": None}, case.volume.array)
     assert whole.shape == (1, 2048) and np.allclose(whole[0], small_random.embed_volume(case.volume).whole, atol=1e-5)
     assert small_random.describe()["embeds_volumes"] is True
+
+
+def test_module_logic_searches_an_astra_index_from_scene_nodes(astra, tmp_path):
+    """The module's path with real weights: an astra-ct index, a query volume node and an ROI node of a real scene, the
+    query embedded in the background worker, the answer's best matches cells of the other cases, then placement."""
+    slicer = pytest.importorskip("slicer")
+    from conftest import headless_slicer
+
+    from CBIRSlicerLib.index.folder import Index
+    from CBIRSlicerLib.index.items import IndexSettings
+    from CBIRSlicerLib.scene.nodes import node_from_volume
+    from CBIRSlicerLib.scene.search_session import SearchSession, query_from_nodes
+
+    shape, spacing = (40, 40, 24), (2.4, 2.4, 4.0)  # 96 x 96 x 96 mm: one small pass of the real network per case
+
+    def phantom(center, seed):
+        blob = synthetic.Blob(center, 10.0, 320.0, "ball", 2.0)
+        volume = synthetic.render(synthetic.centered_matrix(shape, spacing), shape, blobs=[blob], body_radii=(40, 36, 60))
+        volume.array = volume.array + np.random.default_rng(seed).normal(0, 10, volume.array.shape).astype(np.float32)
+        return volume
+
+    paths = [synthetic.write_volume(phantom(c, n), str(tmp_path / f"case{n}.nii.gz"))
+             for n, c in enumerate([(-20.0, 10.0, 0.0), (18.0, -12.0, 10.0), (10.0, 15.0, -15.0)])]
+    folder = str(tmp_path / "index")
+    with Index.create(folder, astra, IndexSettings(min_foreground=0.1)) as index:
+        assert len(index.add_sources(paths, astra).added) == 3
+    app = headless_slicer()
+    session = SearchSession(folder)
+    try:
+        query_node = node_from_volume(app.scene, phantom((-15.0, -15.0, 5.0), 9), "query")
+        roi = app.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+        roi.SetCenter(-15.0, -15.0, 5.0)
+        roi.SetSize(30.0, 30.0, 30.0)
+        search = session.start(query_from_nodes(session.index, query_node, "axial", "roi", roi_node=roi), k=3)
+        answer = search.wait(timeout=300)
+        assert sorted(r.source for r in answer.results) == sorted(os.path.abspath(p) for p in paths)
+        assert all(r.best_match.kind in ("cell", "cell2") and np.isfinite(r.score) for r in answer.results)
+        placed = session.start_placement(search).wait(timeout=300)
+        assert placed is not None and len(placed.results) == 3
+        with pytest.raises(ParameterError, match="3D CT encoder"):
+            session.start(query_from_nodes(session.index, query_node, "axial", "slice", slice_ras=(0.0, 0.0, 0.0)))
+    finally:
+        session.close()
+    assert isinstance(app.scene, slicer.vtkMRMLScene)
