@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -23,6 +22,7 @@ from ..retrieval import saved_search
 from ..retrieval.answers import BestMatch, SearchAnswer
 from ..retrieval.saved_search import Feedback, SavedSearch, SearchSettings
 from .layout import MATCH_BOX_THICKNESS_MM
+from .nodes import fresh_scene, node_from_volume
 from .result_volumes import SOURCE_ATTRIBUTE, find_volume_node
 
 SEARCHES_FOLDER = "CBIR searches"
@@ -138,26 +138,6 @@ def label_result(index_folder: str, case_id: str, column: str, value: str, searc
 
 
 # ----- scene export --------------------------------------------------------------------------------------------------
-def fresh_scene():
-    """A new MRML scene with the logics that load volumes and write markups (as Slicer sets one up); keep the namespace alive."""
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLApplicationLogic(app_logic)
-    colors.SetMRMLScene(scene)
-    app_logic.SetModuleLogic("Colors", colors)
-    volumes = slicer.vtkSlicerVolumesLogic()
-    volumes.SetMRMLApplicationLogic(app_logic)
-    volumes.SetMRMLScene(scene)
-    markups = slicer.vtkSlicerMarkupsLogic()  # registers the markups storage nodes with the scene
-    markups.SetMRMLApplicationLogic(app_logic)
-    markups.SetMRMLScene(scene)
-    return SimpleNamespace(scene=scene, app_logic=app_logic, volumes=volumes, keep_alive=(colors, markups))
-
-
 def match_box(best: BestMatch) -> RoiBox:
     """The box of a result's best-matching item (given a little depth along its axis, as the result view shows it)."""
     low, high = (np.array(b, float) for b in best.bounds_ras)
@@ -177,7 +157,6 @@ class ExportedScene:
 def _volume_node(made, path: str, name: str):
     """A volume node for a file (Slicer's reader) or a DICOM folder (the core reader, no file behind the node)."""
     from ..imaging.readers import read_volume
-    from .nodes import node_from_volume
 
     if os.path.isdir(path):
         node = node_from_volume(made.scene, read_volume(path), name)
