@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..errors import IndexLockedError, InputError, ParameterError
+from ..errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
 from .catalog import COLUMN_FILTERS, CaseRecord
 from .folder import CATALOG, MANIFEST, Index
 
@@ -98,6 +98,8 @@ def set_label(folder: str, case_id: str, column: str, value: str, by: str | None
             return LabelWrite(entry, "index", folder)
         except IndexLockedError:
             raise
+        except IndexMismatchError:  # an older index format: searchable as it is, written only after a repair
+            reason = "it is in an older index format, read-only until 'cbir index repair'"
         except PermissionError as error:  # a share that refuses writes though it looks writable
             reason = f"{error.filename or folder} cannot be written ({error.strerror})"
     index = Index.open(folder)

@@ -241,8 +241,8 @@ def _write_scene(made, path: str, suffix: str) -> None:
     scene.SetRootDirectory(folder)
     for n in range(scene.GetNumberOfNodes()):
         node = scene.GetNthNode(n)
-        if not node.IsA("vtkMRMLStorableNode"):
-            continue
+        if not (node.IsA("vtkMRMLMarkupsNode") or node.IsA("vtkMRMLScalarVolumeNode")):
+            continue  # only what the export made: the logics' own nodes (colour tables) stay as Slicer has them
         storage = node.GetStorageNode()
         if storage is None:
             node.AddDefaultStorageNode()
