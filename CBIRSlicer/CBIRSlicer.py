@@ -140,6 +140,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._buildSkipped = []
         self._lastQuery = None  # the query of the answer shown, for saving it
         self._savedPath = None  # the file the answer shown was saved to (or reloaded from)
+        self._reloaded = None  # a saved search reloaded, until it is run again
 
     def setup(self) -> None:
         """Load the .ui, connect widgets, start observing the scene."""
@@ -376,6 +377,10 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if progress.state == "done":
             self._showAnswer(search.answer)
             self._lastQuery, self._savedPath = search.query, None
+            if self._reloaded is not None:  # a reloaded search run again: what changed since it was saved
+                changes = saved_search.compare(self._reloaded.answer, search.answer).brief()
+                self.keepStatusLabel.text = _("Since it was saved: {changes}.").format(changes=changes)
+                self._reloaded = None
             # The list is shown; where each case matched is refined in the background (placement reads the volumes).
             self._placement = self.logic.startPlacement(search)
             if self._placement is not None:
@@ -540,7 +545,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.roiNode = reloaded.roi_node
             p.k, p.axis = reloaded.saved.settings.k, reloaded.saved.settings.axis
             self._showAnswer(reloaded.saved.answer if self.logic.session is not None else None)
-            self._lastQuery, self._savedPath = None, path
+            self._lastQuery, self._savedPath, self._reloaded = None, path, reloaded.saved
             self.keepStatusLabel.text = _("Loaded {name}: Find similar runs it again.").format(name=os.path.basename(path))
         self._updateButtons()
 

@@ -141,7 +141,7 @@ def test_saved_search_errors_are_one_line_naming_the_file(built, saved_file, tmp
     model = tmp_path / "model.json"
     model.write_text(json.dumps({**data, "settings": {**data["settings"], "model": "dinov2:small", "model_digest": "0" * 12}}))
     line = _one_line_error(*cbir(capsys, "rerun", model)[::2])
-    assert "built with model 'handcrafted'" in line and "dinov2:small" in line
+    assert line.startswith(f"cbir: error: {model}: made with model 'dinov2:small'") and "built with model 'handcrafted'" in line
     # The query file changed since, then is gone.
     moved = tmp_path / "query.nii.gz"
     shutil.copy(data["query"]["volume"]["path"], moved)
@@ -412,3 +412,27 @@ def test_module_logic_saves_reloads_exports_and_labels(built, tmp_path):
     assert [r["finding"] for r in rows] == ["", "cyst", ""]
     exported = keep.export_scene(reloaded.saved, str(tmp_path / "scene.mrb"))
     assert len(exported.volumes) == 4 and len(exported.rois) == 4 and os.path.getsize(exported.path) > 0
+
+
+def test_a_search_from_a_label_map_keeps_the_map_and_its_label(built, tmp_path, capsys):
+    from CBIRSlicerLib.imaging.roi import roi_of_label
+    from CBIRSlicerLib.imaging.volume import Volume
+
+    index_dir, _, query = built
+    volume = read_volume(query)
+    mask = np.zeros(volume.array.shape, np.uint8)
+    mask[2:7, 10:18, 14:22] = 2  # a block of label 2 near the ball (k, j, i)
+    mask_path = synthetic.write_volume(Volume.from_array(mask, volume.ijk_to_ras, name="mask"), str(tmp_path / "seg.nii.gz"))
+    path = tmp_path / "from_mask.json"
+    code, _, err = cbir(capsys, "search", "--index", index_dir, "--volume", query, "--roi-mask", mask_path, "--label", "2", "-k", "2",
+                        "--no-place", "--save", path)
+    assert code == 0 and f"saved the search to {path}" in err
+    roi = json.loads(path.read_text())["query"]["roi"]
+    assert roi["label"] == 2 and roi["mask"]["path"] == os.path.abspath(mask_path)
+    assert roi["mask"]["sha256"] == saved_search.content_sha256(mask_path)
+    assert roi["ras"] == pytest.approx(roi_of_label(mask_path, 2).as_list(), abs=1e-3)
+    assert saved_search.rerun(SavedSearch.load(str(path))).changes.same
+    mask[2:7, 10:18, 14:22] = 3
+    synthetic.write_volume(Volume.from_array(mask, volume.ijk_to_ras, name="mask"), mask_path)
+    line = _one_line_error(*cbir(capsys, "rerun", path)[::2])
+    assert mask_path in line and "the ROI label map of the saved search changed since it was saved" in line

@@ -397,6 +397,7 @@ def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_pat
     _click(qtbot, ui.findSimilarButton)
     _wait_search(panel, qtbot)
     assert [r.case_id for r in widget._answer.results] == [r.case_id for r in answer.results]
+    assert widget.keepStatusLabel.text == "Since it was saved: the same cases in the same order."
 
 
 def test_every_handler_connected_in_setup_ran(request):

@@ -234,6 +234,7 @@ class SavedSearch:
     suggestion: dict | None = None
     saved: str = field(default_factory=_now)
     name: str | None = None
+    path: str | None = field(default=None, compare=False)  # the file it was read from (not written into it)
 
     def to_json(self, beside: str | None = None) -> dict:
         """The file's JSON (``beside``: the folder it goes to, for paths relative to it)."""
@@ -286,7 +287,9 @@ class SavedSearch:
         except OSError as error:
             raise InputError(path, f"saved search cannot be read ({error.strerror or error})") from None
         try:
-            return cls.from_json(data, os.path.dirname(path))
+            saved = cls.from_json(data, os.path.dirname(path))
+            saved.path = path
+            return saved
         except KeyError as error:
             raise InputError(path, f"saved search lacks the field {error}") from None
         except (ValueError, TypeError, IndexError, AttributeError) as error:
@@ -334,13 +337,13 @@ def build_query(saved: SavedSearch, index: Index, embedder, loader=None):
     return search.volume_query(volume, settings.axis, index, int(spec.description.get("slices") or search.MAX_QUERY_IMAGES))
 
 
-def check_model(saved: SavedSearch, index: Index, source: str = "") -> None:
+def check_model(saved: SavedSearch, index: Index) -> None:
     """Refuse an index built with another model than the saved search used (their scores and cases do not compare)."""
     digest = index.manifest["model"]["digest"]
     if digest != saved.settings.model_digest:
-        raise IndexMismatchError(f"{index.folder}: built with model '{index.model_name()}' ({digest}), but the saved search "
-                                 f"{source or ''}{' ' if source else ''}used '{saved.settings.model}' ({saved.settings.model_digest}); "
-                                 "re-run it on an index of that model, or search this index anew")
+        raise IndexMismatchError(f"{saved.path or 'the saved search'}: made with model '{saved.settings.model}' "
+                                 f"({saved.settings.model_digest}), but the index {index.folder} is built with model "
+                                 f"'{index.model_name()}' ({digest}); re-run it on an index of that model, or search this index anew")
 
 
 @dataclass
@@ -360,10 +363,13 @@ class AnswerChanges:
     def summary(self) -> str:
         """One line for the terminal or the panel."""
         where = {"same": "the same index", "newer": "a newer version of the index", "other": "another index"}[self.index]
+        return f"re-run on {where}: {self.brief()}"
+
+    def brief(self) -> str:
+        """What changed, in a few words (no index relation)."""
         if self.same:
-            return f"re-run on {where}: the same cases in the same order"
-        parts = [f"{len(self.new)} new", f"{len(self.dropped)} dropped", f"{len(self.moved)} moved"]
-        return f"re-run on {where}: " + ", ".join(parts)
+            return "the same cases in the same order"
+        return f"{len(self.new)} new, {len(self.dropped)} dropped, {len(self.moved)} moved"
 
     def to_json(self) -> dict:
         """The JSON form."""
