@@ -467,7 +467,6 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.restoreLayout()
         self._updateButtons()
 
-
     # ----- results a user keeps (save, reload, export, label) ------------------------------------------------------
     def _setupKeepResults(self) -> None:
         """A small 'Keep results' row under the results: saved-searches folder, save, reload, export, label."""

@@ -334,7 +334,7 @@ def build_query(saved: SavedSearch, index: Index, embedder, loader=None):
                                 settings.margin_mm)
     if spec.mode == "slice":
         return search.slice_query(volume, settings.axis, index, spec.slice_ras)
-    return search.volume_query(volume, settings.axis, index, int(spec.description.get("slices") or search.MAX_QUERY_IMAGES))
+    return search.volume_query(volume, settings.axis, index)  # as the CLI and the module ask: the default number of slices
 
 
 def check_model(saved: SavedSearch, index: Index) -> None:
