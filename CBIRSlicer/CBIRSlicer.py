@@ -32,14 +32,15 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CBIRSlicerLib.imaging import readers, synthetic
-from CBIRSlicerLib.index import background_build
+from CBIRSlicerLib.index import background_build, labels
 from CBIRSlicerLib.index.folder import BuildReport, Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models import registry
+from CBIRSlicerLib.retrieval import saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
 from CBIRSlicerLib.retrieval.search import parse_filters
 from CBIRSlicerLib.scene import layout as views
-from CBIRSlicerLib.scene import nodes, result_volumes, search_session, thumbnails
+from CBIRSlicerLib.scene import nodes, result_volumes, saved_searches, search_session, thumbnails
 
 try:
     from slicer.i18n import tr as _
@@ -137,6 +138,9 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._answer = None
         self._timer = None
         self._buildSkipped = []
+        self._lastQuery = None  # the query of the answer shown, for saving it
+        self._savedPath = None  # the file the answer shown was saved to (or reloaded from)
+        self._reloaded = None  # a saved search reloaded, until it is run again
 
     def setup(self) -> None:
         """Load the .ui, connect widgets, start observing the scene."""
@@ -167,6 +171,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.moreLikeThisButton.connect("clicked(bool)", self.onMoreLikeThis)
         self.ui.linkViewsCheckBox.connect("toggled(bool)", self.onLinkViews)
         self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
+        self._setupKeepResults()
 
         self.initializeParameterNode()
         self._updateButtons()
@@ -248,6 +253,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showResultButton.enabled = selected
         self.ui.moreLikeThisButton.enabled = selected and session
         self.ui.restoreLayoutButton.enabled = self.logic.sideBySide is not None
+        self._updateKeepButtons(session, searching, selected)
 
     # ----- index ---------------------------------------------------------------------------------
     def onIndexFolderChanged(self, path: str) -> None:
@@ -370,6 +376,11 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         search, self._search = self._search, None
         if progress.state == "done":
             self._showAnswer(search.answer)
+            self._lastQuery, self._savedPath = search.query, None
+            if self._reloaded is not None:  # a reloaded search run again: what changed since it was saved
+                changes = saved_search.compare(self._reloaded.answer, search.answer).brief()
+                self.keepStatusLabel.text = _("Since it was saved: {changes}.").format(changes=changes)
+                self._reloaded = None
             # The list is shown; where each case matched is refined in the background (placement reads the volumes).
             self._placement = self.logic.startPlacement(search)
             if self._placement is not None:
@@ -454,6 +465,108 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRestoreLayout(self) -> None:
         """Go back to the layout from before the side-by-side view."""
         self.logic.restoreLayout()
+        self._updateButtons()
+
+    # ----- results a user keeps (save, reload, export, label) ------------------------------------------------------
+    def _setupKeepResults(self) -> None:
+        """A small 'Keep results' row under the results: saved-searches folder, save, reload, export, label."""
+        box = qt.QGroupBox(_("Keep results"))
+        grid = qt.QGridLayout(box)
+        self.keepFolderLineEdit = qt.QLineEdit()
+        self.keepFolderLineEdit.placeholderText = _("Saved searches folder (empty: next to the saved scene)")
+        self.saveSearchButton = qt.QPushButton(_("Save search"))
+        self.savedSearchesComboBox = qt.QComboBox()
+        self.loadSearchButton = qt.QPushButton(_("Load"))
+        self.exportButton = qt.QPushButton(_("Export CSV + scene"))
+        self.labelLineEdit = qt.QLineEdit()
+        self.labelLineEdit.placeholderText = _("column=value, e.g. finding=cyst")
+        self.labelByLineEdit = qt.QLineEdit()
+        self.labelByLineEdit.placeholderText = _("your name (optional)")
+        self.labelButton = qt.QPushButton(_("Label result"))
+        self.keepStatusLabel = qt.QLabel("")
+        self.keepStatusLabel.wordWrap = True
+        rows = ((self.keepFolderLineEdit, self.saveSearchButton), (self.savedSearchesComboBox, self.loadSearchButton),
+                (self.labelLineEdit, self.labelButton), (self.labelByLineEdit, self.exportButton))
+        for row, widgets in enumerate(rows):
+            for column, widget in enumerate(widgets):
+                grid.addWidget(widget, row, column)
+        grid.addWidget(self.keepStatusLabel, 4, 0, 1, 2)
+        self.layout.addWidget(box)
+        self.keepFolderLineEdit.connect("textChanged(QString)", self.onKeepFolderChanged)
+        self.saveSearchButton.connect("clicked(bool)", self.onSaveSearch)
+        self.loadSearchButton.connect("clicked(bool)", self.onLoadSearch)
+        self.exportButton.connect("clicked(bool)", self.onExportResults)
+        self.labelButton.connect("clicked(bool)", self.onLabelResult)
+
+    def _updateKeepButtons(self, session: bool, searching: bool, selected: bool) -> None:
+        shown = self._answer is not None and not searching
+        self.saveSearchButton.enabled = shown and self._lastQuery is not None and session
+        self.exportButton.enabled = shown and (self._savedPath is not None or (self._lastQuery is not None and session))
+        self.loadSearchButton.enabled = self.savedSearchesComboBox.count > 0
+        self.labelButton.enabled = selected and session
+
+    def _searchesFolder(self) -> str:
+        return saved_searches.searches_folder(slicer.mrmlScene, self.keepFolderLineEdit.text)
+
+    def _listSavedSearches(self) -> None:
+        try:
+            found = saved_searches.saved_searches(self._searchesFolder())
+        except Exception:  # no folder yet (an unsaved scene): nothing to list
+            found = []
+        self.savedSearchesComboBox.clear()
+        for path in found:
+            self.savedSearchesComboBox.addItem(os.path.basename(path), path)
+
+    def onKeepFolderChanged(self, text: str) -> None:
+        """The saved-searches folder (a setting of this session's panel) changed: list the searches there."""
+        self._listSavedSearches()
+        self._updateButtons()
+
+    def onSaveSearch(self) -> None:
+        """Save the answer shown with its query, settings and index."""
+        p = self._parameterNode
+        with _errorShown(_("Could not save the search.")):
+            self._savedPath = self.logic.saveSearch(self._searchesFolder(), self._lastQuery, self._answer, p.k, p.axis, p.filters,
+                                                    self._placement is None, p.queryVolume)
+            self.keepStatusLabel.text = _("Saved to {path}").format(path=self._savedPath)
+            self._listSavedSearches()
+        self._updateButtons()
+
+    def onLoadSearch(self) -> None:
+        """Bring back the chosen saved search: its query volume, its ROI and its results (Find similar runs it again)."""
+        path = self.savedSearchesComboBox.itemData(self.savedSearchesComboBox.currentIndex)
+        with _errorShown(_("Could not load the saved search.")):
+            reloaded = self.logic.loadSearch(path)
+            p = self._parameterNode
+            if reloaded.volume_node is not None:
+                p.queryVolume = reloaded.volume_node
+            if reloaded.roi_node is not None:
+                p.roiNode = reloaded.roi_node
+            p.k, p.axis = reloaded.saved.settings.k, reloaded.saved.settings.axis
+            self._showAnswer(reloaded.saved.answer if self.logic.session is not None else None)
+            self._lastQuery, self._savedPath, self._reloaded = None, path, reloaded.saved
+            self.keepStatusLabel.text = _("Loaded {name}: Find similar runs it again.").format(name=os.path.basename(path))
+        self._updateButtons()
+
+    def onExportResults(self) -> None:
+        """Write the saved search's results as CSV and as a Slicer scene (.mrb) next to it (saving it first if needed)."""
+        if self._savedPath is None:
+            self.onSaveSearch()
+        if self._savedPath is None:
+            return
+        with _errorShown(_("Could not export the results.")):
+            written = self.logic.exportResults(self._savedPath, self._searchesFolder())
+            self.keepStatusLabel.text = _("Wrote {files}").format(files=", ".join(written))
+        self._updateButtons()
+
+    def onLabelResult(self) -> None:
+        """Give the selected result a label (column=value): in the index, or beside the searches if it is read-only."""
+        result = self._selectedResult()
+        with _errorShown(_("Could not label the case.")):
+            written = self.logic.labelResult(result, self.labelLineEdit.text, self.labelByLineEdit.text, self._searchesFolder())
+            where = _("the index") if written.where == "index" else written.path
+            self.keepStatusLabel.text = _("{name}: {column}={value} written to {where}").format(
+                name=result.title, column=written.entry.column, value=written.entry.value, where=where)
         self._updateButtons()
 
 
@@ -796,6 +909,29 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         if self.sideBySide is not None:
             views.restore_layout(self.layoutNode(), self.sideBySide)
             self.sideBySide = None
+
+    # ----- results a user keeps ------------------------------------------------------------------------------------
+    def saveSearch(self, folder: str, query, answer: SearchAnswer, k: int, axis: str, filters: str, placed: bool, volumeNode=None) -> str:
+        """Save a search made in the panel (query, settings, index, answer) into the searches folder; returns the file."""
+        session = self._requireSession()
+        settings = saved_search.SearchSettings(session.model, session.index.manifest["model"]["digest"], k, axis, "maxsim",
+                                               True, _filters(filters), placed and query.volume is not None)
+        return saved_searches.save_search(folder, session.index, query, answer, settings, volumeNode)
+
+    def loadSearch(self, path: str):
+        """A saved search brought back into the scene (query volume loaded once, ROI made)."""
+        return saved_searches.reload_search(path, slicer.mrmlScene, lambda file, name: self.loadVolume(file, name))
+
+    def exportResults(self, path: str, folder: str) -> list:
+        """CSV and Slicer scene (.mrb) of a saved search, next to it; returns the files written."""
+        saved = saved_search.SavedSearch.load(path)
+        stem = os.path.splitext(path)[0]
+        return [saved_searches.export_csv(saved, stem + ".csv", folder), saved_searches.export_scene(saved, stem + ".mrb").path]
+
+    def labelResult(self, result: CaseResult, assignment: str, by: str, folder: str):
+        """Label a result's case (COLUMN=VALUE): through the index's writer lock, or in the side file of a read-only index."""
+        column, value = labels.parse_assignment(assignment)
+        return saved_searches.label_result(self._requireSession().index.folder, result.case_id, column, value, folder, by or None)
 
 
 def _filters(text: str) -> dict:

@@ -336,6 +336,70 @@ def test_a_crashed_model_worker_is_a_status_line_and_the_next_search_works(panel
     assert len(_rows(ui)) == 4 and ui.searchStatusLabel.text == "4 similar cases. Matches placed."
 
 
+def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_path):
+    """Issue 19 item 4 from the panel: save the search, label a result (in the index), export CSV + scene, reload it."""
+    import csv
+    import json
+
+    ui, scene, widget = panel.ui, panel.scene, panel.widget
+    folder, _, _ = cohort
+    copy = str(tmp_path / "index")
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(".lock"))
+    blob = synthetic.Blob(QUERY_CENTRE, 6.0, 300.0, "ball", 2.0)
+    path = synthetic.write_volume(synthetic.render(synthetic.centered_matrix(SHAPE, (1.5, 1.5, 2.0)), SHAPE, blobs=[blob],
+                                                   body_radii=(22, 21, 30)), str(tmp_path / "query.nii.gz"))
+    query = widget.logic.loadVolume(path, "query")  # from a file: a saved search refers to it
+    ui.queryVolumeSelector.setCurrentNode(query)
+    _open(panel, qtbot, copy)
+    _click(qtbot, ui.placeRoiButton)
+    roi = widget._parameterNode.roiNode
+    roi.SetCenter(*QUERY_CENTRE)
+    roi.SetSize(20.0, 20.0, 12.0)
+    ui.kSpinBox.value = 3
+    assert not widget.saveSearchButton.enabled and not widget.loadSearchButton.enabled
+    _click(qtbot, ui.findSimilarButton)
+    _wait_search(panel, qtbot)
+    answer = widget._answer
+    searches = str(tmp_path / "searches")
+    widget.keepFolderLineEdit.text = searches  # the collection folder setting (else: next to the saved scene)
+    _click(qtbot, widget.saveSearchButton)
+    saved = widget._savedPath
+    assert os.path.dirname(saved) == searches and widget.keepStatusLabel.text == f"Saved to {saved}"
+    data = json.loads(open(saved).read())
+    assert data["answer"] == answer.to_json() and data["query"]["volume"]["path"] == os.path.abspath(path)
+    assert data["settings"]["k"] == 3 and data["settings"]["placement"] is True
+    assert widget.savedSearchesComboBox.count == 1 and widget.loadSearchButton.enabled
+
+    ui.resultsListWidget.setCurrentRow(1)
+    widget.labelLineEdit.text = "finding=cyst"
+    widget.labelByLineEdit.text = "reader 2"
+    _click(qtbot, widget.labelButton)
+    assert widget.keepStatusLabel.text == f"{answer.results[1].title}: finding=cyst written to the index"
+    index = Index.open(copy)
+    assert index.catalog.case_by_id(answer.results[1].case_id).metadata["labelled"]["finding"]["by"] == "reader 2"
+    assert index.verify(check_sources=False) == []
+    index.close()
+
+    _click(qtbot, widget.exportButton)
+    stem = os.path.splitext(saved)[0]
+    assert widget.keepStatusLabel.text == f"Wrote {stem}.csv, {stem}.mrb" and os.path.getsize(stem + ".mrb") > 0
+    with open(stem + ".csv", newline="") as handle:
+        assert [row["finding"] for row in csv.DictReader(handle)] == ["", "cyst", ""]
+
+    # Reload: the ROI comes back where it was, the saved list is shown, and Find similar answers the same cases.
+    scene.RemoveNode(roi)
+    _click(qtbot, widget.loadSearchButton)
+    reloaded = widget._parameterNode.roiNode
+    centre = [0.0, 0.0, 0.0]
+    reloaded.GetCenter(centre)
+    assert reloaded.GetName() == "Query ROI (saved)" and centre == pytest.approx(QUERY_CENTRE)
+    assert widget._parameterNode.queryVolume is query and len(_rows(ui)) == 3
+    _click(qtbot, ui.findSimilarButton)
+    _wait_search(panel, qtbot)
+    assert [r.case_id for r in widget._answer.results] == [r.case_id for r in answer.results]
+    assert widget.keepStatusLabel.text == "Since it was saved: the same cases in the same order."
+
+
 def test_every_handler_connected_in_setup_ran(request):
     """Runs last: over the tests above, a signal called each slot the widget connected in setup() at least once."""
     names = {item.name for item in request.session.items if item.module is request.module}

@@ -326,6 +326,8 @@ def _search(args: argparse.Namespace) -> int:
     if filters and not index.catalog.case_rows_matching(filters):  # a field no case has raises there
         print(f"cbir: note: no case of the index matches the filters {filters}; the answer is empty", file=sys.stderr)
 
+    made = {}  # the last query, for --save
+
     def volume_search(path: str, roi: RoiBox | None) -> SearchAnswer:
         volume = load_volume_for_query(path)
         if roi is not None:
@@ -334,9 +336,12 @@ def _search(args: argparse.Namespace) -> int:
             query = slice_query(volume, args.axis, index, _ras_point(args.slice_ras))
         else:
             query = volume_query(volume, args.axis, index)
+        made["query"] = query
         answer = searcher.search(query, args.k, filters, args.ranking, prior=not args.no_prior)
         return answer if args.no_place else searcher.place(query, answer)
 
+    if args.save and args.batch:
+        raise CBIRError("--save keeps one search; it does not go with --batch")
     if args.batch:
         rows = _read_batch(args.batch)
         for row in rows:
@@ -348,15 +353,19 @@ def _search(args: argparse.Namespace) -> int:
             print(json.dumps(line), flush=True)
         return 0
     if args.text:
-        answer = searcher.search(text_query(args.text, searcher.embedder), args.k, filters, args.ranking)
+        made["query"] = text_query(args.text, searcher.embedder)
+        answer = searcher.search(made["query"], args.k, filters, args.ranking)
     elif args.like is not None:
-        answer = searcher.search(item_query(index, args.like), args.k, filters, args.ranking)
+        made["query"] = item_query(index, args.like)
+        answer = searcher.search(made["query"], args.k, filters, args.ranking)
     elif args.volume:
         roi = RoiBox.parse(args.roi_ras) if args.roi_ras else read_markups_roi(args.roi) if args.roi else None
         roi = roi_of_label(args.roi_mask, args.label) if args.roi_mask else roi
         answer = volume_search(args.volume, roi)
     else:
         raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
+    if args.save:
+        _save_search(args, index, searcher, made["query"], answer, filters)
     if args.json:
         print(json.dumps(answer.to_json(), indent=1))
         return 0
@@ -368,6 +377,125 @@ def _search(args: argparse.Namespace) -> int:
         where = f"{best.axis} slice {best.slice_index} at RAS ({', '.join(f'{v:.1f}' for v in best.ras)})"
         print(f"{result.rank:>3}. {result.score:.3f}  {result.title:<28} {where}  {result.source}")
     return 0
+
+
+# ----- results a user keeps: saved searches, re-runs, exports, labels ------------------------------------------------
+def _save_search(args: argparse.Namespace, index, searcher, query, answer, filters: dict) -> None:
+    """cbir search --save: keep the search (query file and its SHA-256, ROI, settings, index, answer) as JSON."""
+    from .retrieval import saved_search
+
+    settings = saved_search.SearchSettings(args.model or index.model_name(), searcher.embedder.fingerprint.digest(), args.k,
+                                           args.axis, args.ranking, not args.no_prior and query.description.get("mode") not in
+                                           ("text", "item"), filters, not args.no_place and query.volume is not None,
+                                           args.margin_mm)
+    mask = (args.roi_mask, args.label) if args.roi_mask else None
+    path = saved_search.make(query, answer, index, settings, mask).save(args.save)
+    print(f"cbir: saved the search to {path}", file=sys.stderr)
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    """cbir rerun: run a saved search again on its index (or a newer one) and say which cases came and went."""
+    from .retrieval import saved_search
+
+    saved = saved_search.SavedSearch.load(args.search)
+    run = saved_search.rerun(saved, args.index, device=args.device)
+    if args.update:
+        saved_search.with_answer(saved, run).save(args.search)
+    if args.json:
+        print(json.dumps({"changes": run.changes.to_json(), "answer": run.answer.to_json()}, indent=1))
+        return 0
+    print(run.changes.summary())
+    titles = {r.case_id: r.title for r in (*saved.answer.results, *run.answer.results)}
+    for case_id in run.changes.new:
+        print(f"  new      {titles[case_id]} ({case_id})")
+    for case_id in run.changes.dropped:
+        print(f"  dropped  {titles[case_id]} ({case_id})")
+    for case_id, was, now in run.changes.moved:
+        print(f"  moved    {titles[case_id]} ({case_id}): rank {was} -> {now}")
+    if args.update:
+        print(f"updated {os.path.abspath(args.search)} with the new answer")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """cbir export: a saved search's results as CSV and / or as a Slicer scene (.mrb or .mrml)."""
+    from .index import labels
+    from .retrieval import saved_search
+
+    if not args.csv and not args.scene:
+        raise CBIRError("cbir export: give --csv OUT.csv and / or --scene OUT.mrb (or .mrml)")
+    saved = saved_search.SavedSearch.load(args.search)
+    if args.csv:
+        side = args.local_labels or os.path.join(os.path.dirname(os.path.abspath(args.search)), labels.SIDE_FILE)
+        merged = labels.labels_of(saved.index.path, [r.case_id for r in saved.answer.results], side)
+        print(f"wrote {saved_search.write_csv(saved.answer, args.csv, merged)} ({len(saved.answer.results)} results)")
+    if args.scene:
+        try:
+            from .scene.saved_searches import export_scene
+        except ImportError as error:  # outside Slicer the MRML classes come from the slicer-core package
+            raise CBIRError(f"{args.scene}: writing a Slicer scene needs MRML (pip install slicer-core, or run in Slicer): "
+                            f"{error}") from None
+        out = export_scene(saved, args.scene)
+        print(f"wrote {out.path}: {len(out.volumes)} volumes, {len(out.rois)} ROIs")
+        for case_id, why in out.skipped:
+            print(f"  left out {case_id}: {why}", file=sys.stderr)
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    """cbir label: give a case a label (in the index, or in the side file of a read-only index), or list its labels."""
+    from .index import labels
+
+    side = args.local_labels or labels.SIDE_FILE
+    if args.assignment:
+        column, value = labels.parse_assignment(args.assignment)
+        written = labels.set_label(args.index, args.case_id, column, value, args.by, side)
+        where = ("the index" if written.where == "index" else
+                 f"{written.path} (the index cannot be written: {written.reason})")
+        print(f"{args.case_id}: {column}={value} written to {where} at {written.entry.at}"
+              + (f" by {written.entry.by}" if written.entry.by else ""))
+        return 0
+    from .index.folder import Index
+
+    index = Index.open(args.index)
+    try:
+        if index.catalog.case_by_id(args.case_id) is None:
+            raise CBIRError(f"{args.case_id}: is not a case of the index {index.folder}")
+    finally:
+        index.close()
+    for column, value in sorted(labels.labels_of(args.index, [args.case_id], side)[args.case_id].items()):
+        print(f"{column}={value}")
+    return 0
+
+
+def _keep_parsers(commands) -> None:
+    """The subcommands of results a user keeps: rerun, export, label."""
+    rerun = commands.add_parser("rerun", help="run a saved search (cbir search --save) again and show which cases came and went")
+    rerun.add_argument("search", help="a saved search (JSON)")
+    rerun.add_argument("--index", help="another index folder to run it on (default: the one it was saved with)")
+    rerun.add_argument("--update", action="store_true", help="write the new answer into the saved search (feedback kept)")
+    rerun.add_argument("--device", help="cuda, mps or cpu")
+    rerun.add_argument("--json", action="store_true", help="the changes and the new answer as JSON")
+    rerun.set_defaults(run=_rerun)
+
+    export = commands.add_parser("export", help="a saved search's results as CSV and / or a Slicer scene (.mrb, .mrml)")
+    export.add_argument("search", help="a saved search (JSON)")
+    export.add_argument("--csv", metavar="OUT.csv", help="one row per result: rank, case, score, body part, modality, match RAS, "
+                                                        "path, labels")
+    export.add_argument("--scene", metavar="OUT.mrb", help="query and results as volume nodes, the ROI and match boxes as "
+                                                          "markups ROIs (.mrb bundles copies of the data; .mrml refers to the files)")
+    export.add_argument("--local-labels", metavar="FILE", help="label side file to merge (default: labels.local.csv next to the "
+                                                              "saved search)")
+    export.set_defaults(run=_export)
+
+    label = commands.add_parser("label", help="give an indexed case a label (COLUMN=VALUE), or list its labels")
+    label.add_argument("case_id", help="the case id (from a search answer)")
+    label.add_argument("assignment", nargs="?", metavar="COLUMN=VALUE", help="e.g. diagnosis=adenocarcinoma; an empty value "
+                                                                            "takes the label away; none: list the case's labels")
+    label.add_argument("--index", required=True, help="index folder")
+    label.add_argument("--by", help="who gives the label (recorded only if given)")
+    label.add_argument("--local-labels", metavar="FILE", help="side file for a read-only index (default ./labels.local.csv)")
+    label.set_defaults(run=_label)
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -518,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="load the index's model from elsewhere, e.g. local-dir:PATH (fingerprints must match)")
     search.add_argument("--device", help="cuda, mps or cpu")
     search.add_argument("--json", action="store_true", help="answer as JSON")
+    search.add_argument("--save", metavar="SEARCH.json", help="keep the search (query, ROI, settings, index, answer) to re-run "
+                                                             "or export later")
     search.set_defaults(run=_search)
 
     evaluate = commands.add_parser("evaluate", help="retrieval metrics (modified P@k, mAP@k, recall@k, localisation) "
@@ -548,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     models.add_argument("--json", action="store_true", help="print the description as JSON")
     models.set_defaults(run=_models)
+    _keep_parsers(commands)
     return parser
 
 

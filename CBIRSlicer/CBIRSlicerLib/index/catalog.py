@@ -222,6 +222,10 @@ class Catalog:
         """A case by its row id."""
         return self._case(self.db.execute("SELECT * FROM cases WHERE id = ?", (row_id,)).fetchone())
 
+    def set_case_labels(self, row: int, labels: list[str], metadata: dict) -> None:
+        """Replace a case's label list and metadata (a label given after indexing: index.labels)."""
+        self.db.execute("UPDATE cases SET labels = ?, metadata = ? WHERE id = ?", (json.dumps(labels), json.dumps(metadata), int(row)))
+
     def set_status(self, rows: Iterable[int], status: str) -> None:
         """Mark cases complete (or pending)."""
         self.db.executemany("UPDATE cases SET status = ? WHERE id = ?", [(status, r) for r in rows])

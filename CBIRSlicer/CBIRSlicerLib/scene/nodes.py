@@ -135,3 +135,40 @@ def volume_files_in_scene(scene) -> tuple[list[str], list[tuple[str, str]]]:
         elif path not in files:
             files.append(path)
     return files, skipped
+
+
+def fresh_scene():
+    """A new MRML scene with the logics that load volumes and write markups, set up as Slicer sets one up (scene exports).
+
+    MRML logics hold each other by weak pointers: keep the returned namespace alive while the scene is used.
+    """
+    import tempfile
+    from types import SimpleNamespace
+
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    main = getattr(getattr(slicer, "app", None), "applicationLogic", lambda: None)()
+    with tempfile.TemporaryDirectory() as home:
+        # The colour logic reads the colour files of Slicer's share folder when it meets the scene: Slicer's own in Slicer,
+        # an empty one under slicer-core (its built-in tables are enough; without a folder it logs an error).
+        if main is not None and main.GetHomeDirectory():
+            app_logic.SetHomeDirectory(main.GetHomeDirectory())
+            app_logic.SetShareDirectory(main.GetShareDirectory())
+        else:
+            os.makedirs(os.path.join(home, "share", "ColorFiles"))
+            app_logic.SetHomeDirectory(home)
+            app_logic.SetShareDirectory("share")
+        app_logic.SetMRMLScene(scene)
+        colors = slicer.vtkSlicerColorLogic()
+        colors.SetMRMLApplicationLogic(app_logic)
+        colors.SetMRMLScene(scene)
+    app_logic.SetModuleLogic("Colors", colors)
+    volumes = slicer.vtkSlicerVolumesLogic()
+    volumes.SetMRMLApplicationLogic(app_logic)
+    volumes.SetMRMLScene(scene)
+    markups = slicer.vtkSlicerMarkupsLogic()  # registers the markups storage nodes with the scene
+    markups.SetMRMLApplicationLogic(app_logic)
+    markups.SetMRMLScene(scene)
+    return SimpleNamespace(scene=scene, app_logic=app_logic, volumes=volumes, keep_alive=(colors, markups))
