@@ -48,6 +48,10 @@ TAG_PATIENT_ID = "0010|0020"
 TAG_POSITION = "0020|0032"
 TAG_ORIENTATION = "0020|0037"
 TAG_FRAMES = "0028|0008"
+TAG_STUDY_UID = "0020|000d"
+TAG_STUDY_DATE = "0008|0020"
+TAG_MANUFACTURER = "0008|0070"
+TAG_SLICE_THICKNESS = "0018|0050"
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def _nifti_data_problem(path: str) -> str | None:
 
 
 def _dicom_metadata(reader) -> dict[str, str]:
-    """Modality, series UID, body part and descriptions from a header, where present."""
+    """Modality, series and study UIDs, body part, descriptions, study date, manufacturer and slice thickness, where present."""
     keys = {
         "modality": TAG_MODALITY,
         "series_uid": TAG_SERIES_UID,
@@ -180,13 +184,22 @@ def _dicom_metadata(reader) -> dict[str, str]:
         "study_description": TAG_STUDY_DESCRIPTION,
         "series_description": TAG_SERIES_DESCRIPTION,
         "patient_id": TAG_PATIENT_ID,
+        "study_uid": TAG_STUDY_UID,
+        "study_date": TAG_STUDY_DATE,
+        "manufacturer": TAG_MANUFACTURER,
+        "slice_thickness": TAG_SLICE_THICKNESS,
     }
     found = {}
     for name, tag in keys.items():
         if reader.HasMetaDataKey(tag):
-            value = reader.GetMetaData(tag).strip()
+            value = reader.GetMetaData(tag).strip().rstrip("\x00").strip()
             if value:
                 found[name] = value
+    if "slice_thickness" in found:
+        try:  # one spelling per value, so '--filter slice_thickness=2.5' matches '2.50000' as stored
+            found["slice_thickness"] = f"{float(found['slice_thickness']):g}"
+        except ValueError:
+            del found["slice_thickness"]
     return found
 
 
