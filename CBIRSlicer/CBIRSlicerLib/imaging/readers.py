@@ -356,6 +356,23 @@ def check_dicom_series(folder: str, series_uid: str, files: list[str]) -> dict[s
     return headers[0]["metadata"]
 
 
+def sort_dicom_files(files: Iterable[str]) -> list[str]:
+    """The files of one series in slice order (position along the slice normal), as GDCM orders a folder's series.
+
+    For series whose files a database lists in any order; files without position or orientation keep their place at the end.
+    """
+    files = list(files)
+    keyed, rest = [], []
+    for path in files:
+        info = _header_info(path)
+        if info["position"] is None or info["orientation"] is None or len(info["orientation"]) != 6:
+            rest.append(path)
+            continue
+        normal = np.cross(info["orientation"][:3], info["orientation"][3:])
+        keyed.append((float(np.dot(info["position"][:3], normal)), path))
+    return [p for _, p in sorted(keyed)] + rest
+
+
 def read_dicom_series(folder: str | Path, series_uid: str, files: Iterable[str] | None = None) -> Volume:
     """Read one DICOM series from a folder after checking it is one consistent volume."""
     import SimpleITK as sitk
