@@ -101,10 +101,13 @@ def write_series(volume, folder: str, name: str, *, patient_id: str = "P1", stud
     return info
 
 
-def write_cohort_series(cases, folder: str, study_date: str = "20240105") -> list[SeriesInfo]:
-    """Each synthetic case as its own patient, study and series (folder per case), named after the case."""
+def write_cohort_series(cases, folder: str, study_date: str = "20240105", body_part: str | None = None) -> list[SeriesInfo]:
+    """Each synthetic case as its own patient, study and series (folder per case), named after the case.
+
+    No Body Part Examined by default, as many scanners leave it: the index then infers it from the image, as it does for
+    the same cases as NIfTI files, so both give the same answers."""
     return [write_series(case.volume, os.path.join(folder, case.name), case.name, patient_id=f"PAT-{case.name}",
-                         study_date=study_date) for case in cases]
+                         study_date=study_date, body_part=body_part) for case in cases]
 
 
 # ----- a CTK-schema DICOM database (what Slicer's DICOM module keeps as ctkDICOM.sql) -------------------------------------
@@ -273,3 +276,67 @@ class OrthancServer:
         for entry in found:
             if entry["Type"] == "Study":
                 self._request(entry["Path"], method="DELETE")
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of a server that fails the WADO-RS fetch of chosen series: 'http-500', 'cut' (half the
+    answer, then the connection closes), 'slow' (answers after ``delay`` seconds). Everything else passes through."""
+
+    def __init__(self, target: str, delay: float = 3.0):
+        import http.server
+        import threading
+
+        self.target = target.rstrip("/")
+        self.faults: dict[str, str] = {}
+        self.delay = delay
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                fault = next((mode for series, mode in proxy.faults.items() if f"/series/{series}" in self.path), None)
+                if fault == "http-500":
+                    self.send_response(500, "Internal Server Error")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if fault == "slow":
+                    time.sleep(proxy.delay)
+                request = urllib.request.Request(proxy.target + self.path)
+                for name in ("Accept", "Authorization"):
+                    if self.headers.get(name):
+                        request.add_header(name, self.headers[name])
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as answer:
+                        status, headers, body = answer.status, answer.headers, answer.read()
+                except urllib.error.HTTPError as error:
+                    status, headers, body = error.code, error.headers, error.read()
+                self.send_response(status)
+                self.send_header("Content-Type", headers.get("Content-Type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault == "cut":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.handle_error = lambda request, address: None  # the client hanging up on a cut answer is the point
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

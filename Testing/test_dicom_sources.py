@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
-from dicom_helpers import write_cohort_series, write_ctk_database, write_series
+from dicom_helpers import FaultyProxy, OrthancServer, write_cohort_series, write_ctk_database, write_series
 
 from CBIRSlicerLib.errors import InputError
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import discover, read_case, read_volume
+from CBIRSlicerLib.imaging.roi import RoiBox
 from CBIRSlicerLib.index.dicom_sources import CtkDatabase, DicomOptions, local_series
-from CBIRSlicerLib.index.dicomweb import SeriesFilter, parse_date_range
+from CBIRSlicerLib.index.dicomweb import (
+    PASSWORD_VARIABLE,
+    TOKEN_VARIABLE,
+    USER_VARIABLE,
+    DicomWebServer,
+    SeriesFilter,
+    parse_date_range,
+)
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
+from CBIRSlicerLib.retrieval.search import Searcher, roi_query
 
 SHAPE, SPACING = (40, 36, 12), (4.0, 4.0, 8.0)  # small: the issue's tests must stay within ~2 minutes on 2 cores
 # Whole axial slices only (12 images a case): what is compared here is where cases come from, not how they are cut.
@@ -32,7 +43,8 @@ def cohort():
 def cohort_dicom(cohort, tmp_path_factory):
     """The cohort as DICOM series (one folder per case; the 3 extra cases studied a year later) and as NIfTI files."""
     root = tmp_path_factory.mktemp("cohort")
-    series = write_cohort_series(cohort[:12], str(root / "dicom")) + write_cohort_series(cohort[12:], str(root / "dicom"), "20250310")
+    series = write_cohort_series(cohort[:12], str(root / "dicom"))
+    series += write_cohort_series(cohort[12:], str(root / "dicom"), "20250310", "ABDOMEN")
     nifti = synthetic.write_cohort(cohort, str(root / "nifti"))
     return root, series, nifti
 
@@ -54,7 +66,7 @@ def test_written_series_read_back_with_the_same_geometry_and_voxels(cohort, coho
     source = cohort[0].volume
     np.testing.assert_allclose(read.ijk_to_ras, source.ijk_to_ras, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(read.array, dtype=np.int32), np.asarray(source.array, dtype=np.int32))
-    assert read.modality == "CT" and read.body_part == "ABDOMEN" and read.series_uid == series[0].series_uid
+    assert read.modality == "CT" and read.body_part is None and read.series_uid == series[0].series_uid
     assert read.extra["study_uid"] == series[0].study_uid and read.extra["study_date"] == "20240105"
     assert read.extra["manufacturer"] == "CBIR Test Scanner" and read.extra["slice_thickness"] == "8"
     assert read.name == "case000"
@@ -90,6 +102,7 @@ def test_ctk_database_lists_series_with_filters_and_is_never_written(ctk_databas
     assert len(ct) == 12 and {e.study_date for e in ct} == {"20240105"} and {e.instances for e in ct} == {12}
     assert len(database.series(SeriesFilter((), *parse_date_range("20250101-")))) == 3
     assert len(database.series(SeriesFilter(body_part="head"))) == 1
+    assert len(database.series(SeriesFilter(body_part="ABDOMEN"))) == 3
     case = database.case_source(ct[0])
     assert len(case.files) == 12 and all(os.path.isabs(f) for f in case.files)
     import sqlite3
@@ -123,10 +136,11 @@ def test_ctk_database_indexes_its_series_with_dicom_metadata_and_filters(ctk_dat
     assert set(by_series) == {s.series_uid for s in series[:12]}
     case = by_series[series[0].series_uid]
     assert case.source == "ctkdb:" + os.path.abspath(ctk_database)
-    assert case.name == "case000" and case.modality == "CT" and case.body_part == "ABDOMEN"
+    assert case.name == "case000" and case.modality == "CT" and case.body_part  # the file is silent: inferred
     assert case.metadata["study_uid"] == series[0].study_uid and case.metadata["study_date"] == "20240105"
     assert case.metadata["manufacturer"] == "CBIR Test Scanner" and case.metadata["slice_thickness"] == "8"
-    assert case.metadata["body_part_source"] == "dicom" and "patient_id" not in case.metadata
+    assert case.metadata["body_part_source"] == "inferred" and case.metadata["modality_source"] == "dicom"
+    assert "patient_id" not in case.metadata and case.metadata["patient_key"]
     assert len(index.catalog.case_rows_matching({"study_date": "20240105", "manufacturer": "cbir test scanner",
                                                  "slice_thickness": "8", "modality": "CT"})) == 12
     assert index.catalog.case_rows_matching({"study_date": "20250310"}) == []
@@ -156,3 +170,196 @@ def test_cli_indexes_a_ctk_database_file_with_filters(ctk_database, tmp_path, ca
     assert (case.modality, case.body_part, case.name) == ("MR", "HEAD", "mr-brain")
     assert main(["index", "build", ctk_database, "--index", folder, *CLI_SLICING, "--study-date", "2024-13-01"]) == 1
     assert "--study-date '2024-13-01': expected a date" in capsys.readouterr().err
+
+
+# ----- a real Orthanc over DICOMweb ---------------------------------------------------------------------------------------
+# Orthanc and its DICOMweb plugin are Debian packages (.ci/run installs them): a missing one fails here, it never skips.
+@pytest.fixture
+def orthanc_factory(tmp_path):
+    """Start Orthanc servers (own storage, free port of 127.0.0.1); every one is stopped after the test."""
+    started = []
+
+    def start(series=(), users=None):
+        server = OrthancServer(str(tmp_path / f"orthanc{len(started)}"), users=users)
+        started.append(server)
+        server.start().upload(list(series))
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def fetch_count(monkeypatch):
+    """How many series were fetched over WADO-RS (every fetch, failed or not)."""
+    fetched = []
+    original = DicomWebServer.fetch
+
+    def counting(self, entry, *args, **kwargs):
+        fetched.append(entry.series_uid)
+        return original(self, entry, *args, **kwargs)
+
+    monkeypatch.setattr(DicomWebServer, "fetch", counting)
+    return fetched
+
+
+def _answers(folder: str, cohort, embedder) -> list[list[tuple[str, int, float]]]:
+    """Each lesion of the first 12 cases as an ROI query: (case name, best-match slice, score) of every result."""
+    searcher = Searcher(Index.open(folder), embedder)
+    found = []
+    for case in cohort[:12]:
+        for lesion in case.lesions:
+            roi = RoiBox(lesion.center, (2.5 * lesion.radius_mm,) * 3)
+            answer = searcher.search(roi_query(case.volume, roi, "axial", searcher.index), k=12)
+            found.append([(r.name, r.best_match.slice_index, r.score) for r in answer.results])
+    return found
+
+
+def test_orthanc_gives_the_same_answers_as_nifti_and_add_fetches_only_new_series(
+        cohort, cohort_dicom, embedder, orthanc_factory, fetch_count, tmp_path, capsys, monkeypatch):
+    root, series, nifti = cohort_dicom
+    server = orthanc_factory(series[:12])
+    source = "dicomweb:" + server.dicomweb_url
+    from_files, from_pacs = str(tmp_path / "nifti-index"), str(tmp_path / "pacs-index")
+    with Index.create(from_files, embedder, SETTINGS) as index:
+        assert len(index.add_sources(nifti[:12], embedder).added) == 12
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    with Index.create(from_pacs, embedder, SETTINGS) as index:
+        report = index.add_sources([source], embedder)
+    assert len(report.added) == 12 and not report.skipped, report.summary()
+    assert os.listdir(tmp_path / "tmp") == []  # downloads are removed once embedded
+    expected, got = _answers(from_files, cohort, embedder), _answers(from_pacs, cohort, embedder)
+    assert len(got) == len(expected) >= 12
+    for mine, theirs in zip(got, expected):
+        assert [(name, plane) for name, plane, _ in mine] == [(name, plane) for name, plane, _ in theirs]
+        np.testing.assert_allclose([s for *_, s in mine], [s for *_, s in theirs], atol=1e-3)
+    case = Index.open(from_pacs).catalog.cases()[0]
+    assert case.source == source and case.metadata["study_uid"] in {s.study_uid for s in series}
+    # Three new series on the server: 'index add' fetches exactly those three.
+    server.upload(series[12:])
+    fetch_count.clear()
+    from CBIRSlicerLib.cli import main
+
+    assert main(["index", "add", source, "--index", from_pacs]) == 0
+    assert sorted(fetch_count) == sorted(s.series_uid for s in series[12:])
+    assert "3 case(s) added, 0 refreshed, 12 unchanged, 0 skipped" in capsys.readouterr().out
+    assert Index.open(from_pacs).catalog.count("cases") == 15
+    # QIDO filters: body part, study date range, modality.
+    web = DicomWebServer(source)
+    assert {e.series_uid for e in web.series(SeriesFilter(body_part="ABDOMEN"))} == {s.series_uid for s in series[12:]}
+    assert len(web.series(SeriesFilter(("CT",), *parse_date_range("20250101-20251231")))) == 3
+    assert web.series(SeriesFilter(("MR",))) == []
+
+
+def test_keep_downloads_keeps_each_fetched_series(cohort_dicom, orthanc_factory, tmp_path, capsys):
+    from CBIRSlicerLib.cli import main
+
+    _, series, _ = cohort_dicom
+    server = orthanc_factory(series[:2])
+    kept = tmp_path / "kept"
+    assert main(["index", "build", "dicomweb:" + server.dicomweb_url, "--index", str(tmp_path / "index"), *CLI_SLICING,
+                 "--keep-downloads", str(kept), "--modality", "CT"]) == 0
+    assert sorted(os.listdir(kept)) == sorted(s.series_uid for s in series[:2])
+    assert all(len(os.listdir(kept / s.series_uid)) == 12 for s in series[:2])
+
+
+def test_credentials_come_from_the_environment_or_a_file_and_a_refusal_is_one_line(
+        cohort_dicom, embedder, orthanc_factory, tmp_path, monkeypatch, capsys):
+    from CBIRSlicerLib.cli import main
+
+    _, series, _ = cohort_dicom
+    server = orthanc_factory(series[:1], users={"alice": "s3cret"})
+    source = "dicomweb:" + server.dicomweb_url
+    for name in (TOKEN_VARIABLE, USER_VARIABLE, PASSWORD_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    folder = str(tmp_path / "index")
+    assert main(["index", "build", source, "--index", folder, *CLI_SLICING]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "HTTP 401" in error and source in error
+    monkeypatch.setenv(USER_VARIABLE, "alice")
+    monkeypatch.setenv(PASSWORD_VARIABLE, "wrong")
+    assert main(["index", "build", source, "--index", folder, *CLI_SLICING]) == 1
+    assert "HTTP 401" in capsys.readouterr().err
+    monkeypatch.setenv(PASSWORD_VARIABLE, "s3cret")
+    assert main(["index", "build", source, "--index", folder, *CLI_SLICING]) == 0
+    monkeypatch.delenv(USER_VARIABLE)
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"user": "alice", "password": "s3cret"}))
+    assert main(["index", "add", source, "--index", folder, "--auth-file", str(auth)]) == 0
+    assert "0 case(s) added, 0 refreshed, 1 unchanged" in capsys.readouterr().out
+    auth.write_text("alice:s3cret")
+    assert main(["index", "add", source, "--index", folder, "--auth-file", str(auth)]) == 1
+    assert f"{auth}: is not JSON" in capsys.readouterr().err
+
+
+def test_failures_are_one_line_each_the_build_goes_on_and_a_rerun_fetches_only_what_is_missing(
+        cohort_dicom, embedder, orthanc_factory, fetch_count, tmp_path):
+    _, series, _ = cohort_dicom
+    server = orthanc_factory(series[:5])
+    proxy = FaultyProxy(server.url, delay=3.0)
+    try:
+        source = f"dicomweb:{proxy.url}/dicom-web"
+        uids = sorted(s.series_uid for s in series[:5])
+        by_uid = {s.series_uid: s for s in series[:5]}
+        # Listed in UID order: the 1st is deleted once listing is done, the 2nd gets HTTP 500, the 3rd is cut midway,
+        # the 4th answers after the timeout; the 5th comes whole.
+        proxy.faults = {uids[1]: "http-500", uids[2]: "cut", uids[3]: "slow"}
+
+        def progress(done, total, label):
+            if done == 0:
+                server.delete_study(by_uid[uids[0]].study_uid)
+
+        folder = str(tmp_path / "index")
+        with Index.create(folder, embedder, SETTINGS) as index:
+            report = index.add_sources([source], embedder, progress=progress, dicom=DicomOptions(timeout=1.0))
+        problems = dict(report.skipped)
+        assert len(report.added) == 1 and len(problems) == 4, report.summary()
+        for uid in uids[:4]:
+            line = next(text for label, text in problems.items() if uid in label)
+            assert "\n" not in line and line.startswith("fetch failed")  # the label before it names the source and series
+        reason = {uid: next(text for label, text in problems.items() if uid in label) for uid in uids[:4]}
+        assert "HTTP 404" in reason[uids[0]]
+        assert "HTTP 500" in reason[uids[1]]
+        assert "the transfer was cut off midway" in reason[uids[2]]
+        assert "no answer within 1 s (timeout)" in reason[uids[3]]
+        # The faults are over: a rerun fetches only the three that failed (the deleted study is no longer listed).
+        proxy.faults = {}
+        fetch_count.clear()
+        with Index.open(folder, writable=True) as index:
+            again = index.add_sources([source], embedder)
+        assert sorted(fetch_count) == sorted(uids[1:4]) and len(again.added) == 3 and len(again.unchanged) == 1
+        index = Index.open(folder)
+        found = [c.series_uid for c in index.catalog.cases()]
+        assert sorted(found) == sorted(uids[1:]) and index.verify() == []
+    finally:
+        proxy.close()
+
+
+def test_killing_the_server_midway_then_rerunning_completes_the_index(cohort_dicom, embedder, orthanc_factory, fetch_count, tmp_path):
+    _, series, _ = cohort_dicom
+    server = orthanc_factory(series[:4])
+    source = "dicomweb:" + server.dicomweb_url
+
+    def progress(done, total, label):
+        if done == 2:
+            server.kill()
+
+    folder = str(tmp_path / "index")
+    with Index.create(folder, embedder, SETTINGS) as index:
+        report = index.add_sources([source], embedder, progress=progress)
+    assert len(report.added) == 2 and len(report.skipped) == 2
+    assert all(text.endswith("server unreachable (connection refused: is it running?)") for _, text in report.skipped)
+    from CBIRSlicerLib.cli import main
+
+    assert main(["index", "add", source, "--index", folder]) == 1  # still down: listing fails, in one line, nothing lost
+    assert Index.open(folder).catalog.count("cases") == 2
+    server.start()
+    fetch_count.clear()
+    with Index.open(folder, writable=True) as index:
+        again = index.add_sources([source], embedder)
+    assert len(fetch_count) == 2 and len(again.added) == 2 and len(again.unchanged) == 2
+    index = Index.open(folder)
+    found = [c.series_uid for c in index.catalog.cases()]
+    assert sorted(found) == sorted(s.series_uid for s in series[:4]) and index.verify() == []

@@ -183,8 +183,8 @@ class DicomWebServer:
             elif "user" in self.auth:
                 session.auth = (self.auth["user"], self.auth["password"])
             self._client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
-            # Busy answers (429, 503, 504) are retried twice, quickly; everything else fails at once, named.
-            self._client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=200)
+            # A failed request (refused, timed out, 429, 503, 504) is tried once more, quickly; then it fails, named.
+            self._client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=100)
         return self._client
 
     def series(self, wanted: SeriesFilter | None = None) -> list[SeriesEntry]:

@@ -535,7 +535,8 @@ class Index:
                 try:
                     source = item.obtain()
                 except (CBIRError, OSError) as error:
-                    report.skipped.append((label, str(error)))
+                    text = str(error)
+                    report.skipped.append((label, text[len(entry.label) + 2:] if text.startswith(entry.label + ": ") else text))
                     continue
                 try:
                     self._index_source(source, embedder, [], report, remote=name, label=label)
