@@ -363,3 +363,68 @@ def test_killing_the_server_midway_then_rerunning_completes_the_index(cohort_dic
     index = Index.open(folder)
     found = [c.series_uid for c in index.catalog.cases()]
     assert sorted(found) == sorted(s.series_uid for s in series[:4]) and index.verify() == []
+
+
+# ----- opening results (slicer-core's real MRML) -------------------------------------------------------------------------
+def test_results_from_the_database_and_from_orthanc_open_at_their_matching_slice(
+        cohort, cohort_dicom, ctk_database, embedder, orthanc_factory, fetch_count, tmp_path):
+    slicer = pytest.importorskip("slicer")
+    from conftest import headless_slicer
+
+    from CBIRSlicerLib.errors import JobCancelled
+    from CBIRSlicerLib.scene import layout as views
+    from CBIRSlicerLib.scene.nodes import matrix_to_numpy, numpy_to_matrix, volume_from_node
+    from CBIRSlicerLib.scene.result_volumes import read_series_node, result_volume_node
+
+    _, series, _ = cohort_dicom
+    server = orthanc_factory(series[12:])
+    app = headless_slicer(layout=True)
+    scene, cache = app.scene, str(tmp_path / "cache")
+    by_name = {case.name: case.volume for case in cohort}
+    only_abdomen = DicomOptions(SeriesFilter(body_part="ABDOMEN"))  # the three later studies, in both sources
+    for n, source in enumerate([ctk_database, "dicomweb:" + server.dicomweb_url]):
+        folder = str(tmp_path / f"index{n}")
+        with Index.create(folder, embedder, SETTINGS) as index:
+            assert len(index.add_sources([source], embedder, dicom=only_abdomen).added) == 3
+        searcher = Searcher(Index.open(folder), embedder)
+        lesion = cohort[12].lesions[0]
+        answer = searcher.search(roi_query(cohort[12].volume, RoiBox(lesion.center, (2.5 * lesion.radius_mm,) * 3), "axial",
+                                           searcher.index), k=2)
+        result = answer.results[0]
+        assert result.series_uid and result.study_uid and result.source.startswith(("ctkdb:", "dicomweb:"))
+        progress, fetched_before = [], len(fetch_count)
+
+        def locate(case, stop=lambda: False, seen=progress):
+            return local_series(case.source, case.series_uid, case.study_uid, cache=cache,
+                                progress=lambda done, total: seen.append((done, total)), should_stop=stop)
+
+        def load(path, name):
+            raise AssertionError("a DICOM database's or PACS's case is never loaded by path")
+
+        if n == 1:  # the PACS: a cancelled first open leaves nothing behind, then it is fetched once into the cache
+            with pytest.raises(JobCancelled):
+                result_volume_node(scene, result, load, lambda case: locate(case, lambda: True), lambda s, name: None)
+            assert not os.path.exists(os.path.join(cache, result.series_uid))
+        node = result_volume_node(scene, result, load, locate, lambda found, name: read_series_node(scene, found, name))
+        assert result_volume_node(scene, result, load, locate, None).GetID() == node.GetID()  # reused, not loaded again
+        if n == 1:
+            assert len(fetch_count) == fetched_before + 2 and progress[-1] == (12, 12)
+            assert os.path.isfile(os.path.join(cache, result.series_uid, ".complete"))
+            scene.RemoveNode(node)
+            again = result_volume_node(scene, result, load, locate, lambda found, name: read_series_node(scene, found, name))
+            assert len(fetch_count) == fetched_before + 2 and again is not None  # from the cache, not the server
+            node = again
+        # The node is the case as indexed, and its best-match plane is the indexed plane of that case's voxels.
+        case = Index.open(folder).catalog.case_by_id(result.case_id)
+        ras_to_ijk = numpy_to_matrix(np.eye(4))
+        node.GetRASToIJKMatrix(ras_to_ijk)
+        k = matrix_to_numpy(ras_to_ijk) @ np.r_[result.best_match.ras, 1.0]
+        assert abs(k[2] - result.best_match.slice_index) < 1e-4
+        np.testing.assert_allclose(matrix_to_numpy(ras_to_ijk), np.linalg.inv(np.array(case.ijk_to_ras)), atol=1e-4)
+        shown = volume_from_node(node).array[result.best_match.slice_index]
+        indexed = by_name[result.name].array[result.best_match.slice_index]
+        np.testing.assert_array_equal(np.asarray(shown, np.int32), np.asarray(indexed, np.int32))
+        views.show_side_by_side(scene, app.layout_node, None, views.result_target(result.best_match, node))
+        assert views.slice_node(scene, views.RESULT_VIEW).GetSliceOffset() == pytest.approx(result.best_match.ras[2])
+        assert views.composite_node(scene, views.RESULT_VIEW).GetBackgroundVolumeID() == node.GetID()
+    assert slicer is not None

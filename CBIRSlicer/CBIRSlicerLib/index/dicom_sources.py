@@ -203,13 +203,9 @@ def local_series(source: str, series_uid: str, study_uid: str | None = None, cac
     folder = os.path.join(cache or cache_folder(), series_uid)
     if not os.path.isfile(os.path.join(folder, _COMPLETE)):
         server = DicomWebServer(source, auth_file, timeout)
-        if not study_uid:
-            found = [e for e in server.series() if e.series_uid == series_uid]
-            if not found:
-                raise SourceError(f"series {series_uid}: not on {server.source} (deleted since it was indexed?)")
-            study_uid = found[0].study_uid
+        entry = server.entry(series_uid, study_uid)  # its instance count, for progress and for checking what came
         os.makedirs(os.path.dirname(folder), exist_ok=True)
-        server.fetch(SeriesEntry(study_uid, series_uid), folder, progress, should_stop)
+        server.fetch(entry, folder, progress, should_stop)
         open(os.path.join(folder, _COMPLETE), "w").close()
     files = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".dcm")]
     return CaseSource(path=folder, series_uid=series_uid, files=tuple(sort_dicom_files(files)))

@@ -214,6 +214,21 @@ class DicomWebServer:
                     found[series] = entry
         return sorted(found.values(), key=lambda e: (e.study_uid, e.series_uid))
 
+    def entry(self, series_uid: str, study_uid: str | None = None) -> SeriesEntry:
+        """One series as the server lists it now (its instance count, for progress); SourceError when it is gone."""
+        try:
+            answers = self.client().search_for_series(study_instance_uid=study_uid, search_filters={"SeriesInstanceUID": series_uid},
+                                                      fields=_FIELDS)
+        except Exception as error:
+            raise SourceError(f"series {series_uid}: looking it up on {self.source} failed: {describe(error, self.timeout)}") from None
+        for attributes in answers:
+            if _value(attributes, _SERIES_UID) == series_uid and _value(attributes, _STUDY_UID):
+                count = _value(attributes, _INSTANCES)
+                return SeriesEntry(_value(attributes, _STUDY_UID), series_uid, _value(attributes, _MODALITY),
+                                   _value(attributes, _BODY_PART), _value(attributes, _STUDY_DATE), _value(attributes, _DESCRIPTION),
+                                   int(count) if count and count.isdigit() else None)
+        raise SourceError(f"series {series_uid}: not on {self.source} (deleted since it was indexed?)")
+
     def fetch(self, entry: SeriesEntry, folder: str, progress: Callable[[int, int | None], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> list[str]:
         """Fetch a series (WADO-RS, streamed) into ``folder``, one file per instance; all or nothing.
