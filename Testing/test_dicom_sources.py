@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from dicom_helpers import FaultyProxy, OrthancServer, write_cohort_series, write_ctk_database, write_series
 
-from CBIRSlicerLib.errors import InputError
+from CBIRSlicerLib.errors import InputError, ParameterError
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import discover, read_case, read_volume
 from CBIRSlicerLib.imaging.roi import RoiBox
@@ -289,6 +289,8 @@ def test_credentials_come_from_the_environment_or_a_file_and_a_refusal_is_one_li
     auth.write_text(json.dumps({"user": "alice", "password": "s3cret"}))
     assert main(["index", "add", source, "--index", folder, "--auth-file", str(auth)]) == 0
     assert "0 case(s) added, 0 refreshed, 1 unchanged" in capsys.readouterr().out
+    with pytest.raises(ParameterError, match="credentials in the URL are refused"):
+        DicomWebServer("dicomweb:http://alice:s3cret@127.0.0.1:9/dicom-web")
     auth.write_text("alice:s3cret")
     assert main(["index", "add", source, "--index", folder, "--auth-file", str(auth)]) == 1
     assert f"{auth}: is not JSON" in capsys.readouterr().err
@@ -337,7 +339,8 @@ def test_failures_are_one_line_each_the_build_goes_on_and_a_rerun_fetches_only_w
         proxy.close()
 
 
-def test_killing_the_server_midway_then_rerunning_completes_the_index(cohort_dicom, embedder, orthanc_factory, fetch_count, tmp_path):
+def test_killing_the_server_midway_then_rerunning_completes_the_index(cohort_dicom, embedder, orthanc_factory, fetch_count, tmp_path,
+                                                                     capsys):
     _, series, _ = cohort_dicom
     server = orthanc_factory(series[:4])
     source = "dicomweb:" + server.dicomweb_url
@@ -353,7 +356,10 @@ def test_killing_the_server_midway_then_rerunning_completes_the_index(cohort_dic
     assert all(text.endswith("server unreachable (connection refused: is it running?)") for _, text in report.skipped)
     from CBIRSlicerLib.cli import main
 
+    capsys.readouterr()
     assert main(["index", "add", source, "--index", folder]) == 1  # still down: listing fails, in one line, nothing lost
+    assert capsys.readouterr().err == (f"cbir: error: {source}: listing series failed: server unreachable (connection refused: "
+                                       "is it running?)\n")
     assert Index.open(folder).catalog.count("cases") == 2
     server.start()
     fetch_count.clear()

@@ -35,7 +35,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # (.raw, .raw.gz and .zraw hold the voxels of .nhdr and .mhd headers.) Any other file that is neither a volume
 # nor DICOM, a .txt included, is reported in Discovery.skipped as "unsupported format".
 _IGNORED_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".json", ".md", ".csv", ".png", ".jpg", ".db", ".sqlite",
-                     ".sqlite-wal", ".sqlite-shm", ".faiss", ".html")
+                     ".sqlite-wal", ".sqlite-shm", ".faiss", ".html", ".sql")  # .sql: Slicer's ctkDICOM.sql beside its files
 _IGNORED_NAMES = ("DICOMDIR",)
 
 # DICOM tags read for the catalog and for series checks.

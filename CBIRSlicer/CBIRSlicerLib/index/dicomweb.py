@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import shutil
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,6 +162,10 @@ class DicomWebServer:
         url = url[len(PREFIX):] if url.startswith(PREFIX) else url
         if not url.startswith(("http://", "https://")):
             raise ParameterError(f"dicomweb:{url}: expected dicomweb:http://HOST/PATH or dicomweb:https://HOST/PATH")
+        parts = urllib.parse.urlsplit(url)
+        if parts.username or parts.password:  # they would end up in the catalog, the shell history and process lists
+            raise ParameterError(f"dicomweb:{parts.scheme}://...@{parts.hostname}: credentials in the URL are refused; set "
+                                 f"{TOKEN_VARIABLE}, or {USER_VARIABLE} and {PASSWORD_VARIABLE}, or pass --auth-file")
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self.auth = credentials(auth_file)
