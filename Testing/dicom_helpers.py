@@ -244,13 +244,14 @@ class OrthancServer:
         raise RuntimeError(f"Orthanc did not answer on port {self.http_port} within 30 s; see {self.folder}/orthanc.log")
 
     def stop(self) -> None:
-        """Stop the process this object started (SIGTERM, then SIGKILL after 10 s)."""
+        """Stop the process this object started (SIGTERM, then SIGKILL after 1 s: its storage is a test's temporary folder,
+        and a graceful stop waits seconds for idle keep-alive connections)."""
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(10)
+                self.process.wait(1)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
