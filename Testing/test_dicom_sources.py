@@ -297,8 +297,10 @@ def test_credentials_come_from_the_environment_or_a_file_and_a_refusal_is_one_li
 
 
 def test_failures_are_one_line_each_the_build_goes_on_and_a_rerun_fetches_only_what_is_missing(
-        cohort_dicom, embedder, orthanc_factory, fetch_count, tmp_path):
+        cohort_dicom, embedder, orthanc_factory, fetch_count, tmp_path, monkeypatch):
     _, series, _ = cohort_dicom
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
     server = orthanc_factory(series[:5])
     proxy = FaultyProxy(server.url, delay=3.0)
     try:
@@ -327,6 +329,7 @@ def test_failures_are_one_line_each_the_build_goes_on_and_a_rerun_fetches_only_w
         assert "the transfer was cut off midway" in reason[uids[2]]
         assert "no answer within 1 s (timeout)" in reason[uids[3]]
         # The faults are over: a rerun fetches only the three that failed (the deleted study is no longer listed).
+        assert os.listdir(tmp_path / "tmp") == []  # nothing half-fetched is left behind
         proxy.faults = {}
         fetch_count.clear()
         with Index.open(folder, writable=True) as index:

@@ -148,9 +148,10 @@ class CtkDatabase:
 
 
 class Planned:
-    """One series to index: its entry, and how to get it as local files (and let them go after)."""
+    """One series to index: its entry, how to get it as local files (``obtain(should_stop)``), and how to let them go after."""
 
-    def __init__(self, entry: SeriesEntry, obtain: Callable[[], CaseSource], release: Callable[[CaseSource], None]):
+    def __init__(self, entry: SeriesEntry, obtain: Callable[[Callable[[], bool] | None], CaseSource],
+                 release: Callable[[CaseSource], None]):
         self.entry = entry
         self.obtain = obtain
         self.release = release
@@ -162,9 +163,16 @@ def plan(spec: str, options: DicomOptions) -> tuple[str, list[Planned], Callable
         server = DicomWebServer(spec, options.auth_file, options.timeout)
         entries = server.series(options.filters)
 
-        def fetch(entry: SeriesEntry) -> CaseSource:
+        def fetch(entry: SeriesEntry, should_stop: Callable[[], bool] | None = None) -> CaseSource:
             root = options.keep_downloads or tempfile.mkdtemp(prefix="cbir-dicomweb-")
-            files = server.fetch(entry, os.path.join(root, entry.series_uid))
+            try:
+                files = server.fetch(entry, os.path.join(root, entry.series_uid), should_stop=should_stop)
+            except BaseException:
+                if options.keep_downloads is None:
+                    import shutil
+
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
             return CaseSource(path=os.path.dirname(files[0]), series_uid=entry.series_uid, files=tuple(sort_dicom_files(files)))
 
         def release(source: CaseSource) -> None:
@@ -173,10 +181,10 @@ def plan(spec: str, options: DicomOptions) -> tuple[str, list[Planned], Callable
 
                 shutil.rmtree(os.path.dirname(source.path), ignore_errors=True)
 
-        return server.source, [Planned(e, lambda e=e: fetch(e), release) for e in entries], lambda: None
+        return server.source, [Planned(e, lambda stop, e=e: fetch(e, stop), release) for e in entries], lambda: None
     database = CtkDatabase(spec)
     entries = database.series(options.filters)
-    return database.source, [Planned(e, lambda e=e: database.case_source(e), lambda _: None) for e in entries], database.close
+    return database.source, [Planned(e, lambda stop, e=e: database.case_source(e), lambda _: None) for e in entries], database.close
 
 
 def cache_folder() -> str:

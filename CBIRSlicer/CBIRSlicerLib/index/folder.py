@@ -492,8 +492,8 @@ class Index:
         began = time.monotonic()
         report = BuildReport()
         paths = list(paths)
-        for spec in [p for p in paths if is_dicom_source(p)]:
-            self._add_dicom_source(spec, embedder, dicom or DicomOptions(), report, progress, should_stop)
+        series = sum(self._add_dicom_source(spec, embedder, dicom or DicomOptions(), report, progress, should_stop)
+                     for spec in [p for p in paths if is_dicom_source(p)])
         found = discover([p for p in paths if not is_dicom_source(p)])
         report.skipped.extend(found.skipped)
         for n, source in enumerate(found.cases):
@@ -508,15 +508,16 @@ class Index:
         self.checkpoint()
         self._maybe_refit_transform()
         if progress is not None:
-            progress(len(found.cases), len(found.cases), "done")
+            total = len(found.cases) or series  # a build from a DICOM database or PACS only: its series
+            progress(total, total, "done")
         report.seconds = time.monotonic() - began
         return report
 
     def _add_dicom_source(self, spec: str, embedder: Embedder, options: DicomOptions, report: BuildReport,
-                          progress: Progress | None, should_stop: Callable[[], bool] | None) -> None:
+                          progress: Progress | None, should_stop: Callable[[], bool] | None) -> int:
         """Index the series of a DICOM database or a PACS: each fetched (PACS) only when no case holds its series UID yet,
         embedded, then its download removed (unless kept). A series that fails is one line in ``report.skipped``; the others
-        go on, and a rerun fetches only what is still missing."""
+        go on, and a rerun fetches only what is still missing. Returns how many series passed the filters."""
         name, planned, close = plan(spec, options)
         try:
             for n, item in enumerate(planned):
@@ -533,7 +534,7 @@ class Index:
                     report.unchanged.append(label)  # indexed already (here or from another source): never fetched twice
                     continue
                 try:
-                    source = item.obtain()
+                    source = item.obtain(should_stop)
                 except (CBIRError, OSError) as error:
                     text = str(error)
                     report.skipped.append((label, text[len(entry.label) + 2:] if text.startswith(entry.label + ": ") else text))
@@ -546,6 +547,7 @@ class Index:
                     self.checkpoint()
         finally:
             close()
+        return len(planned)
 
     def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport,
                       remote: str | None = None, label: str | None = None) -> None:
