@@ -32,7 +32,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from CBIRSlicerLib.imaging import readers, synthetic
-from CBIRSlicerLib.index import background_build, labels
+from CBIRSlicerLib.index import background_build, dicom_sources, dicomweb, labels
 from CBIRSlicerLib.index.folder import BuildReport, Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models import registry
@@ -163,6 +163,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.buildFromFolderButton.connect("clicked(bool)", self.onBuildFromFolder)
         self.ui.buildFromSceneButton.connect("clicked(bool)", self.onBuildFromScene)
         self.ui.cancelBuildButton.connect("clicked(bool)", self.onCancelBuild)
+        self.ui.indexDicomDatabaseButton.connect("clicked(bool)", self.onIndexDicomDatabase)
         self.ui.placeRoiButton.connect("clicked(bool)", self.onPlaceRoi)
         self.ui.findSimilarButton.connect("clicked(bool)", self.onFindSimilar)
         self.ui.resultsListWidget.connect("itemDoubleClicked(QListWidgetItem*)", self.onResultActivated)
@@ -248,6 +249,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.textQueryLineEdit.enabled = session and self.logic.supportsText()
         self.ui.buildFromFolderButton.enabled = not building and _isFolder(p.sourceFolder) and _isFolder(p.indexFolder, True)
         self.ui.buildFromSceneButton.enabled = not building and _isFolder(p.indexFolder, True)
+        self.ui.indexDicomDatabaseButton.enabled = not building and _isFolder(p.indexFolder, True)
         self.ui.cancelBuildButton.enabled = building
         selected = self._selectedResult() is not None
         self.ui.showResultButton.enabled = selected
@@ -298,14 +300,26 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._startBuild(files, skipped)
 
-    def _startBuild(self, sources: list[str], skipped: list[tuple[str, str]]) -> None:
+    def onIndexDicomDatabase(self) -> None:
+        """Index the series of Slicer's DICOM database that pass the modality and date filter (the database is only read)."""
+        with _errorShown(_("Could not index the DICOM database.")):
+            database = self.logic.dicomDatabaseFile()
+            if not database:
+                slicer.util.warningDisplay(_("Slicer has no DICOM database open; import DICOM data in the DICOM module first."))
+                return
+            low, high = dicomweb.parse_date_range(self.ui.dicomDatesLineEdit.text.strip())
+            modalities = [m.strip().upper() for m in self.ui.dicomModalityLineEdit.text.split(",") if m.strip()]
+            self._startBuild([dicom_sources.CTK_PREFIX + database], [],
+                             {"modalities": modalities, "date_from": low, "date_to": high})
+
+    def _startBuild(self, sources: list[str], skipped: list[tuple[str, str]], dicom: Optional[dict] = None) -> None:
         folder = str(self._parameterNode.indexFolder)
         with _errorShown(_("Could not start indexing.")):
             model = self.logic.buildModel(folder, self._parameterNode.model.strip() or "biomedclip")
             if not self.logic.ensureDependencies(model):
                 return
             self.logic.closeIndex()  # the build takes the index's write lock; reopened when it ends
-            self._build = self.logic.startBuild(folder, sources, model)
+            self._build = self.logic.startBuild(folder, sources, model, dicom)
             self._buildSkipped = list(skipped)
             self.ui.skippedPlainTextEdit.plainText = ""
             self.ui.buildStatusLabel.text = _("Starting...")
@@ -784,9 +798,9 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         """The model a build will use: the index's own when it exists, else the one asked for."""
         return search_session.index_summary(folder)["model"] if search_session.is_index_folder(folder) else requested
 
-    def startBuild(self, folder: str, sources: list[str], model: str = "biomedclip"):
+    def startBuild(self, folder: str, sources: list[str], model: str = "biomedclip", dicom: Optional[dict] = None):
         """Build or extend an index in a background process; poll the returned IndexBuild."""
-        spec = background_build.BuildSpec(folder, list(sources), model=model)
+        spec = background_build.BuildSpec(folder, list(sources), model=model, dicom=dict(dicom or {}))
         return background_build.IndexBuild(spec, python=self.pythonExecutable()).start()
 
     @staticmethod
@@ -868,7 +882,52 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     def resultVolume(self, case):
         """The volume node of an indexed case (a CaseResult or a catalog CaseRecord): reused when in the scene, else loaded."""
-        return result_volumes.result_volume_node(slicer.mrmlScene, case, lambda path, name: self.loadVolume(path, name, case.case_id))
+        return result_volumes.result_volume_node(slicer.mrmlScene, case, lambda path, name: self.loadVolume(path, name, case.case_id),
+                                                 self.localSeries, self.loadSeries)
+
+    @staticmethod
+    def dicomDatabaseFile() -> str:
+        """The file of Slicer's DICOM database (ctkDICOM.sql), or '' when none is open."""
+        database = getattr(slicer, "dicomDatabase", None)
+        return database.databaseFilename if database is not None and database.isOpen else ""
+
+    @staticmethod
+    def localSeries(case):
+        """A DICOM database's series, or a PACS's fetched into the local cache on first open (progress, cancel)."""
+        dialog = qt.QProgressDialog(_("Fetching {name}...").format(name=case.name or case.case_id), _("Cancel"), 0, 0)
+        dialog.setWindowModality(qt.Qt.WindowModal)
+        dialog.minimumDuration = 500
+
+        def progress(done: int, total: Optional[int]) -> None:
+            dialog.maximum = total or 0
+            dialog.value = done
+            slicer.app.processEvents()
+
+        try:
+            return dicom_sources.local_series(case.source, case.series_uid, getattr(case, "study_uid", None), progress=progress,
+                                              should_stop=lambda: dialog.wasCanceled)
+        finally:
+            dialog.close()
+
+    @staticmethod
+    def loadSeries(series, name: str):
+        """Through Slicer's DICOM module by series UID (so it shows in the DICOM browser); the library's reader otherwise.
+
+        Not run by the tests (slicer-core has no DICOM module): the real-Slicer workflow exercises it."""
+        try:
+            from DICOMLib import DICOMUtils
+        except ImportError:
+            DICOMUtils = None
+        database = getattr(slicer, "dicomDatabase", None)
+        if DICOMUtils is not None and database is not None and database.isOpen:
+            if not database.filesForSeries(series.series_uid):  # fetched from a PACS: add the cached files (not copied)
+                DICOMUtils.importDicom(os.path.dirname(series.files[0]), database)
+            loaded = DICOMUtils.loadSeriesByUID([series.series_uid])
+            node = slicer.mrmlScene.GetNodeByID(loaded[0]) if loaded else None
+            if node is not None:
+                node.SetName(name)
+                return node
+        return result_volumes.read_series_node(slicer.mrmlScene, series, name)
 
     def showResult(self, result: CaseResult, queryVolume, query: dict, roiNode=None, link: bool = False):
         """Load the result (once), switch to the side-by-side layout, and put both views at the matching places."""

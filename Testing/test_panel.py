@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 pytest.importorskip("slicer")
@@ -245,6 +246,37 @@ def test_build_from_folder_with_progress_then_cancel(panel, qtbot, cohort, tmp_p
     _click(qtbot, ui.buildFromSceneButton)
     assert stand_ins.MESSAGES[-1]["text"].startswith("No volume in the scene is saved to a file")
     assert panel.widget._build is None
+
+
+def test_index_my_dicom_database_builds_the_filtered_series(panel, qtbot, tmp_path, monkeypatch):
+    """The 'Index my DICOM database' action: Slicer's database file, read only, filtered by modality and study date."""
+    import sys
+    from types import SimpleNamespace
+
+    from dicom_helpers import write_ctk_database, write_series
+
+    ui = panel.ui
+    module_slicer = sys.modules[type(panel.widget).__module__].slicer
+    _expand_build_section(panel)
+    ui.indexFolderPathLineEdit.currentPath = str(tmp_path / "dicom index")
+    ui.modelLineEdit.text = "handcrafted"
+    monkeypatch.setattr(module_slicer, "dicomDatabase", None, raising=False)
+    _click(qtbot, ui.indexDicomDatabaseButton)
+    assert stand_ins.MESSAGES[-1]["text"].startswith("Slicer has no DICOM database open")
+    written = []
+    for n, ((center, kind), modality, day) in enumerate(zip(BLOBS[:3], ("MR", "CT", "MR"), ("20240105", "20240105", "20230105"))):
+        volume = _case(center, kind)
+        volume.array = np.round(volume.array).astype(np.int16)  # DICOM stores integers
+        written.append(write_series(volume, str(tmp_path / "db" / "dicom" / f"s{n}"), f"{kind}{n}", modality=modality, study_date=day))
+    database = write_ctk_database(str(tmp_path / "db" / "ctkDICOM.sql"), written)
+    monkeypatch.setattr(module_slicer, "dicomDatabase", SimpleNamespace(databaseFilename=database, isOpen=True), raising=False)
+    ui.dicomModalityLineEdit.text = "mr"
+    ui.dicomDatesLineEdit.text = "20240101-"
+    _click(qtbot, ui.indexDicomDatabaseButton)
+    qtbot.waitUntil(lambda: panel.widget._build is None, timeout=WAIT_MS)
+    assert ui.buildStatusLabel.text == "Done. 1 added, 0 refreshed, 0 unchanged, 0 skipped."
+    (case,) = Index.open(str(tmp_path / "dicom index")).catalog.cases()
+    assert (case.name, case.modality, case.source) == (f"{BLOBS[0][1]}0", "MR", "ctkdb:" + database)
 
 
 def test_scene_close_during_a_search(panel, qtbot, cohort):

@@ -174,6 +174,32 @@ def _refuse_other_slicing(args: argparse.Namespace, index) -> None:
                                  + ": leave the flags out, or build a new index with them")
 
 
+def _dicom_options(args: argparse.Namespace):
+    """Which series of a DICOM database or PACS source to index, where downloads go, the credentials file, the timeout."""
+    from .index.dicom_sources import DicomOptions
+    from .index.dicomweb import SeriesFilter, parse_date_range
+
+    low, high = parse_date_range(args.study_date)
+    modalities = tuple(m.strip().upper() for m in (args.modality or "").split(",") if m.strip())
+    if args.keep_downloads:
+        os.makedirs(args.keep_downloads, exist_ok=True)
+    return DicomOptions(SeriesFilter(modalities, low, high, args.body_part), args.keep_downloads, args.auth_file, args.timeout)
+
+
+def _add_dicom_arguments(index: argparse.ArgumentParser) -> None:
+    """'index build/add' flags for DICOM database (ctkdb:PATH) and DICOMweb (dicomweb:URL) sources."""
+    dicom = index.add_argument_group("DICOM database and DICOMweb sources (ctkdb:PATH or Slicer's ctkDICOM.sql, dicomweb:URL)")
+    dicom.add_argument("--modality", help="only series of these modalities, comma-separated (e.g. CT,MR)")
+    dicom.add_argument("--study-date", metavar="FROM-TO",
+                       help="only studies in this date range, YYYYMMDD-YYYYMMDD (an end may be left out)")
+    dicom.add_argument("--body-part", help="only series with this Body Part Examined (e.g. CHEST)")
+    dicom.add_argument("--keep-downloads", metavar="DIR", help="keep series fetched over DICOMweb here (default: removed once embedded)")
+    dicom.add_argument("--auth-file", metavar="FILE",
+                       help='DICOMweb credentials, JSON {"token": ...} or {"user": ..., "password": ...} (else the environment: '
+                            "CBIR_DICOMWEB_TOKEN, or CBIR_DICOMWEB_USER and CBIR_DICOMWEB_PASSWORD)")
+    dicom.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the DICOMweb server (default 30)")
+
+
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
     from .index.folder import MANIFEST, Index
@@ -201,7 +227,7 @@ def _index_build(args: argparse.Namespace) -> int:
         index = Index.create(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
     with index:
         report = index.add_sources(args.sources, embedder, progress=_progress_printer("indexing"),
-                                   labels=_read_labels(args.labels))
+                                   labels=_read_labels(args.labels), dicom=_dicom_options(args))
     print(report.summary())
     info = Index.open(args.index).info()
     print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
@@ -597,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="build, extend, check an index of volumes")
     index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair"])
-    index.add_argument("sources", nargs="*", help="files and folders to index (build, add), or case ids / sources (remove)")
+    index.add_argument("sources", nargs="*", help="files and folders to index (build, add), a DICOM database (ctkdb:PATH or "
+                       "Slicer's ctkDICOM.sql) or a PACS (dicomweb:URL), or case ids / sources (remove)")
     index.add_argument("--index", required=True, help="index folder")
     index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
     # Slicing flags have no argparse default: 'add' must tell a flag given from one left out (SLICING_DEFAULTS).
@@ -618,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     index.add_argument("--json", action="store_true", help="info as JSON")
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
+    _add_dicom_arguments(index)
     index.set_defaults(run=lambda a: _index_build(a) if a.action in ("build", "add") else _index_other(a))
 
     search = commands.add_parser("search", help="find the cases most similar to a volume, an ROI, a slice or a phrase")

@@ -80,3 +80,7 @@ class IndexMismatchError(IndexError_):
 
 class IndexCorruptError(IndexError_):
     """The index folder is missing files or its parts disagree."""
+
+
+class SourceError(CBIRError):
+    """A DICOM database or a PACS could not give what was asked: unreachable, refused, timed out, or the series is gone."""

@@ -35,7 +35,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # (.raw, .raw.gz and .zraw hold the voxels of .nhdr and .mhd headers.) Any other file that is neither a volume
 # nor DICOM, a .txt included, is reported in Discovery.skipped as "unsupported format".
 _IGNORED_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".json", ".md", ".csv", ".png", ".jpg", ".db", ".sqlite",
-                     ".sqlite-wal", ".sqlite-shm", ".faiss", ".html")
+                     ".sqlite-wal", ".sqlite-shm", ".faiss", ".html", ".sql")  # .sql: Slicer's ctkDICOM.sql beside its files
 _IGNORED_NAMES = ("DICOMDIR",)
 
 # DICOM tags read for the catalog and for series checks.
@@ -48,6 +48,10 @@ TAG_PATIENT_ID = "0010|0020"
 TAG_POSITION = "0020|0032"
 TAG_ORIENTATION = "0020|0037"
 TAG_FRAMES = "0028|0008"
+TAG_STUDY_UID = "0020|000d"
+TAG_STUDY_DATE = "0008|0020"
+TAG_MANUFACTURER = "0008|0070"
+TAG_SLICE_THICKNESS = "0018|0050"
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ def _nifti_data_problem(path: str) -> str | None:
 
 
 def _dicom_metadata(reader) -> dict[str, str]:
-    """Modality, series UID, body part and descriptions from a header, where present."""
+    """Modality, series and study UIDs, body part, descriptions, study date, manufacturer and slice thickness, where present."""
     keys = {
         "modality": TAG_MODALITY,
         "series_uid": TAG_SERIES_UID,
@@ -180,13 +184,22 @@ def _dicom_metadata(reader) -> dict[str, str]:
         "study_description": TAG_STUDY_DESCRIPTION,
         "series_description": TAG_SERIES_DESCRIPTION,
         "patient_id": TAG_PATIENT_ID,
+        "study_uid": TAG_STUDY_UID,
+        "study_date": TAG_STUDY_DATE,
+        "manufacturer": TAG_MANUFACTURER,
+        "slice_thickness": TAG_SLICE_THICKNESS,
     }
     found = {}
     for name, tag in keys.items():
         if reader.HasMetaDataKey(tag):
-            value = reader.GetMetaData(tag).strip()
+            value = reader.GetMetaData(tag).strip().rstrip("\x00").strip()
             if value:
                 found[name] = value
+    if "slice_thickness" in found:
+        try:  # one spelling per value, so '--filter slice_thickness=2.5' matches '2.50000' as stored
+            found["slice_thickness"] = f"{float(found['slice_thickness']):g}"
+        except ValueError:
+            del found["slice_thickness"]
     return found
 
 
@@ -341,6 +354,23 @@ def check_dicom_series(folder: str, series_uid: str, files: list[str]) -> dict[s
         if np.max(gaps) - np.min(gaps) > 0.1 * typical + 1e-3:
             raise DicomSeriesError(folder, f"{where} has uneven slice spacing ({np.min(gaps):.2f} to {np.max(gaps):.2f} mm)")
     return headers[0]["metadata"]
+
+
+def sort_dicom_files(files: Iterable[str]) -> list[str]:
+    """The files of one series in slice order (position along the slice normal), as GDCM orders a folder's series.
+
+    For series whose files a database lists in any order; files without position or orientation keep their place at the end.
+    """
+    files = list(files)
+    keyed, rest = [], []
+    for path in files:
+        info = _header_info(path)
+        if info["position"] is None or info["orientation"] is None or len(info["orientation"]) != 6:
+            rest.append(path)
+            continue
+        normal = np.cross(info["orientation"][:3], info["orientation"][3:])
+        keyed.append((float(np.dot(info["position"][:3], normal)), path))
+    return [p for _, p in sorted(keyed)] + rest
 
 
 def read_dicom_series(folder: str | Path, series_uid: str, files: Iterable[str] | None = None) -> Volume:

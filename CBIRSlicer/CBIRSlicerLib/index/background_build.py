@@ -46,6 +46,7 @@ class BuildSpec:
     settings: dict = field(default_factory=dict)  # IndexSettings fields; empty: the defaults
     index_type: str = "auto"
     device: str | None = None
+    dicom: dict = field(default_factory=dict)  # DICOM database / PACS sources: modalities, date_from, date_to, body_part
 
 
 class IndexBuild:
@@ -147,6 +148,15 @@ class IndexBuild:
 
 # ===== the child process ===========================================================================
 
+def _dicom_options(given: dict):
+    """The series filter of a DICOM database or PACS build, from the spec's plain fields."""
+    from .dicom_sources import DicomOptions
+    from .dicomweb import SeriesFilter
+
+    return DicomOptions(SeriesFilter(tuple(given.get("modalities") or ()), given.get("date_from"), given.get("date_to"),
+                                     given.get("body_part")))
+
+
 def _run(spec: dict) -> int:
     """Build as asked, reporting progress as JSON lines on the original stdout; everything printed goes to stderr."""
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
@@ -176,7 +186,7 @@ def _run(spec: dict) -> int:
             embedder = create_embedder(spec["model"], device=spec.get("device"))
             index = Index.create(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
         with index:
-            report = index.add_sources(spec["sources"], embedder, should_stop=stop.is_set,
+            report = index.add_sources(spec["sources"], embedder, should_stop=stop.is_set, dicom=_dicom_options(spec.get("dicom") or {}),
                                        progress=lambda done, total, label: emit({"event": "progress", "done": done,
                                                                                  "total": total, "label": label}))
     except CBIRError as error:

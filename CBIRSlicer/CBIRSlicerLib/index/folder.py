@@ -40,6 +40,7 @@ from ..imaging.volume import Volume
 from ..models.base import Embedder
 from . import privacy, vector_transform
 from .catalog import CaseRecord, Catalog
+from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
 from .faiss_store import VectorStore, choose_kind, vector_problem
 from .integrity import file_record, read_manifest, record_problem, seal, write_json_atomically
 from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d
@@ -63,6 +64,11 @@ def case_id_for(source: CaseSource) -> str:
     """A stable public id for a case: from its absolute path and series UID."""
     key = f"{os.path.abspath(source.path)}|{source.series_uid or ''}"
     return "c" + hashlib.sha1(key.encode()).hexdigest()[:15]
+
+
+def remote_case_id(source: str, series_uid: str) -> str:
+    """A stable public id for a series of a DICOM database or a PACS: from the source's name and the series UID."""
+    return "c" + hashlib.sha1(f"{source}|{series_uid}".encode()).hexdigest()[:15]
 
 
 def source_checksum(source: CaseSource) -> str:
@@ -475,13 +481,20 @@ class Index:
             self.catalog.delete_cases(rows)
 
     def add_sources(self, paths: Iterable[str], embedder: Embedder, progress: Progress | None = None,
-                    labels: dict[str, list[str]] | None = None, should_stop: Callable[[], bool] | None = None) -> BuildReport:
-        """Index new volumes, refresh changed ones (checksum), skip unchanged ones; resumable."""
+                    labels: dict[str, list[str]] | None = None, should_stop: Callable[[], bool] | None = None,
+                    dicom: DicomOptions | None = None) -> BuildReport:
+        """Index new volumes, refresh changed ones (checksum), skip unchanged ones; resumable.
+
+        A path may also be a DICOM database (``ctkdb:PATH`` or the file) or a PACS (``dicomweb:URL``): its series that pass
+        ``dicom``'s filters are indexed one by one (:meth:`_add_dicom_source`)."""
         self._require_writer()
         self.check_model(embedder)
         began = time.monotonic()
         report = BuildReport()
-        found = discover(paths)
+        paths = list(paths)
+        series = sum(self._add_dicom_source(spec, embedder, dicom or DicomOptions(), report, progress, should_stop)
+                     for spec in [p for p in paths if is_dicom_source(p)])
+        found = discover([p for p in paths if not is_dicom_source(p)])
         report.skipped.extend(found.skipped)
         for n, source in enumerate(found.cases):
             if should_stop is not None and should_stop():
@@ -495,18 +508,57 @@ class Index:
         self.checkpoint()
         self._maybe_refit_transform()
         if progress is not None:
-            progress(len(found.cases), len(found.cases), "done")
+            total = len(found.cases) or series  # a build from a DICOM database or PACS only: its series
+            progress(total, total, "done")
         report.seconds = time.monotonic() - began
         return report
 
-    def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport) -> None:
-        """Index one case (or note it unchanged or skipped, with why)."""
-        case_id = case_id_for(source)
+    def _add_dicom_source(self, spec: str, embedder: Embedder, options: DicomOptions, report: BuildReport,
+                          progress: Progress | None, should_stop: Callable[[], bool] | None) -> int:
+        """Index the series of a DICOM database or a PACS: each fetched (PACS) only when no case holds its series UID yet,
+        embedded, then its download removed (unless kept). A series that fails is one line in ``report.skipped``; the others
+        go on, and a rerun fetches only what is still missing. Returns how many series passed the filters."""
+        name, planned, close = plan(spec, options)
+        try:
+            for n, item in enumerate(planned):
+                entry = item.entry
+                label = f"{name} {entry.label}"
+                if should_stop is not None and should_stop():
+                    report.skipped.extend((f"{name} {p.entry.label}", "not reached (stopped)") for p in planned[n:])
+                    break
+                if progress is not None:
+                    progress(n, len(planned), label)
+                case_id = remote_case_id(name, entry.series_uid)
+                elsewhere = [self.catalog.case_by_row(r) for r in self.catalog.case_rows_of_series(entry.series_uid)]
+                if any(c.case_id != case_id or name.startswith("dicomweb:") for c in elsewhere):
+                    report.unchanged.append(label)  # indexed already (here or from another source): never fetched twice
+                    continue
+                try:
+                    source = item.obtain(should_stop)
+                except (CBIRError, OSError) as error:
+                    text = str(error)
+                    report.skipped.append((label, text[len(entry.label) + 2:] if text.startswith(entry.label + ": ") else text))
+                    continue
+                try:
+                    self._index_source(source, embedder, [], report, remote=name, label=label)
+                finally:
+                    item.release(source)
+                if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+                    self.checkpoint()
+        finally:
+            close()
+        return len(planned)
+
+    def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport,
+                      remote: str | None = None, label: str | None = None) -> None:
+        """Index one case (or note it unchanged or skipped, with why); ``remote`` names a DICOM database or PACS it came from."""
+        case_id = case_id_for(source) if remote is None else remote_case_id(remote, source.series_uid or "")
+        label = label or source.label
         try:
             checksum = source_checksum(source)
             existing = self.catalog.case_by_id(case_id)
             if existing is not None and existing.checksum == checksum:
-                report.unchanged.append(source.label)
+                report.unchanged.append(label)
                 return
             volume = read_case(source)
             refused, warning = content_problem(volume)
@@ -518,14 +570,14 @@ class Index:
             if bad:
                 raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
         except (CBIRError, OSError) as error:
-            report.skipped.append((source.label, str(error)))
+            report.skipped.append((label, str(error)))
             return
         if warning:
-            report.warnings.append((source.label, warning))
+            report.warnings.append((label, warning))
         if existing is not None:
             self._remove_rows([existing.row])
         record = CaseRecord(
-            case_id=case_id, source=os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
+            case_id=case_id, source=remote or os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
             checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
             spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
             labels=labels, metadata={**privacy.private_metadata(volume.extra, self.privacy_policy), **origin,
@@ -538,7 +590,7 @@ class Index:
                 self.catalog.add_thumbnail(row, axis, plane, grey)
         self.store.add(vectors, ids)
         self._pending_rows.append(row)
-        (report.replaced if existing is not None else report.added).append(source.label)
+        (report.replaced if existing is not None else report.added).append(label)
         report.vectors += len(ids)
 
     def remove(self, case_ids: Iterable[str]) -> list[str]:
@@ -561,6 +613,8 @@ class Index:
         report = BuildReport()
         present = []
         for case in self.catalog.cases():
+            if is_remote_source(case.source):
+                continue  # a database's or PACS's series: 'cbir index add SOURCE' picks up what is new there
             if os.path.exists(case.source):
                 present.append(case.source)
             else:
@@ -714,6 +768,8 @@ class Index:
             problems.append(f"vectors have {self.store.dim} dimensions, the model {self.fingerprint['dim']}")
         if check_sources:
             for case in self.catalog.cases():
+                if is_remote_source(case.source):
+                    continue  # in a DICOM database or a PACS: not checksummed here (a server may recompress what it sends)
                 if not os.path.exists(case.source):
                     problems.append(f"{case.source}: source of case {case.case_id} is missing")
                     continue
@@ -754,7 +810,9 @@ def _repair_sources(rows: list[tuple]) -> tuple[list[tuple[CaseSource, str | Non
     found, lost = [], []
     for source, series_uid, checksum, labels in rows:
         label = f"{source} [series {series_uid}]" if series_uid else source
-        if not os.path.exists(source):
+        if is_remote_source(source):
+            lost.append((label, "it came from a DICOM database or a PACS: index it again with 'cbir index add' on that source"))
+        elif not os.path.exists(source):
             lost.append((label, "its source is missing"))
         elif os.path.isdir(source):
             series = [c for c in discover([source], recursive=False).cases if c.series_uid == series_uid]

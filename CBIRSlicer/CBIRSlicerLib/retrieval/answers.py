@@ -71,13 +71,15 @@ class CaseResult:
     labels: list[str]
     best_match: BestMatch
     body_part: str | None = None
+    series_uid: str | None = None  # a DICOM series' UIDs: how a result from a DICOM database or a PACS is found again
+    study_uid: str | None = None
 
     @classmethod
     def of_case(cls, rank: int, case: CaseRecord, score: float, votes: int, per_image_scores: list[float],
                 best_match: BestMatch) -> CaseResult:
         """A result for a catalog case (its score rounded to 5 decimals, as the answer carries it)."""
         return cls(rank, case.case_id, case.source, case.name, round(float(score), 5), int(votes), list(per_image_scores),
-                   case.modality, list(case.labels), best_match, case.body_part)
+                   case.modality, list(case.labels), best_match, case.body_part, case.series_uid, case.metadata.get("study_uid"))
 
     @property
     def title(self) -> str:
@@ -88,7 +90,8 @@ class CaseResult:
         """The JSON form of the CLI contract."""
         return {"rank": self.rank, "case_id": self.case_id, "source": self.source, "name": self.name, "score": self.score,
                 "votes": self.votes, "per_image_scores": list(self.per_image_scores), "modality": self.modality,
-                "body_part": self.body_part, "labels": list(self.labels), "best_match": self.best_match.to_json()}
+                "body_part": self.body_part, "labels": list(self.labels), "best_match": self.best_match.to_json(),
+                **({"series_uid": self.series_uid, "study_uid": self.study_uid} if self.series_uid else {})}
 
 
 @dataclass(frozen=True)

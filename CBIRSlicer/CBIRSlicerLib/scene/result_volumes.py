@@ -4,6 +4,10 @@ Loading is injected (Slicer's ``slicer.util.loadVolume`` in the module; ``vtkSli
 in the tests), so the reuse rules are plain code: a node already in the scene is reused if it
 was loaded for that source before (tagged with an attribute) or if the user loaded the same file
 themselves (its storage node names it).
+
+A case from a DICOM database or a PACS (source ``ctkdb:`` / ``dicomweb:``) is found by its series UID instead:
+``locate`` gives its files (the database's own, or fetched into a local cache on first use) and ``load_series`` makes
+the node (Slicer's DICOM module by series UID in the module; the library's reader under slicer-core).
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..errors import InputError
+from ..imaging.readers import CaseSource
+from ..index.dicom_sources import is_remote_source
 
 SOURCE_ATTRIBUTE = "CBIRSlicer.source"
 
 Loader = Callable[[str, str], object]  # (path, node name) -> volume node in the scene
+SeriesLoader = Callable[[CaseSource, str], object]  # (the series' local files, node name) -> volume node in the scene
 
 
 class IndexedCase(Protocol):
@@ -47,8 +54,37 @@ def find_volume_node(scene, source: str):
     return None
 
 
-def result_volume_node(scene, case: IndexedCase, load: Loader):
-    """The volume node of an indexed case (a search result): reused if already loaded, else loaded from its source path."""
+def read_series_node(scene, series: CaseSource, name: str):
+    """A series' volume node made by the library's reader (the geometry the index saw); Slicer's DICOM module is the
+    module's first choice, this is its fallback and what runs under slicer-core."""
+    from ..imaging.readers import read_case
+    from .nodes import node_from_volume
+
+    return node_from_volume(scene, read_case(series), name)
+
+
+def remote_key(case: IndexedCase) -> str:
+    """What tags the node of a DICOM database's or PACS's series: its source and series UID."""
+    return f"{case.source}|{getattr(case, 'series_uid', None)}"
+
+
+def result_volume_node(scene, case: IndexedCase, load: Loader, locate: Callable[[IndexedCase], CaseSource] | None = None,
+                       load_series: SeriesLoader | None = None):
+    """The volume node of an indexed case (a search result): reused if already loaded, else loaded from its source path,
+    or (a DICOM database's or PACS's series) from the files ``locate`` finds or fetches."""
+    if is_remote_source(case.source):
+        key = remote_key(case)
+        for node in _volume_nodes(scene):
+            if node.GetAttribute(SOURCE_ATTRIBUTE) == key:
+                return node
+        if locate is None or load_series is None:
+            raise InputError(case.source, f"case '{case.name or case.case_id}' lives in a DICOM database or a PACS; "
+                                          "this viewer was given no way to fetch it")
+        node = load_series(locate(case), case.name or case.case_id)
+        if node is None:
+            raise InputError(case.source, f"series {getattr(case, 'series_uid', None)} could not be loaded")
+        node.SetAttribute(SOURCE_ATTRIBUTE, key)
+        return node
     source = os.path.abspath(case.source)
     node = find_volume_node(scene, source)
     if node is not None:
