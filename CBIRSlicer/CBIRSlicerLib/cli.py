@@ -305,7 +305,7 @@ def _read_batch(path: str) -> list[dict]:
 
 def _search(args: argparse.Namespace) -> int:
     """cbir search: similar cases for a volume, an ROI, a slice, a phrase, an item, or a batch of queries."""
-    from .imaging.roi import RoiBox, read_markups_roi, roi_of_label
+    from .imaging.roi import RoiBox, read_markups_roi, segment_of_label
     from .index.folder import Index
     from .retrieval.answers import SearchAnswer
     from .retrieval.search import (
@@ -314,6 +314,7 @@ def _search(args: argparse.Namespace) -> int:
         load_volume_for_query,
         parse_filters,
         roi_query,
+        segment_query,
         slice_query,
         text_query,
         volume_query,
@@ -326,9 +327,11 @@ def _search(args: argparse.Namespace) -> int:
     if filters and not index.catalog.case_rows_matching(filters):  # a field no case has raises there
         print(f"cbir: note: no case of the index matches the filters {filters}; the answer is empty", file=sys.stderr)
 
-    def volume_search(path: str, roi: RoiBox | None) -> SearchAnswer:
+    def volume_search(path: str, roi: RoiBox | None, segment=None) -> SearchAnswer:
         volume = load_volume_for_query(path)
-        if roi is not None:
+        if segment is not None:
+            query = segment_query(volume, segment, args.axis, index, args.margin_mm)
+        elif roi is not None:
             query = roi_query(volume, roi, args.axis, index, args.margin_mm)
         elif args.slice_ras:
             query = slice_query(volume, args.axis, index, _ras_point(args.slice_ras))
@@ -353,8 +356,8 @@ def _search(args: argparse.Namespace) -> int:
         answer = searcher.search(item_query(index, args.like), args.k, filters, args.ranking)
     elif args.volume:
         roi = RoiBox.parse(args.roi_ras) if args.roi_ras else read_markups_roi(args.roi) if args.roi else None
-        roi = roi_of_label(args.roi_mask, args.label) if args.roi_mask else roi
-        answer = volume_search(args.volume, roi)
+        segment = segment_of_label(args.roi_mask, args.label) if args.roi_mask else None
+        answer = volume_search(args.volume, roi, segment)
     else:
         raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
     if args.json:

@@ -93,6 +93,25 @@ def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
     return sitk.RegionOfInterest(image, [int(v) for v in high - low + 1], [int(v) for v in low])
 
 
+def segment_mask(segment, grid, dilate_mm: float):
+    """A query segment drawn on a coarse image's grid (uint8, 1 inside), grown by ``dilate_mm``; None if it misses it."""
+    import SimpleITK as sitk
+
+    size = np.array(grid.GetSize())
+    to_lps = np.array(grid.GetDirection()).reshape(3, 3) * np.array(grid.GetSpacing())
+    points = ras_to_lps(np.asarray(segment.points, float).reshape(-1, 3))
+    index = np.rint((points - np.array(grid.GetOrigin())) @ np.linalg.inv(to_lps).T).astype(int)
+    index = index[np.all((index >= 0) & (index < size), axis=1)]
+    if len(index) == 0:
+        return None
+    array = np.zeros(size[::-1], np.uint8)
+    array[index[:, 2], index[:, 1], index[:, 0]] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(grid)
+    radius = int(round(dilate_mm / min(grid.GetSpacing())))
+    return sitk.BinaryDilate(mask, [radius] * 3, sitk.sitkBall) if radius > 0 else mask
+
+
 GLOBAL_SPACING_MM = 8.0
 
 
@@ -169,6 +188,32 @@ def register_from(fixed, moving, centre_ras, start_ras, iterations: int = ITERAT
     return transform, float(check.MetricEvaluate(fixed, moving))
 
 
+DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 96 mm (docs/benchmarks.md)
+DEFORM_ITERATIONS = 50
+DEFORM_SIGMA_VOXELS = 1.5  # Gaussian regularisation of the displacement field, in 4 mm voxels
+
+
+def deform(fixed, moving, transform, centre_ras) -> np.ndarray:
+    """The query centre carried through the rigid transform and a demons deformation of the query's neighbourhood.
+
+    The result is resampled onto the neighbourhood through the rigid transform and its histogram matched to the query's
+    (demons compares intensities: an MR's gain or a CT's reconstruction shift would otherwise pull); the smooth
+    displacement field found there moves the centre before the rigid transform carries it (what the rigid stage cannot
+    follow: organs that moved against their neighbours, a different body shape).
+    """
+    import SimpleITK as sitk
+
+    lowest = float(np.min(sitk.GetArrayViewFromImage(moving)))
+    resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, lowest, sitk.sitkFloat32)
+    resampled = sitk.HistogramMatching(resampled, fixed, 64, 7, True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(DEFORM_ITERATIONS)
+    demons.SetStandardDeviations(DEFORM_SIGMA_VOXELS)
+    field = sitk.DisplacementFieldTransform(sitk.Cast(demons.Execute(fixed, resampled), sitk.sitkVectorFloat64))
+    centre_lps = tuple(float(v) for v in ras_to_lps(np.asarray(centre_ras, float)))
+    return lps_to_ras(np.array(transform.TransformPoint(field.TransformPoint(centre_lps))))
+
+
 def place(query: Volume, centre_ras, target: Volume | None, starts: dict[str, np.ndarray],
           query_image=None, target_image=None) -> Placement:
     """The query centre carried into the target by the best of rigid registrations from the named starts (RAS points)."""
@@ -197,6 +242,12 @@ def place(query: Volume, centre_ras, target: Volume | None, starts: dict[str, np
             pass
     centre_lps = ras_to_lps(np.asarray(centre_ras, float))
     placed = lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
+    local = neighbourhood(query_image, centre_ras, DEFORM_MM) if DEFORM_MM else None
+    if local is not None:
+        try:
+            placed = deform(local, target_image, transform, centre_ras)
+        except RuntimeError:  # ITK: nothing of the result inside the neighbourhood: keep the rigid answer
+            pass
     return Placement(tuple(float(v) for v in placed), name, metric, time.monotonic() - began)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import IndexCorruptError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
-from ..imaging.roi import RoiBox
+from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy, vector_transform
@@ -48,6 +48,7 @@ class Query:
     volume: Volume | None = None  # the query's volume: 3D models embed it (or the ROI's part); placement registers it
     roi: RoiBox | None = None
     centre_ras: tuple[float, float, float] | None = None  # the point asked about, for placing matches anatomically
+    segment: Segment | None = None  # a query by segment: its voxels weight the placement's registration
 
 
 def _sample(items: list, count: int) -> list:
@@ -93,6 +94,13 @@ def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: f
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
                  [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, roi=roi,
                  centre_ras=tuple(float(v) for v in roi.center))
+
+
+def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+    """A segment's box as an ROI query, asking about the segment's deepest point, with its voxels for placement."""
+    query = roi_query(volume, segment.box, axis, index, margin_mm)
+    query.description["segment"] = segment.name
+    return dataclasses.replace(query, centre_ras=segment.centre, segment=segment)
 
 
 def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
