@@ -505,7 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     area = search.add_mutually_exclusive_group()
     area.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ", help="ROI centre and size in RAS mm")
     area.add_argument("--roi", metavar="FILE.mrk.json", help="a Slicer markups ROI file")
-    area.add_argument("--roi-mask", metavar="LABELMAP", help="a label map on the query's patient: the box around --label")
+    area.add_argument("--roi-mask", metavar="LABELMAP",
+                      help="a label map on the query's patient: query the segment --label (its box; its deepest point is placed)")
     search.add_argument("--label", type=int, default=1, help="the label of --roi-mask to query (default 1)")
     area.add_argument("--slice-ras", metavar="R,A,S", help="query the one slice through this RAS point")
     search.add_argument("-k", type=int, default=10, help="number of cases (default 10)")

@@ -115,8 +115,8 @@ def segment_mask(segment, grid, dilate_mm: float):
 GLOBAL_SPACING_MM = 8.0
 
 
-def global_start(query_image, target_image, centre_ras) -> np.ndarray:
-    """The query centre carried by a whole-volume similarity registration (moments-initialised) at a coarser grid."""
+def global_transform(query_image, target_image):
+    """A whole-volume similarity registration (moments-initialised) of the query into the target at a coarser grid."""
     import SimpleITK as sitk
 
     fixed = sitk.Shrink(query_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in query_image.GetSpacing()])
@@ -132,9 +132,18 @@ def global_start(query_image, target_image, centre_ras) -> np.ndarray:
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetInitialTransform(initial, inPlace=False)
-    transform = method.Execute(fixed, moving)
+    return method.Execute(fixed, moving)
+
+
+def carry(transform, centre_ras) -> np.ndarray:
+    """A RAS point through an ITK transform (which works in LPS)."""
     centre_lps = ras_to_lps(np.asarray(centre_ras, float))
     return lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
+
+
+def global_start(query_image, target_image, centre_ras) -> np.ndarray:
+    """The query centre carried by a whole-volume similarity registration (moments-initialised) at a coarser grid."""
+    return carry(global_transform(query_image, target_image), centre_ras)
 
 
 REFINE_MM = 96.0  # the second, local stage: measured against 64 mm and none on the real-anatomy benchmark (docs/benchmarks.md)

@@ -229,6 +229,9 @@ class Searcher:
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
         self._coarse_images = _Recent(COARSE_IMAGES_KEPT)  # results' registration grids: the same cases come back often
+        # The last query volume's grid and its whole-volume registrations into each result: the next ROI on the same
+        # volume (a session queries several) needs only the local stages.
+        self._query_grid: tuple[Volume, object, dict] | None = None
 
     def query_vectors(self, query: Query) -> np.ndarray:
         """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
@@ -387,10 +390,15 @@ class Searcher:
         loader = loader or load_volume_for_query
         vectors = self.query_vectors(query)
         weights = query_weights(query, vectors)
-        try:
-            query_image = placement.coarse_image(query.volume)
-        except RuntimeError:  # ITK: a volume too thin to smooth at the coarse grid: nothing to register
-            return answer
+        if self._query_grid is not None and self._query_grid[0] is query.volume:
+            query_image, global_transforms = self._query_grid[1], self._query_grid[2]
+        else:
+            try:
+                query_image = placement.coarse_image(query.volume)
+            except RuntimeError:  # ITK: a volume too thin to smooth at the coarse grid: nothing to register
+                return answer
+            global_transforms = {}
+            self._query_grid = (query.volume, query_image, global_transforms)
         roi = query.description.get("roi_ras")
         margin = placement.look_alike_margin(max(roi[3:]) if roi else None)
         excluded = self.index.excluded_ids()
@@ -414,7 +422,9 @@ class Searcher:
             similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
             agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
             try:
-                start = placement.global_start(query_image, target_image, query.centre_ras)
+                if result.source not in global_transforms:
+                    global_transforms[result.source] = placement.global_transform(query_image, target_image)
+                start = placement.carry(global_transforms[result.source], query.centre_ras)
                 where = placement.place(query.volume, query.centre_ras, None, {"global": start}, query_image, target_image)
             except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
                 placed.append(result)
