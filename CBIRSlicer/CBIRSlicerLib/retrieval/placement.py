@@ -93,25 +93,6 @@ def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
     return sitk.RegionOfInterest(image, [int(v) for v in high - low + 1], [int(v) for v in low])
 
 
-def segment_mask(segment, grid, dilate_mm: float):
-    """A query segment drawn on a coarse image's grid (uint8, 1 inside), grown by ``dilate_mm``; None if it misses it."""
-    import SimpleITK as sitk
-
-    size = np.array(grid.GetSize())
-    to_lps = np.array(grid.GetDirection()).reshape(3, 3) * np.array(grid.GetSpacing())
-    points = ras_to_lps(np.asarray(segment.points, float).reshape(-1, 3))
-    index = np.rint((points - np.array(grid.GetOrigin())) @ np.linalg.inv(to_lps).T).astype(int)
-    index = index[np.all((index >= 0) & (index < size), axis=1)]
-    if len(index) == 0:
-        return None
-    array = np.zeros(size[::-1], np.uint8)
-    array[index[:, 2], index[:, 1], index[:, 0]] = 1
-    mask = sitk.GetImageFromArray(array)
-    mask.CopyInformation(grid)
-    radius = int(round(dilate_mm / min(grid.GetSpacing())))
-    return sitk.BinaryDilate(mask, [radius] * 3, sitk.sitkBall) if radius > 0 else mask
-
-
 GLOBAL_SPACING_MM = 8.0
 
 
