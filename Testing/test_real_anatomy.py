@@ -136,7 +136,7 @@ def test_metrics_score_a_perfect_answer_as_perfect(bench):
             match = SimpleNamespace(spot=tuple(truth), focus_ras=tuple(truth))
             return SimpleNamespace(results=[SimpleNamespace(source=os.path.abspath(other.image), best_match=match)])
 
-        def place(self, query, answer):
+        def place(self, query, answer, limit=None):
             return answer
 
     from CBIRSlicerLib.index.folder import Index
