@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -58,7 +58,7 @@ README_URL = "https://github.com/cbirslicer/SlicerCBIR#readme"
 TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
 # What the weight-free model needs; every other model also needs the rest of Resources/requirements.txt and torch.
 HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK", "threadpoolctl")
-QUERY_MODES = {"Region (ROI)": "roi", "Current slice": "slice", "Whole volume": "volume"}  # parameter-node values
+QUERY_MODES = {"Region (ROI)": "roi", "Segment": "segment", "Current slice": "slice", "Whole volume": "volume"}  # parameter-node values
 POLL_MS = 100
 LIBRARY = "CBIRSlicerLib"
 
@@ -112,10 +112,13 @@ class CBIRSlicerParameterNode:
     queryVolume: vtkMRMLScalarVolumeNode
     queryMode: Annotated[str, Choice(list(QUERY_MODES))] = "Region (ROI)"
     roiNode: vtkMRMLMarkupsROINode
+    segmentNode: vtkMRMLNode  # a segmentation or a label map volume (the selector offers only those)
+    segmentName: str = ""  # the segment's name (or a label value); empty: the first
     axis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
     queryText: str = ""
     k: Annotated[int, WithinRange(1, 100)] = 10
     filters: str = ""
+    sameKindFirst: bool = True
     linkViews: bool = False
 
 
@@ -241,7 +244,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         building = self._build is not None and not self._build.finished
         searching = self._search is not None
         mode = QUERY_MODES[p.queryMode]
-        canQuery = bool(p.queryVolume) and (mode != "roi" or bool(p.roiNode))
+        canQuery = bool(p.queryVolume) and (mode != "roi" or bool(p.roiNode)) and (mode != "segment" or bool(p.segmentNode))
         self.ui.findSimilarButton.enabled = session and (searching or canQuery or bool(p.queryText.strip()))
         self.ui.findSimilarButton.text = _("Cancel") if searching else _("Find similar")
         self.ui.findSimilarButton.toolTip = (_("Cancel the search") if searching else
@@ -366,7 +369,8 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p.queryText.strip() and self.logic.supportsText():
                 self._search = self.logic.startTextSearch(p.queryText, p.k, p.filters)
             else:
-                self._search = self.logic.startSearch(p.queryVolume, QUERY_MODES[p.queryMode], p.roiNode, p.axis, p.k, p.filters)
+                self._search = self.logic.startSearch(p.queryVolume, QUERY_MODES[p.queryMode], p.roiNode, p.axis, p.k, p.filters,
+                                                      p.segmentNode, p.segmentName, p.sameKindFirst)
             self.ui.searchStatusLabel.text = _("Searching...")
             self._timer.start()
         self._updateButtons()
@@ -814,14 +818,17 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Open an index first."))
         return self.session
 
-    def startSearch(self, volumeNode, mode: str = "roi", roiNode=None, axis: str = "axial", k: int = 10, filters: str = ""):
-        """Start a search from scene nodes ('roi', 'slice' = what the view shows, 'volume'); poll the returned PendingSearch."""
+    def startSearch(self, volumeNode, mode: str = "roi", roiNode=None, axis: str = "axial", k: int = 10, filters: str = "",
+                    segmentNode=None, segment: str = "", sameKindFirst: bool = True):
+        """Start a search from scene nodes ('roi', 'segment', 'slice' = what the view shows, 'volume'); poll the returned
+        PendingSearch. ``sameKindFirst``: cases of the query's modality and body region first (the prior; off: similarity)."""
         session = self._requireSession()
         sliceRas = None
         if mode == "slice":
             axis, sliceRas = views.view_position(self._querySliceNode())
-        query = search_session.query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas)
-        return session.start(query, k, _filters(filters))
+        query = search_session.query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas,
+                                                segment_node=segmentNode, segment=segment.strip() or None)
+        return session.start(query, k, _filters(filters), prior=sameKindFirst)
 
     def startPlacement(self, search):
         """Place a finished search's matches anatomically in the background; poll ``finished`` (None: nothing to place)."""

@@ -190,3 +190,27 @@ def test_anisotropic_volume_gets_square_pixels_of_true_size():
     # 28 slices of 2.0 mm span 54 mm of S; 40 columns of 0.8 mm span 31.2 mm of R.
     assert rows == int(54 / 0.8) + 1 and cols == 40
     assert len(coronal) == 36
+
+
+def test_a_segment_asks_about_its_deepest_voxel_not_its_box_centre(tmp_path):
+    """An L-shaped label (a bent structure, as a rib or the colon): its box centre lies outside it, the point a segment
+    query asks about lies inside, where the structure is thickest; the box is the voxels' extent, half a voxel out."""
+    from CBIRSlicerLib.imaging.roi import roi_of_label, segment_of_label
+
+    labels = np.zeros((20, 30, 40), np.uint8)  # (k, j, i)
+    labels[2:18, 2:8, 2:38] = 4  # a long bar along i, 6 voxels thick in j
+    labels[2:18, 2:28, 2:10] = 4  # and a leg along j, 8 voxels thick in i
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((1.0, 1.5, 2.0))
+    path = str(tmp_path / "labels.nii.gz")
+    sitk.WriteImage(image, path)
+    segment, volume = segment_of_label(path, 4), read_volume(path)
+    ijk = np.rint(volume.ras_to_ijk_points(np.array([segment.centre]))[0]).astype(int)
+    assert labels[ijk[2], ijk[1], ijk[0]] == 4  # inside
+    box_ijk = np.rint(volume.ras_to_ijk_points(np.array([segment.box.center]))[0]).astype(int)
+    assert labels[box_ijk[2], box_ijk[1], box_ijk[0]] == 0  # the box centre is not
+    assert np.allclose(sorted(segment.box.size), sorted([36 * 1.0, 26 * 1.5, 16 * 2.0]))
+    assert roi_of_label(path, 4) == segment.box
+    assert len(segment.points) == int((labels == 4).sum()) and segment.voxel_mm == 2.0
+    with pytest.raises(Exception, match="no voxel of label 5"):
+        segment_of_label(path, 5)

@@ -438,3 +438,39 @@ def test_every_handler_connected_in_setup_ran(request):
     if len(names) < 7:
         pytest.skip("needs the whole file")
     assert HANDLERS_RUN and all(HANDLERS_RUN.values()), {slot: n for slot, n in HANDLERS_RUN.items() if not n}
+
+
+def test_a_segment_query_with_the_prior_switched_off(panel, qtbot, cohort):
+    """Search by a label map's segment: Find similar waits for a segment; the prior's box reaches the search."""
+    import numpy as np
+    import vtk
+    from vtk.util import numpy_support
+
+    from CBIRSlicerLib.scene.nodes import numpy_to_matrix, volume_from_node
+
+    ui, scene = panel.ui, panel.scene
+    query = _query_node(scene)
+    ui.queryVolumeSelector.setCurrentNode(query)
+    _open(panel, qtbot, cohort[0])
+    ui.queryModeComboBox.currentIndex = ui.queryModeComboBox.findText("Segment")
+    assert panel.widget._parameterNode.queryMode == "Segment" and not ui.findSimilarButton.enabled  # no segment yet
+    volume = volume_from_node(query)
+    k, j, i = np.indices(volume.array.shape)
+    ras = volume.ijk_to_ras_points(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float))
+    mask = (np.linalg.norm(ras - np.array(QUERY_CENTRE), axis=1) <= 6.0).reshape(volume.array.shape)
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lesion")
+    labels.SetIJKToRASMatrix(numpy_to_matrix(volume.ijk_to_ras))
+    image = vtk.vtkImageData()
+    image.SetDimensions(*volume.shape_ijk)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = (2 * mask).ravel().astype(np.uint8)
+    labels.SetAndObserveImageData(image)
+    ui.segmentSelector.setCurrentNode(labels)
+    assert ui.findSimilarButton.enabled
+    _click(qtbot, ui.sameKindFirstCheckBox)
+    assert panel.widget._parameterNode.sameKindFirst is False
+    _click(qtbot, ui.findSimilarButton)
+    _wait_search(panel, qtbot)
+    answer = panel.widget._answer
+    assert answer.query["segment"] == "lesion 2" and "prior" not in answer.query and answer.results
+    assert np.allclose(answer.query["roi_ras"][:3], QUERY_CENTRE, atol=1.0)

@@ -115,6 +115,76 @@ def test_an_roi_on_a_new_phantom_finds_a_case_of_its_kind_with_the_match_on_the_
     assert np.all(low[:2] - 1e-6 <= center[:2]) and np.all(center[:2] <= high[:2] + 1e-6)
 
 
+def _ball_mask(volume, center, radius=6.0) -> np.ndarray:
+    """The (k, j, i) voxels of a volume within ``radius`` mm of a RAS point."""
+    k, j, i = np.indices(volume.array.shape)
+    ras = volume.ijk_to_ras_points(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float))
+    return (np.linalg.norm(ras - np.asarray(center), axis=1) <= radius).reshape(volume.array.shape)
+
+
+def test_a_segment_or_a_label_map_is_a_query_region_with_its_mask(tiny_index, session, scene):
+    import vtk
+    from vtk.util import numpy_support
+
+    from CBIRSlicerLib.imaging.volume import Volume
+
+    _, paths = tiny_index
+    phantom = _case(NEW_BALL, "ball")
+    query = node_from_volume(scene, phantom, "new ball")
+    mask = _ball_mask(phantom, NEW_BALL)
+    # A label map volume node: label 3 on the ball, label 1 elsewhere in a corner.
+    labels = np.where(mask, 3, 0).astype(np.uint8)
+    labels[:2, :2, :2] = 1
+    label_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    label_node.SetIJKToRASMatrix(numpy_to_matrix(phantom.ijk_to_ras))
+    label_node.SetAndObserveImageData(node_from_volume(scene, Volume.from_array(labels, phantom.ijk_to_ras), "tmp").GetImageData())
+    # A Segment Editor segmentation: the same ball as a binary labelmap on a grid of its own (offset extent, 1 mm).
+    grid = slicer.vtkOrientedImageData()
+    grid.SetExtent(10, 49, 20, 59, 5, 34)
+    grid.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    grid.SetSpacing(1.0, 1.0, 1.0)
+    grid.SetOrigin(-30.0, -40.0, -20.0)
+    k, j, i = np.indices((30, 40, 40))
+    ras = np.stack([i + 10 - 30.0, j + 20 - 40.0, k + 5 - 20.0], axis=-1)
+    inside = np.linalg.norm(ras - np.array(NEW_BALL), axis=-1) <= 6.0
+    numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())[:] = inside.ravel().astype(np.uint8)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segments")
+    segmentation.GetSegmentation().SetSourceRepresentationName("Binary labelmap")
+    segment = slicer.vtkSegment()
+    segment.SetName("ball")
+    segment.AddRepresentation("Binary labelmap", grid)
+    segmentation.GetSegmentation().AddSegment(segment)
+    try:
+        by_label = query_from_nodes(session.index, query, "axial", "segment", segment_node=label_node, segment="3")
+        by_segment = query_from_nodes(session.index, query, "axial", "segment", segment_node=segmentation, segment="ball")
+        for asked in (by_label, by_segment):
+            # The box holds the ball (radius 6 mm, voxel-rounded), the point asked about is its centre, the mask its voxels.
+            assert np.allclose(asked.roi.center, NEW_BALL, atol=1.0) and np.all(np.array(asked.roi.size) >= 11.0)
+            assert np.all(np.array(asked.roi.size) <= 14.0)
+            assert np.linalg.norm(np.array(asked.centre_ras) - NEW_BALL) <= 1.5  # a voxel centre: within half a voxel diagonal
+            assert np.all(np.linalg.norm(asked.segment.points - NEW_BALL, axis=1) <= 6.0 + 1e-6)
+        assert len(by_segment.segment.points) == int(inside.sum())
+        assert by_label.segment.name == "labels 3" and by_segment.segment.name == "ball"
+        # The first label and the first segment are the defaults; a missing one is named.
+        assert query_from_nodes(session.index, query, "axial", "segment", segment_node=label_node).segment.name == "labels 1"
+        with pytest.raises(ParameterError, match="no segment 'liver'"):
+            query_from_nodes(session.index, query, "axial", "segment", segment_node=segmentation, segment="liver")
+        with pytest.raises(ParameterError, match="no label 7"):
+            query_from_nodes(session.index, query, "axial", "segment", segment_node=label_node, segment="7")
+        with pytest.raises(ParameterError, match="segmentation or a label map"):
+            query_from_nodes(session.index, query, "axial", "segment")
+        # Searched as an ROI query, with the region/modality prior on (default) or off.
+        balls = _balls(paths)
+        on = session.start(by_segment, k=3).wait(timeout=60)
+        again = query_from_nodes(session.index, query, "axial", "segment", segment_node=segmentation)  # the first segment
+        off = session.start(again, k=3, prior=False).wait(timeout=60)
+        assert on.results[0].source in balls and off.results[0].source in balls
+        assert "prior" in on.query and "prior" not in off.query
+    finally:
+        scene.RemoveNode(segmentation)
+        scene.RemoveNode(label_node)
+
+
 def test_an_unsaved_copy_of_a_case_does_not_find_itself_in_any_mode(tiny_index, session, scene):
     _, paths = tiny_index
     copy = node_from_volume(scene, read_volume(paths[2]), "query copy")  # no file behind it: found by its voxels

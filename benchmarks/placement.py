@@ -50,18 +50,24 @@ def main() -> None:
             asked = roi_query(volume, query["roi"], "axial", searcher.index)
             began = time.perf_counter()
             answer = searcher.search(asked, k=args.k)
-            searched = time.perf_counter()
+            searched, cpu = time.perf_counter(), time.process_time()
             placed = searcher.place(asked, answer)
-            done = time.perf_counter()
+            done, cpu = time.perf_counter(), time.process_time() - cpu
             rows.append({"warm": warm, "structure": query["structure"], "results": len(placed.results),
                          "search_s": round(searched - began, 3), "place_s": round(done - searched, 3),
+                         "place_cpu_s": round(cpu, 3),
                          "placed": sum(r.best_match.placed_ras is not None for r in placed.results)})
             print(rows[-1], flush=True)
     summary = {("warm" if warm else "cold"): {
         "place_s_median": round(float(np.median([r["place_s"] for r in rows if r["warm"] == warm])), 2),
         "place_s_max": round(float(np.max([r["place_s"] for r in rows if r["warm"] == warm])), 2),
+        # CPU seconds of all the process's threads: what placing costs whatever else runs (wall on 2 free cores <= this)
+        "place_cpu_s_median": round(float(np.median([r["place_cpu_s"] for r in rows if r["warm"] == warm])), 2),
+        "place_cpu_s_max": round(float(np.max([r["place_cpu_s"] for r in rows if r["warm"] == warm])), 2),
         "search_s_median": round(float(np.median([r["search_s"] for r in rows if r["warm"] == warm])), 3)} for warm in (False, True)}
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "k": args.k, "summary": summary, "rows": rows}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_average_1min_at_end": load, "k": args.k,
+              "summary": summary, "rows": rows}
     print(json.dumps(summary, indent=1))
     if args.out:
         with open(args.out, "w") as handle:

@@ -331,7 +331,7 @@ def _read_batch(path: str) -> list[dict]:
 
 def _search(args: argparse.Namespace) -> int:
     """cbir search: similar cases for a volume, an ROI, a slice, a phrase, an item, or a batch of queries."""
-    from .imaging.roi import RoiBox, read_markups_roi, roi_of_label
+    from .imaging.roi import RoiBox, read_markups_roi, segment_of_label
     from .index.folder import Index
     from .retrieval.answers import SearchAnswer
     from .retrieval.search import (
@@ -340,6 +340,7 @@ def _search(args: argparse.Namespace) -> int:
         load_volume_for_query,
         parse_filters,
         roi_query,
+        segment_query,
         slice_query,
         text_query,
         volume_query,
@@ -354,9 +355,11 @@ def _search(args: argparse.Namespace) -> int:
 
     made = {}  # the last query, for --save
 
-    def volume_search(path: str, roi: RoiBox | None) -> SearchAnswer:
+    def volume_search(path: str, roi: RoiBox | None, segment=None) -> SearchAnswer:
         volume = load_volume_for_query(path)
-        if roi is not None:
+        if segment is not None:
+            query = segment_query(volume, segment, args.axis, index, args.margin_mm)
+        elif roi is not None:
             query = roi_query(volume, roi, args.axis, index, args.margin_mm)
         elif args.slice_ras:
             query = slice_query(volume, args.axis, index, _ras_point(args.slice_ras))
@@ -386,8 +389,8 @@ def _search(args: argparse.Namespace) -> int:
         answer = searcher.search(made["query"], args.k, filters, args.ranking)
     elif args.volume:
         roi = RoiBox.parse(args.roi_ras) if args.roi_ras else read_markups_roi(args.roi) if args.roi else None
-        roi = roi_of_label(args.roi_mask, args.label) if args.roi_mask else roi
-        answer = volume_search(args.volume, roi)
+        segment = segment_of_label(args.roi_mask, args.label) if args.roi_mask else None
+        answer = volume_search(args.volume, roi, segment)
     else:
         raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
     if args.save:
@@ -658,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     area = search.add_mutually_exclusive_group()
     area.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ", help="ROI centre and size in RAS mm")
     area.add_argument("--roi", metavar="FILE.mrk.json", help="a Slicer markups ROI file")
-    area.add_argument("--roi-mask", metavar="LABELMAP", help="a label map on the query's patient: the box around --label")
+    area.add_argument("--roi-mask", metavar="LABELMAP",
+                      help="a label map on the query's patient: query the segment --label (its box; its deepest point is placed)")
     search.add_argument("--label", type=int, default=1, help="the label of --roi-mask to query (default 1)")
     area.add_argument("--slice-ras", metavar="R,A,S", help="query the one slice through this RAS point")
     search.add_argument("-k", type=int, default=10, help="number of cases (default 10)")

@@ -90,16 +90,69 @@ def read_markups_roi(path: str) -> RoiBox:
     return RoiBox.from_bounds(corners.min(axis=0), corners.max(axis=0))
 
 
-def roi_of_label(path: str, label: int) -> RoiBox:
-    """The RAS box around one label of a label map file (a Segment Editor export): its voxels' extent, half a voxel out."""
+MAX_SEGMENT_POINTS = 20000  # voxel centres kept for the mask: a 4 mm registration grid needs no more
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A structure outlined on the query's patient (a Segment Editor segment or a label of a label map).
+
+    ``box`` is the RAS box around its voxels, ``centre`` the voxel deepest inside it (farthest from its border: inside
+    even when the structure is curved, where the box centre may not be), ``points`` RAS voxel centres (evenly thinned
+    to at most MAX_SEGMENT_POINTS) and ``voxel_mm`` the label map's largest spacing, for drawing the mask on other grids.
+    """
+
+    box: RoiBox
+    centre: tuple[float, float, float]
+    points: np.ndarray
+    voxel_mm: float
+    name: str = ""
+
+
+def segment_of_array(mask_kji: np.ndarray, ijk_to_ras: np.ndarray, name: str = "") -> Segment:
+    """A :class:`Segment` from a boolean (k, j, i) mask and its grid's 4 x 4 IJK-to-RAS matrix."""
+    import SimpleITK as sitk
+
+    mask = np.asarray(mask_kji, bool)
+    where = np.argwhere(mask)
+    if where.size == 0:
+        raise ParameterError(f"segment '{name}' is empty")
+    matrix = np.asarray(ijk_to_ras, float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)  # (i, j, k)
+    low, high = where.min(axis=0), where.max(axis=0)
+    crop = np.pad(mask[low[0]:high[0] + 1, low[1]:high[1] + 1, low[2]:high[2] + 1], 1)
+    image = sitk.GetImageFromArray(crop.astype(np.uint8))
+    image.SetSpacing(tuple(float(v) for v in spacing))
+    depth = -sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                                                  useImageSpacing=True))
+    deepest = np.argwhere(depth >= depth.max() - 1e-6) - 1 + low
+    centroid = where.mean(axis=0)
+    centre_kji = deepest[np.argmin(np.linalg.norm((deepest - centroid) * spacing[::-1], axis=1))]
+
+    def ras(kji: np.ndarray) -> np.ndarray:
+        ijk = np.asarray(kji, float)[..., ::-1]
+        return ijk @ matrix[:3, :3].T + matrix[:3, 3]
+
+    corners_ijk = np.array([[a, b, c] for a in (low[2] - 0.5, high[2] + 0.5) for b in (low[1] - 0.5, high[1] + 0.5)
+                            for c in (low[0] - 0.5, high[0] + 0.5)])
+    corners = corners_ijk @ matrix[:3, :3].T + matrix[:3, 3]
+    step = max(1, int(np.ceil(len(where) / MAX_SEGMENT_POINTS)))
+    return Segment(RoiBox.from_bounds(corners.min(axis=0), corners.max(axis=0)), tuple(float(v) for v in ras(centre_kji)),
+                   ras(where[::step]), float(spacing.max()), name)
+
+
+def segment_of_label(path: str, label: int) -> Segment:
+    """One label of a label map file (a Segment Editor export) as a :class:`Segment`."""
     from .readers import read_volume
 
     labels = read_volume(path)
-    where = np.argwhere(np.asarray(labels.array) == label)
-    if where.size == 0:
+    mask = np.asarray(labels.array) == label
+    if not mask.any():
         present = sorted(int(v) for v in np.unique(labels.array) if v != 0)[:20]
         raise InputError(path, f"holds no voxel of label {label} (labels present: {present or 'none'})")
-    low, high = where.min(axis=0)[::-1] - 0.5, where.max(axis=0)[::-1] + 0.5  # (k, j, i) rows to (i, j, k) corners
-    corners = labels.ijk_to_ras_points(np.array([[a, b, c] for a in (low[0], high[0]) for b in (low[1], high[1])
-                                                 for c in (low[2], high[2])]))
-    return RoiBox.from_bounds(corners.min(axis=0), corners.max(axis=0))
+    return segment_of_array(mask, labels.ijk_to_ras, f"label {label}")
+
+
+def roi_of_label(path: str, label: int) -> RoiBox:
+    """The RAS box around one label of a label map file (a Segment Editor export): its voxels' extent, half a voxel out."""
+    return segment_of_label(path, label).box

@@ -96,8 +96,8 @@ def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
 GLOBAL_SPACING_MM = 8.0
 
 
-def global_start(query_image, target_image, centre_ras) -> np.ndarray:
-    """The query centre carried by a whole-volume similarity registration (moments-initialised) at a coarser grid."""
+def global_transform(query_image, target_image):
+    """A whole-volume similarity registration (moments-initialised) of the query into the target at a coarser grid."""
     import SimpleITK as sitk
 
     fixed = sitk.Shrink(query_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in query_image.GetSpacing()])
@@ -113,9 +113,18 @@ def global_start(query_image, target_image, centre_ras) -> np.ndarray:
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetInitialTransform(initial, inPlace=False)
-    transform = method.Execute(fixed, moving)
+    return method.Execute(fixed, moving)
+
+
+def carry(transform, centre_ras) -> np.ndarray:
+    """A RAS point through an ITK transform (which works in LPS)."""
     centre_lps = ras_to_lps(np.asarray(centre_ras, float))
     return lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
+
+
+def global_start(query_image, target_image, centre_ras) -> np.ndarray:
+    """The query centre carried by a whole-volume similarity registration (moments-initialised) at a coarser grid."""
+    return carry(global_transform(query_image, target_image), centre_ras)
 
 
 REFINE_MM = 96.0  # the second, local stage: measured against 64 mm and none on the real-anatomy benchmark (docs/benchmarks.md)
@@ -169,6 +178,32 @@ def register_from(fixed, moving, centre_ras, start_ras, iterations: int = ITERAT
     return transform, float(check.MetricEvaluate(fixed, moving))
 
 
+DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 96 mm (docs/benchmarks.md)
+DEFORM_ITERATIONS = 50
+DEFORM_SIGMA_VOXELS = 1.5  # Gaussian regularisation of the displacement field, in 4 mm voxels
+
+
+def deform(fixed, moving, transform, centre_ras) -> np.ndarray:
+    """The query centre carried through the rigid transform and a demons deformation of the query's neighbourhood.
+
+    The result is resampled onto the neighbourhood through the rigid transform and its histogram matched to the query's
+    (demons compares intensities: an MR's gain or a CT's reconstruction shift would otherwise pull); the smooth
+    displacement field found there moves the centre before the rigid transform carries it (what the rigid stage cannot
+    follow: organs that moved against their neighbours, a different body shape).
+    """
+    import SimpleITK as sitk
+
+    lowest = float(np.min(sitk.GetArrayViewFromImage(moving)))
+    resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, lowest, sitk.sitkFloat32)
+    resampled = sitk.HistogramMatching(resampled, fixed, 64, 7, True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(DEFORM_ITERATIONS)
+    demons.SetStandardDeviations(DEFORM_SIGMA_VOXELS)
+    field = sitk.DisplacementFieldTransform(sitk.Cast(demons.Execute(fixed, resampled), sitk.sitkVectorFloat64))
+    centre_lps = tuple(float(v) for v in ras_to_lps(np.asarray(centre_ras, float)))
+    return lps_to_ras(np.array(transform.TransformPoint(field.TransformPoint(centre_lps))))
+
+
 def place(query: Volume, centre_ras, target: Volume | None, starts: dict[str, np.ndarray],
           query_image=None, target_image=None) -> Placement:
     """The query centre carried into the target by the best of rigid registrations from the named starts (RAS points)."""
@@ -197,6 +232,12 @@ def place(query: Volume, centre_ras, target: Volume | None, starts: dict[str, np
             pass
     centre_lps = ras_to_lps(np.asarray(centre_ras, float))
     placed = lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
+    local = neighbourhood(query_image, centre_ras, DEFORM_MM) if DEFORM_MM else None
+    if local is not None:
+        try:
+            placed = deform(local, target_image, transform, centre_ras)
+        except RuntimeError:  # ITK: nothing of the result inside the neighbourhood: keep the rigid answer
+            pass
     return Placement(tuple(float(v) for v in placed), name, metric, time.monotonic() - began)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import IndexCorruptError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
-from ..imaging.roi import RoiBox
+from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy, vector_transform
@@ -48,6 +48,7 @@ class Query:
     volume: Volume | None = None  # the query's volume: 3D models embed it (or the ROI's part); placement registers it
     roi: RoiBox | None = None
     centre_ras: tuple[float, float, float] | None = None  # the point asked about, for placing matches anatomically
+    segment: Segment | None = None  # a query by segment: its voxels weight the placement's registration
 
 
 def _sample(items: list, count: int) -> list:
@@ -93,6 +94,13 @@ def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: f
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
                  [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, roi=roi,
                  centre_ras=tuple(float(v) for v in roi.center))
+
+
+def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+    """A segment's box as an ROI query, asking about the segment's deepest point, with its voxels for placement."""
+    query = roi_query(volume, segment.box, axis, index, margin_mm)
+    query.description["segment"] = segment.name
+    return dataclasses.replace(query, centre_ras=segment.centre, segment=segment)
 
 
 def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
@@ -221,6 +229,9 @@ class Searcher:
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
         self._coarse_images = _Recent(COARSE_IMAGES_KEPT)  # results' registration grids: the same cases come back often
+        # The last query volume's grid and its whole-volume registrations into each result: the next ROI on the same
+        # volume (a session queries several) needs only the local stages.
+        self._query_grid: tuple[Volume, object, dict] | None = None
 
     def query_vectors(self, query: Query) -> np.ndarray:
         """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
@@ -379,10 +390,15 @@ class Searcher:
         loader = loader or load_volume_for_query
         vectors = self.query_vectors(query)
         weights = query_weights(query, vectors)
-        try:
-            query_image = placement.coarse_image(query.volume)
-        except RuntimeError:  # ITK: a volume too thin to smooth at the coarse grid: nothing to register
-            return answer
+        if self._query_grid is not None and self._query_grid[0] is query.volume:
+            query_image, global_transforms = self._query_grid[1], self._query_grid[2]
+        else:
+            try:
+                query_image = placement.coarse_image(query.volume)
+            except RuntimeError:  # ITK: a volume too thin to smooth at the coarse grid: nothing to register
+                return answer
+            global_transforms = {}
+            self._query_grid = (query.volume, query_image, global_transforms)
         roi = query.description.get("roi_ras")
         margin = placement.look_alike_margin(max(roi[3:]) if roi else None)
         excluded = self.index.excluded_ids()
@@ -406,7 +422,9 @@ class Searcher:
             similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
             agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
             try:
-                start = placement.global_start(query_image, target_image, query.centre_ras)
+                if result.source not in global_transforms:
+                    global_transforms[result.source] = placement.global_transform(query_image, target_image)
+                start = placement.carry(global_transforms[result.source], query.centre_ras)
                 where = placement.place(query.volume, query.centre_ras, None, {"global": start}, query_image, target_image)
             except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
                 placed.append(result)

@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from ..errors import DimensionError, GeometryError
-from ..imaging.roi import RoiBox
+from ..errors import DimensionError, GeometryError, ParameterError
+from ..imaging.roi import RoiBox, Segment, segment_of_array
 from ..imaging.volume import Volume
 
 ORTHOGONALITY_TOLERANCE = 1e-4  # a hardened matrix whose axes are skewed beyond this would need resampling
@@ -79,6 +79,50 @@ def volume_from_node(node) -> Volume:
         raise GeometryError(f"the transform of '{node.GetName()}' shears its voxel grid; harden it with resampling "
                             "(Resample Scalar/Vector/DWI Volume) before searching")
     return Volume.from_array(array, ijk_to_world, name=node.GetName(), source=_storage_file(node))
+
+
+def segment_from_node(node, segment: str | int | None = None) -> Segment:
+    """A query :class:`Segment` from a segmentation node (a segment by name or ID; default the first) or a label map
+    volume node (a label value; default the smallest present), in world RAS (parent transforms applied)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    if node is None:
+        raise ParameterError("choose a segmentation or a label map for the segment query")
+    if node.IsA("vtkMRMLSegmentationNode"):
+        segmentation = node.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:
+            raise ParameterError(f"segmentation '{node.GetName()}' has no segment; outline one in the Segment Editor")
+        segment_id = segmentation.GetNthSegmentID(0) if segment in (None, "") else str(segment)
+        if segmentation.GetSegment(segment_id) is None:
+            segment_id = segmentation.GetSegmentIdBySegmentName(str(segment))
+        if not segment_id or segmentation.GetSegment(segment_id) is None:
+            names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+            raise ParameterError(f"segmentation '{node.GetName()}' has no segment '{segment}' (segments: {', '.join(names)})")
+        found = segmentation.GetSegment(segment_id)
+        image = found.GetRepresentation("Binary labelmap")
+        if image is None:
+            raise ParameterError(f"segment '{found.GetName()}' of '{node.GetName()}' has no binary labelmap; show it in 2D first")
+        extent = image.GetExtent()
+        dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
+        if min(dims) <= 0:
+            raise ParameterError(f"segment '{found.GetName()}' of '{node.GetName()}' is empty")
+        array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        start = np.eye(4)
+        start[:3, 3] = extent[0], extent[2], extent[4]  # the array's first voxel is the extent's start
+        ijk_to_world = to_world_matrix(node) @ matrix_to_numpy(matrix) @ start
+        return segment_of_array(array == found.GetLabelValue(), ijk_to_world, found.GetName())
+    labels = volume_from_node(node)
+    values = np.unique(labels.array)
+    values = values[values != 0]
+    if values.size == 0:
+        raise ParameterError(f"label map '{node.GetName()}' has no labelled voxel")
+    label = int(values.min()) if segment in (None, "") else int(segment)
+    if label not in values:
+        raise ParameterError(f"label map '{node.GetName()}' has no label {label} (labels: {values[:20].tolist()})")
+    return segment_of_array(labels.array == label, labels.ijk_to_ras, f"{node.GetName()} {label}")
 
 
 def node_from_volume(scene, volume: Volume, name: str | None = None):

@@ -21,10 +21,10 @@ from ..index.folder import MANIFEST, Index
 from ..models.base import VOLUME_FAMILIES, Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..retrieval.answers import SearchAnswer
-from ..retrieval.search import Query, Searcher, item_query, roi_query, slice_query, volume_query
-from .nodes import roi_from_node, volume_from_node
+from ..retrieval.search import Query, Searcher, item_query, roi_query, segment_query, slice_query, volume_query
+from .nodes import roi_from_node, segment_from_node, volume_from_node
 
-QUERY_MODES = ("roi", "slice", "volume")
+QUERY_MODES = ("roi", "segment", "slice", "volume")
 
 _services: dict[tuple[str, str | None, str | None], EmbeddingService] = {}
 
@@ -92,8 +92,9 @@ class ServiceModel(Embedder):
 
 
 def query_from_nodes(index: Index, volume_node, axis: str = "axial", mode: str = "roi", roi_node=None,
-                     slice_ras: Sequence[float] | None = None) -> Query:
-    """A query from the scene: the ROI's slices (mode 'roi'), the slice through a point ('slice') or the whole volume."""
+                     slice_ras: Sequence[float] | None = None, segment_node=None, segment: str | int | None = None) -> Query:
+    """A query from the scene: the ROI's slices (mode 'roi'), a segment's ('segment': a segmentation node's segment, by
+    name or ID, or a label of a label map node), the slice through a point ('slice') or the whole volume."""
     if mode not in QUERY_MODES:
         raise ParameterError(f"query mode must be one of {', '.join(QUERY_MODES)}, not '{mode}'")
     if volume_node is None:
@@ -103,6 +104,8 @@ def query_from_nodes(index: Index, volume_node, axis: str = "axial", mode: str =
         if roi_node is None:
             raise ParameterError("choose or place an ROI first, or query the current slice or the whole volume")
         return roi_query(volume, roi_from_node(roi_node), axis, index)
+    if mode == "segment":
+        return segment_query(volume, segment_from_node(segment_node, segment), axis, index)
     if mode == "slice":
         return slice_query(volume, axis, index, slice_ras)
     return volume_query(volume, axis, index)
@@ -122,9 +125,9 @@ class PendingSearch:
     """One search whose query images are being embedded in the background; poll it from a timer."""
 
     def __init__(self, session: SearchSession, query: Query, job: Job | None, k: int, filters: dict[str, str] | None,
-                 ranking: str):
+                 ranking: str, prior: bool = True):
         self.session, self.query, self.job = session, query, job
-        self.k, self.filters, self.ranking = k, filters, ranking
+        self.k, self.filters, self.ranking, self.prior = k, filters, ranking, prior
         self.answer: SearchAnswer | None = None
         self.error: Exception | None = None
         self.cancelled = False
@@ -157,7 +160,7 @@ class PendingSearch:
 
     def _finish(self) -> None:
         try:
-            self.answer = self.session.searcher().search(self.query, self.k, self.filters, self.ranking)
+            self.answer = self.session.searcher().search(self.query, self.k, self.filters, self.ranking, prior=self.prior)
         except CBIRError as error:
             self.error = error
 
@@ -237,8 +240,11 @@ class SearchSession:
             self._searcher = Searcher(self.index, embedder=model)  # refuses a model other than the index's
         return self._searcher
 
-    def start(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, ranking: str = "maxsim") -> PendingSearch:
-        """Start a search: the query's images go to the worker at once; returns without waiting."""
+    def start(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, ranking: str = "maxsim",
+              prior: bool = True) -> PendingSearch:
+        """Start a search: the query's images go to the worker at once; returns without waiting.
+
+        ``prior``: cases of the query's own modality and body region first (:meth:`Searcher.search`); off, all alike."""
         job = None
         # decided from the index's model family, so a search starts without waiting for the worker's model to load
         if query.vectors is None and self.index.fingerprint.get("family") in VOLUME_FAMILIES:
@@ -247,7 +253,7 @@ class SearchSession:
             if not query.images:
                 raise ParameterError("the query holds no images (is the ROI outside the volume?)")
             job = self.service.submit_images(query.images)
-        return PendingSearch(self, query, job, k, filters, ranking)
+        return PendingSearch(self, query, job, k, filters, ranking, prior)
 
     def _volume_job(self, query: Query):
         """A 3D model embeds the query's volume (its ROI, or all of it) in the worker; slice queries are refused."""
