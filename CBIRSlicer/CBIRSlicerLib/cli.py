@@ -247,6 +247,8 @@ def _index_other(args: argparse.Namespace) -> int:
         return 0
     index = Index.open(args.index, strict=args.action != "verify")
     _state_note(index)
+    if args.action == "suggest-labels":
+        return _suggest_labels(args, index)
     if args.action == "info":
         info = index.info()
         if args.json:
@@ -267,6 +269,24 @@ def _index_other(args: argparse.Namespace) -> int:
         print(f"problem: {problem}")
     print("index is consistent" if not problems else f"{len(problems)} problem(s) found")
     return 0 if not problems else 1
+
+
+def _suggest_labels(args: argparse.Namespace, index) -> int:
+    """cbir index suggest-labels: unlabelled cases whose label would help the suggestions most (active learning)."""
+    from .retrieval.suggestion import labels_to_ask_for
+
+    if args.count < 1:
+        raise CBIRError(f"--count must be 1 or more; got {args.count}")
+    wanted = labels_to_ask_for(index, args.column, args.count)
+    if args.json:
+        print(json.dumps(wanted, indent=1))
+        return 0
+    if not wanted:
+        print("every case is labelled")
+    for n, entry in enumerate(wanted, start=1):
+        vote = ", ".join(f"{k} {v:.2f}" for k, v in entry["current_vote"].items()) or "no labelled neighbour"
+        print(f"{n:>3}. {entry['case_id']}  uncertainty {entry['uncertainty']:.2f}, distance {entry['distance']:.3f}  ({vote})")
+    return 0
 
 
 def _ras_point(text: str) -> list[float]:
@@ -337,17 +357,22 @@ def _search(args: argparse.Namespace) -> int:
         answer = searcher.search(query, args.k, filters, args.ranking, prior=not args.no_prior)
         return answer if args.no_place else searcher.place(query, answer)
 
+    suggest = _suggester(args, index)
     if args.batch:
         rows = _read_batch(args.batch)
         for row in rows:
             text = (row.get("roi_ras") or "").strip()
             try:
-                line = volume_search(row["volume"], RoiBox.parse(text) if text else None).to_json()
+                line = suggest(volume_search(row["volume"], RoiBox.parse(text) if text else None)).to_json()
             except CBIRError as error:
                 line = {"query": {"volume": os.path.abspath(row["volume"]), "roi_ras": text or None}, "error": str(error)}
             print(json.dumps(line), flush=True)
         return 0
-    if args.text:
+    if args.from_answer:
+        answer = _feedback_search(args, searcher, filters)
+    elif args.relevant or args.not_relevant:
+        raise CBIRError("--relevant and --not-relevant mark results of an earlier answer: give it with --from ANSWER.json")
+    elif args.text:
         answer = searcher.search(text_query(args.text, searcher.embedder), args.k, filters, args.ranking)
     elif args.like is not None:
         answer = searcher.search(item_query(index, args.like), args.k, filters, args.ranking)
@@ -357,10 +382,13 @@ def _search(args: argparse.Namespace) -> int:
         answer = volume_search(args.volume, roi)
     else:
         raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
+    answer = suggest(answer)
     if args.json:
         print(json.dumps(answer.to_json(), indent=1))
         return 0
     print(f"query: {json.dumps(answer.query)}  (ranking {answer.ranking})")
+    if answer.suggestion is not None:
+        print(answer.suggestion.line() if hasattr(answer.suggestion, "line") else f"no suggestion: {answer.suggestion['reason']}")
     if not answer.results:
         print("no results")
     for result in answer.results:
@@ -368,6 +396,40 @@ def _search(args: argparse.Namespace) -> int:
         where = f"{best.axis} slice {best.slice_index} at RAS ({', '.join(f'{v:.1f}' for v in best.ras)})"
         print(f"{result.rank:>3}. {result.score:.3f}  {result.title:<28} {where}  {result.source}")
     return 0
+
+
+def _suggester(args: argparse.Namespace, index):
+    """Adds the suggested finding to an answer (issue 19); answers of an index without labels are left as they are."""
+    if args.suggest == "none":
+        return lambda answer: answer
+    from .retrieval.suggestion import Suggester
+
+    suggester = Suggester(index, args.suggest)
+    return suggester.attach
+
+
+def _case_ids(text: str | None) -> list[str]:
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+def _feedback_search(args: argparse.Namespace, searcher, filters):
+    """cbir search --from ANSWER.json [--relevant IDS] [--not-relevant IDS]: the same query again, using the marks."""
+    from .retrieval.feedback import feedback_from_answer, query_from_answer, search_again
+
+    try:
+        with open(args.from_answer, encoding="utf-8") as handle:
+            earlier = json.load(handle)
+    except FileNotFoundError:
+        raise CBIRError(f"{args.from_answer}: answer JSON does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CBIRError(f"{args.from_answer}: not a JSON answer of 'cbir search --json' ({error})") from None
+    if not isinstance(earlier, dict) or "query" not in earlier or "results" not in earlier:
+        raise CBIRError(f"{args.from_answer}: not a JSON answer of 'cbir search --json' (no query and results)")
+    marks = feedback_from_answer(earlier, _case_ids(args.relevant), _case_ids(args.not_relevant), args.from_answer)
+    query = query_from_answer(earlier, searcher, args.from_answer)
+    answer = search_again(searcher, query, marks, args.k, filters, earlier.get("ranking", args.ranking), args.feedback,
+                          prior=not args.no_prior)
+    return answer if args.no_place else searcher.place(query, answer)
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -468,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth)
 
     index = commands.add_parser("index", help="build, extend, check an index of volumes")
-    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair"])
+    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair", "suggest-labels"])
     index.add_argument("sources", nargs="*", help="files and folders to index (build, add), or case ids / sources (remove)")
     index.add_argument("--index", required=True, help="index folder")
     index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
@@ -490,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     index.add_argument("--json", action="store_true", help="info as JSON")
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
+    index.add_argument("--column", help="suggest-labels: the label column (default 'label' or 'finding')")
+    index.add_argument("--count", type=int, default=10, help="suggest-labels: how many cases to list (default 10)")
     index.set_defaults(run=lambda a: _index_build(a) if a.action in ("build", "add") else _index_other(a))
 
     search = commands.add_parser("search", help="find the cases most similar to a volume, an ROI, a slice or a phrase")
@@ -518,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="load the index's model from elsewhere, e.g. local-dir:PATH (fingerprints must match)")
     search.add_argument("--device", help="cuda, mps or cpu")
     search.add_argument("--json", action="store_true", help="answer as JSON")
+    _feedback_arguments(search)
     search.set_defaults(run=_search)
 
     evaluate = commands.add_parser("evaluate", help="retrieval metrics (modified P@k, mAP@k, recall@k, localisation) "
@@ -549,6 +614,21 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print the description as JSON")
     models.set_defaults(run=_models)
     return parser
+
+
+def _feedback_arguments(search: argparse.ArgumentParser) -> None:
+    """The suggestion and relevance-feedback options of 'cbir search' (issue 19)."""
+    from .retrieval.feedback import DEFAULT_STRATEGY, STRATEGIES
+
+    search.add_argument("--suggest", metavar="COLUMN",
+                        help="label column to suggest a finding from: 'label' (the --labels of index build), a metadata field, "
+                             "or 'none' (default: 'label' or 'finding' when cases have one)")
+    search.add_argument("--from", dest="from_answer", metavar="ANSWER.json",
+                        help="search again for the query of an earlier JSON answer, using --relevant / --not-relevant marks")
+    search.add_argument("--relevant", metavar="CASE_ID,...", help="with --from: results of that answer that are relevant")
+    search.add_argument("--not-relevant", metavar="CASE_ID,...", help="with --from: results of that answer that are not")
+    search.add_argument("--feedback", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+                        help=f"how marks change the search (default {DEFAULT_STRATEGY}; see docs/benchmarks.md)")
 
 
 # Options whose value is a list of numbers that may start with a minus sign ('--roi-ras -9,-7,34,30,30,30').
