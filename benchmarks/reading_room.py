@@ -100,12 +100,17 @@ def feedback_rounds(searcher, query, first, is_relevant, total_relevant: int, st
 
 
 def summarise_feedback(rows: list[dict]) -> dict:
-    """Mean mP@5 per strategy and round over the queries where something relevant is left at every round."""
-    strategies = rows[0].keys() if rows else []
-    scored = [r for r in rows if all(v is not None for values in r.values() for v in values)]
-    return {"queries": len(rows), "scored": len(scored),
-            **{s: [round(float(np.mean([r[s][n] for r in scored])), 3) if scored else None for n in range(ROUNDS + 1)]
-               for s in strategies}}
+    """Mean mP@5 per strategy after 0..ROUNDS rounds, each round over the queries with something relevant left in every strategy."""
+    strategies = list(rows[0]) if rows else []
+    out = {"queries": len(rows), "scored_per_round": []}
+    for s in strategies:
+        out[s] = []
+    for n in range(ROUNDS + 1):
+        scored = [r for r in rows if all(r[s][n] is not None for s in strategies)]
+        out["scored_per_round"].append(len(scored))
+        for s in strategies:
+            out[s].append(round(float(np.mean([r[s][n] for r in scored])), 3) if scored else None)
+    return out
 
 
 def suggestion_metrics(votes: list[dict], index_calibration) -> dict:

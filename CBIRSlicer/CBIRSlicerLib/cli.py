@@ -466,11 +466,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             embedder = create_embedder(args.model or "biomedclip", device=args.device)
             index = Index.create(folder, embedder, IndexSettings(axes=[args.axis]))
+        labels: dict[str, list[str]] = {}
+        for row in rows:  # the cases carry the CSV's labels, for suggestions on later searches of this index
+            mine = labels.setdefault(os.path.abspath(row.path), [])
+            if row.label not in mine:
+                mine.append(row.label)
         with index:  # indexes what is missing; already indexed, unchanged files are skipped
-            report = index.add_sources(sorted({r.path for r in rows}), embedder, progress=_progress_printer("indexing"))
+            report = index.add_sources(sorted({r.path for r in rows}), embedder, progress=_progress_printer("indexing"),
+                                       labels=labels)
         if report.skipped:
             print(report.summary(), file=sys.stderr)
         evaluation = evaluate_volumes(rows, Searcher(Index.open(folder), embedder), ks, args.axis, args.ranking)
+        _pin_knn_calibration(folder, evaluation.summary.get("knn"))
     else:
         raise CBIRError(f"{args.input}: no such file or folder (give a labels CSV or a folder per class of 2D images)")
     evaluation.summary["model"] = embedder.name
@@ -487,6 +494,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(format_summary(evaluation.summary, ks))
         print(f"wrote {out / 'evaluation.json'} and {out / 'precision_at_k.png'}")
     return 0
+
+
+def _pin_knn_calibration(folder: str, knn: dict | None) -> None:
+    """Keep the suggestion's calibration fitted on the evaluation's votes in the index (searches prefer it)."""
+    from .index.folder import Index
+    from .retrieval.suggestion import Calibration, pin_calibration
+
+    if knn and knn.get("answered"):
+        with Index.open(folder, writable=True) as index:
+            pin_calibration(index, "label", Calibration(**knn["calibration"]))
 
 
 def _demo(args: argparse.Namespace) -> int:

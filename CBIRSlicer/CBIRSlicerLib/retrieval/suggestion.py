@@ -253,7 +253,8 @@ def pin_calibration(index, column: str, calibration: Calibration) -> None:
     """Keep a calibration in the index's catalog for later searches (needs the index open for writing)."""
     pinned = dict(index.catalog.meta(CALIBRATION_META) or {})
     pinned[column] = calibration.to_json()
-    index.catalog.set_meta(CALIBRATION_META, pinned)
+    with index.catalog.transaction():
+        index.catalog.set_meta(CALIBRATION_META, pinned)
 
 
 class Suggester:
