@@ -336,6 +336,44 @@ def test_a_crashed_model_worker_is_a_status_line_and_the_next_search_works(panel
     assert len(_rows(ui)) == 4 and ui.searchStatusLabel.text == "4 similar cases. Matches placed."
 
 
+def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp_path):
+    """Relevance feedback from the panel (issue 19): marks on the rows, 'Search again' leaves the marked cases out; the
+    suggestion line says why there is none when the index's labels are too few (2 cases per kind here)."""
+    from CBIRSlicerLib.models.registry import create_embedder
+
+    ui, scene = panel.ui, panel.scene
+    folder, _, paths = cohort
+    labelled = str(tmp_path / "labelled-index")
+    embedder = create_embedder("handcrafted")
+    with Index.create(labelled, embedder, IndexSettings(**SETTINGS)) as index:
+        index.add_sources(paths, embedder, labels={os.path.abspath(p): [k] for p, (_, k) in zip(paths, BLOBS)})
+    ui.queryVolumeSelector.setCurrentNode(_query_node(scene))
+    _open(panel, qtbot, labelled)
+    ui.queryModeComboBox.currentIndex = ui.queryModeComboBox.findText("Whole volume")
+    ui.kSpinBox.value = 4
+    assert not ui.relevantButton.enabled and not ui.searchAgainButton.enabled
+    _click(qtbot, ui.findSimilarButton)
+    _wait_search(panel, qtbot)
+    answer = panel.widget._answer
+    assert len(answer.results) == 4
+    assert ui.suggestionLabel.text.startswith("No suggestion: too few labelled cases")
+    ui.resultsListWidget.setCurrentRow(0)
+    _click(qtbot, ui.relevantButton)
+    ui.resultsListWidget.setCurrentRow(1)
+    _click(qtbot, ui.notRelevantButton)
+    _click(qtbot, ui.notRelevantButton)  # again: the mark is cleared
+    _click(qtbot, ui.notRelevantButton)
+    rows = _rows(ui)
+    assert rows[0].startswith("[relevant] 1. ") and rows[1].startswith("[not relevant] 2. ") and rows[2].startswith("3. ")
+    marked = {answer.results[0].case_id, answer.results[1].case_id}
+    _click(qtbot, ui.searchAgainButton)
+    _wait_search(panel, qtbot)
+    again = panel.widget._answer
+    assert len(again.results) == 2 and marked.isdisjoint(r.case_id for r in again.results)
+    assert again.query["feedback"]["relevant"] == {answer.results[0].case_id: answer.results[0].best_match.item_id}
+    assert stand_ins.MESSAGES == []
+
+
 def test_every_handler_connected_in_setup_ran(request):
     """Runs last: over the tests above, a signal called each slot the widget connected in setup() at least once."""
     names = {item.name for item in request.session.items if item.module is request.module}
