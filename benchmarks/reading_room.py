@@ -268,16 +268,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="folder for the cohorts, copies and indexes (kept; reused when present)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "reading_room.json"))
-    parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--part", default="all", choices=["all", "phantoms", "real"], help="run one part; the JSON keeps the other")
     args = parser.parse_args()
-    result = {"machine": "2 shared cores, other work running", "model": "handcrafted", "judged_per_round": JUDGED_PER_ROUND,
-              "phantoms": [phantom_run(args.work, seed) for seed in SEEDS]}
-    print(json.dumps(result["phantoms"], indent=1), flush=True)
-    if not args.skip_real:
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() and args.part != "all" else {}
+    result.update({"machine": "2 shared cores, other work running", "model": "handcrafted", "judged_per_round": JUDGED_PER_ROUND})
+    if args.part in ("all", "phantoms"):
+        result["phantoms"] = [phantom_run(args.work, seed) for seed in SEEDS]
+        print(json.dumps(result["phantoms"], indent=1), flush=True)
+    if args.part in ("all", "real"):
         result["real"] = real_run(args.work)
         print(json.dumps(result["real"], indent=1), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

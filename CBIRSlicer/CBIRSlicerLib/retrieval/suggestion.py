@@ -193,13 +193,18 @@ def suggest_from(results, column: str, labels_of, calibration: Calibration, coun
                       sum(1 for names in labels if names), supporting, shares, calibration.source)
 
 
-def pooled_case_vectors(index, rows: Sequence[int]) -> np.ndarray:
+POOLED_ITEMS = 8192  # items per case averaged for its pooled vector (evenly spread): bounds the cost of a big case
+
+
+def pooled_case_vectors(index, rows: Sequence[int], per_case: int = POOLED_ITEMS) -> np.ndarray:
     """Each case's items' mean vector (through the index's transform, if any), unit length: one row per case."""
     out = []
     excluded = index.excluded_ids()
     for row in rows:
         ids = index.catalog.item_ids([row])
         ids = ids[~np.isin(ids, excluded)]
+        if len(ids) > per_case:
+            ids = ids[np.linspace(0, len(ids) - 1, per_case).round().astype(int)]
         block = index.store.vectors_of(ids) if len(ids) else np.zeros((1, index.store.dim), np.float32)
         if index.transform is not None and len(ids):
             block = index.transform.apply(block)
