@@ -172,6 +172,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.relevantButton.connect("clicked(bool)", self.onMarkRelevant)
         self.ui.notRelevantButton.connect("clicked(bool)", self.onMarkNotRelevant)
         self.ui.searchAgainButton.connect("clicked(bool)", self.onSearchAgain)
+        self.ui.labelsToAskButton.connect("clicked(bool)", self.onLabelsToAsk)
 
         self.initializeParameterNode()
         self._updateButtons()
@@ -256,6 +257,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.moreLikeThisButton.enabled = selected and session
         self.ui.relevantButton.enabled = self.ui.notRelevantButton.enabled = selected and session
         self.ui.searchAgainButton.enabled = session and not searching and bool(self._marks) and self._lastSearch is not None
+        self.ui.labelsToAskButton.enabled = session
         self.ui.restoreLayoutButton.enabled = self.logic.sideBySide is not None
 
     # ----- index ---------------------------------------------------------------------------------
@@ -486,6 +488,11 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.searchStatusLabel.text = _("Searching again with {count} marked cases...").format(count=len(self._marks.judged))
             self._timer.start()
         self._updateButtons()
+
+    def onLabelsToAsk(self) -> None:
+        """Active learning: list the unlabelled cases worth labelling next, in the status line."""
+        with _errorShown(_("Could not list the cases to label.")):
+            self.ui.searchStatusLabel.text = search_session.labels_to_ask_text(self.logic._requireSession())
 
     def onLinkViews(self, linked: bool) -> None:
         """Link or unlink the two views while they are shown."""

@@ -371,6 +371,8 @@ def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp
     again = panel.widget._answer
     assert len(again.results) == 2 and marked.isdisjoint(r.case_id for r in again.results)
     assert again.query["feedback"]["relevant"] == {answer.results[0].case_id: answer.results[0].best_match.item_id}
+    _click(qtbot, ui.labelsToAskButton)
+    assert ui.searchStatusLabel.text == "Every case is labelled."
     assert stand_ins.MESSAGES == []
 
 

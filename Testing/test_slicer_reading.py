@@ -81,3 +81,4 @@ def test_suggestion_line_marks_and_search_again_from_scene_nodes(session):
     wanted = session.labels_to_ask_for(3)
     assert [w["case_id"] for w in wanted] == [c.case_id for c in session.index.catalog.cases() if not c.labels]
     assert search_session.suggestion_text(None) == ""
+    assert search_session.labels_to_ask_text(session) == f"Label next (uncertainty): case6_ball ({wanted[0]['uncertainty']:.2f})"

@@ -264,12 +264,44 @@ def real_run(work: str) -> dict:
             "feedback": summarise_feedback(feedback), "seconds": round(time.monotonic() - began, 1)}
 
 
+def markdown(result: dict) -> str:
+    """The suggestion and feedback tables of a result JSON, for docs/benchmarks.md."""
+    runs = [(f"phantoms, seed {r['seed']} ({r['cases']} cases)", r) for r in result.get("phantoms", [])]
+    if "real" in result:
+        runs.append((f"real images ({result['real']['copies']} copies + {result['real']['phantoms']} phantoms)", result["real"]))
+    lines = ["| data | queries (answered) | accuracy | balanced accuracy | chance (majority / uniform) | ECE: raw share / "
+             "index calibration / cross-fitted |", "|---|---|---|---|---|---|"]
+    for name, r in runs:
+        s = r["suggestion"]
+        lines.append(f"| {name} | {s['queries']} ({s['answered']}) | {s['accuracy']} | {s['balanced_accuracy']} | "
+                     f"{s['chance_majority']} / {s['chance_uniform']} | {s['ece_raw_share']} / {s['ece_index_calibration']} / "
+                     f"{s['ece_cross_fitted']} |")
+    lines += ["", "| data | strategy | mP@5, no feedback | after 1 round | after 2 rounds | queries scored per round |",
+              "|---|---|---|---|---|---|"]
+    for name, r in runs:
+        f = r["feedback"]
+        for strategy in ("none", "rocchio", "linear"):
+            values = " | ".join("-" if v is None else f"{v:.3f}" for v in f[strategy])
+            lines.append(f"| {name} | {strategy} | {values} | {'/'.join(str(n) for n in f['scored_per_round'])} |")
+    too_few = [(r["seed"], r["too_few"]) for r in result.get("phantoms", [])]
+    if too_few:
+        lines += ["", "| labelled cases per class | " + " | ".join(f"seed {seed}: accuracy (answered)" for seed, _ in too_few) + " |",
+                  "|---|" + "---|" * len(too_few)]
+        for m in too_few[0][1]:
+            lines.append(f"| {m} | " + " | ".join(f"{t[m]['accuracy_over_all_queries']} ({t[m]['answered']})" for _, t in too_few) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="folder for the cohorts, copies and indexes (kept; reused when present)")
+    parser.add_argument("--work", default=None, help="folder for the cohorts, copies and indexes (kept; reused when present)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "reading_room.json"))
     parser.add_argument("--part", default="all", choices=["all", "phantoms", "real"], help="run one part; the JSON keeps the other")
+    parser.add_argument("--markdown", action="store_true", help="print the tables of --out as Markdown, then stop")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() and args.part != "all" else {}
     result.update({"machine": "2 shared cores, other work running", "model": "handcrafted", "judged_per_round": JUDGED_PER_ROUND})

@@ -327,3 +327,15 @@ def result_mark(marks: Feedback, result: CaseResult) -> str:
     if result.case_id in marks.relevant:
         return "[relevant] "
     return "[not relevant] " if result.case_id in marks.not_relevant else ""
+
+
+def labels_to_ask_text(session: SearchSession, count: int = 5) -> str:
+    """The panel's list of the cases to label next (by name), or that every case is labelled."""
+    wanted = session.labels_to_ask_for(count)
+    if not wanted:
+        return "Every case is labelled."
+    names = []
+    for entry in wanted:
+        case = session.index.catalog.case_by_id(entry["case_id"])
+        names.append(f"{case.name or case.case_id} ({entry['uncertainty']:.2f})")
+    return "Label next (uncertainty): " + ", ".join(names)
