@@ -337,8 +337,8 @@ def test_a_crashed_model_worker_is_a_status_line_and_the_next_search_works(panel
 
 
 def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp_path):
-    """Relevance feedback from the panel (issue 19): marks on the rows, 'Search again' leaves the marked cases out; the
-    suggestion line says why there is none when the index's labels are too few (2 cases per kind here)."""
+    """Relevance feedback from the panel (issue 19): the suggestion line above the results, marks on the rows, and
+    'Search again' leaving the marked cases out."""
     from CBIRSlicerLib.models.registry import create_embedder
 
     ui, scene = panel.ui, panel.scene
@@ -356,7 +356,8 @@ def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp
     _wait_search(panel, qtbot)
     answer = panel.widget._answer
     assert len(answer.results) == 4
-    assert ui.suggestionLabel.text.startswith("No suggestion: too few labelled cases")
+    found = answer.suggestion
+    assert ui.suggestionLabel.text == f"Suggested: {found.label} (conf {found.confidence:.2f}), based on {found.support} of 4 similar cases"
     ui.resultsListWidget.setCurrentRow(0)
     _click(qtbot, ui.relevantButton)
     ui.resultsListWidget.setCurrentRow(1)

@@ -101,7 +101,9 @@ def test_an_answer_suggests_the_vote_winner_with_its_support_and_calibrated_conf
     assert found.support == len(found.supporting_cases)
     assert found.confidence == pytest.approx(suggester.calibration.confidence(found.share))
     assert found.line() == f"Suggested: {winner} (conf {found.confidence:.2f}), based on {found.support} of 7 similar cases"
-    assert suggester.calibration.fitted_on == 6 and suggester.calibration.classes == {"ball": 3, "shell": 3}
+    # No calibration pinned: the confidence is the raw share, and the answer says so; the pooled fit is only measured.
+    assert suggester.calibration.source == suggestion.UNCALIBRATED and found.confidence == pytest.approx(found.share, abs=1e-3)
+    assert suggestion.pooled_calibration(room.index, "label").fitted_on == 6
     assert answer.to_json().keys() == {"query", "ranking", "results"}  # nothing added unless asked
     assert suggester.attach(answer).to_json()["suggestion"]["label"] == winner
 
@@ -109,11 +111,13 @@ def test_an_answer_suggests_the_vote_winner_with_its_support_and_calibrated_conf
 def test_too_few_labels_give_no_suggestion_but_the_reason(room):
     counts = suggestion.class_counts(room.index, "label")
     assert counts == {"ball": 3, "shell": 3}
-    assert suggestion.enough_labels(counts) and not suggestion.enough_labels({"ball": 3, "shell": 2})
+    assert suggestion.enough_labels(counts) and suggestion.enough_labels({"ball": 2, "shell": 2})
+    assert not suggestion.enough_labels({"ball": 2, "shell": 1, "cyst": 1})
     suggester = suggestion.Suggester(room.index)
-    suggester._counts = {"ball": 3, "shell": 2}
+    suggester._counts = {"ball": 3, "shell": 1}
     answer = suggester.attach(room.search(_query(room, 0), k=5))
     assert answer.suggestion["label"] is None and "too few labelled cases" in answer.suggestion["reason"]
+    assert "at least two labels with 2 cases each" in answer.suggestion["reason"]
     with pytest.raises(ParameterError, match="no case of the index"):
         suggestion.Suggester(room.index, "finding")
 

@@ -134,10 +134,10 @@ def suggestion_metrics(votes: list[dict], index_calibration) -> dict:
             "chance_uniform": round(1 / len(counts), 3) if counts else None,
             "mean_share": round(float(np.mean([v["share"] for v in answered])), 3) if answered else None,
             "ece_raw_share": _round(expected_calibration_error([v["share"] for v in answered], right)),
-            "ece_index_calibration": _round(expected_calibration_error([index_calibration.confidence(v["share"]) for v in answered],
+            "ece_pooled_calibration": _round(expected_calibration_error([index_calibration.confidence(v["share"]) for v in answered],
                                                                        right)),
             "ece_cross_fitted": _round(expected_calibration_error(crossed, right)),
-            "index_calibration": index_calibration.to_json()}
+            "pooled_calibration": index_calibration.to_json()}
 
 
 def _round(value):
@@ -158,7 +158,7 @@ def phantom_run(work: str, seed: int) -> dict:
     from CBIRSlicerLib.imaging.roi import RoiBox
     from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.retrieval.search import Searcher, roi_query
-    from CBIRSlicerLib.retrieval.suggestion import index_calibration
+    from CBIRSlicerLib.retrieval.suggestion import pooled_calibration
 
     began = time.monotonic()
     truth, paths, index_folder = build_phantoms(work, seed)
@@ -166,7 +166,7 @@ def phantom_run(work: str, seed: int) -> dict:
     index = Index.open(index_folder)
     searcher = Searcher(index)
     t = time.monotonic()
-    calibration = index_calibration(index, "label")
+    calibration = pooled_calibration(index, "label")
     calibration_seconds = time.monotonic() - t
     kinds_of = {os.path.abspath(paths[name]): lesions[0].kind for name, lesions in truth.items()}
     case_kind = {c.case_id: kinds_of.get(os.path.abspath(c.source)) for c in index.catalog.cases()}
@@ -270,11 +270,11 @@ def markdown(result: dict) -> str:
     if "real" in result:
         runs.append((f"real images ({result['real']['copies']} copies + {result['real']['phantoms']} phantoms)", result["real"]))
     lines = ["| data | queries (answered) | accuracy | balanced accuracy | chance (majority / uniform) | ECE: raw share / "
-             "index calibration / cross-fitted |", "|---|---|---|---|---|---|"]
+             "pooled-vector calibration / cross-fitted |", "|---|---|---|---|---|---|"]
     for name, r in runs:
         s = r["suggestion"]
         lines.append(f"| {name} | {s['queries']} ({s['answered']}) | {s['accuracy']} | {s['balanced_accuracy']} | "
-                     f"{s['chance_majority']} / {s['chance_uniform']} | {s['ece_raw_share']} / {s['ece_index_calibration']} / "
+                     f"{s['chance_majority']} / {s['chance_uniform']} | {s['ece_raw_share']} / {s['ece_pooled_calibration']} / "
                      f"{s['ece_cross_fitted']} |")
     lines += ["", "| data | strategy | mP@5, no feedback | after 1 round | after 2 rounds | queries scored per round |",
               "|---|---|---|---|---|---|"]

@@ -3,10 +3,10 @@
 The vote gives each labelled case among the top k a weight from its score (a softmax over the k scores
 with the scores' own spread as temperature, so it does not depend on the model's score scale); a case
 with several labels in the column splits its weight between them. The winner's share of the votes is
-turned into a confidence by a calibration (Platt scaling on the logit of the share) fitted on
-leave-one-case-out votes: on demand from the index's own cases (each labelled case's pooled vector
-against the others), or pinned into the index by ``cbir evaluate`` from its labelled queries
-(:func:`pin_calibration`), which is then preferred. Nothing is suggested when the column has too few
+turned into a confidence by a calibration (Platt scaling on the logit of the share) fitted on the
+leave-one-case-out votes of ``cbir evaluate``'s labelled queries and pinned into the index
+(:func:`pin_calibration`); without one the confidence is the raw share, and the answer says so (a
+calibration fitted on demand on pooled case vectors was measured worse than none). Nothing is suggested when the column has too few
 labelled cases per class (:data:`MIN_PER_CLASS`, measured in ``docs/benchmarks.md``) or no case among
 the top k carries a label; a suggestion always comes with its confidence and its supporting cases.
 """
@@ -23,11 +23,13 @@ from ..errors import ParameterError
 
 SUGGEST_K = 10
 DEFAULT_COLUMNS = ("label", "finding")
-# Labelled cases per class below which nothing is suggested: on the phantom cohorts (benchmarks/reading_room.py)
-# leave-one-case-out accuracy with 1-2 labelled cases per class is within a few points of chance and swings by
-# seed; from 3 per class it is well above chance on both seeds (docs/benchmarks.md, "The reading room").
-MIN_PER_CLASS = 3
+# Labelled cases per class below which nothing is suggested: on the phantom cohorts (benchmarks/reading_room.py, 4
+# kinds, chance 0.25) leave-one-case-out accuracy with 1 labelled case per class is 0.74-0.75, 17-20 points below
+# all labels (0.92-0.96), and 5-6 % of queries find no labelled case in their top 10; with 2 per class it is
+# 0.88-0.92, within 5 points (docs/benchmarks.md, "The reading room").
+MIN_PER_CLASS = 2
 CALIBRATION_META = "suggestion_calibration"
+UNCALIBRATED = "none: the raw vote share (run 'cbir evaluate' with a labels CSV on this index to calibrate it)"
 
 
 def case_labels(case, column: str) -> list[str]:
@@ -240,10 +242,21 @@ def loco_case_votes(index, column: str, k: int = SUGGEST_K) -> CaseVotes:
 
 
 def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
-    """The calibration pinned for this column (``cbir evaluate``), else one fitted now on the index's own LOCO votes."""
+    """The calibration pinned for this column by ``cbir evaluate``, else none: the confidence is then the raw vote share.
+
+    A calibration fitted on demand on the index's own leave-one-case-out votes of pooled case vectors
+    (:func:`pooled_calibration`) made region queries' confidences worse, not better (expected calibration error
+    0.25 and 0.62 against 0.14 and 0.19 for the raw share on the phantom cohorts; docs/benchmarks.md), so it is
+    measured but not used.
+    """
     pinned = (index.catalog.meta(CALIBRATION_META) or {}).get(column)
     if pinned:
         return Calibration(**pinned)
+    return Calibration(source=UNCALIBRATED, classes=class_counts(index, column))
+
+
+def pooled_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
+    """Platt scaling fitted on the index's own leave-one-case-out votes of pooled case vectors (measured, not used)."""
     votes = loco_case_votes(index, column, k)
     shares, right = [], []
     for names, shares_of in zip(votes.labels, votes.votes):
