@@ -37,7 +37,7 @@ PHANTOM_CASES = 24
 SEEDS = (0, 1)
 JUDGED_PER_ROUND = 5
 ROUNDS = 2
-REAL_PER_COPY = 4
+REAL_PER_COPY = 3
 REAL_CONFIG = {"copies": 6, "phantoms": 4, "inplane_mm": {"abdomen_ct": None, "brain_mr": 1.5}, "brain_regions": 8,
                "abdomen_structures": 0, "volumes": ["abdomen_ct", "brain_mr"], "model": "handcrafted"}
 
