@@ -195,6 +195,8 @@ def test_cli_suggests_searches_again_from_an_answer_and_lists_labels_to_ask_for(
     assert again["query"]["roi_ras"] == first["query"]["roi_ras"]
     assert cli.main(["search", "--index", folder, "--from", str(path), "--relevant", "nope", "--no-place"]) == 1
     assert "case 'nope' is not among its results" in capsys.readouterr().err
+    assert cli.main(["search", "--index", folder, "--from", str(path), "--volume", room.paths[0]]) == 1
+    assert "give no other query" in capsys.readouterr().err
     assert cli.main(["index", "suggest-labels", "--index", folder, "--json", "--count", "1"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert len(listed) == 1 and listed[0]["case_id"] in {c.case_id for c in room.index.catalog.cases() if not c.labels}

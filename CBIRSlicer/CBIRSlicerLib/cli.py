@@ -358,6 +358,8 @@ def _search(args: argparse.Namespace) -> int:
         return answer if args.no_place else searcher.place(query, answer)
 
     suggest = _suggester(args, index)
+    if args.from_answer and (args.volume or args.text or args.like is not None or args.batch):
+        raise CBIRError("--from searches again for an earlier answer's query: give no other query with it")
     if args.batch:
         rows = _read_batch(args.batch)
         for row in rows:
