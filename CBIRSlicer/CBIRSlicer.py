@@ -139,6 +139,8 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._search = None
         self._placement = None  # matches being placed anatomically after the list is shown
         self._answer = None
+        self._lastSearch = None  # the finished search the shown answer came from: 'Search again' re-runs its query
+        self._marks = search_session.Feedback()  # results marked relevant / not relevant since the last new search
         self._timer = None
         self._buildSkipped = []
         self._lastQuery = None  # the query of the answer shown, for saving it
@@ -176,6 +178,10 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.linkViewsCheckBox.connect("toggled(bool)", self.onLinkViews)
         self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
         self._setupKeepResults()
+        self.ui.relevantButton.connect("clicked(bool)", self.onMarkRelevant)
+        self.ui.notRelevantButton.connect("clicked(bool)", self.onMarkNotRelevant)
+        self.ui.searchAgainButton.connect("clicked(bool)", self.onSearchAgain)
+        self.ui.labelsToAskButton.connect("clicked(bool)", self.onLabelsToAsk)
 
         self.initializeParameterNode()
         self._updateButtons()
@@ -211,8 +217,10 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._search.cancel()  # the next tick says "Cancelled." instead of listing answers to a closed scene's query
         self.setParameterNode(None)
         self.logic.forgetScene()
-        self._answer = self._placement = None
+        self._answer = self._placement = self._lastSearch = None
+        self._marks = search_session.Feedback()
         self.ui.resultsListWidget.clear()
+        self.ui.suggestionLabel.text = ""
 
     def onSceneEndClose(self, caller, event) -> None:
         """A new empty scene: start over with a fresh parameter node."""
@@ -257,6 +265,9 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = self._selectedResult() is not None
         self.ui.showResultButton.enabled = selected
         self.ui.moreLikeThisButton.enabled = selected and session
+        self.ui.relevantButton.enabled = self.ui.notRelevantButton.enabled = selected and session
+        self.ui.searchAgainButton.enabled = session and not searching and bool(self._marks) and self._lastSearch is not None
+        self.ui.labelsToAskButton.enabled = session
         self.ui.restoreLayoutButton.enabled = self.logic.sideBySide is not None
         self._updateKeepButtons(session, searching, selected)
 
@@ -372,6 +383,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._search = self.logic.startSearch(p.queryVolume, QUERY_MODES[p.queryMode], p.roiNode, p.axis, p.k, p.filters,
                                                       p.segmentNode, p.segmentName, p.sameKindFirst)
             self.ui.searchStatusLabel.text = _("Searching...")
+            self._marks = search_session.Feedback()
             self._timer.start()
         self._updateButtons()
 
@@ -380,6 +392,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         result = self._selectedResult()
         with _errorShown(_("Could not search.")):
             self._search = self.logic.startMoreLike(result, self._parameterNode.k, self._parameterNode.filters)
+            self._marks = search_session.Feedback()
             self._timer.start()
         self._updateButtons()
 
@@ -393,6 +406,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         search, self._search = self._search, None
         if progress.state == "done":
+            self._lastSearch = search
             self._showAnswer(search.answer)
             self._lastQuery, self._savedPath = search.query, None
             if self._reloaded is not None:  # a reloaded search run again: what changed since it was saved
@@ -430,7 +444,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if placement.answer is not None and self._answer is not None and placement.answer.query is self._answer.query:
             self._answer = placement.answer  # same cases in the same order: the list stays, the matches move
             for row, result in enumerate(self._answer.results):
-                self.ui.resultsListWidget.item(row).setText(_describeResult(result))
+                self.ui.resultsListWidget.item(row).setText(search_session.result_mark(self._marks, result) + _describeResult(result))
             self.ui.searchStatusLabel.text = self.ui.searchStatusLabel.text.replace(_("Placing the matches..."), _("Matches placed."))
         elif placement.error is not None:
             self.ui.searchStatusLabel.text = _("Matches not placed: {reason}").format(reason=placement.error)
@@ -439,6 +453,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showAnswer(self, answer: Optional[SearchAnswer]) -> None:
         self._answer = answer
         self.ui.resultsListWidget.clear()
+        self.ui.suggestionLabel.text = search_session.suggestion_text(answer)
         if answer is None:
             return
         icons = self.logic.thumbnailFiles(answer)
@@ -475,6 +490,38 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with _errorShown(_("Could not show the case.")):
             self.logic.showResult(result, p.queryVolume, self._answer.query, p.roiNode, p.linkViews)
         self._updateButtons()
+
+    def onMarkRelevant(self) -> None:
+        """Mark the selected result relevant (again: clear the mark)."""
+        self._mark(True)
+
+    def onMarkNotRelevant(self) -> None:
+        """Mark the selected result not relevant (again: clear the mark)."""
+        self._mark(False)
+
+    def _mark(self, relevant: bool) -> None:
+        result = self._selectedResult()
+        if result is None:
+            return
+        same = result.case_id in (self._marks.relevant if relevant else self._marks.not_relevant)
+        search_session.mark_result(self._marks, result, None if same else relevant)
+        row = self.ui.resultsListWidget.currentRow
+        self.ui.resultsListWidget.item(row).setText(search_session.result_mark(self._marks, result) + _describeResult(result))
+        self._updateButtons()
+
+    def onSearchAgain(self) -> None:
+        """Search again with the marks (relevance feedback); the marked cases are left out of the new list."""
+        with _errorShown(_("Could not search.")):
+            p = self._parameterNode
+            self._search = self.logic.startSearchAgain(self._lastSearch, self._marks, p.k, p.filters)
+            self.ui.searchStatusLabel.text = _("Searching again with {count} marked cases...").format(count=len(self._marks.judged))
+            self._timer.start()
+        self._updateButtons()
+
+    def onLabelsToAsk(self) -> None:
+        """Active learning: list the unlabelled cases worth labelling next, in the status line."""
+        with _errorShown(_("Could not list the cases to label.")):
+            self.ui.searchStatusLabel.text = search_session.labels_to_ask_text(self.logic._requireSession())
 
     def onLinkViews(self, linked: bool) -> None:
         """Link or unlink the two views while they are shown."""
@@ -841,6 +888,10 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     def startMoreLike(self, result: CaseResult, k: int = 10, filters: str = ""):
         """'More like this' from a result's best-matching item."""
         return self._requireSession().more_like(result.best_match.item_id, k, _filters(filters))
+
+    def startSearchAgain(self, search, marks, k: int = 10, filters: str = ""):
+        """Relevance feedback: the finished search's query again with the marked results (answered at once)."""
+        return self._requireSession().search_again(search, marks, k, _filters(filters))
 
     def thumbnailFiles(self, answer: SearchAnswer) -> dict:
         """PNG thumbnails of the results (from the index, no volume loaded), by case id."""

@@ -106,6 +106,16 @@ def test_cbir_evaluate_labelled_volumes_with_regions(tmp_path, capsys):
     assert summary["mP@3_micro"] > summary["chance_mP@1"] + 0.2 and summary["localised"] >= 0.8
     assert all(os.path.basename(p) not in r["ranked"] for p, r in zip(paths, report["records"]))  # never itself
     assert Index.open(str(out / "index")).info()["counts"]["cases"] == 6
+    # The suggested finding, leave-one-case-out: the vote of each query's ranked cases, against its own label.
+    from CBIRSlicerLib.retrieval.suggestion import vote
+
+    knn = summary["knn"]
+    winners = [next(iter(vote(r["neighbour_labels"], r["scores"])), None) for r in report["records"]]
+    assert knn["accuracy"] == pytest.approx(sum(w == r["label"] for w, r in zip(winners, report["records"])) / 6)
+    assert knn["chance_majority"] == pytest.approx(0.5) and knn["accuracy"] > 0.5 and "suggested finding" in text
+    index = Index.open(str(out / "index"))
+    assert index.catalog.meta("suggestion_calibration")["label"]["fitted_on"] == knn["answered"] == 6
+    assert sorted(c.labels[0] for c in index.catalog.cases()) == sorted(c.lesions[0].kind for c in cases)
 
 
 def test_labels_csv_errors_name_the_file_and_line(tmp_path):

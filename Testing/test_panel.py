@@ -432,6 +432,47 @@ def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_pat
     assert widget.keepStatusLabel.text == "Since it was saved: the same cases in the same order."
 
 
+def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp_path):
+    """Relevance feedback from the panel (issue 19): the suggestion line above the results, marks on the rows, and
+    'Search again' leaving the marked cases out."""
+    from CBIRSlicerLib.models.registry import create_embedder
+
+    ui, scene = panel.ui, panel.scene
+    folder, _, paths = cohort
+    labelled = str(tmp_path / "labelled-index")
+    embedder = create_embedder("handcrafted")
+    with Index.create(labelled, embedder, IndexSettings(**SETTINGS)) as index:
+        index.add_sources(paths, embedder, labels={os.path.abspath(p): [k] for p, (_, k) in zip(paths, BLOBS)})
+    ui.queryVolumeSelector.setCurrentNode(_query_node(scene))
+    _open(panel, qtbot, labelled)
+    ui.queryModeComboBox.currentIndex = ui.queryModeComboBox.findText("Whole volume")
+    ui.kSpinBox.value = 4
+    assert not ui.relevantButton.enabled and not ui.searchAgainButton.enabled
+    _click(qtbot, ui.findSimilarButton)
+    _wait_search(panel, qtbot)
+    answer = panel.widget._answer
+    assert len(answer.results) == 4
+    found = answer.suggestion
+    assert ui.suggestionLabel.text == f"Suggested: {found.label} (conf {found.confidence:.2f}), based on {found.support} of 4 similar cases"
+    ui.resultsListWidget.setCurrentRow(0)
+    _click(qtbot, ui.relevantButton)
+    ui.resultsListWidget.setCurrentRow(1)
+    _click(qtbot, ui.notRelevantButton)
+    _click(qtbot, ui.notRelevantButton)  # again: the mark is cleared
+    _click(qtbot, ui.notRelevantButton)
+    rows = _rows(ui)
+    assert rows[0].startswith("[relevant] 1. ") and rows[1].startswith("[not relevant] 2. ") and rows[2].startswith("3. ")
+    marked = {answer.results[0].case_id, answer.results[1].case_id}
+    _click(qtbot, ui.searchAgainButton)
+    _wait_search(panel, qtbot)
+    again = panel.widget._answer
+    assert len(again.results) == 2 and marked.isdisjoint(r.case_id for r in again.results)
+    assert again.query["feedback"]["relevant"] == {answer.results[0].case_id: answer.results[0].best_match.item_id}
+    _click(qtbot, ui.labelsToAskButton)
+    assert ui.searchStatusLabel.text == "Every case is labelled."
+    assert stand_ins.MESSAGES == []
+
+
 def test_every_handler_connected_in_setup_ran(request):
     """Runs last: over the tests above, a signal called each slot the widget connected in setup() at least once."""
     names = {item.name for item in request.session.items if item.module is request.module}

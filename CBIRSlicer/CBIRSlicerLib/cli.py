@@ -273,6 +273,8 @@ def _index_other(args: argparse.Namespace) -> int:
         return 0
     index = Index.open(args.index, strict=args.action != "verify")
     _state_note(index)
+    if args.action == "suggest-labels":
+        return _suggest_labels(args, index)
     if args.action == "info":
         info = index.info()
         if args.json:
@@ -293,6 +295,24 @@ def _index_other(args: argparse.Namespace) -> int:
         print(f"problem: {problem}")
     print("index is consistent" if not problems else f"{len(problems)} problem(s) found")
     return 0 if not problems else 1
+
+
+def _suggest_labels(args: argparse.Namespace, index) -> int:
+    """cbir index suggest-labels: unlabelled cases whose label would help the suggestions most (active learning)."""
+    from .retrieval.suggestion import labels_to_ask_for
+
+    if args.count < 1:
+        raise CBIRError(f"--count must be 1 or more; got {args.count}")
+    wanted = labels_to_ask_for(index, args.column, args.count)
+    if args.json:
+        print(json.dumps(wanted, indent=1))
+        return 0
+    if not wanted:
+        print("every case is labelled")
+    for n, entry in enumerate(wanted, start=1):
+        vote = ", ".join(f"{k} {v:.2f}" for k, v in entry["current_vote"].items()) or "no labelled neighbour"
+        print(f"{n:>3}. {entry['case_id']}  uncertainty {entry['uncertainty']:.2f}, distance {entry['distance']:.3f}  ({vote})")
+    return 0
 
 
 def _ras_point(text: str) -> list[float]:
@@ -371,17 +391,24 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.save and args.batch:
         raise CBIRError("--save keeps one search; it does not go with --batch")
+    suggest = _suggester(args, index)
+    if args.from_answer and (args.volume or args.text or args.like is not None or args.batch):
+        raise CBIRError("--from searches again for an earlier answer's query: give no other query with it")
     if args.batch:
         rows = _read_batch(args.batch)
         for row in rows:
             text = (row.get("roi_ras") or "").strip()
             try:
-                line = volume_search(row["volume"], RoiBox.parse(text) if text else None).to_json()
+                line = suggest(volume_search(row["volume"], RoiBox.parse(text) if text else None)).to_json()
             except CBIRError as error:
                 line = {"query": {"volume": os.path.abspath(row["volume"]), "roi_ras": text or None}, "error": str(error)}
             print(json.dumps(line), flush=True)
         return 0
-    if args.text:
+    if args.from_answer:
+        made["query"], answer = _feedback_search(args, searcher, filters)
+    elif args.relevant or args.not_relevant:
+        raise CBIRError("--relevant and --not-relevant mark results of an earlier answer: give it with --from ANSWER.json")
+    elif args.text:
         made["query"] = text_query(args.text, searcher.embedder)
         answer = searcher.search(made["query"], args.k, filters, args.ranking)
     elif args.like is not None:
@@ -393,12 +420,15 @@ def _search(args: argparse.Namespace) -> int:
         answer = volume_search(args.volume, roi, segment)
     else:
         raise CBIRError("give a query: --volume PATH [--roi-ras ... | --roi FILE], --text PHRASE, --like ITEM or --batch FILE.csv")
+    answer = suggest(answer)
     if args.save:
         _save_search(args, index, searcher, made["query"], answer, filters)
     if args.json:
         print(json.dumps(answer.to_json(), indent=1))
         return 0
     print(f"query: {json.dumps(answer.query)}  (ranking {answer.ranking})")
+    if answer.suggestion is not None:
+        print(answer.suggestion.line() if hasattr(answer.suggestion, "line") else f"no suggestion: {answer.suggestion['reason']}")
     if not answer.results:
         print("no results")
     for result in answer.results:
@@ -527,6 +557,40 @@ def _keep_parsers(commands) -> None:
     label.set_defaults(run=_label)
 
 
+def _suggester(args: argparse.Namespace, index):
+    """Adds the suggested finding to an answer (issue 19); answers of an index without labels are left as they are."""
+    if args.suggest == "none":
+        return lambda answer: answer
+    from .retrieval.suggestion import Suggester
+
+    suggester = Suggester(index, args.suggest)
+    return suggester.attach
+
+
+def _case_ids(text: str | None) -> list[str]:
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
+def _feedback_search(args: argparse.Namespace, searcher, filters) -> tuple:
+    """cbir search --from ANSWER.json [--relevant IDS] [--not-relevant IDS]: (the query, its new answer) using the marks."""
+    from .retrieval.feedback import feedback_from_answer, query_from_answer, search_again
+
+    try:
+        with open(args.from_answer, encoding="utf-8") as handle:
+            earlier = json.load(handle)
+    except FileNotFoundError:
+        raise CBIRError(f"{args.from_answer}: answer JSON does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CBIRError(f"{args.from_answer}: not a JSON answer of 'cbir search --json' ({error})") from None
+    if not isinstance(earlier, dict) or "query" not in earlier or "results" not in earlier:
+        raise CBIRError(f"{args.from_answer}: not a JSON answer of 'cbir search --json' (no query and results)")
+    marks = feedback_from_answer(earlier, _case_ids(args.relevant), _case_ids(args.not_relevant), args.from_answer)
+    query = query_from_answer(earlier, searcher, args.from_answer)
+    answer = search_again(searcher, query, marks, args.k, filters, earlier.get("ranking", args.ranking), args.feedback,
+                          prior=not args.no_prior)
+    return query, answer if args.no_place else searcher.place(query, answer)
+
+
 def _parse_ks(text: str) -> list[int]:
     try:
         ks = sorted({int(v) for v in text.split(",") if v.strip()})
@@ -561,11 +625,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             embedder = create_embedder(args.model or "biomedclip", device=args.device)
             index = Index.create(folder, embedder, IndexSettings(axes=[args.axis]))
+        labels: dict[str, list[str]] = {}
+        for row in rows:  # the cases carry the CSV's labels, for suggestions on later searches of this index
+            mine = labels.setdefault(os.path.abspath(row.path), [])
+            if row.label not in mine:
+                mine.append(row.label)
         with index:  # indexes what is missing; already indexed, unchanged files are skipped
-            report = index.add_sources(sorted({r.path for r in rows}), embedder, progress=_progress_printer("indexing"))
+            report = index.add_sources(sorted({r.path for r in rows}), embedder, progress=_progress_printer("indexing"),
+                                       labels=labels)
         if report.skipped:
             print(report.summary(), file=sys.stderr)
         evaluation = evaluate_volumes(rows, Searcher(Index.open(folder), embedder), ks, args.axis, args.ranking)
+        _pin_knn_calibration(folder, evaluation.summary.get("knn"))
     else:
         raise CBIRError(f"{args.input}: no such file or folder (give a labels CSV or a folder per class of 2D images)")
     evaluation.summary["model"] = embedder.name
@@ -582,6 +653,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(format_summary(evaluation.summary, ks))
         print(f"wrote {out / 'evaluation.json'} and {out / 'precision_at_k.png'}")
     return 0
+
+
+def _pin_knn_calibration(folder: str, knn: dict | None) -> None:
+    """Keep the suggestion's calibration fitted on the evaluation's votes in the index (searches prefer it)."""
+    from .index.folder import Index
+    from .retrieval.suggestion import Calibration, pin_calibration
+
+    if knn and knn.get("answered"):
+        with Index.open(folder, writable=True) as index:
+            pin_calibration(index, "label", Calibration(**knn["calibration"]))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -625,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=_synth)
 
     index = commands.add_parser("index", help="build, extend, check an index of volumes")
-    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair"])
+    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair", "suggest-labels"])
     index.add_argument("sources", nargs="*", help="files and folders to index (build, add), a DICOM database (ctkdb:PATH or "
                        "Slicer's ctkDICOM.sql) or a PACS (dicomweb:URL), or case ids / sources (remove)")
     index.add_argument("--index", required=True, help="index folder")
@@ -649,6 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--json", action="store_true", help="info as JSON")
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
     _add_dicom_arguments(index)
+    index.add_argument("--column", help="suggest-labels: the label column (default 'label' or 'finding')")
+    index.add_argument("--count", type=int, default=10, help="suggest-labels: how many cases to list (default 10)")
     index.set_defaults(run=lambda a: _index_build(a) if a.action in ("build", "add") else _index_other(a))
 
     search = commands.add_parser("search", help="find the cases most similar to a volume, an ROI, a slice or a phrase")
@@ -680,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="answer as JSON")
     search.add_argument("--save", metavar="SEARCH.json", help="keep the search (query, ROI, settings, index, answer) to re-run "
                                                              "or export later")
+    _feedback_arguments(search)
     search.set_defaults(run=_search)
 
     evaluate = commands.add_parser("evaluate", help="retrieval metrics (modified P@k, mAP@k, recall@k, localisation) "
@@ -712,6 +796,21 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models)
     _keep_parsers(commands)
     return parser
+
+
+def _feedback_arguments(search: argparse.ArgumentParser) -> None:
+    """The suggestion and relevance-feedback options of 'cbir search' (issue 19)."""
+    from .retrieval.feedback import DEFAULT_STRATEGY, STRATEGIES
+
+    search.add_argument("--suggest", metavar="COLUMN",
+                        help="label column to suggest a finding from: 'label' (the --labels of index build), a metadata field, "
+                             "or 'none' (default: 'label' or 'finding' when cases have one)")
+    search.add_argument("--from", dest="from_answer", metavar="ANSWER.json",
+                        help="search again for the query of an earlier JSON answer, using --relevant / --not-relevant marks")
+    search.add_argument("--relevant", metavar="CASE_ID,...", help="with --from: results of that answer that are relevant")
+    search.add_argument("--not-relevant", metavar="CASE_ID,...", help="with --from: results of that answer that are not")
+    search.add_argument("--feedback", default=DEFAULT_STRATEGY, choices=STRATEGIES,
+                        help=f"how marks change the search (default {DEFAULT_STRATEGY}; see docs/benchmarks.md)")
 
 
 # Options whose value is a list of numbers that may start with a minus sign ('--roi-ras -9,-7,34,30,30,30').

@@ -102,8 +102,13 @@ class SearchAnswer:
     ranking: str
     results: list[CaseResult] = field(default_factory=list)
     note: str | None = None  # why there are no results, when the search itself could say (a filter no case matches)
+    # A suggested finding (suggestion.Suggestion) or, on an index with labels but nothing to suggest, the reason why.
+    suggestion: object | None = None
 
     def to_json(self) -> dict:
-        """The CLI's JSON answer."""
-        return {"query": dict(self.query), "ranking": self.ranking, "results": [r.to_json() for r in self.results],
-                **({"note": self.note} if self.note else {})}
+        """The CLI's JSON answer (``suggestion`` only on an index whose cases carry labels)."""
+        out = {"query": dict(self.query), "ranking": self.ranking, "results": [r.to_json() for r in self.results],
+               **({"note": self.note} if self.note else {})}
+        if self.suggestion is not None:
+            out["suggestion"] = self.suggestion if isinstance(self.suggestion, dict) else self.suggestion.to_json()
+        return out

@@ -120,6 +120,11 @@ def format_summary(summary: dict, ks: Sequence[int]) -> str:
                      "inside the ground-truth region)")
     if summary.get("chance_mP@1") is not None:
         lines.append(f"chance mP@1: {summary['chance_mP@1']:.3f}; {summary['queries']} queries, {summary['scored']} with a relevant case")
+    knn = summary.get("knn")
+    if knn and knn.get("accuracy") is not None and knn.get("ece") is not None:
+        lines.append(f"suggested finding (k-NN vote of the top {knn['k']}): accuracy {knn['accuracy']:.3f}, balanced "
+                     f"{knn['balanced_accuracy']:.3f}, ECE {knn['ece']:.3f} (cross-fitted calibration); chance "
+                     f"{knn['chance_majority']:.3f} (majority) / {knn['chance_uniform']:.3f} (uniform)")
     return "\n".join(lines)
 
 
@@ -258,9 +263,44 @@ def evaluate_volumes(rows: list[LabelledVolume], searcher, ks: Sequence[int] = (
                 located.append(any(box.contains(result.best_match.spot) for box in boxes))
         relevant_total = sum(1 for path, labels in labels_of.items() if path != row.path and row.label in labels)
         name = os.path.basename(row.path) + (f" roi {','.join(f'{v:g}' for v in row.roi.as_list())}" if row.roi else "")
-        records.append(record(name, row.label, [os.path.basename(s) for s in ranked], relevant, relevant_total, ks, located))
-    return summarise(records, ks, len(labels_of) - 1, protocol="volumes, leave-one-case-out", axis=axis, ranking=method,
-                     seconds_per_query=(time.monotonic() - began) / max(1, len(rows)))
+        item = record(name, row.label, [os.path.basename(s) for s in ranked], relevant, relevant_total, ks, located)
+        item["case"], item["scores"] = row.path, [r.score for r in answer.results]
+        item["neighbour_labels"] = [sorted(labels_of.get(source, set())) for source in ranked]
+        records.append(item)
+    evaluation = summarise(records, ks, len(labels_of) - 1, protocol="volumes, leave-one-case-out", axis=axis, ranking=method,
+                           seconds_per_query=(time.monotonic() - began) / max(1, len(rows)))
+    evaluation.summary["knn"] = knn_summary(records)
+    return evaluation
+
+
+def knn_summary(records: list[dict], k: int = 10) -> dict:
+    """The suggested finding, leave-one-case-out: k-NN accuracy, balanced accuracy and calibration beside chance.
+
+    Each record needs ``label``, ``case``, ``scores`` and ``neighbour_labels`` (its ranked cases' labels). The
+    confidence of each vote comes from a calibration fitted on the votes of the other cases' queries only
+    (cross-fitted); ``calibration`` is the one fitted on every vote, which ``cbir evaluate`` pins in the index.
+    """
+    from .suggestion import balanced_accuracy, expected_calibration_error, fit_calibration, vote
+
+    votes = []
+    for r in records:
+        shares = vote(r["neighbour_labels"][:k], r.get("vote_scores", r["scores"])[:k])
+        winner, share = next(iter(shares.items())) if shares else (None, 0.0)
+        votes.append((r["case"], r["label"], winner, share))
+        r["suggestion"] = {"label": winner, "share": round(share, 3)}
+    answered = [v for v in votes if v[2] is not None]
+    right = [w == t for _, t, w, _ in answered]
+    crossed = [fit_calibration([o[3] for o in answered if o[0] != case], [o[2] == o[1] for o in answered if o[0] != case],
+                               "cross").confidence(share) for case, _, _, share in answered]
+    truth = [v[1] for v in votes]
+    counts = {label: truth.count(label) for label in set(truth)}
+    calibration = fit_calibration([v[3] for v in answered], right, "evaluation queries (leave-one-case-out)", counts)
+    return {"k": k, "queries": len(votes), "answered": len(answered),
+            "accuracy": float(np.mean([v[2] == v[1] for v in votes])) if votes else None,
+            "balanced_accuracy": balanced_accuracy(truth, [v[2] for v in votes]),
+            "ece": expected_calibration_error(crossed, right), "ece_raw_share": expected_calibration_error([v[3] for v in answered], right),
+            "chance_majority": max(counts.values()) / len(truth) if truth else None,
+            "chance_uniform": 1 / len(counts) if counts else None, "calibration": calibration.to_json()}
 
 
 def evaluate_lesions(searcher, truth: dict[str, list], paths: dict[str, str], ks=(1, 3, 5), roi_scale: float = 2.5,
@@ -299,6 +339,10 @@ def evaluate_lesions(searcher, truth: dict[str, list], paths: dict[str, str], ks
             item = record(name, lesion.kind, ranked, relevant, relevant_total, ks, located)
             item["best_matches"] = [r.best_match.to_json() for r in answer.results[:depth]]
             item["scores"] = [r.score for r in answer.results[:depth]]
+            item["case"], item["vote_scores"] = name, [r.score for r in answer.results]
+            item["neighbour_labels"] = [sorted(kinds_of.get(other, set())) for other in ranked]
             records.append(item)
-    return summarise(records, ks, len(truth) - 1, protocol="lesion ROI queries, leave-one-case-out", ranking=method,
-                     roi_scale=roi_scale, seconds_per_query=(time.monotonic() - began) / max(1, len(records)))
+    evaluation = summarise(records, ks, len(truth) - 1, protocol="lesion ROI queries, leave-one-case-out", ranking=method,
+                           roi_scale=roi_scale, seconds_per_query=(time.monotonic() - began) / max(1, len(records)))
+    evaluation.summary["knn"] = knn_summary(records)
+    return evaluation

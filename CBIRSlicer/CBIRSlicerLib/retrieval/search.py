@@ -317,8 +317,11 @@ class Searcher:
         return SearchAnswer(query.description, method, results)
 
     def search(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, method: str = "maxsim",
-               hits_per_image: int | None = None, prior: bool = True) -> SearchAnswer:
+               hits_per_image: int | None = None, prior: bool = True, rescore=None) -> SearchAnswer:
         """The k most similar cases, best first, each with where it matched (``to_json()``: the CLI's JSON answer).
+
+        ``rescore(scored, compared, transform)``, if given, may change the candidates' scores before ranking
+        (relevance feedback's linear model, :mod:`feedback`).
 
         ``prior``: cases of the query volume's own modality and body region (as the catalog holds them: DICOM, else
         inferred from the image) come before the others (:meth:`same_kind_first`); ``False`` ranks by similarity alone.
@@ -336,6 +339,8 @@ class Searcher:
         compared = vectors if transform is None else transform.apply(vectors)
         weights = query_weights(query, compared)
         scored = self.score_cases(compared, candidates, scope, method, weights, transform)
+        if rescore is not None:
+            rescore(scored, compared, transform)
         shown = ranking.rank(scored.scores)
         if prior:
             shown = self.same_kind_first(query, shown)

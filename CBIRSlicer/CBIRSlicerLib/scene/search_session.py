@@ -20,7 +20,8 @@ from ..errors import CBIRError, JobCancelled, ParameterError
 from ..index.folder import MANIFEST, Index
 from ..models.base import VOLUME_FAMILIES, Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
-from ..retrieval.answers import SearchAnswer
+from ..retrieval.answers import CaseResult, SearchAnswer
+from ..retrieval.feedback import DEFAULT_STRATEGY, Feedback, search_again
 from ..retrieval.search import Query, Searcher, item_query, roi_query, segment_query, slice_query, volume_query
 from .nodes import roi_from_node, segment_from_node, volume_from_node
 
@@ -125,9 +126,10 @@ class PendingSearch:
     """One search whose query images are being embedded in the background; poll it from a timer."""
 
     def __init__(self, session: SearchSession, query: Query, job: Job | None, k: int, filters: dict[str, str] | None,
-                 ranking: str, prior: bool = True):
+                 ranking: str, prior: bool = True, feedback: Feedback | None = None):
         self.session, self.query, self.job = session, query, job
         self.k, self.filters, self.ranking, self.prior = k, filters, ranking, prior
+        self.feedback = feedback  # marks of earlier results: the search runs again with them (retrieval.feedback)
         self.answer: SearchAnswer | None = None
         self.error: Exception | None = None
         self.cancelled = False
@@ -160,7 +162,12 @@ class PendingSearch:
 
     def _finish(self) -> None:
         try:
-            self.answer = self.session.searcher().search(self.query, self.k, self.filters, self.ranking, prior=self.prior)
+            if self.feedback:
+                answer = search_again(self.session.searcher(), self.query, self.feedback, self.k, self.filters, self.ranking,
+                                      DEFAULT_STRATEGY, prior=self.prior)
+            else:
+                answer = self.session.searcher().search(self.query, self.k, self.filters, self.ranking, prior=self.prior)
+            self.answer = self.session.with_suggestion(answer)
         except CBIRError as error:
             self.error = error
 
@@ -224,6 +231,7 @@ class SearchSession:
         self.model = model or self.index.model_name()
         self.service = embedding_service(self.model, python, device)
         self._searcher: Searcher | None = None
+        self._suggester = None
 
     def close(self) -> None:
         """Close the index (the worker stays, for the next index built with the same model)."""
@@ -279,3 +287,61 @@ class SearchSession:
     def more_like(self, item_id: int, k: int = 10, filters: dict[str, str] | None = None) -> PendingSearch:
         """'More like this': the result's best-matching item as the query; answered at once (no embedding)."""
         return PendingSearch(self, item_query(self.index, item_id), None, k, filters, "maxsim")
+
+    def with_suggestion(self, answer: SearchAnswer) -> SearchAnswer:
+        """The answer with its suggested finding (or why there is none) when the index's cases carry labels."""
+        from ..retrieval.suggestion import Suggester
+
+        if self._suggester is None:
+            self._suggester = Suggester(self.index)
+        return self._suggester.attach(answer)
+
+    def search_again(self, search: PendingSearch, marks: Feedback, k: int | None = None,
+                     filters: dict[str, str] | None = None) -> PendingSearch:
+        """The finished search's query again with the results marked relevant or not (judged cases left out); at once."""
+        if search.answer is None or search.query.vectors is None:
+            raise ParameterError("search first, then mark results relevant or not and search again")
+        if not marks:
+            raise ParameterError("mark at least one result relevant or not relevant first")
+        return PendingSearch(self, search.query, None, k or search.k, filters if filters is not None else search.filters,
+                             search.ranking, search.prior, Feedback.from_json(marks.to_json()))
+
+    def labels_to_ask_for(self, count: int = 10) -> list[dict]:
+        """Unlabelled cases whose label would help the suggestions most (retrieval.suggestion.labels_to_ask_for)."""
+        from ..retrieval.suggestion import labels_to_ask_for
+
+        return labels_to_ask_for(self.index, None, count)
+
+
+def suggestion_text(answer: SearchAnswer | None) -> str:
+    """The panel's line above the results: the suggestion with its confidence and support, why there is none, or ''."""
+    found = answer.suggestion if answer is not None else None
+    if found is None:
+        return ""
+    if isinstance(found, dict):
+        return f"No suggestion: {found['reason']}"
+    return found.line()
+
+
+def mark_result(marks: Feedback, result: CaseResult, relevant: bool | None) -> None:
+    """Mark a shown result relevant (True) or not (False), or clear it (None): it stands for its best match."""
+    marks.mark(result.case_id, result.best_match.item_id, relevant)
+
+
+def result_mark(marks: Feedback, result: CaseResult) -> str:
+    """The mark a result row shows: '[relevant] ', '[not relevant] ' or ''."""
+    if result.case_id in marks.relevant:
+        return "[relevant] "
+    return "[not relevant] " if result.case_id in marks.not_relevant else ""
+
+
+def labels_to_ask_text(session: SearchSession, count: int = 5) -> str:
+    """The panel's list of the cases to label next (by name), or that every case is labelled."""
+    wanted = session.labels_to_ask_for(count)
+    if not wanted:
+        return "Every case is labelled."
+    names = []
+    for entry in wanted:
+        case = session.index.catalog.case_by_id(entry["case_id"])
+        names.append(f"{case.name or case.case_id} ({entry['uncertainty']:.2f})")
+    return "Label next (uncertainty): " + ", ".join(names)

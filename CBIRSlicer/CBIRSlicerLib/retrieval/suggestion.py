@@ -1,0 +1,360 @@
+"""A suggested finding from the neighbours: a similarity-weighted vote over a label column of the top k cases.
+
+The vote gives each labelled case among the top k a weight from its score (a softmax over the k scores
+with the scores' own spread as temperature, so it does not depend on the model's score scale); a case
+with several labels in the column splits its weight between them. The winner's share of the votes is
+turned into a confidence by a calibration (Platt scaling on the logit of the share) fitted on the
+leave-one-case-out votes of ``cbir evaluate``'s labelled queries and pinned into the index
+(:func:`pin_calibration`); without one the confidence is the raw share, and the answer says so (a
+calibration fitted on demand on pooled case vectors was measured worse than none). Nothing is suggested when the column has too few
+labelled cases per class (:data:`MIN_PER_CLASS`, measured in ``docs/benchmarks.md``) or no case among
+the top k carries a label; a suggestion always comes with its confidence and its supporting cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import ParameterError
+
+SUGGEST_K = 10
+DEFAULT_COLUMNS = ("label", "finding")
+# Labelled cases per class below which nothing is suggested: on the phantom cohorts (benchmarks/reading_room.py, 4
+# kinds, chance 0.25) leave-one-case-out accuracy with 1 labelled case per class is 0.74-0.75, 17-20 points below
+# all labels (0.92-0.96), and 5-6 % of queries find no labelled case in their top 10; with 2 per class it is
+# 0.88-0.92, within 5 points (docs/benchmarks.md, "The reading room").
+MIN_PER_CLASS = 2
+CALIBRATION_META = "suggestion_calibration"
+UNCALIBRATED = "none: the raw vote share (run 'cbir evaluate' with a labels CSV on this index to calibrate it)"
+
+
+def case_labels(case, column: str) -> list[str]:
+    """A case's values in a label column: 'label' is the case's labels; a catalog column or a metadata key otherwise."""
+    if column in ("label", "labels"):
+        return [str(v) for v in case.labels if str(v).strip()]
+    value = getattr(case, column, None) if column in ("modality", "body_part", "name") else case.metadata.get(column)
+    if value is None or value == "":
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def default_column(index) -> str | None:
+    """The column a suggestion is made from when the user names none: 'label' or 'finding', if some case has it."""
+    cases = index.catalog.cases()
+    for column in DEFAULT_COLUMNS:
+        if any(case_labels(case, column) for case in cases):
+            return column
+    return None
+
+
+def vote(labels: Sequence[Sequence[str]], scores: Sequence[float]) -> dict[str, float]:
+    """Each label's share of a similarity-weighted vote (shares sum to 1; unlabelled neighbours do not vote)."""
+    weights = vote_weights(scores)
+    tally: dict[str, float] = {}
+    for names, weight in zip(labels, weights):
+        for name in dict.fromkeys(names):
+            tally[name] = tally.get(name, 0.0) + weight / len(set(names))
+    total = sum(tally.values())
+    return {name: value / total for name, value in sorted(tally.items(), key=lambda kv: -kv[1])} if total > 0 else {}
+
+
+def vote_weights(scores: Sequence[float]) -> np.ndarray:
+    """Softmax weights of scores at the temperature of their own spread (equal weights when the scores are equal)."""
+    values = np.asarray(scores, float)
+    if not len(values):
+        return values
+    spread = float(values.std())
+    if spread <= 1e-9:
+        return np.ones_like(values)
+    return np.exp((values - values.max()) / spread)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Winner's vote share -> probability the suggestion is right: sigmoid(slope * logit(share) + intercept)."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    fitted_on: int = 0  # leave-one-case-out votes it was fitted on
+    source: str = "identity"  # 'index cases (pooled vectors)', 'evaluation queries', or 'identity'
+    min_per_class: int = MIN_PER_CLASS
+    classes: dict = field(default_factory=dict)  # label -> labelled cases, as counted when fitted
+
+    def confidence(self, share: float) -> float:
+        """The calibrated probability that the winner of a vote with this share is right."""
+        share = min(max(float(share), 1e-4), 1 - 1e-4)
+        return float(1.0 / (1.0 + math.exp(-(self.slope * math.log(share / (1 - share)) + self.intercept))))
+
+    def to_json(self) -> dict:
+        """JSON form (pinned in the index's catalog)."""
+        return asdict(self)
+
+
+def fit_calibration(shares: Sequence[float], correct: Sequence[bool], source: str, classes: dict | None = None,
+                    ridge: float = 1.0) -> Calibration:
+    """Platt scaling of winner shares against right/wrong, shrunk towards the identity (slope 1, intercept 0).
+
+    With few votes the ridge keeps the map near the raw shares; Newton steps on the penalised log-likelihood.
+    """
+    x = np.log(np.clip(np.asarray(shares, float), 1e-4, 1 - 1e-4) / (1 - np.clip(np.asarray(shares, float), 1e-4, 1 - 1e-4)))
+    y = np.asarray(correct, float)
+    theta = np.array([1.0, 0.0])
+    if len(x):
+        design = np.stack([x, np.ones_like(x)], axis=1)
+        prior = np.array([1.0, 0.0])
+        for _ in range(50):
+            p = 1 / (1 + np.exp(-(design @ theta)))
+            gradient = design.T @ (p - y) + ridge * (theta - prior)
+            hessian = (design * (p * (1 - p))[:, None]).T @ design + ridge * np.eye(2)
+            step = np.linalg.solve(hessian, gradient)
+            theta = theta - step
+            if np.abs(step).max() < 1e-8:
+                break
+    return Calibration(float(theta[0]), float(theta[1]), int(len(x)), source, MIN_PER_CLASS, dict(classes or {}))
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float | None:
+    """ECE: the mean over equal-width confidence bins of |accuracy - mean confidence|, weighted by the bin's share."""
+    conf, right = np.asarray(confidences, float), np.asarray(correct, float)
+    if not len(conf):
+        return None
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(sum(abs(right[which == b].mean() - conf[which == b].mean()) * np.mean(which == b)
+                     for b in range(bins) if np.any(which == b)))
+
+
+def balanced_accuracy(truth: Sequence[str], predicted: Sequence[str | None]) -> float | None:
+    """Mean over true classes of the share predicted right (no prediction counts as wrong)."""
+    classes = sorted(set(truth))
+    if not classes:
+        return None
+    return float(np.mean([np.mean([p == t for t, p in zip(truth, predicted) if t == c]) for c in classes]))
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A suggested label, its calibrated confidence, and the cases behind it."""
+
+    column: str
+    label: str
+    confidence: float
+    share: float  # the winner's share of the similarity-weighted vote
+    support: int  # cases among the top k voting for it
+    considered: int  # the top k cases looked at
+    labelled: int  # of those, cases with a label in the column
+    supporting_cases: list[str]
+    votes: dict[str, float]  # every label's share
+    calibration: str
+
+    def line(self) -> str:
+        """The panel's line: 'Suggested: X (conf 0.82), based on 7 of 10 similar cases'."""
+        return (f"Suggested: {self.label} (conf {self.confidence:.2f}), based on {self.support} of {self.considered} "
+                "similar cases")
+
+    def to_json(self) -> dict:
+        """The CLI JSON's ``suggestion``."""
+        return {"column": self.column, "label": self.label, "confidence": round(self.confidence, 3), "share": round(self.share, 3),
+                "support": self.support, "considered": self.considered, "labelled": self.labelled,
+                "supporting_cases": list(self.supporting_cases), "votes": {k: round(v, 3) for k, v in self.votes.items()},
+                "calibration": self.calibration, "text": self.line()}
+
+
+def class_counts(index, column: str) -> dict[str, int]:
+    """Labelled cases per label of a column."""
+    counts: dict[str, int] = {}
+    for case in index.catalog.cases():
+        for name in set(case_labels(case, column)):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def enough_labels(counts: dict[str, int], min_per_class: int = MIN_PER_CLASS) -> bool:
+    """Whether a column can support a suggestion: at least two classes with ``min_per_class`` labelled cases each."""
+    return sum(1 for n in counts.values() if n >= min_per_class) >= 2
+
+
+def suggest_from(results, column: str, labels_of, calibration: Calibration, counts: dict[str, int],
+                 k: int = SUGGEST_K) -> Suggestion | None:
+    """The suggestion from ranked results (``labels_of(result)`` gives a result's labels); None when it cannot be made."""
+    top = list(results)[:k]
+    labels = [labels_of(r) for r in top]
+    if not enough_labels(counts, calibration.min_per_class) or not any(labels):
+        return None
+    shares = vote(labels, [r.score for r in top])
+    if not shares:
+        return None
+    winner, share = next(iter(shares.items()))
+    if counts.get(winner, 0) < calibration.min_per_class:
+        return None  # a label too rare in the index to be suggested
+    supporting = [r.case_id for r, names in zip(top, labels) if winner in names]
+    return Suggestion(column, winner, calibration.confidence(share), share, len(supporting), len(top),
+                      sum(1 for names in labels if names), supporting, shares, calibration.source)
+
+
+POOLED_ITEMS = 8192  # items per case averaged for its pooled vector (evenly spread): bounds the cost of a big case
+
+
+def pooled_case_vectors(index, rows: Sequence[int], per_case: int = POOLED_ITEMS) -> np.ndarray:
+    """Each case's items' mean vector (through the index's transform, if any), unit length: one row per case."""
+    out = []
+    excluded = index.excluded_ids()
+    for row in rows:
+        ids = index.catalog.item_ids([row])
+        ids = ids[~np.isin(ids, excluded)]
+        if len(ids) > per_case:
+            ids = ids[np.linspace(0, len(ids) - 1, per_case).round().astype(int)]
+        block = index.store.vectors_of(ids) if len(ids) else np.zeros((1, index.store.dim), np.float32)
+        if index.transform is not None and len(ids):
+            block = index.transform.apply(block)
+        mean = np.asarray(block, np.float64).mean(axis=0)
+        out.append(mean / (np.linalg.norm(mean) or 1.0))
+    return np.array(out).reshape(len(out), -1)
+
+
+@dataclass
+class CaseVotes:
+    """Leave-one-case-out k-NN votes over pooled case vectors: per case its labels and vote (empty when unlabelled)."""
+
+    case_ids: list[str]
+    labels: list[list[str]]
+    votes: list[dict[str, float]]
+    vectors: np.ndarray
+
+
+def loco_case_votes(index, column: str, k: int = SUGGEST_K) -> CaseVotes:
+    """Every case's vote from its k most similar labelled cases (itself left out), on pooled case vectors."""
+    cases = index.catalog.cases()
+    vectors = pooled_case_vectors(index, [c.row for c in cases])
+    labels = [case_labels(c, column) for c in cases]
+    labelled = np.array([bool(names) for names in labels])
+    votes = []
+    similarity = vectors @ vectors.T if len(cases) else np.zeros((0, 0))
+    for n in range(len(cases)):
+        scores = np.where(labelled, similarity[n], -np.inf)
+        scores[n] = -np.inf
+        order = [int(j) for j in np.argsort(-scores)[:k] if np.isfinite(scores[j])]
+        votes.append(vote([labels[j] for j in order], [float(similarity[n, j]) for j in order]))
+    return CaseVotes([c.case_id for c in cases], labels, votes, vectors)
+
+
+def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
+    """The calibration pinned for this column by ``cbir evaluate``, else none: the confidence is then the raw vote share.
+
+    A calibration fitted on demand on the index's own leave-one-case-out votes of pooled case vectors
+    (:func:`pooled_calibration`) made region queries' confidences worse, not better (expected calibration error
+    0.25 and 0.62 against 0.14 and 0.19 for the raw share on the phantom cohorts; docs/benchmarks.md), so it is
+    measured but not used.
+    """
+    pinned = (index.catalog.meta(CALIBRATION_META) or {}).get(column)
+    if pinned:
+        return Calibration(**pinned)
+    return Calibration(source=UNCALIBRATED, classes=class_counts(index, column))
+
+
+def pooled_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
+    """Platt scaling fitted on the index's own leave-one-case-out votes of pooled case vectors (measured, not used)."""
+    votes = loco_case_votes(index, column, k)
+    shares, right = [], []
+    for names, shares_of in zip(votes.labels, votes.votes):
+        if names and shares_of:
+            winner, share = next(iter(shares_of.items()))
+            shares.append(share)
+            right.append(winner in names)
+    return fit_calibration(shares, right, "index cases (pooled vectors, leave-one-case-out)", class_counts(index, column))
+
+
+def pin_calibration(index, column: str, calibration: Calibration) -> None:
+    """Keep a calibration in the index's catalog for later searches (needs the index open for writing)."""
+    pinned = dict(index.catalog.meta(CALIBRATION_META) or {})
+    pinned[column] = calibration.to_json()
+    with index.catalog.transaction():
+        index.catalog.set_meta(CALIBRATION_META, pinned)
+
+
+class Suggester:
+    """Suggestions for one index and label column; the calibration is fitted once, on first use."""
+
+    def __init__(self, index, column: str | None = None, k: int = SUGGEST_K):
+        self.index, self.k = index, k
+        self.column = column or default_column(index)
+        if column and not class_counts(index, column):
+            raise ParameterError(f"--suggest {column}: no case of the index {index.folder} has a value in that column "
+                                 "(use 'label' for the labels given at index time, or a metadata field)")
+        self._calibration: Calibration | None = None
+        self._counts: dict[str, int] | None = None
+        self._labels: dict[str, list[str]] = {}
+
+    @property
+    def calibration(self) -> Calibration:
+        if self._calibration is None:
+            self._calibration = index_calibration(self.index, self.column, self.k)
+        return self._calibration
+
+    def labels_of(self, result) -> list[str]:
+        if result.case_id not in self._labels:
+            case = self.index.catalog.case_by_id(result.case_id)
+            self._labels[result.case_id] = case_labels(case, self.column) if case is not None else []
+        return self._labels[result.case_id]
+
+    def suggest(self, answer) -> Suggestion | None:
+        """The answer's suggestion, or None (no column, too few labels, no labelled neighbour)."""
+        if self.column is None:
+            return None
+        if self._counts is None:
+            self._counts = class_counts(self.index, self.column)
+        if not enough_labels(self._counts):
+            return None
+        return suggest_from(answer.results, self.column, self.labels_of, self.calibration, self._counts, self.k)
+
+    def attach(self, answer):
+        """The answer with its suggestion, or with why there is none; unchanged when the index has no label column."""
+        import dataclasses
+
+        if self.column is None:
+            return answer
+        found = self.suggest(answer)
+        if found is None:
+            counts = self._counts or {}
+            if not enough_labels(counts):
+                why = (f"too few labelled cases: a suggestion needs at least two labels with {MIN_PER_CLASS} cases each in "
+                       f"'{self.column}' (the index has {dict(sorted(counts.items()))})")
+            else:
+                why = f"no case among the top {self.k} has a label in '{self.column}' that the index holds often enough"
+            found = {"column": self.column, "label": None, "reason": why}
+        return dataclasses.replace(answer, suggestion=found)
+
+
+def labels_to_ask_for(index, column: str | None = None, count: int = 10, k: int = SUGGEST_K) -> list[dict]:
+    """Unlabelled cases whose label would help most: uncertain under the current vote, spread over the embedding space.
+
+    Greedy: each pick maximises uncertainty x distance (1 - cosine of pooled vectors) to the nearest labelled or
+    already picked case. Uncertainty is 1 - (top share - second share); a case with no labelled neighbour scores 1.
+    """
+    column = column or default_column(index) or "label"
+    votes = loco_case_votes(index, column, k)
+    labelled = [n for n, names in enumerate(votes.labels) if names]
+    pool = [n for n, names in enumerate(votes.labels) if not names]
+    uncertainty = {}
+    for n in pool:
+        shares = list(votes.votes[n].values())
+        uncertainty[n] = 1.0 - (shares[0] - (shares[1] if len(shares) > 1 else 0.0)) if shares else 1.0
+    chosen: list[int] = []
+    out = []
+    while pool and len(chosen) < count:
+        anchors = labelled + chosen
+        if anchors:
+            distance = 1.0 - (votes.vectors[pool] @ votes.vectors[anchors].T).max(axis=1)
+        else:
+            distance = np.ones(len(pool))
+        value = np.array([uncertainty[n] for n in pool]) * np.maximum(distance, 1e-6)
+        best = int(np.argmax(value))
+        pick = pool.pop(best)
+        chosen.append(pick)
+        out.append({"case_id": votes.case_ids[pick], "uncertainty": round(uncertainty[pick], 3),
+                    "distance": round(float(distance[best]), 4), "value": round(float(value[best]), 5),
+                    "current_vote": {k: round(v, 3) for k, v in votes.votes[pick].items()}})
+    return out
