@@ -42,7 +42,7 @@ from . import privacy, vector_transform
 from .catalog import CaseRecord, Catalog
 from .faiss_store import VectorStore, choose_kind, vector_problem
 from .integrity import file_record, read_manifest, record_problem, seal, write_json_atomically
-from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d
+from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d, volume_items_dense
 
 FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed
@@ -79,6 +79,8 @@ def embedded_items(volume, settings: IndexSettings, embedder: Embedder) -> tuple
     """A volume's items and their vectors: slices, tiles and blob crops for 2D models; whole volume and cells for 3D ones."""
     if embedder.embeds_volumes:
         return volume_items_3d(volume, embedder, settings)
+    if settings.resolved(embedder).region_strategy == "dense":
+        return volume_items_dense(volume, settings, embedder)
     made = volume_items(volume, settings)
     return made, embedder.embed_images(made.images)
 
@@ -239,6 +241,9 @@ class Index:
         for name in (VECTORS, CATALOG):
             if os.path.exists(os.path.join(folder, name)):
                 raise IndexCorruptError(f"{os.path.join(folder, name)}: an index file without a manifest; " + recovery_hint(folder))
+        settings = settings.resolved(embedder)  # the model's region strategy is pinned from here on
+        if settings.region_strategy == "dense" and not embedder.supports_dense:
+            raise InputError(folder, f"model '{embedder.name}' has no dense features; use region strategy 'crops'")
         os.makedirs(folder, exist_ok=True)
         lock = _FolderLock(folder)
         lock.acquire()

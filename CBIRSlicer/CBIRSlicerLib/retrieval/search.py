@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import IndexCorruptError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox
-from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
+from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy, vector_transform
 from ..index.catalog import ItemArrays
@@ -33,6 +33,9 @@ MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
 MULTI_IMAGE_EF_SEARCH = 512
+# A dense region query embeds only the windows over its box, on as many of the box's slices as fit this many forward
+# passes (about 2 s of ViT-B/16 on 2 cores; docs/benchmarks.md); the weight-free model takes every slice.
+DENSE_QUERY_PASSES = 6
 
 
 @dataclass
@@ -48,6 +51,10 @@ class Query:
     volume: Volume | None = None  # the query's volume: 3D models embed it (or the ROI's part); placement registers it
     roi: RoiBox | None = None
     centre_ras: tuple[float, float, float] | None = None  # the point asked about, for placing matches anatomically
+    # Dense indexes (region_strategy 'dense'): ``images`` are whole slices and each one's vector is pooled from its
+    # dense grid over ``boxes`` (pixel boxes in that slice), exactly as the index pooled its items.
+    boxes: list[tuple[int, int, int, int]] | None = None
+    pixel_mm: list[float] | None = None
 
 
 def _sample(items: list, count: int) -> list:
@@ -86,9 +93,21 @@ def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
     return {"volume": source, "axis": axis, "mode": mode, **more}
 
 
+def _dense(index: Index) -> bool:
+    return index.settings.region_strategy == "dense"
+
+
 def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
-    """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread)."""
+    """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread); whole, with the box, if dense."""
     window = choose_window(volume, index.settings.window)
+    if _dense(index):
+        grid = plan_grid(volume, axis)
+        box = crop_box(grid, roi, margin_mm)
+        slices = _sample(extract_slices(volume, axis, roi, crop=False, grid=grid), MAX_QUERY_IMAGES)
+        return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
+                     [to_uint8_rgb(s.pixels, window) for s in slices], **_own(volume, index), volume=volume, roi=roi,
+                     centre_ras=tuple(float(v) for v in roi.center), boxes=[box] * len(slices),
+                     pixel_mm=[s.pixel_mm for s in slices])
     crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
                  [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, roi=roi,
@@ -101,7 +120,7 @@ def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
     image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
     return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
                  [to_uint8_rgb(image.pixels, window)], **_own(volume, index), volume=volume,
-                 centre_ras=tuple(float(v) for v in image.ras))
+                 centre_ras=tuple(float(v) for v in image.ras), **_whole_boxes(index, [image]))
 
 
 def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
@@ -112,7 +131,45 @@ def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY
     planes = montage_planes(first, last, count)
     images = [s for s in extract_slices(volume, axis, grid=grid) if s.plane in set(planes)]
     return Query(_describe(volume, axis, "volume", slices=len(images)), [to_uint8_rgb(s.pixels, window) for s in images],
-                 **_own(volume, index), volume=volume)
+                 **_own(volume, index), volume=volume, **_whole_boxes(index, images))
+
+
+def _whole_boxes(index: Index, images: list) -> dict:
+    """For a dense index, whole slices pool their whole grid (as the index's slice items do)."""
+    if not _dense(index):
+        return {}
+    return {"boxes": [(0, 0, *s.pixels.shape) for s in images], "pixel_mm": [s.pixel_mm for s in images]}
+
+
+def dense_query_images(embedder: Embedder, query: Query, cell_mm: float, passes: int = DENSE_QUERY_PASSES) -> list[int]:
+    """Which of a dense region query's slices to embed: as many as fit ``passes`` forward passes, evenly spread, centre kept."""
+    count = len(query.images)
+    if query.description.get("mode") != "roi" or count <= 1:
+        return list(range(count))
+    centre = count // 2
+    each = embedder.dense_passes(query.images[centre].shape[:2], query.pixel_mm[centre], cell_mm, query.boxes[centre])
+    if each <= 0:  # no network (handcrafted): every slice is cheap
+        return list(range(count))
+    keep = max(1, min(count, passes // each))
+    if keep % 2 == 0:
+        keep -= 1  # an odd count keeps the central slice, the one the region's weights centre on
+    if keep == 1:
+        return [centre]
+    half = keep // 2
+    step = min(centre, count - 1 - centre) / half
+    return sorted({int(round(centre + k * step)) for k in range(-half, half + 1)})
+
+
+def dense_query_vectors(embedder: Embedder, query: Query, settings) -> np.ndarray:
+    """A dense index's query vectors: each chosen slice's grid pooled over its box, as the index pools its items."""
+    from ..models.dense import pool_region
+
+    chosen = dense_query_images(embedder, query, settings.dense_cell_mm)
+    query.images = [query.images[n] for n in chosen]
+    query.boxes = [query.boxes[n] for n in chosen]
+    query.pixel_mm = [query.pixel_mm[n] for n in chosen]
+    grids = embedder.embed_dense(query.images, query.pixel_mm, settings.dense_cell_mm, boxes=query.boxes)
+    return np.array([pool_region(grid, box, settings.dense_pooling) for grid, box in zip(grids, query.boxes)], np.float32)
 
 
 def text_query(text: str, embedder: Embedder) -> Query:
@@ -231,6 +288,9 @@ class Searcher:
             return query.vectors
         if not query.images:
             raise ParameterError("the query holds no images (an ROI outside the volume?)")
+        if query.boxes is not None:
+            query.vectors = dense_query_vectors(self.embedder, query, self.index.settings)
+            return query.vectors
         query.vectors = self.embedder.embed_images(query.images)  # kept: placing the matches later compares them again
         return query.vectors
 
