@@ -135,3 +135,19 @@ def test_region_strategy_is_pinned_and_refused_on_mismatch(dense_index, tmp_path
     assert SETTINGS.resolved(create_embedder("handcrafted")).region_strategy == "crops"
     with pytest.raises(ParameterError, match="region strategy must be one of"):
         IndexSettings(region_strategy="tokens")
+
+
+def test_the_worker_pools_a_dense_query_as_the_library_does(dense_index):
+    from CBIRSlicerLib.models.dense import region_vectors
+    from CBIRSlicerLib.models.worker import EmbeddingService
+
+    folder, _, embedder = dense_index
+    model = Index.open(folder).model_name()
+    rng = np.random.default_rng(2)
+    images = [(rng.random((40, 50)) * 255).astype(np.uint8) for _ in range(3)]
+    boxes, pixel_mm = [(5, 10, 25, 30)] * 3, [1.5] * 3
+    local, chosen = region_vectors(embedder, images, pixel_mm, boxes, 6.0, "mean", passes=2)
+    assert chosen == [1]  # the 30 mm box needs 9 windows of each slice: within 2 passes only the central slice is embedded
+    with EmbeddingService(model, device="cpu") as service:
+        remote = service.submit_regions(images, boxes, pixel_mm, 6.0, "mean", passes=2).result(timeout=120)
+    assert remote.shape == (1, embedder.dim) and np.allclose(remote, local, atol=1e-5)

@@ -144,3 +144,35 @@ def stitch(plan: WindowPlan, image_shape: tuple[int, int], tokens: Sequence[np.n
     sums, counts = sums[:rows, :cols], counts[:rows, :cols]
     cells = (sums / np.maximum(counts, 1)[..., None]).astype(np.float32)
     return DenseGrid(cells, counts > 0, plan.cell_px, tuple(image_shape), len(starts))
+
+
+def choose_images(embedder, shapes: Sequence[tuple[int, int]], pixel_mm: Sequence[float], boxes: Sequence[Box],
+                  cell_mm: float, passes: int) -> list[int]:
+    """Which of a region's slices (in order) to embed within ``passes`` forward passes: evenly spread, the central one kept."""
+    count = len(shapes)
+    centre = count // 2
+    each = embedder.dense_passes(tuple(shapes[centre]), pixel_mm[centre], cell_mm, boxes[centre]) if count else 0
+    if count <= 1 or each <= 0:  # no network (handcrafted): every slice is cheap
+        return list(range(count))
+    keep = max(1, min(count, passes // each))
+    if keep % 2 == 0:
+        keep -= 1  # an odd count keeps the central slice, the one a region's weights centre on
+    if keep == 1:
+        return [centre]
+    half = keep // 2
+    step = min(centre, count - 1 - centre) / half
+    return sorted({int(round(centre + k * step)) for k in range(-half, half + 1)})
+
+
+def region_vectors(embedder, images: Sequence[np.ndarray], pixel_mm: Sequence[float], boxes: Sequence[Box], cell_mm: float,
+                   pooling: str, passes: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Unit vectors of regions of slices pooled from their dense grids (the windows over each box only), and which slices.
+
+    With ``passes`` only as many slices as fit that many forward passes are embedded (:func:`choose_images`).
+    """
+    chosen = list(range(len(images))) if passes is None else choose_images(
+        embedder, [np.shape(image)[:2] for image in images], pixel_mm, boxes, cell_mm, passes)
+    grids = embedder.embed_dense([images[n] for n in chosen], [pixel_mm[n] for n in chosen], cell_mm,
+                                 boxes=[boxes[n] for n in chosen])
+    vectors = np.array([pool_region(grid, boxes[n], pooling) for grid, n in zip(grids, chosen)], np.float32)
+    return vectors.reshape(len(chosen), -1), chosen

@@ -141,35 +141,20 @@ def _whole_boxes(index: Index, images: list) -> dict:
     return {"boxes": [(0, 0, *s.pixels.shape) for s in images], "pixel_mm": [s.pixel_mm for s in images]}
 
 
-def dense_query_images(embedder: Embedder, query: Query, cell_mm: float, passes: int = DENSE_QUERY_PASSES) -> list[int]:
-    """Which of a dense region query's slices to embed: as many as fit ``passes`` forward passes, evenly spread, centre kept."""
-    count = len(query.images)
-    if query.description.get("mode") != "roi" or count <= 1:
-        return list(range(count))
-    centre = count // 2
-    each = embedder.dense_passes(query.images[centre].shape[:2], query.pixel_mm[centre], cell_mm, query.boxes[centre])
-    if each <= 0:  # no network (handcrafted): every slice is cheap
-        return list(range(count))
-    keep = max(1, min(count, passes // each))
-    if keep % 2 == 0:
-        keep -= 1  # an odd count keeps the central slice, the one the region's weights centre on
-    if keep == 1:
-        return [centre]
-    half = keep // 2
-    step = min(centre, count - 1 - centre) / half
-    return sorted({int(round(centre + k * step)) for k in range(-half, half + 1)})
-
-
 def dense_query_vectors(embedder: Embedder, query: Query, settings) -> np.ndarray:
-    """A dense index's query vectors: each chosen slice's grid pooled over its box, as the index pools its items."""
-    from ..models.dense import pool_region
+    """A dense index's query vectors: slices' grids pooled over their boxes, as the index pools its items.
 
-    chosen = dense_query_images(embedder, query, settings.dense_cell_mm)
+    A region query embeds only the windows over its box, on as many of its slices as fit DENSE_QUERY_PASSES.
+    """
+    from ..models.dense import region_vectors
+
+    passes = DENSE_QUERY_PASSES if query.description.get("mode") == "roi" else None
+    vectors, chosen = region_vectors(embedder, query.images, query.pixel_mm, query.boxes, settings.dense_cell_mm,
+                                     settings.dense_pooling, passes)
     query.images = [query.images[n] for n in chosen]
     query.boxes = [query.boxes[n] for n in chosen]
     query.pixel_mm = [query.pixel_mm[n] for n in chosen]
-    grids = embedder.embed_dense(query.images, query.pixel_mm, settings.dense_cell_mm, boxes=query.boxes)
-    return np.array([pool_region(grid, box, settings.dense_pooling) for grid, box in zip(grids, query.boxes)], np.float32)
+    return vectors
 
 
 def text_query(text: str, embedder: Embedder) -> Query:
