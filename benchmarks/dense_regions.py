@@ -208,6 +208,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=32, help="crops embedded to time the crops strategy")
     parser.add_argument("--repeats", type=int, default=3, help="timed ROI queries (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny random ViT, few samples")
+    parser.add_argument("--parts", default="crops,dense,resolution,query,precision", help="what to measure (comma-separated)")
     parser.add_argument("--out", default="docs/benchmarks/dense_regions.json")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="cbir-dense-")
@@ -225,19 +226,24 @@ def main() -> None:
         real = volumes[name]
         volume = read_volume(real.image)
         row = {"source": real.source, "shape": list(volume.shape_ijk), "spacing_mm": [round(float(s), 3) for s in volume.spacing]}
-        row["crops"] = crops_estimate(embedder, volume, IndexSettings(region_strategy="crops"), 8 if args.quick else args.sample)
-        print(name, "crops", json.dumps(row["crops"]), flush=True)
+        parts = args.parts.split(",")
+        if "crops" in parts:
+            row["crops"] = crops_estimate(embedder, volume, IndexSettings(region_strategy="crops"), 8 if args.quick else args.sample)
+            print(name, "crops", json.dumps(row["crops"]), flush=True)
         folder = os.path.join(work, f"index_{name}")
-        row["dense"] = dense_build(embedder, real.image, settings, folder)
-        print(name, "dense", json.dumps(row["dense"]), flush=True)
-        row["resolution"] = resolution_options(embedder, volume, settings)
-        print(name, "resolution", json.dumps(row["resolution"]), flush=True)
-        if name == "head_ct":
+        if "dense" in parts or "query" in parts:
+            row["dense"] = dense_build(embedder, real.image, settings, folder)
+            print(name, "dense", json.dumps(row["dense"]), flush=True)
+        if "resolution" in parts:
+            row["resolution"] = resolution_options(embedder, volume, settings)
+            print(name, "resolution", json.dumps(row["resolution"]), flush=True)
+        if name == "head_ct" and "query" in parts:
             row["roi_query"] = roi_query_latency(embedder, folder, real.image, work, 1 if args.quick else args.repeats)
             print(name, "roi query", json.dumps(row["roi_query"]), flush=True)
         results["volumes"][name] = row
-    results["precision"] = precision_options(embedder)
-    print("precision", json.dumps(results["precision"]), flush=True)
+    if "precision" in args.parts.split(","):
+        results["precision"] = precision_options(embedder)
+        print("precision", json.dumps(results["precision"]), flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=1)

@@ -85,6 +85,12 @@ def embedded_items(volume, settings: IndexSettings, embedder: Embedder) -> tuple
     return made, embedder.embed_images(made.images)
 
 
+def _load(source: CaseSource, known: dict[str, str | None]) -> tuple[str, Volume | None]:
+    """A case's checksum, and its volume unless the index already holds that checksum (read ahead on a thread)."""
+    checksum = source_checksum(source)
+    return checksum, None if known.get(case_id_for(source)) == checksum else read_case(source)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -488,15 +494,29 @@ class Index:
         report = BuildReport()
         found = discover(paths)
         report.skipped.extend(found.skipped)
-        for n, source in enumerate(found.cases):
-            if should_stop is not None and should_stop():
-                report.skipped.extend((s.label, "not reached (stopped)") for s in found.cases[n:])
-                break
-            if progress is not None:
-                progress(n, len(found.cases), source.label)
-            self._index_source(source, embedder, list((labels or {}).get(os.path.abspath(source.path), [])), report)
-            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                self.checkpoint()
+        # The next case is checksummed and read on a thread while this one is embedded (file reading and decompression
+        # release the GIL), so the model is not kept waiting between cases.
+        from concurrent.futures import ThreadPoolExecutor
+
+        known = {}
+        for source in found.cases:
+            existing = self.catalog.case_by_id(case_id_for(source))
+            known[case_id_for(source)] = existing.checksum if existing is not None else None
+        with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
+            ahead = reader.submit(_load, found.cases[0], known) if found.cases else None
+            for n, source in enumerate(found.cases):
+                loaded, ahead = ahead, reader.submit(_load, found.cases[n + 1], known) if n + 1 < len(found.cases) else None
+                if should_stop is not None and should_stop():
+                    report.skipped.extend((s.label, "not reached (stopped)") for s in found.cases[n:])
+                    break
+                if progress is not None:
+                    progress(n, len(found.cases), source.label)
+                self._index_source(source, embedder, list((labels or {}).get(os.path.abspath(source.path), [])), report,
+                                   loaded)
+                if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+                    self.checkpoint()
+            if ahead is not None:
+                ahead.cancel()
         self.checkpoint()
         self._maybe_refit_transform()
         if progress is not None:
@@ -504,16 +524,17 @@ class Index:
         report.seconds = time.monotonic() - began
         return report
 
-    def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport) -> None:
-        """Index one case (or note it unchanged or skipped, with why)."""
+    def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport,
+                      loaded=None) -> None:
+        """Index one case (or note it unchanged or skipped, with why); ``loaded``: a future of its (checksum, volume)."""
         case_id = case_id_for(source)
         try:
-            checksum = source_checksum(source)
+            checksum, volume = loaded.result() if loaded is not None else (source_checksum(source), None)
             existing = self.catalog.case_by_id(case_id)
             if existing is not None and existing.checksum == checksum:
                 report.unchanged.append(source.label)
                 return
-            volume = read_case(source)
+            volume = volume if volume is not None else read_case(source)
             refused, warning = content_problem(volume)
             if refused:
                 raise InputError(None, refused)

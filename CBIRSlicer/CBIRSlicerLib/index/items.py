@@ -10,6 +10,7 @@ it would hold it. Items that are mostly background are skipped. Every item keeps
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -206,10 +207,14 @@ def volume_items_dense(volume: Volume, settings: IndexSettings, embedder) -> tup
     for axis in settings.axes:
         slices = extract_slices(volume, axis, stride_mm=settings.stride_mm, resampler=resampler)
         rgbs = [to_uint8_rgb(image.pixels, window) for image in slices]
-        grids = embedder.embed_dense(rgbs, [image.pixel_mm for image in slices], settings.dense_cell_mm)
-        for image, rgb, grid in zip(slices, rgbs, grids):
+        # The items' boxes (blob detection: ~5 % of a ViT's time) are found on a thread while the model runs.
+        with ThreadPoolExecutor(1, thread_name_prefix="cbir-items") as pool:
+            regions = pool.submit(lambda pairs: [slice_regions(image, rgb, settings) for image, rgb in pairs], list(zip(slices, rgbs)))
+            grids = embedder.embed_dense(rgbs, [image.pixel_mm for image in slices], settings.dense_cell_mm)
+            regions = regions.result()
+        for image, rgb, grid, boxes in zip(slices, rgbs, grids, regions):
             thumbs[(axis, image.plane)] = thumbnail(rgb[..., 0], settings.thumbnail_px)
-            for item, box in slice_regions(image, rgb, settings):
+            for item, box in boxes:
                 items.append(item)
                 vectors.append(pool_region(grid, box, settings.dense_pooling))
     return VolumeItems(items, [], thumbs, window), np.array(vectors, np.float32).reshape(-1, embedder.dim)

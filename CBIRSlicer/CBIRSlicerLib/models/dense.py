@@ -72,15 +72,21 @@ def pool_region(grid: DenseGrid, box: Box, method: str = "mean", p: float = GEM_
     """The unit vector of a region (pixel box) pooled from a grid's cells, by the formulas of the module docstring."""
     if method not in POOLINGS:
         raise ParameterError(f"dense pooling must be one of {', '.join(POOLINGS)}, not '{method}'")
-    weights = overlap_weights(grid.cells.shape[:2], grid.cell_px, box) * grid.valid
+    rows, cols = grid.cells.shape[:2]
+    # Only the cells the box touches (a 32-mm tile: 4 x 4 of a 25 x 25 grid): a slice's 135 items pool in ~5 ms.
+    r0, r1 = max(0, int(box[0] // grid.cell_px)), min(rows, int(np.ceil(box[2] / grid.cell_px)))
+    c0, c1 = max(0, int(box[1] // grid.cell_px)), min(cols, int(np.ceil(box[3] / grid.cell_px)))
+    shifted = (box[0] - r0 * grid.cell_px, box[1] - c0 * grid.cell_px, box[2] - r0 * grid.cell_px, box[3] - c0 * grid.cell_px)
+    weights = overlap_weights((max(0, r1 - r0), max(0, c1 - c0)), grid.cell_px, shifted) * grid.valid[r0:r1, c0:c1]
+    cells = grid.cells[r0:r1, c0:c1]
     total = weights.sum()
     if not total > 0:
         raise ParameterError(f"region {tuple(round(float(v), 1) for v in box)} covers no computed cell of a "
                              f"{grid.image_shape[0]} x {grid.image_shape[1]} image")
     if method == "mean":
-        vector = np.tensordot(weights, grid.cells, axes=([0, 1], [0, 1])) / total
+        vector = np.tensordot(weights, cells, axes=([0, 1], [0, 1])) / total
     else:
-        powered = np.tensordot(weights, np.maximum(grid.cells, 0) ** p, axes=([0, 1], [0, 1])) / total
+        powered = np.tensordot(weights, np.maximum(cells, 0) ** p, axes=([0, 1], [0, 1])) / total
         vector = powered ** (1.0 / p)
     return l2_normalize(vector.astype(np.float32))
 
