@@ -123,8 +123,12 @@ def test_region_query_of_an_indexed_region_scores_one_against_it(dense_index):
         assert float(whole[0] @ index.store.reconstruct(np.array([slice_item.id]))[0]) > 0.9999
 
 
-def test_region_strategy_is_pinned_and_refused_on_mismatch(dense_index, tmp_path):
-    folder = dense_index[0]
+def test_region_strategy_is_pinned_and_refused_on_mismatch(dense_index, tmp_path, capsys):
+    from CBIRSlicerLib import cli
+
+    folder, paths, _ = dense_index
+    assert cli.main(["index", "add", paths[0], "--index", folder, "--region-strategy", "crops"]) == 1
+    assert "--region-strategy crops (the index has dense)" in capsys.readouterr().err
     with Index.open(folder) as index:
         index.check_settings(SETTINGS)  # 'auto' asks for whatever the index pinned
         with pytest.raises(IndexMismatchError, match="region_strategy: 'dense' in the index, 'crops' asked for"):
