@@ -50,6 +50,10 @@ def crops_estimate(embedder, volume, settings: IndexSettings, sample: int) -> di
     made = volume_items(volume, settings)
     cut = time.perf_counter() - began
     slices = sum(item.kind == "slice" for item in made.items)
+    counts = {"slices": slices, "items": len(made.items), "forward_passes": len(made.images),
+              "passes_per_slice": round(len(made.images) / slices, 1), "cut_seconds": round(cut, 1)}
+    if sample <= 0:
+        return counts
     rng = np.random.default_rng(0)
     chosen = [made.images[n] for n in rng.choice(len(made.images), min(sample, len(made.images)), replace=False)]
     embedder.embed_images(chosen[:4], batch_size=4)  # warm-up
@@ -57,8 +61,7 @@ def crops_estimate(embedder, volume, settings: IndexSettings, sample: int) -> di
     embedder.embed_images(chosen, batch_size=16)
     rate = len(chosen) / (time.perf_counter() - began)
     cpu_rate = len(chosen) / ((time.process_time() - cpu) / available_cores())
-    return {"slices": slices, "items": len(made.items), "forward_passes": len(made.images),
-            "passes_per_slice": round(len(made.images) / slices, 1), "images_per_s": round(rate, 2),
+    return {**counts, "images_per_s": round(rate, 2),
             "images_per_cpu_s_per_core": round(cpu_rate, 2),
             "seconds_per_case_estimated": round(cut + len(made.images) / rate, 1),
             "cpu_seconds_per_core_estimated": round(cut + len(made.images) / cpu_rate, 1), "sampled_images": len(chosen)}
@@ -241,13 +244,19 @@ def main() -> None:
             row["roi_query"] = roi_query_latency(embedder, folder, real.image, work, 1 if args.quick else args.repeats)
             print(name, "roi query", json.dumps(row["roi_query"]), flush=True)
         results["volumes"][name] = row
+        save(results, args.out)
     if "precision" in args.parts.split(","):
         results["precision"] = precision_options(embedder)
         print("precision", json.dumps(results["precision"]), flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=1)
+    save(results, args.out)
     print(f"written to {args.out}")
+
+
+def save(results: dict, path: str) -> None:
+    """Write what is measured so far (a long run stopped early keeps its finished volumes)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":
