@@ -142,9 +142,9 @@ def _sizes_mm(text: str | None) -> list[float]:
 
 # Slicing flags of 'index build' / 'add' with their defaults; 'add' takes the index's pinned values for those not given.
 SLICING_DEFAULTS = {"axes": "axial", "stride_mm": 5.0, "tiles_mm": "32", "tile_overlap": 0.5, "blobs": 12,
-                    "blob_sizes_mm": "16,24,32"}
+                    "blob_sizes_mm": "16,24,32", "region_strategy": "auto"}
 SLICING_FIELDS = {"axes": "axes", "stride_mm": "stride_mm", "tiles_mm": "tile_sizes_mm", "tile_overlap": "tile_overlap",
-                  "blobs": "blobs_per_slice", "blob_sizes_mm": "blob_sizes_mm"}
+                  "blobs": "blobs_per_slice", "blob_sizes_mm": "blob_sizes_mm", "region_strategy": "region_strategy"}
 
 
 def _settings_from(args: argparse.Namespace, defaults: dict):
@@ -155,7 +155,8 @@ def _settings_from(args: argparse.Namespace, defaults: dict):
     axes = value["axes"] if isinstance(value["axes"], list) else str(value["axes"]).split(",")
     sizes = {k: value[k] if isinstance(value[k], list) else _sizes_mm(value[k]) for k in ("tiles_mm", "blob_sizes_mm")}
     return IndexSettings(axes=axes, stride_mm=value["stride_mm"], tile_sizes_mm=sizes["tiles_mm"], tile_overlap=value["tile_overlap"],
-                         blobs_per_slice=value["blobs"], blob_sizes_mm=sizes["blob_sizes_mm"])
+                         blobs_per_slice=value["blobs"], blob_sizes_mm=sizes["blob_sizes_mm"],
+                         region_strategy=value["region_strategy"])
 
 
 def _refuse_other_slicing(args: argparse.Namespace, index) -> None:
@@ -168,7 +169,8 @@ def _refuse_other_slicing(args: argparse.Namespace, index) -> None:
         return
     asked = _settings_from(args, {name: pinned[SLICING_FIELDS[name]] for name in SLICING_DEFAULTS}).as_dict()
     differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the index has {pinned[SLICING_FIELDS[name]]})"
-              for name in given if asked[SLICING_FIELDS[name]] != pinned[SLICING_FIELDS[name]]]
+              for name in given if asked[SLICING_FIELDS[name]] != pinned[SLICING_FIELDS[name]]
+              and not (name == "region_strategy" and asked[name] == "auto")]
     if differ:
         raise IndexMismatchError(f"{index.folder}: slicing settings are pinned when an index is built; asked for " + ", ".join(differ)
                                  + ": leave the flags out, or build a new index with them")
@@ -720,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--blobs", type=int,
                        help="per slice, how many blob-like places (lesion candidates) get crops centred on them (default 12; 0 for none)")
     index.add_argument("--blob-sizes-mm", help="sizes in mm of the crops around each blob, comma-separated (default 16,24,32)")
+    index.add_argument("--region-strategy", choices=("auto", "crops", "dense"),
+                       help="item vectors: each crop embedded ('crops'), or pooled from one pass per slice ('dense'); "
+                            "default auto: dense for ViTs, crops for handcrafted (docs/design.md)")
     index.add_argument("--keep-patient-ids", action="store_true",
                        help="build: keep patient IDs from DICOM headers in the catalog (default: only a keyed hash of them)")
     index.add_argument("--drop-missing", action="store_true",

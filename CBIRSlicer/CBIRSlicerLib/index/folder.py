@@ -43,7 +43,7 @@ from .catalog import CaseRecord, Catalog
 from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
 from .faiss_store import VectorStore, choose_kind, vector_problem
 from .integrity import file_record, read_manifest, record_problem, seal, write_json_atomically
-from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d
+from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d, volume_items_dense
 
 FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed
@@ -85,8 +85,16 @@ def embedded_items(volume, settings: IndexSettings, embedder: Embedder) -> tuple
     """A volume's items and their vectors: slices, tiles and blob crops for 2D models; whole volume and cells for 3D ones."""
     if embedder.embeds_volumes:
         return volume_items_3d(volume, embedder, settings)
+    if settings.resolved(embedder).region_strategy == "dense":
+        return volume_items_dense(volume, settings, embedder)
     made = volume_items(volume, settings)
     return made, embedder.embed_images(made.images)
+
+
+def _load(source: CaseSource, known: dict[str, str | None]) -> tuple[str, Volume | None]:
+    """A case's checksum, and its volume unless the index already holds that checksum (read ahead on a thread)."""
+    checksum = source_checksum(source)
+    return checksum, None if known.get(case_id_for(source)) == checksum else read_case(source)
 
 
 def _now() -> str:
@@ -245,6 +253,9 @@ class Index:
         for name in (VECTORS, CATALOG):
             if os.path.exists(os.path.join(folder, name)):
                 raise IndexCorruptError(f"{os.path.join(folder, name)}: an index file without a manifest; " + recovery_hint(folder))
+        settings = settings.resolved(embedder)  # the model's region strategy is pinned from here on
+        if settings.region_strategy == "dense" and not embedder.supports_dense:
+            raise InputError(folder, f"model '{embedder.name}' has no dense features; use region strategy 'crops'")
         os.makedirs(folder, exist_ok=True)
         lock = _FolderLock(folder)
         lock.acquire()
@@ -496,15 +507,29 @@ class Index:
                      for spec in [p for p in paths if is_dicom_source(p)])
         found = discover([p for p in paths if not is_dicom_source(p)])
         report.skipped.extend(found.skipped)
-        for n, source in enumerate(found.cases):
-            if should_stop is not None and should_stop():
-                report.skipped.extend((s.label, "not reached (stopped)") for s in found.cases[n:])
-                break
-            if progress is not None:
-                progress(n, len(found.cases), source.label)
-            self._index_source(source, embedder, list((labels or {}).get(os.path.abspath(source.path), [])), report)
-            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                self.checkpoint()
+        # The next case is checksummed and read on a thread while this one is embedded (file reading and decompression
+        # release the GIL), so the model is not kept waiting between cases.
+        from concurrent.futures import ThreadPoolExecutor
+
+        known = {}
+        for source in found.cases:
+            existing = self.catalog.case_by_id(case_id_for(source))
+            known[case_id_for(source)] = existing.checksum if existing is not None else None
+        with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
+            ahead = reader.submit(_load, found.cases[0], known) if found.cases else None
+            for n, source in enumerate(found.cases):
+                loaded, ahead = ahead, reader.submit(_load, found.cases[n + 1], known) if n + 1 < len(found.cases) else None
+                if should_stop is not None and should_stop():
+                    report.skipped.extend((s.label, "not reached (stopped)") for s in found.cases[n:])
+                    break
+                if progress is not None:
+                    progress(n, len(found.cases), source.label)
+                self._index_source(source, embedder, list((labels or {}).get(os.path.abspath(source.path), [])), report,
+                                   loaded)
+                if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+                    self.checkpoint()
+            if ahead is not None:
+                ahead.cancel()
         self.checkpoint()
         self._maybe_refit_transform()
         if progress is not None:
@@ -550,17 +575,18 @@ class Index:
         return len(planned)
 
     def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport,
-                      remote: str | None = None, label: str | None = None) -> None:
-        """Index one case (or note it unchanged or skipped, with why); ``remote`` names a DICOM database or PACS it came from."""
+                      loaded=None, remote: str | None = None, label: str | None = None) -> None:
+        """Index one case (or note it unchanged or skipped, with why); ``loaded``: a future of its (checksum, volume);
+        ``remote`` names a DICOM database or PACS it came from."""
         case_id = case_id_for(source) if remote is None else remote_case_id(remote, source.series_uid or "")
         label = label or source.label
         try:
-            checksum = source_checksum(source)
+            checksum, volume = loaded.result() if loaded is not None else (source_checksum(source), None)
             existing = self.catalog.case_by_id(case_id)
             if existing is not None and existing.checksum == checksum:
                 report.unchanged.append(label)
                 return
-            volume = read_case(source)
+            volume = volume if volume is not None else read_case(source)
             refused, warning = content_problem(volume)
             if refused:
                 raise InputError(None, refused)

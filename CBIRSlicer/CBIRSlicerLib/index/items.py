@@ -10,6 +10,7 @@ it would hold it. Items that are mostly background are skipped. Every item keeps
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,6 +22,8 @@ from ..imaging.resize import resize_bilinear
 from ..imaging.slicing import AXES, Resampler, SliceImage, extract_slices
 from ..imaging.volume import Volume
 from .catalog import ItemRecord
+
+REGION_STRATEGIES = ("auto", "crops", "dense")
 
 
 @dataclass
@@ -36,6 +39,11 @@ class IndexSettings:
     thumbnail_px: int = 96
     blobs_per_slice: int = 12
     blob_sizes_mm: list[float] = field(default_factory=lambda: [16.0, 24.0, 32.0])
+    # Item vectors: 'crops' (each embedded on its own), 'dense' (pooled from one grid per slice, models/dense.py), or
+    # 'auto' (the model's default, resolved when the index is created and pinned from then on).
+    region_strategy: str = "auto"
+    dense_cell_mm: float = 10.0
+    dense_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if not self.axes or any(a not in AXES for a in self.axes):
@@ -46,6 +54,12 @@ class IndexSettings:
             raise ParameterError("tile sizes must be positive and the overlap in [0, 1)")
         if self.blobs_per_slice < 0 or any(not b > 0 for b in self.blob_sizes_mm):
             raise ParameterError("blobs per slice must be 0 or more and blob crop sizes positive")
+        if self.region_strategy not in REGION_STRATEGIES:
+            raise ParameterError(f"region strategy must be one of {', '.join(REGION_STRATEGIES)}, not '{self.region_strategy}'")
+        if not self.dense_cell_mm > 0 or self.dense_pooling not in ("mean", "gem"):
+            raise ParameterError(f"dense cells must be positive ({self.dense_cell_mm} mm) and pooling mean or gem "
+                                 f"('{self.dense_pooling}')")
+        self.dense_cell_mm = float(self.dense_cell_mm)
         self.stride_mm = float(self.stride_mm)
         self.tile_sizes_mm = [float(t) for t in self.tile_sizes_mm]
         self.blobs_per_slice = int(self.blobs_per_slice)
@@ -53,8 +67,15 @@ class IndexSettings:
 
     @classmethod
     def from_stored(cls, stored: dict) -> IndexSettings:
-        """Settings as a manifest stores them; an index made before blob items existed has none."""
-        return cls(**{"blobs_per_slice": 0, "blob_sizes_mm": [], **stored})
+        """Settings as a manifest stores them; an index made before blob items (or dense vectors) existed has none (crops)."""
+        return cls(**{"blobs_per_slice": 0, "blob_sizes_mm": [], "region_strategy": "crops", **stored})
+
+    def resolved(self, embedder) -> IndexSettings:
+        """These settings with 'auto' replaced by the model's default region strategy (what an index pins)."""
+        if self.region_strategy != "auto":
+            return self
+        strategy = "crops" if embedder.embeds_volumes else embedder.default_region_strategy
+        return IndexSettings(**{**self.as_dict(), "region_strategy": strategy})
 
     def as_dict(self) -> dict:
         """JSON form."""
@@ -64,7 +85,8 @@ class IndexSettings:
         """Fields that differ from a stored settings dict."""
         mine = self.as_dict()
         stored = IndexSettings.from_stored(other).as_dict()
-        return [f"{k}: {stored[k]!r} in the index, {mine[k]!r} asked for" for k in mine if stored[k] != mine[k]]
+        return [f"{k}: {stored[k]!r} in the index, {mine[k]!r} asked for" for k in mine
+                if stored[k] != mine[k] and not (k == "region_strategy" and mine[k] == "auto")]
 
 
 @dataclass
@@ -162,6 +184,40 @@ def volume_items(volume: Volume, settings: IndexSettings) -> VolumeItems:
                 items.append(item)
                 images.append(crop)
     return VolumeItems(items, images, thumbs, window)
+
+
+def slice_regions(image: SliceImage, rgb: np.ndarray, settings: IndexSettings) -> list[tuple[ItemRecord, tuple[int, int, int, int]]]:
+    """The items of one slice (itself, its tiles, its blob crops) with their pixel boxes in the slice image."""
+    rows, cols = image.pixels.shape
+    out = [(_item(image, "slice", (0, 0, rows, cols), max(rows, cols) * image.pixel_mm), (0, 0, rows, cols))]
+    br, bc = image.box[0], image.box[1]
+    for item, _ in tiles_of(image, rgb, settings) + blob_crops_of(image, rgb, settings):
+        r0, c0, r1, c1 = item.box
+        out.append((item, (r0 - br, c0 - bc, r1 - br, c1 - bc)))
+    return out
+
+
+def volume_items_dense(volume: Volume, settings: IndexSettings, embedder) -> tuple[VolumeItems, np.ndarray]:
+    """The same items as :func:`volume_items`, their vectors pooled from one dense grid per slice (models/dense.py)."""
+    from ..models.dense import pool_region
+
+    window = choose_window(volume, settings.window)
+    resampler = Resampler(volume)
+    items, vectors, thumbs = [], [], {}
+    for axis in settings.axes:
+        slices = extract_slices(volume, axis, stride_mm=settings.stride_mm, resampler=resampler)
+        rgbs = [to_uint8_rgb(image.pixels, window) for image in slices]
+        # The items' boxes (blob detection: ~5 % of a ViT's time) are found on a thread while the model runs.
+        with ThreadPoolExecutor(1, thread_name_prefix="cbir-items") as pool:
+            regions = pool.submit(lambda pairs: [slice_regions(image, rgb, settings) for image, rgb in pairs], list(zip(slices, rgbs)))
+            grids = embedder.embed_dense(rgbs, [image.pixel_mm for image in slices], settings.dense_cell_mm)
+            regions = regions.result()
+        for image, rgb, grid, boxes in zip(slices, rgbs, grids, regions):
+            thumbs[(axis, image.plane)] = thumbnail(rgb[..., 0], settings.thumbnail_px)
+            for item, box in boxes:
+                items.append(item)
+                vectors.append(pool_region(grid, box, settings.dense_pooling))
+    return VolumeItems(items, [], thumbs, window), np.array(vectors, np.float32).reshape(-1, embedder.dim)
 
 
 # ----- 3D models: one pass over the volume, regions are cells of its feature map ---------------------------------

@@ -140,6 +140,10 @@ class Embedder:
     device: str = "cpu"
     fingerprint: Fingerprint
     default_batch_size: int = 16
+    # How this model's index items get their vectors unless the settings say: 'crops' (each item embedded on its own)
+    # or 'dense' (pooled from one pass over the slice, :mod:`.dense`); chosen per model by measurement (docs/benchmarks.md).
+    default_region_strategy: str = "crops"
+    supports_dense: bool = False
 
     def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -163,6 +167,15 @@ class Embedder:
             if progress is not None:
                 progress(start + len(batch), len(images))
         return out
+
+    def embed_dense(self, images: Sequence[np.ndarray], pixel_mm, cell_mm: float | None = None, boxes=None,
+                    batch_size: int | None = None) -> list:
+        """A :class:`.dense.DenseGrid` per image (cells of ``cell_mm``; only windows covering ``boxes`` when given)."""
+        raise ModelError(f"model '{self.name}' has no dense features; index it with region_strategy 'crops'")
+
+    def dense_passes(self, image_shape: tuple[int, int], pixel_mm: float, cell_mm: float, box=None) -> int:
+        """Forward passes ``embed_dense`` takes for one image (0: no network, as for the weight-free model)."""
+        return 0
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors (N, dim) for phrases such as 'pleural effusion' (CLIP-family models only)."""

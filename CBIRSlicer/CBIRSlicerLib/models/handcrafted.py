@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..imaging.resize import resize_bilinear
-from .base import Embedder, Fingerprint, available_cores
+from .base import Embedder, Fingerprint, available_cores, check_images
 
 SIZE = 64
 INTENSITY_BINS = 32
@@ -185,3 +185,23 @@ class HandcraftedEmbedder(Embedder):
 
             self._threads = ThreadPoolExecutor(min(available_cores(), 8), thread_name_prefix="handcrafted")
         return np.concatenate(list(self._threads.map(self._describe_batch, chunks)))
+
+    supports_dense = True
+
+    def embed_dense(self, images, pixel_mm, cell_mm: float | None = None, boxes=None, batch_size: int | None = None) -> list:
+        """The descriptor of every cell of a grid of ``cell_mm`` squares (``boxes`` ignored: every cell is cheap)."""
+        from .dense import DENSE_CELL_MM, DenseGrid, grid_size
+
+        images = check_images(images)
+        sizes = list(pixel_mm) if np.ndim(pixel_mm) else [float(pixel_mm)] * len(images)
+        out = []
+        for image, mm in zip(images, sizes):
+            cell_px = (cell_mm or DENSE_CELL_MM) / mm
+            rows, cols = grid_size(image.shape[:2], cell_px)
+            edges = [np.minimum(np.round(np.arange(n + 1) * cell_px).astype(int), side) for n, side in zip((rows, cols), image.shape[:2])]
+            starts = [np.minimum(e[:-1], side - 1) for e, side in zip(edges, image.shape[:2])]
+            crops = [image[starts[0][i]:max(edges[0][i + 1], starts[0][i] + 1), starts[1][j]:max(edges[1][j + 1], starts[1][j] + 1)]
+                     for i in range(rows) for j in range(cols)]
+            cells = self._embed_batch(crops).reshape(rows, cols, self.dim)
+            out.append(DenseGrid(cells, np.ones((rows, cols), bool), cell_px, tuple(image.shape[:2]), 0))
+        return out

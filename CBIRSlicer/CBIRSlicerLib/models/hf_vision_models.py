@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from ..digests import file_sha256
-from ..errors import ModelUnavailableError
+from ..errors import ModelError, ModelUnavailableError
 from .base import Fingerprint
 from .torch_runtime import TorchEmbedder, hub_snapshot, weights_file
 
@@ -57,3 +57,20 @@ class HFVisionEmbedder(TorchEmbedder):
 
     def _features(self, pixels):
         return self.model(pixel_values=pixels).last_hidden_state[:, 0]
+
+    def _dense_geometry(self) -> tuple[int, int]:
+        patch = getattr(self.model.config, "patch_size", None)
+        if not patch:
+            raise ModelError(f"model '{self.name}' is not a vision transformer: it has no patch tokens for dense features")
+        crop = getattr(self.processor, "crop_size", None) or getattr(self.processor, "size", None) or {}
+        side = crop.get("height") or crop.get("shortest_edge") or self.model.config.image_size
+        return int(side), int(patch)
+
+    def _normalisation(self) -> tuple[list[float], list[float]]:
+        return list(self.processor.image_mean), list(self.processor.image_std)
+
+    def _tokens(self, pixels):
+        """Final-layer patch tokens after the backbone's layer norm: the space the CLS vector lies in."""
+        hidden = self.model(pixel_values=pixels).last_hidden_state
+        side = pixels.shape[-1] // self._dense_geometry()[1]
+        return hidden[:, hidden.shape[1] - side * side:].reshape(hidden.shape[0], side, side, -1)

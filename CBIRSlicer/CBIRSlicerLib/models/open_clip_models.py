@@ -90,6 +90,38 @@ class OpenClipEmbedder(TorchEmbedder):
     def _features(self, pixels):
         return self.model.encode_image(pixels)
 
+    def _dense_geometry(self) -> tuple[int, int]:
+        visual = self.model.visual
+        if hasattr(visual, "trunk"):  # a timm tower (BiomedCLIP)
+            embed = visual.trunk.patch_embed
+            return int(embed.img_size[0]), int(embed.patch_size[0])
+        if not hasattr(visual, "patch_size"):
+            raise ModelError(f"model '{self.name}' is not a vision transformer: it has no patch tokens for dense features")
+        return int(visual.image_size[0]), int(visual.patch_size[0])
+
+    def _normalisation(self) -> tuple[list[float], list[float]]:
+        step = next((t for t in getattr(self.transform, "transforms", []) if hasattr(t, "mean") and hasattr(t, "std")), None)
+        if step is None:
+            raise ModelError(f"model '{self.name}': no normalisation step in its preprocessing")
+        return list(step.mean), list(step.std)
+
+    def _tokens(self, pixels):
+        """Final-layer patch tokens through the same head the image vector takes: ``ln_post`` then ``proj``."""
+        visual = self.model.visual
+        if hasattr(visual, "trunk"):
+            x = visual.trunk.forward_features(pixels)  # timm: the final norm is applied
+            tokens = visual.head(x[:, getattr(visual.trunk, "num_prefix_tokens", 1):])
+        else:
+            if getattr(visual, "attn_pool", None) is not None:
+                raise ModelError(f"model '{self.name}' pools with attention; its patch tokens are not in the embedding space")
+            x = visual.ln_post(visual.transformer(visual._embeds(pixels)))
+            side = pixels.shape[-1] // self._dense_geometry()[1]
+            tokens = x[:, x.shape[1] - side * side:]
+            if visual.proj is not None:
+                tokens = tokens @ visual.proj
+        side = int(round(tokens.shape[1] ** 0.5))
+        return tokens.reshape(tokens.shape[0], side, side, -1)
+
     def _embed_text(self, texts: list[str]) -> np.ndarray:
         import open_clip
         import torch

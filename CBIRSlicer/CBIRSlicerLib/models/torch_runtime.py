@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from ..errors import ModelError, ModelUnavailableError
-from .base import Embedder, available_cores
+from .base import Embedder, available_cores, check_images
 
 MIN_MIXED_PRECISION_COSINE = 0.999
 
@@ -106,6 +106,75 @@ class TorchEmbedder(Embedder):
         if self.precision is None:
             self.precision = self._choose_precision(pixels)
         return self._run(pixels, self.precision)
+
+    # ----- dense features: patch tokens of windows over the slice at a resolution where a patch is one cell -------
+    default_region_strategy = "dense"
+    supports_dense = True
+
+    def _dense_geometry(self) -> tuple[int, int]:
+        """(input side, patch side) in model pixels."""
+        raise NotImplementedError
+
+    def _normalisation(self) -> tuple[list[float], list[float]]:
+        """The model's per-channel mean and standard deviation of [0, 1] pixels."""
+        raise NotImplementedError
+
+    def _tokens(self, pixels):
+        """Patch tokens (N, side, side, dim) in the embedding space for a batch of normalised windows."""
+        raise NotImplementedError
+
+    def _canvas(self, image: np.ndarray, plan):
+        """An image resized so a patch covers a cell, padded with black (air) to the plan's canvas, normalised."""
+        import torch
+        import torch.nn.functional as F
+
+        mean, std = self._normalisation()
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)[None]
+        size = (max(1, round(image.shape[0] * plan.scale)), max(1, round(image.shape[1] * plan.scale)))
+        if size != tuple(image.shape[:2]):
+            pixels = F.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
+        canvas = torch.zeros((3, *plan.canvas))
+        canvas[:, :min(size[0], plan.canvas[0]), :min(size[1], plan.canvas[1])] = pixels[0, :, :plan.canvas[0], :plan.canvas[1]]
+        return (canvas - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+    def dense_passes(self, image_shape: tuple[int, int], pixel_mm: float, cell_mm: float, box=None) -> int:
+        """Windows (forward passes) of one image, all or those a box needs."""
+        from .dense import plan_windows
+
+        window, patch = self._dense_geometry()
+        return len(plan_windows(tuple(image_shape), pixel_mm, cell_mm, window, patch).windows(window, box))
+
+    def embed_dense(self, images, pixel_mm, cell_mm: float | None = None, boxes=None, batch_size: int | None = None) -> list:
+        """Patch-token grids of whole images from windows of the model's input size (:mod:`.dense`), batched."""
+        import torch
+
+        from .dense import DENSE_CELL_MM, plan_windows, stitch
+
+        images = check_images(images)
+        sizes = list(pixel_mm) if np.ndim(pixel_mm) else [float(pixel_mm)] * len(images)
+        window, patch = self._dense_geometry()
+        plans = [plan_windows(image.shape[:2], mm, cell_mm or DENSE_CELL_MM, window, patch) for image, mm in zip(images, sizes)]
+        starts = [plan.windows(window, None if boxes is None else boxes[n]) for n, plan in enumerate(plans)]
+        jobs = [(n, start) for n in range(len(images)) for start in starts[n]]
+        tokens: dict[int, list[np.ndarray]] = {n: [] for n in range(len(images))}
+        batch_size = max(1, batch_size or self.default_batch_size)
+        canvases: dict[int, object] = {}
+        last_job = {n: i for i, (n, _) in enumerate(jobs)}
+        for first in range(0, len(jobs), batch_size):
+            batch = jobs[first:first + batch_size]
+            for n, _ in batch:
+                if n not in canvases:
+                    canvases[n] = self._canvas(images[n], plans[n])
+            pixels = torch.stack([canvases[n][:, r:r + window, c:c + window] for n, (r, c) in batch]).to(self.device)
+            if self.precision is None:
+                self.precision = self._choose_precision(pixels)
+            with torch.inference_mode(), self._autocast(self.precision):
+                out = self._tokens(pixels).float().cpu().numpy()
+            for (n, _), grid in zip(batch, out):
+                tokens[n].append(grid)
+            for n in {n for n, _ in batch if last_job[n] < first + batch_size}:
+                canvases.pop(n)  # done with that image
+        return [stitch(plans[n], images[n].shape[:2], tokens[n], starts[n], patch) for n in range(len(images))]
 
     def describe(self) -> dict:
         """Adds the precision in use to the base description."""

@@ -211,6 +211,13 @@ class EmbeddingService:
         texts = [str(t) for t in texts]
         return self._submit("text", len(texts), {"texts": texts}, [])
 
+    def submit_regions(self, images, boxes, pixel_mm, cell_mm: float, pooling: str, passes: int | None = None) -> Job:
+        """Queue whole slices whose boxes' vectors are pooled from their dense grids (a dense index's query); returns a Job."""
+        arrays = [np.asarray(image) for image in images]
+        fields = {"boxes": [list(map(float, b)) for b in boxes], "pixel_mm": [float(v) for v in pixel_mm],
+                  "cell_mm": float(cell_mm), "pooling": pooling, "passes": passes}
+        return self._submit("regions", len(arrays), fields, arrays)
+
     def submit_volume(self, volume, roi=None) -> Job:
         """Queue a volume for a 3D model: the vector of an ROI of it (RoiBox), or of the whole volume; returns a Job."""
         fields = {"ijk_to_ras": np.asarray(volume.ijk_to_ras, float).tolist(), "roi": roi.as_list() if roi is not None else None}
@@ -364,6 +371,11 @@ def _serve(spec: dict) -> int:
                 vectors = embedder.embed_text(header["texts"])
             elif header["kind"] == "volume":
                 vectors = embed_volume_job(embedder, header, arrays[0])
+            elif header["kind"] == "regions":
+                from .dense import region_vectors
+
+                vectors = region_vectors(embedder, arrays, header["pixel_mm"], [tuple(b) for b in header["boxes"]],
+                                         header["cell_mm"], header["pooling"], header["passes"])[0]
             else:
                 def stop(job_id=job_id) -> bool:
                     return job_id in cancelled

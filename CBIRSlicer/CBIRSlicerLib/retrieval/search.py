@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import IndexCorruptError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox, Segment
-from ..imaging.slicing import extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
+from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy, vector_transform
 from ..index.catalog import ItemArrays
@@ -33,6 +33,9 @@ MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
 MULTI_IMAGE_EF_SEARCH = 512
+# A dense region query embeds only the windows over its box, on as many of the box's slices as fit this many forward
+# passes (about 2 s of ViT-B/16 on 2 cores; docs/benchmarks.md); the weight-free model takes every slice.
+DENSE_QUERY_PASSES = 6
 
 
 @dataclass
@@ -49,6 +52,10 @@ class Query:
     roi: RoiBox | None = None
     centre_ras: tuple[float, float, float] | None = None  # the point asked about, for placing matches anatomically
     segment: Segment | None = None  # a query by segment: its voxels weight the placement's registration
+    # Dense indexes (region_strategy 'dense'): ``images`` are whole slices and each one's vector is pooled from its
+    # dense grid over ``boxes`` (pixel boxes in that slice), exactly as the index pooled its items.
+    boxes: list[tuple[int, int, int, int]] | None = None
+    pixel_mm: list[float] | None = None
 
 
 def _sample(items: list, count: int) -> list:
@@ -87,9 +94,21 @@ def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
     return {"volume": source, "axis": axis, "mode": mode, **more}
 
 
+def _dense(index: Index) -> bool:
+    return index.settings.region_strategy == "dense"
+
+
 def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
-    """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread)."""
+    """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread); whole, with the box, if dense."""
     window = choose_window(volume, index.settings.window)
+    if _dense(index):
+        grid = plan_grid(volume, axis)
+        box = crop_box(grid, roi, margin_mm)
+        slices = _sample(extract_slices(volume, axis, roi, crop=False, grid=grid), MAX_QUERY_IMAGES)
+        return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
+                     [to_uint8_rgb(s.pixels, window) for s in slices], **_own(volume, index), volume=volume, roi=roi,
+                     centre_ras=tuple(float(v) for v in roi.center), boxes=[box] * len(slices),
+                     pixel_mm=[s.pixel_mm for s in slices])
     crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
     return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
                  [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, roi=roi,
@@ -109,7 +128,7 @@ def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
     image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
     return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
                  [to_uint8_rgb(image.pixels, window)], **_own(volume, index), volume=volume,
-                 centre_ras=tuple(float(v) for v in image.ras))
+                 centre_ras=tuple(float(v) for v in image.ras), **_whole_boxes(index, [image]))
 
 
 def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
@@ -120,7 +139,30 @@ def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY
     planes = montage_planes(first, last, count)
     images = [s for s in extract_slices(volume, axis, grid=grid) if s.plane in set(planes)]
     return Query(_describe(volume, axis, "volume", slices=len(images)), [to_uint8_rgb(s.pixels, window) for s in images],
-                 **_own(volume, index), volume=volume)
+                 **_own(volume, index), volume=volume, **_whole_boxes(index, images))
+
+
+def _whole_boxes(index: Index, images: list) -> dict:
+    """For a dense index, whole slices pool their whole grid (as the index's slice items do)."""
+    if not _dense(index):
+        return {}
+    return {"boxes": [(0, 0, *s.pixels.shape) for s in images], "pixel_mm": [s.pixel_mm for s in images]}
+
+
+def dense_query_vectors(embedder: Embedder, query: Query, settings) -> np.ndarray:
+    """A dense index's query vectors: slices' grids pooled over their boxes, as the index pools its items.
+
+    A region query embeds only the windows over its box, on as many of its slices as fit DENSE_QUERY_PASSES.
+    """
+    from ..models.dense import region_vectors
+
+    passes = DENSE_QUERY_PASSES if query.description.get("mode") == "roi" else None
+    vectors, chosen = region_vectors(embedder, query.images, query.pixel_mm, query.boxes, settings.dense_cell_mm,
+                                     settings.dense_pooling, passes)
+    query.images = [query.images[n] for n in chosen]
+    query.boxes = [query.boxes[n] for n in chosen]
+    query.pixel_mm = [query.pixel_mm[n] for n in chosen]
+    return vectors
 
 
 def text_query(text: str, embedder: Embedder) -> Query:
@@ -242,6 +284,9 @@ class Searcher:
             return query.vectors
         if not query.images:
             raise ParameterError("the query holds no images (an ROI outside the volume?)")
+        if query.boxes is not None:
+            query.vectors = dense_query_vectors(self.embedder, query, self.index.settings)
+            return query.vectors
         query.vectors = self.embedder.embed_images(query.images)  # kept: placing the matches later compares them again
         return query.vectors
 

@@ -260,8 +260,17 @@ class SearchSession:
         elif query.vectors is None:
             if not query.images:
                 raise ParameterError("the query holds no images (is the ROI outside the volume?)")
-            job = self.service.submit_images(query.images)
+            job = self._regions_job(query) if query.boxes is not None else self.service.submit_images(query.images)
         return PendingSearch(self, query, job, k, filters, ranking, prior)
+
+    def _regions_job(self, query: Query):
+        """A dense index's query: the worker pools the boxes' vectors from the slices' grids, as the index did."""
+        from ..retrieval.search import DENSE_QUERY_PASSES
+
+        settings = self.index.settings
+        passes = DENSE_QUERY_PASSES if query.description.get("mode") == "roi" else None
+        return self.service.submit_regions(query.images, query.boxes, query.pixel_mm, settings.dense_cell_mm,
+                                           settings.dense_pooling, passes)
 
     def _volume_job(self, query: Query):
         """A 3D model embeds the query's volume (its ROI, or all of it) in the worker; slice queries are refused."""
