@@ -63,7 +63,7 @@ def test_compressed_search_finds_the_exact_neighbours_with_exact_scores(stores):
     # The rows are memory-mapped, and vectors_of reads them back as float32.
     assert isinstance(store.rows.rows(), np.memmap)
     assert np.abs(store.vectors_of(ids[100:600]) - vectors[100:600]).max() < 1e-3
-    assert np.abs(store.reconstruct(ids[[7, 3, 2999]]) - vectors[[7, 3, 3999]]).max() < 1e-3
+    assert np.abs(store.reconstruct(ids[[7, 3, 2999]]) - vectors[[7, 3, 2999]]).max() < 1e-3
 
 
 def test_compressed_search_honours_removals_and_filters(stores):
