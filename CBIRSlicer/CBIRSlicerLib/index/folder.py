@@ -609,8 +609,9 @@ class Index:
             self.manifest["index_type"]["codes_transform"] = self.transform.checksum() if self.transform is not None else None
         else:
             self.manifest["index_type"].pop("codes_transform", None)
+            self.manifest.get("files", {}).pop(ROWS, None)  # no longer owned (opening checks every owned file is there)
             if os.path.exists(rows):
-                os.remove(rows)  # no longer owned: the seal drops it from the manifest
+                os.remove(rows)
         with self.catalog.transaction():
             self.catalog.clear_tombstones()
         self._save_manifest()
