@@ -729,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build: keep patient IDs from DICOM headers in the catalog (default: only a keyed hash of them)")
     index.add_argument("--drop-missing", action="store_true",
                        help="repair: leave out cases whose sources are gone or unreadable (default: refuse and list them)")
-    index.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw"], help="FAISS structure (default auto)")
+    index.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+                       help="FAISS structure (default auto: flat, HNSW, then compressed IVF-PQ by size)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     index.add_argument("--json", action="store_true", help="info as JSON")

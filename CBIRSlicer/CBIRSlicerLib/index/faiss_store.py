@@ -1,11 +1,19 @@
 """The FAISS side of an index: inner-product search over L2-normalised vectors with stable int64 ids.
 
-Two structures, chosen by size (overridable): ``flat`` (exact, ``IndexFlatIP``) up to
-``FLAT_MAX_FLOATS`` numbers held (50,000 vectors of 512-d), then ``hnsw`` (``IndexHNSWFlat``, M=32). HNSW keeps the full vectors, so the
-scores it returns for its candidates are exact inner products; only the candidate set is
-approximate. Filters and removed ids are applied inside the search through FAISS id selectors.
-A restrictive filter falls back to an exact search over just the allowed vectors, so a filtered
-query still returns as many hits as asked for when enough exist.
+Three structures, chosen by size (overridable): ``flat`` (exact, ``IndexFlatIP``) up to
+``FLAT_MAX_FLOATS`` numbers held (50,000 vectors of 512-d), then ``hnsw`` (``IndexHNSWFlat``, M=32) up to
+``IVFPQ_MIN_FLOATS`` (2 M vectors of 512-d), then ``ivfpq``. HNSW keeps the full vectors in RAM, so the scores it returns
+for its candidates are exact inner products; only the candidate set is approximate.
+
+``ivfpq`` keeps only compressed codes in RAM (``IndexIVFPQ``, 8 bits per ``PQ_DIMS_PER_CODE`` dimensions: 64 B for
+512-d, in ~sqrt(N) inverted lists) and the vectors themselves as float16 rows on disk (``vectors.f16``, an owned file,
+memory-mapped): the codes find ``RERANK_FACTOR`` x k candidates, the rows re-score them exactly. The codes encode the
+index's vector transform's output (whitened vectors), so they are trained again with it (:meth:`VectorStore.retrained`);
+its scores are then transformed cosines (``scores_transformed``). Row i of the file is the vector of the FAISS id map's
+i-th id; rows past the FAISS file's count (a writer killed between the two) are ignored and overwritten.
+
+Filters and removed ids are applied inside the search through FAISS id selectors. A restrictive filter falls back to an
+exact search over just the allowed vectors, so a filtered query still returns as many hits as asked for when enough exist.
 """
 
 from __future__ import annotations
@@ -24,33 +32,137 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 1024  # measured at 1 M x 512: recall@10 0.98 at 5.5 ms (128 gave 0.60), docs/benchmarks.md
 EXACT_FALLBACK_FRACTION = 0.05  # filters allowing less than this share of vectors are searched exactly
-KINDS = ("auto", "flat", "hnsw")
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+# Past this many numbers (2 M vectors of 512-d) HNSW's float vectors and graph (2.3 KB per 512-d vector: 4.6 GB) outgrow a
+# workstation's RAM, and the compressed codes answer a 16-image query as fast (docs/benchmarks.md, search at 1 M and 10 M).
+IVFPQ_MIN_FLOATS = 2_000_000 * 512
+IVFPQ_MIN_VECTORS = 1_000  # codes need this many vectors to train on; an 'ivfpq' index holds them flat until then
+PQ_DIMS_PER_CODE = 8  # one 8-bit code per 8 dimensions (64 B for 512-d); fewer where the dimension is not a multiple
+# Inverted lists scanned per query: at 1 M x 512 (1,024 lists) single-query recall@10 0.86 / 0.88 / 0.92 / 0.97 at 16 / 32 /
+# 64 / 128, 16-image case agreement 0.84-0.88 at all of them (docs/benchmarks.md, the compressed store at scale).
+IVF_NPROBE = 64
+RERANK_FACTOR = 4  # candidates from the codes per hit asked for, re-scored from the float16 rows
+RERANK_MIN = 256  # at least this many candidates per query
+TRAIN_SAMPLE = 200_000  # at most this many vectors (an even sample) train the codes: 40 per list, at least 16,384
+ROWS_SUFFIX = ".f16"  # the rows file beside a vectors file: vectors.faiss -> vectors.f16
+ROW_DTYPE = np.dtype("<f2")
 
 
 def choose_kind(count: int, requested: str = "auto", dim: int = 512) -> str:
-    """The structure for an index of ``count`` vectors of ``dim``: the requested one, or flat up to FLAT_MAX_FLOATS, then HNSW."""
+    """The structure for an index of ``count`` vectors of ``dim``: the requested one, or flat up to FLAT_MAX_FLOATS, then HNSW up
+    to IVFPQ_MIN_FLOATS, then IVF-PQ (an 'ivfpq' index too small to train its codes stays flat until it can)."""
     if requested not in KINDS:
         raise ParameterError(f"index type must be one of {', '.join(KINDS)}, not '{requested}'")
+    if requested == "ivfpq" and count < IVFPQ_MIN_VECTORS:
+        return "flat"
     if requested != "auto":
         return requested
-    return "flat" if count * dim <= FLAT_MAX_FLOATS else "hnsw"
+    if count * dim <= FLAT_MAX_FLOATS:
+        return "flat"
+    return "hnsw" if count * dim <= IVFPQ_MIN_FLOATS else "ivfpq"
+
+
+def rows_path_of(path: str) -> str:
+    """The float16 rows file that goes with a vectors file (``vectors.faiss`` -> ``vectors.f16``)."""
+    return os.path.splitext(path)[0] + ROWS_SUFFIX
+
+
+def pq_layout(dim: int) -> int:
+    """Sub-quantizers for ``dim``: dim / 8, or dim / 4, / 2, / 1 where 8 does not divide it."""
+    for width in (PQ_DIMS_PER_CODE, 4, 2, 1):
+        if dim % width == 0:
+            return dim // width
+    return dim
+
+
+def list_count(count: int) -> int:
+    """Inverted lists for ``count`` vectors: the power of two nearest sqrt(count), 16 to 65,536 (cheap to train on 2 cores)."""
+    return int(min(65_536, max(16, 2 ** round(np.log2(max(1.0, np.sqrt(count)))))))
+
+
+def train_size(count: int) -> int:
+    """Vectors to train the codes of ``count`` on: 40 per inverted list (k-means wants 39), at least 16,384 (the 256 codes
+    of each sub-quantizer), at most TRAIN_SAMPLE."""
+    return int(min(count, TRAIN_SAMPLE, max(40 * list_count(count), 16_384)))
+
+
+class RowFile:
+    """Float16 rows (N, dim) in a file, appended in place and read through a read-only memory map."""
+
+    def __init__(self, path: str, dim: int, count: int):
+        self.path, self.dim, self.count = path, dim, count
+        self._map: np.ndarray | None = None
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * ROW_DTYPE.itemsize
+
+    def check(self) -> None:
+        """Raise if the file is missing or holds fewer rows than the FAISS file says."""
+        if not os.path.isfile(self.path):
+            raise IndexCorruptError(f"{self.path}: missing; the compressed index keeps its vectors there")
+        size = os.path.getsize(self.path)
+        if size < self.count * self.row_bytes:
+            raise IndexCorruptError(f"{self.path}: holds {size // self.row_bytes} vectors, the FAISS file {self.count}; "
+                                   "the file is damaged")
+
+    def rows(self) -> np.ndarray:
+        """The (count, dim) float16 rows, memory-mapped read-only (page cache, not process memory)."""
+        if self._map is None or len(self._map) != self.count:
+            if self.count == 0:
+                self._map = np.zeros((0, self.dim), ROW_DTYPE)
+            else:
+                self._map = np.memmap(self.path, dtype=ROW_DTYPE, mode="r", shape=(self.count, self.dim))
+        return self._map
+
+    def append(self, vectors: np.ndarray) -> None:
+        """Write rows after the last counted one (over anything a killed writer left there)."""
+        mode = "r+b" if os.path.exists(self.path) else "w+b"
+        with open(self.path, mode) as handle:
+            handle.truncate(self.count * self.row_bytes)
+            handle.seek(self.count * self.row_bytes)
+            handle.write(np.ascontiguousarray(vectors, ROW_DTYPE).tobytes())
+        self.count += len(vectors)
+        self._map = None
+
+    def flush(self) -> None:
+        """Drop the map and make the file durable."""
+        self._map = None
+        if os.path.exists(self.path):
+            with open(self.path, "rb+") as handle:
+                handle.truncate(self.count * self.row_bytes)
+                os.fsync(handle.fileno())
 
 
 class VectorStore:
-    """A FAISS index with an id map; add, remove, search with selectors, reconstruct, save atomically."""
+    """A FAISS index with an id map; add, remove, search with selectors, reconstruct, save atomically.
 
-    def __init__(self, index, kind: str, dim: int):
+    ``ivfpq`` stores also hold ``rows`` (the float16 vectors on disk) and ``transform`` (what their codes encode)."""
+
+    def __init__(self, index, kind: str, dim: int, rows: RowFile | None = None, transform=None):
         self.index = index
         self.kind = kind
         self.dim = dim
+        self.rows = rows
+        self.transform = transform  # ivfpq: the vector transform the codes were trained on (None: raw vectors)
         self.ef_search = HNSW_EF_SEARCH  # HNSW: candidates kept while walking the graph (recall against speed)
+        self.nprobe = IVF_NPROBE  # IVF: inverted lists scanned per query
+        self.rerank_factor = RERANK_FACTOR
         self._id_array: np.ndarray | None = None  # ids in storage order, cached until the store changes
         self._storage_view: np.ndarray | None = None  # the raw vectors, cached until the store changes (FAISS may move them)
         self._sorted: tuple[np.ndarray, bool] | None = None  # (the id array it was checked on, whether it is sorted)
+        self._order: np.ndarray | None = None  # argsort of the ids when they are not sorted
+
+    @property
+    def scores_transformed(self) -> bool:
+        """Whether search scores are cosines of transformed vectors (an ivfpq store with a transform), not raw inner products."""
+        return self.kind == "ivfpq" and self.transform is not None and self.transform.kind != "identity"
 
     @classmethod
-    def create(cls, dim: int, kind: str) -> VectorStore:
-        """An empty store of a given structure."""
+    def create(cls, dim: int, kind: str, rows_path: str | None = None, train_vectors: np.ndarray | None = None,
+               transform=None, opq: bool = False, lists: int | None = None) -> VectorStore:
+        """An empty store of a given structure; ``ivfpq`` needs its rows file's path and vectors to train its codes on
+        (raw; the transform, if any, is applied first)."""
         import faiss
 
         if kind == "flat":
@@ -59,13 +171,31 @@ class VectorStore:
             base = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
             base.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             base.hnsw.efSearch = HNSW_EF_SEARCH
+        elif kind == "ivfpq":
+            if rows_path is None or train_vectors is None or len(train_vectors) < 256:
+                raise ParameterError("an ivfpq store needs a rows file and at least 256 vectors to train its codes on")
+            train = _encoded(np.ascontiguousarray(train_vectors, np.float32), transform)
+            lists = lists or list_count(len(train_vectors))
+            lists = min(lists, max(1, len(train) // 39))  # k-means wants ~39 points per list
+            codes = pq_layout(dim)
+            # The factory builds the chain with FAISS owning its parts (what a saved index reads back as).
+            base = faiss.index_factory(dim, f"{f'OPQ{codes},' if opq else ''}IVF{lists},PQ{codes}", faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
+            ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # a small sample trains, without warnings
+            # 10 k-means rounds on at most 64 points per code: the re-scoring makes up for rougher codes, and training the
+            # 64 sub-quantizers of 512-d on FAISS's default 65,536 points x 25 rounds took minutes on 2 shared cores.
+            ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = 10, 64
+            base.train(train)
+            if os.path.exists(rows_path):
+                os.remove(rows_path)
+            return cls(faiss.IndexIDMap2(base), kind, dim, RowFile(rows_path, dim, 0), transform)
         else:
             raise ParameterError(f"unknown index type '{kind}'")
         return cls(faiss.IndexIDMap2(base), kind, dim)
 
     @classmethod
-    def load(cls, path: str, kind: str, dim: int) -> VectorStore:
-        """Read a saved store."""
+    def load(cls, path: str, kind: str, dim: int, transform=None) -> VectorStore:
+        """Read a saved store (an ivfpq one with its rows file beside it, and the transform its codes encode)."""
         import faiss
 
         try:
@@ -77,12 +207,24 @@ class VectorStore:
             raise IndexCorruptError(f"{path}: vectors have {index.d} dimensions, the manifest says {dim}")
         if not isinstance(index, faiss.IndexIDMap2):  # read_index hands back the owning object, already of its own class
             raise IndexCorruptError(f"{path}: not a FAISS index with an id map; the file is damaged")
-        return cls(index, kind, dim)
+        rows = None
+        if kind == "ivfpq":
+            rows = RowFile(rows_path_of(path), dim, int(index.ntotal))
+            rows.check()
+        return cls(index, kind, dim, rows, transform)
 
     def save(self, path: str) -> None:
-        """Write to a temporary file, then rename over the old one, so a crash never leaves half a file."""
+        """Write to a temporary file, then rename over the old one, so a crash never leaves half a file.
+
+        An ivfpq store's rows go first (flushed; moved beside ``path`` if they were written elsewhere), then its codes."""
         import faiss
 
+        if self.rows is not None:
+            self.rows.flush()
+            target = rows_path_of(path)
+            if os.path.abspath(self.rows.path) != os.path.abspath(target):
+                os.replace(self.rows.path, target)
+                self.rows.path = target
         temporary = f"{path}.tmp-{os.getpid()}"
         faiss.write_index(self.index, temporary)
         with open(temporary, "rb") as handle:
@@ -113,15 +255,34 @@ class VectorStore:
         if self._sorted is None or self._sorted[0] is not self._id_array:
             stored = self.ids()
             self._sorted = (stored, bool(np.all(stored[1:] > stored[:-1])))
+            self._order = None
         return self._sorted[1]
 
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Storage positions of some ids (KeyError naming the first few that are not held)."""
+        stored = self.ids()
+        if self._ids_sorted():
+            positions = np.minimum(np.searchsorted(stored, ids), max(0, len(stored) - 1))
+        else:
+            if self._order is None:
+                self._order = np.argsort(stored, kind="stable")
+            at = np.minimum(np.searchsorted(stored[self._order], ids), max(0, len(stored) - 1))
+            positions = self._order[at] if len(stored) else at
+        if len(ids) and (not len(stored) or not np.array_equal(stored[positions], ids)):
+            missing = ids if not len(stored) else ids[stored[positions] != ids]
+            raise KeyError(f"ids not in the store: {missing[:5].tolist()}")
+        return positions
+
     def _storage(self) -> np.ndarray | None:
-        """The raw (count, dim) float32 vectors in storage order, as a view into FAISS's memory (None if not flat-coded).
+        """The raw (count, dim) vectors in storage order: a view into FAISS's memory (float32), or an ivfpq store's rows
+        (float16, memory-mapped); None if neither.
 
         Looked up once per state of the store: finding it through SWIG cost ~0.1 ms, 3 ms for a query's 30 cases.
         """
         import faiss
 
+        if self.rows is not None:
+            return self.rows.rows()
         if self._storage_view is not None and len(self._storage_view) == self.count:
             return self._storage_view
         inner = faiss.downcast_index(self.index.index)
@@ -133,18 +294,18 @@ class VectorStore:
 
     def vectors_of(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of some ids, for re-scoring: a view into FAISS's storage when they lie together (a case's items
-        are added together, so they do), else gathered. Use the result before the store changes."""
+        are added together, so they do), else gathered; an ivfpq store's float16 rows as float32. Use the result before the
+        store changes."""
         ids = np.asarray(ids, dtype=np.int64)
-        stored, storage = self.ids(), self._storage()
+        storage = self._storage()
         if not len(ids) or storage is None or not self._ids_sorted():
             return self.reconstruct(ids)
-        positions = np.searchsorted(stored, ids)
-        positions = np.minimum(positions, len(stored) - 1)
-        if not np.array_equal(stored[positions], ids):
-            raise KeyError(f"ids not in the store: {ids[stored[positions] != ids][:5].tolist()}")
+        positions = self._positions(ids)
         if positions[-1] - positions[0] + 1 == len(ids) and np.all(np.diff(positions) == 1):
-            return storage[positions[0]:positions[-1] + 1]
-        return storage[positions]
+            block = storage[positions[0]:positions[-1] + 1]
+        else:
+            block = storage[positions]
+        return block if block.dtype == np.float32 else block.astype(np.float32)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """Add vectors under the given ids."""
@@ -155,11 +316,18 @@ class VectorStore:
         if bad:
             raise ModelError(f"the model returned {bad}; nothing of this volume was stored")
         if len(ids):
-            self.index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            if self.rows is not None:
+                self.rows.count = self.count  # rows a killed writer left past the codes are overwritten
+                self.rows.append(vectors)
+                self.index.add_with_ids(_encoded(vectors, self.transform), ids)
+            else:
+                self.index.add_with_ids(vectors, ids)
             self._id_array = self._storage_view = None
 
     def remove(self, ids: np.ndarray) -> bool:
-        """Delete ids where the structure can (flat: True); HNSW cannot, so the caller keeps tombstones (False)."""
+        """Delete ids where the structure can (flat: True); HNSW and IVF-PQ (rows on disk) cannot, so the caller keeps
+        tombstones (False)."""
         import faiss
 
         if self.kind != "flat":
@@ -169,19 +337,30 @@ class VectorStore:
         return True
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of some ids (N, dim)."""
+        """The stored vectors of some ids (N, dim) float32 (an ivfpq store's from its float16 rows)."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return np.zeros((0, self.dim), np.float32)
+        if self.rows is not None:
+            positions = self._positions(ids)
+            order = np.argsort(positions, kind="stable")  # read the map in file order
+            out = np.empty((len(ids), self.dim), np.float32)
+            out[order] = self.rows.rows()[positions[order]]
+            return out
         return self.index.reconstruct_batch(ids)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               excluded: np.ndarray | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               excluded: np.ndarray | None = None, ef_search: int | None = None, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query among allowed ids (all if None) minus excluded ones; -1 pads.
 
-        ``ef_search`` overrides the HNSW breadth for this call (a many-image query needs less per image).
+        ``ef_search`` overrides the HNSW breadth for this call (a many-image query needs less per image). An ivfpq store
+        takes raw queries and returns exact scores of its candidates (transformed cosines if it has a transform); ``raw``
+        asks it for raw inner products instead (text queries), which its codes cannot rank: the rows are scanned.
         """
         import faiss
+
+        if raw and self.scores_transformed:
+            return self._scan_raw(np.atleast_2d(np.asarray(queries, np.float32)), max(1, int(k)), allowed, excluded)
 
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, int(k))
@@ -197,20 +376,23 @@ class VectorStore:
             selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
         else:
             selector = None
-        if self.kind == "hnsw":
-            breadth = max(ef_search or self.ef_search, 2 * k)
-            params = faiss.SearchParametersHNSW(efSearch=breadth, sel=selector) if selector else \
-                faiss.SearchParametersHNSW(efSearch=breadth)
-        else:
-            params = faiss.SearchParameters(sel=selector) if selector else None
         if not np.all(np.isfinite(queries)):
             raise ModelError("a query vector is not finite (NaN or infinite); nothing can be ranked with it")
-        scores, ids = self.index.search(queries, k, params=params)
+        if self.kind == "ivfpq":
+            scores, ids = self._search_codes(queries, k, selector)
+        else:
+            if self.kind == "hnsw":
+                breadth = max(ef_search or self.ef_search, 2 * k)
+                params = faiss.SearchParametersHNSW(efSearch=breadth, sel=selector) if selector else \
+                    faiss.SearchParametersHNSW(efSearch=breadth)
+            else:
+                params = faiss.SearchParameters(sel=selector) if selector else None
+            scores, ids = self.index.search(queries, k, params=params)
         if not np.all(np.isfinite(scores[ids >= 0])):
             raise IndexCorruptError("vectors.faiss: a stored vector gives a score that is not a number; the index is damaged: "
                                     "run 'cbir index verify' and 'cbir index repair'")
         if allowed is not None and self.kind != "flat":
-            # A filtered graph walk can come back short; the exact answer is cheap for those rows.
+            # A filtered graph walk (or a few scanned lists) can come back short; the exact answer is cheap for those rows.
             wanted = min(k, len(allowed))
             short = np.flatnonzero((ids >= 0).sum(axis=1) < wanted)
             if len(short):
@@ -218,8 +400,54 @@ class VectorStore:
                 scores[short], ids[short] = exact_scores, exact_ids
         return scores, ids
 
+    def _search_codes(self, queries: np.ndarray, k: int, selector) -> tuple[np.ndarray, np.ndarray]:
+        """IVF-PQ: RERANK_FACTOR x k candidates from the codes, re-scored exactly from the float16 rows."""
+        import faiss
+
+        coded = _encoded(queries, self.transform)
+        fetch = max(self.rerank_factor * k, RERANK_MIN, k)
+        params = faiss.SearchParametersIVF(nprobe=self.nprobe, sel=selector) if selector else \
+            faiss.SearchParametersIVF(nprobe=self.nprobe)
+        _, candidates = self.index.search(coded, fetch, params=params)
+        found = candidates >= 0
+        exact = np.full(candidates.shape, -np.inf, np.float32)
+        if found.any():
+            unique, inverse = np.unique(candidates[found], return_inverse=True)
+            vectors = _encoded(self.reconstruct(unique), self.transform)
+            exact[found] = np.einsum("nd,nd->n", vectors[inverse], coded[np.nonzero(found)[0]])
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores, ids = np.take_along_axis(exact, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+        if ids.shape[1] < k:
+            pad = k - ids.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        return scores.astype(np.float32), ids
+
+    def _scan_raw(self, queries: np.ndarray, k: int, allowed, excluded, chunk: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+        """Exact raw inner products over every row, a chunk at a time (slow at millions of rows; for rare text queries)."""
+        ids, rows = self.ids(), self.rows.rows()
+        best_scores = np.full((len(queries), k), -np.inf, np.float32)
+        best_ids = np.full((len(queries), k), -1, np.int64)
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            usable = np.ones(len(part), bool)
+            if allowed is not None:
+                usable &= np.isin(part, allowed)
+            if excluded is not None and len(excluded):
+                usable &= ~np.isin(part, excluded)
+            if not usable.any():
+                continue
+            scores = queries @ np.asarray(rows[start:start + chunk][usable], np.float32).T
+            merged_scores = np.concatenate([best_scores, scores], axis=1)
+            merged_ids = np.concatenate([best_ids, np.broadcast_to(part[usable], scores.shape)], axis=1)
+            top = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+            best_scores, best_ids = np.take_along_axis(merged_scores, top, axis=1), np.take_along_axis(merged_ids, top, axis=1)
+        return best_scores, best_ids
+
     def _exact_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vectors = self.reconstruct(allowed)
+        if self.rows is not None:  # scores in the space the codes' search gives
+            vectors, queries = _encoded(vectors, self.transform), _encoded(queries, self.transform)
         similarity = queries @ vectors.T
         top = np.argsort(-similarity, axis=1)[:, :k]
         scores = np.take_along_axis(similarity, top, axis=1)
@@ -230,12 +458,17 @@ class VectorStore:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
         return scores.astype(np.float32), ids.astype(np.int64)
 
-    def rebuilt(self, kind: str, excluded: np.ndarray | None = None) -> VectorStore:
-        """A new store of a given structure holding every vector except excluded ids (compaction)."""
+    def rebuilt(self, kind: str, excluded: np.ndarray | None = None, rows_path: str | None = None, transform=None) -> VectorStore:
+        """A new store of a given structure holding every vector except excluded ids (compaction); an ivfpq one trained
+        on an even sample of them (through ``transform``), its rows written to ``rows_path`` (moved into place by save)."""
         keep = np.setdiff1d(self.ids(), np.asarray(excluded if excluded is not None else [], dtype=np.int64))
-        fresh = VectorStore.create(self.dim, kind)
-        for start in range(0, len(keep), 10_000):
-            chunk = keep[start:start + 10_000]
+        if kind == "ivfpq":
+            sample = keep[np.unique(np.linspace(0, len(keep) - 1, train_size(len(keep))).round().astype(np.int64))]
+            fresh = VectorStore.create(self.dim, kind, rows_path, self.reconstruct(sample), transform)
+        else:
+            fresh = VectorStore.create(self.dim, kind)
+        for start in range(0, len(keep), 50_000):
+            chunk = keep[start:start + 50_000]
             fresh.add(self.reconstruct(chunk), chunk)
         return fresh
 
@@ -248,6 +481,7 @@ class VectorStore:
         for start in range(0, self.count, batch):
             chunk = ids[start:start + batch]
             vectors = storage[start:start + batch] if storage is not None else self.reconstruct(chunk)
+            vectors = np.asarray(vectors, np.float32)
             finite = np.all(np.isfinite(vectors), axis=1)
             unit = np.zeros(len(chunk), bool)
             unit[finite] = np.abs(np.einsum("ij,ij->i", vectors[finite], vectors[finite], dtype=np.float64) - 1) <= 2 * UNIT_TOLERANCE
@@ -263,6 +497,12 @@ class VectorStore:
         if not_unit:
             problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
         return problems
+
+
+def _encoded(vectors: np.ndarray, transform) -> np.ndarray:
+    """What the codes hold for some raw vectors: the transform's output, or the vectors themselves (float32, contiguous)."""
+    out = vectors if transform is None or transform.kind == "identity" else transform.apply(vectors)
+    return np.ascontiguousarray(out, np.float32)
 
 
 def vector_problem(vectors: np.ndarray) -> str | None:

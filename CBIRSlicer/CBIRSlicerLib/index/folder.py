@@ -4,7 +4,8 @@ Folder layout (format version 2)::
 
     manifest.json    format, model fingerprint, slicing settings, index type, counts, privacy, state, and the size and
                      per-chunk SHA-256 of every file it owns, sealed by a checksum of itself (:mod:`integrity`)
-    vectors.faiss    FAISS index with stable int64 ids (the catalog's item ids)
+    vectors.faiss    FAISS index with stable int64 ids (the catalog's item ids); for 'ivfpq' the compressed codes
+    vectors.f16      'ivfpq' only: the vectors as float16 rows, memory-mapped for exact re-scoring (:mod:`faiss_store`)
     catalog.sqlite   cases, items, thumbnails, tombstones (rollback journal: committed data is always in the file)
     transform.npz    the learned vector transform (centering or whitening), pinned in the manifest (:mod:`vector_transform`)
     .lock            held (flock) by the one process writing; readers never create it
@@ -46,8 +47,10 @@ from .integrity import file_record, read_manifest, record_problem, seal, write_j
 from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d, volume_items_dense
 
 FORMAT = "cbirslicer-index"
-FORMAT_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed
+FORMAT_VERSION = 3  # the newest read and written; 3: an 'ivfpq' store (codes + vectors.f16), written only by such indexes
+BASE_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed (what flat/HNSW write)
 MANIFEST, VECTORS, CATALOG, LOCK = "manifest.json", "vectors.faiss", "catalog.sqlite", ".lock"
+ROWS = "vectors.f16"  # an owned file of 'ivfpq' indexes: faiss_store.rows_path_of(VECTORS)
 CLEAN, WRITING = "clean", "writing"
 TRANSFORM = vector_transform.TRANSFORM_FILE  # an owned file: the learned vector transform the manifest pins
 
@@ -241,6 +244,8 @@ class Index:
             # A writer killed between writing a refitted transform and the manifest that pins it: fit again now (open).
             self.transform = None
             manifest["transform"] = {key: manifest["transform"][key] for key in ("requested", "shrinkage")}
+        if store.kind == "ivfpq":
+            store.transform = self.transform  # what its codes encode (retrained with it; _maybe_retrain_codes)
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
@@ -261,7 +266,7 @@ class Index:
         lock.acquire()
         choose_kind(0, index_type)  # validates the name
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "created": _now(), "updated": _now(),
+            "format": FORMAT, "format_version": BASE_VERSION, "created": _now(), "updated": _now(),
             "model": {"name": embedder.name, "digest": embedder.fingerprint.digest(), "fingerprint": embedder.fingerprint.as_dict()},
             "settings": settings.as_dict(), "index_type": {"requested": index_type, "current": choose_kind(0, index_type)},
             "privacy": {"patient_ids": privacy.KEPT if keep_patient_ids else privacy.HASHED},
@@ -310,6 +315,7 @@ class Index:
             index._begin_writing()
             index._purge_pending()
             index._maybe_refit_transform()  # a build killed before its first fit, or a pin that no longer matches its file
+            index._maybe_retrain_codes()  # a writer killed between refitting the transform and training the codes again
         return index
 
     @classmethod
@@ -329,11 +335,11 @@ class Index:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise IndexMismatchError(f"{folder}: written by a newer CBIRSlicer (index format {version}, this one reads up to "
                                      f"{FORMAT_VERSION}); update CBIRSlicer to use it")
-        legacy = version < FORMAT_VERSION
+        legacy = version < BASE_VERSION  # format 2 is read and written as it is (3 only adds the compressed store)
         if legacy and writable:
             raise IndexMismatchError(
                 f"{folder}: written by an older CBIRSlicer (index format {version}); it can be searched as it is but not changed: "
-                f"'cbir index repair --index {folder}' re-embeds its cases into format {FORMAT_VERSION} in place, or rebuild it "
+                f"'cbir index repair --index {folder}' re-embeds its cases into format {BASE_VERSION} or later in place, or rebuild it "
                 "with 'cbir index build SOURCES --index NEW_FOLDER'")
         if not legacy:
             read_manifest(path)  # the seal: a version 2 manifest must carry a matching checksum of itself
@@ -363,7 +369,7 @@ class Index:
             found = record_problem(vectors_path, files[VECTORS], file_record(vectors_path))
             if found:
                 raise IndexCorruptError(f"{found}; {recovery_hint(folder)}")
-        store = VectorStore.load(vectors_path, kind, dim)
+        store = VectorStore.load(vectors_path, kind, dim)  # an ivfpq store's transform is set once the index loads it
         catalog = Catalog(os.path.join(folder, CATALOG), readonly=not writable)
         try:
             if checked and writable:  # about to seal: everything it owns must be what the last seal vouched for
@@ -673,12 +679,30 @@ class Index:
         """Rebuild the vectors without removed ids (and in another structure if asked)."""
         self._require_writer()
         tombstones = self.catalog.tombstones()
-        self.store = self.store.rebuilt(kind or self.store.kind, tombstones)
+        rows = os.path.join(self.folder, ROWS)
+        self.store = self.store.rebuilt(kind or self.store.kind, tombstones, rows_path=f"{rows}.tmp-{os.getpid()}",
+                                        transform=self.transform)
         self.manifest["index_type"]["current"] = self.store.kind
-        self.store.save(os.path.join(self.folder, VECTORS))
+        self.store.save(os.path.join(self.folder, VECTORS))  # an ivfpq store's rows are moved into place first
+        if self.store.kind == "ivfpq":
+            self.own_file(ROWS)
+            self.manifest["index_type"]["codes_transform"] = self.transform.checksum() if self.transform is not None else None
+        else:
+            self.manifest["index_type"].pop("codes_transform", None)
+            self.manifest.get("files", {}).pop(ROWS, None)  # no longer owned (opening checks every owned file is there)
+            if os.path.exists(rows):
+                os.remove(rows)
         with self.catalog.transaction():
             self.catalog.clear_tombstones()
         self._save_manifest()
+
+    def _maybe_retrain_codes(self) -> None:
+        """Train an ivfpq store's codes again when they encode another transform than the pinned one."""
+        if self.store.kind != "ivfpq":
+            return
+        pinned = self.transform.checksum() if self.transform is not None else None
+        if self.manifest["index_type"].get("codes_transform") != pinned:
+            self.compact("ivfpq")
 
     def _maybe_refit_transform(self) -> None:
         """Fit the vector transform on the live vectors when none is fitted yet or the index has grown much since.
@@ -698,6 +722,7 @@ class Index:
         self.manifest["transform"] = {"requested": pinned["requested"], "shrinkage": pinned["shrinkage"], **fitted.manifest_entry()}
         self.transform = None if fitted.kind == "identity" else fitted
         self._save_manifest()
+        self._maybe_retrain_codes()  # compressed codes encode the transform's output: trained again on it
 
     def _save(self) -> None:
         self.store.save(os.path.join(self.folder, VECTORS))
@@ -711,8 +736,13 @@ class Index:
         """The manifest of work in progress: counts so far, state 'writing', the last seal's checksums left as they were."""
         self.manifest["updated"] = _now()
         self.manifest["counts"] = self._counts()
+        self.manifest["format_version"] = self._written_version()
         self.manifest["state"] = WRITING
         write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
+
+    def _written_version(self) -> int:
+        """The format this index is written in: 3 only with a compressed store, so older releases still read the rest."""
+        return FORMAT_VERSION if self.store.kind == "ivfpq" else BASE_VERSION
 
     def _seal_manifest(self) -> None:
         """Commit: every owned file's size and chunk checksums, the counts, state 'clean', and the seal."""
@@ -726,6 +756,7 @@ class Index:
             else:
                 del files[name]  # an owned file its writer removed is no longer owned
         self.manifest["counts"] = self._counts()
+        self.manifest["format_version"] = self._written_version()
         self.manifest["state"] = CLEAN
         write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
 
@@ -737,7 +768,7 @@ class Index:
 
     def info(self) -> dict:
         """What the index is: model, settings, type, counts, size on disk, format and state."""
-        size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, CATALOG, TRANSFORM)
+        size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, ROWS, CATALOG, TRANSFORM)
                    if os.path.exists(os.path.join(self.folder, f)))
         cases = self.catalog.count("cases")
         return {"folder": self.folder, "model": self.manifest["model"]["name"], "model_digest": self.manifest["model"]["digest"],
@@ -753,7 +784,7 @@ class Index:
     def state_note(self) -> str | None:
         """A line for the user when the index is not simply clean (older format, being written, interrupted)."""
         if self.legacy:
-            return (f"written in index format {self.manifest['format_version']} (this CBIRSlicer writes {FORMAT_VERSION}): "
+            return (f"written in index format {self.manifest['format_version']} (this CBIRSlicer writes {BASE_VERSION}-{FORMAT_VERSION}): "
                     f"read-only; 'cbir index repair --index {self.folder}' brings it up to date")
         if self.writer_active:
             return "being written by another process: counts may change and checksums are not checked until it finishes"
@@ -940,6 +971,10 @@ def repair(folder: str, make_embedder: Callable[[str], Embedder], drop_missing: 
         for suffix in ("-journal", "-wal", "-shm"):  # an old journal must never be applied to the new catalog
             if os.path.exists(catalog_path + suffix):
                 os.remove(catalog_path + suffix)
+        if os.path.exists(os.path.join(work, ROWS)):
+            os.replace(os.path.join(work, ROWS), os.path.join(folder, ROWS))
+        elif os.path.exists(os.path.join(folder, ROWS)):
+            os.remove(os.path.join(folder, ROWS))
         os.replace(os.path.join(work, VECTORS), os.path.join(folder, VECTORS))
         os.replace(os.path.join(work, CATALOG), catalog_path)
         os.replace(os.path.join(work, MANIFEST), manifest_path)

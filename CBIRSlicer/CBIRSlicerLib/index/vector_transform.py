@@ -117,7 +117,10 @@ class VectorTransform:
 
 def first_stage(store, transform: VectorTransform, queries: np.ndarray, k: int, **options) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (transformed cosines, ids) per query from a store of raw vectors: FOLD_OVERFETCH x k hits of the folded
-    queries, re-scored exactly (``options`` go to ``VectorStore.search``: allowed, excluded, ef_search)."""
+    queries, re-scored exactly (``options`` go to ``VectorStore.search``: allowed, excluded, ef_search). A compressed
+    store whose codes encode the transform answers with transformed cosines itself."""
+    if getattr(store, "scores_transformed", False):
+        return store.search(queries, k, **options)
     scores, ids = store.search(transform.fold(queries), FOLD_OVERFETCH * k, **options)
     found = ids >= 0
     exact = np.full(ids.shape, -np.inf, np.float32)

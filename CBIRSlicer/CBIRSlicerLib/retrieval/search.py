@@ -313,7 +313,7 @@ class Searcher:
         breadth = MULTI_IMAGE_EF_SEARCH if len(vectors) > 1 else None
         if transform is None:
             scores, ids = self.index.store.search(vectors, hits_per_image, allowed=scope.allowed, excluded=scope.excluded,
-                                                  ef_search=breadth)
+                                                  ef_search=breadth, raw=True)
         else:  # the transform folded into the query, then the hits re-scored exactly (vector_transform.first_stage)
             scores, ids = vector_transform.first_stage(self.index.store, transform, vectors, hits_per_image, allowed=scope.allowed,
                                                        excluded=scope.excluded, ef_search=breadth)
