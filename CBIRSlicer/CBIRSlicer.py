@@ -1033,7 +1033,9 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         session = self._requireSession()
         settings = saved_search.SearchSettings(session.model, session.index.manifest["model"]["digest"], k, axis, "maxsim",
                                                True, _filters(filters), placed and query.volume is not None)
-        return saved_searches.save_search(folder, session.index, query, answer, settings, volumeNode)
+        marks = search_session.Feedback.from_json(answer.query.get("feedback"))  # the marks a 'Search again' used
+        return saved_searches.save_search(folder, session.index, query, answer, settings, volumeNode, marks,
+                                          answer.to_json().get("suggestion"))
 
     def loadSearch(self, path: str):
         """A saved search brought back into the scene (query volume loaded once, ROI made)."""

@@ -83,7 +83,7 @@ def test_a_saved_search_reloads_and_reruns_to_the_same_answer(built, saved_file,
     assert data["query"]["roi"] == {"ras": [2.0, -3.0, 1.0, 20.0, 20.0, 12.0]}
     assert data["settings"]["k"] == 3 and data["settings"]["placement"] is False and data["settings"]["model"] == "handcrafted"
     assert data["index"]["path"] == os.path.abspath(index_dir) and data["index"]["cases"] == 5
-    assert data["feedback"] == {"relevant": [], "not_relevant": []} and data["suggestion"] is None
+    assert data["feedback"] == {"relevant": {}, "not_relevant": {}} and data["suggestion"] is None
     saved = SavedSearch.load(path)
     assert saved.answer.to_json() == printed  # the typed answer read back gives the printed JSON exactly
     run = saved_search.rerun(saved)
@@ -384,7 +384,7 @@ def test_module_logic_saves_reloads_exports_and_labels(built, tmp_path):
     answer = searcher.search(made, 3)
     settings = saved_search.SearchSettings("handcrafted", searcher.embedder.fingerprint.digest(), 3)
     settings.placement = False
-    path = keep.save_search(folder, index, made, answer, settings, node, saved_search.Feedback([answer.results[0].case_id], []))
+    path = keep.save_search(folder, index, made, answer, settings, node, saved_search.Feedback({answer.results[0].case_id: None}, {}))
     assert os.path.dirname(path) == folder and keep.saved_searches(folder) == [path]
     unsaved = node_from_volume(scene, read_volume(query), "unsaved copy")
     with pytest.raises(ParameterError, match="no file behind it"):
@@ -393,7 +393,7 @@ def test_module_logic_saves_reloads_exports_and_labels(built, tmp_path):
     # Reloaded into a new scene: the query volume loaded from its file, the ROI where it was; searching again answers the same.
     other = headless_slicer()
     reloaded = keep.reload_search(path, other.scene, lambda p, name: other.volumes.AddArchetypeVolume(p, name))
-    assert reloaded.saved.feedback.relevant == [answer.results[0].case_id]
+    assert list(reloaded.saved.feedback.relevant) == [answer.results[0].case_id]
     centre = [0.0, 0.0, 0.0]
     reloaded.roi_node.GetCenter(centre)
     assert centre == pytest.approx([2.0, -3.0, 1.0]) and list(reloaded.roi_node.GetSize()) == pytest.approx([20.0, 20.0, 12.0])

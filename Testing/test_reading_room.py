@@ -193,6 +193,12 @@ def test_cli_suggests_searches_again_from_an_answer_and_lists_labels_to_ask_for(
     assert {good, bad}.isdisjoint(r["case_id"] for r in again["results"])
     assert again["query"]["feedback"]["relevant"] == {good: first["results"][0]["best_match"]["item_id"]}
     assert again["query"]["roi_ras"] == first["query"]["roi_ras"]
+    kept = room.work / "kept.json"  # a search made with marks keeps them, and its suggestion, when saved
+    assert cli.main(["search", "--index", folder, "--from", str(path), "--relevant", good, "--no-place", "--save", str(kept)]) == 0
+    capsys.readouterr()
+    saved = json.loads(kept.read_text())
+    assert saved["feedback"]["relevant"] == {good: first["results"][0]["best_match"]["item_id"]}
+    assert saved["suggestion"]["column"] == "label"
     assert cli.main(["search", "--index", folder, "--from", str(path), "--relevant", "nope", "--no-place"]) == 1
     assert "case 'nope' is not among its results" in capsys.readouterr().err
     assert cli.main(["search", "--index", folder, "--from", str(path), "--volume", room.paths[0]]) == 1

@@ -444,13 +444,15 @@ def _search(args: argparse.Namespace) -> int:
 def _save_search(args: argparse.Namespace, index, searcher, query, answer, filters: dict) -> None:
     """cbir search --save: keep the search (query file and its SHA-256, ROI, settings, index, answer) as JSON."""
     from .retrieval import saved_search
+    from .retrieval.feedback import Feedback
 
     settings = saved_search.SearchSettings(args.model or index.model_name(), searcher.embedder.fingerprint.digest(), args.k,
                                            args.axis, args.ranking, not args.no_prior and query.description.get("mode") not in
                                            ("text", "item"), filters, not args.no_place and query.volume is not None,
                                            args.margin_mm)
     mask = (args.roi_mask, args.label) if args.roi_mask else None
-    path = saved_search.make(query, answer, index, settings, mask).save(args.save)
+    marks = Feedback.from_json(answer.query.get("feedback"))  # a search made --from an answer keeps its marks
+    path = saved_search.make(query, answer, index, settings, mask, marks, answer.to_json().get("suggestion")).save(args.save)
     print(f"cbir: saved the search to {path}", file=sys.stderr)
 
 

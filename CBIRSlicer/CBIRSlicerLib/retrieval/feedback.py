@@ -59,9 +59,13 @@ class Feedback:
 
     @classmethod
     def from_json(cls, data: dict | None) -> Feedback:
+        """Back from JSON: ``{case id: item id}`` per side, or a plain list of case ids (items looked up when used)."""
         data = data or {}
-        return cls({str(k): v for k, v in (data.get("relevant") or {}).items()},
-                   {str(k): v for k, v in (data.get("not_relevant") or {}).items()})
+
+        def side(marks) -> dict[str, int | None]:
+            return {str(k): None for k in marks} if isinstance(marks, list) else {str(k): v for k, v in (marks or {}).items()}
+
+        return cls(side(data.get("relevant")), side(data.get("not_relevant")))
 
 
 def feedback_from_answer(answer: dict, relevant: list[str], not_relevant: list[str], path: str = "the answer") -> Feedback:

@@ -21,6 +21,7 @@ from ..errors import IndexMismatchError, InputError, ParameterError
 from ..imaging.roi import RoiBox
 from ..index.folder import Index
 from .answers import BestMatch, CaseResult, SearchAnswer
+from .feedback import Feedback  # one type for marks: relevance feedback's (case id -> item id), kept as it is
 
 FORMAT = "cbirslicer-search"
 FORMAT_VERSION = 1
@@ -184,24 +185,6 @@ class IndexRef:
         if other.created != self.created:
             return "other"
         return "same" if other.manifest_sha256 == self.manifest_sha256 else "newer"
-
-
-@dataclass
-class Feedback:
-    """What the user said about the results: cases relevant and not relevant (case ids)."""
-
-    relevant: list[str] = field(default_factory=list)
-    not_relevant: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        """The JSON form."""
-        return {"relevant": list(self.relevant), "not_relevant": list(self.not_relevant)}
-
-    @classmethod
-    def from_json(cls, data: dict | None) -> Feedback:
-        """Back from JSON (absent: no feedback)."""
-        data = data or {}
-        return cls([str(c) for c in data.get("relevant", [])], [str(c) for c in data.get("not_relevant", [])])
 
 
 def best_match_from_json(data: dict) -> BestMatch:

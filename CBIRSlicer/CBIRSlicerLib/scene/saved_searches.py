@@ -20,7 +20,8 @@ from ..imaging.roi import RoiBox
 from ..index import labels as case_labels
 from ..retrieval import saved_search
 from ..retrieval.answers import BestMatch, SearchAnswer
-from ..retrieval.saved_search import Feedback, SavedSearch, SearchSettings
+from ..retrieval.feedback import Feedback
+from ..retrieval.saved_search import SavedSearch, SearchSettings
 from .layout import MATCH_BOX_THICKNESS_MM
 from .nodes import fresh_scene, node_from_volume
 from .result_volumes import SOURCE_ATTRIBUTE, find_volume_node
