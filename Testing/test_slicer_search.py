@@ -362,3 +362,25 @@ def test_clicking_a_result_shows_it_side_by_side_at_its_best_match(tiny_index, s
     assert result_node.GetDisplayNode().GetWindow() == pytest.approx(window["upper"] - window["lower"])
     assert views.restore_layout(layout_node, state)
     assert layout_node.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView
+
+
+def test_queries_of_an_unchanged_node_share_one_volume_so_placement_reuses_its_grid(tiny_index, session, scene):
+    """The searcher keeps its last query volume's registration grid by object; the module must hand it the same object
+    while the node is unchanged, and a new one once its voxels or its place in the world change."""
+    from vtk.util import numpy_support
+
+    node = node_from_volume(scene, _case(NEW_BALL, "ball"), "same node")
+    first = query_from_nodes(session.index, node, "axial", "roi", roi_node=_roi(scene, NEW_BALL))
+    second = query_from_nodes(session.index, node, "axial", "roi", roi_node=_roi(scene, BLOBS[0][0]))
+    assert second.volume is first.volume and second.roi != first.roi
+    scalars = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
+    scalars[:10] += 100  # the voxels change (as slicer.util.updateVolumeFromArray does): a new copy of them
+    node.GetImageData().Modified()
+    changed = query_from_nodes(session.index, node, "axial", "volume")
+    assert changed.volume is not first.volume and changed.volume.array.ravel()[0] == first.volume.array.ravel()[0] + 100.0
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(numpy_to_matrix(np.array([[1, 0, 0, 5.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = query_from_nodes(session.index, node, "axial", "volume")
+    assert moved.volume is not changed.volume and moved.volume.ijk_to_ras[0, 3] == pytest.approx(changed.volume.ijk_to_ras[0, 3] + 5.0)
+    scene.RemoveNode(transform)

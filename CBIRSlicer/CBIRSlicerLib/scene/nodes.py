@@ -57,6 +57,17 @@ def _storage_file(node) -> str | None:
     return os.path.abspath(name) if name else None
 
 
+def node_state(node) -> tuple:
+    """What a volume node's Volume depends on: its ID, its voxels' modification time and its IJK-to-world matrix."""
+    import vtk
+
+    image = node.GetImageData()
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    world = to_world_matrix(node) @ matrix_to_numpy(matrix)
+    return node.GetID(), image.GetMTime() if image is not None else None, tuple(np.round(world, 9).ravel())
+
+
 def volume_from_node(node) -> Volume:
     """A core Volume from a scalar volume node: voxels copied, geometry in world RAS (parent transform hardened)."""
     import vtk

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CBIRError, JobCancelled, ParameterError
+from ..imaging.volume import Volume
 from ..index.folder import MANIFEST, Index
 from ..models.base import VOLUME_FAMILIES, Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..retrieval.answers import CaseResult, SearchAnswer
 from ..retrieval.feedback import DEFAULT_STRATEGY, Feedback, search_again
 from ..retrieval.search import Query, Searcher, item_query, roi_query, segment_query, slice_query, volume_query
-from .nodes import roi_from_node, segment_from_node, volume_from_node
+from .nodes import node_state, roi_from_node, segment_from_node, volume_from_node
 
 QUERY_MODES = ("roi", "segment", "slice", "volume")
 
@@ -92,6 +93,19 @@ class ServiceModel(Embedder):
         return self.service.submit_text(texts).result()
 
 
+_recent_volume: dict = {}  # the last query node's state and Volume (one, so a large CT is held once at most)
+
+
+def query_volume(volume_node) -> Volume:
+    """The node's Volume: the same object while the node's voxels and geometry are unchanged, so what the searcher keeps
+    of its last query volume (the 4 mm grid and its registration into each result) serves the next ROI on it."""
+    state = node_state(volume_node)
+    if _recent_volume.get("state") != state:
+        _recent_volume.clear()  # drop the old voxels before copying new ones
+        _recent_volume.update(state=state, volume=volume_from_node(volume_node))
+    return _recent_volume["volume"]
+
+
 def query_from_nodes(index: Index, volume_node, axis: str = "axial", mode: str = "roi", roi_node=None,
                      slice_ras: Sequence[float] | None = None, segment_node=None, segment: str | int | None = None) -> Query:
     """A query from the scene: the ROI's slices (mode 'roi'), a segment's ('segment': a segmentation node's segment, by
@@ -100,7 +114,7 @@ def query_from_nodes(index: Index, volume_node, axis: str = "axial", mode: str =
         raise ParameterError(f"query mode must be one of {', '.join(QUERY_MODES)}, not '{mode}'")
     if volume_node is None:
         raise ParameterError("choose a query volume first")
-    volume = volume_from_node(volume_node)
+    volume = query_volume(volume_node)
     if mode == "roi":
         if roi_node is None:
             raise ParameterError("choose or place an ROI first, or query the current slice or the whole volume")
