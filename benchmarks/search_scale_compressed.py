@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from CBIRSlicerLib.index import faiss_store
 from CBIRSlicerLib.index.faiss_store import VectorStore, list_count, rows_path_of, train_size
 from CBIRSlicerLib.retrieval import ranking
 
@@ -81,7 +82,7 @@ def chunk_vectors(args, middle: np.ndarray, number: int) -> np.ndarray:
 
 
 def paths(args) -> dict:
-    tag = f"{args.variant}-{args.n}x{args.dim}"
+    tag = f"{args.variant}-{args.n}x{args.dim}" + (f"-pq{args.pq_dims}" if args.pq_dims else "")
     return {"faiss": os.path.join(args.work, f"{tag}.faiss"), "rows": rows_path_of(os.path.join(args.work, f"{tag}.faiss")),
             "build": os.path.join(args.work, f"{tag}.build.json"), "queries": os.path.join(args.work, f"queries-{args.n}.npz"),
             "truth": os.path.join(args.work, f"truth-{args.n}.npz"), "query": os.path.join(args.work, f"{tag}.query.json")}
@@ -108,7 +109,8 @@ def build(args) -> None:
     store.save(where["faiss"])
     seconds = time.perf_counter() - began
     peak = watch.stop()
-    result = {"variant": args.variant, "vectors": args.n, "dim": args.dim, "clusters": args.clusters, "lists": list_count(args.n),
+    result = {"variant": args.variant, "pq_dims": faiss_store.PQ_DIMS_PER_CODE,
+              "vectors": args.n, "dim": args.dim, "clusters": args.clusters, "lists": list_count(args.n),
               "train_s": round(trained, 1), "build_s": round(seconds, 1), "build_peak_rss_anon_mb": round(peak / 2**20),
               "faiss_bytes": os.path.getsize(where["faiss"]), "rows_bytes": os.path.getsize(where["rows"]),
               "disk_bytes_per_vector": round((os.path.getsize(where["faiss"]) + os.path.getsize(where["rows"])) / args.n, 1)}
@@ -248,9 +250,12 @@ def main() -> None:
     parser.add_argument("--nprobe", default="16,32,64")
     parser.add_argument("--rerank", default="2,4")
     parser.add_argument("--work", default="/tmp/scale10m")
+    parser.add_argument("--pq-dims", type=int, default=0, help="dimensions per 8-bit code (default: the library's, 8)")
     parser.add_argument("--out", help="JSON of every phase's results")
     args = parser.parse_args()
     args.clusters = args.clusters or max(1, args.n // 200)
+    if args.pq_dims:
+        faiss_store.PQ_DIMS_PER_CODE = args.pq_dims  # finer codes: dim / pq_dims bytes a vector
     os.makedirs(args.work, exist_ok=True)
     if args.phase != "all":
         {"build": build, "truth": truth, "query": query}[args.phase](args)
@@ -261,7 +266,7 @@ def main() -> None:
     common = ["--n", str(args.n), "--dim", str(args.dim), "--clusters", str(args.clusters), "--seed", str(args.seed),
               "--items-per-case", str(args.items_per_case), "--queries", str(args.queries), "--roi-queries",
               str(args.roi_queries), "--repeats", str(args.repeats), "--nprobe", args.nprobe, "--rerank", args.rerank,
-              "--work", args.work]
+              "--work", args.work, "--pq-dims", str(args.pq_dims)]
     for n, variant in enumerate(args.variants.split(",")):
         subprocess.run(base + ["build", "--variant", variant] + common, check=True)
         if n == 0:
