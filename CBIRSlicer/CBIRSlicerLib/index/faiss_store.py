@@ -5,7 +5,7 @@ Three structures, chosen by size (overridable): ``flat`` (exact, ``IndexFlatIP``
 ``IVFPQ_MIN_FLOATS`` (2 M vectors of 512-d), then ``ivfpq``. HNSW keeps the full vectors in RAM, so the scores it returns
 for its candidates are exact inner products; only the candidate set is approximate.
 
-``ivfpq`` keeps only compressed codes in RAM (``IndexIVFPQ``, 8 bits per ``PQ_DIMS_PER_CODE`` dimensions: 64 B for
+``ivfpq`` keeps only compressed codes in RAM (``IndexIVFPQ``, 8 bits per ``PQ_DIMS_PER_CODE`` dimensions: 128 B for
 512-d, in ~sqrt(N) inverted lists) and the vectors themselves as float16 rows on disk (``vectors.f16``, an owned file,
 memory-mapped): the codes find ``RERANK_FACTOR`` x k candidates, the rows re-score them exactly. The codes encode the
 index's vector transform's output (whitened vectors), so they are trained again with it (:meth:`VectorStore.retrained`);
@@ -37,10 +37,13 @@ KINDS = ("auto", "flat", "hnsw", "ivfpq")
 # workstation's RAM, and the compressed codes answer a 16-image query as fast (docs/benchmarks.md, search at 1 M and 10 M).
 IVFPQ_MIN_FLOATS = 2_000_000 * 512
 IVFPQ_MIN_VECTORS = 1_000  # codes need this many vectors to train on; an 'ivfpq' index holds them flat until then
-PQ_DIMS_PER_CODE = 8  # one 8-bit code per 8 dimensions (64 B for 512-d); fewer where the dimension is not a multiple
-# Inverted lists scanned per query: at 1 M x 512 (1,024 lists) single-query recall@10 0.86 / 0.88 / 0.92 / 0.97 at 16 / 32 /
-# 64 / 128, 16-image case agreement 0.84-0.88 at all of them (docs/benchmarks.md, the compressed store at scale).
-IVF_NPROBE = 64
+# One 8-bit code per 4 dimensions (128 B for 512-d; fewer dimensions where 4 does not divide it). At 1 M x 512 a 16-image
+# query's top-10 cases agree with an exact first stage 0.877 with 8 dimensions a code (64 B) and 0.947 with 4, both at 64
+# lists; 126 -> 190 B of RAM a vector (docs/benchmarks.md, finer codes, measured on a quiet machine).
+PQ_DIMS_PER_CODE = 4
+# Inverted lists scanned per query: at 1 M x 512 (1,024 lists) with 128 B codes, case agreement 0.947 / 0.953 / 0.970 and a
+# 16-image query with case ranking 50 / 71 / 112 ms p50 at 64 / 128 / 256 lists (2 cores); 128 is the first past 0.95.
+IVF_NPROBE = 128
 RERANK_FACTOR = 4  # candidates from the codes per hit asked for, re-scored from the float16 rows
 RERANK_MIN = 256  # at least this many candidates per query
 TRAIN_SAMPLE = 200_000  # at most this many vectors (an even sample) train the codes: 40 per list, at least 16,384
