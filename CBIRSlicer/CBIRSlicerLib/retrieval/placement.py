@@ -96,6 +96,22 @@ def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
 GLOBAL_SPACING_MM = 8.0
 
 
+def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step: float, iterations: int):
+    """Every stage's registration method: Mattes MI (32 bins) on a random share of the voxels, linear interpolation,
+    regular-step gradient descent with physical-shift scales; the stages differ in these arguments only."""
+    import SimpleITK as sitk
+
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(sampling, seed)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step, numberOfIterations=iterations,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    return method
+
+
 def global_transform(query_image, target_image):
     """A whole-volume similarity registration (moments-initialised) of the query into the target at a coarser grid."""
     import SimpleITK as sitk
@@ -104,14 +120,7 @@ def global_transform(query_image, target_image):
     moving = sitk.Shrink(target_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in target_image.GetSpacing()])
     initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Similarity3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.3, 1)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=GLOBAL_SPACING_MM, minStep=0.5, numberOfIterations=ITERATIONS,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
+    method = _mi_registration(0.3, 1, GLOBAL_SPACING_MM, 0.5, ITERATIONS)
     method.SetInitialTransform(initial, inPlace=False)
     return method.Execute(fixed, moving)
 
@@ -136,14 +145,7 @@ def refine(fixed, moving, transform, iterations: int = ITERATIONS, seed: int = 1
 
     # The registration returns its rigid transform wrapped in a composite: optimise that rigid transform again.
     initial = sitk.Euler3DTransform(transform.GetNthTransform(0) if isinstance(transform, sitk.CompositeTransform) else transform)
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.5, seed)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=SPACING_MM, minStep=0.1, numberOfIterations=iterations,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
+    method = _mi_registration(0.5, seed, SPACING_MM, 0.1, iterations)
     method.SetInitialTransform(initial, inPlace=False)
     return method.Execute(fixed, moving)
 
@@ -157,14 +159,7 @@ def register_from(fixed, moving, centre_ras, start_ras, iterations: int = ITERAT
     initial = sitk.Euler3DTransform()
     initial.SetCenter(tuple(float(v) for v in centre_lps))
     initial.SetTranslation(tuple(float(v) for v in start_lps - centre_lps))
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(32)
-    method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.3, seed)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=SPACING_MM * 2, minStep=0.2, numberOfIterations=iterations,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-    method.SetOptimizerScalesFromPhysicalShift()
+    method = _mi_registration(0.3, seed, SPACING_MM * 2, 0.2, iterations)
     method.SetShrinkFactorsPerLevel([2, 1])
     method.SetSmoothingSigmasPerLevel([1.0, 0.0])
     method.SetInitialTransform(initial, inPlace=False)
