@@ -234,6 +234,9 @@ class Index:
         self._pending_rows: list[int] = []
         self._last_checkpoint = time.monotonic()
         self.problems: list[str] = []  # what a lenient open (verify) found instead of raising
+        # Bytes at the start of the rows file (compressed stores) checked against the last seal when this writer opened:
+        # the file is append-only until a compaction replaces it, so sealing re-hashes only what came after (10 GB at 10 M).
+        self._rows_checked_bytes = 0
         self.interrupted = False  # a writer died before sealing the index: its complete cases are still whole
         self.writer_active = False  # a reader opened it while a writer works on it: counts and checksums are in flux
         try:
@@ -372,12 +375,15 @@ class Index:
         store = VectorStore.load(vectors_path, kind, dim)  # an ivfpq store's transform is set once the index loads it
         catalog = Catalog(os.path.join(folder, CATALOG), readonly=not writable)
         try:
+            rows_checked = 0
             if checked and writable:  # about to seal: everything it owns must be what the last seal vouched for
                 for name, recorded in files.items():
                     if name != VECTORS and recorded:
                         found = record_problem(os.path.join(folder, name), recorded, file_record(os.path.join(folder, name)))
                         if found:
                             problem(found)
+                        elif name == ROWS and store.rows is not None:
+                            rows_checked = min(int(recorded.get("size", 0)), store.rows.count * store.rows.row_bytes)
             if state == WRITING and writable:
                 found = catalog.integrity_problems()
                 if found:
@@ -393,6 +399,7 @@ class Index:
             raise
         index = cls(folder, manifest, catalog, store, lock)
         index.problems = problems
+        index._rows_checked_bytes = rows_checked
         index.legacy = legacy
         index.writer_active = live
         index.interrupted = state == WRITING and not live
@@ -682,6 +689,7 @@ class Index:
         rows = os.path.join(self.folder, ROWS)
         self.store = self.store.rebuilt(kind or self.store.kind, tombstones, rows_path=f"{rows}.tmp-{os.getpid()}",
                                         transform=self.transform)
+        self._rows_checked_bytes = 0  # a new rows file: hashed whole at the seal
         self.manifest["index_type"]["current"] = self.store.kind
         self.store.save(os.path.join(self.folder, VECTORS))  # an ivfpq store's rows are moved into place first
         if self.store.kind == "ivfpq":
@@ -752,7 +760,8 @@ class Index:
         for name in list(files):
             path = os.path.join(self.folder, name)
             if os.path.isfile(path):
-                files[name] = file_record(path)
+                known = self._rows_checked_bytes if name == ROWS else 0
+                files[name] = file_record(path, known=files[name] if known else None, known_bytes=known)
             else:
                 del files[name]  # an owned file its writer removed is no longer owned
         self.manifest["counts"] = self._counts()

@@ -47,10 +47,17 @@ class ChunkHasher:
         return {"size": self.size, "chunk_bytes": self.chunk_bytes, "sha256": digests}
 
 
-def file_record(path: str, chunk_bytes: int = CHUNK_BYTES) -> dict:
-    """Size and per-chunk SHA-256 of a file."""
+def file_record(path: str, chunk_bytes: int = CHUNK_BYTES, known: dict | None = None, known_bytes: int = 0) -> dict:
+    """Size and per-chunk SHA-256 of a file; the whole chunks within its first ``known_bytes`` are taken from ``known``
+    (its earlier record), for an append-only file whose start was checked against that record."""
     hasher = ChunkHasher(chunk_bytes)
+    kept = 0
+    if known and int(known.get("chunk_bytes", 0)) == chunk_bytes:
+        kept = min(int(known_bytes), int(known.get("size", 0)), os.path.getsize(path)) // chunk_bytes
+        kept = min(kept, len(known.get("sha256", [])))
+    hasher.digests, hasher.size = list(known["sha256"][:kept]) if kept else [], kept * chunk_bytes
     with open(path, "rb") as handle:
+        handle.seek(hasher.size)
         while True:
             block = handle.read(1 << 20)
             if not block:
