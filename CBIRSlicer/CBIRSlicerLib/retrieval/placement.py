@@ -37,7 +37,7 @@ CT_CLAMP_HU = (-1000.0, 1000.0)  # metal and air outliers would otherwise domina
 # at many levels, and a look-alike elsewhere is the wrong answer). Measured with handcrafted on the demo cohorts (lesion
 # boxes of 2.5 radii, 15-30 mm: a margin of 0.02 keeps 100 % of lesion matches) and on the real-anatomy benchmark
 # (docs/benchmarks.md, "Placement: an affine start"): every look-alike that beat the anatomical place for a box of
-# 30-60 mm there was wrong, by gaps up to 0.2 (whitened cosines); from 35 mm the margin is 0.3.
+# 30-60 mm there was wrong, by gaps up to 0.2 (raw cosines); from 35 mm the margin is 0.3.
 FINDING_MAX_MM = 30.0  # a box whose largest side is at most this is read as a focal finding (the demo's largest lesion box)
 REGION_MIN_MM = 35.0  # at least this: a region; in between the margin grows linearly
 FINDING_MARGIN = 0.02  # cosine units by which a look-alike must beat the anatomical place
