@@ -27,8 +27,7 @@ def test_registration_carries_a_point_into_a_moved_copy():
     point = np.array([12.0, -8.0, 6.0])  # the centre of the first ball
     truth = np.linalg.solve(rotation, point - shift)  # where the copy shows it
     query_image, target_image = placement.coarse_image(original), placement.coarse_image(copy)
-    start = placement.global_start(query_image, target_image, point)
-    placed = placement.place(original, point, copy, {"global": start}, query_image, target_image)
+    placed = placement.place(original, point, copy, None, query_image, target_image)
     assert np.linalg.norm(np.array(placed.ras) - truth) < 3.0, (placed, truth)
     assert np.linalg.norm(point - truth) > 8.0  # the copy really moved: the identity would be wrong
 
@@ -55,7 +54,7 @@ def test_the_margin_grows_from_findings_to_regions():
 
 def test_the_deformable_stage_follows_a_structure_that_moved_against_its_surroundings():
     # A copy in which a ball of 20 mm sits 6.4 mm from where it is in the original while the body and the other objects
-    # stay: the rigid stages register the body; the demons stage on the ball's neighbourhood follows the ball.
+    # stay: the affine stages register the body; the demons stage on the ball's neighbourhood follows the ball.
     matrix = synthetic.centered_matrix(SHAPE, SPACING)
     blobs = synthetic.default_blobs()
     blobs[0] = synthetic.Blob(blobs[0].center, 10.0, 300.0, "ball")
@@ -64,13 +63,13 @@ def test_the_deformable_stage_follows_a_structure_that_moved_against_its_surroun
     blobs[0] = synthetic.Blob(tuple(point + moved_by), 10.0, 300.0, "ball")
     copy = synthetic.render(matrix, SHAPE, blobs=blobs)
     query_image, target_image = placement.coarse_image(original), placement.coarse_image(copy)
-    start = placement.global_start(query_image, target_image, point)
-    placed = np.array(placement.place(original, point, copy, {"global": start}, query_image, target_image).ras)
+    initial = placement.global_transform(query_image, target_image)
+    placed = np.array(placement.place(original, point, copy, initial, query_image, target_image).ras)
     assert np.linalg.norm(placed - (point + moved_by)) < 3.0, placed
-    rigid_only = placement.DEFORM_MM
+    deform_mm = placement.DEFORM_MM
     try:
         placement.DEFORM_MM = 0.0
-        rigid = np.array(placement.place(original, point, copy, {"global": start}, query_image, target_image).ras)
+        affine = np.array(placement.place(original, point, copy, initial, query_image, target_image).ras)
     finally:
-        placement.DEFORM_MM = rigid_only
-    assert np.linalg.norm(rigid - (point + moved_by)) > np.linalg.norm(placed - (point + moved_by)) + 3.0, (rigid, placed)
+        placement.DEFORM_MM = deform_mm
+    assert np.linalg.norm(affine - (point + moved_by)) > np.linalg.norm(placed - (point + moved_by)) + 3.0, (affine, placed)

@@ -358,6 +358,9 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", pr
                          "focus_ras": [round(float(v), 2) for v in focus], "truth_ras": [round(float(v), 2) for v in truth]}
                 if query["label"] is not None:
                     found["inside"] = label_maps[(other.volume, other.number)].at(focus) == query["label"]
+                    # The ceiling: whether the true place itself reads the label there (it can fall outside that copy's
+                    # field of view or labelled slab, or off a thin structure's nearest-neighbour-warped label).
+                    found["truth_inside"] = label_maps[(other.volume, other.number)].at(truth) == query["label"]
                 first_same = found
                 break
             outcome["first_same_patient"] = first_same
@@ -440,6 +443,9 @@ def summarise(outcome: dict) -> dict:
                      "within_10mm_at_1": round(float(np.mean([e is not None and e <= 10 for e in errors])), 3)}
             if rows[0]["label"] is not None:
                 entry["inside_at_1"] = round(float(np.mean([r["inside_at_1"] for r in rows])), 3)
+                at_1 = [r["first_same_patient"] for r in rows if r["error_mm_at_1"] is not None]
+                if at_1 and all("truth_inside" in f for f in at_1):  # what a perfect placement would score
+                    entry["truth_inside_at_1"] = round(float(np.sum([f["truth_inside"] for f in at_1]) / len(rows)), 3)
                 if all("chance_inside" in r for r in rows):
                     entry["chance_inside"] = round(float(np.mean([r["chance_inside"] for r in rows])), 4)
             firsts = [r["first_same_patient"] for r in rows if r["first_same_patient"] is not None]

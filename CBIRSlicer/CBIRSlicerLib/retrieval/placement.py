@@ -4,12 +4,11 @@ Descriptor matching finds *where things look alike*; in real anatomy many places
 slab of abdomen resembles the slabs above and below it, one vertebra the next), so the best
 matching item of a case can sit at the wrong level or on the wrong organ. Placement answers a
 different question: where in the result lies the same anatomical place as the query's centre?
-The query volume around the ROI (with context: what a radiologist would use to find it) is
-registered rigidly into the result's volume with mutual information on coarse isotropic copies,
-then refined on a smaller neighbourhood, and the query centre is carried through the transform. The starts hold
-the level evidence: a whole-volume similarity registration (moments-initialised) carries the query
-centre to a first guess, and the neighbourhood registration refines it from there. Which place a
-result then shows, the anatomical place or a clearly more alike item elsewhere, depends on what the
+The query volume is registered into the result's volume with mutual information on coarse isotropic copies: a
+whole-volume similarity then affine registration (the level evidence: the whole body, not a slab that looks alike at
+many levels), refined as an affine transform on the query's 128 mm neighbourhood, then a demons deformation of its
+64 mm neighbourhood; the query centre is carried through them. Which place a result then shows, the anatomical place
+or a clearly more alike item elsewhere, depends on what the
 query box asks (:func:`look_alike_margin`).
 """
 
@@ -36,12 +35,13 @@ CT_CLAMP_HU = (-1000.0, 1000.0)  # metal and air outliers would otherwise domina
 # "Clearly" depends on what the box asks. A tight box around a focal finding asks for look-alikes (a lesion of the same
 # kind sits anywhere in another patient); a box around an organ or a region asks for the same place (tissue looks alike
 # at many levels, and a look-alike elsewhere is the wrong answer). Measured with handcrafted on the demo cohorts (lesion
-# boxes of 2.5 radii, 12-25 mm) and on organ boxes of 40 mm in pseudo-patients of the real abdominal CT
-# (docs/benchmarks.md): a look-alike margin of 0.02 keeps 100 % of lesion matches, 0.15 places 88 % of organ matches.
-FINDING_MAX_MM = 30.0  # a box whose largest side is at most this is read as a focal finding
-REGION_MIN_MM = 50.0  # at least this: a region; in between the margin grows linearly
+# boxes of 2.5 radii, 15-30 mm: a margin of 0.02 keeps 100 % of lesion matches) and on the real-anatomy benchmark
+# (docs/benchmarks.md, "Placement: an affine start"): every look-alike that beat the anatomical place for a box of
+# 30-60 mm there was wrong, by gaps up to 0.2 (raw cosines); from 35 mm the margin is 0.3.
+FINDING_MAX_MM = 30.0  # a box whose largest side is at most this is read as a focal finding (the demo's largest lesion box)
+REGION_MIN_MM = 35.0  # at least this: a region; in between the margin grows linearly
 FINDING_MARGIN = 0.02  # cosine units by which a look-alike must beat the anatomical place
-REGION_MARGIN = 0.15
+REGION_MARGIN = 0.3
 
 
 def look_alike_margin(box_mm: float | None) -> float:
@@ -54,7 +54,8 @@ def look_alike_margin(box_mm: float | None) -> float:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the query's centre lies in a result: RAS point, the winning start, its metric (lower is better), seconds."""
+    """Where the query's centre lies in a result: RAS point, the last affine stage that ran ("global" or "local"), the
+    local stage's metric (lower is better; NaN if it did not run), seconds."""
 
     ras: tuple[float, float, float]
     start: str
@@ -113,7 +114,8 @@ def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step:
 
 
 def global_transform(query_image, target_image):
-    """A whole-volume similarity registration (moments-initialised) of the query into the target at a coarser grid."""
+    """A whole-volume registration of the query into the target at a coarser grid: similarity (moments-initialised),
+    then affine from there (bodies differ in proportions, not only in size: a scale per axis and shear)."""
     import SimpleITK as sitk
 
     fixed = sitk.Shrink(query_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in query_image.GetSpacing()])
@@ -122,7 +124,23 @@ def global_transform(query_image, target_image):
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = _mi_registration(0.3, 1, GLOBAL_SPACING_MM, 0.5, ITERATIONS)
     method.SetInitialTransform(initial, inPlace=False)
-    return method.Execute(fixed, moving)
+    similarity = sitk.Similarity3DTransform(_single(method.Execute(fixed, moving)))
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(similarity.GetCenter())
+    affine.SetMatrix(similarity.GetMatrix())
+    affine.SetTranslation(similarity.GetTranslation())
+    method = _mi_registration(0.3, 1, GLOBAL_SPACING_MM, 0.5, ITERATIONS)
+    method.SetInitialTransform(affine, inPlace=False)
+    return _single(method.Execute(fixed, moving))
+
+
+def _single(transform):
+    """The one transform a registration returns (SimpleITK wraps it in a composite)."""
+    import SimpleITK as sitk
+
+    if isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
+        return transform.GetNthTransform(0)
+    return transform
 
 
 def carry(transform, centre_ras) -> np.ndarray:
@@ -131,40 +149,14 @@ def carry(transform, centre_ras) -> np.ndarray:
     return lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
 
 
-def global_start(query_image, target_image, centre_ras) -> np.ndarray:
-    """The query centre carried by a whole-volume similarity registration (moments-initialised) at a coarser grid."""
-    return carry(global_transform(query_image, target_image), centre_ras)
-
-
-REFINE_MM = 96.0  # the second, local stage: measured against 64 mm and none on the real-anatomy benchmark (docs/benchmarks.md)
-
-
-def refine(fixed, moving, transform, iterations: int = ITERATIONS, seed: int = 1):
-    """The rigid transform refined on a smaller neighbourhood (local anatomy: what a deformation moved, the larger missed)."""
+def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1):
+    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving);
+    (transform, metric on the whole neighbourhood)."""
     import SimpleITK as sitk
 
-    # The registration returns its rigid transform wrapped in a composite: optimise that rigid transform again.
-    initial = sitk.Euler3DTransform(transform.GetNthTransform(0) if isinstance(transform, sitk.CompositeTransform) else transform)
-    method = _mi_registration(0.5, seed, SPACING_MM, 0.1, iterations)
-    method.SetInitialTransform(initial, inPlace=False)
-    return method.Execute(fixed, moving)
-
-
-def register_from(fixed, moving, centre_ras, start_ras, iterations: int = ITERATIONS, seed: int = 1):
-    """Rigid registration of the query neighbourhood (fixed) into the result (moving) from a start; (transform, metric)."""
-    import SimpleITK as sitk
-
-    centre_lps = ras_to_lps(np.asarray(centre_ras, float))
-    start_lps = ras_to_lps(np.asarray(start_ras, float))
-    initial = sitk.Euler3DTransform()
-    initial.SetCenter(tuple(float(v) for v in centre_lps))
-    initial.SetTranslation(tuple(float(v) for v in start_lps - centre_lps))
-    method = _mi_registration(0.3, seed, SPACING_MM * 2, 0.2, iterations)
-    method.SetShrinkFactorsPerLevel([2, 1])
-    method.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    method.SetInitialTransform(initial, inPlace=False)
-    transform = method.Execute(fixed, moving)
-    # The metric on the full neighbourhood, so different starts are compared on the same samples.
+    method = _mi_registration(0.3, seed, SPACING_MM, 0.1, iterations)
+    method.SetInitialTransform(sitk.AffineTransform(_single(initial)), inPlace=False)
+    transform = _single(method.Execute(fixed, moving))
     check = sitk.ImageRegistrationMethod()
     check.SetMetricAsMattesMutualInformation(32)
     check.SetMetricSamplingStrategy(check.NONE)
@@ -173,18 +165,18 @@ def register_from(fixed, moving, centre_ras, start_ras, iterations: int = ITERAT
     return transform, float(check.MetricEvaluate(fixed, moving))
 
 
-DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 96 mm (docs/benchmarks.md)
+DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 48 and 96 mm (docs/benchmarks.md)
 DEFORM_ITERATIONS = 50
 DEFORM_SIGMA_VOXELS = 1.5  # Gaussian regularisation of the displacement field, in 4 mm voxels
 
 
 def deform(fixed, moving, transform, centre_ras) -> np.ndarray:
-    """The query centre carried through the rigid transform and a demons deformation of the query's neighbourhood.
+    """The query centre carried through the affine transform and a demons deformation of the query's neighbourhood.
 
-    The result is resampled onto the neighbourhood through the rigid transform and its histogram matched to the query's
+    The result is resampled onto the neighbourhood through the affine transform and its histogram matched to the query's
     (demons compares intensities: an MR's gain or a CT's reconstruction shift would otherwise pull); the smooth
-    displacement field found there moves the centre before the rigid transform carries it (what the rigid stage cannot
-    follow: organs that moved against their neighbours, a different body shape).
+    displacement field found there moves the centre before the affine transform carries it (what an affine transform
+    cannot follow: organs that moved against their neighbours, a different body shape).
     """
     import SimpleITK as sitk
 
@@ -199,41 +191,29 @@ def deform(fixed, moving, transform, centre_ras) -> np.ndarray:
     return lps_to_ras(np.array(transform.TransformPoint(field.TransformPoint(centre_lps))))
 
 
-def place(query: Volume, centre_ras, target: Volume | None, starts: dict[str, np.ndarray],
-          query_image=None, target_image=None) -> Placement:
-    """The query centre carried into the target by the best of rigid registrations from the named starts (RAS points)."""
+def place(query: Volume, centre_ras, target: Volume | None, initial=None, query_image=None, target_image=None) -> Placement:
+    """The query centre carried into the target: the whole-volume affine transform (``initial``, else computed here),
+    refined as an affine transform on the query's 128 mm neighbourhood, then a demons deformation of its 64 mm one."""
     began = time.monotonic()
     query_image = query_image if query_image is not None else coarse_image(query)
     target_image = target_image if target_image is not None else coarse_image(target)
+    transform = initial if initial is not None else global_transform(query_image, target_image)
+    start, metric = "global", float("nan")
     fixed = neighbourhood(query_image, centre_ras)
-    best = None
     if fixed is not None:
-        for name, start in starts.items():
-            try:
-                transform, metric = register_from(fixed, target_image, centre_ras, start)
-            except RuntimeError:  # ITK: from this start the neighbourhood and the result do not overlap
-                continue
-            if best is None or metric < best[2]:
-                best = (name, transform, metric)
-    if best is None:  # too little of the query around the centre to register, or no overlap: keep the first start
-        name, start = next(iter(starts.items()))
-        return Placement(tuple(float(v) for v in start), name, float("nan"), time.monotonic() - began)
-    name, transform, metric = best
-    small = neighbourhood(query_image, centre_ras, REFINE_MM) if REFINE_MM else None
-    if small is not None:
         try:
-            transform = refine(small, target_image, transform)
-        except RuntimeError:  # too little overlap at the smaller scale: keep the larger neighbourhood's answer
+            transform, metric = local_affine(fixed, target_image, transform)
+            start = "local"
+        except RuntimeError:  # ITK: the neighbourhood and the result do not overlap enough: keep the whole-volume answer
             pass
-    centre_lps = ras_to_lps(np.asarray(centre_ras, float))
-    placed = lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
+    placed = carry(transform, centre_ras)
     local = neighbourhood(query_image, centre_ras, DEFORM_MM) if DEFORM_MM else None
     if local is not None:
         try:
             placed = deform(local, target_image, transform, centre_ras)
-        except RuntimeError:  # ITK: nothing of the result inside the neighbourhood: keep the rigid answer
+        except RuntimeError:  # ITK: nothing of the result inside the neighbourhood: keep the affine answer
             pass
-    return Placement(tuple(float(v) for v in placed), name, metric, time.monotonic() - began)
+    return Placement(tuple(float(v) for v in placed), start, metric, time.monotonic() - began)
 
 
 def anatomical_match(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray, placed_ras,

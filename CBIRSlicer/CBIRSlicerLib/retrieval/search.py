@@ -474,8 +474,8 @@ class Searcher:
             try:
                 if result.source not in global_transforms:
                     global_transforms[result.source] = placement.global_transform(query_image, target_image)
-                start = placement.carry(global_transforms[result.source], query.centre_ras)
-                where = placement.place(query.volume, query.centre_ras, None, {"global": start}, query_image, target_image)
+                where = placement.place(query.volume, query.centre_ras, None, global_transforms[result.source], query_image,
+                                        target_image)
             except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
                 placed.append(result)
                 continue
