@@ -67,8 +67,9 @@ def crops_estimate(embedder, volume, settings: IndexSettings, sample: int) -> di
             "cpu_seconds_per_core_estimated": round(cut + len(made.images) / cpu_rate, 1), "sampled_images": len(chosen)}
 
 
-def dense_build(embedder, path: str, settings: IndexSettings, folder: str) -> dict:
-    """Index one case with dense vectors for real; forward passes counted from the embedder's grids."""
+def dense_build(embedder, path: str, settings: IndexSettings, folder: str, model_batches: int = 2) -> dict:
+    """Index one case with dense vectors for real; forward passes counted from the embedder's grids; against the model
+    alone (``model_batches`` batches of 16 timed, scaled to the passes) and the rest alone (:func:`non_model_seconds`)."""
     passes = []
     original = embedder.embed_dense
 
@@ -89,12 +90,40 @@ def dense_build(embedder, path: str, settings: IndexSettings, folder: str) -> di
         del embedder.embed_dense
     if report.skipped:
         raise RuntimeError(f"{path} was not indexed: {report.skipped}")
-    model_only = model_only_seconds(embedder, sum(passes))
+    model_only = model_only_seconds(embedder, sum(passes), batches=model_batches)
+    rest = non_model_seconds(embedder, path, settings, folder + "-stand-in")
     return {"slices": len(passes), "items": items, "forward_passes": int(sum(passes)),
             "passes_per_slice": round(sum(passes) / max(1, len(passes)), 2), "seconds_per_case": round(seconds, 1),
             "cpu_seconds_per_core": round(cpu, 1), "model_only_seconds": round(model_only[0], 1),
             "model_only_cpu_seconds_per_core": round(model_only[1], 1), "pipeline_ratio": round(model_only[0] / seconds, 3),
-            "pipeline_ratio_cpu": round(model_only[1] / cpu, 3)}
+            "pipeline_ratio_cpu": round(model_only[1] / cpu, 3),
+            "non_model_cpu_seconds_per_core": round(rest[1], 2), "non_model_seconds": round(rest[0], 2),
+            "non_model_share_of_model_cpu": round(rest[1] / model_only[1], 3),
+            "pipeline_ratio_cpu_parts": round(model_only[1] / (model_only[1] + rest[1]), 3)}
+
+
+def non_model_seconds(embedder, path: str, settings: IndexSettings, folder: str) -> tuple[float, float]:
+    """(wall, CPU per core) seconds of everything but the network: the same dense build with the forward pass replaced.
+
+    The stand-in hands back ready-made tokens of the right shape, so reading, slicing, windowing, item boxes (blob
+    detection), pooling, checks, catalog and store are all that run. Unlike a pipeline-minus-model difference of two
+    CPU times taken minutes apart, this does not carry the model's timing noise on a shared machine.
+    """
+    import torch
+
+    window, patch = embedder._dense_geometry()
+    ready = torch.randn(256, window // patch, window // patch, embedder.dim, generator=torch.Generator().manual_seed(0))
+    embedder._tokens = lambda pixels: ready[:pixels.shape[0]]
+    try:
+        began, cpu = time.perf_counter(), time.process_time()
+        with Index.create(folder, embedder, settings) as index:
+            report = index.add_sources([path], embedder)
+        seconds, cpu = time.perf_counter() - began, (time.process_time() - cpu) / available_cores()
+    finally:
+        del embedder._tokens
+    if report.skipped:
+        raise RuntimeError(f"{path} was not indexed with the stand-in model: {report.skipped}")
+    return seconds, cpu
 
 
 def model_only_seconds(embedder, passes: int, batch: int = 16, batches: int = 2) -> tuple[float, float]:
@@ -211,6 +240,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=32, help="crops embedded to time the crops strategy")
     parser.add_argument("--repeats", type=int, default=3, help="timed ROI queries (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny random ViT, few samples")
+    parser.add_argument("--model-batches", type=int, default=2, help="batches of 16 timed for the model-only rate")
     parser.add_argument("--parts", default="crops,dense,resolution,query,precision", help="what to measure (comma-separated)")
     parser.add_argument("--out", default="docs/benchmarks/dense_regions.json")
     args = parser.parse_args()
@@ -235,7 +265,7 @@ def main() -> None:
             print(name, "crops", json.dumps(row["crops"]), flush=True)
         folder = os.path.join(work, f"index_{name}")
         if "dense" in parts or "query" in parts:
-            row["dense"] = dense_build(embedder, real.image, settings, folder)
+            row["dense"] = dense_build(embedder, real.image, settings, folder, args.model_batches)
             print(name, "dense", json.dumps(row["dense"]), flush=True)
         if "resolution" in parts:
             row["resolution"] = resolution_options(embedder, volume, settings)
