@@ -59,6 +59,19 @@ def test_a_cell_holds_the_millimetres_it_claims():
     assert grid.passes == 16 and window_starts(20, 32, 8) == [0]
 
 
+def test_slices_made_together_get_the_grids_they_get_alone():
+    # Canvases are resized and normalised several slices at a time (and windows batched across slices); each slice's
+    # grid must be what it is alone, also when shapes change within the list (a new group starts there).
+    rng = np.random.default_rng(4)
+    images = [(rng.random(shape) * 255).astype(np.uint8) for shape in [(70, 90)] * 3 + [(50, 40), (70, 90)]]
+    model = PatchMeanModel()
+    together = model.embed_dense(images, 0.7, 5.0, batch_size=5)
+    for image, grid in zip(images, together):
+        alone = model.embed_dense([image], 0.7, 5.0)[0]
+        assert np.array_equal(grid.cells, alone.cells) and grid.passes == alone.passes
+    assert together[0].cells.shape[:2] == (10, 13) and not np.allclose(together[0].cells, together[1].cells)
+
+
 def test_handcrafted_cells_are_the_descriptors_of_their_squares():
     rng = np.random.default_rng(0)
     image = (rng.random((50, 40)) * 255).astype(np.uint8)
