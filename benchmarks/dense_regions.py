@@ -1,7 +1,7 @@
 """Crops vs dense region vectors: forward passes per indexed slice, seconds per case, ROI query latency, on real CTs.
 
-    python benchmarks/dense_regions.py [--model MODEL] [--volumes head_ct,abdomen_ct] [--quick]
-                                       [--out docs/benchmarks/dense_regions.json]
+    python benchmarks/dense_regions.py [--model MODEL] [--volumes head_ct,abdomen_ct] [--quick] [--parts ...]
+                                       [--model-batches N] [--out docs/benchmarks/dense_regions.json]
 
 MODEL defaults to a random-weight open_clip ViT-B/16 at 224 px (the BiomedCLIP image tower's shape: same compute,
 vectors that mean nothing), written to a local folder and loaded through ``local-dir:``, the path real weights take;
@@ -12,7 +12,11 @@ and ``benchmarks/real_anatomy.py`` measure it once a checkpoint is present.
 Per volume: ``crops`` cuts the default items (slices, 32 mm tiles, blob crops) and embeds a sample of them to get the
 model's rate, so its seconds per case are an estimate (a full run takes 20-70 minutes); ``dense`` indexes the case for
 real (``Index.add_sources``: read, slice, window, embed, pool, store) with the same items pooled from one grid per
-slice. Then the cost of the two ways to reach 10-mm cells (windows of 224 px against one pass at a larger input with
+slice, and measures the throughput of that pipeline against the model alone in two ways: its CPU time against the
+model's on ready windows (``pipeline_ratio_cpu``); the CPU spent while forward passes ran against the whole build's
+(``pipeline_ratio_cpu_in_run``, one run, so no load change between two runs enters it); and the model's CPU against
+the model's plus that of the same build with the forward pass replaced by ready tokens (``pipeline_ratio_cpu_parts``).
+Then the cost of the two ways to reach 10-mm cells (windows of 224 px against one pass at a larger input with
 interpolated position embeddings, timed at that input size), bf16 against fp32, and a 30-mm ROI query end to end
 (embed + search + ranking) against the dense index of the head CT (the query volume is a noisy copy, so its own case
 is not left out).
@@ -70,15 +74,22 @@ def crops_estimate(embedder, volume, settings: IndexSettings, sample: int) -> di
 def dense_build(embedder, path: str, settings: IndexSettings, folder: str, model_batches: int = 2) -> dict:
     """Index one case with dense vectors for real; forward passes counted from the embedder's grids; against the model
     alone (``model_batches`` batches of 16 timed, scaled to the passes) and the rest alone (:func:`non_model_seconds`)."""
-    passes = []
-    original = embedder.embed_dense
+    passes, forward_cpu = [], [0.0]
+    original, tokens = embedder.embed_dense, embedder._tokens
 
     def counting(*args, **kwargs):
         grids = original(*args, **kwargs)
         passes.extend(g.passes for g in grids)
         return grids
 
-    embedder.embed_dense = counting
+    def timed_tokens(pixels):  # the process's CPU while the network runs: the model's share of this very build
+        began = time.process_time()
+        try:
+            return tokens(pixels)
+        finally:
+            forward_cpu[0] += time.process_time() - began
+
+    embedder.embed_dense, embedder._tokens = counting, timed_tokens
     try:
         began, cpu = time.perf_counter(), time.process_time()
         with Index.create(folder, embedder, settings) as index:
@@ -87,7 +98,8 @@ def dense_build(embedder, path: str, settings: IndexSettings, folder: str, model
         seconds = time.perf_counter() - began
         cpu = (time.process_time() - cpu) / available_cores()
     finally:
-        del embedder.embed_dense
+        del embedder.embed_dense, embedder._tokens
+    forward = forward_cpu[0] / available_cores()
     if report.skipped:
         raise RuntimeError(f"{path} was not indexed: {report.skipped}")
     model_only = model_only_seconds(embedder, sum(passes), batches=model_batches)
@@ -97,6 +109,9 @@ def dense_build(embedder, path: str, settings: IndexSettings, folder: str, model
             "cpu_seconds_per_core": round(cpu, 1), "model_only_seconds": round(model_only[0], 1),
             "model_only_cpu_seconds_per_core": round(model_only[1], 1), "pipeline_ratio": round(model_only[0] / seconds, 3),
             "pipeline_ratio_cpu": round(model_only[1] / cpu, 3),
+            # Within this build: CPU while forward passes ran (also counts other threads' work meanwhile, e.g. blob
+            # detection, so it errs high) against the whole build's; no second run in another load is compared.
+            "forward_cpu_seconds_per_core": round(forward, 1), "pipeline_ratio_cpu_in_run": round(forward / cpu, 3),
             "non_model_cpu_seconds_per_core": round(rest[1], 2), "non_model_seconds": round(rest[0], 2),
             "non_model_share_of_model_cpu": round(rest[1] / model_only[1], 3),
             "pipeline_ratio_cpu_parts": round(model_only[1] / (model_only[1] + rest[1]), 3)}
