@@ -50,3 +50,27 @@ def test_an_edge_and_a_line_are_not_blobs_but_a_faint_disc_beside_them_is():
 def test_nothing_is_found_in_a_flat_image_and_count_zero_asks_for_nothing():
     assert detect_blobs(np.full((64, 64), 0.5), 2.0, count=5) == []
     assert detect_blobs(disc_image(discs=[(30, 30, 5, 0.95)]), 2.0, count=0) == []
+
+
+def test_the_fast_blur_and_shape_test_give_the_textbook_sums():
+    # The blur pairs symmetric taps and the shape test looks only at candidates; both must equal the plain formulas:
+    # an edge-padded sum over every tap, and second differences of the whole image (0 on its border).
+    from CBIRSlicerLib.imaging.blobs import EDGE_RATIO, _blob_like
+
+    image = np.random.default_rng(3).random((37, 52))
+    sigma = 2.5
+    radius = int(np.ceil(3 * sigma))
+    taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
+    taps /= taps.sum()
+    padded = np.pad(image, radius, mode="edge")
+    vertical = sum(w * padded[n:n + 37, :] for n, w in enumerate(taps))
+    assert np.allclose(gaussian_blur(image, sigma), sum(w * vertical[:, n:n + 52] for n, w in enumerate(taps)), atol=1e-14)
+    dog = gaussian_blur(image, 1.0) - gaussian_blur(image, 1.5)
+    dyy, dxx, dxy = (np.zeros_like(dog) for _ in range(3))
+    dyy[1:-1] = dog[2:] - 2 * dog[1:-1] + dog[:-2]
+    dxx[:, 1:-1] = dog[:, 2:] - 2 * dog[:, 1:-1] + dog[:, :-2]
+    dxy[1:-1, 1:-1] = (dog[2:, 2:] - dog[2:, :-2] - dog[:-2, 2:] + dog[:-2, :-2]) / 4
+    determinant = dxx * dyy - dxy ** 2
+    expected = (determinant > 0) & ((dxx + dyy) ** 2 < determinant * (EDGE_RATIO + 1) ** 2 / EDGE_RATIO)
+    rows, cols = np.nonzero(np.ones(dog.shape, bool))
+    assert 0 < expected.sum() < expected.size and np.array_equal(_blob_like(dog, rows, cols), expected.ravel())

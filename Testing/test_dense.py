@@ -14,7 +14,7 @@ from CBIRSlicerLib.imaging.roi import RoiBox
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models import handcrafted
-from CBIRSlicerLib.models.dense import DenseGrid, overlap_weights, plan_windows, pool_region, window_starts
+from CBIRSlicerLib.models.dense import DenseGrid, overlap_weights, plan_windows, pool_region, pool_regions, window_starts
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.models.torch_runtime import TorchEmbedder
 from CBIRSlicerLib.retrieval.search import Searcher, roi_query, slice_query
@@ -59,6 +59,19 @@ def test_a_cell_holds_the_millimetres_it_claims():
     assert grid.passes == 16 and window_starts(20, 32, 8) == [0]
 
 
+def test_slices_made_together_get_the_grids_they_get_alone():
+    # Canvases are resized and normalised several slices at a time (and windows batched across slices); each slice's
+    # grid must be what it is alone, also when shapes change within the list (a new group starts there).
+    rng = np.random.default_rng(4)
+    images = [(rng.random(shape) * 255).astype(np.uint8) for shape in [(70, 90)] * 3 + [(50, 40), (70, 90)]]
+    model = PatchMeanModel()
+    together = model.embed_dense(images, 0.7, 5.0, batch_size=5)
+    for image, grid in zip(images, together):
+        alone = model.embed_dense([image], 0.7, 5.0)[0]
+        assert np.array_equal(grid.cells, alone.cells) and grid.passes == alone.passes
+    assert together[0].cells.shape[:2] == (10, 13) and not np.allclose(together[0].cells, together[1].cells)
+
+
 def test_handcrafted_cells_are_the_descriptors_of_their_squares():
     rng = np.random.default_rng(0)
     image = (rng.random((50, 40)) * 255).astype(np.uint8)
@@ -78,9 +91,23 @@ def test_pooling_is_the_documented_formula():
     assert np.allclose(pool_region(grid, box, "mean"), mean / np.linalg.norm(mean), atol=1e-6)
     gem = ((weights[..., None] * np.maximum(cells, 0) ** 3).sum((0, 1)) / weights.sum()) ** (1 / 3)
     assert np.allclose(pool_region(grid, box, "gem"), gem / np.linalg.norm(gem), atol=1e-6)
+    # Many regions at once (how a slice's items are pooled) give each region's formula, whatever cells they touch.
+    boxes = [box, (0.0, 0.0, 40.0, 50.0), (31.0, 44.5, 39.0, 50.0), (-3.0, -2.0, 8.0, 9.0)]
+    for method in ("mean", "gem"):
+        single = [pool_region(grid, b, method) for b in boxes]
+        assert single[1] @ single[0] < 0.99 and np.allclose(pool_regions(grid, boxes, method), single, atol=1e-6)
+    for b in boxes[1:]:
+        w = overlap_weights((4, 5), 10.0, b)
+        assert np.allclose(pool_region(grid, b), l2(np.tensordot(w, cells, 2) / w.sum()), atol=1e-6)
     grid.valid[:, 1:] = False
     with pytest.raises(ParameterError, match="covers no computed cell"):
         pool_region(grid, box)
+    with pytest.raises(ParameterError, match=r"region \(5.0, 12.0, 27.0, 50.0\) covers no computed cell"):
+        pool_regions(grid, [(0.0, 0.0, 9.0, 9.0), box])
+
+
+def l2(vector):
+    return vector / np.linalg.norm(vector)
 
 
 @pytest.fixture(scope="module")

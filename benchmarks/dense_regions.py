@@ -1,7 +1,7 @@
 """Crops vs dense region vectors: forward passes per indexed slice, seconds per case, ROI query latency, on real CTs.
 
-    python benchmarks/dense_regions.py [--model MODEL] [--volumes head_ct,abdomen_ct] [--quick]
-                                       [--out docs/benchmarks/dense_regions.json]
+    python benchmarks/dense_regions.py [--model MODEL] [--volumes head_ct,abdomen_ct] [--quick] [--parts ...]
+                                       [--model-batches N] [--out docs/benchmarks/dense_regions.json]
 
 MODEL defaults to a random-weight open_clip ViT-B/16 at 224 px (the BiomedCLIP image tower's shape: same compute,
 vectors that mean nothing), written to a local folder and loaded through ``local-dir:``, the path real weights take;
@@ -12,7 +12,11 @@ and ``benchmarks/real_anatomy.py`` measure it once a checkpoint is present.
 Per volume: ``crops`` cuts the default items (slices, 32 mm tiles, blob crops) and embeds a sample of them to get the
 model's rate, so its seconds per case are an estimate (a full run takes 20-70 minutes); ``dense`` indexes the case for
 real (``Index.add_sources``: read, slice, window, embed, pool, store) with the same items pooled from one grid per
-slice. Then the cost of the two ways to reach 10-mm cells (windows of 224 px against one pass at a larger input with
+slice, and measures the throughput of that pipeline against the model alone in two ways: its CPU time against the
+model's on ready windows (``pipeline_ratio_cpu``); the CPU spent while forward passes ran against the whole build's
+(``pipeline_ratio_cpu_in_run``, one run, so no load change between two runs enters it); and the model's CPU against
+the model's plus that of the same build with the forward pass replaced by ready tokens (``pipeline_ratio_cpu_parts``).
+Then the cost of the two ways to reach 10-mm cells (windows of 224 px against one pass at a larger input with
 interpolated position embeddings, timed at that input size), bf16 against fp32, and a 30-mm ROI query end to end
 (embed + search + ranking) against the dense index of the head CT (the query volume is a noisy copy, so its own case
 is not left out).
@@ -67,17 +71,25 @@ def crops_estimate(embedder, volume, settings: IndexSettings, sample: int) -> di
             "cpu_seconds_per_core_estimated": round(cut + len(made.images) / cpu_rate, 1), "sampled_images": len(chosen)}
 
 
-def dense_build(embedder, path: str, settings: IndexSettings, folder: str) -> dict:
-    """Index one case with dense vectors for real; forward passes counted from the embedder's grids."""
-    passes = []
-    original = embedder.embed_dense
+def dense_build(embedder, path: str, settings: IndexSettings, folder: str, model_batches: int = 2) -> dict:
+    """Index one case with dense vectors for real; forward passes counted from the embedder's grids; against the model
+    alone (``model_batches`` batches of 16 timed, scaled to the passes) and the rest alone (:func:`non_model_seconds`)."""
+    passes, forward_cpu = [], [0.0]
+    original, tokens = embedder.embed_dense, embedder._tokens
 
     def counting(*args, **kwargs):
         grids = original(*args, **kwargs)
         passes.extend(g.passes for g in grids)
         return grids
 
-    embedder.embed_dense = counting
+    def timed_tokens(pixels):  # the process's CPU while the network runs: the model's share of this very build
+        began = time.process_time()
+        try:
+            return tokens(pixels)
+        finally:
+            forward_cpu[0] += time.process_time() - began
+
+    embedder.embed_dense, embedder._tokens = counting, timed_tokens
     try:
         began, cpu = time.perf_counter(), time.process_time()
         with Index.create(folder, embedder, settings) as index:
@@ -86,15 +98,47 @@ def dense_build(embedder, path: str, settings: IndexSettings, folder: str) -> di
         seconds = time.perf_counter() - began
         cpu = (time.process_time() - cpu) / available_cores()
     finally:
-        del embedder.embed_dense
+        del embedder.embed_dense, embedder._tokens
+    forward = forward_cpu[0] / available_cores()
     if report.skipped:
         raise RuntimeError(f"{path} was not indexed: {report.skipped}")
-    model_only = model_only_seconds(embedder, sum(passes))
+    model_only = model_only_seconds(embedder, sum(passes), batches=model_batches)
+    rest = non_model_seconds(embedder, path, settings, folder + "-stand-in")
     return {"slices": len(passes), "items": items, "forward_passes": int(sum(passes)),
             "passes_per_slice": round(sum(passes) / max(1, len(passes)), 2), "seconds_per_case": round(seconds, 1),
             "cpu_seconds_per_core": round(cpu, 1), "model_only_seconds": round(model_only[0], 1),
             "model_only_cpu_seconds_per_core": round(model_only[1], 1), "pipeline_ratio": round(model_only[0] / seconds, 3),
-            "pipeline_ratio_cpu": round(model_only[1] / cpu, 3)}
+            "pipeline_ratio_cpu": round(model_only[1] / cpu, 3),
+            # Within this build: CPU while forward passes ran (also counts other threads' work meanwhile, e.g. blob
+            # detection, so it errs high) against the whole build's; no second run in another load is compared.
+            "forward_cpu_seconds_per_core": round(forward, 1), "pipeline_ratio_cpu_in_run": round(forward / cpu, 3),
+            "non_model_cpu_seconds_per_core": round(rest[1], 2), "non_model_seconds": round(rest[0], 2),
+            "non_model_share_of_model_cpu": round(rest[1] / model_only[1], 3),
+            "pipeline_ratio_cpu_parts": round(model_only[1] / (model_only[1] + rest[1]), 3)}
+
+
+def non_model_seconds(embedder, path: str, settings: IndexSettings, folder: str) -> tuple[float, float]:
+    """(wall, CPU per core) seconds of everything but the network: the same dense build with the forward pass replaced.
+
+    The stand-in hands back ready-made tokens of the right shape, so reading, slicing, windowing, item boxes (blob
+    detection), pooling, checks, catalog and store are all that run. Unlike a pipeline-minus-model difference of two
+    CPU times taken minutes apart, this does not carry the model's timing noise on a shared machine.
+    """
+    import torch
+
+    window, patch = embedder._dense_geometry()
+    ready = torch.randn(256, window // patch, window // patch, embedder.dim, generator=torch.Generator().manual_seed(0))
+    embedder._tokens = lambda pixels: ready[:pixels.shape[0]]
+    try:
+        began, cpu = time.perf_counter(), time.process_time()
+        with Index.create(folder, embedder, settings) as index:
+            report = index.add_sources([path], embedder)
+        seconds, cpu = time.perf_counter() - began, (time.process_time() - cpu) / available_cores()
+    finally:
+        del embedder._tokens
+    if report.skipped:
+        raise RuntimeError(f"{path} was not indexed with the stand-in model: {report.skipped}")
+    return seconds, cpu
 
 
 def model_only_seconds(embedder, passes: int, batch: int = 16, batches: int = 2) -> tuple[float, float]:
@@ -211,6 +255,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=32, help="crops embedded to time the crops strategy")
     parser.add_argument("--repeats", type=int, default=3, help="timed ROI queries (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: the tiny random ViT, few samples")
+    parser.add_argument("--model-batches", type=int, default=2, help="batches of 16 timed for the model-only rate")
     parser.add_argument("--parts", default="crops,dense,resolution,query,precision", help="what to measure (comma-separated)")
     parser.add_argument("--out", default="docs/benchmarks/dense_regions.json")
     args = parser.parse_args()
@@ -235,7 +280,7 @@ def main() -> None:
             print(name, "crops", json.dumps(row["crops"]), flush=True)
         folder = os.path.join(work, f"index_{name}")
         if "dense" in parts or "query" in parts:
-            row["dense"] = dense_build(embedder, real.image, settings, folder)
+            row["dense"] = dense_build(embedder, real.image, settings, folder, args.model_batches)
             print(name, "dense", json.dumps(row["dense"]), flush=True)
         if "resolution" in parts:
             row["resolution"] = resolution_options(embedder, volume, settings)

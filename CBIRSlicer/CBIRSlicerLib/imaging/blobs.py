@@ -41,8 +41,19 @@ def gaussian_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
     taps /= taps.sum()
     padded = np.pad(np.asarray(image, np.float64), radius, mode="edge")
     rows, cols = image.shape
-    vertical = sum(w * padded[n:n + rows, :] for n, w in enumerate(taps))
-    return sum(w * vertical[:, n:n + cols] for n, w in enumerate(taps))
+    vertical = _along_rows(padded, taps, radius, rows)
+    return _along_rows(np.ascontiguousarray(vertical.T), taps, radius, cols).T  # columns as rows: contiguous reads
+
+
+def _along_rows(padded: np.ndarray, taps: np.ndarray, radius: int, rows: int) -> np.ndarray:
+    """sum_n taps[n] * padded[n:n + rows]; the taps are symmetric, so paired (half the products), into one buffer."""
+    out = taps[radius] * padded[radius:radius + rows]
+    pair = np.empty_like(out)
+    for n in range(radius):
+        np.add(padded[n:n + rows], padded[2 * radius - n:2 * radius - n + rows], out=pair)
+        pair *= taps[n]
+        out += pair
+    return out
 
 
 def _local_maxima(values: np.ndarray) -> np.ndarray:
@@ -57,12 +68,18 @@ def _local_maxima(values: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _blob_like(dog: np.ndarray) -> np.ndarray:
-    """Pixels where the response curves alike in every direction (Hessian determinant positive, curvature ratio bounded)."""
-    dyy, dxx, dxy = (np.zeros_like(dog) for _ in range(3))
-    dyy[1:-1] = dog[2:] - 2 * dog[1:-1] + dog[:-2]
-    dxx[:, 1:-1] = dog[:, 2:] - 2 * dog[:, 1:-1] + dog[:, :-2]
-    dxy[1:-1, 1:-1] = (dog[2:, 2:] - dog[2:, :-2] - dog[:-2, 2:] + dog[:-2, :-2]) / 4
+def _blob_like(dog: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Whether the response curves alike in every direction at these pixels (Hessian determinant positive, curvature
+    ratio bounded); second differences of the border pixels count as 0. Only the candidates are looked at (the arithmetic
+    of the whole-image differences, per pixel)."""
+    height, width = dog.shape
+    up, down = np.maximum(rows - 1, 0), np.minimum(rows + 1, height - 1)
+    left, right = np.maximum(cols - 1, 0), np.minimum(cols + 1, width - 1)
+    inner_rows = (rows >= 1) & (rows <= height - 2)
+    inner_cols = (cols >= 1) & (cols <= width - 2)
+    dyy = np.where(inner_rows, dog[down, cols] - 2 * dog[rows, cols] + dog[up, cols], 0.0)
+    dxx = np.where(inner_cols, dog[rows, right] - 2 * dog[rows, cols] + dog[rows, left], 0.0)
+    dxy = np.where(inner_rows & inner_cols, (dog[down, right] - dog[down, left] - dog[up, right] + dog[up, left]) / 4, 0.0)
     determinant = dxx * dyy - dxy ** 2
     return (determinant > 0) & ((dxx + dyy) ** 2 < determinant * (EDGE_RATIO + 1) ** 2 / EDGE_RATIO)
 
@@ -81,7 +98,9 @@ def detect_blobs(grey: np.ndarray, pixel_mm: float, count: int, radii_mm=RADII_M
     for n, radius in enumerate(radii_mm):
         dog = blurred[n + 1] - blurred[n]
         magnitude = np.abs(dog)
-        rows, cols = np.nonzero(_local_maxima(magnitude) & (magnitude > MIN_RESPONSE) & _blob_like(dog))
+        rows, cols = np.nonzero(_local_maxima(magnitude) & (magnitude > MIN_RESPONSE))
+        shaped = _blob_like(dog, rows, cols)
+        rows, cols = rows[shaped], cols[shaped]
         candidates += [(float(magnitude[r, c]), int(r), int(c), float(radius)) for r, c in zip(rows, cols)]
     candidates.sort(key=lambda c: -c[0])
     kept: list[Blob2D] = []

