@@ -163,21 +163,30 @@ class Timed:
 
     def __init__(self, searcher):
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # the process's CPU seconds over the cores, per step
         for name in self.STEPS:
             setattr(searcher, name, self._wrap(name, getattr(searcher, name)))
 
     def _wrap(self, name, method):
         def timed(*args, **kwargs):
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             try:
                 return method(*args, **kwargs)
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+                self.cpu[name] = self.cpu.get(name, 0.0) + (time.process_time() - cpu) / available_cores()
         return timed
 
 
-def run_queries(work: str, head_path: str, queries: int, repeats: int) -> dict:
-    """Time ROI queries on the copy end to end; check the head CT comes first."""
+def stat(runs: list[dict], key: str) -> dict:
+    """p50 and max of one figure over timed runs."""
+    values = [r[key] for r in runs]
+    return {"p50": round(float(np.median(values)), 3), "max": round(float(np.max(values)), 3)}
+
+
+def run_queries(work: str, head_path: str, queries: int, repeats: int, budgets: list[int]) -> dict:
+    """Time ROI queries on the copy end to end, at each budget of forward passes; check the head CT comes first."""
+    default = search.DENSE_QUERY_PASSES
     folder = os.path.join(work, "index")
     embedder = create_embedder("local-dir:" + model_folder(work), device="cpu")
     passes = []
@@ -198,52 +207,60 @@ def run_queries(work: str, head_path: str, queries: int, repeats: int) -> dict:
     info = index.info()
     head_case = next(c for c in index.catalog.cases() if not c.case_id.startswith("synthetic"))
     searcher = search.Searcher(index, embedder=embedder)
-    rows = []
-    for offset in OFFSETS[:queries]:
-        centre = patient.source_to_copy(np.asarray(head.center_ras) + np.array(offset))
-        roi = RoiBox(tuple(float(v) for v in centre), (30.0, 30.0, 30.0))
-        runs = []
-        for _ in range(repeats + 1):
-            timer = Timed(searcher)
-            passes.clear()
-            began, cpu = time.perf_counter(), time.process_time()
-            query = search.roi_query(volume, roi, "axial", index)
-            prepared = time.perf_counter()
-            answer = searcher.search(query, k=10)
-            wall = time.perf_counter() - began
-            cpu = (time.process_time() - cpu) / available_cores()
-            for name in Timed.STEPS:  # the instance's wrappers off again
-                del searcher.__dict__[name]
-            steps = timer.seconds
-            ranking = wall - (prepared - began) - steps["query_vectors"] - steps["scope"] - steps["first_stage"]
-            ids = [r.case_id for r in answer.results]
-            runs.append({"wall_s": round(wall, 3), "cpu_s_per_core": round(cpu, 3), "prepare_s": round(prepared - began, 3),
-                         "embed_s": round(steps["query_vectors"], 3), "scope_s": round(steps["scope"], 3),
-                         "first_stage_s": round(steps["first_stage"], 3), "ranking_s": round(ranking, 3),
-                         "score_cases_s": round(steps["score_cases"], 3), "forward_passes": int(sum(passes)),
-                         "query_slices": len(query.images), "candidate_slices": None,
-                         "head_ct_rank": ids.index(head_case.case_id) + 1 if head_case.case_id in ids else None})
-        row = {"roi_centre_ras": [round(float(v), 1) for v in centre], "head_offset_mm": list(offset), "runs": runs[1:],
-               "warm_up": runs[0]}
-        rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "warm_up"}), flush=True)
-    timed = [r for row in rows for r in row["runs"]]
-
-    def stat(key):
-        values = [r[key] for r in timed]
-        return {"p50": round(float(np.median(values)), 3), "max": round(float(np.max(values)), 3)}
-
-    summary = {key: stat(key) for key in ("wall_s", "cpu_s_per_core", "prepare_s", "embed_s", "scope_s", "first_stage_s",
-                                          "ranking_s")}
-    summary["forward_passes"] = sorted({r["forward_passes"] for r in timed})
-    summary["query_slices"] = sorted({r["query_slices"] for r in timed})
-    summary["head_ct_first"] = f"{sum(r['head_ct_rank'] == 1 for r in timed)}/{len(timed)}"
+    by_budget = {}
+    for budget in budgets:
+        search.DENSE_QUERY_PASSES = budget  # read at each query (dense_query_vectors)
+        rows = []
+        for offset in OFFSETS[:queries]:
+            centre = patient.source_to_copy(np.asarray(head.center_ras) + np.array(offset))
+            roi = RoiBox(tuple(float(v) for v in centre), (30.0, 30.0, 30.0))
+            runs = []
+            for _ in range(repeats + 1):
+                timer = Timed(searcher)
+                passes.clear()
+                began, cpu = time.perf_counter(), time.process_time()
+                query = search.roi_query(volume, roi, "axial", index)
+                prepared, prepared_cpu = time.perf_counter(), time.process_time()
+                roi_slices = len(query.images)
+                answer = searcher.search(query, k=10)
+                wall = time.perf_counter() - began
+                cpu_total = (time.process_time() - cpu) / available_cores()
+                for name in Timed.STEPS:  # the instance's wrappers off again
+                    del searcher.__dict__[name]
+                steps, steps_cpu = timer.seconds, timer.cpu
+                early = ("query_vectors", "scope", "first_stage")
+                ranking = wall - (prepared - began) - sum(steps[n] for n in early)
+                ranking_cpu = cpu_total - (prepared_cpu - cpu) / available_cores() - sum(steps_cpu[n] for n in early)
+                ids = [r.case_id for r in answer.results]
+                runs.append({"wall_s": round(wall, 3), "cpu_s_per_core": round(cpu_total, 3),
+                             "prepare_s": round(prepared - began, 3), "prepare_cpu": round((prepared_cpu - cpu) / available_cores(), 3),
+                             "embed_s": round(steps["query_vectors"], 3), "embed_cpu": round(steps_cpu["query_vectors"], 3),
+                             "scope_s": round(steps["scope"], 3), "scope_cpu": round(steps_cpu["scope"], 3),
+                             "first_stage_s": round(steps["first_stage"], 3), "first_stage_cpu": round(steps_cpu["first_stage"], 3),
+                             "ranking_s": round(ranking, 3), "ranking_cpu": round(ranking_cpu, 3),
+                             "score_cases_s": round(steps["score_cases"], 3), "score_cases_cpu": round(steps_cpu["score_cases"], 3),
+                             "forward_passes": int(sum(passes)), "query_slices": len(query.images), "roi_slices": roi_slices,
+                             "head_ct_rank": ids.index(head_case.case_id) + 1 if head_case.case_id in ids else None})
+            row = {"roi_centre_ras": [round(float(v), 1) for v in centre], "head_offset_mm": list(offset), "runs": runs[1:],
+                   "warm_up": runs[0]}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "warm_up"}), flush=True)
+        timed = [r for row in rows for r in row["runs"]]
+        summary = {key: stat(timed, key) for key in ("wall_s", "cpu_s_per_core", "prepare_s", "prepare_cpu", "embed_s", "embed_cpu",
+                                              "scope_s", "scope_cpu", "first_stage_s", "first_stage_cpu", "ranking_s", "ranking_cpu",
+                                              "score_cases_s", "score_cases_cpu")}
+        summary["forward_passes"] = sorted({r["forward_passes"] for r in timed})
+        summary["query_slices"] = sorted({r["query_slices"] for r in timed})
+        summary["head_ct_first"] = f"{sum(r['head_ct_rank'] == 1 for r in timed)}/{len(timed)}"
+        by_budget[str(budget)] = {"summary": summary, "queries": rows}
+        print(budget, json.dumps(summary), flush=True)
+    search.DENSE_QUERY_PASSES = default
     return {"index": {"vectors": info["counts"]["vectors"], "cases": info["counts"]["cases"], "items": info["counts"]["items"],
                       "store": info["index_type"], "bytes": info["bytes"], "open_s": round(opened, 1),
                       "transform": (info.get("transform") or {}).get("kind")},
             "query_volume": {"path": copy_path, "shape": list(volume.shape_ijk),
                              "spacing_mm": [round(float(s), 3) for s in volume.spacing]},
-            "dense_query_passes": search.DENSE_QUERY_PASSES, "summary": summary, "queries": rows}
+            "dense_query_passes_default": default, "by_query_passes": by_budget}
 
 
 def main() -> None:
@@ -253,6 +270,7 @@ def main() -> None:
     parser.add_argument("--vectors", type=int, default=1_000_000, help="region vectors the index holds at least")
     parser.add_argument("--queries", type=int, default=6, help=f"ROIs to query (at most {len(OFFSETS)})")
     parser.add_argument("--repeats", type=int, default=2, help="timed searches per ROI after one warm-up")
+    parser.add_argument("--passes", default="6", help="forward-pass budgets of a query to time (search.DENSE_QUERY_PASSES: 6)")
     parser.add_argument("--out", default="docs/benchmarks/roi_query_scale.json")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -263,12 +281,11 @@ def main() -> None:
     if args.phase in ("build", "all"):
         results["build"] = build(args.work, args.vectors, head_path)
     if args.phase in ("query", "all"):
-        results.update(run_queries(args.work, head_path, args.queries, args.repeats))
+        results.update(run_queries(args.work, head_path, args.queries, args.repeats, [int(v) for v in args.passes.split(",")]))
         results["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1)
-        print(json.dumps(results["summary"], indent=1))
 
 
 if __name__ == "__main__":
