@@ -195,6 +195,30 @@ def test_the_query_patients_other_cases_are_left_out_by_their_keyed_hash(searche
         writer.close()
 
 
+def test_the_query_volumes_kind_is_inferred_once_per_volume(searcher, monkeypatch):
+    from CBIRSlicerLib.imaging import body_region
+
+    inferred = []
+    real = body_region.infer
+    monkeypatch.setattr(body_region, "infer", lambda volume: inferred.append(volume) or real(volume))
+    searcher._query_kind = None
+    ranked = [ranking.CaseScore(_row(searcher, p), 0.5, 1, [0.5], -1) for p in searcher.paths]
+    volume, other = read_volume(searcher.paths[0]), read_volume(searcher.paths[1])
+    first = searcher.same_kind_first(_query_on(searcher, volume, 0), ranked)
+    assert len(inferred) == 1 and searcher.same_kind_first(_query_on(searcher, volume, 2), ranked) == first
+    assert inferred == [volume]  # a second ROI on the same volume: not inferred again
+    volume.modality = "MR"  # what the volume says still counts over what was inferred
+    query = _query_on(searcher, volume, 0)
+    searcher.same_kind_first(query, ranked)
+    assert inferred == [volume] and query.description["prior"]["modality"] == "MR"
+    searcher.same_kind_first(_query_on(searcher, other, 1), ranked)
+    assert inferred == [volume, other]  # another volume is inferred
+
+
+def _query_on(searcher, volume, n) -> Query:
+    return roi_query(volume, RoiBox(BLOBS[n][0], (14.0, 14.0, 8.0)), "axial", searcher.index)
+
+
 def test_same_kind_first_moves_the_query_kind_up_and_keeps_the_others_in_order(searcher):
     rows = [_row(searcher, p) for p in searcher.paths]
     writer = sqlite3.connect(os.path.join(searcher.index.folder, "catalog.sqlite"), isolation_level=None)

@@ -274,6 +274,9 @@ class Searcher:
         # The last query volume's grid and its whole-volume registrations into each result: the next ROI on the same
         # volume (a session queries several) needs only the local stages.
         self._query_grid: tuple[Volume, object, dict] | None = None
+        # The last query volume's modality and body region as inferred from its image (~70 ms of CPU, as much as the rest of
+        # a search's ranking at 1 M region vectors; docs/benchmarks.md): the next ROI on the same volume reuses them.
+        self._query_kind: tuple[Volume, object] | None = None
 
     def query_vectors(self, query: Query) -> np.ndarray:
         """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
@@ -408,9 +411,11 @@ class Searcher:
         if query.volume is None or not ranked:
             return ranked
         if "prior" not in query.description:
-            from ..imaging.body_region import infer
+            from ..imaging import body_region
 
-            found = infer(query.volume)
+            if self._query_kind is None or self._query_kind[0] is not query.volume:
+                self._query_kind = (query.volume, body_region.infer(query.volume))
+            found = self._query_kind[1]
             modality = (query.volume.modality or found.modality or "").upper() or None
             region = (query.volume.body_part or ("" if found.body_part == "UNKNOWN" else found.body_part)).upper() or None
             query.description["prior"] = {"modality": modality, "body_part": region}
