@@ -109,7 +109,7 @@ def chunk_vectors(chunk: int, count: int, dim: int) -> np.ndarray:
     return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
-def build(work: str, target: int, head_path: str) -> dict:
+def build(work: str, target: int, head_path: str, head_like: int) -> dict:
     """The index: the real head CT embedded densely, then distractor cases until it holds ``target`` vectors (resumable)."""
     folder = os.path.join(work, "index")
     model = "local-dir:" + model_folder(work)
@@ -143,8 +143,34 @@ def build(work: str, target: int, head_path: str) -> dict:
             print(f"chunk {chunk + 1}/{chunks}: {len(added.added)} cases, store {index.store.kind} {index.store.count} vectors, "
                   f"{time.perf_counter() - t0:.1f} s wall, {(time.process_time() - c0) / available_cores():.1f} CPU s / 2",
                   flush=True)
+        add_head_like(index, head_like, "headlike", (0.25, 0.5), 50_000)  # cosine 0.89-0.97 to the items they come from
+        add_head_like(index, head_like, "headnear", (0.05, 0.2), 60_000)  # cosine 0.98-0.999: they compete with the real case
     log["build_seconds_this_run"] = round(time.perf_counter() - began, 1)
     return log
+
+
+def add_head_like(index: Index, count: int, prefix: str, noise_rms: tuple[float, float], seed: int) -> None:
+    """``count`` head-like distractor cases: each 500 of the head CT's own items (rows and vectors), the vectors moved by
+    noise (RMS ``noise_rms`` of their length, drawn per case), so the first stage finds many cases and the ranking scores
+    each of them exactly, as on an index of similar patients; the real case should still come first."""
+    if not count or index.catalog.case_by_id(f"{prefix}{count - 1:07d}") is not None:
+        return
+    head = index.catalog.cases()[0]
+    items = index.catalog.items_of_cases([head.row])[head.row]
+    vectors = index.store.reconstruct(np.array([i.id for i in items]))
+    cases = []
+    for number in range(count):
+        rng = np.random.default_rng(seed + number)
+        chosen = np.sort(rng.choice(len(items), ITEMS_PER_CASE, replace=False))
+        noise = rng.uniform(*noise_rms) * rng.standard_normal((ITEMS_PER_CASE, vectors.shape[1])) / np.sqrt(vectors.shape[1])
+        moved = vectors[chosen] + noise.astype(np.float32)
+        record = CaseRecord(case_id=f"{prefix}{number:07d}", source=f"/synthetic/{prefix}{number:07d}.nii.gz",
+                            name=f"{prefix}{number:07d}", modality="CT", body_part=head.body_part, shape=head.shape,
+                            spacing=head.spacing, ijk_to_ras=head.ijk_to_ras, metadata={"synthetic": True})
+        cases.append(EmbeddedCase(record, [items[n] for n in chosen], moved / np.linalg.norm(moved, axis=1, keepdims=True)))
+    t0 = time.perf_counter()
+    index.add_embedded(cases)
+    print(f"{count} {prefix} cases: store {index.store.kind} {index.store.count} vectors, {time.perf_counter() - t0:.1f} s", flush=True)
 
 
 def query_copy(work: str, head_path: str) -> tuple[str, object]:
@@ -205,7 +231,7 @@ def run_queries(work: str, head_path: str, queries: int, repeats: int, budgets: 
     index = Index.open(folder)
     opened = time.perf_counter() - t0
     info = index.info()
-    head_case = next(c for c in index.catalog.cases() if not c.case_id.startswith("synthetic"))
+    head_case = index.catalog.cases()[0]  # the real head CT: indexed first
     searcher = search.Searcher(index, embedder=embedder)
     by_budget = {}
     for budget in budgets:
@@ -240,7 +266,9 @@ def run_queries(work: str, head_path: str, queries: int, repeats: int, budgets: 
                              "ranking_s": round(ranking, 3), "ranking_cpu": round(ranking_cpu, 3),
                              "score_cases_s": round(steps["score_cases"], 3), "score_cases_cpu": round(steps_cpu["score_cases"], 3),
                              "forward_passes": int(sum(passes)), "query_slices": len(query.images), "roi_slices": roi_slices,
-                             "head_ct_rank": ids.index(head_case.case_id) + 1 if head_case.case_id in ids else None})
+                             "head_ct_rank": ids.index(head_case.case_id) + 1 if head_case.case_id in ids else None,
+                             "scores_top3": [round(float(r.score), 4) for r in answer.results[:3]],
+                             "results": len(answer.results)})
             row = {"roi_centre_ras": [round(float(v), 1) for v in centre], "head_offset_mm": list(offset), "runs": runs[1:],
                    "warm_up": runs[0]}
             rows.append(row)
@@ -268,6 +296,8 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="folder for the model, the index and the query copy (kept, reused)")
     parser.add_argument("--phase", choices=("build", "query", "all"), default="all")
     parser.add_argument("--vectors", type=int, default=1_000_000, help="region vectors the index holds at least")
+    parser.add_argument("--head-like", type=int, default=200,
+                        help="head-like distractor cases of each of two noise levels (noisy copies of the head CT's items)")
     parser.add_argument("--queries", type=int, default=6, help=f"ROIs to query (at most {len(OFFSETS)})")
     parser.add_argument("--repeats", type=int, default=2, help="timed searches per ROI after one warm-up")
     parser.add_argument("--passes", default="6", help="forward-pass budgets of a query to time (search.DENSE_QUERY_PASSES: 6)")
@@ -279,7 +309,7 @@ def main() -> None:
                "model": "random-weight open_clip ViT-B/16 (224 px), local-dir:",
                "load_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
     if args.phase in ("build", "all"):
-        results["build"] = build(args.work, args.vectors, head_path)
+        results["build"] = build(args.work, args.vectors, head_path, args.head_like)
     if args.phase in ("query", "all"):
         results.update(run_queries(args.work, head_path, args.queries, args.repeats, [int(v) for v in args.passes.split(",")]))
         results["load_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -26,6 +26,7 @@ from ..index.catalog import ItemArrays
 from ..index.folder import Index
 from ..models.base import Embedder
 from ..models.registry import create_embedder
+from ..threads import one_blas_thread
 from . import ranking
 from .answers import BestMatch, CaseResult, SearchAnswer
 
@@ -334,7 +335,10 @@ class Searcher:
         members = [keep & (items.case_rows == row) for row in candidates]
         blocks = [self.index.store.vectors_of(items.ids[mine]) for mine in members]
         if transform is not None:
-            blocks = [transform.apply(block) for block in blocks]
+            # One BLAS thread, as for the products (threads.py): a 512 x 512 product per case cost 0.4 CPU s a query on 2 busy
+            # cores with OpenBLAS's pool, 0.1 s on one thread (30 cases at 1 M region vectors; docs/benchmarks.md).
+            with one_blas_thread():
+                blocks = [transform.apply(block) for block in blocks]
         scored = ScoredCases(items, [], {}, {})
         for (row, votes), mine, block, similarity in zip(candidates.items(), members, blocks,
                                                          ranking.similarities(vectors, blocks)):
