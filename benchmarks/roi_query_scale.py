@@ -10,8 +10,12 @@ distractor cases are added through the index's own writer (``Index.add_embedded`
 500 region vectors a case, 512-d unit vectors around random centres as in ``search_scale.py`` (noise 0.6, one centre per
 200 vectors), with item rows laid out as a dense index's (20 axial slices a case, each a whole-slice item and 24 tiles
 of 32 mm, RAS centres from the case's geometry) and case rows of CT of four body regions, so the scope, the catalog
-look-ups, the modality / body-region prior and MaxSim do the work they do on a real index. The store is whatever the
-index chooses at that size (``auto``: HNSW at 1 M x 512); the whitening transform is refitted as the index grows.
+look-ups, the modality / body-region prior and MaxSim do the work they do on a real index. Then ``--head-like`` cases
+of each of two noise levels: 500 of the head CT's own items (rows and vectors) each, the vectors moved by noise of RMS
+0.25-0.5 ('headlike') or 0.05-0.2 ('headnear') of their length. Without them a noisy copy's query finds only the head
+CT's own items in its first stage (its top 100 hits per image), so the ranking had one case to score; with them it
+scores 30, as on an index of similar patients, and the real case has near rivals. The store is whatever the index
+chooses at that size (``auto``: HNSW at 1.2 M x 512); the whitening transform is refitted as the index grows.
 
 Query: a pseudo-patient copy of the head CT (``pseudo_patients.py``: rotated, deformed, cropped, resampled, noisy), so the
 query volume is not the indexed case; ``--queries`` 30-mm ROIs around known head points (mapped into the copy), each
