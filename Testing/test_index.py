@@ -307,6 +307,49 @@ def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, 
     assert own in [r.case_id for r in answer.results]
 
 
+def test_cases_with_precomputed_vectors_are_stored_searchable_and_resumable(built, tmp_path):
+    import dataclasses
+
+    from CBIRSlicerLib.index.catalog import CaseRecord
+    from CBIRSlicerLib.index.folder import EmbeddedCase
+
+    index_dir, paths = built
+    target = _clone(index_dir, tmp_path)
+    own = case_id_for(CaseSource(os.path.abspath(paths[0])))
+    with Index.open(target, writable=True) as index:
+        before = index.info()["counts"]
+        case = index.catalog.case_by_id(own)
+        items = index.catalog.items_of_cases([case.row])[case.row]
+        vectors = index.store.reconstruct(np.array([i.id for i in items]))
+        # The first case's items and vectors, stored again as a case computed elsewhere (no source file, no model run).
+        copy = EmbeddedCase(CaseRecord("elsewhere1", "/elsewhere/a.nii.gz", modality="CT", body_part="ABDOMEN"), items, vectors)
+        report = index.add_embedded([copy])
+        assert report.added == ["elsewhere1"] and report.vectors == len(items)
+        assert index.add_embedded([copy]).unchanged == ["elsewhere1"]  # a rerun adds nothing twice
+        off = vectors.copy()
+        off[3] *= 1.1
+        with pytest.raises(ParameterError, match="elsewhere2: 1 of .* not of unit length"):
+            index.add_embedded([dataclasses.replace(copy, record=CaseRecord("elsewhere2", "/elsewhere/b.nii.gz"), vectors=off)])
+        with pytest.raises(ParameterError, match=rf"elsewhere3: {len(items)} items need \({len(items)}, {index.store.dim}\)"):
+            index.add_embedded([dataclasses.replace(copy, record=CaseRecord("elsewhere3", "/elsewhere/c.nii.gz"), vectors=vectors[1:])])
+    index = Index.open(target)
+    counts = index.info()["counts"]
+    assert counts["cases"] == before["cases"] + 1 and counts["vectors"] == counts["items"] == before["items"] + len(items)
+    assert index.verify(check_sources=False) == []
+    stored = index.catalog.case_by_id("elsewhere1")
+    assert stored.status == "complete" and stored.body_part == "ABDOMEN"
+    again = index.catalog.items_of_cases([stored.row])[stored.row]
+    assert [(i.kind, i.plane, i.box) for i in again] == [(i.kind, i.plane, i.box) for i in items]
+    assert np.allclose(index.store.reconstruct(np.array([i.id for i in again])), vectors)
+    # 'More like this' on the first case's most distinctive item (background tiles look alike in every case) leaves that
+    # case out; its copy holds the same vector, so it comes first.
+    others = np.setdiff1d(index.catalog.item_ids(), [i.id for i in items] + [i.id for i in again])
+    n = int(np.argmin((vectors @ index.store.reconstruct(others).T).max(axis=1)))
+    answer = Searcher(index).search(item_query(index, items[n].id), k=3, prior=False)
+    assert answer.results[0].case_id == "elsewhere1" and answer.results[0].score > 0.999 > answer.results[1].score
+    assert answer.results[0].best_match.item_id == again[n].id and own not in [r.case_id for r in answer.results]
+
+
 def test_text_search_with_a_clip_model(cohort, tmp_path):
     from random_checkpoints import write_open_clip_folder
 

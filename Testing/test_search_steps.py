@@ -111,6 +111,38 @@ def test_case_scores_are_maxsim_over_every_item_of_the_case_and_cases_without_it
     assert query_weights(Query({"mode": "volume"}), vectors) is None and weights.sum() == pytest.approx(1.0)
 
 
+def test_case_vectors_go_through_the_transform_on_one_blas_thread(searcher, monkeypatch):
+    import contextlib
+
+    from CBIRSlicerLib.index import vector_transform
+    from CBIRSlicerLib.retrieval import search
+
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def recording():
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    fitted = vector_transform.fit(searcher.index.store.vectors_of(searcher.index.catalog.item_ids()), "center", 0.3)
+
+    class Spy:
+        def apply(self, vectors):
+            seen.append(inside[0])
+            return fitted.apply(vectors)
+
+    monkeypatch.setattr(search, "one_blas_thread", recording)
+    query = _roi_query(searcher)
+    vectors = fitted.apply(searcher.query_vectors(query))
+    rows = [_row(searcher, p) for p in searcher.paths[1:]]
+    scored = searcher.score_cases(vectors, {row: 1 for row in rows}, SearchScope(np.zeros(0, np.int64)), "maxsim", transform=Spy())
+    assert seen == [True] * len(rows) and [s.case_row for s in scored.scores] == rows
+    for score in scored.scores:  # exact cosines of the transformed vectors
+        items = fitted.apply(searcher.index.store.vectors_of(searcher.index.catalog.item_ids([score.case_row])))
+        assert score.score == pytest.approx(float((vectors @ items.T).max(axis=1).mean()), abs=1e-5)
+
+
 def test_locate_names_the_item_of_highest_weighted_similarity_and_a_focus_near_it(searcher):
     query = _roi_query(searcher, 2)
     vectors = searcher.query_vectors(query)
@@ -193,6 +225,30 @@ def test_the_query_patients_other_cases_are_left_out_by_their_keyed_hash(searche
     finally:
         writer.execute("UPDATE cases SET metadata = ? WHERE id = ?", (before, row))
         writer.close()
+
+
+def test_the_query_volumes_kind_is_inferred_once_per_volume(searcher, monkeypatch):
+    from CBIRSlicerLib.imaging import body_region
+
+    inferred = []
+    real = body_region.infer
+    monkeypatch.setattr(body_region, "infer", lambda volume: inferred.append(volume) or real(volume))
+    searcher._query_kind = None
+    ranked = [ranking.CaseScore(_row(searcher, p), 0.5, 1, [0.5], -1) for p in searcher.paths]
+    volume, other = read_volume(searcher.paths[0]), read_volume(searcher.paths[1])
+    first = searcher.same_kind_first(_query_on(searcher, volume, 0), ranked)
+    assert len(inferred) == 1 and searcher.same_kind_first(_query_on(searcher, volume, 2), ranked) == first
+    assert inferred == [volume]  # a second ROI on the same volume: not inferred again
+    volume.modality = "MR"  # what the volume says still counts over what was inferred
+    query = _query_on(searcher, volume, 0)
+    searcher.same_kind_first(query, ranked)
+    assert inferred == [volume] and query.description["prior"]["modality"] == "MR"
+    searcher.same_kind_first(_query_on(searcher, other, 1), ranked)
+    assert inferred == [volume, other]  # another volume is inferred
+
+
+def _query_on(searcher, volume, n) -> Query:
+    return roi_query(volume, RoiBox(BLOBS[n][0], (14.0, 14.0, 8.0)), "axial", searcher.index)
 
 
 def test_same_kind_first_moves_the_query_kind_up_and_keeps_the_others_in_order(searcher):

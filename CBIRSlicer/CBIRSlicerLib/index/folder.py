@@ -23,6 +23,7 @@ so a killed build resumes without duplicates or losses.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -34,14 +35,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..digests import file_sha256
-from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError
+from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError, ParameterError
 from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
 from ..models.base import Embedder
 from ..threads import one_blas_thread
 from . import privacy, vector_transform
-from .catalog import CaseRecord, Catalog
+from .catalog import CaseRecord, Catalog, ItemRecord
 from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
 from .faiss_store import VectorStore, choose_kind, vector_problem
 from .integrity import file_record, read_manifest, record_problem, seal, write_json_atomically
@@ -221,6 +222,17 @@ class BuildReport:
 
 
 Progress = Callable[[int, int, str], None]  # (cases done, cases in all, what is being done)
+
+
+@dataclass
+class EmbeddedCase:
+    """A case whose item vectors are already computed (elsewhere, or a benchmark's synthetic cases): what
+    :meth:`Index.add_embedded` stores as it is, with no source read and no model run."""
+
+    record: CaseRecord
+    items: list[ItemRecord]
+    vectors: np.ndarray  # (len(items), the model's dim), L2-normalised, in the items' order
+    content_digest: str | None = None  # the voxels' digest (:attr:`Volume.voxel_digest`), so a copy's query leaves it out
 
 
 class Index:
@@ -622,16 +634,63 @@ class Index:
             spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
             labels=labels, metadata={**privacy.private_metadata(volume.extra, self.privacy_policy), **origin,
                                         "window": made.window.as_dict()})
+        self._store_case(record, made.items, vectors, volume.voxel_digest, made.thumbnails)
+        (report.replaced if existing is not None else report.added).append(label)
+        report.vectors += len(made.items)
+
+    def _store_case(self, record: CaseRecord, items: list[ItemRecord], vectors: np.ndarray, digest: str | None,
+                    thumbnails: dict | None = None) -> int:
+        """Insert a case, its items and thumbnails (pending) and add its vectors; the next checkpoint completes it."""
         with self.catalog.transaction():
             row = self.catalog.add_case(record, time.time())
-            self.catalog.set_content(row, volume.voxel_digest)
-            ids = self.catalog.add_items(row, made.items)
-            for (axis, plane), grey in made.thumbnails.items():
+            if digest:
+                self.catalog.set_content(row, digest)
+            ids = self.catalog.add_items(row, items)
+            for (axis, plane), grey in (thumbnails or {}).items():
                 self.catalog.add_thumbnail(row, axis, plane, grey)
         self.store.add(vectors, ids)
         self._pending_rows.append(row)
-        (report.replaced if existing is not None else report.added).append(label)
-        report.vectors += len(ids)
+        return row
+
+    def add_embedded(self, cases: Iterable[EmbeddedCase], progress: Progress | None = None) -> BuildReport:
+        """Store cases whose item vectors are already computed; a case id the index holds already is left unchanged.
+
+        Committed like :meth:`add_sources` (checkpoints as it goes and at the end, the vector transform refitted when the
+        index has grown), so a killed run resumes by adding the same cases again. Vectors of the wrong shape, not finite or
+        not of unit length raise ParameterError naming the case; nothing of that case is stored.
+        """
+        self._require_writer()
+        began = time.monotonic()
+        report = BuildReport()
+        cases = list(cases) if progress is not None else cases
+        total = len(cases) if progress is not None else 0
+        for n, case in enumerate(cases):
+            record = case.record
+            if progress is not None:
+                progress(n, total, record.case_id)
+            if self.catalog.case_by_id(record.case_id) is not None:
+                report.unchanged.append(record.case_id)
+                continue
+            vectors = np.asarray(case.vectors)
+            if vectors.ndim != 2 or vectors.shape != (len(case.items), self.store.dim):
+                raise ParameterError(f"case {record.case_id}: {len(case.items)} items need ({len(case.items)}, {self.store.dim}) "
+                                     f"vectors, got {vectors.shape}")
+            bad = vector_problem(vectors) if len(vectors) else None
+            if bad:
+                raise ParameterError(f"case {record.case_id}: {bad}; not stored")
+            record = dataclasses.replace(record, status="pending", row=None)
+            self._store_case(record, [dataclasses.replace(item, id=None, case_row=None) for item in case.items],
+                             vectors, case.content_digest)
+            report.added.append(record.case_id)
+            report.vectors += len(vectors)
+            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+                self.checkpoint()
+        self.checkpoint()
+        self._maybe_refit_transform()
+        if progress is not None:
+            progress(total, total, "done")
+        report.seconds = time.monotonic() - began
+        return report
 
     def remove(self, case_ids: Iterable[str]) -> list[str]:
         """Remove cases by id (or by source path); returns the ids removed. Unknown ones raise InputError."""

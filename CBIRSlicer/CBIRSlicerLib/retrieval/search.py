@@ -26,6 +26,7 @@ from ..index.catalog import ItemArrays
 from ..index.folder import Index
 from ..models.base import Embedder
 from ..models.registry import create_embedder
+from ..threads import one_blas_thread
 from . import ranking
 from .answers import BestMatch, CaseResult, SearchAnswer
 
@@ -274,6 +275,9 @@ class Searcher:
         # The last query volume's grid and its whole-volume registrations into each result: the next ROI on the same
         # volume (a session queries several) needs only the local stages.
         self._query_grid: tuple[Volume, object, dict] | None = None
+        # The last query volume's modality and body region as inferred from its image (~70 ms of CPU, as much as the rest of
+        # a search's ranking at 1 M region vectors; docs/benchmarks.md): the next ROI on the same volume reuses them.
+        self._query_kind: tuple[Volume, object] | None = None
 
     def query_vectors(self, query: Query) -> np.ndarray:
         """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
@@ -331,7 +335,10 @@ class Searcher:
         members = [keep & (items.case_rows == row) for row in candidates]
         blocks = [self.index.store.vectors_of(items.ids[mine]) for mine in members]
         if transform is not None:
-            blocks = [transform.apply(block) for block in blocks]
+            # One BLAS thread, as for the products (threads.py): a 512 x 512 product per case cost 0.4 CPU s a query on 2 busy
+            # cores with OpenBLAS's pool, 0.1 s on one thread (30 cases at 1 M region vectors; docs/benchmarks.md).
+            with one_blas_thread():
+                blocks = [transform.apply(block) for block in blocks]
         scored = ScoredCases(items, [], {}, {})
         for (row, votes), mine, block, similarity in zip(candidates.items(), members, blocks,
                                                          ranking.similarities(vectors, blocks)):
@@ -408,9 +415,11 @@ class Searcher:
         if query.volume is None or not ranked:
             return ranked
         if "prior" not in query.description:
-            from ..imaging.body_region import infer
+            from ..imaging import body_region
 
-            found = infer(query.volume)
+            if self._query_kind is None or self._query_kind[0] is not query.volume:
+                self._query_kind = (query.volume, body_region.infer(query.volume))
+            found = self._query_kind[1]
             modality = (query.volume.modality or found.modality or "").upper() or None
             region = (query.volume.body_part or ("" if found.body_part == "UNKNOWN" else found.body_part)).upper() or None
             query.description["prior"] = {"modality": modality, "body_part": region}
