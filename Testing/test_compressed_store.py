@@ -12,7 +12,7 @@ from volume_helpers import write_blob_cases
 
 from CBIRSlicerLib.errors import IndexCorruptError
 from CBIRSlicerLib.index import vector_transform
-from CBIRSlicerLib.index.faiss_store import VectorStore, choose_kind, rows_path_of
+from CBIRSlicerLib.index.faiss_store import VectorStore, choose_kind, list_count, probe_count, rows_path_of, train_size
 from CBIRSlicerLib.index.folder import MANIFEST, ROWS, Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
@@ -107,6 +107,21 @@ def test_auto_choice_by_size_and_small_forced_indexes_stay_flat():
     assert choose_kind(999, "ivfpq") == "flat" and choose_kind(1000, "ivfpq") == "ivfpq"
 
 
+def test_lists_grow_with_the_store_not_with_its_training_sample(tmp_path):
+    import faiss
+
+    # sqrt(count) lists up to 1 M, then one per ~1,000 vectors (8,192 at 10 M, trained on 64 a list); an eighth scanned.
+    assert [list_count(n) for n in (3_000, 1_000_000, 10_000_000)] == [64, 1024, 8192]
+    assert train_size(10_000_000) == 64 * 8192 and train_size(1_000_000) == 200_000
+    assert [probe_count(n) for n in (64, 1024, 8192)] == [64, 128, 1024]
+    vectors = clustered(40_000, 200)
+    flat = VectorStore.create(DIM, "flat")
+    flat.add(vectors, np.arange(len(vectors), dtype=np.int64))
+    # Trained on 16,384 of the 40,000 vectors, the compacted store still has the lists 40,000 vectors want.
+    fresh = flat.rebuilt("ivfpq", rows_path=str(tmp_path / "vectors.f16"))
+    assert faiss.extract_index_ivf(fresh.index.index).nlist == list_count(40_000) == 256 and fresh.nprobe == 128
+
+
 @pytest.fixture(scope="module")
 def embedder():
     return create_embedder("handcrafted")
@@ -163,14 +178,23 @@ def test_transform_refresh_retrains_the_codes(built):
     pinned = manifest["transform"]["checksum"]
     assert pinned != first["transform"]["checksum"] and manifest["index_type"]["codes_transform"] == pinned
     index = Index.open(compressed)
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index.store.index.index))
-    ivf.make_direct_map()
-    positions = np.arange(0, index.store.count, 97)
-    decoded = np.stack([ivf.reconstruct(int(p)) for p in positions])
-    raw = index.store.reconstruct(index.store.ids()[positions])
+    ivf = faiss.extract_index_ivf(index.store.index.index)
+    ids = index.store.ids()[np.arange(0, index.store.count, 97)]
+    raw = index.store.reconstruct(ids)
     old = vector_transform.load(os.path.join(compressed, "transform.npz"), manifest["transform"], 116)
-    # The codes hold the refitted transform's output, far closer to it than to the raw vectors.
-    assert np.linalg.norm(decoded - old.apply(raw), axis=1).mean() < 0.5 * np.linalg.norm(decoded - raw, axis=1).mean()
+
+    def estimates(queries):  # each query's score against its own vector's codes, as the codes alone estimate it
+        out = []
+        for vector_id, query in zip(ids, np.ascontiguousarray(queries, np.float32)):
+            params = faiss.SearchParametersIVF(nprobe=ivf.nlist, sel=faiss.IDSelectorBatch(np.array([vector_id])))
+            scores, found = index.store.index.search(query[None], 1, params=params)
+            assert found[0, 0] == vector_id
+            out.append(scores[0, 0])
+        return np.array(out)
+
+    # The codes hold the refitted transform's output: a transformed vector scores far higher against its own codes than
+    # the raw vector does (codes of raw vectors would give the reverse).
+    assert estimates(old.apply(raw)).mean() > estimates(raw).mean() + 0.2
     index.close()
 
 
@@ -214,3 +238,51 @@ def test_verify_and_writers_catch_a_flipped_byte_in_the_rows(built, tmp_path):
         handle.truncate(os.path.getsize(path) - 2 * 116 * 3)
     with pytest.raises(IndexCorruptError, match="vectors.f16"):
         Index.open(copy)
+
+
+def test_sealing_after_an_add_hashes_only_the_new_rows_and_records_the_whole_file(built, embedder, tmp_path, monkeypatch):
+    import shutil
+
+    from CBIRSlicerLib.index import folder, integrity
+
+    _, compressed, _, _ = built
+    copy = str(tmp_path / "copy")
+    shutil.copytree(compressed, copy, ignore=shutil.ignore_patterns(".lock"))
+    os.makedirs(tmp_path / "more")
+    more = write_blob_cases(str(tmp_path / "more"), 2, seed=5)
+    trusted = []
+    real = integrity.file_record
+
+    def recording(path, chunk_bytes=integrity.CHUNK_BYTES, known=None, known_bytes=0):
+        if path.endswith(ROWS):
+            trusted.append(known_bytes if known is not None else 0)
+        return real(path, chunk_bytes, known, known_bytes)
+
+    monkeypatch.setattr(folder, "file_record", recording)
+    before = os.path.getsize(os.path.join(copy, ROWS))
+    with Index.open(copy, writable=True) as index:
+        index.add_sources(more, embedder)
+        assert index.store.kind == "ivfpq"
+    rows = os.path.join(copy, ROWS)
+    manifest = json.load(open(os.path.join(copy, MANIFEST)))
+    # Opening checked the whole file (nothing trusted); the seal trusted exactly the rows that open had checked.
+    assert os.path.getsize(rows) > before and trusted == [0, before]
+    assert manifest["files"][ROWS] == real(rows, manifest["files"][ROWS]["chunk_bytes"])
+    assert Index.open(copy).verify(check_sources=False) == []
+
+
+def test_a_record_of_an_appended_file_reuses_the_checked_chunks_and_hashes_the_rest(tmp_path):
+    from CBIRSlicerLib.index.integrity import file_record
+
+    path = tmp_path / "rows.f16"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes: chunks of 4,096
+    old = file_record(str(path), 4096)
+    with open(path, "ab") as handle:
+        handle.write(b"\x07" * 5000)
+    full = file_record(str(path), 4096)
+    assert file_record(str(path), 4096, old, 10_240) == full and len(full["sha256"]) == 4
+    # Only whole chunks inside the checked bytes are taken on trust: damage there goes unseen, damage after it does not.
+    with open(path, "r+b") as handle:
+        handle.write(b"\xff")
+    assert file_record(str(path), 4096, old, 10_240) == full
+    assert file_record(str(path), 4096, old, 4095)["sha256"][0] != full["sha256"][0]

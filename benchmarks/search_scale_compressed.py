@@ -82,10 +82,11 @@ def chunk_vectors(args, middle: np.ndarray, number: int) -> np.ndarray:
 
 
 def paths(args) -> dict:
+    noise = "" if args.noise == "per-dim" else f"-{args.noise}"
     tag = f"{args.variant}-{args.n}x{args.dim}" + (f"-pq{args.pq_dims}" if args.pq_dims else "")
     return {"faiss": os.path.join(args.work, f"{tag}.faiss"), "rows": rows_path_of(os.path.join(args.work, f"{tag}.faiss")),
-            "build": os.path.join(args.work, f"{tag}.build.json"), "queries": os.path.join(args.work, f"queries-{args.n}.npz"),
-            "truth": os.path.join(args.work, f"truth-{args.n}.npz"), "query": os.path.join(args.work, f"{tag}.query.json")}
+            "build": os.path.join(args.work, f"{tag}.build.json"), "queries": os.path.join(args.work, f"queries-{args.n}{noise}.npz"),
+            "truth": os.path.join(args.work, f"truth-{args.n}{noise}.npz"), "query": os.path.join(args.work, f"{tag}{noise}.query.json")}
 
 
 def build(args) -> None:
@@ -109,7 +110,7 @@ def build(args) -> None:
     store.save(where["faiss"])
     seconds = time.perf_counter() - began
     peak = watch.stop()
-    result = {"variant": args.variant, "pq_dims": faiss_store.PQ_DIMS_PER_CODE,
+    result = {"variant": args.variant, "pq_dims": faiss_store.PQ_DIMS_PER_CODE, "pq_bits": faiss_store.PQ_BITS,
               "vectors": args.n, "dim": args.dim, "clusters": args.clusters, "lists": list_count(args.n),
               "train_s": round(trained, 1), "build_s": round(seconds, 1), "build_peak_rss_anon_mb": round(peak / 2**20),
               "faiss_bytes": os.path.getsize(where["faiss"]), "rows_bytes": os.path.getsize(where["rows"]),
@@ -119,16 +120,26 @@ def build(args) -> None:
         json.dump(result, handle)
 
 
+# Query noise. 'per-dim' (the first runs, as search_scale.py): 0.1 and 0.05 per dimension, noise vectors of norm 2.3 and
+# 1.1 against a unit vector, so an ROI image lies at cosine ~0.27 from its stored vector and, at 10 M, about 40 % of its
+# exact top-100 are unrelated vectors its noise happens to align with. 'relative': noise of norm 0.5 (a single query at
+# cosine ~0.89 from its stored vector, as another patient's region) and 0.25 (an ROI's images at ~0.97 from each other,
+# as neighbouring slices), so the exact neighbours are the query's cluster, as for a real ROI.
+NOISE = {"per-dim": (0.1, 0.05), "relative": (0.5 / np.sqrt(512), 0.25 / np.sqrt(512))}
+
+
 def make_queries(args, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Single queries (stored vectors plus 0.1 noise) and 16-image ROI batches around the first ``roi_queries`` of them."""
+    """Single queries (stored vectors plus noise) and 16-image ROI batches around the first ``roi_queries`` of them."""
+    single_noise, image_noise = NOISE[args.noise]
+    scale = np.sqrt(512 / args.dim)  # the same norms for another dimension
     rng = np.random.default_rng(1)
     picked = np.sort(rng.choice(args.n, args.queries, replace=False))
-    singles = np.asarray(rows[picked], np.float32) + 0.1 * rng.standard_normal((args.queries, args.dim)).astype(np.float32)
+    singles = np.asarray(rows[picked], np.float32) + single_noise * scale * rng.standard_normal((args.queries, args.dim)).astype(np.float32)
     singles = (singles / np.linalg.norm(singles, axis=1, keepdims=True)).astype(np.float32)
     batches = []
     for s in range(args.roi_queries):
         near = np.random.default_rng(1000 + s)
-        batch = singles[s][None, :] + 0.05 * near.standard_normal((16, args.dim)).astype(np.float32)
+        batch = singles[s][None, :] + image_noise * scale * near.standard_normal((16, args.dim)).astype(np.float32)
         batches.append(batch / np.linalg.norm(batch, axis=1, keepdims=True))
     return singles, np.stack(batches).astype(np.float32)
 
@@ -244,6 +255,7 @@ def main() -> None:
     parser.add_argument("--items-per-case", type=int, default=500)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--roi-queries", type=int, default=30)
+    parser.add_argument("--noise", choices=sorted(NOISE), default="relative", help="query noise model (NOISE above)")
     parser.add_argument("--repeats", type=int, default=2, help="times each 16-image query is timed")
     parser.add_argument("--variants", default="ivfpq,opq-ivfpq")
     parser.add_argument("--variant", default="ivfpq", help=argparse.SUPPRESS)
@@ -260,13 +272,13 @@ def main() -> None:
     if args.phase != "all":
         {"build": build, "truth": truth, "query": query}[args.phase](args)
         return
-    summary = {"vectors": args.n, "dim": args.dim, "clusters": args.clusters, "items_per_case": args.items_per_case,
+    summary = {"vectors": args.n, "dim": args.dim, "clusters": args.clusters, "items_per_case": args.items_per_case, "noise": args.noise,
                "queries": args.queries, "roi_queries": args.roi_queries, "repeats": args.repeats, "variants": []}
     base = [sys.executable, os.path.abspath(__file__)]
     common = ["--n", str(args.n), "--dim", str(args.dim), "--clusters", str(args.clusters), "--seed", str(args.seed),
               "--items-per-case", str(args.items_per_case), "--queries", str(args.queries), "--roi-queries",
               str(args.roi_queries), "--repeats", str(args.repeats), "--nprobe", args.nprobe, "--rerank", args.rerank,
-              "--work", args.work, "--pq-dims", str(args.pq_dims)]
+              "--noise", args.noise, "--work", args.work, "--pq-dims", str(args.pq_dims)]
     for n, variant in enumerate(args.variants.split(",")):
         subprocess.run(base + ["build", "--variant", variant] + common, check=True)
         if n == 0:

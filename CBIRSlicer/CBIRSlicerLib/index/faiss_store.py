@@ -5,8 +5,8 @@ Three structures, chosen by size (overridable): ``flat`` (exact, ``IndexFlatIP``
 ``IVFPQ_MIN_FLOATS`` (2 M vectors of 512-d), then ``ivfpq``. HNSW keeps the full vectors in RAM, so the scores it returns
 for its candidates are exact inner products; only the candidate set is approximate.
 
-``ivfpq`` keeps only compressed codes in RAM (``IndexIVFPQ``, 8 bits per ``PQ_DIMS_PER_CODE`` dimensions: 128 B for
-512-d, in ~sqrt(N) inverted lists) and the vectors themselves as float16 rows on disk (``vectors.f16``, an owned file,
+``ivfpq`` keeps only compressed codes in RAM (``IndexIVFPQFastScan``: 4 bits per ``PQ_DIMS_PER_CODE`` dimensions, 128 B for
+512-d, in about one inverted list per 1,000 vectors) and the vectors themselves as float16 rows on disk (``vectors.f16``, an owned file,
 memory-mapped): the codes find ``RERANK_FACTOR`` x k candidates, the rows re-score them exactly. The codes encode the
 index's vector transform's output (whitened vectors), so they are trained again with it (:meth:`VectorStore.retrained`);
 its scores are then transformed cosines (``scores_transformed``). Row i of the file is the vector of the FAISS id map's
@@ -37,16 +37,24 @@ KINDS = ("auto", "flat", "hnsw", "ivfpq")
 # workstation's RAM, and the compressed codes answer a 16-image query as fast (docs/benchmarks.md, search at 1 M and 10 M).
 IVFPQ_MIN_FLOATS = 2_000_000 * 512
 IVFPQ_MIN_VECTORS = 1_000  # codes need this many vectors to train on; an 'ivfpq' index holds them flat until then
-# One 8-bit code per 4 dimensions (128 B for 512-d; fewer dimensions where 4 does not divide it). At 1 M x 512 a 16-image
-# query's top-10 cases agree with an exact first stage 0.877 with 8 dimensions a code (64 B) and 0.947 with 4, both at 64
-# lists; 126 -> 190 B of RAM a vector (docs/benchmarks.md, finer codes, measured on a quiet machine).
-PQ_DIMS_PER_CODE = 4
-# Inverted lists scanned per query: at 1 M x 512 (1,024 lists) with 128 B codes, case agreement 0.947 / 0.953 / 0.970 and a
-# 16-image query with case ranking 50 / 71 / 112 ms p50 at 64 / 128 / 256 lists (2 cores); 128 is the first past 0.95.
+# One 4-bit code per 2 dimensions (128 B for 512-d; one per dimension where 2 does not divide it), scanned with FAISS's
+# SIMD "fast scan": 5-10x the codes per second of 8-bit codes (49-102 against 10.5 M codes/s, 16 queries, 2 loaded cores).
+# The codes only pick candidates, the float16 rows re-score them exactly; at 10 M a query must scan many lists to find
+# neighbours that k-means spread over them (docs/benchmarks.md, "10 M again"). At 1 M x 512 a 16-image query's top-10
+# cases agreed with an exact first stage 0.95 with these codes (41 ms p50), 0.82 with one 4-bit code per 4 dimensions
+# (64 B) and 0.953 with the former 8-bit codes per 4 dimensions (71 ms).
+PQ_DIMS_PER_CODE = 2
+PQ_BITS = 4
+# Inverted lists scanned per query: an eighth of them, at least 128 (1 M x 512, 1,024 lists: 128 scanned gave case agreement
+# 0.953 with 8-bit codes; 64 / 256: 0.947 / 0.970).
+IVF_PROBE_SHARE = 8
 IVF_NPROBE = 128
+VECTORS_PER_LIST = 1_000  # past 1 M vectors, lists grow with the count (sqrt(count) below): 8,192 at 10 M
 RERANK_FACTOR = 4  # candidates from the codes per hit asked for, re-scored from the float16 rows
 RERANK_MIN = 256  # at least this many candidates per query
-TRAIN_SAMPLE = 200_000  # at most this many vectors (an even sample) train the codes: 40 per list, at least 16,384
+TRAIN_SAMPLE = 200_000  # the codes train on an even sample of this many vectors, or 64 per list where that is more,
+TRAIN_PER_LIST = 64  # at most TRAIN_MAX (k-means of 8,192 lists on 524,288 vectors: ~11 minutes on 2 cores)
+TRAIN_MAX = 1_000_000
 ROWS_SUFFIX = ".f16"  # the rows file beside a vectors file: vectors.faiss -> vectors.f16
 ROW_DTYPE = np.dtype("<f2")
 
@@ -71,22 +79,30 @@ def rows_path_of(path: str) -> str:
 
 
 def pq_layout(dim: int) -> int:
-    """Sub-quantizers for ``dim``: dim / 8, or dim / 4, / 2, / 1 where 8 does not divide it."""
-    for width in (PQ_DIMS_PER_CODE, 4, 2, 1):
+    """Sub-quantizers for ``dim``: dim / PQ_DIMS_PER_CODE, or dim / 2, / 1 where that does not divide it."""
+    for width in (PQ_DIMS_PER_CODE, 2, 1):
         if dim % width == 0:
             return dim // width
     return dim
 
 
 def list_count(count: int) -> int:
-    """Inverted lists for ``count`` vectors: the power of two nearest sqrt(count), 16 to 65,536 (cheap to train on 2 cores)."""
-    return int(min(65_536, max(16, 2 ** round(np.log2(max(1.0, np.sqrt(count)))))))
+    """Inverted lists for ``count`` vectors: the power of two nearest sqrt(count) or count / VECTORS_PER_LIST, whichever is
+    more, 16 to 65,536. Few lists each hold many clusters of neighbours, whose members k-means then scatters over many
+    lists (measured at 10 M: docs/benchmarks.md); sqrt(count) lists are cheap to train on 2 cores."""
+    wanted = max(1.0, np.sqrt(count), count / VECTORS_PER_LIST)
+    return int(min(65_536, max(16, 2 ** round(np.log2(wanted)))))
+
+
+def probe_count(lists: int) -> int:
+    """Inverted lists a query scans: one in IVF_PROBE_SHARE, at least IVF_NPROBE (all of them for small stores)."""
+    return int(min(lists, max(IVF_NPROBE, lists // IVF_PROBE_SHARE)))
 
 
 def train_size(count: int) -> int:
-    """Vectors to train the codes of ``count`` on: 40 per inverted list (k-means wants 39), at least 16,384 (the 256 codes
-    of each sub-quantizer), at most TRAIN_SAMPLE."""
-    return int(min(count, TRAIN_SAMPLE, max(40 * list_count(count), 16_384)))
+    """Vectors to train the codes of ``count`` on: TRAIN_SAMPLE or TRAIN_PER_LIST per inverted list (k-means wants at
+    least 39), whichever is more, at least 16,384, at most TRAIN_MAX."""
+    return int(min(count, TRAIN_MAX, max(TRAIN_SAMPLE, TRAIN_PER_LIST * list_count(count), 16_384)))
 
 
 class RowFile:
@@ -149,7 +165,7 @@ class VectorStore:
         self.rows = rows
         self.transform = transform  # ivfpq: the vector transform the codes were trained on (None: raw vectors)
         self.ef_search = HNSW_EF_SEARCH  # HNSW: candidates kept while walking the graph (recall against speed)
-        self.nprobe = IVF_NPROBE  # IVF: inverted lists scanned per query
+        self.nprobe = probe_count(_lists_of(index)) if kind == "ivfpq" else IVF_NPROBE  # IVF: inverted lists scanned per query
         self.rerank_factor = RERANK_FACTOR
         self._id_array: np.ndarray | None = None  # ids in storage order, cached until the store changes
         self._storage_view: np.ndarray | None = None  # the raw vectors, cached until the store changes (FAISS may move them)
@@ -182,12 +198,13 @@ class VectorStore:
             lists = min(lists, max(1, len(train) // 39))  # k-means wants ~39 points per list
             codes = pq_layout(dim)
             # The factory builds the chain with FAISS owning its parts (what a saved index reads back as).
-            base = faiss.index_factory(dim, f"{f'OPQ{codes},' if opq else ''}IVF{lists},PQ{codes}", faiss.METRIC_INNER_PRODUCT)
+            base = faiss.index_factory(dim, f"{f'OPQ{codes},' if opq else ''}IVF{lists},PQ{codes}x{PQ_BITS}fs",
+                                       faiss.METRIC_INNER_PRODUCT)
             ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
             ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # a small sample trains, without warnings
-            # 10 k-means rounds on at most 64 points per code: the re-scoring makes up for rougher codes, and training the
-            # 64 sub-quantizers of 512-d on FAISS's default 65,536 points x 25 rounds took minutes on 2 shared cores.
-            ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = 10, 64
+            # 10 k-means rounds on at most 256 points per code: the re-scoring makes up for rougher codes (16 codes of 4 bits a
+            # sub-quantizer train in seconds; FAISS's default is 25 rounds).
+            ivf.pq.cp.niter, ivf.pq.cp.max_points_per_centroid = 10, 256
             base.train(train)
             if os.path.exists(rows_path):
                 os.remove(rows_path)
@@ -467,7 +484,7 @@ class VectorStore:
         keep = np.setdiff1d(self.ids(), np.asarray(excluded if excluded is not None else [], dtype=np.int64))
         if kind == "ivfpq":
             sample = keep[np.unique(np.linspace(0, len(keep) - 1, train_size(len(keep))).round().astype(np.int64))]
-            fresh = VectorStore.create(self.dim, kind, rows_path, self.reconstruct(sample), transform)
+            fresh = VectorStore.create(self.dim, kind, rows_path, self.reconstruct(sample), transform, lists=list_count(len(keep)))
         else:
             fresh = VectorStore.create(self.dim, kind)
         for start in range(0, len(keep), 50_000):
@@ -500,6 +517,13 @@ class VectorStore:
         if not_unit:
             problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
         return problems
+
+
+def _lists_of(index) -> int:
+    """The inverted lists of an ivfpq store's FAISS index (inside its id map)."""
+    import faiss
+
+    return int(faiss.extract_index_ivf(index.index).nlist)
 
 
 def _encoded(vectors: np.ndarray, transform) -> np.ndarray:
