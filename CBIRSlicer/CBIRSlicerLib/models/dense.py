@@ -60,12 +60,8 @@ def grid_size(image_shape: tuple[int, int], cell_px: float) -> tuple[int, int]:
 
 def overlap_weights(shape: tuple[int, int], cell_px: float, box: Box) -> np.ndarray:
     """(rows, cols) share of each cell's area inside a pixel box."""
-    r0, c0, r1, c1 = box
-    out = []
-    for count, low, high in ((shape[0], r0, r1), (shape[1], c0, c1)):
-        edges = np.arange(count + 1) * cell_px
-        out.append(np.clip(np.minimum(edges[1:], high) - np.maximum(edges[:-1], low), 0, None) / cell_px)
-    return np.outer(out[0], out[1])
+    r0, c0, r1, c1 = (np.array([float(v)]) for v in box)
+    return np.outer(_axis_overlaps(r0, r1, shape[0], cell_px)[0], _axis_overlaps(c0, c1, shape[1], cell_px)[0])
 
 
 def pool_region(grid: DenseGrid, box: Box, method: str = "mean", p: float = GEM_P) -> np.ndarray:
