@@ -5,12 +5,13 @@ Three structures, chosen by size (overridable): ``flat`` (exact, ``IndexFlatIP``
 ``IVFPQ_MIN_FLOATS`` (2 M vectors of 512-d), then ``ivfpq``. HNSW keeps the full vectors in RAM, so the scores it returns
 for its candidates are exact inner products; only the candidate set is approximate.
 
-``ivfpq`` keeps only compressed codes in RAM (``IndexIVFPQFastScan``: 4 bits per ``PQ_DIMS_PER_CODE`` dimensions, 128 B for
-512-d, in about one inverted list per 1,000 vectors) and the vectors themselves as float16 rows on disk (``vectors.f16``, an owned file,
-memory-mapped): the codes find ``RERANK_FACTOR`` x k candidates, the rows re-score them exactly. The codes encode the
-index's vector transform's output (whitened vectors), so they are trained again with it (:meth:`VectorStore.retrained`);
-its scores are then transformed cosines (``scores_transformed``). Row i of the file is the vector of the FAISS id map's
-i-th id; rows past the FAISS file's count (a writer killed between the two) are ignored and overwritten.
+``ivfpq`` keeps only compressed codes in RAM (``IndexIVFPQFastScan``: 4 bits per ``PQ_DIMS_PER_CODE`` dimensions,
+128 B for 512-d, in ~sqrt(N) inverted lists up to 1 M vectors, one per ~1,000 past it) and the vectors themselves as
+float16 rows on disk (``vectors.f16``, an owned file, memory-mapped): the codes find ``RERANK_FACTOR`` x k candidates,
+the rows re-score them exactly. The codes encode the index's vector transform's output (whitened vectors), so they are
+trained again with it (:meth:`VectorStore.retrained`); its scores are then transformed cosines
+(``scores_transformed``). Row i of the file is the vector of the FAISS id map's i-th id; rows past the FAISS file's
+count (a writer killed between the two) are ignored and overwritten.
 
 Filters and removed ids are applied inside the search through FAISS id selectors. A restrictive filter falls back to an
 exact search over just the allowed vectors, so a filtered query still returns as many hits as asked for when enough exist.
@@ -53,7 +54,7 @@ VECTORS_PER_LIST = 1_000  # past 1 M vectors, lists grow with the count (sqrt(co
 RERANK_FACTOR = 4  # candidates from the codes per hit asked for, re-scored from the float16 rows
 RERANK_MIN = 256  # at least this many candidates per query
 TRAIN_SAMPLE = 200_000  # the codes train on an even sample of this many vectors, or 64 per list where that is more,
-TRAIN_PER_LIST = 64  # at most TRAIN_MAX (k-means of 8,192 lists on 524,288 vectors: ~11 minutes on 2 cores)
+TRAIN_PER_LIST = 64  # at most TRAIN_MAX (k-means of 8,192 lists on 524,288 vectors: 6-11 minutes on 2 cores)
 TRAIN_MAX = 1_000_000
 ROWS_SUFFIX = ".f16"  # the rows file beside a vectors file: vectors.faiss -> vectors.f16
 ROW_DTYPE = np.dtype("<f2")
