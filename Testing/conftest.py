@@ -68,32 +68,26 @@ CASES = ("identity", "flip-lr", "upside-down", "rot90-axial", "sagittal-stored",
 
 
 def headless_slicer(layout: bool = False):
-    """A scene set up as Slicer sets one up, without the application: application, colour and volumes logics, and
-    optionally the layout logic (made after the application logic, so slice views get their orientation presets).
+    """A scene set up as Slicer sets one up, without the application: the product's own scene
+    (:func:`scene.nodes.fresh_scene`: application, colour, volumes and markups logics), and optionally the layout logic
+    (made after the application logic, so slice views get their orientation presets).
 
     MRML logics hold each other by weak pointers: the returned namespace keeps every object alive.
     """
     from types import SimpleNamespace
 
     slicer = pytest.importorskip("slicer")
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    colors = slicer.vtkSlicerColorLogic()
-    colors.SetMRMLApplicationLogic(app_logic)
-    colors.SetMRMLScene(scene)
-    app_logic.SetModuleLogic("Colors", colors)
-    volumes = slicer.vtkSlicerVolumesLogic()
-    volumes.SetMRMLApplicationLogic(app_logic)
-    volumes.SetMRMLScene(scene)
+    from CBIRSlicerLib.scene.nodes import fresh_scene
+
+    made = fresh_scene()
     layout_logic = layout_node = None
     if layout:
         layout_logic = slicer.vtkMRMLLayoutLogic()
-        layout_logic.SetMRMLApplicationLogic(app_logic)
-        layout_logic.SetMRMLScene(scene)
+        layout_logic.SetMRMLApplicationLogic(made.app_logic)
+        layout_logic.SetMRMLScene(made.scene)
         layout_node = layout_logic.GetLayoutNode()
-    return SimpleNamespace(scene=scene, app_logic=app_logic, volumes=volumes, layout_node=layout_node,
-                           keep_alive=(colors, layout_logic))
+    return SimpleNamespace(scene=made.scene, app_logic=made.app_logic, volumes=made.volumes, layout_node=layout_node,
+                           keep_alive=(made.keep_alive, layout_logic))
 
 
 @pytest.fixture(scope="session")
