@@ -214,35 +214,57 @@ def too_few_curve(answers, per_class=(1, 2, 3, 4, 5), draws: int = 20, seed: int
     return out
 
 
+class RealBench:
+    """The real-image benchmark's build (real_anatomy's quick configuration), its index and searcher, which copy each
+    indexed case is, the copies' label maps, and the sampled organ queries both real runs ask."""
+
+    def __init__(self, work: str):
+        import real_anatomy
+
+        from CBIRSlicerLib.index.folder import Index
+        from CBIRSlicerLib.retrieval.search import Searcher
+
+        began = time.monotonic()
+        self.bench = real_anatomy.build(os.path.join(work, "real"), REAL_CONFIG)
+        self.built_seconds = time.monotonic() - began
+        self.index = Index.open(self.bench.index_folder)
+        self.searcher = Searcher(self.index)
+        by_source = {os.path.abspath(c.image): c for c in self.bench.copies}
+        self.maps = {(c.volume, c.number): real_anatomy._LabelMap(c.labels) for c in self.bench.copies if c.labels}
+        self.copy_of = {c.case_id: by_source.get(os.path.abspath(c.source)) for c in self.index.catalog.cases()}
+
+    def sampled_queries(self):
+        """(copy, its volume, up to REAL_PER_COPY large labelled structure queries inside it) for each copy, the same
+        sample on every call (one generator seeded 0 across the copies)."""
+        import real_anatomy
+
+        from CBIRSlicerLib.imaging.readers import read_volume
+
+        rng = np.random.default_rng(0)
+        for copy in self.bench.copies:
+            volume = read_volume(copy.image)
+            key = (copy.volume, copy.number)
+            patient = real_anatomy.pseudo_patients.PseudoPatient.load(copy.transform)
+            queries = [q for q in real_anatomy.queries_of(self.bench, copy, self.maps.get(key), patient, volume)
+                       if q["large"] and q["label"] is not None and real_anatomy._contains(volume, q["centre"])]
+            picked = sorted(rng.choice(len(queries), min(REAL_PER_COPY, len(queries)), replace=False))
+            yield copy, volume, [queries[n] for n in picked]
+
+
 def real_run(work: str) -> dict:
     """Suggestion (structure labels at the neighbours' placed match spots) and feedback on the real-image benchmark."""
-    import real_anatomy
 
-    from CBIRSlicerLib.imaging.readers import read_volume
-    from CBIRSlicerLib.index.folder import Index
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+    from CBIRSlicerLib.retrieval.search import roi_query
     from CBIRSlicerLib.retrieval.suggestion import Calibration
 
     began = time.monotonic()
-    bench = real_anatomy.build(os.path.join(work, "real"), REAL_CONFIG)
-    built = time.monotonic() - began
-    index = Index.open(bench.index_folder)
-    searcher = Searcher(index)
-    by_source = {os.path.abspath(c.image): c for c in bench.copies}
-    patients = {(c.volume, c.number): real_anatomy.pseudo_patients.PseudoPatient.load(c.transform) for c in bench.copies}
-    maps = {(c.volume, c.number): real_anatomy._LabelMap(c.labels) for c in bench.copies if c.labels}
-    copy_of = {c.case_id: by_source.get(os.path.abspath(c.source)) for c in index.catalog.cases()}
-    rng = np.random.default_rng(0)
+    real = RealBench(work)
+    bench, searcher, copy_of, maps = real.bench, real.searcher, real.copy_of, real.maps
     votes, feedback = [], []
-    for copy in bench.copies:
-        volume = read_volume(copy.image)
-        key = (copy.volume, copy.number)
-        queries = [q for q in real_anatomy.queries_of(bench, copy, maps.get(key), patients[key], volume)
-                   if q["large"] and q["label"] is not None and real_anatomy._contains(volume, q["centre"])]
-        queries = [queries[n] for n in sorted(rng.choice(len(queries), min(REAL_PER_COPY, len(queries)), replace=False))]
+    for copy, volume, queries in real.sampled_queries():
         names = bench.structures[copy.volume]
         for q in queries:
-            asked = roi_query(volume, q["roi"], "axial", index)
+            asked = roi_query(volume, q["roi"], "axial", real.index)
             first = searcher.search(asked, k=len(copy_of))
             placed = searcher.place(asked, first, limit=10)
 
@@ -259,7 +281,7 @@ def real_run(work: str) -> dict:
             votes.append({"case": f"{copy.volume}{copy.number}", "truth": truth, "winner": winner, "share": share})
             mine = {c for c, other in copy_of.items() if other is not None and other.volume == copy.volume and other.number != copy.number}
             feedback.append(feedback_rounds(searcher, asked, first, lambda c, mine=mine: c in mine, len(mine)))
-    return {"copies": len(bench.copies), "phantoms": len(bench.phantoms), "build_seconds": round(built, 1),
+    return {"copies": len(bench.copies), "phantoms": len(bench.phantoms), "build_seconds": round(real.built_seconds, 1),
             "suggestion": suggestion_metrics(votes, Calibration(source="identity (region labels: no index calibration)")),
             "feedback": summarise_feedback(feedback), "seconds": round(time.monotonic() - began, 1)}
 
@@ -322,30 +344,16 @@ def region_feedback_rounds(searcher, query, first, relevant_of, strategies=("roc
 def real_region_run(work: str) -> dict:
     """Feedback on the real images with region relevance: a result is relevant when its (unplaced) match lies in the
     query's structure in that copy; the marks stand for those matches. Plain precision@5 of the residual list."""
-    import real_anatomy
 
-    from CBIRSlicerLib.imaging.readers import read_volume
-    from CBIRSlicerLib.index.folder import Index
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+    from CBIRSlicerLib.retrieval.search import roi_query
 
     began = time.monotonic()
-    bench = real_anatomy.build(os.path.join(work, "real"), REAL_CONFIG)
-    index = Index.open(bench.index_folder)
-    searcher = Searcher(index)
-    by_source = {os.path.abspath(c.image): c for c in bench.copies}
-    patients = {(c.volume, c.number): real_anatomy.pseudo_patients.PseudoPatient.load(c.transform) for c in bench.copies}
-    maps = {(c.volume, c.number): real_anatomy._LabelMap(c.labels) for c in bench.copies if c.labels}
-    copy_of = {c.case_id: by_source.get(os.path.abspath(c.source)) for c in index.catalog.cases()}
-    rng = np.random.default_rng(0)
+    real = RealBench(work)
+    searcher, copy_of, maps = real.searcher, real.copy_of, real.maps
     rows = []
-    for copy in bench.copies:
-        volume = read_volume(copy.image)
-        key = (copy.volume, copy.number)
-        queries = [q for q in real_anatomy.queries_of(bench, copy, maps.get(key), patients[key], volume)
-                   if q["large"] and q["label"] is not None and real_anatomy._contains(volume, q["centre"])]
-        queries = [queries[n] for n in sorted(rng.choice(len(queries), min(REAL_PER_COPY, len(queries)), replace=False))]
+    for copy, volume, queries in real.sampled_queries():
         for q in queries:
-            asked = roi_query(volume, q["roi"], "axial", index)
+            asked = roi_query(volume, q["roi"], "axial", real.index)
             first = searcher.search(asked, k=len(copy_of))
 
             def inside(result, volume_name=copy.volume, label=q["label"]):
