@@ -292,8 +292,26 @@ def _contains(volume, ras, tolerance_voxels: float = 0.5) -> bool:
     return bool(np.all(ijk >= -tolerance_voxels) and np.all(ijk <= np.array(volume.shape_ijk) - 1 + tolerance_voxels))
 
 
+def slab_around(volume, centre_ras, thickness_mm: float):
+    """The volume cut to a slab of about ``thickness_mm`` along its voxel axis nearest the body axis, centred on a point:
+    a thin clinical series of the same patient (the query volumes of ``--slab-mm``)."""
+    from CBIRSlicerLib.imaging.volume import Volume
+
+    axis = int(np.argmax(np.abs(volume.directions[2])))  # i, j or k: the one most along S
+    index = volume.ras_to_ijk_points(np.asarray(centre_ras, float)[None])[0][axis]
+    half = thickness_mm / 2 / volume.spacing[axis]
+    low = max(0, int(round(index - half)))
+    high = min(volume.shape_ijk[axis] - 1, int(round(index + half)))
+    cut = [slice(None)] * 3
+    cut[2 - axis] = slice(low, high + 1)  # the array is [k, j, i]
+    shift = np.eye(4)
+    shift[axis, 3] = low
+    return Volume.from_array(np.ascontiguousarray(volume.array[tuple(cut)]), volume.ijk_to_ras @ shift,
+                             modality=volume.modality, body_part=volume.body_part)
+
+
 def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", prior: bool = False, place: bool = True,
-        place_top: int | None = None) -> dict:
+        place_top: int | None = None, slab_mm: float | None = None) -> dict:
     """Every query of the benchmark through ``searcher`` (default: the index's own model); per-query records.
 
     ``place``: each shown result's match placed as ``cbir search`` places it by default (:meth:`Searcher.place`);
@@ -302,6 +320,10 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", pr
 
     ``prior``: search only cases of the query's own modality and body region as the catalog holds them (inferred
     from the images here), through the search's catalog filters.
+
+    ``slab_mm``: each ROI query is asked on a slab of that thickness around its centre, cut from the query copy (a thin
+    clinical series: its level in a result must be found, not taken from the centres of mass); the whole-volume case
+    queries keep the whole copy.
     """
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.index.folder import Index
@@ -338,7 +360,8 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", pr
         for query in queries_of(bench, copy, label_maps.get(key), patient, volume):
             if not _contains(volume, query["centre"]):
                 continue  # a landmark cropped out of this copy
-            asked = roi_query(volume, query["roi"], "axial", searcher.index)
+            asked_volume = volume if not slab_mm else slab_around(volume, query["centre"], slab_mm)
+            asked = roi_query(asked_volume, query["roi"], "axial", searcher.index)
             answer = searcher.search(asked, k=k, filters=filters, method=method)
             if place:
                 answer = searcher.place(asked, answer, limit=place_top)
@@ -511,6 +534,8 @@ def main() -> None:
     parser.add_argument("--model", default="handcrafted", help="the index's model (e.g. astra-ct, with the ct3d extra)")
     parser.add_argument("--no-place", action="store_true", help="keep the look-alike matches (no placement), as before it")
     parser.add_argument("--place-top", type=int, default=None, help="place only the first N results (default all shown)")
+    parser.add_argument("--slab-mm", type=float, default=None,
+                        help="ask each ROI query on a slab of this thickness around it, cut from its copy (thin series)")
     parser.add_argument("--markdown", metavar="JSON", help="print the tables of a result JSON as Markdown, then stop")
     args = parser.parse_args()
     if args.markdown:
@@ -525,18 +550,20 @@ def main() -> None:
     work = args.work or tempfile.mkdtemp(prefix="cbir-real-")
     bench = build(work, config, args.seed, args.cache)
     print(f"built in {bench.build_seconds:.0f} s: {len(bench.copies)} copies, {len(bench.phantoms)} phantoms, in {work}", flush=True)
-    outcome = run(bench, prior=args.prior, place=not args.no_place, place_top=args.place_top)
+    outcome = run(bench, prior=args.prior, place=not args.no_place, place_top=args.place_top, slab_mm=args.slab_mm)
     add_chance(bench, outcome["records"])
     kinds = catalog_kinds(bench)
     result = {"inferred_kinds": kinds, "data": {n: {"kind": kind_of(v), "source": v.source} for n, v in bench.volumes.items()},
               "note": "pseudo-patients of one real volume each: copies of one real patient are easier than other patients",
               "model": args.model, "prior": args.prior, "placed": not args.no_place, "place_top": args.place_top,
+              "slab_mm": args.slab_mm,
               "config": config, "seed": args.seed, "build_seconds": round(bench.build_seconds, 1),
               "copies": [asdict(c) | {"image": os.path.basename(c.image)} for c in bench.copies],
               **summarise(outcome), "seconds": outcome["seconds"], "seconds_per_query": outcome["seconds_per_query"],
               "records": outcome["records"], "cases": outcome["cases"]}
     stem = "real_anatomy" + ("_quick" if args.quick else "") + ("_prior" if args.prior else "")
     stem += ("" if args.no_place else "_placed") + ("" if args.model == "handcrafted" else "_" + args.model)
+    stem += f"_slab{args.slab_mm:g}" if args.slab_mm else ""
     out = args.out or str(REPO / "docs" / "benchmarks" / f"{stem}.json")
     with open(out, "w") as handle:
         json.dump(result, handle, indent=1, default=str)
