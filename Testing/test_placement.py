@@ -45,6 +45,35 @@ def test_a_clearly_better_look_alike_elsewhere_wins_for_a_finding_but_not_for_a_
     assert np.allclose(spot, (1.0, 0.0, 0.0))  # the registered point is the focus: finer than the item grid
 
 
+def test_a_result_that_agrees_with_the_box_keeps_the_anatomical_place_even_for_a_small_box():
+    centres = np.array([[0.0, 0, 0], [100.0, 0, 0]])
+    sizes, axes = np.full(2, 16.0), np.array(["axial"] * 2, dtype=object)
+    agreed = np.array([0.90, 0.99])
+    finding = placement.look_alike_margin(20.0)
+    for agreement, anatomical_wins in ((0.95, True), (placement.AGREEMENT_MIN - 0.01, False), (float("nan"), False)):
+        _, _, anatomical = placement.anatomical_match(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), finding, agreement)
+        assert anatomical is anatomical_wins, agreement
+
+
+def test_a_focal_finding_disagrees_with_its_place_in_a_case_without_it():
+    """The box around a ball (2.5 radii, as the demo's lesion queries) agrees with a moved copy that has the ball (0.98
+    today), not with a copy whose ball is gone (0.47): that case's place is anatomy without the finding."""
+    matrix = synthetic.centered_matrix(SHAPE, SPACING)
+    blobs = [*synthetic.default_blobs()[1:], synthetic.Blob((0.0, 0.0, 0.0), 10.0, 300.0, "ball")]
+    original = synthetic.render(matrix, SHAPE, blobs=blobs)
+    point, box = np.zeros(3), 2.5 * blobs[-1].radius
+    moved = np.eye(4)
+    moved[:3, :3], moved[:3, 3] = synthetic.rotation(degrees_about_s=7.0), (9.0, -6.0, 5.0)
+    copies = {"moved": Volume.from_array(synthetic.render(moved @ matrix, SHAPE, blobs=blobs).array, matrix),
+              "without": synthetic.render(matrix, SHAPE, blobs=blobs[:-1])}
+    query_image = placement.coarse_image(original)
+    agreements = {name: placement.place(original, point, copy, None, query_image, placement.coarse_image(copy), box).agreement
+                  for name, copy in copies.items()}
+    assert agreements["moved"] > 0.9 and agreements["without"] < placement.AGREEMENT_MIN - 0.1, agreements
+    unboxed = placement.place(original, point, copies["moved"], None, query_image, placement.coarse_image(copies["moved"]))
+    assert np.isnan(unboxed.agreement)  # no box given (a slice query): nothing measured
+
+
 def test_the_margin_grows_from_findings_to_regions():
     assert placement.look_alike_margin(20.0) == placement.FINDING_MARGIN
     assert placement.look_alike_margin(None) == placement.look_alike_margin(200.0) == placement.REGION_MARGIN

@@ -294,8 +294,9 @@ def _contains(volume, ras, tolerance_voxels: float = 0.5) -> bool:
 
 def slab_around(volume, centre_ras, thickness_mm: float):
     """The volume cut to a slab of about ``thickness_mm`` along its voxel axis nearest the body axis, centred on a point:
-    a thin clinical series of the same patient (the query volumes of ``--slab-mm``)."""
-    from CBIRSlicerLib.imaging.volume import Volume
+    a thin clinical series of the same patient (the query volumes of ``--slab-mm``), with the volume's source and
+    metadata."""
+    import dataclasses
 
     axis = int(np.argmax(np.abs(volume.directions[2])))  # i, j or k: the one most along S
     index = volume.ras_to_ijk_points(np.asarray(centre_ras, float)[None])[0][axis]
@@ -306,8 +307,9 @@ def slab_around(volume, centre_ras, thickness_mm: float):
     cut[2 - axis] = slice(low, high + 1)  # the array is [k, j, i]
     shift = np.eye(4)
     shift[axis, 3] = low
-    return Volume.from_array(np.ascontiguousarray(volume.array[tuple(cut)]), volume.ijk_to_ras @ shift,
-                             modality=volume.modality, body_part=volume.body_part)
+    # The same source, so a search leaves the copy the slab was cut from out as it leaves the query's own case out.
+    return dataclasses.replace(volume, array=np.ascontiguousarray(volume.array[tuple(cut)]), ijk_to_ras=volume.ijk_to_ras @ shift,
+                               extra=dict(volume.extra))
 
 
 def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", prior: bool = False, place: bool = True,

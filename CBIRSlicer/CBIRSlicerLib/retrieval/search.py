@@ -459,7 +459,8 @@ class Searcher:
             global_transforms = {}
             self._query_grid = (query.volume, query_image, global_transforms)
         roi = query.description.get("roi_ras")
-        margin = placement.look_alike_margin(max(roi[3:]) if roi else None)
+        box_mm = max(roi[3:]) if roi else None
+        margin = placement.look_alike_margin(box_mm)
         excluded = self.index.excluded_ids()
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
@@ -484,12 +485,12 @@ class Searcher:
                 if result.source not in global_transforms:
                     global_transforms[result.source] = placement.global_transform(query_image, target_image)
                 where = placement.place(query.volume, query.centre_ras, None, global_transforms[result.source], query_image,
-                                        target_image)
+                                        target_image, box_mm)
             except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
                 placed.append(result)
                 continue
             best, spot, _ = placement.anatomical_match(agreed, items.centres[keep], items.sizes[keep], items.axes[keep],
-                                                       where.ras, margin)
+                                                       where.ras, margin, where.agreement)
             item = self.index.catalog.items([int(items.ids[keep][best])])[int(items.ids[keep][best])]
             match = BestMatch.of_item(item, spot, placed_ras=where.ras)
             placed.append(dataclasses.replace(result, best_match=match))
