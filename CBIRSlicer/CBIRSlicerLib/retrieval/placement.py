@@ -204,7 +204,7 @@ def level_starts(query_image, target_image, spacing_mm: float = GLOBAL_SPACING_M
     the two bodies' cross-sections there: patients differ in size by 10-20 %, and a slab drawn at the wrong size matches
     the wrong level), turned by each of :data:`LEVEL_ANGLES_DEG`; each is scored by the mutual information of the slab
     with the result sampled there (nearest voxel, the result's lowest value outside it, so hanging off costs).
-    A tenth of a second: the arrays are on an 8 mm grid and each candidate is one gather and one histogram.
+    A few hundredths of a second: the arrays are on an 8 mm grid and each candidate is one gather and one histogram.
     """
     fixed, fixed_origin = _axis_aligned(query_image, spacing_mm)
     moving, moving_origin = _axis_aligned(target_image, spacing_mm)
@@ -217,8 +217,10 @@ def level_starts(query_image, target_image, spacing_mm: float = GLOBAL_SPACING_M
     # The slab's voxels relative to its body centre (x, y: the body's centroid; z: the slab's middle), in voxels.
     centre = np.array([*(fixed_sums.sum(axis=0) / max(fixed_counts.sum(), 1.0)), (depth - 1) / 2])
     area = fixed_counts[fixed_counts > 0].mean() if (fixed_counts > 0).any() else 1.0
-    z, y, x = np.mgrid[0:depth, 0:rows, 0:columns]
+    # Every other voxel across the plane: a quarter of the work, and thousands of samples still fill the histogram.
+    z, y, x = np.mgrid[0:depth, 0:rows:2, 0:columns:2]
     offsets = np.stack([x - centre[0], y - centre[1], z - centre[2]], axis=-1).reshape(-1, 3).astype(float)
+    slab_bins = fixed_bins[:, ::2, ::2].ravel()
     overhang = int(np.floor(LEVEL_OVERHANG * depth))
     half = (depth - 1) / 2
     bounds = np.array([moving.shape[2], moving.shape[1], planes])  # x, y, z
@@ -238,7 +240,7 @@ def level_starts(query_image, target_image, spacing_mm: float = GLOBAL_SPACING_M
                 inside = np.all((index >= 0) & (index < bounds), axis=1)
                 sampled = np.full(len(offsets), lowest, dtype=np.int64)
                 sampled[inside] = moving_bins[index[inside, 2], index[inside, 1], index[inside, 0]]
-                scored.append(LevelStart(_mutual_information(fixed_bins.ravel(), sampled), scale, angle,
+                scored.append(LevelStart(_mutual_information(slab_bins, sampled), scale, angle,
                                          fixed_origin + centre * spacing_mm, moving_origin + there * spacing_mm))
     chosen: list[LevelStart] = []
     for start in sorted(scored, key=lambda candidate: -candidate.score):
