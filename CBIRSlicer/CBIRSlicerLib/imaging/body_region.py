@@ -18,6 +18,9 @@ import numpy as np
 from .intensity import looks_like_ct
 from .volume import Volume
 
+# Body regions that share a border (DICOM's words): a scan labelled one often holds the other's edge (an abdominal CT the
+# lung bases, a chest CT the liver dome), and the inference reads one label from coverage that can straddle both.
+NEIGHBOURS = {frozenset(pair) for pair in (("HEAD", "NECK"), ("NECK", "CHEST"), ("CHEST", "ABDOMEN"), ("ABDOMEN", "PELVIS"))}
 GRID_MM = 4.0
 HEAD_WIDTH_MM = 210.0
 LUNG_FRACTION = 0.12
@@ -69,6 +72,11 @@ def infer(volume: Volume) -> Inferred:
     else:
         region = "ABDOMEN" if ct else "UNKNOWN"
     return Inferred("CT" if ct else "MR", region, round(width, 1), round(lung, 4))
+
+
+def neighbours(region: str, other: str) -> bool:
+    """Whether two body regions (DICOM's words, any case) share a border."""
+    return frozenset((region.upper(), other.upper())) in NEIGHBOURS
 
 
 def fill_in(volume: Volume) -> dict[str, str]:

@@ -405,18 +405,20 @@ class Searcher:
 
 
     def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
-        """Ranked cases with those of the query's modality and body region first, each group in its own order.
+        """Ranked cases in three groups, each in its own order: the query's modality and body region; the query's
+        modality and a neighbouring or unknown region; the rest.
 
         A soft prior, not a filter: on real CT the weight-free descriptor ranked a brain MR or a head CT above the other
         patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow, so a wrongly
-        inferred region costs places in the list, never the case. A body region nobody knows (an MR of the trunk) leaves
-        the modality alone to decide. The kind of the query is recorded in the answer's description.
+        inferred region costs places in the list, never the case. The middle group keeps an abdominal CT whose region was
+        read as CHEST (much lung in view) ahead of head CTs and MRs. A query region nobody knows (an MR of the trunk)
+        leaves the modality alone to decide. The kind of the query is recorded in the answer's description.
         """
+        from ..imaging import body_region
+
         if query.volume is None or not ranked:
             return ranked
         if "prior" not in query.description:
-            from ..imaging import body_region
-
             if self._query_kind is None or self._query_kind[0] is not query.volume:
                 self._query_kind = (query.volume, body_region.infer(query.volume))
             found = self._query_kind[1]
@@ -425,14 +427,17 @@ class Searcher:
             query.description["prior"] = {"modality": modality, "body_part": region}
         wanted = query.description["prior"]
 
-        def same(score: ranking.CaseScore) -> bool:
+        def group(score: ranking.CaseScore) -> int:
             case = self.index.catalog.case_by_row(score.case_row)
             if wanted["modality"] and (case.modality or "").upper() != wanted["modality"]:
-                return False
-            return not wanted["body_part"] or (case.body_part or "").upper() == wanted["body_part"]
+                return 2
+            region = (case.body_part or "").upper()
+            if not wanted["body_part"] or region == wanted["body_part"]:
+                return 0
+            return 1 if not region or body_region.neighbours(region, wanted["body_part"]) else 2
 
-        alike = [same(s) for s in ranked]
-        return [s for s, a in zip(ranked, alike) if a] + [s for s, a in zip(ranked, alike) if not a]
+        groups = [group(s) for s in ranked]
+        return [s for n in range(3) for s, g in zip(ranked, groups) if g == n]
 
     def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None) -> SearchAnswer:
         """The answer with each shown match placed at the query's anatomical place (see :mod:`placement`).
