@@ -684,6 +684,8 @@ def _describeResult(result: CaseResult) -> str:
     details = [d for d in (result.modality, ", ".join(result.labels)) if d]
     first = _("{rank}. {name}   score {score}").format(rank=result.rank, name=result.title, score=f"{result.score:.3f}")
     second = _("{axis} slice {index}").format(axis=best.axis, index=best.slice_index)
+    if best.shown:  # once placed: the same anatomy as the query, or a look-alike elsewhere (a focal finding's box)
+        second += "   " + (_("same anatomy") if best.shown == "anatomy" else _("look-alike"))
     return f"{first}\n{second}" + (f"   {'; '.join(details)}" if details else "")
 
 

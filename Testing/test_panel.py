@@ -147,6 +147,9 @@ def test_open_search_show_more_like_link_and_restore(panel, qtbot, cohort, shots
     first = answer.results[0]
     assert first.source in (os.path.abspath(paths[0]), os.path.abspath(paths[2]))  # a ball case first
     assert rows[0].startswith(f"1. {first.title}   score ") and f"axial slice {first.best_match.slice_index}" in rows[0]
+    # Placed: each row says whether its match is the query's anatomy in that case or a look-alike elsewhere.
+    says = {"anatomy": "same anatomy", "look-alike": "look-alike"}
+    assert all(says[result.best_match.shown] in row for result, row in zip(answer.results, rows)), rows
     assert ui.findSimilarButton.text == "Find similar" and not ui.showResultButton.enabled
     assert not ui.resultsListWidget.item(0).icon().isNull()  # the thumbnail
     panel.screenshot(shots, "panel-results.png")

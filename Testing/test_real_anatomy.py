@@ -152,15 +152,36 @@ def test_metrics_score_a_perfect_answer_as_perfect(bench):
 
 def test_organ_queries_find_the_same_patient(bench):
     """Today's handcrafted baseline: the top case of organ queries is another copy of the abdominal CT, not a phantom."""
-    outcome = real_anatomy.run(bench)
+    outcome = real_anatomy.run(bench, place_top=1)
     summary = real_anatomy.summarise(outcome)["summary"]
     large = summary["abdomen_ct (large)"]
     assert large["queries"] >= 20
     assert large["same_patient_at_1"] >= 0.7
     assert large["first_same_patient_in_top10"] == 1.0
     assert summary["case ranking (volume queries)"]["top_case_same_kind"] == 1.0
-    # Localisation is near chance today (docs/benchmarks.md): only that the figures exist and are distances in a body.
-    assert 0 <= large["inside_at_1"] <= 1 and large["first_same_patient_median_error_mm"] < 400
+    print("organ queries, coarse index:", {k: large[k] for k in ("queries", "inside_at_1", "median_error_mm_at_1")})
+    # Placed (the first result, as the benchmark scores): mostly inside, millimetres off (docs/benchmarks.md has the
+    # figures of the product's index settings; these copies are indexed coarser, seed 3).
+    assert large["inside_at_1"] >= 0.75 and large["median_error_mm_at_1"] <= 8.0
+
+
+def test_a_placed_organ_match_shows_the_same_anatomy(bench, abdomen):
+    """An organ box placed into another copy: the match is the registered place and says so (best_match.shown)."""
+    from CBIRSlicerLib.imaging.readers import read_volume
+    from CBIRSlicerLib.index.folder import Index
+    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+
+    copy = bench.copies[0]
+    labels = real_anatomy._LabelMap(copy.labels)
+    label = {name: n for n, name in abdomen.names.items()}["kidney_right"]
+    query = next(q for q in real_anatomy.queries_of(bench, copy, labels, pseudo_patients.PseudoPatient.load(copy.transform),
+                                                   read_volume(copy.image)) if q["label"] == label)
+    searcher = Searcher(Index.open(bench.index_folder))
+    asked = roi_query(read_volume(copy.image), query["roi"], "axial", searcher.index)
+    placed = searcher.place(asked, searcher.search(asked, k=2), limit=1)
+    best = placed.results[0].best_match
+    assert best.shown == "anatomy" and best.spot == best.placed_ras
+    assert placed.results[1].best_match.shown is None  # past the limit: not placed
 
 
 def test_the_index_infers_modality_and_body_region(bench):

@@ -201,6 +201,18 @@ def test_answer_values_are_rounded_when_made_so_the_viewer_and_the_json_agree():
                                               "bounds_ras": [[-6.0, -3.6, -2.5], [14.0, -3.6, 17.5]], "focus_ras": [4.123, -3.6, 7.0]}
     unplaced = BestMatch.of_item(item)
     assert unplaced.spot == unplaced.ras and unplaced.to_json()["focus_ras"] is None
+    assert "placed_ras" not in unplaced.to_json() and "shown" not in unplaced.to_json()  # nothing said before placement
+
+
+def test_a_placed_match_says_what_it_shows_and_reads_back():
+    from CBIRSlicerLib.retrieval.saved_search import best_match_from_json
+
+    item = ItemRecord("tile", "axial", 9, 9, (4.0, -3.6, 7.5), (10, 4, 30, 24), (-6.0, -13.6, 7.5), (14.0, 6.4, 7.5), 20.0, id=12)
+    for shown in ("anatomy", "look-alike"):
+        best = BestMatch.of_item(item, (5.0, -3.0, 7.5), placed_ras=(5.0, -3.0, 7.5), shown=shown)
+        data = best.to_json()
+        assert data["shown"] == shown and data["placed_ras"] == [5.0, -3.0, 7.5]
+        assert best_match_from_json(json.loads(json.dumps(data))) == best
 
 
 def test_the_query_patients_other_cases_are_left_out_by_their_keyed_hash(searcher, monkeypatch):

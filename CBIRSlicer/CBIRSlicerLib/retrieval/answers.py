@@ -34,14 +34,19 @@ class BestMatch:
     bounds_ras: tuple[Point, Point]  # the item's RAS corners (low, high)
     focus_ras: Point | None = None  # the similarity-weighted centre of the items around it (ranking.focus)
     placed_ras: Point | None = None  # the query's centre carried into the case by registration (placement), once placed
+    # Once placed, what the match shows: "anatomy" (the registered place: the focus is placed_ras) or "look-alike" (an item
+    # elsewhere clearly more alike, for a focal finding); None before placement.
+    shown: str | None = None
 
     @classmethod
     def of_item(cls, item: ItemRecord, focus_ras: Sequence[float] | None = None,
-                placed_ras: Sequence[float] | None = None) -> BestMatch:
-        """The best match an indexed item makes, with the focus found around it (and the placed point, once placed)."""
+                placed_ras: Sequence[float] | None = None, shown: str | None = None) -> BestMatch:
+        """The best match an indexed item makes, with the focus found around it (and, once placed, the placed point and
+        what the match shows)."""
         return cls(item.axis, int(item.slice_index), _point(item.ras), item.kind, int(item.id) if item.id is not None else None,
                    tuple(int(v) for v in item.box), (_point(item.low_ras), _point(item.high_ras)),
-                   _point(focus_ras) if focus_ras is not None else None, _point(placed_ras) if placed_ras is not None else None)
+                   _point(focus_ras) if focus_ras is not None else None, _point(placed_ras) if placed_ras is not None else None,
+                   shown)
 
     @property
     def spot(self) -> Point:
@@ -53,7 +58,8 @@ class BestMatch:
         return {"axis": self.axis, "slice_index": self.slice_index, "ras": list(self.ras), "kind": self.kind,
                 "item_id": self.item_id, "box": list(self.box), "bounds_ras": [list(self.bounds_ras[0]), list(self.bounds_ras[1])],
                 "focus_ras": list(self.focus_ras) if self.focus_ras is not None else None,
-                **({"placed_ras": list(self.placed_ras)} if self.placed_ras is not None else {})}
+                **({"placed_ras": list(self.placed_ras)} if self.placed_ras is not None else {}),
+                **({"shown": self.shown} if self.shown is not None else {})}
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ def best_match_from_json(data: dict) -> BestMatch:
 
     return BestMatch(data["axis"], int(data["slice_index"]), point(data["ras"]), data["kind"], data["item_id"],
                      tuple(int(v) for v in data["box"]), (point(data["bounds_ras"][0]), point(data["bounds_ras"][1])),
-                     point(data.get("focus_ras")), point(data.get("placed_ras")))
+                     point(data.get("focus_ras")), point(data.get("placed_ras")), data.get("shown"))
 
 
 def answer_from_json(data: dict) -> SearchAnswer:

@@ -494,10 +494,10 @@ class Searcher:
             except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
                 placed.append(result)
                 continue
-            best, spot, _ = placement.anatomical_match(agreed, items.centres[keep], items.sizes[keep], items.axes[keep],
-                                                       where.ras, margin, where.agreement)
+            best, spot, anatomical = placement.anatomical_match(agreed, items.centres[keep], items.sizes[keep],
+                                                                items.axes[keep], where.ras, margin, where.agreement)
             item = self.index.catalog.items([int(items.ids[keep][best])])[int(items.ids[keep][best])]
-            match = BestMatch.of_item(item, spot, placed_ras=where.ras)
+            match = BestMatch.of_item(item, spot, placed_ras=where.ras, shown="anatomy" if anatomical else "look-alike")
             placed.append(dataclasses.replace(result, best_match=match))
         return dataclasses.replace(answer, results=placed)
 
