@@ -36,16 +36,33 @@ class Inferred:
     lung_fraction: float
 
 
-def _resampled(volume: Volume, fill: float):
-    """The volume on an axis-aligned RAS-ordered grid of GRID_MM (SimpleITK image, LPS, identity direction)."""
+def corners_lps(image) -> np.ndarray:
+    """LPS positions of the centres of a SimpleITK image's 8 corner voxels, shape (8, 3)."""
+    size = image.GetSize()
+    return np.array([image.TransformIndexToPhysicalPoint((a, b, c)) for a in (0, size[0] - 1) for b in (0, size[1] - 1)
+                     for c in (0, size[2] - 1)])
+
+
+def axis_aligned(image, spacing_mm: float, fill: float):
+    """A SimpleITK image resampled (linear) on the identity-direction LPS grid of ``spacing_mm`` that covers it: axis 0
+    of its array runs inferior to superior, whatever the scan's orientation."""
     import SimpleITK as sitk
 
-    image = volume.to_sitk(volume.finite_float32())
-    corners = volume.corners_ras() * np.array([-1.0, -1.0, 1.0])
+    corners = corners_lps(image)
     low, high = corners.min(axis=0), corners.max(axis=0)
-    size = [max(1, int(np.ceil((high[a] - low[a]) / GRID_MM)) + 1) for a in range(3)]
-    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, tuple(low), (GRID_MM,) * 3,
+    size = [max(1, int(np.ceil((high[a] - low[a]) / spacing_mm)) + 1) for a in range(3)]
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, tuple(low), (spacing_mm,) * 3,
                          (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), float(fill), sitk.sitkFloat32)
+
+
+def body_threshold(array: np.ndarray, ct: bool) -> float:
+    """The intensity above which a voxel is body, not air: -500 HU for CT, a tenth of the 99th percentile for MR."""
+    return -500.0 if ct else 0.1 * float(np.percentile(array, 99))
+
+
+def _resampled(volume: Volume, fill: float):
+    """The volume on an axis-aligned RAS-ordered grid of GRID_MM (SimpleITK image, LPS, identity direction)."""
+    return axis_aligned(volume.to_sitk(volume.finite_float32()), GRID_MM, fill)
 
 
 def infer(volume: Volume) -> Inferred:
@@ -55,7 +72,7 @@ def infer(volume: Volume) -> Inferred:
     ct = looks_like_ct(Volume(volume.array, volume.ijk_to_ras))  # the voxels alone, not the file's modality
     image = _resampled(volume, -1024.0 if ct else 0.0)
     array = sitk.GetArrayFromImage(image)  # [S, P, L] on the LPS grid: axis 0 runs inferior to superior
-    threshold = -500.0 if ct else 0.1 * float(np.percentile(array, 99))
+    threshold = body_threshold(array, ct)
     parts = sitk.RelabelComponent(sitk.ConnectedComponent(image > threshold))
     body = sitk.GetArrayFromImage(parts) == 1
     if not body.any():

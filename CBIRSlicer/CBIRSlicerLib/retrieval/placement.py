@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..imaging import body_region
 from ..imaging.coordinates import lps_to_ras, ras_to_lps
 from ..imaging.intensity import looks_like_ct
 from ..imaging.volume import Volume
@@ -44,7 +45,7 @@ FINDING_MARGIN = 0.02  # cosine units by which a look-alike must beat the anatom
 REGION_MARGIN = 0.3
 # Whatever the box, the anatomical place also wins when the result, registered, looks like the query's box there: the
 # correlation of the two boxes on the 4 mm grid after the last stage. A focal finding has no counterpart at its place in
-# another patient (phantom lesions placed into other phantoms: median 0.10, highest 0.59 of 72); anatomy does (real
+# another patient (phantom lesions placed into other phantoms: median 0.12, highest 0.64 of 120); anatomy does (real
 # structures between pseudo-patients: median 0.95; the look-alikes kept for 20-30 mm boxes of lung lobes and a
 # vertebra: 0.89-0.98). Uniform tissue (a liver's inside) correlates poorly and is left to the margin.
 AGREEMENT_MIN = 0.7
@@ -122,32 +123,22 @@ def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step:
 
 
 # A query shorter along the body axis than this share of the result is a slab: its level in the result is searched
-# (level_translation) instead of taken from the centres of mass, which for a 6 cm slab of an abdomen lie 8-13 cm apart
-# (docs/benchmarks.md, "Slab queries").
+# (level_starts) instead of taken from the centres of mass, which put 6 cm slabs of an abdomen 2-17 cm off their level
+# (docs/benchmarks.md, "thin-slab queries find their level").
 SLAB_SHARE = 0.6
 MI_BINS = 32
 
 
 def body_axis_extent(image) -> float:
     """Millimetres an image spans along the body axis (LPS z, whatever the voxel axes)."""
-    size = image.GetSize()
-    corners = [image.TransformIndexToPhysicalPoint((a, b, c)) for a in (0, size[0] - 1) for b in (0, size[1] - 1)
-               for c in (0, size[2] - 1)]
-    return float(np.ptp([point[2] for point in corners]))
+    return float(np.ptp(body_region.corners_lps(image)[:, 2]))
 
 
 def _axis_aligned(image, spacing_mm: float):
     """An image resampled on an identity-direction LPS grid that covers it: (array [z, y, x], origin (x, y, z))."""
     import SimpleITK as sitk
 
-    size = image.GetSize()
-    corners = np.array([image.TransformIndexToPhysicalPoint((a, b, c)) for a in (0, size[0] - 1)
-                        for b in (0, size[1] - 1) for c in (0, size[2] - 1)])
-    low, high = corners.min(axis=0), corners.max(axis=0)
-    shape = [max(1, int(np.ceil((high[a] - low[a]) / spacing_mm)) + 1) for a in range(3)]
-    lowest = float(np.min(sitk.GetArrayViewFromImage(image)))
-    grid = sitk.Resample(image, shape, sitk.Transform(), sitk.sitkLinear, tuple(low), (spacing_mm,) * 3,
-                         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), lowest, sitk.sitkFloat32)
+    grid = body_region.axis_aligned(image, spacing_mm, float(np.min(sitk.GetArrayViewFromImage(image))))
     return sitk.GetArrayFromImage(grid), np.array(grid.GetOrigin())
 
 
@@ -168,8 +159,7 @@ def _mutual_information(fixed_bins: np.ndarray, moving_bins: np.ndarray) -> floa
 
 def _body_centroids(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per plane of an axis-aligned array: how many body voxels, and their mean (x, y) voxel position."""
-    threshold = -500.0 if array.min() < -500 else 0.1 * float(np.percentile(array, 99))  # CT (HU) or MR
-    body = array > threshold
+    body = array > body_region.body_threshold(array, ct=bool(array.min() < -500))  # coarse CT is clamped at -1000 HU
     counts = body.sum(axis=(1, 2)).astype(float)
     ys, xs = np.mgrid[0:array.shape[1], 0:array.shape[2]]
     sums = np.stack([(body * xs).sum(axis=(1, 2)), (body * ys).sum(axis=(1, 2))], axis=1).astype(float)
@@ -337,12 +327,7 @@ def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int
     method = _mi_registration(0.3, seed, SPACING_MM, 0.1, iterations)
     method.SetInitialTransform(sitk.AffineTransform(_single(initial)), inPlace=False)
     transform = _single(method.Execute(fixed, moving))
-    check = sitk.ImageRegistrationMethod()
-    check.SetMetricAsMattesMutualInformation(32)
-    check.SetMetricSamplingStrategy(check.NONE)
-    check.SetInterpolator(sitk.sitkLinear)
-    check.SetInitialTransform(transform)
-    return transform, float(check.MetricEvaluate(fixed, moving))
+    return transform, _full_metric(fixed, moving, transform)
 
 
 DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 48 and 96 mm (docs/benchmarks.md)
@@ -366,14 +351,6 @@ def deformation(fixed, moving, transform):
     demons.SetNumberOfIterations(DEFORM_ITERATIONS)
     demons.SetStandardDeviations(DEFORM_SIGMA_VOXELS)
     return sitk.DisplacementFieldTransform(sitk.Cast(demons.Execute(fixed, resampled), sitk.sitkVectorFloat64))
-
-
-def deform(fixed, moving, transform, centre_ras) -> np.ndarray:
-    """The query centre carried through the affine transform and a demons deformation (:func:`deformation`) of the
-    query's neighbourhood ``fixed``."""
-    field = deformation(fixed, moving, transform)
-    centre_lps = tuple(float(v) for v in ras_to_lps(np.asarray(centre_ras, float)))
-    return lps_to_ras(np.array(transform.TransformPoint(field.TransformPoint(centre_lps))))
 
 
 def agreement(query_image, target_image, transform, centre_ras, box_mm: float) -> float:
