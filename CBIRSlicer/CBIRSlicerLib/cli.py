@@ -356,8 +356,7 @@ def _search(args: argparse.Namespace) -> int:
     from .imaging.roi import RoiBox, read_markups_roi, segment_of_label
     from .index.folder import Index
     from .retrieval.answers import SearchAnswer
-    from .retrieval.search import (
-        Searcher,
+    from .retrieval.queries import (
         item_query,
         load_volume_for_query,
         parse_filters,
@@ -367,6 +366,7 @@ def _search(args: argparse.Namespace) -> int:
         text_query,
         volume_query,
     )
+    from .retrieval.search import Searcher
 
     index = Index.open(args.index)
     _state_note(index)
