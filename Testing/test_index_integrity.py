@@ -19,7 +19,8 @@ import SimpleITK as sitk
 
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.imaging import synthetic
-from CBIRSlicerLib.index.folder import CATALOG, MANIFEST, VECTORS, Index
+from CBIRSlicerLib.index.files import CATALOG, MANIFEST, VECTORS
+from CBIRSlicerLib.index.folder import Index
 
 SHAPE = (24, 24, 12)
 SMALL = ["--model", "handcrafted", "--stride-mm", "8", "--tiles-mm", "", "--blobs", "0"]
