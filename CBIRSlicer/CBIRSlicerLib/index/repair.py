@@ -13,12 +13,12 @@ from ..models.base import Embedder
 from . import privacy
 from .catalog import Catalog
 from .dicom_sources import is_remote_source
-from .files import CATALOG, MANIFEST, ROWS, VECTORS
+from .files import CATALOG, MANIFEST, ROWS, TRANSFORM, VECTORS
 from .folder import Index
 from .integrity import read_manifest
 from .items import IndexSettings
 from .lock import FolderLock
-from .writer import BuildReport, Progress, source_checksum
+from .writer import Progress, source_checksum
 
 
 @dataclass
@@ -128,20 +128,19 @@ def repair(folder: str, make_embedder: Callable[[str], Embedder], drop_missing: 
         settings = IndexSettings.from_stored(identity["settings"])
         keep = identity.get("privacy", {}).get("patient_ids") == privacy.KEPT
         fresh = Index.create(work, embedder, settings, identity["index_type"]["requested"], keep_patient_ids=keep)
-        built = BuildReport()
+        labels = {source: case_labels for source, _, case_labels in sources}  # a CaseSource is frozen: a key
         try:
-            for n, (source, checksum, labels) in enumerate(sources):
-                if progress is not None:
-                    progress(n, len(sources), source.label)
-                before = len(built.added)
-                fresh._index_source(source, embedder, labels, built)
-                if len(built.added) > before:
-                    report.reembedded.append(source.label)
-                    if source_checksum(source) != checksum:
-                        report.changed.append(source.label)
+            # The public writer path: checkpoints, and the vector transform fitted on the re-embedded vectors, as a build does.
+            built = fresh.add_cases([source for source, _, _ in sources], embedder, labels.__getitem__, progress)
             if built.skipped and not drop_missing:
                 raise CBIRError(f"{folder}: {len(built.skipped)} case(s) cannot be re-embedded ({built.skipped[0][0]}: "
                                 f"{built.skipped[0][1]}); fix them and repair again, or repair with --drop-missing to leave them out")
+            added = set(built.added)
+            for source, checksum, _ in sources:
+                if source.label in added:
+                    report.reembedded.append(source.label)
+                    if source_checksum(source) != checksum:
+                        report.changed.append(source.label)
             report.lost += built.skipped
             fresh.close()
         except BaseException:
@@ -154,11 +153,13 @@ def repair(folder: str, make_embedder: Callable[[str], Embedder], drop_missing: 
             os.replace(os.path.join(work, ROWS), os.path.join(folder, ROWS))
         elif os.path.exists(os.path.join(folder, ROWS)):
             os.remove(os.path.join(folder, ROWS))
+        if os.path.exists(os.path.join(work, TRANSFORM)):  # pinned by the new manifest: moved in before it
+            os.replace(os.path.join(work, TRANSFORM), os.path.join(folder, TRANSFORM))
+        elif os.path.exists(os.path.join(folder, TRANSFORM)):
+            os.remove(os.path.join(folder, TRANSFORM))
         os.replace(os.path.join(work, VECTORS), os.path.join(folder, VECTORS))
         os.replace(os.path.join(work, CATALOG), catalog_path)
         os.replace(os.path.join(work, MANIFEST), manifest_path)
-        if progress is not None:
-            progress(len(sources), len(sources), "done")
         return report
     finally:
         if os.path.exists(work):

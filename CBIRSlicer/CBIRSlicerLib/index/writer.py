@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,7 +152,7 @@ class IndexWriter(IndexFolder):
         """Index new volumes, refresh changed ones (checksum), skip unchanged ones; resumable.
 
         A path may also be a DICOM database (``ctkdb:PATH`` or the file) or a PACS (``dicomweb:URL``): its series that pass
-        ``dicom``'s filters are indexed one by one (:meth:`_add_dicom_source`)."""
+        ``dicom``'s filters are indexed one by one (:meth:`_add_dicom_source`). ``labels``: a file's (absolute path) labels."""
         self._require_writer()
         self.check_model(embedder)
         began = time.monotonic()
@@ -162,25 +162,46 @@ class IndexWriter(IndexFolder):
                      for spec in [p for p in paths if is_dicom_source(p)])
         found = discover([p for p in paths if not is_dicom_source(p)])
         report.skipped.extend(found.skipped)
+        labels = labels or {}
+        self._add_cases(found.cases, embedder, lambda source: list(labels.get(os.path.abspath(source.path), [])), report,
+                        progress, should_stop, total_if_none=series)
+        report.seconds = time.monotonic() - began
+        return report
+
+    def add_cases(self, sources: Sequence[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
+                  progress: Progress | None = None) -> BuildReport:
+        """Index these cases (volume files, or DICOM series in a folder) as :meth:`add_sources` does, each with its labels;
+        committed the same way: checkpoints, then the vector transform refitted when the index has grown."""
+        self._require_writer()
+        self.check_model(embedder)
+        began = time.monotonic()
+        report = BuildReport()
+        self._add_cases(list(sources), embedder, labels_of, report, progress)
+        report.seconds = time.monotonic() - began
+        return report
+
+    def _add_cases(self, cases: list[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
+                   report: BuildReport, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                   total_if_none: int = 0) -> None:
+        """The cases indexed one by one (the next read ahead), checkpointed as they go, then committed with the transform."""
         # The next case is checksummed and read on a thread while this one is embedded (file reading and decompression
         # release the GIL), so the model is not kept waiting between cases.
         from concurrent.futures import ThreadPoolExecutor
 
         known = {}
-        for source in found.cases:
+        for source in cases:
             existing = self.catalog.case_by_id(case_id_for(source))
             known[case_id_for(source)] = existing.checksum if existing is not None else None
         with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
-            ahead = reader.submit(_load, found.cases[0], known) if found.cases else None
-            for n, source in enumerate(found.cases):
-                loaded, ahead = ahead, reader.submit(_load, found.cases[n + 1], known) if n + 1 < len(found.cases) else None
+            ahead = reader.submit(_load, cases[0], known) if cases else None
+            for n, source in enumerate(cases):
+                loaded, ahead = ahead, reader.submit(_load, cases[n + 1], known) if n + 1 < len(cases) else None
                 if should_stop is not None and should_stop():
-                    report.skipped.extend((s.label, "not reached (stopped)") for s in found.cases[n:])
+                    report.skipped.extend((s.label, "not reached (stopped)") for s in cases[n:])
                     break
                 if progress is not None:
-                    progress(n, len(found.cases), source.label)
-                self._index_source(source, embedder, list((labels or {}).get(os.path.abspath(source.path), [])), report,
-                                   loaded)
+                    progress(n, len(cases), source.label)
+                self._index_source(source, embedder, labels_of(source), report, loaded)
                 if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                     self.checkpoint()
             if ahead is not None:
@@ -188,10 +209,8 @@ class IndexWriter(IndexFolder):
         self.checkpoint()
         self._maybe_refit_transform()
         if progress is not None:
-            total = len(found.cases) or series  # a build from a DICOM database or PACS only: its series
+            total = len(cases) or total_if_none  # a build from a DICOM database or PACS only: its series
             progress(total, total, "done")
-        report.seconds = time.monotonic() - began
-        return report
 
     def _add_dicom_source(self, spec: str, embedder: Embedder, options: DicomOptions, report: BuildReport,
                           progress: Progress | None, should_stop: Callable[[], bool] | None) -> int:
