@@ -20,7 +20,7 @@ Modes (``--slabs``):
   the organ's place is not in its field of view.
 
     python benchmarks/real_anatomy.py --cross-patient --quick               # minutes: 12 patients, queries in 4
-    python benchmarks/real_anatomy.py --cross-patient                       # 36 patients, queries in 18
+    python benchmarks/real_anatomy.py --cross-patient                       # 36 patients, queries in 12
     python benchmarks/real_anatomy.py --cross-patient --slabs from|into [--part tuning] [--model astra-ct] [--work DIR]
 """
 
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     # patients indexed (the first of the part, in number order), patients queried (the first of those), results asked
     "quick": {"index_patients": 12, "query_patients": 4, "k": 10},
-    "full": {"index_patients": 36, "query_patients": 18, "k": 10},
+    "full": {"index_patients": 36, "query_patients": 12, "k": 10},
 }
 DISTRACTORS = ("abdomen_ct", "head_ct", "brain_mr")
 
@@ -109,7 +109,8 @@ def run(built: dict, part: str, config: dict, slabs: str, place: bool = True) ->
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.imaging.roi import RoiBox
     from CBIRSlicerLib.index.folder import Index
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query, segment_query
+    from CBIRSlicerLib.retrieval.queries import roi_query, segment_query
+    from CBIRSlicerLib.retrieval.search import Searcher
 
     searcher = Searcher(Index.open(built["folder"]))
     cases = built["cases"]
