@@ -32,27 +32,55 @@ def test_registration_carries_a_point_into_a_moved_copy():
     assert np.linalg.norm(point - truth) > 8.0  # the copy really moved: the identity would be wrong
 
 
-def test_a_clearly_better_look_alike_elsewhere_wins_for_a_finding_but_not_for_a_region():
-    centres = np.array([[0.0, 0, 0], [100.0, 0, 0], [8.0, 0, 0]])
-    sizes, axes = np.full(3, 16.0), np.array(["axial"] * 3, dtype=object)
-    agreed = np.array([0.90, 0.99, 0.905])  # a lesion-like item 100 mm away is 0.085 more alike than the anatomical place
-    best, spot, anatomical = placement.anatomical_match(agreed, centres, sizes, axes, (1.0, 0.0, 0.0),
-                                                        placement.look_alike_margin(20.0))
-    assert best == 1 and not anatomical and np.allclose(spot, centres[1])
-    best, spot, anatomical = placement.anatomical_match(agreed, centres, sizes, axes, (1.0, 0.0, 0.0),
-                                                        placement.look_alike_margin(80.0))
-    assert best == 2 and anatomical  # the most alike item holding the placed point
-    assert np.allclose(spot, (1.0, 0.0, 0.0))  # the registered point is the focus: finer than the item grid
+def _items():
+    """Three items: one at the registered place, a look-alike 100 mm away (more alike), one 40 mm away."""
+    centres = np.array([[0.0, 0, 0], [100.0, 0, 0], [40.0, 0, 0]])
+    return np.array([0.90, 0.99, 0.95]), centres, np.full(3, 16.0), np.array(["axial"] * 3, dtype=object)
 
 
-def test_a_result_that_agrees_with_the_box_keeps_the_anatomical_place_even_for_a_small_box():
-    centres = np.array([[0.0, 0, 0], [100.0, 0, 0]])
-    sizes, axes = np.full(2, 16.0), np.array(["axial"] * 2, dtype=object)
-    agreed = np.array([0.90, 0.99])
-    finding = placement.look_alike_margin(20.0)
-    for agreement, anatomical_wins in ((0.95, True), (placement.AGREEMENT_MIN - 0.01, False), (float("nan"), False)):
-        _, _, anatomical = placement.anatomical_match(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), finding, agreement)
-        assert anatomical is anatomical_wins, agreement
+def test_auto_shows_the_finding_for_a_focal_box_and_the_anatomy_for_an_organ_box():
+    agreed, centres, sizes, axes = _items()
+    focal = placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), True, "auto", focal=True, agreement=0.2)
+    assert focal.shown == "look-alike" and focal.item == 1 and np.allclose(focal.focus_ras, centres[1])
+    assert np.allclose(focal.anatomy_ras, (1.0, 0.0, 0.0)) and focal.in_view and focal.note is None  # both places carried
+    organ = placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), True, "auto", focal=False, agreement=0.2)
+    assert organ.shown == "anatomy" and organ.item == 0 and np.allclose(organ.focus_ras, (1.0, 0.0, 0.0))
+    assert np.allclose(organ.look_alike_ras, centres[1])
+    # a focal box whose place in the result looks like it: the finding is at its anatomical place
+    agreeing = placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), True, "auto", focal=True,
+                                agreement=placement.AGREEMENT_MIN + 0.01)
+    assert agreeing.shown == "anatomy"
+    nothing = placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), True, "auto", focal=True)  # NaN: no box
+    assert nothing.shown == "look-alike"
+
+
+def test_the_user_overrides_auto_both_ways():
+    agreed, centres, sizes, axes = _items()
+    asked = {match: placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), True, match, focal=focal, agreement=0.2)
+             for match, focal in (("anatomy", True), ("finding", False))}
+    assert asked["anatomy"].shown == "anatomy" and asked["finding"].shown == "look-alike"
+    try:
+        placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), True, "organ")
+    except ValueError as error:
+        assert "auto, finding, anatomy" in str(error)
+    else:
+        raise AssertionError("an unknown intent must be refused")
+
+
+def test_a_place_outside_the_field_of_view_shows_the_look_alike_and_says_so():
+    agreed, centres, sizes, axes = _items()
+    for match in placement.MATCH_INTENTS:
+        choice = placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 300.0), False, match)
+        assert choice.shown == "look-alike" and not choice.in_view and choice.anatomy_ras is None
+        assert choice.note == placement.NOT_IN_VIEW and np.allclose(choice.focus_ras, centres[1])
+
+
+def test_a_rejected_registration_shows_the_look_alike_within_the_level_window():
+    agreed, centres, sizes, axes = _items()
+    window = np.array([True, False, True])  # the 100 mm look-alike lies at another level
+    choice = placement.choose(agreed, centres, sizes, axes, (1.0, 0.0, 0.0), True, "auto", rejected=True, level_items=window)
+    assert choice.shown == "look-alike" and choice.item == 2 and np.allclose(choice.focus_ras, centres[2])
+    assert choice.note == placement.REJECTED and np.allclose(choice.look_alike_ras, centres[1])
 
 
 def test_a_focal_finding_disagrees_with_its_place_in_a_case_without_it():
@@ -72,13 +100,6 @@ def test_a_focal_finding_disagrees_with_its_place_in_a_case_without_it():
     assert agreements["moved"] > 0.9 and agreements["without"] < placement.AGREEMENT_MIN - 0.1, agreements
     unboxed = registration.place(original, point, copies["moved"], None, query_image, registration.coarse_image(copies["moved"]))
     assert np.isnan(unboxed.agreement)  # no box given (a slice query): nothing measured
-
-
-def test_the_margin_grows_from_findings_to_regions():
-    assert placement.look_alike_margin(20.0) == placement.FINDING_MARGIN
-    assert placement.look_alike_margin(None) == placement.look_alike_margin(200.0) == placement.REGION_MARGIN
-    middle = placement.look_alike_margin((placement.FINDING_MAX_MM + placement.REGION_MIN_MM) / 2)
-    assert abs(middle - (placement.FINDING_MARGIN + placement.REGION_MARGIN) / 2) < 1e-9
 
 
 def test_the_deformable_stage_follows_a_structure_that_moved_against_its_surroundings():

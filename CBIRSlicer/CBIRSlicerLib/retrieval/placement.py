@@ -1,39 +1,116 @@
-"""Placing a match anatomically: which place a result shows, the registered one or a look-alike elsewhere.
+"""Placing a match anatomically: which place a result shows, the same anatomy or the most similar finding, and why.
 
 Descriptor matching finds *where things look alike*; in real anatomy many places look alike (a
 slab of abdomen resembles the slabs above and below it, one vertebra the next), so the best
 matching item of a case can sit at the wrong level or on the wrong organ. Placement answers a
 different question: where in the result lies the same anatomical place as the query's centre?
-The query volume is registered into the result's volume (:mod:`imaging.registration`: whole-volume similarity and
-affine, a local affine on the query's neighbourhood, a demons deformation) and the query centre carried through. Which
-place a result then shows, the anatomical place or a clearly more alike item elsewhere, depends on what the query box
-asks (:func:`look_alike_margin`) and on how well the result agrees with the query's box there (:data:`AGREEMENT_MIN`).
+The query volume is registered into the result's volume (:mod:`imaging.registration`) and the query centre carried
+through. Every placed result then carries both places: the **same anatomy** (the registered place, when the result's
+field of view holds it) and the **most similar finding** (the descriptor's look-alike), and says which one it shows:
+
+* ``match="anatomy"``: the same anatomy; ``match="finding"``: the look-alike;
+* ``match="auto"`` (the default) decides from the query's content: a box around a focal finding (it stands out from
+  the tissue around it on every side, :mod:`imaging.focal`) asks for the finding, unless the result, registered, looks
+  like the query's box there (then the finding is at its anatomical place and the two agree); any other box asks for
+  the anatomy.
+
+Whatever is asked, a shown point lies inside the result's volume: when the query's anatomical place is not in the
+result's field of view (its level outside the result's body, or the registered point outside the volume), the result
+says so and shows its look-alike instead. When the registration is rejected (it left the level the body coordinate
+allows, or the result does not resemble the query's neighbourhood there), the anatomy shown is the look-alike within
+the level window: the place of the right level that looks most like the query.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..imaging.registration import SPACING_MM
 from . import ranking
 
-# Which place a result shows: the anatomical place (registration) unless some item elsewhere is clearly more alike.
-# "Clearly" depends on what the box asks. A tight box around a focal finding asks for look-alikes (a lesion of the same
-# kind sits anywhere in another patient); a box around an organ or a region asks for the same place (tissue looks alike
-# at many levels, and a look-alike elsewhere is the wrong answer). Measured with handcrafted on the demo cohorts (lesion
-# boxes of 2.5 radii, 15-30 mm: a margin of 0.02 keeps 100 % of lesion matches) and on the real-anatomy benchmark
-# (docs/benchmarks.md, "Placement: an affine start"): every look-alike that beat the anatomical place for a box of
-# 30-60 mm there was wrong, by gaps up to 0.2 (raw cosines); from 35 mm the margin is 0.3.
+MATCH_INTENTS = ("auto", "finding", "anatomy")
+# The box-size rule that decided before the intent existed (Searcher.place still calls it until it takes the intent):
+# boxes up to 30 mm read as findings, from 35 mm as regions. To go once Searcher.place calls choose().
 FINDING_MAX_MM = 30.0  # a box whose largest side is at most this is read as a focal finding (the demo's largest lesion box)
 REGION_MIN_MM = 35.0  # at least this: a region; in between the margin grows linearly
 FINDING_MARGIN = 0.02  # cosine units by which a look-alike must beat the anatomical place
 REGION_MARGIN = 0.3
-# Whatever the box, the anatomical place also wins when the result, registered, looks like the query's box there: the
-# correlation of the two boxes on the 4 mm grid after the last stage. A focal finding has no counterpart at its place in
-# another patient (phantom lesions placed into other phantoms: median 0.12, highest 0.64 of 120); anatomy does (real
-# structures between pseudo-patients: median 0.95; the look-alikes kept for 20-30 mm boxes of lung lobes and a
-# vertebra: 0.89-0.98). Uniform tissue (a liver's inside) correlates poorly and is left to the margin.
+
+NOT_IN_VIEW = "not in this series' field of view"
+REJECTED = "registration rejected: shown at the level of the query, where it looks most alike"
+# A focal query's registered place counts as its finding when the result there correlates with the query's box at least
+# this much (the correlation of the two boxes on the 4 mm grid after the last stage). A focal finding has no counterpart
+# at its place in another patient (phantom lesions placed into other phantoms: median 0.12, highest 0.64 of 120);
+# anatomy does (real structures between pseudo-patients: median 0.95).
 AGREEMENT_MIN = 0.7
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a placed result shows: the item and focus shown, both places, which one is shown, and why."""
+
+    item: int  # position in the case's item arrays of the item shown
+    focus_ras: np.ndarray  # the point shown (always inside the result's volume)
+    anatomy_ras: np.ndarray | None  # the same anatomy; None when not in the result's field of view
+    look_alike_ras: np.ndarray  # the most similar finding (the descriptor's look-alike)
+    shown: str  # "anatomy" or "look-alike"
+    in_view: bool  # whether the result's field of view holds the query's anatomical place
+    note: str | None = None
+
+
+def look_alike(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray,
+               allowed: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """The most alike item (among ``allowed`` ones, if given and any) and its similarity-weighted focus."""
+    agreed = np.asarray(agreed, float)
+    if allowed is not None and np.any(allowed):
+        masked = np.where(allowed, agreed, -np.inf)
+        best = int(np.argmax(masked))
+        keep = np.asarray(allowed, bool)
+        # the focus weighs only allowed items, so it stays in the window
+        within = np.flatnonzero(keep)
+        spot = ranking.focus(agreed[keep], int(np.flatnonzero(within == best)[0]), centres[keep], sizes[keep], axes[keep])
+        return best, spot
+    best = int(np.argmax(agreed))
+    return best, ranking.focus(agreed, best, centres, sizes, axes)
+
+
+def item_at(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, point) -> int:
+    """The item standing for a point: the most alike of those holding it (within half their size), else the nearest."""
+    distance = np.linalg.norm(np.asarray(centres, float) - np.asarray(point, float), axis=1)
+    near = distance <= np.maximum(np.asarray(sizes, float) / 2, SPACING_MM)
+    if near.any():
+        return int(np.flatnonzero(near)[np.argmax(np.asarray(agreed, float)[near])])
+    return int(np.argmin(distance))
+
+
+def wants_finding(match: str, focal: bool, agreement: float) -> bool:
+    """Whether a result shows the most similar finding rather than the same anatomy (for a place in view)."""
+    if match not in MATCH_INTENTS:
+        raise ValueError(f"match must be one of {', '.join(MATCH_INTENTS)}, not {match!r}")
+    if match != "auto":
+        return match == "finding"
+    return bool(focal and not agreement >= AGREEMENT_MIN)  # NaN agreement (nothing measured) does not agree
+
+
+def choose(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray, anatomy_ras, in_view: bool,
+           match: str = "auto", focal: bool = False, agreement: float = float("nan"), rejected: bool = False,
+           level_items: np.ndarray | None = None) -> Choice:
+    """What a result shows, given its items' likeness to the query (``agreed``), the registered place (``anatomy_ras``),
+    whether that place is in the result's field of view, the intent, the query's focality, the result's agreement with
+    the query's box there, whether the registration was rejected, and the items within the level window the body
+    coordinate allows (for a rejected registration)."""
+    finding, finding_spot = look_alike(agreed, centres, sizes, axes)
+    if not in_view:
+        return Choice(finding, finding_spot, None, finding_spot, "look-alike", False, NOT_IN_VIEW)
+    anatomy = np.asarray(anatomy_ras, float)
+    if wants_finding(match, focal, agreement):
+        return Choice(finding, finding_spot, anatomy, finding_spot, "look-alike", True)
+    if rejected:
+        best, spot = look_alike(agreed, centres, sizes, axes, level_items)
+        return Choice(best, spot, anatomy, finding_spot, "look-alike", True, REJECTED)
+    return Choice(item_at(agreed, centres, sizes, anatomy), anatomy, anatomy, finding_spot, "anatomy", True)
 
 
 def look_alike_margin(box_mm: float | None) -> float:
