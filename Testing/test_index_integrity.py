@@ -1,4 +1,4 @@
-"""An index that never lies (issue 13): each case as a user meets it, through the `cbir` command line.
+"""An index that never lies: each case as a user meets it, through the `cbir` command line.
 
 Damaged, missing, older and read-only indexes; filters on fields no case has; every bad input of the issue
 as one line on stderr with exit code 1; repair; patient IDs kept only as a keyed hash.
@@ -172,7 +172,8 @@ def test_a_truncated_or_corrupt_part_is_one_line_in_every_command(copy, cases, c
 def test_search_never_prints_a_nan_score(copy, cases, capsys):
     _, paths = cases
     # A NaN written where a vector lies, with the manifest re-sealed over it: only the score check stands in the way.
-    from CBIRSlicerLib.index.integrity import file_record, seal, write_json_atomically
+    from CBIRSlicerLib.atomic import write_json_atomically
+    from CBIRSlicerLib.index.integrity import file_record, seal
 
     index = Index.open(copy)
     vector = index.store.reconstruct(index.store.ids()[:1])[0]
@@ -476,7 +477,8 @@ def test_an_older_index_is_searched_read_only_and_repair_brings_it_up_to_date(co
 
 
 def test_a_newer_format_is_refused_in_one_line(copy, capsys):
-    from CBIRSlicerLib.index.integrity import seal, write_json_atomically
+    from CBIRSlicerLib.atomic import write_json_atomically
+    from CBIRSlicerLib.index.integrity import seal
 
     manifest = json.load(open(os.path.join(copy, MANIFEST)))
     manifest["format_version"] = 99

@@ -1,4 +1,4 @@
-"""Results a user keeps (issue 19, item 4): saved searches re-run to the same answer, what changed on a newer index,
+"""Results a user keeps: saved searches re-run to the same answer, what changed on a newer index,
 exports as CSV and as a Slicer scene opened again with slicer-core, labels in the index (verify stays green) or in the
 side file of a read-only index, and the module's logic for all of it on real MRML."""
 

@@ -20,14 +20,14 @@ pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-import slicer_harness  # noqa: E402
-from slicer_harness import qt, stand_ins  # noqa: E402
+import slicer_harness
+from slicer_harness import qt, stand_ins
 
-from CBIRSlicerLib.imaging import synthetic  # noqa: E402
-from CBIRSlicerLib.index.folder import Index  # noqa: E402
-from CBIRSlicerLib.index.items import IndexSettings  # noqa: E402
-from CBIRSlicerLib.scene import layout as views  # noqa: E402
-from CBIRSlicerLib.scene.nodes import node_from_volume  # noqa: E402
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.index.folder import Index
+from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.scene import layout as views
+from CBIRSlicerLib.scene.nodes import node_from_volume
 
 SHAPE = (32, 32, 16)
 SETTINGS = {"axes": ["axial"], "stride_mm": 4.0, "tile_sizes_mm": [20.0], "thumbnail_px": 48}
@@ -372,7 +372,7 @@ def test_a_crashed_model_worker_is_a_status_line_and_the_next_search_works(panel
 
 
 def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_path):
-    """Issue 19 item 4 from the panel: save the search, label a result (in the index), export CSV + scene, reload it."""
+    """Keeping results from the panel: save the search, label a result (in the index), export CSV + scene, reload it."""
     import csv
     import json
 
@@ -436,7 +436,7 @@ def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_pat
 
 
 def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp_path):
-    """Relevance feedback from the panel (issue 19): the suggestion line above the results, marks on the rows, and
+    """Relevance feedback from the panel: the suggestion line above the results, marks on the rows, and
     'Search again' leaving the marked cases out."""
     from CBIRSlicerLib.models.registry import create_embedder
 

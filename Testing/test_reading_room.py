@@ -1,4 +1,4 @@
-"""The reading room (issue 19): suggested finding, relevance feedback, labels to ask for, on a tiny labelled index.
+"""The reading room: suggested finding, relevance feedback, labels to ask for, on a tiny labelled index.
 
 Eight small phantoms (handcrafted model), even ones a bright ball, odd ones a ring, labelled by kind;
 the vote, calibration and feedback are checked against values worked out here from the answer and the
@@ -102,9 +102,8 @@ def test_an_answer_suggests_the_vote_winner_with_its_support_and_calibrated_conf
     assert found.support == len(found.supporting_cases)
     assert found.confidence == pytest.approx(suggester.calibration.confidence(found.share))
     assert found.line() == f"Suggested: {winner} (conf {found.confidence:.2f}), based on {found.support} of 7 similar cases"
-    # No calibration pinned: the confidence is the raw share, and the answer says so; the pooled fit is only measured.
+    # No calibration pinned: the confidence is the raw share, and the answer says so.
     assert suggester.calibration.source == suggestion.UNCALIBRATED and found.confidence == pytest.approx(found.share, abs=1e-3)
-    assert suggestion.pooled_calibration(room.index, "label").fitted_on == 6
     assert answer.to_json().keys() == {"query", "ranking", "results"}  # nothing added unless asked
     assert suggester.attach(answer).to_json()["suggestion"]["label"] == winner
 

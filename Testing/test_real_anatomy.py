@@ -16,9 +16,9 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import pseudo_patients  # noqa: E402
-import real_anatomy  # noqa: E402
-import real_data  # noqa: E402
+import pseudo_patients
+import real_anatomy
+import real_data
 
 COMPACT = ("spleen", "kidney_left", "kidney_right", "vertebrae_L1", "vertebrae_T12", "aorta")
 

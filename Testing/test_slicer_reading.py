@@ -1,4 +1,4 @@
-"""The module's reading-room logic (issue 19) with real MRML (slicer-core): the suggestion line of a search from scene
+"""The module's reading-room logic with real MRML (slicer-core): the suggestion line of a search from scene
 nodes, marks on results and 'search again', and the labels to ask for, on a small labelled handcrafted index."""
 
 from __future__ import annotations

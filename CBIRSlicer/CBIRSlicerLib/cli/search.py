@@ -177,7 +177,7 @@ def _save_search(args: argparse.Namespace, index, searcher, query, answer, filte
 
 
 def _suggester(args: argparse.Namespace, index):
-    """Adds the suggested finding to an answer (issue 19); answers of an index without labels are left as they are."""
+    """Adds the suggested finding to an answer; answers of an index without labels are left as they are."""
     if args.suggest == "none":
         return lambda answer: answer
     from ..retrieval.suggestion import Suggester
@@ -211,7 +211,7 @@ def _feedback_search(args: argparse.Namespace, searcher, filters) -> tuple:
 
 
 def _feedback_arguments(search: argparse.ArgumentParser) -> None:
-    """The suggestion and relevance-feedback options of 'cbir search' (issue 19)."""
+    """The suggestion and relevance-feedback options of 'cbir search'."""
     from ..retrieval.feedback import DEFAULT_STRATEGY, STRATEGIES
 
     search.add_argument("--suggest", metavar="COLUMN",

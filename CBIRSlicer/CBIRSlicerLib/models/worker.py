@@ -366,24 +366,14 @@ def _serve(spec: dict) -> int:
             _write_message(protocol_out, {"event": "cancelled", "job": job_id})
             continue
         _write_message(protocol_out, {"event": "started", "job": job_id})
+        def stop(job_id=job_id) -> bool:
+            return job_id in cancelled
+
+        def report(done: int, job_id=job_id) -> None:
+            _write_message(protocol_out, {"event": "progress", "job": job_id, "done": done})
+
         try:
-            if header["kind"] == "text":
-                vectors = embedder.embed_text(header["texts"])
-            elif header["kind"] == "volume":
-                vectors = embed_volume_job(embedder, header, arrays[0])
-            elif header["kind"] == "regions":
-                from .dense import region_vectors
-
-                vectors = region_vectors(embedder, arrays, header["pixel_mm"], [tuple(b) for b in header["boxes"]],
-                                         header["cell_mm"], header["pooling"], header["passes"])[0]
-            else:
-                def stop(job_id=job_id) -> bool:
-                    return job_id in cancelled
-
-                def report(done: int, job_id=job_id) -> None:
-                    _write_message(protocol_out, {"event": "progress", "job": job_id, "done": done})
-
-                vectors = _embed_adaptively(embedder, arrays, stop, report)
+            vectors = _run_job(embedder, header, arrays, stop, report)
         except JobCancelled:
             _write_message(protocol_out, {"event": "cancelled", "job": job_id})
             continue
@@ -394,6 +384,20 @@ def _serve(spec: dict) -> int:
             continue
         _write_message(protocol_out, {"event": "result", "job": job_id}, [vectors])
     return 0
+
+
+def _run_job(embedder, header: dict, arrays: list[np.ndarray], stop, report) -> np.ndarray:
+    """One job's vectors: phrases, a volume (3D models), regions pooled from dense grids, or images in adaptive batches."""
+    if header["kind"] == "text":
+        return embedder.embed_text(header["texts"])
+    if header["kind"] == "volume":
+        return embed_volume_job(embedder, header, arrays[0])
+    if header["kind"] == "regions":
+        from .dense import region_vectors
+
+        return region_vectors(embedder, arrays, header["pixel_mm"], [tuple(b) for b in header["boxes"]],
+                              header["cell_mm"], header["pooling"], header["passes"])[0]
+    return _embed_adaptively(embedder, arrays, stop, report)
 
 
 def embed_volume_job(embedder, header: dict, array: np.ndarray) -> np.ndarray:

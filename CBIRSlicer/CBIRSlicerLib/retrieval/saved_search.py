@@ -10,12 +10,13 @@ typed answer (:func:`answer_from_json`).
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import replaced, write_json_atomically
+from ..clock import now_utc
 from ..digests import file_sha256
 from ..errors import IndexMismatchError, InputError, ParameterError
 from ..imaging.roi import RoiBox
@@ -26,10 +27,6 @@ from .feedback import Feedback  # one type for marks: relevance feedback's (case
 FORMAT = "cbirslicer-search"
 FORMAT_VERSION = 1
 QUERY_MODES = ("roi", "slice", "volume", "text", "item")
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def content_sha256(path: str) -> str:
@@ -215,7 +212,7 @@ class SavedSearch:
     answer: SearchAnswer
     feedback: Feedback = field(default_factory=Feedback)
     suggestion: dict | None = None
-    saved: str = field(default_factory=_now)
+    saved: str = field(default_factory=now_utc)
     name: str | None = None
     path: str | None = field(default=None, compare=False)  # the file it was read from (not written into it)
 
@@ -230,16 +227,7 @@ class SavedSearch:
         path = os.path.abspath(path)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(self.to_json(folder), handle, indent=1, allow_nan=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        write_json_atomically(path, self.to_json(folder))
         return path
 
     @classmethod
@@ -406,7 +394,7 @@ def with_answer(saved: SavedSearch, run: Rerun) -> SavedSearch:
     """The saved search updated with a re-run's answer and index (feedback and suggestion kept)."""
     import dataclasses
 
-    return dataclasses.replace(saved, answer=run.answer, index=run.index, saved=_now())
+    return dataclasses.replace(saved, answer=run.answer, index=run.index, saved=now_utc())
 
 
 
@@ -426,19 +414,13 @@ def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]]
     columns = sorted({c for values in labels.values() for c in values}, key=lambda c: (c != "label", c.lower()))
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(CSV_COLUMNS + columns)
-            for result in answer.results:
-                spot = result.best_match.spot
-                mine = labels.get(result.case_id, {})
-                writer.writerow([result.rank, result.case_id, result.name, f"{result.score:.5f}", result.body_part or "",
-                                 result.modality or "", *(f"{v:.3f}" for v in spot), result.best_match.axis,
-                                 result.best_match.kind, result.source, *(mine.get(c, "") for c in columns)])
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with replaced(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS + columns)
+        for result in answer.results:
+            spot = result.best_match.spot
+            mine = labels.get(result.case_id, {})
+            writer.writerow([result.rank, result.case_id, result.name, f"{result.score:.5f}", result.body_part or "",
+                             result.modality or "", *(f"{v:.3f}" for v in spot), result.best_match.axis,
+                             result.best_match.kind, result.source, *(mine.get(c, "") for c in columns)])
     return path

@@ -245,7 +245,7 @@ def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
     """The calibration pinned for this column by ``cbir evaluate``, else none: the confidence is then the raw vote share.
 
     A calibration fitted on demand on the index's own leave-one-case-out votes of pooled case vectors
-    (:func:`pooled_calibration`) made region queries' confidences worse, not better (expected calibration error
+    (``benchmarks/reading_room.py``) made region queries' confidences worse, not better (expected calibration error
     0.25 and 0.62 against 0.14 and 0.19 for the raw share on the phantom cohorts; docs/benchmarks.md), so it is
     measured but not used.
     """
@@ -253,18 +253,6 @@ def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
     if pinned:
         return Calibration(**pinned)
     return Calibration(source=UNCALIBRATED, classes=class_counts(index, column))
-
-
-def pooled_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
-    """Platt scaling fitted on the index's own leave-one-case-out votes of pooled case vectors (measured, not used)."""
-    votes = loco_case_votes(index, column, k)
-    shares, right = [], []
-    for names, shares_of in zip(votes.labels, votes.votes):
-        if names and shares_of:
-            winner, share = next(iter(shares_of.items()))
-            shares.append(share)
-            right.append(winner in names)
-    return fit_calibration(shares, right, "index cases (pooled vectors, leave-one-case-out)", class_counts(index, column))
 
 
 def pin_calibration(index, column: str, calibration: Calibration) -> None:

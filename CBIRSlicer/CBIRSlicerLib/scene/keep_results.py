@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..atomic import replaced
 from ..errors import InputError, ParameterError
 from ..imaging.roi import RoiBox
 from ..index import labels as case_labels
@@ -255,12 +256,7 @@ def _write_scene(made, path: str, suffix: str) -> None:
             storage.SetFileName(os.path.join(data, f"{safe}.{storage.GetDefaultWriteFileExtension()}"))
             if not storage.WriteData(node):
                 raise InputError(storage.GetFileName(), "MRML could not write this file of the scene")
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
+    with replaced(path) as temporary:
         scene.SetURL(path)
         if not scene.Commit(temporary):
             raise InputError(path, "MRML could not write the scene")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
