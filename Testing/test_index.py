@@ -276,9 +276,9 @@ def test_query_modes_and_self_exclusion(built):
         assert len(answer.results) == 3 and own not in [r.case_id for r in answer.results]
     best_item = answer.results[0].best_match.item_id
     like = searcher.search(item_query(index, best_item), k=3)
-    assert like.query["mode"] == "item" and answer.results[0].case_id not in [r.case_id for r in like.results]
+    assert like.query.mode == "item" and answer.results[0].case_id not in [r.case_id for r in like.results]
     with pytest.raises(Exception, match="images only"):
-        text_query("nodule", searcher.embedder)
+        searcher.search(text_query("nodule"), k=3)
 
 
 def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, tmp_path):
@@ -361,8 +361,8 @@ def test_text_search_with_a_clip_model(cohort, tmp_path):
     with Index.create(str(tmp_path / "idx"), embedder, IndexSettings(stride_mm=8.0, tile_sizes_mm=[])) as index:
         index.add_sources([folder], embedder)
         searcher = Searcher(index, embedder)
-        answer = searcher.search(text_query("round hyperdense lesion", embedder), k=4)
-    assert answer.query == {"text": "round hyperdense lesion", "mode": "text"} and len(answer.results) == 4
+        answer = searcher.search(text_query("round hyperdense lesion"), k=4)
+    assert answer.to_json()["query"] == {"text": "round hyperdense lesion", "mode": "text"} and len(answer.results) == 4
     scores = [r.score for r in answer.results]
     assert scores == sorted(scores, reverse=True)
 

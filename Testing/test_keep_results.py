@@ -20,6 +20,7 @@ from volume_helpers import write_blob_cases
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.imaging.roi import RoiBox
 from CBIRSlicerLib.index import labels
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
@@ -377,7 +378,7 @@ def test_module_logic_saves_reloads_exports_and_labels(built, tmp_path):
     assert keep.searches_folder(scene, str(tmp_path / "collection")) == str(tmp_path / "collection")
 
     node = app.volumes.AddArchetypeVolume(query, "query")
-    roi = keep.roi_node_for(scene, saved_search.RoiBox((2.0, -3.0, 1.0), (20.0, 20.0, 12.0)), "ROI")
+    roi = keep.roi_node_for(scene, RoiBox((2.0, -3.0, 1.0), (20.0, 20.0, 12.0)), "ROI")
     index = Index.open(copy)
     searcher = Searcher(index, create_embedder("handcrafted"))
     made = query_from_nodes(index, node, "axial", "roi", roi_node=roi)

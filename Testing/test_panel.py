@@ -181,7 +181,7 @@ def test_open_search_show_more_like_link_and_restore(panel, qtbot, cohort, shots
     _click(qtbot, ui.moreLikeThisButton)
     _wait_search(panel, qtbot)
     again = panel.widget._answer
-    assert again.query["mode"] == "item" and again.query["case_id"] == first.case_id
+    assert again.query.mode == "item" and again.query.case_id == first.case_id
     assert sorted(r.source for r in again.results) == sorted(os.path.abspath(p) for p in paths if os.path.abspath(p) != first.source)
     assert _rows(ui)[0].startswith(f"1. {again.results[0].title}") and ui.searchStatusLabel.text.startswith("3 similar cases.")
 
@@ -470,7 +470,7 @@ def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp
     _wait_search(panel, qtbot)
     again = panel.widget._answer
     assert len(again.results) == 2 and marked.isdisjoint(r.case_id for r in again.results)
-    assert again.query["feedback"]["relevant"] == {answer.results[0].case_id: answer.results[0].best_match.item_id}
+    assert again.query.feedback.relevant == {answer.results[0].case_id: answer.results[0].best_match.item_id}
     _click(qtbot, ui.labelsToAskButton)
     assert ui.searchStatusLabel.text == "Every case is labelled."
     assert stand_ins.MESSAGES == []
@@ -516,5 +516,5 @@ def test_a_segment_query_with_the_prior_switched_off(panel, qtbot, cohort):
     _click(qtbot, ui.findSimilarButton)
     _wait_search(panel, qtbot)
     answer = panel.widget._answer
-    assert answer.query["segment"] == "lesion 2" and "prior" not in answer.query and answer.results
-    assert np.allclose(answer.query["roi_ras"][:3], QUERY_CENTRE, atol=1.0)
+    assert answer.query.segment == "lesion 2" and answer.query.prior is None and answer.results
+    assert np.allclose(answer.query.roi.center, QUERY_CENTRE, atol=1.0)

@@ -127,11 +127,11 @@ def test_metrics_score_a_perfect_answer_as_perfect(bench):
             self.patients = {c.number: pseudo_patients.PseudoPatient.load(c.transform) for c in bench.copies}
 
         def search(self, query, k=10, filters=None, method="maxsim"):
-            mine = self.copies[query.description["volume"]]
-            if query.description["mode"] != "roi":
+            mine = self.copies[query.spec.volume]
+            if query.mode != "roi":
                 return self.real.search(query, k=k, filters=filters, method=method)
             other = bench.copies[(mine.number + 1) % len(bench.copies)]
-            centre = np.array(query.description["roi_ras"][:3])
+            centre = np.array(query.roi.center)
             truth = self.patients[other.number].source_to_copy(self.patients[mine.number].copy_to_source(centre))
             match = SimpleNamespace(spot=tuple(truth), focus_ras=tuple(truth))
             return SimpleNamespace(results=[SimpleNamespace(source=os.path.abspath(other.image), best_match=match)])

@@ -240,7 +240,7 @@ def run_queries(work: str, head_path: str, queries: int, repeats: int, budgets: 
     searcher = search.Searcher(index, embedder=embedder)
     by_budget = {}
     for budget in budgets:
-        search.DENSE_QUERY_PASSES = budget  # read at each query (dense_query_vectors)
+        search.DENSE_QUERY_PASSES = budget  # read at each query (embedding_request)
         rows = []
         for offset in OFFSETS[:queries]:
             centre = patient.source_to_copy(np.asarray(head.center_ras) + np.array(offset))

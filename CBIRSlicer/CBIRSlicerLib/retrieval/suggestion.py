@@ -162,6 +162,41 @@ class Suggestion:
                 "supporting_cases": list(self.supporting_cases), "votes": {k: round(v, 3) for k, v in self.votes.items()},
                 "calibration": self.calibration, "text": self.line()}
 
+    @classmethod
+    def from_json(cls, data: dict) -> Suggestion:
+        """Back from the CLI JSON's ``suggestion`` (its ``text`` is made again by :meth:`line`)."""
+        return cls(str(data["column"]), str(data["label"]), float(data["confidence"]), float(data["share"]), int(data["support"]),
+                   int(data["considered"]), int(data["labelled"]), [str(c) for c in data["supporting_cases"]],
+                   {str(k): float(v) for k, v in data["votes"].items()}, str(data["calibration"]))
+
+
+@dataclass(frozen=True)
+class NoSuggestion:
+    """Why an index whose cases carry labels suggests nothing for an answer."""
+
+    column: str
+    reason: str
+
+    def line(self) -> str:
+        """The panel's line: 'No suggestion: why'."""
+        return f"No suggestion: {self.reason}"
+
+    def to_json(self) -> dict:
+        """The CLI JSON's ``suggestion`` when there is none."""
+        return {"column": self.column, "label": None, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict) -> NoSuggestion:
+        """Back from the CLI JSON's ``suggestion`` when there is none."""
+        return cls(str(data["column"]), str(data["reason"]))
+
+
+def suggestion_from_json(data: dict | None) -> Suggestion | NoSuggestion | None:
+    """An answer's suggestion back from JSON: a suggested label, why there is none, or None (an index without labels)."""
+    if data is None:
+        return None
+    return NoSuggestion.from_json(data) if data.get("label") is None else Suggestion.from_json(data)
+
 
 def class_counts(index, column: str) -> dict[str, int]:
     """Labelled cases per label of a column."""
@@ -312,7 +347,7 @@ class Suggester:
                        f"'{self.column}' (the index has {dict(sorted(counts.items()))})")
             else:
                 why = f"no case among the top {self.k} has a label in '{self.column}' that the index holds often enough"
-            found = {"column": self.column, "label": None, "reason": why}
+            return dataclasses.replace(answer, suggestion=NoSuggestion(self.column, why))
         return dataclasses.replace(answer, suggestion=found)
 
 
