@@ -309,13 +309,12 @@ class _Watch:
                 pass  # already closed: the read ends by itself
 
 
-def _bounded(response, max_bytes: int, seconds: float, on_trip: Callable[[str], None]) -> None:
+def _bounded(response, what: str, max_bytes: int, seconds: float, on_trip: Callable[[str], None]) -> None:
     """Make ``response.iter_content`` (through which requests reads every body, ``.content`` included) stop with
     BodyLimitError past ``max_bytes`` or ``seconds``: for the whole body, or for each part of a multipart answer."""
     content_type = response.headers.get("Content-Type", "")
     boundary = re.search(r'(?i)boundary="?([^";]+)"?', content_type) if "multipart" in content_type.lower() else None
     marker = b"--" + boundary.group(1).encode("latin-1", "replace") if boundary else None
-    what = "an instance" if marker or "application/dicom" in content_type.lower() else "a listing page"
     original = response.iter_content
 
     def trip(text: str) -> BodyLimitError:
@@ -370,8 +369,8 @@ def _bounded_session(limits: Limits, timeout: float):
                 raise BodyLimitError(self.tripped)
             stream = kwargs.pop("stream", False)
             response = super().request(method, url, *args, stream=True, **kwargs)
-            max_bytes = limits.instance_bytes if self.instance else limits.listing_bytes
-            _bounded(response, max_bytes, limits.timeout_factor * timeout, lambda text: setattr(self, "tripped", text))
+            what, max_bytes = ("an instance", limits.instance_bytes) if self.instance else ("a listing page", limits.listing_bytes)
+            _bounded(response, what, max_bytes, limits.timeout_factor * timeout, lambda text: setattr(self, "tripped", text))
             if not stream:
                 response.content  # noqa: B018 (read now, through the bounds, as requests would have)
             return response
