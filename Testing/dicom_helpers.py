@@ -277,7 +277,7 @@ class OrthancServer:
         log = open(os.path.join(self.folder, "orthanc.log"), "ab")
         self.process = subprocess.Popen([ORTHANC, self.config], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         log.close()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a watchdog for a server that never comes up, generous for loaded machines
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with {self.process.returncode}; see {self.folder}/orthanc.log")
@@ -287,7 +287,7 @@ class OrthancServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"Orthanc did not answer on port {self.http_port} within 30 s; see {self.folder}/orthanc.log")
+        raise RuntimeError(f"Orthanc did not answer on port {self.http_port} within 120 s; see {self.folder}/orthanc.log")
 
     def stop(self) -> None:
         """Stop the process this object started (SIGTERM, then SIGKILL after 1 s: its storage is a test's temporary folder,
