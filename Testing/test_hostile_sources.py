@@ -17,6 +17,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -56,6 +58,7 @@ class Answer:
     content_type: str = "application/dicom+json"
     chunks: Callable[[], object] = lambda: iter([b"[]"])
     length: bool = True  # send Content-Length (a body that never ends has none)
+    headers: dict = field(default_factory=dict)
 
 
 def json_answer(value) -> Answer:
@@ -129,6 +132,8 @@ class HostileServer:
                     body = b"".join(answer.chunks()) if answer.length else None
                     self.send_response(answer.status, answer.reason)
                     self.send_header("Content-Type", answer.content_type)
+                    for name, value in answer.headers.items():
+                        self.send_header(name, value)
                     if body is not None:
                         self.send_header("Content-Length", str(len(body)))
                     else:
@@ -168,6 +173,7 @@ class Case:
     added: int = 0
     args: list[str] = field(default_factory=list)
     auth: str | None = None  # an auth file's text, given with --auth-file
+    alone: bool = False  # run in a process of its own, where the libraries' warnings and logs reach the terminal as they would
 
 
 def _study_series(n: int = 0) -> tuple[str, str]:
@@ -193,6 +199,29 @@ def _good_series(material, which: str = "series", description: str = "hostile", 
 
 def _pages_forever(offset, headers):
     return json_answer([series_json(*_study_series(offset + k)) for k in range(2)])
+
+
+def _warning_header(material) -> HostileServer:
+    """The real series, listed with a Warning header (QIDO-RS's 'more results') that carries escape sequences and the
+    token it was sent."""
+    server = _good_series(material)
+    listing = server.listing
+
+    def warned(offset, headers):
+        answer = listing(offset, headers)
+        answer.headers["Warning"] = f"299 pacs \"\x1b[2J\x1b]0;owned\x07{headers.get('Authorization', '')}\""
+        return answer
+
+    server.listing = warned
+    return server
+
+
+def _bare_instance(material) -> HostileServer:
+    """A one-instance series sent as a bare application/dicom body instead of a multipart answer: read all the same (one
+    slice: refused as 2D, by the reader, in one line), without the client's two-line warning."""
+    parts, (study, series) = material["series"]
+    return HostileServer(_listing_of(series_json(study, series, "bare", 1)),
+                         lambda asked: Answer(content_type="application/dicom", chunks=lambda: iter([parts[0]])))
 
 
 def _echo_authorization(offset, headers):
@@ -235,6 +264,9 @@ CASES = [
     Case("escape-sequences-in-a-series-description",
          lambda m: _good_series(m, "escaped", description="\x1b[2J\x1b[31mCT\x1b[0m"), ["1 case(s) added"], added=1),
     Case("server-echoes-the-token-in-its-reason-phrase", _server(_echo_authorization), ["HTTP 500 Bad Bearer ***"]),
+    Case("warning-header-with-escapes-and-the-token", _warning_header, ["\\x1b[2J\\x1b]0;owned\\x07Bearer ***", "1 case(s) added"],
+         added=1, alone=True),
+    Case("a-bare-instance-instead-of-a-multipart-answer", _bare_instance, ["is a 2D image (32x32), not a volume"], alone=True),
     # Credentials that would break a header, or files that are not credentials.
     Case("token-with-a-header-injection", lambda m: _good_series(m), ["auth.json", '"token" holds a line break'],
          auth=json.dumps({"token": SECRET + "\r\nX-Injected: 1"})),
@@ -312,13 +344,19 @@ def test_hostile_source_is_one_line_and_changes_nothing(case, material, tmp_path
         (tmp_path / "auth.json").write_text(case.auth)
         args += ["--auth-file", str(tmp_path / "auth.json")]
     try:
-        code = cli.main(args)
+        if case.alone:
+            done = subprocess.run([sys.executable, "-m", "CBIRSlicerLib.cli", *args], capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, TOKEN_VARIABLE: SECRET, "TMPDIR": str(tmp_path / "tmp")})
+            code, out, err = done.returncode, done.stdout, done.stderr
+        else:
+            code = cli.main(args)
+            out, err = capsys.readouterr()
     finally:
         if isinstance(made, HostileServer):
             made.close()
-    out, err = capsys.readouterr()
     printed = out + err
     assert "Traceback" not in printed and "\x1b" not in printed and "\x07" not in printed, printed
+    assert "Warning:" not in printed and "warn(" not in printed, printed  # no library's two-line warning
     for secret in (SECRET, base64.b64encode(SECRET.encode()).decode()):
         assert secret not in printed
     for words in case.says:

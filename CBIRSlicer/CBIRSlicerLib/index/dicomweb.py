@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import threading
 import urllib.parse
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -272,6 +274,19 @@ def _describe(error: BaseException, timeout: float) -> str:
     return f"the answer could not be read ({text[:160]})"
 
 
+class _QuietLibrary(logging.Filter):
+    """dicomweb-client logs a server's Warning header as it came (Python prints it when nothing else is set up): shown
+    as one line, control characters escaped, and never a credential."""
+
+    def __init__(self, secrets: dict):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(redact(record.getMessage(), self.secrets)), ()
+        return record.levelno >= logging.WARNING
+
+
 class _Watch:
     """Cuts a response off when its body (or, for a multipart answer, its current part) runs past the time allowed: the
     socket is shut down from a timer, which ends a read that a trickling server would otherwise keep alive forever."""
@@ -414,6 +429,9 @@ class DicomWebServer:
                 session.auth = (self.auth["user"], self.auth["password"])
             self._session = session
             self._client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
+            library = logging.getLogger(DICOMwebClient.__module__)  # "dicomweb_client.web": filters do not reach children
+            if not any(isinstance(f, _QuietLibrary) for f in library.filters):
+                library.addFilter(_QuietLibrary(self.auth))
             # A failed request (refused, timed out, 429, 503, 504) is tried once more, quickly; then it fails, named.
             self._client.set_http_retry_params(max_attempts=2, wait_exponential_multiplier=100)
         self._session.tripped = None
@@ -496,19 +514,23 @@ class DicomWebServer:
         try:
             # '*': as stored. The default asks the server to transcode to Explicit VR Little Endian, which not every server
             # can (Orthanc answers 500 for JPEG 2000); GDCM decodes JPEG 2000, JPEG-LS, JPEG, RLE and deflate here.
-            for dataset in self.client(instances=True).iter_series(entry.study_uid, entry.series_uid,
-                                                                    media_types=(("application/dicom", "*"),)):
-                if should_stop is not None and should_stop():
-                    raise JobCancelled(f"{entry.label}: fetch cancelled")
-                count += 1
-                if str(dataset.get("SeriesInstanceUID", "")) != entry.series_uid:
-                    raise SourceError(f"{entry.label}: the server sent an instance of another series")
-                if not any(k in dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-                    continue  # not an image
-                dataset.save_as(os.path.join(partial, f"{images:05d}.dcm"), enforce_file_format=True)
-                images += 1
-                if progress is not None:
-                    progress(count, entry.instances)
+            # (A server that sends a bare instance instead of a multipart answer is read all the same: the client's
+            # two-line warning about it says nothing a user can act on.)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not compliant with the DICOM standard", category=UserWarning)
+                for dataset in self.client(instances=True).iter_series(entry.study_uid, entry.series_uid,
+                                                                        media_types=(("application/dicom", "*"),)):
+                    if should_stop is not None and should_stop():
+                        raise JobCancelled(f"{entry.label}: fetch cancelled")
+                    count += 1
+                    if str(dataset.get("SeriesInstanceUID", "")) != entry.series_uid:
+                        raise SourceError(f"{entry.label}: the server sent an instance of another series")
+                    if not any(k in dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+                        continue  # not an image
+                    dataset.save_as(os.path.join(partial, f"{images:05d}.dcm"), enforce_file_format=True)
+                    images += 1
+                    if progress is not None:
+                        progress(count, entry.instances)
             if count == 0:
                 raise SourceError(f"{entry.label}: the server sent no instances (deleted since it was listed?)")
             if entry.instances is not None and count != entry.instances:
