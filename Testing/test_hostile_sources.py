@@ -240,6 +240,9 @@ CASES = [
          ["attribute 0020000E has a value that is a JSON list"]),
     Case("uid-climbs-out-of-the-download-folder",
          _server(_listing_of(series_json("1.2.3", "../../../../tmp/cbir-evil"))), ["is not a DICOM UID"]),
+    Case("instance-count-of-5000-digits", lambda m: HostileServer(
+        lambda o, h: json_answer([{**series_json(*m["series"][1], instances=None), "00201209": {"vr": "IS", "Value": ["9" * 5000]}}]),
+        lambda s: multipart_answer(m["series"][0])), ["1 case(s) added"], added=1),
     Case("listing-is-not-json", _server(lambda o, h: json_answer(b"<html>maintenance</html>")),
          ["listing series failed", "the answer could not be read"]),
     Case("listing-nested-100000-deep", _server(lambda o, h: json_answer(b"[" * 100_000 + b"]" * 100_000)),
