@@ -400,6 +400,7 @@ def test_markups_roi_file_in_lps_with_a_rotation(tmp_path):
         read_markups_roi(str(tmp_path / "none.mrk.json"))
 
 
+@pytest.mark.slow
 def test_roi_queries_on_the_lesion_cohort_rank_the_same_kind_well_above_chance(tmp_path):
     """Leave-one-case-out ROI queries on 8 synthetic cases (4 kinds x 2), default index settings, handcrafted model."""
     from CBIRSlicerLib.retrieval.evaluation import evaluate_lesions
