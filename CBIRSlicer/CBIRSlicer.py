@@ -38,7 +38,7 @@ from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models import registry
 from CBIRSlicerLib.retrieval import saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
-from CBIRSlicerLib.retrieval.search import parse_filters
+from CBIRSlicerLib.retrieval.queries import parse_filters
 from CBIRSlicerLib.scene import layout as views
 from CBIRSlicerLib.scene import nodes, result_volumes, saved_searches, search_session, thumbnails
 

@@ -16,7 +16,8 @@ from CBIRSlicerLib.index.faiss_store import VectorStore, choose_kind, list_count
 from CBIRSlicerLib.index.folder import MANIFEST, ROWS, Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
-from CBIRSlicerLib.retrieval.search import Searcher, item_query
+from CBIRSlicerLib.retrieval.queries import item_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 DIM = 32
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])

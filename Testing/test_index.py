@@ -25,7 +25,8 @@ from CBIRSlicerLib.imaging.roi import RoiBox, read_markups_roi
 from CBIRSlicerLib.index.folder import Index, case_id_for
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
-from CBIRSlicerLib.retrieval.search import Searcher, item_query, roi_query, slice_query, text_query, volume_query
+from CBIRSlicerLib.retrieval.queries import item_query, roi_query, slice_query, text_query, volume_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 SHAPE = (40, 40, 20)
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])

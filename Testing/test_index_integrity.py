@@ -217,7 +217,7 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
     assert code == 0
     for args in (["index", "info", "--index", built], ["index", "verify", "--index", built]):
         assert cbir(capsys, *args)[0] == 0
-    from CBIRSlicerLib.retrieval.search import load_volume_for_query, volume_query
+    from CBIRSlicerLib.retrieval.queries import load_volume_for_query, volume_query
     from CBIRSlicerLib.scene.search_session import SearchSession, shutdown_services
 
     session = SearchSession(built)  # the Slicer module's way in: an index plus a model in a worker process
@@ -262,7 +262,9 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
         # The module's panel reads the index with index_summary and searches it with a Searcher over the session's index
         # (the session's worker process is not started as 'nobody': the module's logic is what is checked here).
         logic = ("from CBIRSlicerLib.scene.search_session import index_summary; from CBIRSlicerLib.index.folder import Index; "
-                 "from CBIRSlicerLib.retrieval.search import Searcher, volume_query, load_volume_for_query; import json; "
+                 "from CBIRSlicerLib.retrieval.search import Searcher; "
+                 "from CBIRSlicerLib.retrieval.queries import volume_query, load_volume_for_query; "
+                 "import json; "
                  f"s = index_summary({readonly!r}); i = Index.open({readonly!r}); q = load_volume_for_query({query!r}); "
                  "a = Searcher(i).search(volume_query(q, 'axial', i), 3); "
                  "print(json.dumps([s['counts'], [r.case_id for r in a.results]]))")

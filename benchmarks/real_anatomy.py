@@ -329,7 +329,8 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", pr
     """
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.index.folder import Index
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query, volume_query
+    from CBIRSlicerLib.retrieval.queries import roi_query, volume_query
+    from CBIRSlicerLib.retrieval.search import Searcher
 
     if searcher is None:
         searcher = Searcher(Index.open(bench.index_folder))

@@ -249,7 +249,7 @@ def run_queries(work: str, head_path: str, queries: int, repeats: int, budgets: 
                 timer = Timed(searcher)
                 passes.clear()
                 began, cpu = time.perf_counter(), time.process_time()
-                query = search.roi_query(volume, roi, "axial", index)
+                query = queries.roi_query(volume, roi, "axial", index)
                 prepared, prepared_cpu = time.perf_counter(), time.process_time()
                 roi_slices = len(query.images)
                 answer = searcher.search(query, k=10)
