@@ -41,9 +41,9 @@ from CBIRSlicerLib.models.registry import create_embedder
 
 SECRET = "s3cret-token-4f9c"  # the bearer token every case runs with: it must never be printed
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=8.0, tile_sizes_mm=[], blobs_per_slice=0)
-TIMEOUT = 2.0  # --timeout: seconds of silence a request may keep
-# Small limits, so the cases that hit them take seconds: 1 MiB a listing page or an instance, 1.5 x --timeout (3 s) for one.
-LIMITS = Limits(listing_bytes=2**20, instance_bytes=2**20, timeout_factor=1.5)
+TIMEOUT = 4.0  # --timeout: seconds of silence a request may keep (ample for a loaded machine's quick answers)
+# Small limits, so the cases that hit them take seconds: 1 MiB a listing page or an instance, 0.75 x --timeout (3 s) for one.
+LIMITS = Limits(listing_bytes=2**20, instance_bytes=2**20, timeout_factor=0.75)
 MAX_PAGES = 5
 BOUNDARY = "cbir-hostile-boundary"
 
