@@ -33,8 +33,9 @@ from slicer.util import VTKObservationMixin
 
 from CBIRSlicerLib.imaging import readers, synthetic
 from CBIRSlicerLib.index import background_build, dicom_sources, dicomweb, labels
-from CBIRSlicerLib.index.folder import BuildReport, Index
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.writer import BuildReport
 from CBIRSlicerLib.models import registry
 from CBIRSlicerLib.retrieval import saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer

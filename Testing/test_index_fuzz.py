@@ -22,8 +22,9 @@ from CBIRSlicerLib.errors import CBIRError, ParameterError
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import CaseSource, read_volume_file
 from CBIRSlicerLib.imaging.roi import RoiBox
-from CBIRSlicerLib.index.folder import BuildReport, Index, case_id_for
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.writer import BuildReport, case_id_for
 from CBIRSlicerLib.models.registry import create_embedder
 
 SHAPE = (16, 16, 8)

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.imaging import synthetic
-from CBIRSlicerLib.index.folder import CATALOG, MANIFEST, VECTORS, Index
+from CBIRSlicerLib.index.files import CATALOG, MANIFEST, VECTORS
+from CBIRSlicerLib.index.folder import Index
 
 SHAPE = (24, 24, 12)
 SMALL = ["--model", "handcrafted", "--stride-mm", "8", "--tiles-mm", "", "--blobs", "0"]
@@ -408,6 +409,29 @@ def test_repair_reembeds_from_the_sources_and_never_drops_cases_silently(copy, c
         assert json.loads(out)["counts"]["cases"] == 2
     finally:
         shutil.move(moved, paths[2])
+
+
+def test_repair_fits_the_vector_transform_again_so_scores_stay_what_they_were(cases, capsys, tmp_path):
+    """A repaired index searches through a vector transform fitted on its re-embedded vectors, as the index it replaces did
+    (a repair that rebuilt without it left readers comparing raw vectors: other scores, and the pin gone)."""
+    folder, paths = cases
+    index = str(tmp_path / "dense")  # 2 mm slices and 16 mm tiles: enough vectors (> 29) to whiten the 116-d descriptor
+    assert cbir(capsys, "index", "build", folder, "--index", index, "--model", "handcrafted", "--stride-mm", "2",
+                "--tiles-mm", "16", "--blobs", "0")[0] == 0
+    pinned = json.load(open(os.path.join(index, MANIFEST)))["transform"]
+    assert pinned["kind"] == "whiten" and "checksum" in pinned, pinned
+    _, expected, _ = search(capsys, index, paths[0], "--no-place")
+    os.remove(os.path.join(index, VECTORS))
+    code, out, err = cbir(capsys, "index", "repair", "--index", index)
+    assert code == 0 and "3 case(s) re-embedded" in out, err
+    repaired = json.load(open(os.path.join(index, MANIFEST)))["transform"]
+    assert repaired["kind"] == "whiten" and repaired["fitted_on"] == pinned["fitted_on"], repaired
+    assert cbir(capsys, "index", "verify", "--index", index)[0] == 0
+    assert Index.open(index).transform is not None
+    _, answer, _ = search(capsys, index, paths[0], "--no-place")
+    before, after = json.loads(expected)["results"], json.loads(answer)["results"]
+    assert [r["case_id"] for r in after] == [r["case_id"] for r in before]
+    assert np.allclose([r["score"] for r in after], [r["score"] for r in before], atol=1e-4)
 
 
 def _as_format_1(folder):

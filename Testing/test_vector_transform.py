@@ -12,7 +12,8 @@ from volume_helpers import write_blob_cases
 
 from CBIRSlicerLib.errors import IndexCorruptError, ParameterError
 from CBIRSlicerLib.index import vector_transform
-from CBIRSlicerLib.index.folder import MANIFEST, TRANSFORM, Index
+from CBIRSlicerLib.index.files import MANIFEST, TRANSFORM
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval.queries import item_query

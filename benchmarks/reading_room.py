@@ -46,7 +46,8 @@ def build_phantoms(work: str, seed: int, cases: int = PHANTOM_CASES):
     """The cohort (written once) and its index with the lesion kinds as labels; returns truth, paths, index folder."""
     from CBIRSlicerLib.demo import demo_settings
     from CBIRSlicerLib.imaging import synthetic
-    from CBIRSlicerLib.index.folder import MANIFEST, Index
+    from CBIRSlicerLib.index.files import MANIFEST
+    from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.models.registry import create_embedder
 
     folder = os.path.join(work, f"phantom_s{seed}")

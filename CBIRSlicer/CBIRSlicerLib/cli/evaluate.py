@@ -24,7 +24,8 @@ def _parse_ks(text: str) -> list[int]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """cbir evaluate: retrieval metrics on labelled volumes (CSV) or a folder per class of 2D images."""
-    from ..index.folder import MANIFEST, Index
+    from ..index.files import MANIFEST
+    from ..index.folder import Index
     from ..index.items import IndexSettings
     from ..models.registry import create_embedder
     from ..plots import precision_curve_png

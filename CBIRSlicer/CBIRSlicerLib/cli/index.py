@@ -81,7 +81,8 @@ def _add_dicom_arguments(index: argparse.ArgumentParser) -> None:
 
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
-    from ..index.folder import MANIFEST, Index
+    from ..index.files import MANIFEST
+    from ..index.folder import Index
     from ..models.registry import create_embedder
 
     exists = os.path.exists(os.path.join(args.index, MANIFEST))
@@ -136,7 +137,7 @@ def _index_other(args: argparse.Namespace) -> int:
         print(report.summary())
         return 0
     if args.action == "repair":
-        from ..index.folder import repair
+        from ..index.repair import repair
         from ..models.registry import create_embedder
 
         report = repair(args.index, lambda name: create_embedder(args.model or name, device=args.device), args.drop_missing,

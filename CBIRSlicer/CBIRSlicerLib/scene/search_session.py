@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import CBIRError, JobCancelled, ParameterError
 from ..imaging.volume import Volume
-from ..index.folder import MANIFEST, Index
+from ..index.files import MANIFEST
+from ..index.folder import Index
 from ..models.base import VOLUME_FAMILIES, Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..retrieval.answers import CaseResult, SearchAnswer
