@@ -289,6 +289,7 @@ def test_credentials_come_from_the_environment_or_a_file_and_a_refusal_is_one_li
     assert main(["index", "build", source, "--index", folder, *CLI_SLICING]) == 1
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "HTTP 401" in error and source in error
+    assert not os.path.exists(folder)  # a first build that failed leaves no empty index behind
     monkeypatch.setenv(USER_VARIABLE, "alice")
     monkeypatch.setenv(PASSWORD_VARIABLE, "wrong")
     assert main(["index", "build", source, "--index", folder, *CLI_SLICING]) == 1

@@ -35,6 +35,7 @@ from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.index import dicomweb
 from CBIRSlicerLib.index.dicom_sources import local_series
 from CBIRSlicerLib.index.dicomweb import TOKEN_VARIABLE, Limits
+from CBIRSlicerLib.index.first_build import holds_a_case, undone_if_empty
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
@@ -326,7 +327,7 @@ def material(tmp_path_factory):
     escapes = write_ctk_database(str(root / "ctkDICOM.sql"), [info])
     with sqlite3.connect(escapes) as db:
         db.execute("UPDATE Series SET SeriesDescription = ?", ("\x1b[31mRED\x1b]0;title\x07",))
-    return {"index": index, "series": (parts, (study, series)), "report": written.getvalue(),
+    return {"index": index, "nifti": path, "series": (parts, (study, series)), "report": written.getvalue(),
             "escaped": ([open(f, "rb").read() for f in escaped.files], (escaped.study_uid, escaped.series_uid)),
             "database-number": number, "database-escapes": escapes}
 
@@ -402,3 +403,31 @@ def test_a_slow_listing_is_cut_off_by_time_not_by_silence(monkeypatch):
         assert len(server.requests) == 1, server.requests
     finally:
         server.close()
+
+
+def test_a_first_build_that_fails_leaves_nothing_behind(material, tmp_path, capsys, monkeypatch):
+    """Refused at listing, or every series skipped: no index folder (nor index files beside a user's own) is left."""
+    monkeypatch.setenv(TOKEN_VARIABLE, SECRET)
+    slicing = ["--model", "handcrafted", "--stride-mm", "8", "--tiles-mm", "", "--blobs", "0", "--timeout", str(TIMEOUT)]
+    refusing = HostileServer(lambda o, h: Answer(status=401, chunks=lambda: iter([b""])))
+    skipping = HostileServer(_listing_of(series_json(*_study_series(), instances=1)), lambda s: multipart_answer([material["report"]]))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    try:
+        assert cli.main(["index", "build", refusing.source, "--index", str(tmp_path / "new"), *slicing]) == 1
+        assert "HTTP 401" in capsys.readouterr().err and not (tmp_path / "new").exists()
+        assert cli.main(["index", "build", skipping.source, "--index", str(mine), *slicing]) == 1
+        err = capsys.readouterr().err
+        assert "nothing indexed (every file was skipped); no index was made" in err, err
+        assert sorted(os.listdir(mine)) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    finally:
+        refusing.close()
+        skipping.close()
+    # A first build that indexed a case and then stopped (Ctrl-C) keeps its index: the next build resumes it.
+    embedder = create_embedder("handcrafted")
+    with pytest.raises(KeyboardInterrupt), undone_if_empty(str(tmp_path / "stopped")):
+        with Index.create(str(tmp_path / "stopped"), embedder, SETTINGS) as index:
+            assert len(index.add_sources([material["nifti"]], embedder).added) == 1
+        raise KeyboardInterrupt
+    assert holds_a_case(str(tmp_path / "stopped"))
