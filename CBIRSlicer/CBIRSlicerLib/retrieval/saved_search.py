@@ -201,7 +201,9 @@ def answer_from_json(data: dict) -> SearchAnswer:
     """A typed answer back from the CLI's JSON answer (``to_json`` of it gives the same JSON)."""
     results = [CaseResult(int(r["rank"]), r["case_id"], r["source"], r["name"], float(r["score"]), int(r["votes"]),
                           [float(v) for v in r["per_image_scores"]], r["modality"], list(r["labels"]),
-                          best_match_from_json(r["best_match"]), r.get("body_part")) for r in data["results"]]
+                          best_match_from_json(r["best_match"]), r.get("body_part"),
+                          # how a result from a DICOM database or a PACS is opened again (local_series)
+                          r.get("series_uid"), r.get("study_uid")) for r in data["results"]]
     return SearchAnswer(dict(data["query"]), data["ranking"], results, data.get("note"))
 
 
