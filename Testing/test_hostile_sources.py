@@ -231,14 +231,14 @@ def _echo_authorization(offset, headers):
 
 CASES = [
     # Listings of other shapes: refused, in one line.
-    Case("listing-is-a-string", _server(lambda o, h: json_answer("hello")), ["listing series failed", "JSON str, not a list"]),
-    Case("listing-is-a-number", _server(lambda o, h: json_answer(42)), ["listing series failed", "JSON int, not a list"]),
-    Case("listing-of-strings", _server(lambda o, h: json_answer(["a", "b"])), ["a listed series is a JSON str"]),
-    Case("attribute-is-a-list", _server(lambda o, h: json_answer([{"0020000E": [1, 2]}])), ["attribute 0020000E is a JSON list"]),
+    Case("listing-is-a-string", _server(lambda o, h: json_answer("hello")), ["listing series failed", "is a string, not an array"]),
+    Case("listing-is-a-number", _server(lambda o, h: json_answer(42)), ["listing series failed", "the answer is a number, not an array"]),
+    Case("listing-of-strings", _server(lambda o, h: json_answer(["a", "b"])), ["a listed series is a string, not an object"]),
+    Case("attribute-is-a-list", _server(lambda o, h: json_answer([{"0020000E": [1, 2]}])), ["0020000E is an array, not an object"]),
     Case("value-is-not-a-list", _server(lambda o, h: json_answer([{"0020000D": {"vr": "UI", "Value": "1.2"}}])),
-         ['"Value" that is a JSON str']),
+         ['"Value" that is a string, not an array']),
     Case("value-is-a-list-of-lists", _server(lambda o, h: json_answer([{"0020000E": {"vr": "UI", "Value": [[1]]}}])),
-         ["attribute 0020000E has a value that is a JSON list"]),
+         ["attribute 0020000E has a value that is an array"]),
     Case("uid-climbs-out-of-the-download-folder",
          _server(_listing_of(series_json("1.2.3", "../../../../tmp/cbir-evil"))), ["is not a DICOM UID"]),
     Case("instance-count-of-5000-digits", lambda m: HostileServer(

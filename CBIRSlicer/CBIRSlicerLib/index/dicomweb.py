@@ -176,6 +176,12 @@ class ListingShapeError(ValueError):
     """A server's listing is not DICOM JSON as QIDO-RS defines it."""
 
 
+def _kind(value: object) -> str:
+    """What a JSON value is, in JSON's words."""
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "an array"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _value(attributes: dict, tag: str) -> str | None:
     """An attribute's first value as text (control characters escaped), None when absent; ListingShapeError when the
     server sent something that is not a DICOM JSON attribute."""
@@ -183,26 +189,26 @@ def _value(attributes: dict, tag: str) -> str | None:
     if element is None:
         return None
     if not isinstance(element, dict):
-        raise ListingShapeError(f"attribute {tag} is a JSON {type(element).__name__}, not an object")
+        raise ListingShapeError(f"attribute {tag} is {_kind(element)}, not an object")
     values = element.get("Value")
     if values is None or values == []:
         return None
     if not isinstance(values, list):
-        raise ListingShapeError(f'attribute {tag} has a "Value" that is a JSON {type(values).__name__}, not a list')
+        raise ListingShapeError(f'attribute {tag} has a "Value" that is {_kind(values)}, not an array')
     first = values[0]
     if isinstance(first, dict):  # a person name: {"Alphabetic": ...}
         first = first.get("Alphabetic")
     if first is None:
         return None
     if not isinstance(first, (str, int, float)) or isinstance(first, bool):
-        raise ListingShapeError(f"attribute {tag} has a value that is a JSON {type(first).__name__}")
+        raise ListingShapeError(f"attribute {tag} has a value that is {_kind(first)}")
     return printable(str(first).strip()[:1024])
 
 
 def _entry(attributes: object) -> SeriesEntry | None:
     """A listed series as an entry, None when it lacks its UIDs; ListingShapeError when it is not DICOM JSON."""
     if not isinstance(attributes, dict):
-        raise ListingShapeError(f"a listed series is a JSON {type(attributes).__name__}, not an object")
+        raise ListingShapeError(f"a listed series is {_kind(attributes)}, not an object")
     study, series = _value(attributes, _STUDY_UID), _value(attributes, _SERIES_UID)
     if not study or not series:
         return None
@@ -222,7 +228,7 @@ def check_uid(uid: str) -> str:
 
 def _listing(answer: object) -> list:
     if not isinstance(answer, list):
-        raise ListingShapeError(f"the answer is a JSON {type(answer).__name__}, not a list of series")
+        raise ListingShapeError(f"the answer is {_kind(answer)}, not an array of series (DICOM JSON)")
     return answer
 
 
