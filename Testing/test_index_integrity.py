@@ -309,10 +309,11 @@ def test_nan_and_constant_volumes_are_refused_for_indexing_some_nan_is_a_warning
     code, out, err = cbir(capsys, "index", "build", folder, "--index", tmp_path / "idx", *SMALL)
     assert code == 1 and "all NaN" in out and "constant" in out
     one_line_error(err, "nothing indexed", "every file was skipped")
+    assert not (tmp_path / "idx").exists()  # a first build that indexed nothing leaves no empty index behind (issue 27)
     some = synthetic.render(synthetic.centered_matrix(SHAPE, (2.0,) * 3), SHAPE).array.astype(np.float32)
     some[0, :4, :4] = np.nan
     write_case(folder / "some_nan.nii.gz", array=some)
-    code, out, err = cbir(capsys, "index", "add", folder, "--index", tmp_path / "idx")
+    code, out, err = cbir(capsys, "index", "build", folder, "--index", tmp_path / "idx", *SMALL)
     assert code == 0 and "1 case(s) added" in out and "warning" in out and "16 of" in out
 
 
