@@ -190,6 +190,7 @@ def _organ_top1(embedder, volume, copy, centroids, mapping, side_mm=40.0) -> tup
     return scores[0], scores[1]
 
 
+@pytest.mark.slow
 def test_real_weights_find_organs_that_random_weights_miss(astra, abdomen):
     volume, labels = abdomen
     copy, centroids, mapping = _pseudo_patient(volume, labels)
