@@ -88,8 +88,7 @@ def test_kill_and_resume_finishes_without_duplicates_or_losses(cohort, built, tm
                "--model", "handcrafted", "--stride-mm", "4", "--tiles-mm", "20"]
     env = {**os.environ, "CBIR_CHECKPOINT_SECONDS": "0"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while process.poll() is None:  # no deadline: a slow machine only waits longer for the second case
         try:
             with sqlite3.connect(os.path.join(index_dir, "catalog.sqlite")) as db:
                 done = db.execute("SELECT COUNT(*) FROM cases WHERE status = 'complete'").fetchone()[0]
@@ -403,6 +402,7 @@ def test_markups_roi_file_in_lps_with_a_rotation(tmp_path):
         read_markups_roi(str(tmp_path / "none.mrk.json"))
 
 
+@pytest.mark.slow
 def test_roi_queries_on_the_lesion_cohort_rank_the_same_kind_well_above_chance(tmp_path):
     """Leave-one-case-out ROI queries on 8 synthetic cases (4 kinds x 2), default index settings, handcrafted model."""
     from CBIRSlicerLib.retrieval.evaluation import evaluate_lesions

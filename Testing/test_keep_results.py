@@ -9,8 +9,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -210,16 +208,8 @@ def test_label_in_the_index_keeps_verify_green_and_can_be_filtered(built, tmp_pa
     assert "not a case of the index" in _one_line_error(*cbir(capsys, "label", "c000", "a=b", "--index", copy)[::2])
 
 
-def _nobody_can_run():
-    return shutil.which("setpriv") is not None and os.geteuid() == 0
-
-
-def test_label_on_a_read_only_index_goes_to_the_side_file_and_is_merged(built, saved_file, capsys):
+def test_label_on_a_read_only_index_goes_to_the_side_file_and_is_merged(built, saved_file, capsys, other_user):
     index_dir, _, _ = built
-    if os.geteuid() != 0:
-        pytest.skip("run as root: the test needs setpriv to act as a user who cannot write the index")
-    if not _nobody_can_run():
-        pytest.skip("needs setpriv to run as a user who cannot write the index")
     outside = pathlib.Path(tempfile.mkdtemp(prefix="cbir-keep-readonly-"))
     shared, mine = outside / "shared", outside / "mine"
     shutil.copytree(index_dir, shared / "idx", ignore=shutil.ignore_patterns(".lock"))
@@ -236,15 +226,13 @@ def test_label_on_a_read_only_index_goes_to_the_side_file_and_is_merged(built, s
     case_id = index.catalog.cases()[0].case_id
     index.close()
     side = str(mine / labels.SIDE_FILE)
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "CBIRSlicerLib.cli"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HOME": str(mine)}
     try:
-        result = subprocess.run([*nobody, "label", case_id, "finding=cyst", "--index", readonly, "--local-labels", side],
-                                capture_output=True, text=True, env=env, timeout=120)
+        result = other_user.run("-m", "CBIRSlicerLib.cli", "label", case_id, "finding=cyst", "--index", readonly, "--local-labels",
+                                side, home=str(mine))
         assert result.returncode == 0, result.stderr
         assert f"written to {side} (the index cannot be written: {readonly} is read-only)" in result.stdout
-        result = subprocess.run([*nobody, "label", case_id, "--index", readonly, "--local-labels", side],
-                                capture_output=True, text=True, env=env, timeout=120)
+        result = other_user.run("-m", "CBIRSlicerLib.cli", "label", case_id, "--index", readonly, "--local-labels", side,
+                                home=str(mine))
         assert result.returncode == 0 and result.stdout.split() == ["finding=cyst"], result.stderr
         entries = labels.read_side_file(side)
         assert [(e.case_id, e.column, e.value, e.by, e.index) for e in entries] == [(case_id, "finding", "cyst", None, readonly)]

@@ -117,6 +117,7 @@ def test_mapped_organ_centroids_match_the_warped_label_maps(bench, abdomen):
             assert np.linalg.norm(mapped - centroid) <= 2 * max(image.GetSpacing()), (name, copy.image)
 
 
+@pytest.mark.slow
 def test_metrics_score_a_perfect_answer_as_perfect(bench):
     """A searcher that answers each query with the other copy's true place scores 0 mm and mostly inside the organ."""
 
@@ -150,6 +151,7 @@ def test_metrics_score_a_perfect_answer_as_perfect(bench):
     assert np.mean(large) >= 0.85  # the true place is inside the warped organ but for nearest-neighbour edges
 
 
+@pytest.mark.slow
 def test_organ_queries_find_the_same_patient(bench):
     """Today's handcrafted baseline: the top case of organ queries is another copy of the abdominal CT, not a phantom."""
     outcome = real_anatomy.run(bench, place_top=1)
