@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from ..atomic import replaced
 from ..errors import IndexCorruptError, ModelError, ParameterError
 
 # Exact search costs in proportion to vectors x dimension: 175 ms at 1 M x 512 on the project machine, so it stays
@@ -246,11 +247,8 @@ class VectorStore:
             if os.path.abspath(self.rows.path) != os.path.abspath(target):
                 os.replace(self.rows.path, target)
                 self.rows.path = target
-        temporary = f"{path}.tmp-{os.getpid()}"
-        faiss.write_index(self.index, temporary)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        with replaced(path) as temporary:
+            faiss.write_index(self.index, temporary)
 
     @property
     def count(self) -> int:
