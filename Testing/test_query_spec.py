@@ -66,7 +66,8 @@ def test_a_query_spec_reads_back_equal(spec):
 best_matches = st.builds(BestMatch, st.sampled_from(["axial", "coronal"]), st.integers(0, 999), points,
                          st.sampled_from(["slice", "tile", "blob", "cell"]), maybe(st.integers(0, 10**12)),
                          st.tuples(*[st.integers(0, 512)] * 4), st.tuples(points, points), maybe(points), maybe(points),
-                         maybe(st.sampled_from(["anatomy", "look-alike"])))
+                         maybe(st.sampled_from(["anatomy", "look-alike"])), maybe(points), maybe(st.booleans()),
+                         maybe(st.sampled_from(["not in this series' field of view", "registration rejected"])))
 
 
 @st.composite

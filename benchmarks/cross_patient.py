@@ -101,7 +101,8 @@ def _shown(result) -> dict:
     """What a result's best match shows, read generically (fields that older answers lack are None)."""
     match = result.best_match
     return {"spot": [round(float(v), 2) for v in match.spot], "shown": getattr(match, "shown", None),
-            "in_view": getattr(match, "in_view", None)}
+            "in_view": getattr(match, "in_view", None), "note": getattr(match, "note", None),
+            "carries_both": getattr(match, "look_alike_ras", None) is not None}
 
 
 def run(built: dict, part: str, config: dict, slabs: str, place: bool = True) -> dict:
@@ -217,6 +218,10 @@ def summarise(outcome: dict, slabs: str) -> dict:
     summary["queries"] = len(queries)
     summary["head_neck_share_of_results"] = _rate(r["head_neck"] for r in records)
     summary["top_result_head_neck"] = _rate(r["head_neck"] for r in records if r["rank"] == 1)
+    if "placed" in ways:  # the organ in the result, but the query's level said to lie outside its field of view
+        said_out = [r for r in judged if r["placed"]["in_view"] is False]
+        summary["organ_present_said_not_in_view"] = {"pairs": len(said_out), "inside": _rate(r["placed"]["inside"] for r in said_out)}
+        summary["placed_shown"] = {shown: sum(r["placed"]["shown"] == shown for r in judged) for shown in ("anatomy", "look-alike")}
     if slabs == "into":
         absent = [r for r in records if r["head_neck"] and not r["organ_present"]]
         summary["organ_not_in_slab"] = {"pairs": len(absent), **{way: {"said_not_in_view": sum(r[way]["in_view"] is False

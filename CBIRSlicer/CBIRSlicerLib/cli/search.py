@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,10 @@ from dataclasses import dataclass
 
 from ..errors import CBIRError
 from .common import state_note
+
+# retrieval.queries.MATCH_INTENTS (Testing/test_cli.py checks they agree): not imported here, the parser is built before
+# the library loads (importing the query module costs most of a second on every command)
+MATCH_CHOICES = ("auto", "finding", "anatomy")
 
 
 def ras_point(text: str) -> list[float]:
@@ -105,6 +110,7 @@ def _volume_search(opened: _Opened, path: str, roi=None, segment=None) -> tuple:
         query = slice_query(volume, args.axis, index, ras_point(args.slice_ras))
     else:
         query = volume_query(volume, args.axis, index)
+    query.spec = dataclasses.replace(query.spec, match=args.match)
     answer = searcher.search(query, args.k, opened.filters, args.ranking, prior=not args.no_prior)
     return query, answer if args.no_place else searcher.place(query, answer)
 
@@ -161,7 +167,9 @@ def _print_answer(answer, as_json: bool) -> None:
         print("no results")
     for result in answer.results:
         best = result.best_match
-        where = f"{best.axis} slice {best.slice_index} at RAS ({', '.join(f'{v:.1f}' for v in best.ras)})"
+        where = f"{best.axis} slice {best.slice_index} at RAS ({', '.join(f'{v:.1f}' for v in best.spot)})"
+        if best.shown is not None:  # placed: which place the point is, and why a look-alike stands in for the anatomy
+            where += " " + ("same anatomy" if best.shown == "anatomy" else "look-alike") + (f" ({best.note})" if best.note else "")
         print(f"{result.rank:>3}. {result.score:.3f}  {result.title:<28} {where}  {result.source}")
 
 
@@ -255,6 +263,10 @@ def register(commands) -> None:
     search.add_argument("--no-place", action="store_true",
                         help="keep each result's best-looking item as its match, without placing the query's anatomical place "
                              "in it (registration; reads each shown result's volume, about a second a result)")
+    search.add_argument("--match", choices=MATCH_CHOICES, default="auto",
+                        help="what a placed match shows: 'finding' the most similar finding (a lesion of the same kind "
+                             "anywhere), 'anatomy' the same anatomical place, 'auto' (default) a box around a focal finding its "
+                             "finding, any other box the anatomy; every placed match carries both")
     search.add_argument("--model", help="load the index's model from elsewhere, e.g. local-dir:PATH (fingerprints must match)")
     search.add_argument("--device", help="cuda, mps or cpu")
     search.add_argument("--json", action="store_true", help="answer as JSON")

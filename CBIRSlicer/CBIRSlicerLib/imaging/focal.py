@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .intensity import looks_like_ct
+from .intensity import looks_like_ct, padding_value
 from .roi import RoiBox
 from .volume import Volume
 
@@ -38,7 +38,6 @@ RING = (1.15, 1.6)  # the columns' reach along their axis, in box half-sides fro
 CT_NOISE_HU = 10.0
 MR_NOISE_SHARE = 0.02  # of the box's 99th percentile
 MIN_VOXELS = 5
-PADDING_SHARE = 0.01  # a lowest value held by at least this share of the voxels is padding, not tissue
 
 
 @dataclass(frozen=True)
@@ -53,15 +52,6 @@ class Focality:
     def focal(self) -> bool:
         """Whether the box reads as a focal finding."""
         return bool(self.contrast >= FOCAL_MIN)
-
-
-def _padding(volume: Volume) -> float | None:
-    """The volume's padding value: its lowest value when at least PADDING_SHARE of the voxels hold exactly it."""
-    array = np.asarray(volume.array)
-    lowest = array.min()
-    step = max(1, array.size // 200_000)  # a sample is enough to tell a share of 1 %
-    sample = array.ravel()[::step]
-    return float(lowest) if np.count_nonzero(sample == lowest) >= PADDING_SHARE * sample.size else None
 
 
 def focality(volume: Volume, roi: RoiBox) -> Focality | None:
@@ -80,7 +70,7 @@ def focality(volume: Volume, roi: RoiBox) -> Focality | None:
     ras = volume.ijk_to_ras_points(np.stack([i, j, k], axis=-1).reshape(-1, 3).astype(float)).reshape(values.shape + (3,))
     rel = (ras - centre) / half  # the box is |rel| <= 1 on every axis
     valid = np.ones(values.shape, bool)
-    padding = _padding(volume)
+    padding = padding_value(volume)
     if padding is not None:
         valid &= values != padding
     core_values = values[valid & (np.linalg.norm(rel, axis=-1) <= CORE)]

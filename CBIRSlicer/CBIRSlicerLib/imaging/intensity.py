@@ -81,6 +81,17 @@ def looks_like_ct(volume: Volume) -> bool:
     return bool(air >= 0.01 and values.min() >= -4100 and values.max() <= 32767)
 
 
+PADDING_SHARE = 0.01  # a lowest value held by at least this share of the voxels is padding, not tissue
+
+
+def padding_value(volume: Volume) -> float | None:
+    """The volume's padding value: its lowest value when at least PADDING_SHARE of the voxels hold exactly it (outside
+    a scanner's field of view, a stored region's outside, an MR's zero background); None when there is none."""
+    sample = _sample(volume)
+    lowest = sample.min()
+    return float(lowest) if np.count_nonzero(sample == lowest) >= PADDING_SHARE * sample.size else None
+
+
 def percentile_window(volume: Volume, percentiles: tuple[float, float] = PERCENTILES) -> Window:
     """Robust window from the 0.5th to 99.5th percentile of the volume's finite voxels."""
     values = _sample(volume)

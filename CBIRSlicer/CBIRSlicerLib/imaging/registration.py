@@ -16,7 +16,7 @@ import numpy as np
 
 from . import body_region
 from .coordinates import lps_to_ras, ras_to_lps
-from .intensity import looks_like_ct
+from .intensity import looks_like_ct, padding_value
 from .volume import Volume
 
 SPACING_MM = 4.0  # registration grid: organs of 2 cm still span 5 voxels
@@ -38,6 +38,10 @@ class Placement:
     metric: float
     seconds: float
     agreement: float = float("nan")
+    # Across patients: the correlation of the query's neighbourhood (DEFORM_MM) with the registered result, and whether
+    # the placed point kept to the level window the body coordinate allows (None: no window)
+    context_agreement: float = float("nan")
+    within_window: bool | None = None
 
 
 def coarse_image(volume: Volume, spacing_mm: float = SPACING_MM):
@@ -55,6 +59,23 @@ def coarse_image(volume: Volume, spacing_mm: float = SPACING_MM):
     origin = image.TransformContinuousIndexToPhysicalPoint([(spacing_mm / s - 1) / 2 for s in old_spacing])
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, [spacing_mm] * 3, image.GetDirection(),
                          float(np.min(sitk.GetArrayViewFromImage(image))), sitk.sitkFloat32)
+
+
+def tissue_mask(volume: Volume, image):
+    """Where a volume holds tissue rather than padding (:func:`intensity.padding_value`), on a coarse image's grid (a
+    mask for the registration's metric); None when the volume has no padding.
+
+    Some series store only a region around the anatomy of interest (a radiotherapy CT that keeps a tube of tissue around
+    the cord, the rest set to -1000): left in the metric, that edge of nothing pulls the registration (a tuning patient's
+    brainstem went from its start, inside, to 36-44 mm off).
+    """
+    import SimpleITK as sitk
+
+    padding = padding_value(volume)
+    if padding is None:
+        return None
+    stored = volume.to_sitk((np.asarray(volume.array) != padding).astype(np.uint8))
+    return sitk.Resample(stored, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
 def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
@@ -286,15 +307,117 @@ def carry(transform, centre_ras) -> np.ndarray:
     return lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
 
 
-def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1):
-    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving);
-    (transform, metric on the whole neighbourhood)."""
+MIN_TISSUE_SHARE = 0.2  # a neighbourhood with less tissue than this (the rest padding) is registered without its mask
+
+
+def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1, mask=None):
+    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving), the
+    metric sampled where ``mask`` (the neighbourhood's :func:`tissue_mask`) holds tissue; (transform, metric on the whole
+    neighbourhood)."""
     import SimpleITK as sitk
 
     method = _mi_registration(0.3, seed, SPACING_MM, 0.1, iterations)
+    if mask is not None and np.mean(sitk.GetArrayViewFromImage(mask)) >= MIN_TISSUE_SHARE:
+        method.SetMetricFixedMask(mask)
     method.SetInitialTransform(sitk.AffineTransform(_single(initial)), inPlace=False)
     transform = _single(method.Execute(fixed, moving))
     return transform, _full_metric(fixed, moving, transform)
+
+
+# --- Across patients: the body coordinate (imaging/body_axis) starts the registration and bounds it ---------------------
+# Whole-volume registration between different patients missed the level often (tuning head-and-neck patients: organs
+# carried with |error along S| p90 36-60 mm, worst 113 mm; the body coordinate: p90 17-25 mm, worst 44 mm). So the level
+# evidence gives the start (the query centre's plane goes to the plane of the same level, scaled by the two bodies'
+# slopes, the bodies' centres aligned in that plane) and a window no stage may leave.
+LEVEL_WINDOW_MIN_MM = 24.0  # half-width of the window at least: the body coordinate's p90 error between patients
+LEVEL_WINDOW_MAX_MM = 48.0
+LEVEL_PLANES_MM = 8.0  # the body's centre in the plane is read over this thickness
+
+
+@dataclass(frozen=True)
+class LevelWindow:
+    """Where the point asked lies in a result (RAS S, mm), how far a registration may place from it, the size ratio of
+    the bodies along the body axis (result mm per query mm), and the point asked (RAS): the query's centre, or, when the
+    centre's level lies beyond the result's body but the query box reaches into it, the point of the box's axis nearest
+    the result's body (the part of the box the result holds)."""
+
+    s_mm: float
+    half_mm: float
+    scale: float
+    asked_ras: tuple[float, float, float]
+
+    def holds(self, ras) -> bool:
+        """Whether a RAS point lies within the window."""
+        return bool(abs(float(np.asarray(ras, float)[2]) - self.s_mm) <= self.half_mm)
+
+
+def _reliable(axis) -> bool:
+    """Whether a body axis is good enough to place by (BodyAxis.reliable where the body coordinate has it; before, its
+    misfit to the template under 1.2, the bound it uses)."""
+    return bool(getattr(axis, "reliable", axis.cost <= 1.2))
+
+
+LEVEL_INSET_MM = 4.0  # a point moved into a result's body goes this far inside its first or last plane of body
+
+
+def level_window(query_axis, target_axis, centre_ras, reach_mm: float = 0.0) -> tuple[bool | None, LevelWindow | None]:
+    """(in view, window) for a query centre carried by two body axes (:class:`imaging.body_axis.BodyAxis`).
+
+    In view is None (and no window) when either axis is missing or unreliable: the registration alone decides; False
+    when neither the centre's level nor any level within ``reach_mm`` of it along the body axis (the query box's half
+    height) lies in the result's body: its field of view does not hold that anatomy.
+    """
+    if query_axis is None or target_axis is None or not _reliable(query_axis) or not _reliable(target_axis):
+        return None, None
+    centre = np.asarray(centre_ras, float)
+    level = query_axis.level_at(float(centre[2]), margin_mm=LEVEL_WINDOW_MIN_MM)
+    if level is None:  # the query point lies outside its own body (in the air above the head): no level to carry
+        return None, None
+    asked = centre.copy()
+    s = target_axis.s_at(level)
+    if s is None:
+        top, bottom = target_axis.level_range  # levels of the result's highest and lowest planes of body
+        inset = LEVEL_INSET_MM * target_axis.slope
+        nearest = float(np.clip(level, top + inset, bottom - inset)) if bottom - top > 2 * inset else (top + bottom) / 2
+        if abs(nearest - level) > reach_mm * query_axis.slope:
+            return False, None
+        asked[2] -= (nearest - level) / query_axis.slope  # the level grows toward the feet, S toward the head
+        level, s = nearest, target_axis.s_at(nearest, margin_mm=LEVEL_INSET_MM)
+        if s is None:
+            return False, None
+    half = float(np.clip(LEVEL_WINDOW_MIN_MM + query_axis.uncertainty_mm + target_axis.uncertainty_mm,
+                         LEVEL_WINDOW_MIN_MM, LEVEL_WINDOW_MAX_MM))
+    return True, LevelWindow(float(s), half / target_axis.slope, float(query_axis.slope / target_axis.slope),
+                             tuple(float(v) for v in asked))
+
+
+def _body_centre(image, s_mm: float) -> np.ndarray | None:
+    """LPS (x, y) of the body's centre in the planes within LEVEL_PLANES_MM / 2 of RAS S ``s_mm`` of a coarse image."""
+    array, origin = _axis_aligned(image, SPACING_MM)
+    planes = origin[2] + SPACING_MM * np.arange(array.shape[0])  # LPS z is RAS S
+    near = np.abs(planes - s_mm) <= max(LEVEL_PLANES_MM / 2, SPACING_MM / 2)
+    if not near.any():
+        return None
+    counts, sums = _body_centroids(array[near])
+    if counts.sum() == 0:
+        return None
+    return origin[:2] + sums.sum(axis=0) / counts.sum() * SPACING_MM
+
+
+def level_transform(query_image, target_image, window: LevelWindow):
+    """The start a level window gives: the asked point's plane onto the window's plane, scaled by the bodies' ratio,
+    the bodies' centres in those planes onto each other (an affine transform, LPS, query to result)."""
+    import SimpleITK as sitk
+
+    s_query = float(window.asked_ras[2])
+    here, there = _body_centre(query_image, s_query), _body_centre(target_image, window.s_mm)
+    if here is None or there is None:
+        return None
+    start = sitk.AffineTransform(3)
+    start.SetCenter((float(here[0]), float(here[1]), s_query))
+    start.SetMatrix(tuple((np.eye(3) * window.scale).ravel()))
+    start.SetTranslation((float(there[0] - here[0]), float(there[1] - here[1]), window.s_mm - s_query))
+    return start
 
 
 DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 48 and 96 mm (docs/benchmarks.md)
@@ -339,33 +462,47 @@ def agreement(query_image, target_image, transform, centre_ras, box_mm: float) -
 
 
 def place(query: Volume, centre_ras, target: Volume | None, initial=None, query_image=None, target_image=None,
-          box_mm: float | None = None) -> Placement:
+          box_mm: float | None = None, window: LevelWindow | None = None, query_mask=None) -> Placement:
     """The query centre carried into the target: the whole-volume affine transform (``initial``, else computed here),
     refined as an affine transform on the query's 128 mm neighbourhood, then a demons deformation of its 64 mm one;
-    with ``box_mm`` (the query box's largest side), how well the box agrees with the result there."""
+    with ``box_mm`` (the query box's largest side), how well the box agrees with the result there.
+
+    With a level ``window``, a stage whose answer leaves the window is not kept (the stage before it stands): the
+    registration refines only within the level the body coordinate allows. ``query_mask`` (:func:`tissue_mask`) keeps
+    the query's padding out of the local stage's metric."""
     import SimpleITK as sitk
 
     began = time.monotonic()
     query_image = query_image if query_image is not None else coarse_image(query)
     target_image = target_image if target_image is not None else coarse_image(target)
     transform = initial if initial is not None else global_transform(query_image, target_image)
+
+    def kept(candidate) -> bool:
+        return window is None or window.holds(carry(candidate, centre_ras))
+
     start, metric = "global", float("nan")
     fixed = neighbourhood(query_image, centre_ras)
     if fixed is not None:
         try:
-            transform, metric = local_affine(fixed, target_image, transform)
-            start = "local"
+            mask = neighbourhood(query_mask, centre_ras) if query_mask is not None else None
+            refined, refined_metric = local_affine(fixed, target_image, transform, mask=mask)
+            if kept(refined):
+                transform, metric, start = refined, refined_metric, "local"
         except RuntimeError:  # ITK: the neighbourhood and the result do not overlap enough: keep the whole-volume answer
             pass
     full = transform
     local = neighbourhood(query_image, centre_ras, DEFORM_MM) if DEFORM_MM else None
     if local is not None:
         try:
-            full = sitk.CompositeTransform(3)
-            full.AddTransform(transform)
-            full.AddTransform(deformation(local, target_image, transform))  # the field acts first, then the affine
+            deformed = sitk.CompositeTransform(3)
+            deformed.AddTransform(transform)
+            deformed.AddTransform(deformation(local, target_image, transform))  # the field acts first, then the affine
+            if kept(deformed):
+                full = deformed
         except RuntimeError:  # ITK: nothing of the result inside the neighbourhood: keep the affine answer
-            full = transform
+            pass
     placed = carry(full, centre_ras)
     agreed = agreement(query_image, target_image, full, centre_ras, box_mm) if box_mm else float("nan")
-    return Placement(tuple(float(v) for v in placed), start, metric, time.monotonic() - began, agreed)
+    context = agreement(query_image, target_image, full, centre_ras, DEFORM_MM)
+    return Placement(tuple(float(v) for v in placed), start, metric, time.monotonic() - began, agreed, context,
+                     None if window is None else window.holds(placed))

@@ -36,20 +36,28 @@ class BestMatch:
     box: tuple[int, int, int, int]  # row0, col0, row1, col1 in the slice's pixels
     bounds_ras: tuple[Point, Point]  # the item's RAS corners (low, high)
     focus_ras: Point | None = None  # the similarity-weighted centre of the items around it (ranking.focus)
-    placed_ras: Point | None = None  # the query's centre carried into the case by registration (placement), once placed
-    # Once placed, what the match shows: "anatomy" (the registered place: the focus is placed_ras) or "look-alike" (an item
-    # elsewhere clearly more alike, for a focal finding); None before placement.
+    # Once placed (retrieval.placement), both places and which one the focus shows: ``placed_ras`` the same anatomy (the
+    # query's centre carried into the case by registration; None when the case's field of view does not hold it),
+    # ``look_alike_ras`` the most similar finding (the descriptor's look-alike), ``shown`` "anatomy" or "look-alike",
+    # ``in_view`` whether the case's field of view holds the query's anatomy, ``note`` why a look-alike stands in for the
+    # anatomy (not in view; registration rejected). All None before placement.
+    placed_ras: Point | None = None
     shown: str | None = None
+    look_alike_ras: Point | None = None
+    in_view: bool | None = None
+    note: str | None = None
 
     @classmethod
     def of_item(cls, item: ItemRecord, focus_ras: Sequence[float] | None = None,
-                placed_ras: Sequence[float] | None = None, shown: str | None = None) -> BestMatch:
-        """The best match an indexed item makes, with the focus found around it (and, once placed, the placed point and
-        what the match shows)."""
+                placed_ras: Sequence[float] | None = None, shown: str | None = None,
+                look_alike_ras: Sequence[float] | None = None, in_view: bool | None = None,
+                note: str | None = None) -> BestMatch:
+        """The best match an indexed item makes, with the focus found around it (and, once placed, both places, what
+        the match shows, whether the anatomy is in view and why not)."""
         return cls(item.axis, int(item.slice_index), _point(item.ras), item.kind, int(item.id) if item.id is not None else None,
                    tuple(int(v) for v in item.box), (_point(item.low_ras), _point(item.high_ras)),
                    _point(focus_ras) if focus_ras is not None else None, _point(placed_ras) if placed_ras is not None else None,
-                   shown)
+                   shown, _point(look_alike_ras) if look_alike_ras is not None else None, in_view, note)
 
     @property
     def spot(self) -> Point:
@@ -62,7 +70,10 @@ class BestMatch:
                 "item_id": self.item_id, "box": list(self.box), "bounds_ras": [list(self.bounds_ras[0]), list(self.bounds_ras[1])],
                 "focus_ras": list(self.focus_ras) if self.focus_ras is not None else None,
                 **({"placed_ras": list(self.placed_ras)} if self.placed_ras is not None else {}),
-                **({"shown": self.shown} if self.shown is not None else {})}
+                **({"shown": self.shown} if self.shown is not None else {}),
+                **({"look_alike_ras": list(self.look_alike_ras)} if self.look_alike_ras is not None else {}),
+                **({"in_view": self.in_view} if self.in_view is not None else {}),
+                **({"note": self.note} if self.note is not None else {})}
 
     @classmethod
     def from_json(cls, data: dict) -> BestMatch:
@@ -73,7 +84,8 @@ class BestMatch:
         return cls(data["axis"], int(data["slice_index"]), _point(data["ras"]), data["kind"],
                    int(data["item_id"]) if data["item_id"] is not None else None, tuple(int(v) for v in data["box"]),
                    (_point(data["bounds_ras"][0]), _point(data["bounds_ras"][1])), point(data.get("focus_ras")),
-                   point(data.get("placed_ras")), data.get("shown"))
+                   point(data.get("placed_ras")), data.get("shown"), point(data.get("look_alike_ras")), data.get("in_view"),
+                   data.get("note"))
 
 
 @dataclass(frozen=True)

@@ -29,14 +29,7 @@ import numpy as np
 
 from ..imaging.registration import SPACING_MM
 from . import ranking
-
-MATCH_INTENTS = ("auto", "finding", "anatomy")
-# The box-size rule that decided before the intent existed (Searcher.place still calls it until it takes the intent):
-# boxes up to 30 mm read as findings, from 35 mm as regions. To go once Searcher.place calls choose().
-FINDING_MAX_MM = 30.0  # a box whose largest side is at most this is read as a focal finding (the demo's largest lesion box)
-REGION_MIN_MM = 35.0  # at least this: a region; in between the margin grows linearly
-FINDING_MARGIN = 0.02  # cosine units by which a look-alike must beat the anatomical place
-REGION_MARGIN = 0.3
+from .queries import MATCH_INTENTS
 
 NOT_IN_VIEW = "not in this series' field of view"
 REJECTED = "registration rejected: shown at the level of the query, where it looks most alike"
@@ -45,6 +38,9 @@ REJECTED = "registration rejected: shown at the level of the query, where it loo
 # at its place in another patient (phantom lesions placed into other phantoms: median 0.12, highest 0.64 of 120);
 # anatomy does (real structures between pseudo-patients: median 0.95).
 AGREEMENT_MIN = 0.7
+# A registration is rejected when the result, registered, correlates with the query's 64 mm neighbourhood less than this
+# (the context a correct placement shares with the query whatever the box holds); measured on tuning patients.
+CONTEXT_AGREEMENT_MIN = -1.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +81,12 @@ def item_at(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, point) -
     return int(np.argmin(distance))
 
 
+def rejected(where) -> bool:
+    """Whether a registration (:class:`imaging.registration.Placement`) is rejected: it left the level window, or the
+    result there does not resemble the query's neighbourhood."""
+    return bool(where.within_window is False or where.context_agreement < CONTEXT_AGREEMENT_MIN)
+
+
 def wants_finding(match: str, focal: bool, agreement: float) -> bool:
     """Whether a result shows the most similar finding rather than the same anatomy (for a place in view)."""
     if match not in MATCH_INTENTS:
@@ -112,31 +114,3 @@ def choose(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.
         return Choice(best, spot, anatomy, finding_spot, "look-alike", True, REJECTED)
     return Choice(item_at(agreed, centres, sizes, anatomy), anatomy, anatomy, finding_spot, "anatomy", True)
 
-
-def look_alike_margin(box_mm: float | None) -> float:
-    """How much more alike (cosine) an item elsewhere must be than the anatomical place, for a query box's largest side."""
-    if box_mm is None:  # a whole slice: a region
-        return REGION_MARGIN
-    share = np.clip((box_mm - FINDING_MAX_MM) / (REGION_MIN_MM - FINDING_MAX_MM), 0.0, 1.0)
-    return float(FINDING_MARGIN + share * (REGION_MARGIN - FINDING_MARGIN))
-
-
-def anatomical_match(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray, placed_ras,
-                     margin: float, agreement: float = float("nan")) -> tuple[int, np.ndarray, bool]:
-    """A case's best item given the placed point, the match's focus, and whether the anatomical place won.
-
-    ``agreed`` is each item's weighted mean similarity to the query images (as :func:`ranking.locate` computes it). The
-    anatomical place is the most alike item holding the placed point (within half its size); it wins if the result
-    agrees with the query's box there (``agreement`` >= :data:`AGREEMENT_MIN`) or no item anywhere beats it by more
-    than ``margin``. When it wins, the placed point is the focus (registration is finer than the item grid); otherwise
-    the look-alike and its similarity-weighted focus stand.
-    """
-    agreed = np.asarray(agreed, float)
-    distance = np.linalg.norm(np.asarray(centres, float) - np.asarray(placed_ras, float), axis=1)
-    near = distance <= np.maximum(np.asarray(sizes, float) / 2, SPACING_MM)
-    alike = int(np.argmax(agreed))
-    if near.any():
-        anatomical = int(np.flatnonzero(near)[np.argmax(agreed[near])])
-        if agreement >= AGREEMENT_MIN or agreed[alike] - agreed[anatomical] <= margin:
-            return anatomical, np.asarray(placed_ras, float), True
-    return alike, ranking.focus(agreed, alike, centres, sizes, axes), False

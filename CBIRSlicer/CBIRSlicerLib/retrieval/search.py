@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -138,10 +138,10 @@ class Searcher:
         self.index = index
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
-        self._coarse_images = _Recent(COARSE_IMAGES_KEPT)  # results' registration grids: the same cases come back often
+        self._coarse_images = _Recent(COARSE_IMAGES_KEPT)  # results' registration grids (_Target): the same cases come back often
         # The last query volume's grid and its whole-volume registrations into each result: the next ROI on the same
         # volume (a session queries several) needs only the local stages.
-        self._query_grid: tuple[Volume, object, dict] | None = None
+        self._query_grid: _Placing | None = None
         # The last query volume's modality and body region as inferred from its image (~70 ms of CPU, as much as the rest of
         # a search's ranking at 1 M region vectors; docs/benchmarks.md): the next ROI on the same volume reuses them.
         self._query_kind: tuple[Volume, object] | None = None
@@ -300,7 +300,8 @@ class Searcher:
         return [s for n in range(3) for s, g in zip(ranked, groups) if g == n]
 
     def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None) -> SearchAnswer:
-        """The answer with each shown match placed at the query's anatomical place (see :mod:`placement`).
+        """The answer with each shown match placed (see :mod:`placement`): both places (the same anatomy, the most
+        similar finding), the one the query's match intent asks for shown, never a point outside the result's volume.
 
         Needs the query's volume and centre (ROI and slice queries); other answers come back unchanged. ``loader`` reads
         a result's volume from its source (default: the file readers); a result whose volume cannot be read keeps its
@@ -315,17 +316,11 @@ class Searcher:
         loader = loader or load_volume_for_query
         vectors = self.query_vectors(query)
         weights = query_weights(query, vectors)
-        if self._query_grid is not None and self._query_grid[0] is query.volume:
-            query_image, global_transforms = self._query_grid[1], self._query_grid[2]
-        else:
-            try:
-                query_image = registration.coarse_image(query.volume)
-            except RuntimeError:  # ITK: a volume too thin to smooth at the coarse grid: nothing to register
-                return answer
-            global_transforms = {}
-            self._query_grid = (query.volume, query_image, global_transforms)
+        placing = self._placing(query)
+        if placing is None:  # a volume too thin to smooth at the coarse grid: nothing to register
+            return answer
         box_mm = max(round(v, 3) for v in query.roi.size) if query.roi is not None else None
-        margin = placement.look_alike_margin(box_mm)
+        reach_mm = query.roi.size[2] / 2 if query.roi is not None else 0.0  # how far the box reaches along the body
         excluded = self.index.excluded_ids()
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
@@ -335,28 +330,94 @@ class Searcher:
                 placed.append(result)
                 continue
             try:
-                target_image = self._coarse_images.get(result.source)
-                if target_image is None:
-                    target_image = self._coarse_images.put(result.source, registration.coarse_image(loader(result.source)))
+                target = self._target(result, loader)
             except (CBIRError, OSError, RuntimeError):  # moved, unreadable, or too thin for the coarse grid
                 placed.append(result)
                 continue
             row = self.index.catalog.case_by_id(result.case_id).row
             items = self.index.catalog.item_arrays([row])
             keep = ~np.isin(items.ids, excluded)
+            centres, sizes, axes = items.centres[keep], items.sizes[keep], items.axes[keep]
             similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
             agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
-            try:
-                if result.source not in global_transforms:
-                    global_transforms[result.source] = registration.global_transform(query_image, target_image)
-                where = registration.place(query.volume, query.centre_ras, None, global_transforms[result.source], query_image,
-                                        target_image, box_mm)
-            except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
-                placed.append(result)
-                continue
-            best, spot, anatomical = placement.anatomical_match(agreed, items.centres[keep], items.sizes[keep],
-                                                                items.axes[keep], where.ras, margin, where.agreement)
-            item = self.index.catalog.items([int(items.ids[keep][best])])[int(items.ids[keep][best])]
-            match = BestMatch.of_item(item, spot, placed_ras=where.ras, shown="anatomy" if anatomical else "look-alike")
+            # The query's level in the result (the body coordinate): not there at all, or where, and which point of the
+            # box to ask about (its centre, or the part of the box the result's field of view holds)
+            in_view, window = registration.level_window(placing.axis, target.axis, query.centre_ras, reach_mm)
+            if in_view is False:  # the query's anatomy lies outside the result's body: nothing to register
+                choice = placement.choose(agreed, centres, sizes, axes, None, False, query.spec.match, placing.focal)
+            else:
+                asked = window.asked_ras if window is not None else query.centre_ras
+                try:
+                    start = registration.level_transform(placing.image, target.image, window) if window else None
+                    if start is None:
+                        if result.source not in placing.global_transforms:
+                            placing.global_transforms[result.source] = registration.global_transform(placing.image, target.image)
+                        start = placing.global_transforms[result.source]
+                    where = registration.place(query.volume, asked, None, start, placing.image, target.image, box_mm, window)
+                except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
+                    placed.append(result)
+                    continue
+                level_items = None if window is None else np.abs(centres[:, 2] - window.s_mm) <= window.half_mm
+                choice = placement.choose(agreed, centres, sizes, axes, where.ras, target.holds(where.ras), query.spec.match,
+                                          placing.focal, where.agreement, placement.rejected(where), level_items)
+            item_id = int(items.ids[keep][choice.item])
+            match = BestMatch.of_item(self.index.catalog.items([item_id])[item_id], choice.focus_ras, choice.anatomy_ras,
+                                      choice.shown, choice.look_alike_ras, choice.in_view, choice.note)
             placed.append(dataclasses.replace(result, best_match=match))
         return dataclasses.replace(answer, results=placed)
+
+    def _placing(self, query: Query) -> _Placing | None:
+        """What placement needs of the query volume, once per volume: its registration grid, body axis and focality."""
+        from ..imaging import body_axis, registration
+        from ..imaging.focal import focality
+
+        if self._query_grid is None or self._query_grid.volume is not query.volume:
+            try:
+                image = registration.coarse_image(query.volume)
+            except RuntimeError:
+                return None
+            self._query_grid = _Placing(query.volume, image, body_axis.body_axis(query.volume))
+        placing = self._query_grid
+        found = focality(query.volume, query.roi) if query.roi is not None else None
+        placing.focal = bool(found is not None and found.focal)
+        return placing
+
+    def _target(self, result, loader) -> _Target:
+        """A result's registration grid, voxel grid and body axis (kept: the same cases come back often)."""
+        from ..imaging import body_axis, registration
+
+        target = self._coarse_images.get(result.source)
+        if target is None:
+            volume = loader(result.source)
+            stored = self.index.catalog.case_by_id(result.case_id).metadata.get("body_axis")
+            axis = body_axis.BodyAxis.from_dict(stored) if stored else body_axis.body_axis(volume)
+            target = self._coarse_images.put(result.source, _Target(registration.coarse_image(volume), volume.ijk_to_ras,
+                                                                     volume.shape_ijk, axis))
+        return target
+
+
+@dataclass
+class _Placing:
+    """The query volume as placement uses it: its coarse grid, body axis, focality (of the last box asked on it) and its
+    whole-volume registrations into each result (the next box on the same volume needs only the local stages)."""
+
+    volume: Volume
+    image: object
+    axis: object
+    focal: bool = False
+    global_transforms: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A result volume as placement uses it: its coarse grid, voxel grid (to keep shown points inside) and body axis."""
+
+    image: object
+    ijk_to_ras: np.ndarray
+    shape_ijk: tuple[int, int, int]
+    axis: object
+
+    def holds(self, ras) -> bool:
+        """Whether a RAS point lies on the volume's voxel grid (to the outer faces of its edge voxels)."""
+        ijk = np.linalg.solve(self.ijk_to_ras[:3, :3], np.asarray(ras, float) - self.ijk_to_ras[:3, 3])
+        return bool(np.all(ijk >= -0.5) and np.all(ijk <= np.array(self.shape_ijk) - 0.5))
