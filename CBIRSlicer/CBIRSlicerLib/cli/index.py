@@ -7,12 +7,12 @@ import json
 import os
 
 from ..errors import CBIRError
-from .common import progress_printer, read_labels, state_note
+from .common import number, progress_printer, read_labels, sizes_mm, state_note, whole_number
 
 
 def _sizes_mm(text: str | None) -> list[float]:
-    """A comma-separated list of sizes in mm ('' or None: none)."""
-    return [float(t) for t in text.split(",") if t] if text else []
+    """A comma-separated list of sizes in mm ('' or None: none); each was checked when parsed (common.sizes_mm)."""
+    return [float(t) for t in text.split(",") if t.strip()] if text else []
 
 
 # Slicing flags of 'index build' / 'add' with their defaults; 'add' takes the index's pinned values for those not given.
@@ -198,13 +198,15 @@ def register(commands) -> None:
     index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
     # Slicing flags have no argparse default: 'add' must tell a flag given from one left out (SLICING_DEFAULTS).
     index.add_argument("--axes", help="comma-separated axes to index (default axial)")
-    index.add_argument("--stride-mm", type=float, help="distance between indexed slices (default 5 mm)")
-    index.add_argument("--tiles-mm", help="tile sizes in mm for region queries, comma-separated; '' for none (default 32)")
-    index.add_argument("--tile-overlap", type=float,
+    index.add_argument("--stride-mm", type=number(0, 1000, " mm", low_open=True), help="distance between indexed slices (default 5 mm)")
+    index.add_argument("--tiles-mm", type=sizes_mm("--tiles-mm"),
+                       help="tile sizes in mm for region queries, comma-separated; '' for none (default 32)")
+    index.add_argument("--tile-overlap", type=number(0, 0.95),
                        help="overlap of neighbouring tiles, 0 to <1 (default 0.5; 0.75 places matches better, 4x the items)")
-    index.add_argument("--blobs", type=int,
+    index.add_argument("--blobs", type=whole_number(0, 1000),
                        help="per slice, how many blob-like places (lesion candidates) get crops centred on them (default 12; 0 for none)")
-    index.add_argument("--blob-sizes-mm", help="sizes in mm of the crops around each blob, comma-separated (default 16,24,32)")
+    index.add_argument("--blob-sizes-mm", type=sizes_mm("--blob-sizes-mm"),
+                       help="sizes in mm of the crops around each blob, comma-separated (default 16,24,32)")
     index.add_argument("--region-strategy", choices=("auto", "crops", "dense"),
                        help="item vectors: each crop embedded ('crops'), or pooled from one pass per slice ('dense'); "
                             "default auto: dense for ViTs, crops for handcrafted (docs/design.md)")
@@ -220,5 +222,5 @@ def register(commands) -> None:
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
     _add_dicom_arguments(index)
     index.add_argument("--column", help="suggest-labels: the label column (default 'label' or 'finding')")
-    index.add_argument("--count", type=int, default=10, help="suggest-labels: how many cases to list (default 10)")
+    index.add_argument("--count", type=whole_number(1, 100_000), default=10, help="suggest-labels: how many cases to list (default 10)")
     index.set_defaults(run=lambda a: _index_build(a) if a.action in ("build", "add") else _index_other(a))

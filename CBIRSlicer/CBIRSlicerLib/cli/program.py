@@ -14,11 +14,12 @@ import sys
 
 from ..errors import CBIRError
 from . import evaluate, index, keep, models, search, volumes
+from .common import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every ``cbir`` command."""
-    parser = argparse.ArgumentParser(prog="cbir", description="Content-based image retrieval for radiology volumes.")
+    parser = Parser(prog="cbir", description="Content-based image retrieval for radiology volumes.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (volumes, index, search, evaluate, models, keep):  # the order of 'cbir --help'
         command.register(commands)

@@ -61,17 +61,33 @@ class Feedback:
     def from_json(cls, data: dict | None) -> Feedback:
         """Back from JSON: ``{case id: item id}`` per side, or a plain list of case ids (items looked up when used)."""
         data = data or {}
+        if not isinstance(data, dict):
+            raise ParameterError(f"feedback marks must be {{'relevant': ..., 'not_relevant': ...}}, not {type(data).__name__}")
 
         def side(marks) -> dict[str, int | None]:
-            return {str(k): None for k in marks} if isinstance(marks, list) else {str(k): v for k, v in (marks or {}).items()}
+            if isinstance(marks, list) and all(isinstance(k, str) for k in marks):
+                return {k: None for k in marks}
+            if not isinstance(marks or {}, dict) or any(v is not None and (isinstance(v, bool) or not isinstance(v, int))
+                                                        for v in (marks or {}).values()):
+                raise ParameterError("feedback marks must map case ids to item ids (whole numbers), or list case ids")
+            return {str(k): v for k, v in (marks or {}).items()}
 
         return cls(side(data.get("relevant")), side(data.get("not_relevant")))
 
 
 def feedback_from_answer(answer: dict, relevant: list[str], not_relevant: list[str], path: str = "the answer") -> Feedback:
     """The earlier answer's marks plus new ones on its results (each stands for its best match there)."""
-    marks = Feedback.from_json(answer.get("query", {}).get("feedback"))
-    items = {r["case_id"]: (r.get("best_match") or {}).get("item_id") for r in answer.get("results", [])}
+    try:
+        marks = Feedback.from_json(answer.get("query", {}).get("feedback"))
+    except ParameterError as error:
+        raise ParameterError(f"{path}: {error}") from None
+
+    def item_of(result: dict) -> int | None:
+        best = result.get("best_match")
+        item = best.get("item_id") if isinstance(best, dict) else None
+        return item if isinstance(item, int) and not isinstance(item, bool) else None
+
+    items = {r["case_id"]: item_of(r) for r in answer.get("results", [])}
     both = set(relevant) & set(not_relevant)
     if both:
         raise ParameterError(f"case(s) {', '.join(sorted(both))} marked both relevant and not relevant")
@@ -87,11 +103,13 @@ def _marked_items(index, marks: dict[str, int | None], query_vectors: np.ndarray
     ids = []
     excluded = index.excluded_ids()
     for case_id, item in marks.items():
-        if item is None or int(item) in set(excluded.tolist()):
-            case = index.catalog.case_by_id(case_id)
-            if case is None:
-                raise ParameterError(f"case '{case_id}' is not in the index {index.folder}")
-            own = index.catalog.item_ids([case.row])
+        case = index.catalog.case_by_id(case_id)
+        if case is None or case.status != "complete":
+            raise ParameterError(f"{index.folder}: the case '{case_id}' marked in the feedback is not in this index (another "
+                                 "index's answer, or removed since); leave its mark out")
+        own = index.catalog.item_ids([case.row])
+        if item is None or int(item) in set(excluded.tolist()) or int(item) not in set(own.tolist()):
+            # no item, one removed since, or one that is not the case's: the case's item most like the query stands for it
             own = own[~np.isin(own, excluded)]
             if not len(own):
                 continue
@@ -178,12 +196,17 @@ def query_from_answer(answer: dict, searcher, path: str = "the answer"):
 
     described = answer.get("query") or {}
     mode, axis = described.get("mode"), described.get("axis", "axial")
-    if mode == "text":
+    if axis not in ("axial", "coronal", "sagittal"):
+        raise ParameterError(f"{path}: its query's axis {axis!r} is not axial, coronal or sagittal")
+    if mode == "text" and isinstance(described.get("text"), str):
         return text_query(described["text"], searcher.embedder)
-    if mode == "item":
-        return item_query(searcher.index, int(described["item"]))
-    if mode not in ("roi", "slice", "volume") or not described.get("volume"):
-        raise ParameterError(f"{path}: its query ({mode or 'unknown mode'}) cannot be made again: it names no volume file")
+    if mode == "item" and isinstance(described.get("item"), int) and not isinstance(described["item"], bool):
+        return item_query(searcher.index, described["item"])
+    if mode not in ("roi", "slice", "volume") or not isinstance(described.get("volume"), str):
+        raise ParameterError(f"{path}: its query ({mode or 'unknown mode'}) cannot be made again: it names no volume file, "
+                             "phrase or item")
+    if mode == "roi" and not (isinstance(described.get("roi_ras"), list) and len(described["roi_ras"]) == 6):
+        raise ParameterError(f"{path}: its ROI query has no box (roi_ras: six numbers)")
     volume = load_volume_for_query(described["volume"])
     if mode == "roi":
         query = roi_query(volume, RoiBox.parse(",".join(str(v) for v in described["roi_ras"])), axis, searcher.index)

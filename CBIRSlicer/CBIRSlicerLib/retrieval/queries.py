@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, ParameterError
+from ..errors import GeometryError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
@@ -112,10 +112,26 @@ def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, mar
 def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
     """One whole slice: the one through a RAS point (default the volume's centre)."""
     window = choose_window(volume, index.settings.window)
+    if ras is not None:
+        _inside(volume, ras)
     image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
     return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
                  [to_uint8_rgb(image.pixels, window)], **_own(volume, index), volume=volume,
                  centre_ras=tuple(float(v) for v in image.ras), **_whole_boxes(index, [image]))
+
+
+def _inside(volume: Volume, ras) -> None:
+    """Refuse a point outside the volume (half a voxel of slack): its nearest slice would answer for a place not scanned."""
+    point = np.asarray(ras, float)
+    if point.shape != (3,) or not np.all(np.isfinite(point)):
+        raise GeometryError(f"the point RAS {list(np.ravel(point))} must be three finite numbers (mm)")
+    ijk = volume.ras_to_ijk_points(point[None])[0]
+    if np.all(ijk >= -0.5) and np.all(ijk <= np.array(volume.shape_ijk) - 0.5):
+        return
+    corners = volume.corners_ras()
+    span = ", ".join(f"{a} {lo:.1f}..{hi:.1f}" for a, lo, hi in zip("RAS", corners.min(axis=0), corners.max(axis=0)))
+    where = f"{volume.source}: " if volume.source else ""
+    raise GeometryError(f"{where}the point RAS ({', '.join(f'{v:g}' for v in point)}) lies outside the volume ({span} mm)")
 
 
 def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
@@ -143,7 +159,7 @@ def text_query(text: str, embedder: Embedder) -> Query:
 
 def item_query(index: Index, item_id: int) -> Query:
     """'More like this': an indexed item's own vector; its case is left out."""
-    item = index.catalog.items([item_id]).get(int(item_id))
+    item = index.catalog.items([item_id]).get(int(item_id)) if 0 < int(item_id) < 2**63 else None
     if item is None:
         raise ParameterError(f"item {item_id} is not in the index {index.folder}")
     case = index.catalog.case_by_row(item.case_row)

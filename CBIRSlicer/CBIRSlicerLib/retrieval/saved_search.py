@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,12 @@ from pathlib import Path
 from ..digests import file_sha256
 from ..errors import IndexMismatchError, InputError, ParameterError
 from ..imaging.roi import RoiBox
+from ..imaging.slicing import AXES, MAX_MARGIN_MM
 from ..index.folder import Index
+from ..json_input import read_json
 from .answers import BestMatch, CaseResult, SearchAnswer
 from .feedback import Feedback  # one type for marks: relevance feedback's (case id -> item id), kept as it is
+from .ranking import MAX_RESULTS, METHODS
 
 FORMAT = "cbirslicer-search"
 FORMAT_VERSION = 1
@@ -145,10 +149,18 @@ class SearchSettings:
 
     @classmethod
     def from_json(cls, data: dict) -> SearchSettings:
-        """Back from JSON."""
-        return cls(str(data["model"]), str(data["model_digest"]), int(data["k"]), str(data["axis"]), str(data["ranking"]),
-                   bool(data["prior"]), {str(k): str(v) for k, v in (data.get("filters") or {}).items()}, bool(data["placement"]),
-                   float(data.get("margin_mm", 0.0)))
+        """Back from JSON; a k, axis, ranking or margin no search could have used is a ValueError saying which."""
+        settings = cls(str(data["model"]), str(data["model_digest"]), data["k"], str(data["axis"]), str(data["ranking"]),
+                       bool(data["prior"]), {str(k): str(v) for k, v in (data.get("filters") or {}).items()},
+                       bool(data["placement"]), float(data.get("margin_mm", 0.0)))
+        if isinstance(settings.k, bool) or not isinstance(settings.k, int) or not 1 <= settings.k <= MAX_RESULTS:
+            raise ValueError(f"settings.k is {settings.k!r}: a search asks for 1 to {MAX_RESULTS} cases")
+        if not math.isfinite(settings.margin_mm) or not 0 <= settings.margin_mm <= MAX_MARGIN_MM:
+            raise ValueError(f"settings.margin_mm is {settings.margin_mm}: a margin is 0 to {MAX_MARGIN_MM:g} mm")
+        if settings.axis not in AXES or settings.ranking not in METHODS:
+            raise ValueError(f"settings axis '{settings.axis}' or ranking '{settings.ranking}' is not one this CBIRSlicer knows "
+                             f"({', '.join(AXES)}; {', '.join(METHODS)})")
+        return settings
 
 
 @dataclass
@@ -258,17 +270,7 @@ class SavedSearch:
     def load(cls, path: str) -> SavedSearch:
         """A saved search from its file; a missing, unreadable or malformed file is one InputError naming it and the problem."""
         path = os.path.abspath(path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except FileNotFoundError:
-            raise InputError(path, "saved search does not exist") from None
-        except UnicodeDecodeError as error:
-            raise InputError(path, f"saved search is not UTF-8 text (byte {error.start})") from None
-        except json.JSONDecodeError as error:
-            raise InputError(path, f"saved search is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
-        except OSError as error:
-            raise InputError(path, f"saved search cannot be read ({error.strerror or error})") from None
+        data = read_json(path, "saved search")
         try:
             saved = cls.from_json(data, os.path.dirname(path))
             saved.path = path
