@@ -7,6 +7,7 @@ import json
 import os
 
 from ..errors import CBIRError
+from ..index import keyed_seal
 from .common import number, progress_printer, read_labels, sizes_mm, state_note, whole_number
 
 
@@ -136,6 +137,8 @@ def _index_other(args: argparse.Namespace) -> int:
                                    progress_printer("refreshing"))
         print(report.summary())
         return 0
+    if args.action == "trust":
+        return _trust(args)
     if args.action == "repair":
         from ..index.repair import repair
         from ..models.registry import create_embedder
@@ -148,6 +151,8 @@ def _index_other(args: argparse.Namespace) -> int:
     state_note(index)
     if args.action == "suggest-labels":
         return _suggest_labels(args, index)
+    if args.action == "cases":
+        return _cases(args, index)
     if args.action == "info":
         info = index.info()
         if args.json:
@@ -166,8 +171,56 @@ def _index_other(args: argparse.Namespace) -> int:
     problems = index.verify(check_sources=not args.no_sources)
     for problem in problems:
         print(f"problem: {problem}")
+    if index.seal_status == keyed_seal.UNCHECKED:
+        print(f"note: the keyed seal was not checked: no seal key on this machine ({keyed_seal.KEY_VARIABLE} or "
+              f"{keyed_seal.key_path()}); its checksums catch damage, not edits made outside CBIRSlicer")
     print("index is consistent" if not problems else f"{len(problems)} problem(s) found")
     return 0 if not problems else 1
+
+
+def _cases(args: argparse.Namespace, index) -> int:
+    """cbir index cases: every case's id, name, modality, body part and labels (what 'label' and '--relevant' need)."""
+    from ..index import labels
+
+    cases = index.catalog.cases()
+    merged = labels.merged_labels(cases, labels.read_side_file(args.local_labels or labels.SIDE_FILE))
+    rows = [{"case_id": c.case_id, "name": c.name, "modality": c.modality, "body_part": c.body_part,
+             "labels": merged.get(c.case_id, {}), "source": c.source} for c in cases]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"{index.folder}: no cases yet")
+    for row in rows:
+        tags = ", ".join(f"{k}={v}" for k, v in sorted(row["labels"].items())) or "-"
+        print(f"{row['case_id']}  {row['name'] or '-':<24} {row['modality'] or '?':<4} {row['body_part'] or '?':<10} {tags}  "
+              f"{row['source']}")
+    return 0
+
+
+def _trust(args: argparse.Namespace) -> int:
+    """cbir index trust: check every file of an index sealed elsewhere, then seal it under this machine's key."""
+    from ..errors import IndexCorruptError
+    from ..index.folder import Index
+
+    index = Index.open(args.index, strict=False)
+    try:
+        if index.seal_status == keyed_seal.OK:
+            print(f"{index.folder}: already sealed under this machine's key; nothing to do")
+            return 0
+        if index.seal_status == keyed_seal.ALTERED:
+            raise IndexCorruptError(f"{index.folder}: sealed under this machine's key and edited since; it is not trusted: "
+                                    f"'cbir index repair --index {index.folder}' re-embeds its cases from their sources")
+        problems = [p for p in index.verify(check_sources=False) if "cbir index trust" not in p]
+    finally:
+        index.catalog.close()
+    if problems:
+        raise IndexCorruptError(f"{index.folder}: not trusted, {len(problems)} problem(s): {problems[0]}")
+    with Index.open(args.index, writable=True, trust=True):
+        pass  # closing seals it under this machine's key
+    print(f"{index.folder}: every file matches its checksums, vectors and items agree; now sealed under this machine's key "
+          f"(id {keyed_seal.key_id(keyed_seal.writer_key())})")
+    return 0
 
 
 def _suggest_labels(args: argparse.Namespace, index) -> int:
@@ -191,7 +244,8 @@ def _suggest_labels(args: argparse.Namespace, index) -> int:
 def register(commands) -> None:
     """The index command."""
     index = commands.add_parser("index", help="build, extend, check an index of volumes")
-    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair", "suggest-labels"])
+    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair", "trust", "cases",
+                                          "suggest-labels"])
     index.add_argument("sources", nargs="*", help="files and folders to index (build, add), a DICOM database (ctkdb:PATH or "
                        "Slicer's ctkDICOM.sql) or a PACS (dicomweb:URL), or case ids / sources (remove)")
     index.add_argument("--index", required=True, help="index folder")
@@ -218,7 +272,8 @@ def register(commands) -> None:
                        help="FAISS structure (default auto: flat, HNSW, then compressed IVF-PQ by size)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    index.add_argument("--json", action="store_true", help="info as JSON")
+    index.add_argument("--json", action="store_true", help="info or cases as JSON")
+    index.add_argument("--local-labels", metavar="FILE", help="cases: label side file to merge (default ./labels.local.csv)")
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
     _add_dicom_arguments(index)
     index.add_argument("--column", help="suggest-labels: the label column (default 'label' or 'finding')")

@@ -76,7 +76,17 @@ def _same_patient(volume: Volume, index: Index) -> list[int]:
     return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
 
 
+def _searchable(volume: Volume) -> None:
+    """Refuse a query volume with nothing to search for (every voxel NaN, infinite or alike): its answer would be noise."""
+    from ..index.writer import content_problem
+
+    refused, _ = content_problem(volume)
+    if refused:
+        raise InputError(volume.source, f"{refused}; it cannot be a query")
+
+
 def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
+    _searchable(volume)
     source = os.path.abspath(volume.source) if volume.source else None
     return {"volume": source, "axis": axis, "mode": mode, **more}
 
@@ -168,13 +178,21 @@ def item_query(index: Index, item_id: int) -> Query:
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
-    """'FIELD=VALUE' strings to a dict."""
-    filters = {}
+    """'FIELD=VALUE' strings to a dict; every filter must hold (AND), so a field given twice is refused.
+
+    Refused rather than read as 'either value': a case has one value per column, so two values of one field could only be
+    meant as OR, while every other pair of filters means AND; one meaning per option keeps the answer what was asked. Two
+    values of one field are two searches."""
+    filters: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ParameterError(f"filter '{pair}' must look like FIELD=VALUE, for example modality=CT")
-        filters[key.strip()] = value.strip()
+        key = key.strip()
+        if key in filters:
+            raise ParameterError(f"filter field '{key}' is given twice ({key}={filters[key]}, {key}={value.strip()}): every "
+                                 "filter must hold, and a case has one value per field; search once per value")
+        filters[key] = value.strip()
     return filters
 
 

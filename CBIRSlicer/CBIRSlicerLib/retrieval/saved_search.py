@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,6 +417,19 @@ CSV_COLUMNS = ["rank", "case_id", "name", "score", "body_part", "modality", "mat
                "match_kind", "path"]
 
 
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(text: str) -> str:
+    """A text cell a spreadsheet will not run (OWASP CSV injection): one starting with = + - @, a tab or a carriage return
+    gets a leading single quote, unless it is a plain number (-3.2 stays a number)."""
+    text = str(text)
+    if text.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
 def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]] | None = None) -> str:
     """One row per result (rank, case, score, body part, modality, the match's RAS point, path, then one column per label).
 
@@ -432,13 +446,14 @@ def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]]
     try:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(CSV_COLUMNS + columns)
+            writer.writerow(CSV_COLUMNS + [safe_cell(c) for c in columns])
             for result in answer.results:
                 spot = result.best_match.spot
                 mine = labels.get(result.case_id, {})
-                writer.writerow([result.rank, result.case_id, result.name, f"{result.score:.5f}", result.body_part or "",
-                                 result.modality or "", *(f"{v:.3f}" for v in spot), result.best_match.axis,
-                                 result.best_match.kind, result.source, *(mine.get(c, "") for c in columns)])
+                writer.writerow([result.rank, *map(safe_cell, (result.case_id, result.name)), f"{result.score:.5f}",
+                                 *map(safe_cell, (result.body_part or "", result.modality or "")), *(f"{v:.3f}" for v in spot),
+                                 *map(safe_cell, (result.best_match.axis, result.best_match.kind, result.source)),
+                                 *(safe_cell(mine.get(c, "")) for c in columns)])
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
