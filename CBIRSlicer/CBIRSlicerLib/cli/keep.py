@@ -48,7 +48,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {saved_search.write_csv(saved.answer, args.csv, merged)} ({len(saved.answer.results)} results)")
     if args.scene:
         try:
-            from ..scene.saved_searches import export_scene
+            from ..scene.keep_results import export_scene
         except ImportError as error:  # outside Slicer the MRML classes come from the slicer-core package
             raise CBIRError(f"{args.scene}: writing a Slicer scene needs MRML (pip install slicer-core, or run in Slicer): "
                             f"{error}") from None
