@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,13 +77,19 @@ def _same_patient(volume: Volume, index: Index) -> list[int]:
     return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
 
 
+_SEARCHABLE: weakref.WeakSet = weakref.WeakSet()  # volumes found searchable: a session queries one volume many times
+
+
 def _searchable(volume: Volume) -> None:
     """Refuse a query volume with nothing to search for (every voxel NaN, infinite or alike): its answer would be noise."""
     from ..index.writer import content_problem
 
+    if volume in _SEARCHABLE:
+        return
     refused, _ = content_problem(volume)
     if refused:
         raise InputError(volume.source, f"{refused}; it cannot be a query")
+    _SEARCHABLE.add(volume)
 
 
 def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
