@@ -250,6 +250,8 @@ class SavedSearch:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
+        except OSError as error:  # say the file asked for, not the temporary one
+            raise OSError(error.errno, f"the saved search cannot be written ({error.strerror or error})", path) from None
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
@@ -441,9 +443,9 @@ def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]]
     labels = labels or {}
     columns = sorted({c for values in labels.values() for c in values}, key=lambda c: (c != "label", c.lower()))
     path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(CSV_COLUMNS + [safe_cell(c) for c in columns])
@@ -455,6 +457,8 @@ def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]]
                                  *map(safe_cell, (result.best_match.axis, result.best_match.kind, result.source)),
                                  *(safe_cell(mine.get(c, "")) for c in columns)])
         os.replace(temporary, path)
+    except OSError as error:  # say the file asked for, not the temporary one
+        raise OSError(error.errno, f"the CSV cannot be written ({error.strerror or error})", path) from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
