@@ -1,4 +1,4 @@
-"""The second hostile corpus (issue 27), the command-line part: exports, saved searches and answers, filters and options,
+"""The second hostile corpus, the command-line part: exports, saved searches and answers, filters and options,
 the compressed store, re-sealed manifests, full disks and degenerate volumes, and the frictions a new user met.
 
 Every case runs the real command line (in this process) on one small compressed index built once for the module (cases
@@ -6,7 +6,7 @@ named with a spreadsheet formula, XML specials and signs), or on a copy of it, a
 one line that names the file or the argument and the problem (exit 1; argparse's own refusals exit 2), or done right.
 Either way no traceback, and nothing stored changed: the index's files are byte for byte what they were (a refusal), or
 the index still verifies (a writer stopped by a full disk). The DICOM-source part is ``test_hostile_sources.py``; the
-first corpus (issue 13) is ``test_index_fuzz.py``'s.
+first corpus is ``test_index_fuzz.py``'s.
 """
 
 from __future__ import annotations

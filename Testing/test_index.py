@@ -117,7 +117,7 @@ def test_kill_and_resume_finishes_without_duplicates_or_losses(cohort, built, tm
     assert len(ids) == len(np.unique(ids)) == sum(expected.values())
     assert np.array_equal(np.sort(ids), np.sort(index.catalog.item_ids()))
     assert index.verify() == []
-    # It answers as the clean build of the same cases does (issue 27: the transform was fitted on the killed run's cases).
+    # It answers as the clean build of the same cases does (the transform was once fitted on the killed run's cases only).
     assert index.manifest["transform"]["fitted_on"] == reference.manifest["transform"]["fitted_on"]
     embedder = create_embedder("handcrafted")
     for path in cohort[1][:3]:

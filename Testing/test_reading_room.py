@@ -105,7 +105,7 @@ def test_an_answer_suggests_the_vote_winner_with_its_support_and_calibrated_conf
     # No calibration pinned: the confidence is the raw share, and the answer says so; the pooled fit is only measured.
     assert suggester.calibration.source == suggestion.UNCALIBRATED and found.confidence == pytest.approx(found.share, abs=1e-3)
     assert suggestion.pooled_calibration(room.index, "label").fitted_on == 6
-    # Nothing added unless asked, but the note that 7 cases came of the 10 asked for (issue 27).
+    # Nothing added unless asked, but the note that 7 cases came of the 10 asked for.
     assert answer.to_json().keys() == {"query", "ranking", "results", "note"}
     assert answer.note.startswith("7 of the 10 cases asked for: the index holds 8 cases; 1 left out")
     assert suggester.attach(answer).to_json()["suggestion"]["label"] == winner
