@@ -490,3 +490,12 @@ def test_library_warnings_are_one_line(capsys, corpus, monkeypatch):
     assert run(capsys, "index", "info", "--index", corpus[0])[0] == 0
     shown = warnings.formatwarning("a library's\nwarning of two lines", RuntimeWarning, "/x/numpy/core.py", 12, "line = 1 / 0")
     assert shown == "cbir: warning: a library's warning of two lines (RuntimeWarning, core.py:12)\n"
+
+
+def test_a_label_that_is_not_one_line_of_text_is_refused(copy, capsys):
+    case_id = Index.open(copy).catalog.cases()[0].case_id
+    before = snapshot(copy)
+    for value in ("a\nb", "x\x1b[31m", "y" * 1001):
+        line = refused(*run(capsys, "label", case_id, f"finding={value}", "--index", copy)[::2], "label value")
+        assert "\x1b" not in line
+    assert snapshot(copy) == before
