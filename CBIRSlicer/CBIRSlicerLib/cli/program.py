@@ -66,11 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.DatabaseError as error:  # a catalog damaged past what opening it checks, or one that cannot be written
         where = f"{os.path.join(os.path.abspath(args.index), 'catalog.sqlite')}: " if getattr(args, "index", None) else ""
         code = getattr(error, "sqlite_errorcode", None)
-        if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_BUSY,
-                    sqlite3.SQLITE_CANTOPEN) or "disk is full" in str(error):
+        advice = {sqlite3.SQLITE_FULL: "free space on its disk", sqlite3.SQLITE_BUSY: "let the other process finish",
+                  sqlite3.SQLITE_READONLY: "write to a copy you may write", sqlite3.SQLITE_CANTOPEN: "check the folder's permissions",
+                  sqlite3.SQLITE_IOERR: "check the disk or the share"}.get(code)
+        if advice or "disk is full" in str(error):
             # Not damage: SQLite rolled the change back; what was committed before is whole.
-            print(f"cbir: error: {where}cannot be written ({error}); nothing committed was lost: free space (or let the other "
-                  "writer finish) and run the command again", file=sys.stderr)
+            print(f"cbir: error: {where}cannot be used now ({error}); the index is not damaged and nothing committed was lost: "
+                  f"{advice or 'free space on its disk'}, then run the command again", file=sys.stderr)
             return 1
         print(f"cbir: error: {where}cannot be read ({error}); the index is damaged: see 'cbir index verify', "
               "then 'cbir index repair'", file=sys.stderr)
