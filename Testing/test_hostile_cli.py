@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 
 from CBIRSlicerLib import cli
+from CBIRSlicerLib.atomic import write_json_atomically
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.index import keyed_seal
 from CBIRSlicerLib.index.files import CATALOG, MANIFEST, ROWS
 from CBIRSlicerLib.index.folder import Index
-from CBIRSlicerLib.index.integrity import file_record, seal, write_json_atomically
+from CBIRSlicerLib.index.integrity import file_record, seal
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 

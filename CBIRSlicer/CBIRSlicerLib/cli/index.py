@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -83,6 +84,7 @@ def _add_dicom_arguments(index: argparse.ArgumentParser) -> None:
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
     from ..index.files import MANIFEST
+    from ..index.first_build import undone_if_empty
     from ..index.folder import Index
     from ..models.registry import create_embedder
 
@@ -102,21 +104,24 @@ def _index_build(args: argparse.Namespace) -> int:
         except BaseException as error:
             index.__exit__(type(error), error, None)
             raise
-    else:
-        settings = _settings_from(args, SLICING_DEFAULTS)
-        embedder = create_embedder(args.model or "biomedclip", device=args.device)
-        index = Index.create(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
-    with index:
-        report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
-                                   labels=read_labels(args.labels), dicom=_dicom_options(args))
+    # A first build that ends without a case (refused credentials, every series skipped, Ctrl-C) leaves nothing behind.
+    with contextlib.nullcontext() if exists else undone_if_empty(args.index):
+        if not exists:
+            settings = _settings_from(args, SLICING_DEFAULTS)
+            embedder = create_embedder(args.model or "biomedclip", device=args.device)
+            index = Index.create(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
+        with index:
+            report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
+                                       labels=read_labels(args.labels), dicom=_dicom_options(args))
     print(report.summary())
-    info = Index.open(args.index).info()
-    print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
-          f"({info['index_type']}), model {info['model']}")
+    if exists or report.indexed:
+        info = Index.open(args.index).info()
+        print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
+              f"({info['index_type']}), model {info['model']}")
     if not report.indexed:
         what = ", ".join(args.sources)
         reason = "every file was skipped" if report.skipped else "no volume files or DICOM series were found"
-        raise CBIRError(f"{what}: nothing indexed ({reason})")
+        raise CBIRError(f"{what}: nothing indexed ({reason})" + ("" if exists else f"; no index was made in {args.index}"))
     return 0
 
 

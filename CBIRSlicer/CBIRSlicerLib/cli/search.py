@@ -133,7 +133,7 @@ def _one_search(opened: _Opened) -> tuple:
     if args.relevant or args.not_relevant:
         raise CBIRError("--relevant and --not-relevant mark results of an earlier answer: give it with --from ANSWER.json")
     if args.text:
-        query = text_query(args.text, searcher.embedder)
+        query = text_query(args.text)
     elif args.like is not None:
         query = item_query(opened.index, args.like)
     elif args.volume:
@@ -147,12 +147,16 @@ def _one_search(opened: _Opened) -> tuple:
 
 def _print_answer(answer, as_json: bool) -> None:
     """The answer as JSON, or as lines: the query, the suggestion, one line per result."""
+    from ..retrieval.suggestion import NoSuggestion
+
     if as_json:
         print(json.dumps(answer.to_json(), indent=1))
         return
-    print(f"query: {json.dumps(answer.query)}  (ranking {answer.ranking})")
-    if answer.suggestion is not None:
-        print(answer.suggestion.line() if hasattr(answer.suggestion, "line") else f"no suggestion: {answer.suggestion['reason']}")
+    print(f"query: {json.dumps(answer.query.to_json())}  (ranking {answer.ranking})")
+    if isinstance(answer.suggestion, NoSuggestion):
+        print(f"no suggestion: {answer.suggestion.reason}")
+    elif answer.suggestion is not None:
+        print(answer.suggestion.line())
     if not answer.results:
         print("no results")
     for result in answer.results:
@@ -176,20 +180,20 @@ def result_line(result) -> str:
 def _save_search(args: argparse.Namespace, index, searcher, query, answer, filters: dict) -> None:
     """cbir search --save: keep the search (query file and its SHA-256, ROI, settings, index, answer) as JSON."""
     from ..retrieval import saved_search
-    from ..retrieval.feedback import Feedback
+    from ..retrieval.marks import Feedback
 
     settings = saved_search.SearchSettings(args.model or index.model_name(), searcher.embedder.fingerprint.digest(), args.k,
-                                           args.axis, args.ranking, not args.no_prior and query.description.get("mode") not in
+                                           args.axis, args.ranking, not args.no_prior and query.mode not in
                                            ("text", "item"), filters, not args.no_place and query.volume is not None,
                                            args.margin_mm)
     mask = (args.roi_mask, args.label) if args.roi_mask else None
-    marks = Feedback.from_json(answer.query.get("feedback"))  # a search made --from an answer keeps its marks
+    marks = answer.query.feedback or Feedback()  # a search made --from an answer keeps its marks
     path = saved_search.make(query, answer, index, settings, mask, marks, answer.to_json().get("suggestion")).save(args.save)
     print(f"cbir: saved the search to {path}", file=sys.stderr)
 
 
 def _suggester(args: argparse.Namespace, index):
-    """Adds the suggested finding to an answer (issue 19); answers of an index without labels are left as they are."""
+    """Adds the suggested finding to an answer; answers of an index without labels are left as they are."""
     if args.suggest == "none":
         return lambda answer: answer
     from ..retrieval.suggestion import Suggester
@@ -222,7 +226,7 @@ def _earlier_answer(path: str) -> dict:
     """The answer JSON of --from: a 'cbir search --json' answer, or a saved search's answer with its marks."""
     from ..json_input import read_json
     from ..retrieval import saved_search
-    from ..retrieval.feedback import Feedback
+    from ..retrieval.marks import Feedback
 
     data = read_json(path, "answer JSON")
     if isinstance(data, dict) and data.get("format") == saved_search.FORMAT:  # a --save file: checked as 'cbir rerun' does
@@ -244,7 +248,7 @@ def _earlier_answer(path: str) -> dict:
 
 
 def _feedback_arguments(search: argparse.ArgumentParser) -> None:
-    """The suggestion and relevance-feedback options of 'cbir search' (issue 19)."""
+    """The suggestion and relevance-feedback options of 'cbir search'."""
     from ..retrieval.feedback import DEFAULT_STRATEGY, STRATEGIES
 
     search.add_argument("--suggest", metavar="COLUMN",

@@ -19,11 +19,11 @@ exact search over just the allowed vectors, so a filtered query still returns as
 
 from __future__ import annotations
 
-import errno
 import os
 
 import numpy as np
 
+from ..atomic import replaced
 from ..errors import IndexCorruptError, ModelError, ParameterError
 
 # Exact search costs in proportion to vectors x dimension: 175 ms at 1 M x 512 on the project machine, so it stays
@@ -288,21 +288,8 @@ class VectorStore:
             if os.path.abspath(self.rows.path) != os.path.abspath(target):
                 os.replace(self.rows.path, target)
                 self.rows.path = target
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
+        with replaced(path) as temporary:
             faiss.write_index(self.index, temporary)
-            with open(temporary, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except (RuntimeError, OSError) as error:  # FAISS says a full disk as a RuntimeError of several lines
-            full = "No space left" in str(error) or getattr(error, "errno", None) == errno.ENOSPC
-            reason = os.strerror(errno.ENOSPC) if full else str(error).splitlines()[-1][-200:] if isinstance(error, RuntimeError) \
-                else error.strerror or str(error)
-            raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot be written ({reason}); the previous version is kept",
-                          path) from None
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
 
     @property
     def count(self) -> int:

@@ -110,19 +110,3 @@ def read_manifest(path: str, require_seal: bool = True) -> dict:
     if hashlib.sha256(_canonical(manifest)).hexdigest() != recorded:
         raise IndexCorruptError(f"{path}: its checksum does not match its content; it was altered or is damaged")
     return manifest
-
-
-def write_json_atomically(path: str, data: dict) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it over the old one."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w") as handle:
-            json.dump(data, handle, indent=1, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as error:  # a full disk: the old file is still whole; say which file could not be written
-        raise OSError(error.errno, f"cannot be written ({error.strerror or error}); the previous version is kept", path) from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

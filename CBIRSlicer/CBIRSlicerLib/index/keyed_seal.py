@@ -31,6 +31,8 @@ import json
 import os
 import secrets
 
+from ..atomic import replaced
+
 KEY_VARIABLE = "CBIR_SEAL_KEY"
 FIELD = "keyed_seal"
 OK, ALTERED, FOREIGN, UNCHECKED = "ok", "altered", "foreign", "unchecked"
@@ -66,16 +68,10 @@ def writer_key() -> bytes:
         return key
     path = key_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(secrets.token_hex(32))
-    try:
-        os.link(temporary, path)  # whole or not at all; a key another process made first wins
-    except FileExistsError:
-        pass
-    finally:
-        os.remove(temporary)
+    with replaced(path, exclusive=True) as temporary:  # whole or not at all; a key another process made first wins
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
     return _read_key() or b""
 
 

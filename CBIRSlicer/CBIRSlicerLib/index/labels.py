@@ -13,11 +13,11 @@ time, given at index time, loses to any dated one).
 from __future__ import annotations
 
 import csv
-import datetime
 import os
 import re
 from dataclasses import dataclass
 
+from ..clock import now_utc
 from ..errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
 from .catalog import COLUMN_FILTERS, CaseRecord
 from .files import CATALOG, MANIFEST
@@ -30,10 +30,6 @@ PROVENANCE = "labelled"  # metadata key: column -> {"at", "by"}
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_ .-]{0,63}$")
 # Metadata the index writes itself: a label must not overwrite it.
 RESERVED = {*COLUMN_FILTERS, "labels", PROVENANCE, "window", "patient_key", "patient_id", "body_part_source", "modality_source"}
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -104,7 +100,7 @@ def set_label(folder: str, case_id: str, column: str, value: str, by: str | None
     check_column(column)
     check_value(value)
     folder = os.path.abspath(folder)
-    entry = LabelEntry(case_id, column, value, at or _now(), by.strip() if by and by.strip() else None, folder)
+    entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, folder)
     reason = writable_reason(folder)
     if reason is None:
         try:

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from ..atomic import write_json_atomically
 from ..clock import now_utc
 from ..errors import CBIRError, IndexCorruptError, IndexMismatchError
 from ..models.base import Embedder
@@ -20,7 +21,7 @@ from . import keyed_seal, privacy, vector_transform
 from .catalog import Catalog
 from .faiss_store import VectorStore, choose_kind
 from .files import BASE_VERSION, CATALOG, CLEAN, FORMAT_VERSION, MANIFEST, ROWS, TRANSFORM, VECTORS, WRITING
-from .integrity import file_record, seal, write_json_atomically
+from .integrity import file_record, seal
 from .items import IndexSettings
 from .lock import FolderLock
 
@@ -84,6 +85,22 @@ class IndexFolder:
     def privacy_policy(self) -> str:
         """What the index keeps of patient identities (privacy.HASHED unless built to keep them)."""
         return self.manifest.get("privacy", {}).get("patient_ids", privacy.HASHED)
+
+    def state_note(self) -> str | None:
+        """A line for the user when the index is not simply clean (older format, being written, interrupted)."""
+        if self.legacy:
+            return (f"written in index format {self.manifest['format_version']} (this CBIRSlicer writes {BASE_VERSION}-{FORMAT_VERSION}): "
+                    f"read-only; 'cbir index repair --index {self.folder}' brings it up to date")
+        if self.writer_active:
+            return "being written by another process: counts may change and checksums are not checked until it finishes"
+        if self.interrupted:
+            return (f"a writer stopped before finishing; its complete cases are whole, the rest is tidied by the next "
+                    f"'cbir index add' or 'cbir index repair --index {self.folder}'")
+        if self.seal_status == keyed_seal.FOREIGN:
+            return (f"{keyed_seal.describe(self.manifest)} (a copy from elsewhere?): its checksums catch damage but not edits "
+                    f"made outside CBIRSlicer; 'cbir index trust --index {self.folder}' checks it and seals it under this "
+                    "machine's key")
+        return None
 
     def check_model(self, embedder: Embedder) -> None:
         """Refuse an embedder whose fingerprint differs from the one the index was built with."""

@@ -17,11 +17,11 @@ gain cannot come from keeping the marked cases on top. Marks accumulate over rou
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ParameterError
+from ..errors import CBIRError, ParameterError
+from .marks import Feedback
 
 STRATEGIES = ("rocchio", "linear")
 # One round on the phantom cohorts: Rocchio mP@5 0.46 -> 0.80 and 0.30 -> 0.63, the linear re-scoring 0.32 / 0.35; the
@@ -29,50 +29,6 @@ STRATEGIES = ("rocchio", "linear")
 DEFAULT_STRATEGY = "rocchio"
 ROCCHIO = (1.0, 0.75, 0.25)  # alpha (query), beta (relevant), gamma (not relevant): the textbook weights
 RIDGE = 1.0  # the linear model's penalty (unit vectors; a handful of marks)
-
-
-@dataclass
-class Feedback:
-    """Marked cases: case id -> the item it matched best when marked (None: its best item is looked up)."""
-
-    relevant: dict[str, int | None] = field(default_factory=dict)
-    not_relevant: dict[str, int | None] = field(default_factory=dict)
-
-    @property
-    def judged(self) -> list[str]:
-        """Every marked case id."""
-        return list(dict.fromkeys([*self.relevant, *self.not_relevant]))
-
-    def __bool__(self) -> bool:
-        return bool(self.relevant or self.not_relevant)
-
-    def mark(self, case_id: str, item_id: int | None, relevant: bool | None) -> None:
-        """Mark a case relevant (True), not relevant (False), or clear its mark (None); the latest mark wins."""
-        self.relevant.pop(case_id, None)
-        self.not_relevant.pop(case_id, None)
-        if relevant is not None:
-            (self.relevant if relevant else self.not_relevant)[case_id] = item_id
-
-    def to_json(self) -> dict:
-        """The answer's ``query.feedback``."""
-        return {"relevant": dict(self.relevant), "not_relevant": dict(self.not_relevant)}
-
-    @classmethod
-    def from_json(cls, data: dict | None) -> Feedback:
-        """Back from JSON: ``{case id: item id}`` per side, or a plain list of case ids (items looked up when used)."""
-        data = data or {}
-        if not isinstance(data, dict):
-            raise ParameterError(f"feedback marks must be {{'relevant': ..., 'not_relevant': ...}}, not {type(data).__name__}")
-
-        def side(marks) -> dict[str, int | None]:
-            if isinstance(marks, list) and all(isinstance(k, str) for k in marks):
-                return {k: None for k in marks}
-            if not isinstance(marks or {}, dict) or any(v is not None and (isinstance(v, bool) or not isinstance(v, int))
-                                                        for v in (marks or {}).values()):
-                raise ParameterError("feedback marks must map case ids to item ids (whole numbers), or list case ids")
-            return {str(k): v for k, v in (marks or {}).items()}
-
-        return cls(side(data.get("relevant")), side(data.get("not_relevant")))
 
 
 def feedback_from_answer(answer: dict, relevant: list[str], not_relevant: list[str], path: str = "the answer") -> Feedback:
@@ -176,44 +132,35 @@ def search_again(searcher, query, feedback: Feedback, k: int = 10, filters: dict
             judged_rows.append(case.row)
     relevant = _marked_items(index, feedback.relevant, vectors)
     not_relevant = _marked_items(index, feedback.not_relevant, vectors)
-    description = {**query.description, "feedback": feedback.to_json(), "feedback_strategy": strategy}
-    again = dataclasses.replace(query, description=description, exclude_rows=sorted(set(query.exclude_rows) | set(judged_rows)))
+    spec = dataclasses.replace(query.spec, feedback=Feedback.from_json(feedback.to_json()), feedback_strategy=strategy)
+    again = dataclasses.replace(query, spec=spec, exclude_rows=sorted(set(query.exclude_rows) | set(judged_rows)))
     rescore = None
     if strategy == "rocchio" and feedback:
         again.vectors = rocchio(vectors, relevant, not_relevant)
     elif strategy == "linear" and feedback:
         rescore = LinearRescorer(searcher, relevant, not_relevant)
     answer = searcher.search(again, k, filters, method, prior=prior, rescore=rescore)
-    if prior and "prior" in again.description:
-        query.description.setdefault("prior", again.description["prior"])
+    if prior and query.spec.prior is None and again.spec.prior is not None:
+        query.spec = dataclasses.replace(query.spec, prior=again.spec.prior)  # what the search inferred, kept for the next
     return answer
 
 
 def query_from_answer(answer: dict, searcher, path: str = "the answer"):
-    """The query an answer JSON was made for, made again from its ``query`` description (volume, ROI, slice, text, item)."""
-    from ..imaging.roi import RoiBox
-    from .queries import item_query, load_volume_for_query, roi_query, slice_query, text_query, volume_query
+    """The query an answer JSON was made for, made again from its ``query`` (volume, ROI, slice, text, item).
 
-    described = answer.get("query") or {}
-    mode, axis = described.get("mode"), described.get("axis", "axial")
-    if axis not in ("axial", "coronal", "sagittal"):
-        raise ParameterError(f"{path}: its query's axis {axis!r} is not axial, coronal or sagittal")
-    if mode == "text" and isinstance(described.get("text"), str):
-        return text_query(described["text"], searcher.embedder)
-    if mode == "item" and isinstance(described.get("item"), int) and not isinstance(described["item"], bool):
-        return item_query(searcher.index, described["item"])
-    if mode not in ("roi", "slice", "volume") or not isinstance(described.get("volume"), str):
-        raise ParameterError(f"{path}: its query ({mode or 'unknown mode'}) cannot be made again: it names no volume file, "
-                             "phrase or item")
-    if mode == "roi" and not (isinstance(described.get("roi_ras"), list) and len(described["roi_ras"]) == 6):
-        raise ParameterError(f"{path}: its ROI query has no box (roi_ras: six numbers)")
-    volume = load_volume_for_query(described["volume"])
-    if mode == "roi":
-        query = roi_query(volume, RoiBox.parse(",".join(str(v) for v in described["roi_ras"])), axis, searcher.index)
-    elif mode == "slice":
-        query = slice_query(volume, axis, searcher.index, described["ras"])
-    else:
-        query = volume_query(volume, axis, searcher.index)
-    if "prior" in described:
-        query.description["prior"] = described["prior"]
-    return query
+    Its marks are not carried over (:func:`search_again` gives the query every mark); a segment query is made again as
+    its box (the answer names the segment, not the label map it came from)."""
+    from .queries import QuerySpec, load_volume_for_query, make_query
+
+    try:
+        spec = QuerySpec.from_json(answer.get("query") or {})
+    except (KeyError, TypeError, ValueError, CBIRError) as error:
+        raise ParameterError(f"{path}: its query cannot be read ({error})") from None
+    spec = dataclasses.replace(spec, feedback=None, feedback_strategy=None)
+    if spec.mode in ("text", "item"):
+        return make_query(spec, None, searcher.index)
+    if not spec.volume:
+        raise ParameterError(f"{path}: its query ({spec.mode}) cannot be made again: it names no volume file")
+    if spec.mode == "segment":
+        spec = dataclasses.replace(spec, mode="roi", segment=None)
+    return make_query(spec, load_volume_for_query(spec.volume), searcher.index)

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..atomic import replaced
 from ..errors import InputError, ParameterError
 from ..imaging.roi import RoiBox
 from ..index import labels as case_labels
 from ..retrieval import saved_search
 from ..retrieval.answers import BestMatch, SearchAnswer
-from ..retrieval.feedback import Feedback
+from ..retrieval.marks import Feedback
+from ..retrieval.queries import VOLUME_MODES
 from ..retrieval.saved_search import SavedSearch, SearchSettings
 from .layout import MATCH_BOX_THICKNESS_MM
 from .nodes import fresh_scene, mrml_url_decoded, node_from_volume, quiet_vtk
@@ -67,7 +69,7 @@ def save_search(folder: str, index, query, answer: SearchAnswer, settings: Searc
                 feedback: Feedback | None = None, suggestion: dict | None = None, name: str | None = None) -> str:
     """Save a search made from the scene into a folder (a new file, named by time and mode); returns its path."""
     problem = _query_file_problem(volume_node)
-    if problem and query.description.get("mode") in ("roi", "slice", "volume"):
+    if problem and query.mode in VOLUME_MODES:
         raise ParameterError(problem)
     saved = saved_search.make(query, answer, index, settings, feedback=feedback, suggestion=suggestion, name=name)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -122,8 +124,8 @@ def reload_search(path: str, scene, load) -> Reloaded:
             if node is None:
                 raise InputError(spec.volume.path, "Slicer could not load the query volume of the saved search")
             node.SetAttribute(SOURCE_ATTRIBUTE, spec.volume.path)
-    if spec.roi_ras:
-        roi = roi_node_for(scene, RoiBox(tuple(spec.roi_ras[:3]), tuple(spec.roi_ras[3:])))
+    if spec.spec.roi is not None:
+        roi = roi_node_for(scene, spec.spec.roi)
     return Reloaded(saved, node, roi)
 
 
@@ -204,8 +206,8 @@ def _export_scene(saved: SavedSearch, path: str, suffix: str) -> ExportedScene:
         saved.query.volume.check("the query volume")
         node = _volume_node(made, saved.query.volume.path, "Query: " + os.path.basename(saved.query.volume.path).split(".")[0])
         out.volumes.append(node.GetName())
-    if saved.query.roi_ras:
-        roi = _roi(scene, RoiBox(tuple(saved.query.roi_ras[:3]), tuple(saved.query.roi_ras[3:])), "Query ROI", locked=False)
+    if saved.query.spec.roi is not None:
+        roi = _roi(scene, saved.query.spec.roi, "Query ROI", locked=False)
         out.rois.append(roi.GetName())
     for result in saved.answer.results:
         try:
@@ -264,8 +266,7 @@ def _write_scene(made, path: str, suffix: str) -> None:
             storage.SetFileName(os.path.join(data, f"{safe}.{storage.GetDefaultWriteFileExtension()}"))
             if not storage.WriteData(node):
                 raise InputError(storage.GetFileName(), "MRML could not write this file of the scene")
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
+    with replaced(path) as temporary:
         scene.SetURL(path)
         if not scene.Commit(temporary):
             raise InputError(path, "MRML could not write the scene")
@@ -273,10 +274,6 @@ def _write_scene(made, path: str, suffix: str) -> None:
             text = readable_scene(handle.read(), path, lambda name: os.path.exists(os.path.join(folder, name)))
         with open(temporary, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 # MRML URL-encodes a file name in a scene file (space, %, quotes, < and >) but writes an & raw, which is not XML: the
