@@ -32,6 +32,7 @@ import os
 import secrets
 
 from ..atomic import replaced
+from ..errors import CBIRError
 
 KEY_VARIABLE = "CBIR_SEAL_KEY"
 FIELD = "keyed_seal"
@@ -67,11 +68,15 @@ def writer_key() -> bytes:
     if key is not None:
         return key
     path = key_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with replaced(path, exclusive=True) as temporary:  # whole or not at all; a key another process made first wins
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with replaced(path, exclusive=True) as temporary:  # whole or not at all; a key another process made first wins
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    except OSError as error:  # a read-only home: the writer cannot seal, so it must not write
+        raise CBIRError(f"{path}: the seal key for the indexes you write cannot be made ({error.strerror or error}); set "
+                        f"{KEY_VARIABLE} (or XDG_CONFIG_HOME to a folder you may write)") from None
     return _read_key() or b""
 
 
