@@ -37,6 +37,7 @@ from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.index.writer import BuildReport
 from CBIRSlicerLib.models import registry
+from CBIRSlicerLib.progress import State
 from CBIRSlicerLib.retrieval import queries, saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
 from CBIRSlicerLib.retrieval.queries import QuerySpec, parse_filters
@@ -349,19 +350,19 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.buildStatusLabel.text = _("Stopping after the current case...")
 
     def _pollBuild(self) -> None:
-        progress = self._build.progress()
+        progress = self._build.poll()
         self.ui.buildProgressBar.maximum = max(progress.total, 1)
         self.ui.buildProgressBar.value = progress.done
-        if not self._build.finished:
+        if not progress.finished:
             self.ui.buildStatusLabel.text = _buildStatus(progress)
             return
         build, self._build = self._build, None
-        if build.state == "failed":
+        if progress.state == State.FAILED:
             self.ui.buildStatusLabel.text = _("Indexing failed: {error}").format(error=build.error)
         else:
             report = build.report or BuildReport()
             skipped = self._buildSkipped + report.skipped
-            self.ui.buildStatusLabel.text = _buildOutcome(build.state, report, len(skipped))
+            self.ui.buildStatusLabel.text = _buildOutcome(progress.state, report, len(skipped))
             self.ui.skippedPlainTextEdit.plainText = "\n".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
         self.onOpenIndex()
 
@@ -402,12 +403,13 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         progress = self._search.poll()
         self.ui.searchProgressBar.maximum = max(progress.total, 1)
         self.ui.searchProgressBar.value = progress.done
-        if progress.state in ("loading model", "embedding"):
-            self.ui.searchStatusLabel.text = _("Loading the model (once per session)...") if progress.state == "loading model" else (
-                _("Embedding {done} of {total} query images...").format(done=progress.done, total=progress.total))
+        if not progress.finished:
+            self.ui.searchStatusLabel.text = (_("Loading the model (once per session)...") if progress.state == State.LOADING_MODEL
+                                              else _("Embedding {done} of {total} query images...").format(done=progress.done,
+                                                                                                           total=progress.total))
             return
         search, self._search = self._search, None
-        if progress.state == "done":
+        if progress.state == State.DONE:
             self._lastSearch = search
             self._showAnswer(search.answer)
             self._lastQuery, self._savedPath = search.query, None
@@ -420,7 +422,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._placement is not None:
                 self.ui.searchStatusLabel.text = self.ui.searchStatusLabel.text + " " + _("Placing the matches...")
         else:
-            self.ui.searchStatusLabel.text = (_("Cancelled.") if progress.state == "cancelled"
+            self.ui.searchStatusLabel.text = (_("Cancelled.") if progress.state == State.CANCELLED
                                               else _("Search failed: {reason}").format(reason=progress.message))
         self._updateButtons()
 
@@ -431,7 +433,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._pollBuild()
             if self._search is not None:
                 self._pollSearch()
-            if self._placement is not None and self._placement.finished:
+            if self._placement is not None and self._placement.poll().finished:
                 self._placementDone()
         except Exception as error:  # never leave a dead timer ticking on an error
             self._build = self._search = self._placement = None
@@ -673,11 +675,11 @@ def _buildStatus(progress) -> str:
     return f"{text}: {os.path.basename(progress.label)}" if progress.label else text
 
 
-def _buildOutcome(state: str, report: BuildReport, skipped: int) -> str:
+def _buildOutcome(state: State, report: BuildReport, skipped: int) -> str:
     """The status line of a finished (or cancelled) build."""
     counts = _("{added} added, {refreshed} refreshed, {unchanged} unchanged, {skipped} skipped.").format(
         added=len(report.added), refreshed=len(report.replaced), unchanged=len(report.unchanged), skipped=skipped)
-    return (_("Cancelled.") if state == "cancelled" else _("Done.")) + " " + counts
+    return (_("Cancelled.") if state == State.CANCELLED else _("Done.")) + " " + counts
 
 
 def _describeResult(result: CaseResult) -> str:
