@@ -52,3 +52,65 @@ class Progress:
             rate = done / max((until or time.monotonic()) - since, 1e-9)
             eta = (total - done) / rate if state not in FINAL and rate > 0 else None
         return cls(state, done, total, label, rate, eta, message)
+
+
+class PendingCall:
+    """A function run on a background thread and polled like any background work.
+
+    The function is called with this object: it may say how far it is (:meth:`report`) and should stop when
+    :meth:`stopping` says so (:meth:`cancel`). Its value is :attr:`value`, or its exception :attr:`error`. For work that
+    releases the GIL (file and network reading, SimpleITK), so the caller's thread (the GUI's) stays responsive.
+    """
+
+    def __init__(self, function, name: str = "cbir-call"):
+        import threading
+
+        self.value = None
+        self.error: BaseException | None = None
+        self._done, self._total, self._label = 0, 0, ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True, name=name)
+        self._thread.start()
+
+    def _run(self, function) -> None:
+        try:
+            self.value = function(self)
+        except Exception as error:  # kept for the caller's thread, which reads it from poll() or result()
+            self.error = error
+
+    def report(self, done: int, total: int | None = None, label: str = "") -> None:
+        """How far the work is (called from its thread)."""
+        self._done, self._total, self._label = int(done), int(total or 0), label
+
+    def stopping(self) -> bool:
+        """Whether the caller asked the work to stop."""
+        return self._stop.is_set()
+
+    def cancel(self) -> None:
+        """Ask the work to stop (it does when it next looks at :meth:`stopping`)."""
+        self._stop.set()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the function has returned or raised."""
+        return not self._thread.is_alive()
+
+    def poll(self) -> Progress:
+        """Running (with what it reported), then done, failed (``message``: the error) or cancelled."""
+        if not self.finished:
+            return Progress(State.STOPPING if self.stopping() else State.RUNNING, self._done, self._total, self._label)
+        if self.error is not None:
+            state = State.CANCELLED if self.stopping() else State.FAILED
+            return Progress(state, self._done, self._total, self._label, message=str(self.error))
+        return Progress(State.DONE, self._done, self._total, self._label)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the function has ended (scripts and tests); whether it has."""
+        self._thread.join(timeout)
+        return self.finished
+
+    def result(self):
+        """The function's value, or its exception raised here (call once finished)."""
+        if self.error is not None:
+            raise self.error
+        return self.value

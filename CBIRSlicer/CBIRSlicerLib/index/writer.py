@@ -206,8 +206,7 @@ class IndexWriter(IndexFolder):
                     self.checkpoint()
             if ahead is not None:
                 ahead.cancel()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             total = len(cases) or total_if_none  # a build from a DICOM database or PACS only: its series
             progress(total, total, "done")
@@ -333,8 +332,7 @@ class IndexWriter(IndexFolder):
             report.vectors += len(vectors)
             if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                 self.checkpoint()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             progress(total, total, "done")
         report.seconds = time.monotonic() - began

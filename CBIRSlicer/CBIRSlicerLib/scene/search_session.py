@@ -22,7 +22,7 @@ from ..index.files import MANIFEST
 from ..index.folder import Index
 from ..models.base import Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
-from ..progress import Progress, State
+from ..progress import PendingCall, Progress, State
 from ..retrieval.answers import CaseResult, SearchAnswer
 from ..retrieval.feedback import DEFAULT_STRATEGY, Feedback, search_again
 from ..retrieval.queries import VOLUME_MODES, Query, QuerySpec, make_query
@@ -190,53 +190,34 @@ class PendingSearch:
         raise self.error or TimeoutError(f"search still {progress.state} after {timeout} s")
 
 
-class PendingPlacement:
+class PendingPlacement(PendingCall):
     """Placing a shown answer's matches anatomically, on a background thread; :meth:`poll` it from a timer, as a search.
 
     The list is shown first; this refines where each result matched (:meth:`Searcher.place`), which reads every shown
     result's volume and registers the query's neighbourhood into it: about a second a result, so never on the GUI
-    thread. SimpleITK releases the GIL while it works, so the GUI stays responsive.
+    thread. SimpleITK releases the GIL while it works, so the GUI stays responsive. ``answer`` is the placed answer;
+    ``error`` why placing failed (the unplaced list stays).
     """
 
     def __init__(self, searcher: Searcher, query: Query, answer: SearchAnswer, loader=None):
-        import threading
-
-        self.answer: SearchAnswer | None = None
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, args=(searcher, query, answer, loader), daemon=True,
-                                        name="cbir-placement")
-        self._thread.start()
-
-    def _run(self, searcher: Searcher, query: Query, answer: SearchAnswer, loader) -> None:
-        try:
-            self.answer = searcher.place(query, answer, loader)
-        except Exception as error:  # shown to the user; the unplaced list stays
-            self.error = error
+        super().__init__(lambda call: searcher.place(query, answer, loader), name="cbir-placement")
 
     @property
-    def finished(self) -> bool:
-        """Whether placing has ended (``answer`` or ``error`` is set)."""
-        return not self._thread.is_alive()
-
-    def poll(self) -> Progress:
-        """Where placing stands: running, then done (``answer``) or failed (``error``, the unplaced list stays)."""
-        if not self.finished:
-            return Progress(State.RUNNING, 0, 1)
-        if self.error is not None:
-            return Progress(State.FAILED, 0, 1, message=str(self.error))
-        return Progress(State.DONE, 1, 1)
+    def answer(self) -> SearchAnswer | None:
+        """The placed answer, once placed."""
+        return self.value
 
     def wait(self, timeout: float | None = None) -> SearchAnswer | None:
         """Block until placed (scripts and tests); the placed answer, or None if it failed or is not done."""
-        self._thread.join(timeout)
+        super().wait(timeout)
         return self.answer
 
 
 class SearchSession:
     """An index opened for searching, with its model running in a background worker."""
 
-    def __init__(self, folder: str, model: str | None = None, python: str | None = None, device: str | None = None):
-        self.index = Index.open(folder)
+    def __init__(self, folder: str | Index, model: str | None = None, python: str | None = None, device: str | None = None):
+        self.index = folder if isinstance(folder, Index) else Index.open(folder)  # an index already open is not opened again
         self.model = model or self.index.model_name()
         self.service = embedding_service(self.model, python, device)
         self._searcher: Searcher | None = None
