@@ -165,6 +165,7 @@ ROOMS = {
     "retrieval/marks.py": {"Feedback"},
     "retrieval/suggestion.py": {"Suggestion", "NoSuggestion"},
     "models/requests.py": {"EmbeddingKind", "EmbeddingRequest"},
+    "progress.py": {"State", "Progress"},
     "retrieval/placement.py": {"anatomical_match", "look_alike_margin", "AGREEMENT_MIN"},
     "retrieval/saved_search.py": {"SavedSearch", "rerun"},
     "scene/keep_results.py": {"save_search", "reload_search", "export_scene", "label_result"},

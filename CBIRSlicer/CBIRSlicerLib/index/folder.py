@@ -43,6 +43,16 @@ from .verify import verify
 from .writer import IndexWriter
 
 
+def model_of(folder: str) -> str:
+    """The model an index folder was built with, from its manifest alone (no checksums: for choosing what to install or
+    load before the index is opened)."""
+    path = os.path.join(os.path.abspath(folder), MANIFEST)
+    try:
+        return str(read_manifest(path, require_seal=False)["model"]["name"])
+    except (KeyError, TypeError) as error:
+        raise IndexCorruptError(f"{path}: lacks or garbles {error}; {recovery_hint(os.path.dirname(path))}") from None
+
+
 class Index(IndexWriter):
     """One index folder. Open with :meth:`create` or :meth:`open`; writers hold the folder lock."""
 
@@ -171,6 +181,7 @@ class Index(IndexWriter):
     def close(self) -> None:
         """Save pending work and seal the manifest (writers), close the catalog, release the lock."""
         if self._lock is not None:
+            self._maybe_change_structure()  # a removal's tombstones compacted, as at every commit
             self.checkpoint()
             pinned = self.manifest.get("transform")
             if pinned is not None and "checksum" not in pinned:  # never fitted (a killed build tidied, a remove): fit now

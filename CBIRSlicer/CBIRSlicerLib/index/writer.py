@@ -115,7 +115,7 @@ class BuildReport:
         return len(self.added) + len(self.replaced) + len(self.unchanged)
 
 
-Progress = Callable[[int, int, str], None]  # (cases done, cases in all, what is being done)
+CaseProgress = Callable[[int, int, str], None]  # called with (cases done, cases in all, what is being done)
 
 
 @dataclass
@@ -146,7 +146,7 @@ class IndexWriter(IndexFolder):
                 self.catalog.add_tombstones(present)
             self.catalog.delete_cases(rows)
 
-    def add_sources(self, paths: Iterable[str], embedder: Embedder, progress: Progress | None = None,
+    def add_sources(self, paths: Iterable[str], embedder: Embedder, progress: CaseProgress | None = None,
                     labels: dict[str, list[str]] | None = None, should_stop: Callable[[], bool] | None = None,
                     dicom: DicomOptions | None = None) -> BuildReport:
         """Index new volumes, refresh changed ones (checksum), skip unchanged ones; resumable.
@@ -169,7 +169,7 @@ class IndexWriter(IndexFolder):
         return report
 
     def add_cases(self, sources: Sequence[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
-                  progress: Progress | None = None) -> BuildReport:
+                  progress: CaseProgress | None = None) -> BuildReport:
         """Index these cases (volume files, or DICOM series in a folder) as :meth:`add_sources` does, each with its labels;
         committed the same way: checkpoints, then the vector transform refitted when the index has grown."""
         self._require_writer()
@@ -181,7 +181,7 @@ class IndexWriter(IndexFolder):
         return report
 
     def _add_cases(self, cases: list[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
-                   report: BuildReport, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                   report: BuildReport, progress: CaseProgress | None = None, should_stop: Callable[[], bool] | None = None,
                    total_if_none: int = 0) -> None:
         """The cases indexed one by one (the next read ahead), checkpointed as they go, then committed with the transform."""
         # The next case is checksummed and read on a thread while this one is embedded (file reading and decompression
@@ -206,14 +206,13 @@ class IndexWriter(IndexFolder):
                     self.checkpoint()
             if ahead is not None:
                 ahead.cancel()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             total = len(cases) or total_if_none  # a build from a DICOM database or PACS only: its series
             progress(total, total, "done")
 
     def _add_dicom_source(self, spec: str, embedder: Embedder, options: DicomOptions, report: BuildReport,
-                          progress: Progress | None, should_stop: Callable[[], bool] | None) -> int:
+                          progress: CaseProgress | None, should_stop: Callable[[], bool] | None) -> int:
         """Index the series of a DICOM database or a PACS: each fetched (PACS) only when no case holds its series UID yet,
         embedded, then its download removed (unless kept). A series that fails is one line in ``report.skipped``; the others
         go on, and a rerun fetches only what is still missing. Returns how many series passed the filters."""
@@ -301,7 +300,7 @@ class IndexWriter(IndexFolder):
         self._pending_rows.append(row)
         return row
 
-    def add_embedded(self, cases: Iterable[EmbeddedCase], progress: Progress | None = None) -> BuildReport:
+    def add_embedded(self, cases: Iterable[EmbeddedCase], progress: CaseProgress | None = None) -> BuildReport:
         """Store cases whose item vectors are already computed; a case id the index holds already is left unchanged.
 
         Committed like :meth:`add_sources` (checkpoints as it goes and at the end, the vector transform refitted when the
@@ -334,8 +333,7 @@ class IndexWriter(IndexFolder):
             report.vectors += len(vectors)
             if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                 self.checkpoint()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             progress(total, total, "done")
         report.seconds = time.monotonic() - began
@@ -356,7 +354,7 @@ class IndexWriter(IndexFolder):
         self._save()
         return removed
 
-    def refresh(self, embedder: Embedder, progress: Progress | None = None) -> BuildReport:
+    def refresh(self, embedder: Embedder, progress: CaseProgress | None = None) -> BuildReport:
         """Re-check every case's source: re-index changed files, report missing ones."""
         report = BuildReport()
         present = []

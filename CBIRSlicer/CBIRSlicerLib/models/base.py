@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ModelError
 
 VOLUME_FAMILIES = ("i3d",)  # fingerprint families of 3D models (they embed volumes, not 2D images)
-Progress = Callable[[int, int], None]  # (images done, images in all)
+ImageProgress = Callable[[int, int], None]  # called with (images done, images in all)
 ShouldStop = Callable[[], bool]
 
 
@@ -152,7 +152,7 @@ class Embedder:
         raise NotImplementedError
 
     def embed_images(self, images: Sequence[np.ndarray], batch_size: int | None = None,
-                     progress: Progress | None = None, should_stop: ShouldStop | None = None) -> np.ndarray:
+                     progress: ImageProgress | None = None, should_stop: ShouldStop | None = None) -> np.ndarray:
         """Vectors (N, dim), float32, L2-normalised, for uint8 RGB / grey images; stops early if ``should_stop()``."""
         images = check_images(images)
         batch_size = max(1, batch_size or self.default_batch_size)
