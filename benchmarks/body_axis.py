@@ -2,7 +2,8 @@
 
 Head-and-neck CTs of the *reporting* patients (``patient_split``; none of them made the template):
 
-* **Organ levels across patients**: for each pair (p, q) of different patients holding organ o, the centroid of o
+* **Organ levels across patients**: for each pair (p, q) of different patients holding organ o whole (not cut by
+  the field of view: a cut organ's centroid is not the organ's, and many crops here cut the brainstem), the centroid of o
   in p is given its level by p's axis, that level is put into q by q's axis (``s_at``), and the distance along S
   to o's centroid in q is the error, in q's millimetres. Per organ: median, 90th percentile, share within 10 mm.
   The brainstem, parotids, larynx and mandible were the template's anchors (in other patients); the spinal cord
@@ -58,12 +59,18 @@ def summary(errors: list[float]) -> dict:
             "within_10mm": round(float(np.mean(e <= 10.0)), 3), "within_20mm": round(float(np.mean(e <= 20.0)), 3)}
 
 
+def whole(axis: body_axis.BodyAxis, organ: tuple[float, float, float]) -> bool:
+    """Whether an organ (mean, lowest, highest S) lies inside the body's extent, not cut by the field of view (a cut
+    organ's centroid is not the organ's)."""
+    return axis.s_range[0] + body_axis.GRID_MM[2] <= organ[1] and organ[2] <= axis.s_range[1] - body_axis.GRID_MM[2]
+
+
 def cross_patient(axes: dict[str, body_axis.BodyAxis], organs: dict[str, dict]) -> dict:
     """Organ centroid levels carried from each patient into every other one: errors along S per organ."""
     out = {}
     for name in ORGANS.values():
         errors, outside = [], 0
-        holders = [c for c in axes if name in organs[c]]
+        holders = [c for c in axes if name in organs[c] and whole(axes[c], organs[c][name])]
         for p in holders:
             level = axes[p].level_at(organs[p][name][0], margin_mm=10.0)
             for q in holders:
@@ -87,7 +94,7 @@ def slab_queries(cases: list[str], axes: dict[str, body_axis.BodyAxis], organs: 
     for p in cases:
         volume = read_volume(folder / f"{p}_ct.nii.gz")
         for name in SLAB_ORGANS:
-            if name not in organs[p]:
+            if name not in organs[p] or not whole(axes[p], organs[p][name]):
                 continue
             centre = organs[p][name][0]
             for thick in SLABS_MM:
@@ -99,7 +106,7 @@ def slab_queries(cases: list[str], axes: dict[str, body_axis.BodyAxis], organs: 
                 level = axis.level_at(centre, margin_mm=10.0)
                 own[key].append(level - axes[p].level_at(centre, margin_mm=10.0))
                 for q in axes:
-                    if q == p or name not in organs[q]:
+                    if q == p or name not in organs[q] or not whole(axes[q], organs[q][name]):
                         continue
                     s = axes[q].s_at(level)
                     results[key][name].append(np.nan if s is None else s - organs[q][name][0])

@@ -4,7 +4,8 @@
    The centroids of the brainstem, both parotids, the larynx and the mandible get one standard level each (their
    mean over patients) and each patient a map ``level = slope * (offset - S)`` (least squares, slopes normalised to
    a mean of 1, so a standard mm is the average tuning patient's mm); the two are refined in turn. The spinal cord
-   and the oesophagus are left out: their contoured length follows the treatment plan and the field of view.
+   and the oesophagus are left out: their contoured length follows the treatment plan and the field of view; so
+   is any organ the field of view cuts (its centroid is not the organ's).
 2. The vertex is level 0: the mean level of the top of the head over the tuning patients whose head ends inside
    the field of view in a dome (not cut flat by the stored region).
 3. The head CT (Debian invesalius-examples) is placed by aligning it to the template of step 1, then added: it
@@ -75,6 +76,16 @@ def hn_profiles(cache: Path, cases: list[str]) -> dict[str, dict]:
             path.write_bytes(pickle.dumps(stored))
             print(f"  profiles: {n + 1}/{len(missing)}", flush=True)
     return {c: stored[c] for c in cases}
+
+
+def whole_organs(item: dict) -> dict[str, tuple[float, float, float]]:
+    """The organs of a patient that the field of view does not cut (a cut organ's centroid is not the organ's)."""
+    prof = item["profile"]
+    s = prof.s_mm[prof.body]
+    if s.size == 0:
+        return {}
+    margin = body_axis.GRID_MM[2]
+    return {o: v for o, v in item["organs"].items() if s.min() + margin <= v[1] and v[2] <= s.max() - margin}
 
 
 def organ_fits(data: dict[str, dict], iterations: int = 30) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
@@ -163,10 +174,11 @@ def binned(placed: list[tuple[np.ndarray, np.ndarray]], levels: np.ndarray) -> l
     return bins
 
 
-def build(cache: Path) -> tuple[body_axis.Template, dict]:
-    """The template and a report of how it was made."""
-    cases = [c for c in hn_cases() if part(c) == "tuning"]
-    data = {c: d for c, d in hn_profiles(cache, cases).items() if any(o in d["organs"] for o in ANCHORS)}
+def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Template, dict]:
+    """The template (from the tuning patients, or the head-and-neck ``cases`` given) and a report of how it was made."""
+    cases = cases if cases is not None else [c for c in hn_cases() if part(c) == "tuning"]
+    data = {c: {**d, "organs": whole_organs(d)} for c, d in hn_profiles(cache, cases).items()}
+    data = {c: d for c, d in data.items() if any(o in d["organs"] for o in ANCHORS)}
     standard, fits = organ_fits(data)
     levels = np.arange(-40.0, 1000.0 + BIN_MM / 2, BIN_MM)
     shift = float(np.mean(list(standard.values()))) - 150.0  # provisional origin, replaced by the vertex below
@@ -174,7 +186,7 @@ def build(cache: Path) -> tuple[body_axis.Template, dict]:
     standard = {o: v - shift for o, v in standard.items()}
     placed = {c: (fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), d["profile"].values[d["profile"].body])
               for c, d in data.items()}
-    hn_template, _ = template_from(list(placed.values()), levels - 150.0, body_axis.CT_FEATURES)
+    hn_template, _ = template_from(list(placed.values()), levels - 150.0, body_axis.FEATURES)
 
     real = prepare(names=("head_ct", "brain_mr", "abdomen_ct"))
     heads = {n: body_axis.profile(read_volume(real[n].image)) for n in ("head_ct", "brain_mr")}
@@ -190,8 +202,8 @@ def build(cache: Path) -> tuple[body_axis.Template, dict]:
                                  if o in d["organs"]])) for o in ANCHORS}
     placed = [(fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), d["profile"].values[d["profile"].body])
               for c, d in data.items()]
-    _, counts = template_from(placed, levels, body_axis.CT_FEATURES)
-    floor = 0.5 * np.nanmedian(template_from(placed, levels, body_axis.CT_FEATURES)[0].spread, axis=1)
+    _, counts = template_from(placed, levels, body_axis.FEATURES)
+    floor = 0.5 * np.nanmedian(template_from(placed, levels, body_axis.FEATURES)[0].spread, axis=1)
 
     landmarks = {"vertex": 0.0, **{o: round(v, 1) for o, v in standard.items()}}
     landmarks["L1"] = round(standard["larynx"] + C5_TO_L1_MM, 1)
@@ -203,7 +215,7 @@ def build(cache: Path) -> tuple[body_axis.Template, dict]:
     l1_s = float(labels.ijk_to_ras_points(kji[:, ::-1].astype(float))[:, 2].mean())
     extra = [(head_axes["head_ct"].slope * (head_axes["head_ct"].offset - head.s_mm[head.body]), head.values[head.body]),
              (landmarks["L1"] + (l1_s - abdomen_prof.s_mm[abdomen_prof.body]), abdomen_prof.values[abdomen_prof.body])]
-    template, _ = template_from(placed + extra, levels, body_axis.CT_FEATURES, floor)
+    template, _ = template_from(placed + extra, levels, body_axis.FEATURES, floor)
     source = (f"benchmarks/body_axis_template.py: {len(data)} tuning head-and-neck patients placed by their organs; "
               "head CT (invesalius Cranium) by alignment; abdominal CT (TotalSegmentator reference) by its L1")
     template = body_axis.Template(template.levels, template.median, template.spread, template.features, landmarks, source)
