@@ -115,8 +115,9 @@ def organ_fits(data: dict[str, dict], iterations: int = 30) -> tuple[dict[str, f
 def dome_top(prof: body_axis.Profile) -> float | None:
     """S of the top of the head when it ends in a dome inside the field of view; None when cut by the field of view
     or by the stored region (many head-and-neck crops end in a flat cut or a thin tube of stored tissue)."""
-    area = 10 ** prof.values[:, 0] * prof.body
-    planes = np.nonzero(prof.body)[0]
+    area = 10 ** prof.values[:, 0]
+    area = area * (area >= body_axis.MIN_AREA_MM2)  # the cap's small planes count here (the profile's body leaves them out)
+    planes = np.nonzero(area)[0]
     if planes.size < 20:
         return None
     top = int(planes[-1])

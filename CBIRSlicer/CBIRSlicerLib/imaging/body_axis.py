@@ -28,7 +28,7 @@ import numpy as np
 from .intensity import looks_like_ct
 from .volume import Volume
 
-PROFILE_VERSION = 2  # bump when what a profile measures changes (the builder caches profiles by it)
+PROFILE_VERSION = 3  # bump when what a profile measures changes (the builder caches profiles by it)
 GRID_MM = (4.0, 4.0, 2.0)  # the profile's grid: 4 mm in the plane (shapes), 2 mm between planes (levels)
 ZONES = tuple(f"{ap}_{side}" for ap in ("front", "middle", "back") for side in ("centre", "side"))
 CT_FEATURES = ("width", "depth", "bone", "air", "enclosed", "fat", "bone_width",
@@ -39,7 +39,8 @@ TEMPLATE_FILE = Path(__file__).with_name("body_axis_template.json")
 SLOPES = np.exp(np.linspace(np.log(0.8), np.log(1.25), 21))  # body size: 0.8 to 1.25 standard mm per patient mm
 SLOPE_PRIOR_SD = 0.1  # log-slope spread of adults (a prior, so short volumes do not stretch to fit)
 MIN_PLANES = 10  # planes with body needed to align at all (20 mm)
-MIN_AREA_MM2 = 400.0  # a plane with less body (the vertex's cap, a cropped edge) is not measured
+MIN_AREA_MM2 = 400.0  # a plane with less body (the vertex's cap, a cropped edge) is not measured,
+MIN_AREA_SHARE = 0.1  # nor one with less than this share of the volume's large planes (90th percentile of area)
 GAP_COST = 1.5  # a plane placed beyond the template's known levels (the legs): a poor match, not a bar
 ABOVE_COST = 4.0  # a plane of body placed above the vertex: impossible
 MIN_KNOWN = 0.6  # share of a volume's planes that must fall on the template's known levels
@@ -202,6 +203,8 @@ def profile(volume: Volume) -> Profile:
     area = outline.sum(axis=(1, 2)).astype(float)
     pixel = GRID_MM[0] * GRID_MM[1]
     present = area * pixel >= MIN_AREA_MM2
+    if present.any():  # and not a thin stump of the larger planes: a cropped edge, a tube of stored tissue
+        present &= area >= MIN_AREA_SHARE * np.percentile(area[present], 90)
     share = np.maximum(area, 1.0)
     columns = [np.log10(np.maximum(area * pixel, 1.0)), _extent_mm(outline, 2), _extent_mm(outline, 1)]
     if ct:
