@@ -164,6 +164,11 @@ def template_from(placed: list[tuple[np.ndarray, np.ndarray]], levels: np.ndarra
     return body_axis.Template(levels, median, spread, features), counts
 
 
+def template_values(prof: body_axis.Profile) -> np.ndarray:
+    """A profile's body planes, in the template's feature order."""
+    return prof.values[prof.body][:, [prof.features.index(f) for f in body_axis.FEATURES]]
+
+
 def binned(placed: list[tuple[np.ndarray, np.ndarray]], levels: np.ndarray) -> list[list[np.ndarray]]:
     """Per bin, the list of feature rows of the planes placed in it (one mean row per volume and bin)."""
     bins: list[list[np.ndarray]] = [[] for _ in levels]
@@ -185,7 +190,7 @@ def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Templa
     shift = float(np.mean(list(standard.values()))) - 150.0  # provisional origin, replaced by the vertex below
     fits = {c: (a, b - shift / a) for c, (a, b) in fits.items()}
     standard = {o: v - shift for o, v in standard.items()}
-    placed = {c: (fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), d["profile"].values[d["profile"].body])
+    placed = {c: (fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), template_values(d["profile"]))
               for c, d in data.items()}
     hn_template, _ = template_from(list(placed.values()), levels - 150.0, body_axis.FEATURES)
 
@@ -201,7 +206,7 @@ def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Templa
                                        a.planes) for n, a in head_axes.items()}
     residual = {o: float(np.std([fits[c][0] * (fits[c][1] - d["organs"][o][0]) - standard[o] for c, d in data.items()
                                  if o in d["organs"]])) for o in ANCHORS}
-    placed = [(fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), d["profile"].values[d["profile"].body])
+    placed = [(fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), template_values(d["profile"]))
               for c, d in data.items()]
     _, counts = template_from(placed, levels, body_axis.FEATURES)
     floor = 0.5 * np.nanmedian(template_from(placed, levels, body_axis.FEATURES)[0].spread, axis=1)
@@ -214,8 +219,8 @@ def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Templa
     names = {v: k for k, v in real["abdomen_ct"].names.items()}
     kji = np.argwhere(labels.array == names["vertebrae_L1"])
     l1_s = float(labels.ijk_to_ras_points(kji[:, ::-1].astype(float))[:, 2].mean())
-    extra = [(head_axes["head_ct"].slope * (head_axes["head_ct"].offset - head.s_mm[head.body]), head.values[head.body]),
-             (landmarks["L1"] + (l1_s - abdomen_prof.s_mm[abdomen_prof.body]), abdomen_prof.values[abdomen_prof.body])]
+    extra = [(head_axes["head_ct"].slope * (head_axes["head_ct"].offset - head.s_mm[head.body]), template_values(head)),
+             (landmarks["L1"] + (l1_s - abdomen_prof.s_mm[abdomen_prof.body]), template_values(abdomen_prof))]
     template, _ = template_from(placed + extra, levels, body_axis.FEATURES, floor)
     source = (f"benchmarks/body_axis_template.py: {len(data)} tuning head-and-neck patients placed by their organs; "
               "head CT (invesalius Cranium) by alignment; abdominal CT (TotalSegmentator reference) by its L1")

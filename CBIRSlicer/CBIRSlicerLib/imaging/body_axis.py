@@ -28,13 +28,16 @@ import numpy as np
 from .intensity import looks_like_ct
 from .volume import Volume
 
-PROFILE_VERSION = 3  # bump when what a profile measures changes (the builder caches profiles by it)
+PROFILE_VERSION = 4  # bump when what a profile measures changes (the builder caches profiles by it)
 GRID_MM = (4.0, 4.0, 2.0)  # the profile's grid: 4 mm in the plane (shapes), 2 mm between planes (levels)
 ZONES = tuple(f"{ap}_{side}" for ap in ("front", "middle", "back") for side in ("centre", "side"))
 CT_FEATURES = ("width", "depth", "bone", "air", "enclosed", "fat", "bone_width",
                *(f"bone_{z}" for z in ZONES), *(f"air_{z}" for z in ZONES))
 SHAPE_FEATURES = ("log_area", "width", "depth")  # what MR can be aligned on (CT's area adds nothing: measured)
 FEATURES = ("log_area", *CT_FEATURES)  # what a CT profile measures (the template holds all)
+# Measured beside the aligned features, for the body regions: the share of the section that is air (CT) or dark holes
+# inside the body (MR) in its middle and back thirds, where lungs lie (sinuses lie in front; the airway is narrow).
+LUNG_FEATURE = "lungs"
 TEMPLATE_FILE = Path(__file__).with_name("body_axis_template.json")
 SLOPES = np.exp(np.linspace(np.log(0.8), np.log(1.25), 21))  # body size: 0.8 to 1.25 standard mm per patient mm
 SLOPE_PRIOR_SD = 0.1  # log-slope spread of adults (a prior, so short volumes do not stretch to fit)
@@ -218,8 +221,13 @@ def profile(volume: Volume) -> Profile:
         zones = _zones(outline)
         columns += [(bone & zone).sum(axis=(1, 2)) / share for zone in zones]
         columns += [(air & zone).sum(axis=(1, 2)) / share for zone in zones]
+    else:
+        air = outline & ~body
+        zones = _zones(outline)
+    columns.append(sum((air & zone).sum(axis=(1, 2)) for zone in zones[2:]) / share)
     s = s0 + GRID_MM[2] * np.arange(array.shape[0])
-    return Profile(s, np.stack(columns, axis=1), present, FEATURES if ct else SHAPE_FEATURES, "CT" if ct else "MR")
+    names = (*FEATURES, LUNG_FEATURE) if ct else (*SHAPE_FEATURES, LUNG_FEATURE)
+    return Profile(s, np.stack(columns, axis=1), present, names, "CT" if ct else "MR")
 
 
 def load_template(path: str | Path | None = None) -> Template:

@@ -1,29 +1,47 @@
-"""Modality and body region of a volume from the image itself, for files that do not say (NIfTI, NRRD, bare DICOM).
+"""Modality and body region of a volume from the image itself, and which of the file's words to believe.
 
-Modality: CT when the voxels hold air on the Hounsfield scale (:func:`intensity.looks_like_ct`), else MR
-(the only other kind the index holds so far). Body region, from the anatomy on a ~4 mm grid: the body
-is the largest connected part above -500 HU (CT) or above a tenth of the 99th percentile (MR), which
-leaves out head rests and tables; a head is at most 210 mm wide from right to left in its median slice;
-otherwise a chest holds lung (air below -400 HU inside the body's outline, slice by slice) in at least
-12 % of the body's volume, and anything else is an abdomen (abdomen and pelvis are not told apart yet).
-Values are DICOM's words (CT, MR; HEAD, CHEST, ABDOMEN) so one filter matches read and inferred ones.
+Modality: CT when the voxels hold air on the Hounsfield scale (:func:`intensity.looks_like_ct`), else MR (the only
+other kind the index holds so far). Body region: where the volume lies on the standard body axis
+(:mod:`body_axis`), cut into bands of level (:data:`BANDS`: head, neck, chest, abdomen, pelvis, legs); the regions a
+volume covers are the bands holding at least 30 mm or a third of its body, its region the band holding most. Checks
+from the image itself guard the axis: lungs (air or, on MR, dark holes filling at least a tenth of the body's
+section) in 40 % of the planes or more make it CHEST, however narrow its field of view (a chest CT is never HEAD);
+a chest with lungs in under a tenth of its planes is none; a head wider than 230 mm is none; a body as narrow as a
+head is no adult trunk. When the axis cannot be had (under 20 mm of body), fits badly or fails the width check,
+the rules of old decide: a body at most 230 mm wide is a head, anything wider an abdomen (CT) or unknown (MR).
+
+A DICOM Body Part Examined counts only when it names a region (:mod:`body_parts`, the Annex L terms):
+``PARTIALBODY``, ``WHOLEBODY``, empty values and free text leave the image to decide (:func:`fill_in`).
+Values are DICOM's words (CT, MR; HEAD, NECK, CHEST, ABDOMEN, PELVIS, LEG) so one filter matches read and inferred ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .intensity import looks_like_ct
+from . import body_axis, body_parts
 from .volume import Volume
 
 # Body regions that share a border (DICOM's words): a scan labelled one often holds the other's edge (an abdominal CT the
 # lung bases, a chest CT the liver dome), and the inference reads one label from coverage that can straddle both.
-NEIGHBOURS = {frozenset(pair) for pair in (("HEAD", "NECK"), ("NECK", "CHEST"), ("CHEST", "ABDOMEN"), ("ABDOMEN", "PELVIS"))}
+NEIGHBOURS = {frozenset(pair) for pair in (("HEAD", "NECK"), ("NECK", "CHEST"), ("CHEST", "ABDOMEN"), ("ABDOMEN", "PELVIS"),
+                                           ("PELVIS", "LEG"))}
 GRID_MM = 4.0
-HEAD_WIDTH_MM = 210.0
-LUNG_FRACTION = 0.12
+HEAD_WIDTH_MM = 230.0  # the widest adult head is under 210 mm; a trunk (or shoulders) is wider
+# Bands of the standard level (mm from the vertex, imaging/body_axis): below the jaw (hyoid) the neck, the lung
+# apices and shoulders the chest, between diaphragm dome and lung bases the abdomen, the sacral promontory (L5-S1)
+# the pelvis, below the lesser trochanters the legs. From the template's landmarks (larynx at C5 223, L1 563) and
+# textbook vertebral heights; a band edge is a convention, the neighbours of NEIGHBOURS absorb its uncertainty.
+BANDS = (("HEAD", -1e9, 190.0), ("NECK", 190.0, 275.0), ("CHEST", 275.0, 520.0), ("ABDOMEN", 520.0, 720.0),
+         ("PELVIS", 720.0, 900.0), ("LEG", 900.0, 1e9))
+MIN_BAND_MM = 30.0
+LUNG_SHARE = 0.08  # air (CT) or dark holes (MR) in the middle and back of a section: lungs, not airway or bowel gas
+CHEST_LUNG_PLANES = 0.4  # lungs in this share of the planes make a chest (a chest CT: 0.7-1; an abdomen from the dome: < 0.3)
+NO_LUNG_PLANES = 0.1  # lungs in fewer planes than this: no chest
+TRUNK = ("CHEST", "ABDOMEN", "PELVIS")
+MAX_COST = 1.2  # an axis fitted worse than this is not believed (the rules decide); real CT and MR here fit at 0.1-1.05
 
 
 @dataclass
@@ -31,9 +49,13 @@ class Inferred:
     """What the image says about itself, with the measurements behind it."""
 
     modality: str
-    body_part: str
+    body_part: str  # the region holding most of the body (DICOM's word), or UNKNOWN
     width_mm: float
-    lung_fraction: float
+    lung_fraction: float  # share of the planes with lungs in view
+    regions: tuple[str, ...] = ()  # every region the volume covers, head to feet
+    levels: tuple[float, float] | None = None  # standard levels of the body's top and bottom planes
+    how: str = "none"  # "axis", "axis+lungs" (the lungs overruled it), "rules" or "none"
+    axis: body_axis.BodyAxis | None = field(default=None, repr=False)
 
 
 def corners_lps(image) -> np.ndarray:
@@ -60,52 +82,94 @@ def body_threshold(array: np.ndarray, ct: bool) -> float:
     return -500.0 if ct else 0.1 * float(np.percentile(array, 99))
 
 
-def _resampled(volume: Volume, fill: float):
-    """The volume on an axis-aligned RAS-ordered grid of GRID_MM (SimpleITK image, LPS, identity direction)."""
-    return axis_aligned(volume.to_sitk(volume.finite_float32()), GRID_MM, fill)
+def regions_of_levels(top: float, bottom: float) -> tuple[tuple[str, ...], str]:
+    """The bands a level range covers (at least MIN_BAND_MM or a third of it), head to feet, and the one covering most."""
+    extent = max(bottom - top, 1e-6)
+    cover = {name: max(0.0, min(bottom, high) - max(top, low)) for name, low, high in BANDS}
+    primary = max(cover, key=cover.get)
+    covered = tuple(name for name, _, _ in BANDS if cover[name] >= min(MIN_BAND_MM, extent / 3) and cover[name] > 0)
+    return covered or (primary,), primary
+
+
+def _lung_planes(prof: body_axis.Profile) -> float:
+    """Share of the profile's body planes whose section holds lungs."""
+    if not prof.body.any():
+        return 0.0
+    column = prof.features.index(body_axis.LUNG_FEATURE)
+    return float(np.mean(prof.values[prof.body, column] >= LUNG_SHARE))
 
 
 def infer(volume: Volume) -> Inferred:
     """Modality and body region measured on the image (whatever the file says)."""
-    import SimpleITK as sitk
-
-    ct = looks_like_ct(Volume(volume.array, volume.ijk_to_ras))  # the voxels alone, not the file's modality
-    image = _resampled(volume, -1024.0 if ct else 0.0)
-    array = sitk.GetArrayFromImage(image)  # [S, P, L] on the LPS grid: axis 0 runs inferior to superior
-    threshold = body_threshold(array, ct)
-    parts = sitk.RelabelComponent(sitk.ConnectedComponent(image > threshold))
-    body = sitk.GetArrayFromImage(parts) == 1
-    if not body.any():
-        return Inferred("CT" if ct else "MR", "UNKNOWN", 0.0, 0.0)
-    widths = [np.ptp(np.nonzero(plane.any(axis=0))[0]) * GRID_MM for plane in body if plane.any()]
-    width = float(np.median(widths))
-    outline = np.stack([sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(plane.astype(np.uint8))))
-                        for plane in body]) > 0
-    lung = float(np.sum(outline & ~body & (array < -400)) / max(1, outline.sum())) if ct else 0.0
+    prof = body_axis.profile(volume)
+    if not prof.body.any():
+        return Inferred(prof.modality, "UNKNOWN", 0.0, 0.0)
+    width = float(np.median(prof.values[prof.body, prof.features.index("width")]))
+    lungs = _lung_planes(prof)
+    axis = body_axis.align(prof)
+    trusted = axis is not None and axis.cost <= MAX_COST
+    regions, primary = regions_of_levels(*axis.level_range) if trusted else ((), "UNKNOWN")
+    levels = tuple(round(v, 1) for v in axis.level_range) if trusted else None
+    # lungs in most planes: a chest, however narrow its field of view or odd its fit (on MR, where bone, sinuses and
+    # fluid are dark too, only a body wider than a head)
+    if lungs >= CHEST_LUNG_PLANES and (prof.modality == "CT" or width > HEAD_WIDTH_MM):
+        how = "axis" if primary == "CHEST" else "lungs"
+        return Inferred(prof.modality, "CHEST", round(width, 1), round(lungs, 3),
+                        tuple(sorted({*regions, "CHEST"}, key=_order)), levels, how, axis)
+    if trusted and not (width <= HEAD_WIDTH_MM and primary in TRUNK):  # a body as narrow as a head is no adult trunk
+        how = "axis"
+        if primary == "CHEST" and lungs < NO_LUNG_PLANES:  # a chest without lungs is not one
+            primary, how = ("ABDOMEN" if width > HEAD_WIDTH_MM else "NECK"), "axis+lungs"
+        elif primary == "HEAD" and width > HEAD_WIDTH_MM:  # nor a head wider than any head
+            primary, how = ("NECK" if "NECK" in regions else "CHEST" if lungs >= NO_LUNG_PLANES else "ABDOMEN"), "axis+width"
+        regions = tuple(sorted({*regions, primary}, key=_order))
+        return Inferred(prof.modality, primary, round(width, 1), round(lungs, 3), regions, levels, how, axis)
     if width <= HEAD_WIDTH_MM:
-        region = "HEAD"
-    elif ct and lung >= LUNG_FRACTION:
-        region = "CHEST"
+        primary = "HEAD"
     else:
-        region = "ABDOMEN" if ct else "UNKNOWN"
-    return Inferred("CT" if ct else "MR", region, round(width, 1), round(lung, 4))
+        primary = "ABDOMEN" if prof.modality == "CT" else "UNKNOWN"
+    return Inferred(prof.modality, primary, round(width, 1), round(lungs, 3), (primary,) if primary != "UNKNOWN" else (),
+                    None, "rules", axis)
+
+
+def _order(region: str) -> int:
+    names = [name for name, _, _ in BANDS]
+    return names.index(region) if region in names else len(names)
 
 
 def neighbours(region: str, other: str) -> bool:
-    """Whether two body regions (DICOM's words, any case) share a border."""
-    return frozenset((region.upper(), other.upper())) in NEIGHBOURS
+    """Whether two body regions (DICOM's words, any case, combined terms too) share a border but no region."""
+    return body_parts.adjacent(region, other)
 
 
-def fill_in(volume: Volume) -> dict[str, str]:
-    """Set a volume's modality and body part from the image where the file left them empty; returns their sources."""
-    sources = {"modality_source": "dicom" if volume.modality else "inferred",
-               "body_part_source": "dicom" if volume.body_part else "inferred"}
-    if volume.modality and volume.body_part:
-        return sources
+def trusted_body_part(volume: Volume) -> str | None:
+    """The volume's Body Part Examined when it names a region (Annex L terms), else None (the image must decide)."""
+    return volume.body_part if body_parts.names_region(volume.body_part) else None
+
+
+def fill_in(volume: Volume) -> dict:
+    """Set a volume's modality and body part from the image where the file is silent or says nothing a search can use
+    (PARTIALBODY, WHOLEBODY, free text); returns what the catalog keeps about where they came from: their sources,
+    the file's own word when it was set aside, the regions covered and the body coordinate."""
+    told = volume.body_part
+    trusted = trusted_body_part(volume)
     found = infer(volume)
+    sources = {"modality_source": "dicom" if volume.modality else "inferred",
+               "body_part_source": "dicom" if trusted else "inferred"}
     volume.modality = volume.modality or found.modality
-    if not volume.body_part and found.body_part != "UNKNOWN":
+    if trusted:
+        sources["regions"] = list(body_parts.regions_of(trusted))
+    elif found.body_part != "UNKNOWN":
         volume.body_part = found.body_part
-    elif not volume.body_part:
+        sources["regions"] = list(found.regions)
+    else:
+        volume.body_part = None
         sources["body_part_source"] = "none"
+    if told and not trusted:
+        sources["body_part_dicom"] = told  # kept for the record, not used
+    if found.modality != volume.modality.upper():
+        sources["modality_image"] = found.modality  # the voxels look like another modality than the file says
+    if found.axis is not None:
+        sources["body_axis"] = found.axis.to_dict()
+        sources["levels"] = list(found.levels) if found.levels else None
     return sources
