@@ -9,6 +9,8 @@ Head-and-neck CTs of the *reporting* patients (``patient_split``; none of them m
   The brainstem, parotids, larynx and mandible were the template's anchors (in other patients); the spinal cord
   and the oesophagus were not, and their centroids move with the contoured length (plan and field of view), so
   their figures are an upper bound.
+* **Shape only**: the same with the body's shape alone (area, width, depth), as MR volumes are aligned: what an MR
+  of another patient can expect (no real MR of many patients is here).
 * **Slabs across patients**: slabs of 40 and 60 mm are cut from p's CT (a real crop of the voxels), centred on an
   organ's centroid; the slab gets its own axis, its centre's level is put into every other patient q that holds
   the organ, and the error is the distance to o's centroid in q. A slab whose level does not fall inside q's body
@@ -57,6 +59,12 @@ def summary(errors: list[float]) -> dict:
         return {"n": 0}
     return {"n": int(e.size), "median_mm": round(float(np.median(e)), 1), "p90_mm": round(float(np.percentile(e, 90)), 1),
             "within_10mm": round(float(np.mean(e <= 10.0)), 3), "within_20mm": round(float(np.mean(e <= 20.0)), 3)}
+
+
+def as_mr(prof: body_axis.Profile) -> body_axis.Profile:
+    """A CT profile seen as an MR's: the body's shape only (area, width, depth), as MR volumes are aligned."""
+    names = (*body_axis.SHAPE_FEATURES, body_axis.LUNG_FEATURE)
+    return body_axis.Profile(prof.s_mm, prof.values[:, [prof.features.index(n) for n in names]], prof.body, names, "MR")
 
 
 def whole(axis: body_axis.BodyAxis, organ: tuple[float, float, float]) -> bool:
@@ -161,9 +169,12 @@ def main() -> None:
     axes = {c: a for c, a in axes.items() if a is not None}
     organs = {c: data[c]["organs"] for c in axes}
     fit_s = time.process_time() - started
+    shape_axes = {c: body_axis.align(as_mr(data[c]["profile"]), template) for c in axes}
+    shape_axes = {c: a for c, a in shape_axes.items() if a is not None}
     report = {"data": "real/head-neck-ct reporting patients (benchmarks/patient_split.py); OpenKBP (Babier et al. 2021)",
               "patients": len(axes), "template": template.source,
               "organ_levels_across_patients": cross_patient(axes, organs),
+              "organ_levels_across_patients_shape_only": cross_patient(shape_axes, {c: organs[c] for c in shape_axes}),
               "slopes_p5_p50_p95": [round(float(v), 3) for v in np.percentile([a.slope for a in axes.values()], [5, 50, 95])],
               "cost_p50_p95": [round(float(v), 3) for v in np.percentile([a.cost for a in axes.values()], [50, 95])]}
     slab_cases = cases[:args.slab_patients]

@@ -281,15 +281,15 @@ def _costs(s: np.ndarray, table: tuple[np.ndarray, np.ndarray], template: Templa
     return np.where(known.mean(axis=1) >= MIN_KNOWN, cost.mean(axis=1), np.inf)
 
 
-def align(prof: Profile, template: Template | None = None) -> BodyAxis | None:
-    """The linear map of a profile onto the template that fits best; None when too little body to align."""
+def align(prof: Profile, template: Template | None = None, min_planes: int = MIN_PLANES) -> BodyAxis | None:
+    """The linear map of a profile onto the template that fits best; None when under ``min_planes`` planes of body."""
     template = template or load_template()
     names = CT_FEATURES if prof.modality == "CT" else SHAPE_FEATURES
     prof = Profile(prof.s_mm, prof.values[:, [prof.features.index(n) for n in names]], prof.body, names, prof.modality)
     columns = [template.features.index(name) for name in prof.features]
     tmpl = Template(template.levels, template.median[columns], template.spread[columns], prof.features)
     s, values = prof.s_mm[prof.body], prof.values[prof.body]
-    if s.size < MIN_PLANES:
+    if s.size < max(min_planes, 2):
         return None
     low, high = float(template.levels[0]), float(template.levels[-1])
     step = 4.0

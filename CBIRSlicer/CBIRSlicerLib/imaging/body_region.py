@@ -8,7 +8,7 @@ from the image itself guard the axis: lungs (air or, on MR, dark holes filling a
 section) in 40 % of the planes or more make it CHEST, however narrow its field of view (a chest CT is never HEAD);
 a chest with lungs in under a tenth of its planes is none; a head wider than 230 mm is none; a body as narrow as a
 head is no adult trunk. When the axis cannot be had (under 20 mm of body), fits badly or fails the width check,
-the rules of old decide: a body at most 230 mm wide is a head, anything wider an abdomen (CT) or unknown (MR).
+the rules of old decide: a body at most 230 mm wide is a head, anything wider the abdomen or pelvis.
 
 A DICOM Body Part Examined counts only when it names a region (:mod:`body_parts`, the Annex L terms):
 ``PARTIALBODY``, ``WHOLEBODY``, empty values and free text leave the image to decide (:func:`fill_in`).
@@ -41,6 +41,7 @@ LUNG_SHARE = 0.08  # air (CT) or dark holes (MR) in the middle and back of a sec
 CHEST_LUNG_PLANES = 0.4  # lungs in this share of the planes make a chest (a chest CT: 0.7-1; an abdomen from the dome: < 0.3)
 NO_LUNG_PLANES = 0.1  # lungs in fewer planes than this: no chest
 TRUNK = ("CHEST", "ABDOMEN", "PELVIS")
+FEW_PLANES = 3  # planes of body (6 mm) enough to read a region from the body axis (not to place by: body_axis wants 10)
 MAX_COST = 1.2  # an axis fitted worse than this is not believed (the rules decide); real CT and MR here fit at 0.1-1.05
 
 
@@ -106,7 +107,8 @@ def infer(volume: Volume) -> Inferred:
         return Inferred(prof.modality, "UNKNOWN", 0.0, 0.0)
     width = float(np.median(prof.values[prof.body, prof.features.index("width")]))
     lungs = _lung_planes(prof)
-    axis = body_axis.align(prof)
+    # a few planes of body (a crop's edge) still tell a region, if not a level to place by
+    axis = body_axis.align(prof) or body_axis.align(prof, min_planes=FEW_PLANES)
     trusted = axis is not None and axis.cost <= MAX_COST
     regions, primary = regions_of_levels(*axis.level_range) if trusted else ((), "UNKNOWN")
     levels = tuple(round(v, 1) for v in axis.level_range) if trusted else None
@@ -125,11 +127,9 @@ def infer(volume: Volume) -> Inferred:
         regions = tuple(sorted({*regions, primary}, key=_order))
         return Inferred(prof.modality, primary, round(width, 1), round(lungs, 3), regions, levels, how, axis)
     if width <= HEAD_WIDTH_MM:
-        primary = "HEAD"
-    else:
-        primary = "ABDOMEN" if prof.modality == "CT" else "UNKNOWN"
-    return Inferred(prof.modality, primary, round(width, 1), round(lungs, 3), (primary,) if primary != "UNKNOWN" else (),
-                    None, "rules", axis)
+        return Inferred(prof.modality, "HEAD", round(width, 1), round(lungs, 3), ("HEAD",), None, "rules", axis)
+    # wider than a head, without lungs in most planes: the abdomen or pelvis (which of the two, only the axis tells)
+    return Inferred(prof.modality, "ABDOMEN", round(width, 1), round(lungs, 3), ("ABDOMEN", "PELVIS"), None, "rules", axis)
 
 
 def _order(region: str) -> int:
@@ -173,3 +173,76 @@ def fill_in(volume: Volume) -> dict:
         sources["body_axis"] = found.axis.to_dict()
         sources["levels"] = list(found.levels) if found.levels else None
     return sources
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a query or an indexed case is, for the search's prior: modality, regions, and the levels it holds."""
+
+    modality: str | None
+    regions: tuple[str, ...] = ()
+    levels: tuple[float, float] | None = None  # standard levels held (head end first); a query's: around its point
+
+    def to_json(self) -> dict:
+        """The answer's record of the query's kind."""
+        return {"modality": self.modality, "body_part": self.regions[0] if len(self.regions) == 1 else
+                ("+".join(self.regions) or None), "regions": list(self.regions),
+                "levels": [round(v, 1) for v in self.levels] if self.levels else None}
+
+
+LEVEL_MARGIN_MM = 25.0  # a query point's level window: its axis' error across patients (p90 12-28 mm, benchmarks)
+MIN_SHARED_MM = 30.0  # a case holds a whole-volume query's levels when they share this much (or a third of the shorter)
+
+
+def query_kind(volume: Volume, found: Inferred, centre_ras=None) -> Kind:
+    """A query's kind: the file's modality (else the image's); the file's region when it names one, else the
+    image's; the levels held around the query's point (its axis' level there, +-LEVEL_MARGIN_MM) or by the whole
+    volume. The region of a point query is the band of its level, when the level is known."""
+    modality = (volume.modality or found.modality or "").upper() or None
+    trusted = trusted_body_part(volume)
+    regions = body_parts.regions_of(trusted) if trusted else found.regions
+    levels = found.levels
+    if centre_ras is not None and found.levels is not None and found.axis is not None:
+        level = found.axis.level_at(float(centre_ras[2]), margin_mm=LEVEL_MARGIN_MM)
+        if level is not None:
+            margin = LEVEL_MARGIN_MM + found.axis.uncertainty_mm
+            levels = (level - margin, level + margin)
+            if not trusted:
+                regions = regions_of_levels(level, level + 1e-3)[0]
+    return Kind(modality, tuple(regions), levels)
+
+
+def case_kind(modality: str | None, body_part: str | None, metadata: dict) -> Kind:
+    """An indexed case's kind from its catalog record (regions and levels as fill_in stored them; older indexes:
+    the body part's regions only)."""
+    named = body_parts.regions_of(body_part)
+    stored = tuple(metadata.get("regions") or ())
+    regions = stored if stored and (not named or set(named) <= set(stored)) else named  # the body part, if set since, wins
+    levels = metadata.get("levels")
+    return Kind((modality or "").upper() or None, regions, tuple(levels) if levels else None)
+
+
+def prior_group(query: Kind, case: Kind) -> int:
+    """0: the query's modality and its anatomy; 1: its modality, with a neighbouring or unknown region or levels near
+    but not held; 2: the rest.
+
+    Its anatomy: the case holds the query's levels (where both have them) or shares a region with it. Either suffices,
+    so neither a region read wrong (a PARTIALBODY header, an odd crop) nor a level placed wrong costs the right case
+    its place; and a chest CT that holds the liver dome counts for a liver query.
+    """
+    if query.modality and case.modality != query.modality:
+        return 2
+    groups = []
+    if query.levels is not None and case.levels is not None:
+        shared = min(query.levels[1], case.levels[1]) - max(query.levels[0], case.levels[0])
+        shorter = min(query.levels[1] - query.levels[0], case.levels[1] - case.levels[0])
+        groups.append(0 if shared >= min(MIN_SHARED_MM, shorter / 3) else 1 if shared > -2 * LEVEL_MARGIN_MM else 2)
+    if not query.regions:  # nobody knows where the query lies: the modality alone decides
+        groups.append(0)
+    elif not case.regions:
+        groups.append(1)
+    elif set(query.regions) & set(case.regions):
+        groups.append(0)
+    else:
+        groups.append(1 if any(neighbours(a, b) for a in query.regions for b in case.regions) else 2)
+    return min(groups)

@@ -241,6 +241,14 @@ class Searcher:
         """
         if method not in ranking.METHODS:
             raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
+        if query.volume is not None and getattr(self.embedder, "modalities", ()) and "warning" not in query.description:
+            from ..imaging.intensity import looks_like_ct
+            from ..models.base import modality_warning
+
+            seen = query.volume.modality or ("CT" if looks_like_ct(query.volume) else "MR")
+            warning = modality_warning(self.embedder, seen)
+            if warning:  # an MR query on a CT model's index: said in the answer, searched all the same
+                query.description["warning"] = warning.replace("this volume", "the query")
         vectors = self.query_vectors(query)
         scope = self.scope(query, filters)
         if scope.allowed is not None and not len(scope.allowed):
@@ -266,14 +274,14 @@ class Searcher:
 
 
     def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
-        """Ranked cases in three groups, each in its own order: the query's modality and body region; the query's
-        modality and a neighbouring or unknown region; the rest.
+        """Ranked cases in three groups, each in its own order: the query's modality and anatomy; its modality with a
+        neighbouring or unknown region; the rest (:func:`body_region.prior_group`).
 
         A soft prior, not a filter: on real CT the weight-free descriptor ranked a brain MR or a head CT above the other
-        patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow, so a wrongly
-        inferred region costs places in the list, never the case. The middle group keeps an abdominal CT whose region was
-        read as CHEST (much lung in view) ahead of head CTs and MRs. A query region nobody knows (an MR of the trunk)
-        leaves the modality alone to decide. The kind of the query is recorded in the answer's description.
+        patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow. Anatomy is
+        compared by the standard body levels held (the query's point, or its whole volume, against each case's levels
+        as indexed) where both are known, so a region read wrong from a header (PARTIALBODY) or from an odd crop costs
+        the right case nothing; by region otherwise (older indexes). The query's kind is recorded in the answer.
         """
         from ..imaging import body_region
 
@@ -282,20 +290,14 @@ class Searcher:
         if "prior" not in query.description:
             if self._query_kind is None or self._query_kind[0] is not query.volume:
                 self._query_kind = (query.volume, body_region.infer(query.volume))
-            found = self._query_kind[1]
-            modality = (query.volume.modality or found.modality or "").upper() or None
-            region = (query.volume.body_part or ("" if found.body_part == "UNKNOWN" else found.body_part)).upper() or None
-            query.description["prior"] = {"modality": modality, "body_part": region}
-        wanted = query.description["prior"]
+            query.description["prior"] = body_region.query_kind(query.volume, self._query_kind[1], query.centre_ras).to_json()
+        prior = query.description["prior"]
+        wanted = body_region.Kind(prior["modality"], tuple(prior.get("regions") or ()),
+                                  tuple(prior["levels"]) if prior.get("levels") else None)
 
         def group(score: ranking.CaseScore) -> int:
             case = self.index.catalog.case_by_row(score.case_row)
-            if wanted["modality"] and (case.modality or "").upper() != wanted["modality"]:
-                return 2
-            region = (case.body_part or "").upper()
-            if not wanted["body_part"] or region == wanted["body_part"]:
-                return 0
-            return 1 if not region or body_region.neighbours(region, wanted["body_part"]) else 2
+            return body_region.prior_group(wanted, body_region.case_kind(case.modality, case.body_part, case.metadata))
 
         groups = [group(s) for s in ranked]
         return [s for n in range(3) for s, g in zip(ranked, groups) if g == n]
