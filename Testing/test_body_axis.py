@@ -82,6 +82,7 @@ def test_levels_map_both_ways_and_say_none_outside():
     assert axis.level_range == pytest.approx((27.0, 135.0))
     assert axis.level_of_point([10.0, -5.0, -10.0]) == pytest.approx(54.0)
     assert BodyAxis.from_dict(axis.to_dict()) == axis
+    assert axis.reliable and not BodyAxis(0.9, 50.0, (-100.0, 20.0), 4.0, 1.5, "CT", 60).reliable
 
 
 def test_organ_levels_agree_across_patients(patients):

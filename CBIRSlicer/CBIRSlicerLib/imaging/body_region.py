@@ -42,7 +42,7 @@ CHEST_LUNG_PLANES = 0.4  # lungs in this share of the planes make a chest (a che
 NO_LUNG_PLANES = 0.1  # lungs in fewer planes than this: no chest
 TRUNK = ("CHEST", "ABDOMEN", "PELVIS")
 FEW_PLANES = 3  # planes of body (6 mm) enough to read a region from the body axis (not to place by: body_axis wants 10)
-MAX_COST = 1.2  # an axis fitted worse than this is not believed (the rules decide); real CT and MR here fit at 0.1-1.05
+MAX_COST = body_axis.RELIABLE_COST  # an axis fitted worse than this is not believed (the rules decide)
 
 
 @dataclass
