@@ -198,12 +198,11 @@ def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Templa
     heads = {n: body_axis.profile(read_volume(real[n].image)) for n in ("head_ct", "brain_mr")}
     head_axes = {n: body_axis.align(p, hn_template) for n, p in heads.items()}
     tops = {c: fits[c][0] * (fits[c][1] - top) for c, d in data.items() if (top := dome_top(d["profile"])) is not None}
-    tops.update({n: head_axes[n].slope * (head_axes[n].offset - top) for n, p in heads.items() if (top := dome_top(p)) is not None})
+    tops.update({n: head_axes[n]._level(top) for n, p in heads.items() if (top := dome_top(p)) is not None})
     vertex = float(np.mean(list(tops.values())))
     standard = {o: v - vertex for o, v in standard.items()}
     fits = {c: (a, b - vertex / a) for c, (a, b) in fits.items()}
-    head_axes = {n: body_axis.BodyAxis(a.slope, a.offset - vertex / a.slope, a.s_range, a.uncertainty_mm, a.cost, a.modality,
-                                       a.planes) for n, a in head_axes.items()}
+    head_levels = {n: np.array([a._level(v) for v in heads[n].s_mm[heads[n].body]]) - vertex for n, a in head_axes.items()}
     residual = {o: float(np.std([fits[c][0] * (fits[c][1] - d["organs"][o][0]) - standard[o] for c, d in data.items()
                                  if o in d["organs"]])) for o in ANCHORS}
     placed = [(fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), template_values(d["profile"]))
@@ -219,7 +218,7 @@ def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Templa
     names = {v: k for k, v in real["abdomen_ct"].names.items()}
     kji = np.argwhere(labels.array == names["vertebrae_L1"])
     l1_s = float(labels.ijk_to_ras_points(kji[:, ::-1].astype(float))[:, 2].mean())
-    extra = [(head_axes["head_ct"].slope * (head_axes["head_ct"].offset - head.s_mm[head.body]), template_values(head)),
+    extra = [(head_levels["head_ct"], template_values(head)),
              (landmarks["L1"] + (l1_s - abdomen_prof.s_mm[abdomen_prof.body]), template_values(abdomen_prof))]
     template, _ = template_from(placed + extra, levels, body_axis.FEATURES, floor)
     source = (f"benchmarks/body_axis_template.py: {len(data)} tuning head-and-neck patients placed by their organs; "
@@ -228,7 +227,8 @@ def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Templa
     report = {"tuning_patients": len(data), "vertex_from": {k: round(v - vertex, 1) for k, v in tops.items()},
               "standard_levels_mm": landmarks, "organ_residual_sd_mm": {k: round(v, 2) for k, v in residual.items()},
               "slopes_p5_p50_p95": [round(float(v), 3) for v in np.percentile([f[0] for f in fits.values()], [5, 50, 95])],
-              "head_axes": {n: a.to_dict() for n, a in head_axes.items()}, "abdomen_L1_s_mm": round(l1_s, 1),
+              "head_levels": {n: [round(float(v.min()), 1), round(float(v.max()), 1)] for n, v in head_levels.items()},
+              "abdomen_L1_s_mm": round(l1_s, 1),
               "levels_covered_by_5_patients": [float(levels[counts >= MIN_VOLUMES].min()), float(levels[counts >= MIN_VOLUMES].max())]}
     return template, report
 

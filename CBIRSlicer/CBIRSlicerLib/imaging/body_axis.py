@@ -47,6 +47,7 @@ MIN_AREA_SHARE = 0.1  # nor one with less than this share of the volume's large 
 GAP_COST = 1.5  # a plane placed beyond the template's known levels (the legs): a poor match, not a bar
 ABOVE_COST = 4.0  # a plane of body placed above the vertex: impossible
 MIN_KNOWN = 0.6  # share of a volume's planes that must fall on the template's known levels
+LOCAL_STEP_MM, LOCAL_WINDOW_MM, LOCAL_SEARCH_MM, LOCAL_SD_MM = 20.0, 40.0, 30.0, 10.0  # the local refinement (_refined)
 # A fit worse than this is not to be believed: real CT and MR here fit at 0.1-1.05 (reporting patients' 95th
 # percentile 1.04); the synthetic phantoms, which are no body, at 1.1-1.3.
 RELIABLE_COST = 1.2
@@ -82,7 +83,9 @@ class Template:
 
 @dataclass
 class BodyAxis:
-    """Where a volume lies on the standard body axis: ``level = slope * (offset - S)`` within its body's extent."""
+    """Where a volume lies on the standard body axis, within its body's extent: ``level = slope * (offset - S)``,
+    refined locally where the volume is long enough (``knots``: levels at S knots, linear in between, the global
+    slope beyond the end knots)."""
 
     slope: float  # standard mm per patient mm
     offset: float  # S (mm) where the level would be 0 (the vertex, if it were in view)
@@ -91,6 +94,7 @@ class BodyAxis:
     cost: float  # mean robust misfit of the planes to the template (about 0.3-0.6 fits well, above 1 poorly)
     modality: str
     planes: int  # planes with body that were aligned
+    knots: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (S ascending, level) of the local refinement
 
     @property
     def reliable(self) -> bool:
@@ -103,7 +107,24 @@ class BodyAxis:
         return (self._level(self.s_range[1]), self._level(self.s_range[0]))
 
     def _level(self, s: float) -> float:
-        return float(self.slope * (self.offset - s))
+        if self.knots is None:
+            return float(self.slope * (self.offset - s))
+        knots_s, knots_level = self.knots
+        if s < knots_s[0]:
+            return float(knots_level[0] + self.slope * (knots_s[0] - s))
+        if s > knots_s[-1]:
+            return float(knots_level[-1] - self.slope * (s - knots_s[-1]))
+        return float(np.interp(s, knots_s, knots_level))
+
+    def _s(self, level: float) -> float:
+        if self.knots is None:
+            return self.offset - float(level) / self.slope
+        knots_s, knots_level = self.knots
+        if level > knots_level[0]:
+            return float(knots_s[0] - (level - knots_level[0]) / self.slope)
+        if level < knots_level[-1]:
+            return float(knots_s[-1] + (knots_level[-1] - level) / self.slope)
+        return float(np.interp(level, knots_level[::-1], knots_s[::-1]))
 
     def level_at(self, s_mm: float, margin_mm: float = 0.0) -> float | None:
         """The level of the axial plane at superior coordinate ``s_mm`` (RAS S); None outside the body's extent."""
@@ -117,20 +138,25 @@ class BodyAxis:
 
     def s_at(self, level: float, margin_mm: float = 0.0) -> float | None:
         """The superior coordinate (RAS S, mm) where ``level`` lies in this volume; None when outside its body's extent."""
-        s = self.offset - float(level) / self.slope
+        s = self._s(level)
         return s if self.s_range[0] - margin_mm <= s <= self.s_range[1] + margin_mm else None
 
     def to_dict(self) -> dict:
         """JSON form (for the catalog and answers)."""
-        return {"slope": round(self.slope, 5), "offset": round(self.offset, 3), "s_range": [round(v, 3) for v in self.s_range],
-                "uncertainty_mm": round(self.uncertainty_mm, 2), "cost": round(self.cost, 4), "modality": self.modality,
-                "planes": self.planes}
+        out = {"slope": round(self.slope, 5), "offset": round(self.offset, 3), "s_range": [round(v, 3) for v in self.s_range],
+               "uncertainty_mm": round(self.uncertainty_mm, 2), "cost": round(self.cost, 4), "modality": self.modality,
+               "planes": self.planes}
+        if self.knots is not None:
+            out["knots"] = [[round(v, 2) for v in self.knots[0]], [round(v, 2) for v in self.knots[1]]]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> BodyAxis:
         """Inverse of :meth:`to_dict`."""
+        knots = data.get("knots")
         return cls(float(data["slope"]), float(data["offset"]), (float(data["s_range"][0]), float(data["s_range"][1])),
-                   float(data["uncertainty_mm"]), float(data["cost"]), str(data["modality"]), int(data["planes"]))
+                   float(data["uncertainty_mm"]), float(data["cost"]), str(data["modality"]), int(data["planes"]),
+                   (tuple(float(v) for v in knots[0]), tuple(float(v) for v in knots[1])) if knots else None)
 
 
 def _corners_lps(image) -> np.ndarray:
@@ -324,7 +350,35 @@ def align(prof: Profile, template: Template | None = None, min_planes: int = MIN
             for c in np.nonzero(costs <= best_cost + 0.02)[0]]
     level_centre = slope * (offset - centre)
     uncertainty = max(float(np.max(np.abs(np.array(near) - level_centre))) if near else 0.0, GRID_MM[2])
-    return BodyAxis(slope, offset, (float(s.min()), float(s.max())), uncertainty, best_cost, prof.modality, int(s.size))
+    axis = BodyAxis(slope, offset, (float(s.min()), float(s.max())), uncertainty, best_cost, prof.modality, int(s.size))
+    return _refined(axis, s, plane_table, tmpl)
+
+
+def _refined(axis: BodyAxis, s: np.ndarray, table: tuple[np.ndarray, np.ndarray], template: Template) -> BodyAxis:
+    """The axis with local levels: every LOCAL_STEP_MM of S, the level that best fits the planes within
+    LOCAL_WINDOW_MM, searched within LOCAL_SEARCH_MM of the global line under a Gaussian prior of LOCAL_SD_MM
+    (necks are longer or shorter than their heads say); kept monotone. Volumes under two windows long keep the line.
+    Measured on the tuning patients (2-fold): organ levels across patients 0.5-1 mm closer (median), p90 1-4 mm."""
+    if np.ptp(s) < 2 * LOCAL_WINDOW_MM:
+        return axis
+    knots = np.arange(s.min(), s.max() + 1e-6, LOCAL_STEP_MM)
+    shifts = np.arange(-LOCAL_SEARCH_MM, LOCAL_SEARCH_MM + 1e-6, 1.0)
+    levels = []
+    for knot in knots:
+        near = np.abs(s - knot) <= LOCAL_WINDOW_MM
+        base = axis._level(float(knot))
+        if near.sum() < MIN_PLANES:
+            levels.append(base)
+            continue
+        offsets = knot + (base + shifts) / axis.slope
+        cost = _costs(s[near], (table[0][near], table[1]), template, axis.slope, offsets)
+        cost = cost + (shifts / LOCAL_SD_MM) ** 2 / (2 * near.sum())
+        levels.append(base + float(shifts[int(np.argmin(cost))]) if np.isfinite(cost).any() else base)
+    levels = np.array(levels)
+    for n in range(1, len(levels)):  # the level grows toward the feet: at least half a standard mm per mm
+        levels[n] = min(levels[n], levels[n - 1] - 0.5 * LOCAL_STEP_MM)
+    return BodyAxis(axis.slope, axis.offset, axis.s_range, axis.uncertainty_mm, axis.cost, axis.modality, axis.planes,
+                    (tuple(float(v) for v in knots), tuple(float(v) for v in levels)))
 
 
 def body_axis(volume: Volume, template: Template | None = None) -> BodyAxis | None:
