@@ -42,7 +42,10 @@ CHEST_LUNG_PLANES = 0.4  # lungs in this share of the planes make a chest (a che
 NO_LUNG_PLANES = 0.1  # lungs in fewer planes than this: no chest
 TRUNK = ("CHEST", "ABDOMEN", "PELVIS")
 FEW_PLANES = 3  # planes of body (6 mm) enough to read a region from the body axis (not to place by: body_axis wants 10)
-MAX_COST = body_axis.RELIABLE_COST  # an axis fitted worse than this is not believed (the rules decide)
+# An axis fitted worse than REGION_COST is not believed (the rules decide); its levels are kept (for the prior and
+# placement) only when reliable (body_axis.RELIABLE_COST). Between the two: head-and-neck CTs whose head rest and mask
+# are part of the body's outline (3 of 170 here, costs 1.22-1.25) still tell their region.
+REGION_COST = 1.5
 
 
 @dataclass
@@ -109,9 +112,9 @@ def infer(volume: Volume) -> Inferred:
     lungs = _lung_planes(prof)
     # a few planes of body (a crop's edge) still tell a region, if not a level to place by
     axis = body_axis.align(prof) or body_axis.align(prof, min_planes=FEW_PLANES)
-    trusted = axis is not None and axis.cost <= MAX_COST
+    trusted = axis is not None and axis.cost <= REGION_COST
     regions, primary = regions_of_levels(*axis.level_range) if trusted else ((), "UNKNOWN")
-    levels = tuple(round(v, 1) for v in axis.level_range) if trusted else None
+    levels = tuple(round(v, 1) for v in axis.level_range) if trusted and axis.reliable else None
     # lungs in most planes: a chest, however narrow its field of view or odd its fit (on MR, where bone, sinuses and
     # fluid are dark too, only a body wider than a head)
     if lungs >= CHEST_LUNG_PLANES and (prof.modality == "CT" or width > HEAD_WIDTH_MM):
