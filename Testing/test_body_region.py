@@ -34,6 +34,9 @@ def test_body_part_examined_counts_only_when_it_names_a_region():
     assert body_parts.overlap("HEADNECK", "HEAD") and not body_parts.overlap("HEAD", "CHEST")
     assert body_parts.adjacent("NECK", "CHEST") and body_parts.adjacent("ABDOMENPELVIS", "LEG")
     assert not body_parts.adjacent("HEAD", "ABDOMEN") and not body_parts.adjacent("HEADNECK", "NECK")  # shared, not adjacent
+    # a database's series filter compares regions: HEADNECK passes 'head'; PARTIALBODY passes only itself
+    assert body_parts.passes("HEADNECK", "head") and not body_parts.passes("PARTIALBODY", "HEAD")
+    assert body_parts.passes("PARTIALBODY", "partialbody") and not body_parts.passes(None, "CHEST")
 
 
 def test_the_prior_groups_by_levels_held_or_region_shared_so_neither_wrong_word_demotes_the_right_case():

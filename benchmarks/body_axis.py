@@ -89,7 +89,7 @@ def cross_patient(axes: dict[str, body_axis.BodyAxis], organs: dict[str, dict]) 
                     outside += 1
                 else:
                     errors.append(s - organs[q][name][0])
-        out[name] = {**summary(errors), "not_in_view": outside}
+        out[name] = {**summary(errors), "not_in_view": outside, "_errors": errors}
     return out
 
 
@@ -121,7 +121,8 @@ def slab_queries(cases: list[str], axes: dict[str, body_axis.BodyAxis], organs: 
     out = {}
     for key, per_organ in results.items():
         everything = [e for errs in per_organ.values() for e in errs]
-        out[key] = {"all": {**summary([e for e in everything if np.isfinite(e)]),
+        out[key] = {"_errors": {o: [e for e in errs if np.isfinite(e)] for o, errs in per_organ.items()},
+                    "all": {**summary([e for e in everything if np.isfinite(e)]),
                             "not_in_view": int(np.sum(~np.isfinite(everything)))},
                     "per_organ": {o: {**summary([e for e in errs if np.isfinite(e)]), "not_in_view": int(np.sum(~np.isfinite(errs)))}
                                   for o, errs in per_organ.items()},
@@ -151,12 +152,42 @@ def real_volumes() -> dict:
     return out
 
 
+def figure(report: dict, path: str) -> None:
+    """Cumulative share of (query patient, other patient) pairs within an error, per organ: whole volumes, 60 mm slabs,
+    whole volumes by shape only (as MR)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("whole CT volumes", {o: v["_errors"] for o, v in report["organ_levels_across_patients"].items()}),
+              ("60 mm CT slabs into whole volumes", report["slabs"]["60mm"]["_errors"]),
+              ("whole volumes, body shape only (as MR)",
+               {o: v["_errors"] for o, v in report["organ_levels_across_patients_shape_only"].items()})]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    grid = np.linspace(0, 60, 121)
+    for ax, (title, errors) in zip(axes, panels):
+        for organ, values in errors.items():
+            values = np.abs(np.array(values, float))
+            if values.size:
+                ax.plot(grid, [np.mean(values <= g) for g in grid], label=f"{organ} (n={values.size}, median {np.median(values):.1f})")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("error along S in the other patient (mm)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower right")
+    axes[0].set_ylabel("share of pairs within")
+    fig.suptitle(f"Body coordinate across {report['patients']} reporting head-and-neck patients (OpenKBP)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=0, help="reporting patients to use (0: all)")
     parser.add_argument("--slab-patients", type=int, default=24, help="reporting patients whose slabs are queried")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "cbirslicer" / "body_axis"))
     parser.add_argument("--out", default="")
+    parser.add_argument("--figure", default="", help="PNG of the error distributions per organ (whole volumes, slabs)")
     args = parser.parse_args()
     started = time.process_time()
     cases = [c for c in hn_cases() if part(c) == "reporting"]
@@ -182,6 +213,13 @@ def main() -> None:
     report["slab_patients"] = len(slab_cases)
     report["real_volumes"] = real_volumes()
     report["cpu_s"] = {"profiles_and_fits": round(fit_s, 1), "total": round(time.process_time() - started, 1)}
+    if args.figure:
+        figure(report, args.figure)
+    for block in (report["organ_levels_across_patients"], report["organ_levels_across_patients_shape_only"]):
+        for entry in block.values():
+            entry.pop("_errors", None)
+    for entry in report["slabs"].values():
+        entry.pop("_errors", None)
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -90,3 +90,13 @@ def adjacent(a: str | None, b: str | None) -> bool:
         return False
     pairs = {frozenset(TRUNK_ORDER[i:i + 2]) for i in range(len(TRUNK_ORDER) - 1)} | {frozenset((_C, _ARM))}
     return any(frozenset((x, y)) in pairs for x in ra for y in rb)
+
+
+def passes(told: str | None, wanted: str | None) -> bool:
+    """Whether a series whose header says ``told`` passes a body-part filter ``wanted``: a header naming a region passes
+    when it shares one with ``wanted`` ('HEADNECK' passes 'head'); a filter that names no region compares the words."""
+    if not wanted:
+        return True
+    if not names_region(wanted):
+        return normalise(told) == normalise(wanted)
+    return overlap(told, wanted)
