@@ -48,7 +48,9 @@ def test_the_prior_groups_by_levels_held_or_region_shared_so_neither_wrong_word_
     chest_ct = Kind("CT", ("CHEST",), (270.0, 560.0))  # a chest CT holds the liver dome
     abdominal_mr = Kind("MR", ("ABDOMEN",), (500.0, 700.0))
     assert [prior_group(liver_query, k) for k in (slab_partialbody, slab_misread, slab_mislevelled, chest_ct)] == [0, 0, 0, 0]
-    assert prior_group(liver_query, head_ct) == 2 and prior_group(liver_query, abdominal_mr) == 2
+    assert prior_group(liver_query, head_ct) == 3 and prior_group(liver_query, abdominal_mr) == 2  # another modality, same place
+    assert prior_group(Kind("MR", ("HEAD",), (0.0, 150.0)), head_ct) == 2  # a head CT for a brain MR: before other CTs
+    assert prior_group(Kind("MR", ("HEAD",), (0.0, 150.0)), chest_ct) == 3
     assert prior_group(liver_query, Kind("CT", ("CHEST",), (380.0, 470.0))) == 1  # near, not held, a neighbouring region
     assert prior_group(Kind("MR", (), None), Kind("MR", ("HEAD",), None)) == 0  # a query nobody placed: modality decides
     assert prior_group(Kind("CT", ("HEAD",), None), Kind("CT", (), None)) == 1  # a case nobody placed: middle group

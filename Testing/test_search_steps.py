@@ -276,18 +276,20 @@ def test_same_kind_first_moves_the_query_kind_up_and_keeps_the_others_in_order(s
         volume = read_volume(searcher.paths[0])
         volume.modality, volume.body_part = "MR", "HEAD"  # as DICOM would say
         query = volume_query(volume, "axial", searcher.index)
-        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[1], rows[3], rows[0], rows[2]]
+        # the query's kind, then a head of another modality, then the rest
+        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[1], rows[3], rows[2], rows[0]]
         prior = query.description["prior"]
         assert (prior["modality"], prior["body_part"], prior["regions"]) == ("MR", "HEAD", ["HEAD"])
         volume.body_part = None  # region unknown here: the modality alone decides (the phantom is inferred HEAD-sized)
         query = volume_query(volume, "axial", searcher.index)
         assert [s.case_row for s in searcher.same_kind_first(query, ranked)][:2] == [rows[1], rows[3]]
-        # An abdominal CT query: a CT read as CHEST (a neighbouring region) comes after the abdomens, before the rest.
+        # An abdominal CT query: a CT read as CHEST (a neighbouring region) comes after the abdomens, then the abdominal
+        # MR (another modality of the same region), then the head.
         kinds = {rows[0]: ("CT", "HEAD"), rows[1]: ("CT", "CHEST"), rows[2]: ("MR", "ABDOMEN"), rows[3]: ("CT", "ABDOMEN")}
         writer.executemany("UPDATE cases SET modality = ?, body_part = ? WHERE id = ?", [(m, b, r) for r, (m, b) in kinds.items()])
         volume.modality, volume.body_part = "CT", "ABDOMEN"
         query = volume_query(volume, "axial", searcher.index)
-        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[3], rows[1], rows[0], rows[2]]
+        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[3], rows[1], rows[2], rows[0]]
     finally:
         writer.executemany("UPDATE cases SET modality = ?, body_part = ?, metadata = ? WHERE id = ?",
                            [(m, b, d, r) for r, m, b, d in before])

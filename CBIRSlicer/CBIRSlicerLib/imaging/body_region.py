@@ -227,14 +227,12 @@ def case_kind(modality: str | None, body_part: str | None, metadata: dict) -> Ki
 
 def prior_group(query: Kind, case: Kind) -> int:
     """0: the query's modality and its anatomy; 1: its modality, with a neighbouring or unknown region or levels near
-    but not held; 2: the rest.
+    but not held; 2: another modality of its anatomy (a head CT for a brain MR); 3: the rest.
 
     Its anatomy: the case holds the query's levels (where both have them) or shares a region with it. Either suffices,
     so neither a region read wrong (a PARTIALBODY header, an odd crop) nor a level placed wrong costs the right case
     its place; and a chest CT that holds the liver dome counts for a liver query.
     """
-    if query.modality and case.modality != query.modality:
-        return 2
     groups = []
     if query.levels is not None and case.levels is not None:
         shared = min(query.levels[1], case.levels[1]) - max(query.levels[0], case.levels[0])
@@ -248,4 +246,7 @@ def prior_group(query: Kind, case: Kind) -> int:
         groups.append(0)
     else:
         groups.append(1 if any(neighbours(a, b) for a in query.regions for b in case.regions) else 2)
-    return min(groups)
+    anatomy = min(groups)
+    if query.modality and case.modality != query.modality:
+        return 2 if anatomy == 0 and (query.regions or query.levels is not None) else 3
+    return anatomy if anatomy < 2 else 3

@@ -274,8 +274,8 @@ class Searcher:
 
 
     def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
-        """Ranked cases in three groups, each in its own order: the query's modality and anatomy; its modality with a
-        neighbouring or unknown region; the rest (:func:`body_region.prior_group`).
+        """Ranked cases in four groups, each in its own order: the query's modality and anatomy; its modality with a
+        neighbouring or unknown region; another modality of its anatomy; the rest (:func:`body_region.prior_group`).
 
         A soft prior, not a filter: on real CT the weight-free descriptor ranked a brain MR or a head CT above the other
         patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow. Anatomy is
@@ -300,7 +300,7 @@ class Searcher:
             return body_region.prior_group(wanted, body_region.case_kind(case.modality, case.body_part, case.metadata))
 
         groups = [group(s) for s in ranked]
-        return [s for n in range(3) for s, g in zip(ranked, groups) if g == n]
+        return [s for n in range(4) for s, g in zip(ranked, groups) if g == n]
 
     def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None) -> SearchAnswer:
         """The answer with each shown match placed at the query's anatomical place (see :mod:`placement`).
