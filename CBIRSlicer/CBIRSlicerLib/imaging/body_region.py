@@ -5,7 +5,8 @@ other kind the index holds so far). Body region: where the volume lies on the st
 (:mod:`body_axis`), cut into bands of level (:data:`BANDS`: head, neck, chest, abdomen, pelvis, legs); the regions a
 volume covers are the bands holding at least 30 mm or a third of its body, its region the band holding most. Checks
 from the image itself guard the axis: lungs (air or, on MR, dark holes filling at least a tenth of the body's
-section) in 40 % of the planes or more make it CHEST, however narrow its field of view (a chest CT is never HEAD);
+section) in 40 % of the planes or more make it CHEST, however narrow its field of view (a chest CT is never HEAD),
+unless the axis places it in the abdomen and they fill under a tenth of the section (lung bases);
 a chest with lungs in under a tenth of its planes is none; a head wider than 230 mm is none; a body as narrow as a
 head is no adult trunk. When the axis cannot be had (under 20 mm of body), fits badly or fails the width check,
 the rules of old decide: a body at most 230 mm wide is a head, anything wider the abdomen or pelvis.
@@ -40,6 +41,10 @@ MIN_BAND_MM = 30.0
 LUNG_SHARE = 0.08  # air (CT) or dark holes (MR) in the middle and back of a section: lungs, not airway or bowel gas
 CHEST_LUNG_PLANES = 0.4  # lungs in this share of the planes make a chest (a chest CT: 0.7-1; an abdomen from the dome: < 0.3)
 NO_LUNG_PLANES = 0.1  # lungs in fewer planes than this: no chest
+# Lungs in a volume the axis places in the abdomen are its lung bases unless they fill a tenth of the section (median
+# over planes): the lung apices of the head-and-neck CTs' upper chest fill 12-20 % (10th-90th percentile), the lung
+# bases in the abdominal CT's top 40 mm 2.5 % (at most 13 %).
+CHEST_LUNG_SHARE = 0.10
 TRUNK = ("CHEST", "ABDOMEN", "PELVIS")
 FEW_PLANES = 3  # planes of body (6 mm) enough to read a region from the body axis (not to place by: body_axis wants 10)
 # An axis fitted worse than REGION_COST is not believed (the rules decide); its levels are kept (for the prior and
@@ -95,12 +100,12 @@ def regions_of_levels(top: float, bottom: float) -> tuple[tuple[str, ...], str]:
     return covered or (primary,), primary
 
 
-def _lung_planes(prof: body_axis.Profile) -> float:
-    """Share of the profile's body planes whose section holds lungs."""
+def _lung_planes(prof: body_axis.Profile) -> tuple[float, float]:
+    """Share of the profile's body planes whose section holds lungs, and the median share of lung in a section."""
     if not prof.body.any():
-        return 0.0
-    column = prof.features.index(body_axis.LUNG_FEATURE)
-    return float(np.mean(prof.values[prof.body, column] >= LUNG_SHARE))
+        return 0.0, 0.0
+    share = prof.values[prof.body, prof.features.index(body_axis.LUNG_FEATURE)]
+    return float(np.mean(share >= LUNG_SHARE)), float(np.median(share))
 
 
 def infer(volume: Volume) -> Inferred:
@@ -109,7 +114,7 @@ def infer(volume: Volume) -> Inferred:
     if not prof.body.any():
         return Inferred(prof.modality, "UNKNOWN", 0.0, 0.0)
     width = float(np.median(prof.values[prof.body, prof.features.index("width")]))
-    lungs = _lung_planes(prof)
+    lungs, lung_share = _lung_planes(prof)
     # a few planes of body (a crop's edge) still tell a region, if not a level to place by
     axis = body_axis.align(prof) or body_axis.align(prof, min_planes=FEW_PLANES)
     trusted = axis is not None and axis.cost <= REGION_COST
@@ -117,7 +122,8 @@ def infer(volume: Volume) -> Inferred:
     levels = tuple(round(v, 1) for v in axis.level_range) if trusted and axis.reliable else None
     # lungs in most planes: a chest, however narrow its field of view or odd its fit (on MR, where bone, sinuses and
     # fluid are dark too, only a body wider than a head)
-    if lungs >= CHEST_LUNG_PLANES and (prof.modality == "CT" or width > HEAD_WIDTH_MM):
+    lung_bases = trusted and primary in ("ABDOMEN", "PELVIS") and lung_share < CHEST_LUNG_SHARE  # above an abdomen
+    if lungs >= CHEST_LUNG_PLANES and not lung_bases and (prof.modality == "CT" or width > HEAD_WIDTH_MM):
         how = "axis" if primary == "CHEST" else "lungs"
         return Inferred(prof.modality, "CHEST", round(width, 1), round(lungs, 3),
                         tuple(sorted({*regions, "CHEST"}, key=_order)), levels, how, axis)
