@@ -208,3 +208,20 @@ def test_cli_suggests_searches_again_from_an_answer_and_lists_labels_to_ask_for(
     listed = json.loads(capsys.readouterr().out)
     assert len(listed) == 1 and listed[0]["case_id"] in {c.case_id for c in room.index.catalog.cases() if not c.labels}
     assert not math.isnan(listed[0]["uncertainty"])
+
+
+def test_neighbours_of_another_anatomy_do_not_vote_and_the_suggestion_abstains(room):
+    """The issue-29 case: a query of another body region (an abdominal MR) whose neighbours are all head cases gets no
+    'head (conf 0.82)' but the reason: the labelled cases near it do not hold its anatomy."""
+    import dataclasses
+
+    answer = room.search(_query(room, 0), k=10)
+    suggester = suggestion.Suggester(room.index)
+    assert suggester.suggest(answer) is not None  # among its own kind (all phantoms): a suggestion
+    elsewhere = dataclasses.replace(answer, query={**answer.query, "prior": {"modality": "MR", "body_part": "ABDOMEN",
+                                                                              "regions": ["ABDOMEN"], "levels": [550.0, 650.0]}})
+    similar = suggester.similar(elsewhere)
+    assert not any(similar(r) for r in elsewhere.results)
+    attached = suggester.attach(elsewhere).suggestion
+    assert attached["label"] is None and attached["reason"].startswith("too few similar labelled cases: 0 of the top 7")
+    assert "5 labelled cases of another kind do not vote" in attached["reason"]
