@@ -17,12 +17,12 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import patient_split  # noqa: E402
-import real_data  # noqa: E402
+import patient_split
+import real_data
 
-from CBIRSlicerLib.imaging import body_parts, body_region  # noqa: E402
-from CBIRSlicerLib.imaging.body_region import Kind, prior_group  # noqa: E402
-from CBIRSlicerLib.retrieval import suggestion  # noqa: E402
+from CBIRSlicerLib.imaging import body_parts, body_region
+from CBIRSlicerLib.imaging.body_region import Kind, prior_group
+from CBIRSlicerLib.retrieval import suggestion
 
 
 def test_body_part_examined_counts_only_when_it_names_a_region():

@@ -148,6 +148,7 @@ def _library_modules() -> set[str]:
 # Where each piece lives: defined (at module level) in exactly this module, and nowhere else in the library.
 ROOMS = {
     "clock.py": {"now_utc"},
+    "atomic.py": {"replaced", "write_json_atomically"},
     "imaging/registration.py": {"coarse_image", "neighbourhood", "level_starts", "global_transform", "local_affine",
                                 "deformation", "agreement", "carry", "place", "Placement"},
     "index/files.py": {"MANIFEST", "VECTORS", "CATALOG", "ROWS", "TRANSFORM", "recovery_hint"},
@@ -157,9 +158,13 @@ ROOMS = {
     "index/verify.py": {"verify"},
     "index/repair.py": {"repair", "RepairReport"},
     "index/folder.py": {"Index"},
-    "retrieval/queries.py": {"Query", "roi_query", "segment_query", "slice_query", "volume_query", "text_query", "item_query",
+    "retrieval/queries.py": {"Query", "QuerySpec", "make_query", "QUERY_MODES", "VOLUME_MODES", "MATCH_INTENTS", "Prior",
+                             "roi_query", "segment_query", "slice_query", "volume_query", "text_query", "item_query",
                              "parse_filters", "load_volume_for_query"},
-    "retrieval/search.py": {"Searcher"},
+    "retrieval/search.py": {"Searcher", "embedding_request"},
+    "retrieval/marks.py": {"Feedback"},
+    "retrieval/suggestion.py": {"Suggestion", "NoSuggestion"},
+    "models/requests.py": {"EmbeddingKind", "EmbeddingRequest"},
     "retrieval/placement.py": {"anatomical_match", "look_alike_margin", "AGREEMENT_MIN"},
     "retrieval/saved_search.py": {"SavedSearch", "rerun"},
     "scene/keep_results.py": {"save_search", "reload_search", "export_scene", "label_result"},
@@ -205,3 +210,13 @@ def test_every_cli_command_module_registers_its_own_parsers_and_the_program_join
     assert commands <= joined, f"program.py does not join {commands - joined}"
     helpers = {p.stem for p in cli.glob("*.py")} - commands
     assert helpers == {"__init__", "__main__", "program", "common"}, helpers
+
+
+def test_one_clock_and_one_atomic_write():
+    """Stored times come from clock.now_utc and in-place writes go through atomic.replaced: no module has its own."""
+    for path in LIB.rglob("*.py"):
+        name, text = path.relative_to(LIB).as_posix(), path.read_text()
+        assert "timezone.utc" not in text or name == "clock.py", f"{name} reads the clock itself"
+        # The one other temporary: a compaction's new rows file, which the vector store's save moves into place.
+        temporaries = text.count(".tmp-{os.getpid()}") - (name == "index/maintenance.py")
+        assert temporaries <= 0 or name == "atomic.py", f"{name} writes a temporary file and renames it itself"

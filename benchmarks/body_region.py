@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from body_axis_template import hn_cases, organ_levels_s  # noqa: E402
-from real_anatomy import slab_around  # noqa: E402
-from real_data import prepare, shared_data_dir  # noqa: E402
+from body_axis_template import hn_cases, organ_levels_s
+from real_anatomy import slab_around
+from real_data import prepare, shared_data_dir
 
-from CBIRSlicerLib.imaging import body_region  # noqa: E402
-from CBIRSlicerLib.imaging.readers import read_volume  # noqa: E402
+from CBIRSlicerLib.imaging import body_region
+from CBIRSlicerLib.imaging.readers import read_volume
 
 SLABS_MM = (40.0, 60.0)
 HN_SLABS = {"brainstem": {"HEAD"}, "right_parotid": {"HEAD", "NECK"}, "mandible": {"HEAD", "NECK"}, "larynx": {"NECK"}}

@@ -46,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pseudo_patients  # noqa: E402
-import real_data  # noqa: E402
+import pseudo_patients
+import real_data
 
 REPO = Path(__file__).resolve().parents[1]
 LANDMARKS_JSON = REPO / "docs" / "benchmarks" / "real_head_landmarks.json"

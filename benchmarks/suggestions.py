@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from body_axis_template import organ_levels_s  # noqa: E402
-from body_region import pseudo_mr  # noqa: E402
-from patient_split import part  # noqa: E402
-from real_anatomy import slab_around  # noqa: E402
-from real_data import prepare, shared_data_dir  # noqa: E402
+from body_axis_template import organ_levels_s
+from body_region import pseudo_mr
+from patient_split import part
+from real_anatomy import slab_around
+from real_data import prepare, shared_data_dir
 
 HN_LEVELS = {"brainstem": "skull base", "mandible": "jaw", "larynx": "larynx"}
 OTHER_SLABS = {"abdomen_ct": {0.85: "upper abdomen", 0.7: "upper abdomen", 0.3: "pelvis", 0.15: "pelvis"},
@@ -120,9 +120,10 @@ def searches(index_folder: str, queries: list[dict], patient_of: dict[str, str])
         answer = searcher.search(volume_query(volume, "axial", index), k=K + 12)
         keep = [r for r in answer.results if patient_of.get(os.path.abspath(r.source)) != q["patient"]][:K]
         similar = suggester.similar(answer)
+        prior = answer.query.prior.to_json() if answer.query.prior else None
         out.append({"query": os.path.basename(q.get("path", q.get("name", ""))), "truth": q["label"], "patient": q["patient"],
                     "labels": [suggester.labels_of(r) for r in keep], "scores": [r.score for r in keep],
-                    "similar": [bool(similar(r)) if similar else True for r in keep], "prior": answer.query.get("prior")})
+                    "similar": [bool(similar(r)) if similar else True for r in keep], "prior": prior})
     return out
 
 
