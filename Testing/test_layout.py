@@ -238,3 +238,14 @@ def test_no_library_file_is_longer_than_its_purpose_needs():
     long = {p.relative_to(LIB).as_posix(): len(p.read_text().splitlines()) for p in LIB.rglob("*.py")}
     over = {name: lines for name, lines in long.items() if lines > MAX_LINES and name not in LONG_FILES}
     assert not over, f"library files over {MAX_LINES} lines: {over}"
+
+
+def test_the_design_notes_name_every_module_in_their_table_of_rooms():
+    text = (ROOT / "docs" / "design.md").read_text()
+    rooms = text[text.index("## Rooms"):text.index("## Decisions")]
+    for path in LIB.rglob("*.py"):
+        name = path.relative_to(LIB).as_posix()
+        if path.name == "__init__.py":
+            continue
+        shown = f"`{name}`" if name.startswith("cli/") else f"`{path.name}`"
+        assert shown in rooms, f"docs/design.md's table of rooms does not name {name}"
