@@ -44,7 +44,8 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
     """A library's warning as one line on the terminal (Python's own form adds the source line below it)."""
     text = " ".join(str(message).split()) or category.__name__
     return f"cbir: warning: {text} ({category.__name__}, {os.path.basename(filename)}:{lineno})\n"
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except sqlite3.DatabaseError as error:  # a catalog damaged past what opening it checks, or one that cannot be written
         where = f"{os.path.join(os.path.abspath(args.index), 'catalog.sqlite')}: " if getattr(args, "index", None) else ""
-        code = getattr(error, "sqlite_errorcode", None)
+        code = int(getattr(error, "sqlite_errorcode", 0) or 0)
         advice = {sqlite3.SQLITE_FULL: "free space on its disk", sqlite3.SQLITE_BUSY: "let the other process finish",
                   sqlite3.SQLITE_READONLY: "write to a copy you may write", sqlite3.SQLITE_CANTOPEN: "check the folder's permissions",
                   sqlite3.SQLITE_IOERR: "check the disk or the share"}.get(code)
@@ -78,6 +79,6 @@ def main(argv: list[str] | None = None) -> int:
               "then 'cbir index repair'", file=sys.stderr)
         return 1
     except OSError as error:  # disk full, permission denied: the user can act on these
-        where = error.filename or getattr(args, "index", None) or getattr(args, "out", None)
+        where = str(error.filename or getattr(args, "index", None) or getattr(args, "out", None) or "")
         print(f"cbir: error: {where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)
         return 1

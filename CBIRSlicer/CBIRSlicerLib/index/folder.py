@@ -28,6 +28,7 @@ so a killed build resumes without duplicates or losses.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..clock import now_utc
 from ..errors import CBIRError, IndexCorruptError, IndexMismatchError, InputError
@@ -125,7 +126,8 @@ class Index(IndexWriter):
                 index._begin_writing()
             except BaseException:  # a full disk or a read-only file: nothing was changed; let the next writer in
                 index.catalog.close()
-                lock.release()
+                if lock is not None:
+                    lock.release()
                 raise
             index._purge_pending()
             if index.transform_dropped:  # a pin that no longer matches its file: fitted again now, as it was fitted on
@@ -303,7 +305,7 @@ class _Checks:
                 rows_checked = min(int(recorded.get("size", 0)), store.rows.count * store.rows.row_bytes)
         return rows_checked
 
-    def keyed_seal(self, manifest: dict, legacy: bool, writable: bool, trust: bool) -> str:
+    def keyed_seal(self, manifest: dict[str, Any], legacy: bool, writable: bool, trust: bool) -> str:
         """The manifest's keyed seal against this machine's key (keyed_seal.status): one that does not match is a problem,
         another key's (or none) is refused by a writer unless ``trust`` and reported by verify. Format 1 had no seals."""
         path = os.path.join(self.folder, MANIFEST)

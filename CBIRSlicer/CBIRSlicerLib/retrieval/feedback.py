@@ -38,7 +38,7 @@ def feedback_from_answer(answer: dict, relevant: list[str], not_relevant: list[s
     except ParameterError as error:
         raise ParameterError(f"{path}: {error}") from None
 
-    def item_of(result: dict) -> int | None:
+    def item_of(result: dict[str, object]) -> int | None:
         best = result.get("best_match")
         item = best.get("item_id") if isinstance(best, dict) else None
         return item if isinstance(item, int) and not isinstance(item, bool) else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
@@ -279,7 +280,7 @@ def _same_patient(volume: Volume, index: Index) -> list[int]:
     return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
 
 
-_SEARCHABLE: weakref.WeakSet = weakref.WeakSet()  # volumes found searchable: a session queries one volume many times
+_SEARCHABLE: weakref.WeakSet[Volume] = weakref.WeakSet()  # volumes found searchable: a session queries one volume many times
 
 
 def _searchable(volume: Volume) -> None:
@@ -325,7 +326,7 @@ def _slice(spec: QuerySpec, volume: Volume, index: Index) -> Query:
                  centre_ras=_point(image.ras), **_whole_boxes(index, [image]))
 
 
-def _inside(volume: Volume, ras) -> None:
+def _inside(volume: Volume, ras: Sequence[float] | np.ndarray) -> None:
     """Refuse a point outside the volume (half a voxel of slack): its nearest slice would answer for a place not scanned."""
     point = np.asarray(ras, float)
     if point.shape != (3,) or not np.all(np.isfinite(point)):

@@ -268,8 +268,8 @@ class Searcher:
                                     "'cbir index repair'")
         self.locate(scored, shown, weights)
         answer = self.package(query, method, shown)
-        notes = [self.fewer_note(query, scope, k, len(shown)) if len(shown) < k else None, self.modality_note(query)]
-        notes = [n for n in notes if n]
+        found = (self.fewer_note(query, scope, k, len(shown)) if len(shown) < k else None, self.modality_note(query))
+        notes = [note for note in found if note is not None]
         return dataclasses.replace(answer, note="; ".join(notes)) if notes else answer
 
     def modality_note(self, query: Query) -> str | None:
