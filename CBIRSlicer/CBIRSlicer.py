@@ -472,6 +472,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         count = len(answer.results)
         self.ui.searchStatusLabel.text = (_("1 similar case.") if count == 1 else _("{count} similar cases.").format(count=count)
                                           if count else _("No similar cases found."))
+        self.ui.searchStatusLabel.toolTip = answer.note or ""  # why fewer cases than asked for, when there are
 
     def _selectedResult(self) -> Optional[CaseResult]:
         row = self.ui.resultsListWidget.currentRow

@@ -104,7 +104,9 @@ def test_an_answer_suggests_the_vote_winner_with_its_support_and_calibrated_conf
     assert found.line() == f"Suggested: {winner} (conf {found.confidence:.2f}), based on {found.support} of 7 similar cases"
     # No calibration pinned: the confidence is the raw share, and the answer says so.
     assert suggester.calibration.source == suggestion.UNCALIBRATED and found.confidence == pytest.approx(found.share, abs=1e-3)
-    assert answer.to_json().keys() == {"query", "ranking", "results"}  # nothing added unless asked
+    # Nothing added unless asked, but the note that 7 cases came of the 10 asked for.
+    assert answer.to_json().keys() == {"query", "ranking", "results", "note"}
+    assert answer.note.startswith("7 of the 10 cases asked for: the index holds 8 cases; 1 left out")
     assert suggester.attach(answer).to_json()["suggestion"]["label"] == winner
 
 

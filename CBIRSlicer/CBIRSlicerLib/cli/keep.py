@@ -54,8 +54,11 @@ def _export(args: argparse.Namespace) -> int:
                             f"{error}") from None
         out = export_scene(saved, args.scene)
         print(f"wrote {out.path}: {len(out.volumes)} volumes, {len(out.rois)} ROIs")
-        for case_id, why in out.skipped:
-            print(f"  left out {case_id}: {why}", file=sys.stderr)
+        if out.skipped:  # one line: the first reason in full, the other cases by id
+            (first, why), others = out.skipped[0], [case_id for case_id, _ in out.skipped[1:]]
+            more = f"; also {', '.join(others[:5])}{' and more' if len(others) > 5 else ''}" if others else ""
+            print(f"cbir: note: left out {len(out.skipped)} of {len(saved.answer.results)} results whose volume could not be "
+                  f"read: {first} ({why}){more}", file=sys.stderr)
     return 0
 
 

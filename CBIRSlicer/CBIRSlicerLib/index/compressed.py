@@ -71,6 +71,44 @@ class RowFile:
     def __init__(self, path: str, dim: int, count: int):
         self.path, self.dim, self.count = path, dim, count
         self._map: np.ndarray | None = None
+        self._expected: dict | None = None  # the manifest's record of the file, for readers (expect)
+        self._verified: set[int] = set()  # chunks of the record found intact
+        self._recovery = ""
+
+    def expect(self, record: dict, recovery: str = "") -> None:
+        """Check rows against the manifest's per-chunk SHA-256 when a search first reads them (readers of a sealed index).
+
+        Why lazily: the rows file is the largest of an index (10 GB at 10 M vectors) and a search reads a few thousand of
+        its rows, so hashing it whole at every open would cost more than the searches; checking each 4 MiB chunk the first
+        time a search reads from it means no answer is ever computed from unchecked bytes, at most one chunk's hashing
+        (about 5 ms) per chunk read, once per open index. ``recovery``: the end of the error (how to repair)."""
+        self._expected, self._verified, self._recovery = record, set(), recovery
+
+    def verify(self, positions) -> None:
+        """Raise IndexCorruptError if a chunk holding any of these rows differs from the manifest's record."""
+        if self._expected is None:
+            return
+        positions = np.asarray(positions, np.int64).ravel()
+        if not len(positions):
+            return
+        chunk = int(self._expected.get("chunk_bytes") or 0)
+        digests, size = self._expected.get("sha256") or [], int(self._expected.get("size") or 0)
+        if chunk <= 0:
+            return
+        starts = positions * self.row_bytes
+        needed = set(np.unique(np.concatenate([starts // chunk, (starts + self.row_bytes - 1) // chunk])).tolist())
+        needed -= self._verified
+        if not needed:
+            return
+        import hashlib
+
+        data = self.rows().reshape(-1).view(np.uint8)  # the mapped bytes searches read (a replaced file keeps its map)
+        for number in sorted(needed):
+            low, high = number * chunk, min(size, (number + 1) * chunk)
+            if number >= len(digests) or high > len(data) or hashlib.sha256(data[low:high]).hexdigest() != digests[number]:
+                raise IndexCorruptError(f"{self.path}: checksum differs from the manifest in the chunk at bytes {low}-{high - 1} "
+                                        f"(read by this search): the file is damaged{'; ' + self._recovery if self._recovery else ''}")
+            self._verified.add(number)
 
     @property
     def row_bytes(self) -> int:
@@ -97,10 +135,13 @@ class RowFile:
     def append(self, vectors: np.ndarray) -> None:
         """Write rows after the last counted one (over anything a killed writer left there)."""
         mode = "r+b" if os.path.exists(self.path) else "w+b"
-        with open(self.path, mode) as handle:
-            handle.truncate(self.count * self.row_bytes)
-            handle.seek(self.count * self.row_bytes)
-            handle.write(np.ascontiguousarray(vectors, ROW_DTYPE).tobytes())
+        try:
+            with open(self.path, mode) as handle:
+                handle.truncate(self.count * self.row_bytes)
+                handle.seek(self.count * self.row_bytes)
+                handle.write(np.ascontiguousarray(vectors, ROW_DTYPE).tobytes())
+        except OSError as error:  # rows past the counted ones are ignored and overwritten by the next writer
+            raise OSError(error.errno, f"cannot be written ({error.strerror or error})", self.path) from None
         self.count += len(vectors)
         self._map = None
 

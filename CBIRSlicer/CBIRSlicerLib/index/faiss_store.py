@@ -230,6 +230,8 @@ class VectorStore:
         if not len(ids) or storage is None or not self._ids_sorted():
             return self.reconstruct(ids)
         positions = self._positions(ids)
+        if self.rows is not None:
+            self.rows.verify(positions)
         if positions[-1] - positions[0] + 1 == len(ids) and np.all(np.diff(positions) == 1):
             block = storage[positions[0]:positions[-1] + 1]
         else:
@@ -272,6 +274,7 @@ class VectorStore:
             return np.zeros((0, self.dim), np.float32)
         if self.rows is not None:
             positions = self._positions(ids)
+            self.rows.verify(positions)
             order = np.argsort(positions, kind="stable")  # read the map in file order
             out = np.empty((len(ids), self.dim), np.float32)
             out[order] = self.rows.rows()[positions[order]]
@@ -366,6 +369,7 @@ class VectorStore:
                 usable &= ~np.isin(part, excluded)
             if not usable.any():
                 continue
+            self.rows.verify(np.arange(start, start + len(part))[usable])
             scores = queries @ np.asarray(rows[start:start + chunk][usable], np.float32).T
             merged_scores = np.concatenate([best_scores, scores], axis=1)
             merged_ids = np.concatenate([best_ids, np.broadcast_to(part[usable], scores.shape)], axis=1)

@@ -54,6 +54,9 @@ class LabelWrite:
     reason: str = ""
 
 
+MAX_VALUE = 1000  # characters: a finding, a grade, a short note
+
+
 def parse_assignment(text: str) -> tuple[str, str]:
     """'COLUMN=VALUE' to (column, value), the column checked (a name of letters, digits, _ . - or spaces, not a field of the index)."""
     column, sep, value = text.partition("=")
@@ -61,7 +64,17 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not column:
         raise ParameterError(f"label '{text}' must look like COLUMN=VALUE, for example diagnosis=adenocarcinoma")
     check_column(column)
+    check_value(value)
     return column, value
+
+
+def check_value(value: str) -> None:
+    """Refuse a label value that is not one line of text (a newline or an escape sequence would break a side-file line or
+    the terminal) or is longer than a label."""
+    if not value.isprintable():
+        raise ParameterError(f"label value {value!r} holds a control character; a label is one line of text")
+    if len(value) > MAX_VALUE:
+        raise ParameterError(f"label value of {len(value)} characters is longer than a label ({MAX_VALUE} at most)")
 
 
 def check_column(column: str) -> None:
@@ -85,6 +98,7 @@ def set_label(folder: str, case_id: str, column: str, value: str, by: str | None
               at: str | None = None) -> LabelWrite:
     """Give a case a label: in the index (writer lock, commit) if it can be written, else in the side file."""
     check_column(column)
+    check_value(value)
     folder = os.path.abspath(folder)
     entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, folder)
     reason = writable_reason(folder)

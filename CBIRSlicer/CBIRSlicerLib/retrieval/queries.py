@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
 import numpy as np
 
-from ..errors import InputError, ParameterError
+from ..errors import GeometryError, InputError, ParameterError
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
@@ -187,6 +188,7 @@ def make_query(spec: QuerySpec, volume: Volume | None, index: Index, segment: Se
         return _item(spec, index)
     if volume is None:
         raise ParameterError(f"a {spec.mode} query needs its volume")
+    _searchable(volume)
     spec = dataclasses.replace(spec, volume=os.path.abspath(volume.source) if volume.source else None)
     if spec.mode == "segment" and segment is not None:
         made = _roi(dataclasses.replace(spec, roi=segment.box, segment=segment.name), volume, index)
@@ -261,6 +263,21 @@ def _same_patient(volume: Volume, index: Index) -> list[int]:
     return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
 
 
+_SEARCHABLE: weakref.WeakSet = weakref.WeakSet()  # volumes found searchable: a session queries one volume many times
+
+
+def _searchable(volume: Volume) -> None:
+    """Refuse a query volume with nothing to search for (every voxel NaN, infinite or alike): its answer would be noise."""
+    from ..index.writer import content_problem
+
+    if volume in _SEARCHABLE:
+        return
+    refused, _ = content_problem(volume)
+    if refused:
+        raise InputError(volume.source, f"{refused}; it cannot be a query")
+    _SEARCHABLE.add(volume)
+
+
 def _dense(index: Index) -> bool:
     return index.settings.region_strategy == "dense"
 
@@ -283,11 +300,27 @@ def _roi(spec: QuerySpec, volume: Volume, index: Index) -> Query:
 def _slice(spec: QuerySpec, volume: Volume, index: Index) -> Query:
     """One whole slice: the one through the spec's point (default the volume's centre)."""
     window = choose_window(volume, index.settings.window)
+    if spec.point is not None:
+        _inside(volume, spec.point)
     asked = volume.center_ras if spec.point is None else np.asarray(spec.point, float)
     image = nearest_slice(extract_slices(volume, spec.axis), asked)
     made = dataclasses.replace(spec, slice_index=image.slice_index, point=_point(image.ras))
     return Query(made, [to_uint8_rgb(image.pixels, window)], **_own(volume, index), volume=volume,
                  centre_ras=_point(image.ras), **_whole_boxes(index, [image]))
+
+
+def _inside(volume: Volume, ras) -> None:
+    """Refuse a point outside the volume (half a voxel of slack): its nearest slice would answer for a place not scanned."""
+    point = np.asarray(ras, float)
+    if point.shape != (3,) or not np.all(np.isfinite(point)):
+        raise GeometryError(f"the point RAS {list(np.ravel(point))} must be three finite numbers (mm)")
+    ijk = volume.ras_to_ijk_points(point[None])[0]
+    if np.all(ijk >= -0.5) and np.all(ijk <= np.array(volume.shape_ijk) - 0.5):
+        return
+    corners = volume.corners_ras()
+    span = ", ".join(f"{a} {lo:.1f}..{hi:.1f}" for a, lo, hi in zip("RAS", corners.min(axis=0), corners.max(axis=0)))
+    where = f"{volume.source}: " if volume.source else ""
+    raise GeometryError(f"{where}the point RAS ({', '.join(f'{v:g}' for v in point)}) lies outside the volume ({span} mm)")
 
 
 def _volume(spec: QuerySpec, volume: Volume, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
@@ -311,7 +344,7 @@ def _whole_boxes(index: Index, images: list) -> dict:
 def _item(spec: QuerySpec, index: Index) -> Query:
     """'More like this': an indexed item's own vector; its case is left out."""
     item_id = int(cast(int, spec.item))
-    item = index.catalog.items([item_id]).get(item_id)
+    item = index.catalog.items([item_id]).get(item_id) if 0 < item_id < 2**63 else None
     if item is None:
         raise ParameterError(f"item {item_id} is not in the index {index.folder}")
     case = index.catalog.case_by_row(item.case_row)
@@ -320,13 +353,21 @@ def _item(spec: QuerySpec, index: Index) -> Query:
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
-    """'FIELD=VALUE' strings to a dict."""
-    filters = {}
+    """'FIELD=VALUE' strings to a dict; every filter must hold (AND), so a field given twice is refused.
+
+    Refused rather than read as 'either value': a case has one value per column, so two values of one field could only be
+    meant as OR, while every other pair of filters means AND; one meaning per option keeps the answer what was asked. Two
+    values of one field are two searches."""
+    filters: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ParameterError(f"filter '{pair}' must look like FIELD=VALUE, for example modality=CT")
-        filters[key.strip()] = value.strip()
+        key = key.strip()
+        if key in filters:
+            raise ParameterError(f"filter field '{key}' is given twice ({key}={filters[key]}, {key}={value.strip()}): every "
+                                 "filter must hold, and a case has one value per field; search once per value")
+        filters[key] = value.strip()
     return filters
 
 

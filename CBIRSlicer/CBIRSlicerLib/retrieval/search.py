@@ -113,6 +113,8 @@ class SearchScope:
 
     excluded: np.ndarray
     allowed: np.ndarray | None = None
+    left_out_cases: list[int] = dataclasses.field(default_factory=list)  # case rows left out (own, judged): the fewer note
+    allowed_cases: list[int] | None = None  # case rows the filters allow (None: no filters)
 
 
 @dataclass
@@ -166,7 +168,8 @@ class Searcher:
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
-        return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None)
+        return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None, excluded_rows,
+                           allowed_rows)
 
     def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None,
                     transform=None) -> dict[int, int]:
@@ -240,6 +243,9 @@ class Searcher:
         """
         if method not in ranking.METHODS:
             raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= ranking.MAX_RESULTS:
+            raise ParameterError(f"the number of cases asked for (k) must be a whole number from 1 to {ranking.MAX_RESULTS}, "
+                                 f"not {k!r}")
         vectors = self.query_vectors(query)
         scope = self.scope(query, filters)
         if scope.allowed is not None and not len(scope.allowed):
@@ -261,7 +267,24 @@ class Searcher:
             raise IndexCorruptError(f"{self.index.folder}: a case scores NaN; the index is damaged: run 'cbir index verify' and "
                                     "'cbir index repair'")
         self.locate(scored, shown, weights)
-        return self.package(query, method, shown)
+        answer = self.package(query, method, shown)
+        return answer if len(shown) >= k else dataclasses.replace(answer, note=self.fewer_note(query, scope, k, len(shown)))
+
+    def fewer_note(self, query: Query, scope: SearchScope, k: int, shown: int) -> str:
+        """Why an answer shows fewer cases than asked for: the cases the index can show, and those left out."""
+        catalog = self.index.catalog
+        complete = set(catalog.case_rows_matching({})) if scope.allowed_cases is None else set(scope.allowed_cases)
+        left_out = complete & set(scope.left_out_cases)
+        marked = query.spec.feedback.judged if query.spec.feedback is not None else []
+        judged = {case.row for case in map(catalog.case_by_id, marked) if case is not None}
+        kinds = [what for what, rows in (("already judged", left_out & judged), ("the query's own case", left_out - judged)) if rows]
+        held = f"{len(complete)} case{'s' if len(complete) != 1 else ''}" + (" matching the filters" if scope.allowed_cases is
+                                                                                 not None else "")
+        why = f"; {len(left_out)} left out ({' and '.join(kinds)})" if left_out else ""
+        if shown >= len(complete) - len(left_out):
+            return f"{shown} of the {k} cases asked for: the index holds {held}{why}"
+        return (f"{shown} of the {k} cases asked for: the index holds {held}{why}, but only {shown} came among the first "
+                "stage's nearest items")
 
 
     def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
