@@ -6,6 +6,7 @@ holds the store itself).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -71,11 +72,11 @@ class RowFile:
     def __init__(self, path: str, dim: int, count: int):
         self.path, self.dim, self.count = path, dim, count
         self._map: np.ndarray | None = None
-        self._expected: dict | None = None  # the manifest's record of the file, for readers (expect)
+        self._expected: dict[str, Any] | None = None  # the manifest's record of the file, for readers (expect)
         self._verified: set[int] = set()  # chunks of the record found intact
         self._recovery = ""
 
-    def expect(self, record: dict, recovery: str = "") -> None:
+    def expect(self, record: dict[str, Any], recovery: str = "") -> None:
         """Check rows against the manifest's per-chunk SHA-256 when a search first reads them (readers of a sealed index).
 
         Why lazily: the rows file is the largest of an index (10 GB at 10 M vectors) and a search reads a few thousand of
@@ -84,7 +85,7 @@ class RowFile:
         (about 5 ms) per chunk read, once per open index. ``recovery``: the end of the error (how to repair)."""
         self._expected, self._verified, self._recovery = record, set(), recovery
 
-    def verify(self, positions) -> None:
+    def verify(self, positions: np.ndarray) -> None:
         """Raise IndexCorruptError if a chunk holding any of these rows differs from the manifest's record."""
         if self._expected is None:
             return
@@ -105,7 +106,7 @@ class RowFile:
         data = self.rows().reshape(-1).view(np.uint8)  # the mapped bytes searches read (a replaced file keeps its map)
         for number in sorted(needed):
             low, high = number * chunk, min(size, (number + 1) * chunk)
-            if number >= len(digests) or high > len(data) or hashlib.sha256(data[low:high]).hexdigest() != digests[number]:
+            if number >= len(digests) or high > len(data) or hashlib.sha256(data[low:high].tobytes()).hexdigest() != digests[number]:
                 raise IndexCorruptError(f"{self.path}: checksum differs from the manifest in the chunk at bytes {low}-{high - 1} "
                                         f"(read by this search): the file is damaged{'; ' + self._recovery if self._recovery else ''}")
             self._verified.add(number)

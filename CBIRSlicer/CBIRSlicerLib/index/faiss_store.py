@@ -369,7 +369,8 @@ class VectorStore:
                 usable &= ~np.isin(part, excluded)
             if not usable.any():
                 continue
-            self.rows.verify(np.arange(start, start + len(part))[usable])
+            if self.rows is not None:  # a compressed store's rows: each chunk checked the first time a search reads it
+                self.rows.verify(np.arange(start, start + len(part))[usable])
             scores = queries @ np.asarray(rows[start:start + chunk][usable], np.float32).T
             merged_scores = np.concatenate([best_scores, scores], axis=1)
             merged_ids = np.concatenate([best_ids, np.broadcast_to(part[usable], scores.shape)], axis=1)

@@ -30,6 +30,7 @@ import hmac
 import json
 import os
 import secrets
+from typing import Any
 
 from ..atomic import replaced
 from ..errors import CBIRError
@@ -85,19 +86,19 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"cbirslicer seal key id\0" + key).hexdigest()[:16]
 
 
-def _mac(manifest: dict, key: bytes) -> str:
+def _mac(manifest: dict[str, Any], key: bytes) -> str:
     body = json.dumps({k: v for k, v in manifest.items() if k not in _UNSIGNED}, sort_keys=True, separators=(",", ":"))
     return hmac.new(key, b"cbirslicer manifest\0" + body.encode(), hashlib.sha256).hexdigest()
 
 
-def sign(manifest: dict, key: bytes | None = None) -> dict:
+def sign(manifest: dict[str, Any], key: bytes | None = None) -> dict[str, Any]:
     """The manifest with its keyed seal set (under ``key``, default this machine's writer key); seal it after this."""
     key = key if key is not None else writer_key()
     manifest[FIELD] = {"key_id": key_id(key), "hmac": _mac(manifest, key)}
     return manifest
 
 
-def status(manifest: dict, key: bytes | None) -> str:
+def status(manifest: dict[str, Any], key: bytes | None) -> str:
     """How the manifest's keyed seal stands with ``key`` (this machine's, or None): OK, ALTERED, FOREIGN or UNCHECKED."""
     if key is None:
         return UNCHECKED
@@ -107,7 +108,7 @@ def status(manifest: dict, key: bytes | None) -> str:
     return OK if hmac.compare_digest(str(found.get("hmac", "")), _mac(manifest, key)) else ALTERED
 
 
-def describe(manifest: dict) -> str:
+def describe(manifest: dict[str, Any]) -> str:
     """Which key sealed the manifest, in words (for notes and info)."""
     found = manifest.get(FIELD)
     if isinstance(found, dict) and isinstance(found.get("key_id"), str):
