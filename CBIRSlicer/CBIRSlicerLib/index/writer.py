@@ -22,7 +22,7 @@ from ..errors import CBIRError, InputError, ParameterError
 from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
-from ..models.base import Embedder
+from ..models.base import Embedder, modality_warning
 from . import privacy
 from .catalog import CaseRecord, ItemRecord
 from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
@@ -264,6 +264,10 @@ class IndexWriter(IndexFolder):
             if refused:
                 raise InputError(None, refused)
             origin = fill_in(volume)  # modality and body part from the image where the file is silent
+            mismatch = modality_warning(embedder, volume.modality, origin.get("modality_image"))
+            if mismatch:
+                origin["model_modality_mismatch"] = mismatch  # flagged in the catalog, warned in the report
+                warning = f"{warning}; {mismatch}" if warning else mismatch
             made, vectors = embedded_items(volume, self.settings, embedder)
             bad = vector_problem(vectors) if len(vectors) else None
             if bad:

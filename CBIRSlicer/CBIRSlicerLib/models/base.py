@@ -126,6 +126,17 @@ class VolumeFeatures:
     whole: np.ndarray
 
 
+def modality_warning(embedder, *modalities: str | None) -> str | None:
+    """A warning when a model made for some modalities (astra-ct: CT) is given an image of another one (the file's word
+    or what the voxels look like); None when it was made for any or all of them agree."""
+    wanted = tuple(getattr(embedder, "modalities", ()) or ())
+    seen = {m.upper() for m in modalities if m}
+    if not wanted or not seen or seen <= set(wanted):
+        return None
+    return (f"model '{embedder.name}' was made for {'/'.join(wanted)} images; this volume is {'/'.join(sorted(seen))}: its "
+            "vectors may mean little")
+
+
 class Embedder:
     """Base class: subclasses set name, dim, fingerprint, supports_text and implement ``_embed_batch``.
 
@@ -144,6 +155,8 @@ class Embedder:
     # or 'dense' (pooled from one pass over the slice, :mod:`.dense`); chosen per model by measurement (docs/benchmarks.md).
     default_region_strategy: str = "crops"
     supports_dense: bool = False
+    # The modalities a model was trained on (DICOM words); empty: any. An index warns and flags a case of another one.
+    modalities: tuple[str, ...] = ()
 
     def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
         raise NotImplementedError

@@ -21,6 +21,7 @@ from typing import Literal, cast, get_args
 import numpy as np
 
 from ..errors import GeometryError, InputError, ParameterError
+from ..imaging import body_parts, body_region
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
@@ -51,19 +52,34 @@ def _rounded(values: Iterable[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class Prior:
-    """The kind of case ranked first: the query volume's modality and body region (DICOM's words; None: unknown)."""
+    """The kind of case ranked first: the query's modality and body region (DICOM's words; None: unknown), the regions
+    it covers and the standard body levels it holds (around its point, or its whole volume's; imaging/body_axis)."""
 
     modality: str | None
     body_part: str | None
+    regions: tuple[str, ...] = ()
+    levels: tuple[float, float] | None = None
 
     def to_json(self) -> dict:
         """The answer's ``query.prior``."""
-        return {"modality": self.modality, "body_part": self.body_part}
+        return {"modality": self.modality, "body_part": self.body_part, "regions": list(self.regions),
+                "levels": [round(float(v), 1) for v in self.levels] if self.levels else None}
 
     @classmethod
     def from_json(cls, data: dict) -> Prior:
-        """Back from the answer's ``query.prior``."""
-        return cls(data.get("modality"), data.get("body_part"))
+        """Back from the answer's ``query.prior`` (answers saved before the regions and levels: their body part alone)."""
+        levels = data.get("levels")
+        return cls(data.get("modality"), data.get("body_part"), tuple(data.get("regions") or ()),
+                   (float(levels[0]), float(levels[1])) if levels else None)
+
+    @classmethod
+    def of_kind(cls, kind: body_region.Kind) -> Prior:
+        """The record of a query's kind as the search found it."""
+        return cls.from_json(kind.to_json())
+
+    def kind(self) -> body_region.Kind:
+        """The kind to compare cases with (regions from the body part when none were recorded)."""
+        return body_region.Kind(self.modality, self.regions or body_parts.regions_of(self.body_part), self.levels)
 
 
 @dataclass(frozen=True)
