@@ -249,3 +249,10 @@ def test_the_design_notes_name_every_module_in_their_table_of_rooms():
             continue
         shown = f"`{name}`" if name.startswith("cli/") else f"`{path.name}`"
         assert shown in rooms, f"docs/design.md's table of rooms does not name {name}"
+
+
+def test_product_code_names_no_issue_numbers():
+    """Comments say why in the code's own words; which issue asked for it is the commit log's to say."""
+    for path in [*LIB.rglob("*.py"), ROOT / "CBIRSlicer" / "CBIRSlicer.py"]:
+        found = re.findall(r"[Ii]ssues? ?#?\d+", path.read_text())
+        assert not found, f"{path.relative_to(ROOT)} names {found}"

@@ -44,8 +44,7 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
-def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                     line: str | None = None) -> str:
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """A library's warning as one line on the terminal (Python's own form adds the source line below it)."""
     text = " ".join(str(message).split()) or category.__name__
     return f"cbir: warning: {text} ({category.__name__}, {os.path.basename(filename)}:{lineno})\n"
@@ -66,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except sqlite3.DatabaseError as error:  # a catalog damaged past what opening it checks, or one that cannot be written
         where = f"{os.path.join(os.path.abspath(args.index), 'catalog.sqlite')}: " if getattr(args, "index", None) else ""
-        code = int(getattr(error, "sqlite_errorcode", 0) or 0)
+        code = getattr(error, "sqlite_errorcode", None)
         advice = {sqlite3.SQLITE_FULL: "free space on its disk", sqlite3.SQLITE_BUSY: "let the other process finish",
                   sqlite3.SQLITE_READONLY: "write to a copy you may write", sqlite3.SQLITE_CANTOPEN: "check the folder's permissions",
-                  sqlite3.SQLITE_IOERR: "check the disk or the share"}.get(code)
+                  sqlite3.SQLITE_IOERR: "check the disk or the share"}.get(code) if code is not None else None
         if advice or "disk is full" in str(error):
             # Not damage: SQLite rolled the change back; what was committed before is whole.
             print(f"cbir: error: {where}cannot be used now ({error}); the index is not damaged and nothing committed was lost: "
@@ -79,6 +78,6 @@ def main(argv: list[str] | None = None) -> int:
               "then 'cbir index repair'", file=sys.stderr)
         return 1
     except OSError as error:  # disk full, permission denied: the user can act on these
-        where = str(error.filename or getattr(args, "index", None) or getattr(args, "out", None) or "")
-        print(f"cbir: error: {where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)
+        named = error.filename or getattr(args, "index", None) or getattr(args, "out", None)
+        print(f"cbir: error: {f'{named}: ' if named else ''}{error.strerror or error}", file=sys.stderr)
         return 1

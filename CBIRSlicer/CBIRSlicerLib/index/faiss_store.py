@@ -357,9 +357,7 @@ class VectorStore:
 
     def _scan_raw(self, queries: np.ndarray, k: int, allowed, excluded, chunk: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
         """Exact raw inner products over every row, a chunk at a time (slow at millions of rows; for rare text queries)."""
-        row_file = self.rows
-        assert row_file is not None  # only an ivfpq store (rows on disk) scans raw
-        ids, rows = self.ids(), row_file.rows()
+        ids, rows = self.ids(), self.rows.rows()
         best_scores = np.full((len(queries), k), -np.inf, np.float32)
         best_ids = np.full((len(queries), k), -1, np.int64)
         for start in range(0, len(ids), chunk):
@@ -371,7 +369,8 @@ class VectorStore:
                 usable &= ~np.isin(part, excluded)
             if not usable.any():
                 continue
-            row_file.verify(np.arange(start, start + len(part))[usable])
+            if self.rows is not None:  # a compressed store's rows: each chunk checked the first time a search reads it
+                self.rows.verify(np.arange(start, start + len(part))[usable])
             scores = queries @ np.asarray(rows[start:start + chunk][usable], np.float32).T
             merged_scores = np.concatenate([best_scores, scores], axis=1)
             merged_ids = np.concatenate([best_ids, np.broadcast_to(part[usable], scores.shape)], axis=1)

@@ -214,7 +214,7 @@ class Index(IndexWriter):
             return
         self.close()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What the index is: model, settings, type, counts, size on disk, format and state."""
         size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, ROWS, CATALOG, TRANSFORM)
                    if os.path.exists(os.path.join(self.folder, f)))
@@ -238,7 +238,7 @@ class Index(IndexWriter):
         return verify(self, check_sources)
 
 
-def _checked_manifest(folder: str, writable: bool) -> tuple[dict, bool]:
+def _checked_manifest(folder: str, writable: bool) -> tuple[dict[str, Any], bool]:
     """The manifest, checked: our format, a version this release reads (an older one: read-only), the seal, the fields
     opening needs; and whether it is of an older format."""
     path = os.path.join(folder, MANIFEST)
@@ -282,7 +282,7 @@ class _Checks:
             raise IndexCorruptError(f"{text}; {recovery_hint(self.folder)}")
         self.problems.append(text)
 
-    def sizes(self, files: dict, checked: bool) -> None:
+    def sizes(self, files: dict[str, Any], checked: bool) -> None:
         """Every owned file is there (else raise: nothing can be read), and of the size the seal says."""
         for name, recorded in files.items():
             path = os.path.join(self.folder, name)
@@ -291,7 +291,7 @@ class _Checks:
             if checked and recorded and os.path.getsize(path) != recorded.get("size"):
                 self.problem(f"{path}: holds {os.path.getsize(path)} bytes, the manifest says {recorded.get('size')}")
 
-    def owned_files(self, files: dict, store: VectorStore) -> int:
+    def owned_files(self, files: dict[str, Any], store: VectorStore) -> int:
         """A writer about to seal: every owned file is what the last seal vouched for. Returns the bytes of the rows file
         checked (sealing re-hashes only what is appended after them)."""
         rows_checked = 0
@@ -324,7 +324,7 @@ class _Checks:
                                  f"here; 'cbir index trust --index {self.folder}' checks it and seals it under this machine's key")
         return sealed
 
-    def counts(self, counts: dict, catalog: Catalog, store: VectorStore) -> None:
+    def counts(self, counts: dict[str, Any], catalog: Catalog, store: VectorStore) -> None:
         """The manifest's counts against the catalog's and the store's."""
         actual = {"cases": catalog.count("cases"), "items": catalog.count("items"), "vectors": store.count,
                   "tombstones": catalog.count("tombstones")}

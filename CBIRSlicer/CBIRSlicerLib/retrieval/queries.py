@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
@@ -41,11 +41,11 @@ MATCH_INTENTS: tuple[MatchIntent, ...] = get_args(MatchIntent)
 Point = tuple[float, float, float]
 
 
-def _point(values) -> Point:
+def _point(values: Iterable[float]) -> Point:
     return cast(Point, tuple(float(v) for v in values))
 
 
-def _rounded(values) -> list[float]:
+def _rounded(values: Iterable[float]) -> list[float]:
     """Millimetres as the answer carries them: to a micrometre."""
     return [round(float(v), 3) for v in values]
 
@@ -229,7 +229,7 @@ def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, mar
     return make_query(QuerySpec("segment", axis=axis, margin_mm=margin_mm), volume, index, segment)
 
 
-def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
+def slice_query(volume: Volume, axis: str, index: Index, ras: Iterable[float] | None = None) -> Query:
     """The slice through a RAS point, default the volume's centre (:func:`make_query` of mode 'slice')."""
     return make_query(QuerySpec("slice", axis=axis, point=_point(ras) if ras is not None else None), volume, index)
 
@@ -326,7 +326,7 @@ def _slice(spec: QuerySpec, volume: Volume, index: Index) -> Query:
                  centre_ras=_point(image.ras), **_whole_boxes(index, [image]))
 
 
-def _inside(volume: Volume, ras: Sequence[float] | np.ndarray) -> None:
+def _inside(volume: Volume, ras: Iterable[float]) -> None:
     """Refuse a point outside the volume (half a voxel of slack): its nearest slice would answer for a place not scanned."""
     point = np.asarray(ras, float)
     if point.shape != (3,) or not np.all(np.isfinite(point)):
