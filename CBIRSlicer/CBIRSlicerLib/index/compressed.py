@@ -106,7 +106,7 @@ class RowFile:
         data = self.rows().reshape(-1).view(np.uint8)  # the mapped bytes searches read (a replaced file keeps its map)
         for number in sorted(needed):
             low, high = number * chunk, min(size, (number + 1) * chunk)
-            if number >= len(digests) or high > len(data) or hashlib.sha256(memoryview(data[low:high])).hexdigest() != digests[number]:
+            if number >= len(digests) or high > len(data) or hashlib.sha256(data[low:high].data).hexdigest() != digests[number]:
                 raise IndexCorruptError(f"{self.path}: checksum differs from the manifest in the chunk at bytes {low}-{high - 1} "
                                         f"(read by this search): the file is damaged{'; ' + self._recovery if self._recovery else ''}")
             self._verified.add(number)
