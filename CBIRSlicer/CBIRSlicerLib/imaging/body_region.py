@@ -231,6 +231,26 @@ def case_kind(modality: str | None, body_part: str | None, metadata: dict) -> Ki
     return Kind((modality or "").upper() or None, regions, tuple(levels) if levels else None)
 
 
+def _levels_shared(query: Kind, case: Kind) -> float:
+    """How much of the body's length (standard mm) a query and a case both hold (negative: the gap between them)."""
+    return min(query.levels[1], case.levels[1]) - max(query.levels[0], case.levels[0])
+
+
+def _holds_levels(query: Kind, case: Kind) -> bool:
+    shorter = min(query.levels[1] - query.levels[0], case.levels[1] - case.levels[0])
+    return _levels_shared(query, case) >= min(MIN_SHARED_MM, shorter / 3)
+
+
+def same_anatomy(query: Kind, case: Kind) -> bool:
+    """Whether a case holds the query's anatomy, strictly (for who may vote on a suggestion): by the levels held where
+    both have them, else by a shared region; a query nobody placed is like every case."""
+    if query.levels is not None and case.levels is not None:
+        return _holds_levels(query, case)
+    if not query.regions:
+        return True
+    return bool(set(query.regions) & set(case.regions))
+
+
 def prior_group(query: Kind, case: Kind) -> int:
     """0: the query's modality and its anatomy; 1: its modality, with a neighbouring or unknown region or levels near
     but not held; 2: another modality of its anatomy (a head CT for a brain MR); 3: the rest.
@@ -241,9 +261,7 @@ def prior_group(query: Kind, case: Kind) -> int:
     """
     groups = []
     if query.levels is not None and case.levels is not None:
-        shared = min(query.levels[1], case.levels[1]) - max(query.levels[0], case.levels[0])
-        shorter = min(query.levels[1] - query.levels[0], case.levels[1] - case.levels[0])
-        groups.append(0 if shared >= min(MIN_SHARED_MM, shorter / 3) else 1 if shared > -2 * LEVEL_MARGIN_MM else 2)
+        groups.append(0 if _holds_levels(query, case) else 1 if _levels_shared(query, case) > -2 * LEVEL_MARGIN_MM else 2)
     if not query.regions:  # nobody knows where the query lies: the modality alone decides
         groups.append(0)
     elif not case.regions:
