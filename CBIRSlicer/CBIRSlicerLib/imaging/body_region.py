@@ -47,10 +47,13 @@ NO_LUNG_PLANES = 0.1  # lungs in fewer planes than this: no chest
 CHEST_LUNG_SHARE = 0.10
 TRUNK = ("CHEST", "ABDOMEN", "PELVIS")
 FEW_PLANES = 3  # planes of body (6 mm) enough to read a region from the body axis (not to place by: body_axis wants 10)
-# An axis fitted worse than REGION_COST is not believed (the rules decide); its levels are kept (for the prior and
-# placement) only when reliable (body_axis.RELIABLE_COST). Between the two: head-and-neck CTs whose head rest and mask
-# are part of the body's outline (3 of 170 here, costs 1.22-1.25) still tell their region.
+# An axis fitted worse than body_axis.RELIABLE_COST is not believed (the rules decide), except over a long volume
+# (LONG_MM), where a misfit that high comes from some odd planes rather than from a free fit: head-and-neck CTs whose
+# head rest and mask are part of the body's outline (3 of 170 here, costs 1.22-1.25) tell their region up to
+# REGION_COST, while 40-60 mm slabs fitted at 1.21-1.43 were crops of a neck-like box around the brainstem.
 REGION_COST = 1.5
+LONG_MM = 150.0
+MIN_BODY_WIDTH_MM = 80.0  # narrower than any adult head, neck or trunk: a tube of stored tissue, not a body's section
 
 
 @dataclass
@@ -117,7 +120,9 @@ def infer(volume: Volume) -> Inferred:
     lungs, lung_share = _lung_planes(prof)
     # a few planes of body (a crop's edge) still tell a region, if not a level to place by
     axis = body_axis.align(prof) or body_axis.align(prof, min_planes=FEW_PLANES)
-    trusted = axis is not None and axis.cost <= REGION_COST
+    long = axis is not None and axis.s_range[1] - axis.s_range[0] >= LONG_MM
+    trusted = (axis is not None and axis.cost <= (REGION_COST if long else body_axis.RELIABLE_COST)
+               and width >= MIN_BODY_WIDTH_MM)
     regions, primary = regions_of_levels(*axis.level_range) if trusted else ((), "UNKNOWN")
     levels = tuple(round(v, 1) for v in axis.level_range) if trusted and axis.reliable else None
     # lungs in most planes: a chest, however narrow its field of view or odd its fit (on MR, where bone, sinuses and
