@@ -54,6 +54,10 @@ def test_the_prior_groups_by_levels_held_or_region_shared_so_neither_wrong_word_
     assert prior_group(liver_query, Kind("CT", ("CHEST",), (380.0, 470.0))) == 1  # near, not held, a neighbouring region
     assert prior_group(Kind("MR", (), None), Kind("MR", ("HEAD",), None)) == 0  # a query nobody placed: modality decides
     assert prior_group(Kind("CT", ("HEAD",), None), Kind("CT", (), None)) == 1  # a case nobody placed: middle group
+    # who may vote on a suggestion is stricter: the levels decide where both have them (a vertex slab is no skull base)
+    vertex, skull_base = Kind("CT", ("HEAD",), (0.0, 60.0)), Kind("CT", ("HEAD",), (85.0, 140.0))
+    assert prior_group(vertex, skull_base) == 0 and not body_region.same_anatomy(vertex, skull_base)
+    assert body_region.same_anatomy(liver_query, slab_partialbody) and body_region.same_anatomy(Kind("CT", ("HEAD",)), skull_base)
 
 
 def test_fill_in_sets_partialbody_aside_and_keeps_a_named_region():

@@ -47,10 +47,13 @@ NO_LUNG_PLANES = 0.1  # lungs in fewer planes than this: no chest
 CHEST_LUNG_SHARE = 0.10
 TRUNK = ("CHEST", "ABDOMEN", "PELVIS")
 FEW_PLANES = 3  # planes of body (6 mm) enough to read a region from the body axis (not to place by: body_axis wants 10)
-# An axis fitted worse than REGION_COST is not believed (the rules decide); its levels are kept (for the prior and
-# placement) only when reliable (body_axis.RELIABLE_COST). Between the two: head-and-neck CTs whose head rest and mask
-# are part of the body's outline (3 of 170 here, costs 1.22-1.25) still tell their region.
+# An axis fitted worse than body_axis.RELIABLE_COST is not believed (the rules decide), except over a long volume
+# (LONG_MM), where a misfit that high comes from some odd planes rather than from a free fit: head-and-neck CTs whose
+# head rest and mask are part of the body's outline (3 of 170 here, costs 1.22-1.25) tell their region up to
+# REGION_COST, while 40-60 mm slabs fitted at 1.21-1.43 were crops of a neck-like box around the brainstem.
 REGION_COST = 1.5
+LONG_MM = 150.0
+MIN_BODY_WIDTH_MM = 80.0  # narrower than any adult head, neck or trunk: a tube of stored tissue, not a body's section
 
 
 @dataclass
@@ -117,7 +120,9 @@ def infer(volume: Volume) -> Inferred:
     lungs, lung_share = _lung_planes(prof)
     # a few planes of body (a crop's edge) still tell a region, if not a level to place by
     axis = body_axis.align(prof) or body_axis.align(prof, min_planes=FEW_PLANES)
-    trusted = axis is not None and axis.cost <= REGION_COST
+    long = axis is not None and axis.s_range[1] - axis.s_range[0] >= LONG_MM
+    trusted = (axis is not None and axis.cost <= (REGION_COST if long else body_axis.RELIABLE_COST)
+               and width >= MIN_BODY_WIDTH_MM)
     regions, primary = regions_of_levels(*axis.level_range) if trusted else ((), "UNKNOWN")
     levels = tuple(round(v, 1) for v in axis.level_range) if trusted and axis.reliable else None
     # lungs in most planes: a chest, however narrow its field of view or odd its fit (on MR, where bone, sinuses and
@@ -231,6 +236,26 @@ def case_kind(modality: str | None, body_part: str | None, metadata: dict) -> Ki
     return Kind((modality or "").upper() or None, regions, tuple(levels) if levels else None)
 
 
+def _levels_shared(query: Kind, case: Kind) -> float:
+    """How much of the body's length (standard mm) a query and a case both hold (negative: the gap between them)."""
+    return min(query.levels[1], case.levels[1]) - max(query.levels[0], case.levels[0])
+
+
+def _holds_levels(query: Kind, case: Kind) -> bool:
+    shorter = min(query.levels[1] - query.levels[0], case.levels[1] - case.levels[0])
+    return _levels_shared(query, case) >= min(MIN_SHARED_MM, shorter / 3)
+
+
+def same_anatomy(query: Kind, case: Kind) -> bool:
+    """Whether a case holds the query's anatomy, strictly (for who may vote on a suggestion): by the levels held where
+    both have them, else by a shared region; a query nobody placed is like every case."""
+    if query.levels is not None and case.levels is not None:
+        return _holds_levels(query, case)
+    if not query.regions:
+        return True
+    return bool(set(query.regions) & set(case.regions))
+
+
 def prior_group(query: Kind, case: Kind) -> int:
     """0: the query's modality and its anatomy; 1: its modality, with a neighbouring or unknown region or levels near
     but not held; 2: another modality of its anatomy (a head CT for a brain MR); 3: the rest.
@@ -241,9 +266,7 @@ def prior_group(query: Kind, case: Kind) -> int:
     """
     groups = []
     if query.levels is not None and case.levels is not None:
-        shared = min(query.levels[1], case.levels[1]) - max(query.levels[0], case.levels[0])
-        shorter = min(query.levels[1] - query.levels[0], case.levels[1] - case.levels[0])
-        groups.append(0 if shared >= min(MIN_SHARED_MM, shorter / 3) else 1 if shared > -2 * LEVEL_MARGIN_MM else 2)
+        groups.append(0 if _holds_levels(query, case) else 1 if _levels_shared(query, case) > -2 * LEVEL_MARGIN_MM else 2)
     if not query.regions:  # nobody knows where the query lies: the modality alone decides
         groups.append(0)
     elif not case.regions:

@@ -228,7 +228,7 @@ def suggest_from(results, column: str, labels_of, calibration: Calibration, coun
 def decide(results, column: str, labels_of, calibration: Calibration, counts: dict[str, int], k: int = SUGGEST_K,
            similar=None) -> Suggestion | str:
     """A suggestion, or why there is none: too few labels in the index, too few labelled neighbours of the query's kind
-    (``similar(result)``: the case holds the query's anatomy, :func:`body_region.prior_group`; unlike ones do not
+    (``similar(result)``: the case holds the query's anatomy, :func:`body_region.same_anatomy`; unlike ones do not
     vote), or a calibrated confidence below MIN_CONFIDENCE (more likely wrong than right: it abstains)."""
     top = list(results)[:k]
     if not enough_labels(counts, calibration.min_per_class):
@@ -352,8 +352,6 @@ class Suggester:
 
     def similar(self, answer):
         """Whether a result holds the query's anatomy (its kind, as the search's prior recorded it); None: all alike."""
-        import dataclasses
-
         from ..imaging import body_region
 
         prior = getattr(answer.query, "prior", None)
@@ -367,8 +365,9 @@ class Suggester:
                 self._kinds[result.case_id] = (body_region.case_kind(case.modality, case.body_part, case.metadata)
                                                if case is not None else None)
             kind = self._kinds[result.case_id]
-            # the modality counts for the search's order, not here: a finding's label holds across CT and MR
-            return kind is not None and body_region.prior_group(dataclasses.replace(wanted, modality=None), kind) == 0
+            # strictly the query's anatomy (the levels decide where both have them; the prior's order lets a shared
+            # region suffice); the modality counts for the search's order, not here: a finding holds across CT and MR
+            return kind is not None and body_region.same_anatomy(wanted, kind)
 
         return alike
 
