@@ -33,14 +33,15 @@ from slicer.util import VTKObservationMixin
 
 from CBIRSlicerLib.imaging import readers, synthetic
 from CBIRSlicerLib.index import background_build, dicom_sources, dicomweb, labels
-from CBIRSlicerLib.index.folder import BuildReport, Index
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.writer import BuildReport
 from CBIRSlicerLib.models import registry
 from CBIRSlicerLib.retrieval import saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
-from CBIRSlicerLib.retrieval.search import parse_filters
+from CBIRSlicerLib.retrieval.queries import parse_filters
+from CBIRSlicerLib.scene import keep_results, nodes, result_volumes, search_session, thumbnails
 from CBIRSlicerLib.scene import layout as views
-from CBIRSlicerLib.scene import nodes, result_volumes, saved_searches, search_session, thumbnails
 
 try:
     from slicer.i18n import tr as _
@@ -571,11 +572,11 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.labelButton.enabled = selected and session
 
     def _searchesFolder(self) -> str:
-        return saved_searches.searches_folder(slicer.mrmlScene, self.keepFolderLineEdit.text)
+        return keep_results.searches_folder(slicer.mrmlScene, self.keepFolderLineEdit.text)
 
     def _listSavedSearches(self) -> None:
         try:
-            found = saved_searches.saved_searches(self._searchesFolder())
+            found = keep_results.saved_searches(self._searchesFolder())
         except Exception:  # no folder yet (an unsaved scene): nothing to list
             found = []
         self.savedSearchesComboBox.clear()
@@ -1036,23 +1037,23 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         settings = saved_search.SearchSettings(session.model, session.index.manifest["model"]["digest"], k, axis, "maxsim",
                                                True, _filters(filters), placed and query.volume is not None)
         marks = search_session.Feedback.from_json(answer.query.get("feedback"))  # the marks a 'Search again' used
-        return saved_searches.save_search(folder, session.index, query, answer, settings, volumeNode, marks,
+        return keep_results.save_search(folder, session.index, query, answer, settings, volumeNode, marks,
                                           answer.to_json().get("suggestion"))
 
     def loadSearch(self, path: str):
         """A saved search brought back into the scene (query volume loaded once, ROI made)."""
-        return saved_searches.reload_search(path, slicer.mrmlScene, lambda file, name: self.loadVolume(file, name))
+        return keep_results.reload_search(path, slicer.mrmlScene, lambda file, name: self.loadVolume(file, name))
 
     def exportResults(self, path: str, folder: str) -> list:
         """CSV and Slicer scene (.mrb) of a saved search, next to it; returns the files written."""
         saved = saved_search.SavedSearch.load(path)
         stem = os.path.splitext(path)[0]
-        return [saved_searches.export_csv(saved, stem + ".csv", folder), saved_searches.export_scene(saved, stem + ".mrb").path]
+        return [keep_results.export_csv(saved, stem + ".csv", folder), keep_results.export_scene(saved, stem + ".mrb").path]
 
     def labelResult(self, result: CaseResult, assignment: str, by: str, folder: str):
         """Label a result's case (COLUMN=VALUE): through the index's writer lock, or in the side file of a read-only index."""
         column, value = labels.parse_assignment(assignment)
-        return saved_searches.label_result(self._requireSession().index.folder, result.case_id, column, value, folder, by or None)
+        return keep_results.label_result(self._requireSession().index.folder, result.case_id, column, value, folder, by or None)
 
 
 def _filters(text: str) -> dict:

@@ -13,10 +13,12 @@ from volume_helpers import write_blob_cases
 from CBIRSlicerLib.errors import IndexCorruptError
 from CBIRSlicerLib.index import vector_transform
 from CBIRSlicerLib.index.faiss_store import VectorStore, choose_kind, list_count, probe_count, rows_path_of, train_size
-from CBIRSlicerLib.index.folder import MANIFEST, ROWS, Index
+from CBIRSlicerLib.index.files import MANIFEST, ROWS
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
-from CBIRSlicerLib.retrieval.search import Searcher, item_query
+from CBIRSlicerLib.retrieval.queries import item_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 DIM = 32
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])
@@ -243,7 +245,7 @@ def test_verify_and_writers_catch_a_flipped_byte_in_the_rows(built, tmp_path):
 def test_sealing_after_an_add_hashes_only_the_new_rows_and_records_the_whole_file(built, embedder, tmp_path, monkeypatch):
     import shutil
 
-    from CBIRSlicerLib.index import folder, integrity
+    from CBIRSlicerLib.index import folder, integrity, maintenance
 
     _, compressed, _, _ = built
     copy = str(tmp_path / "copy")
@@ -258,7 +260,8 @@ def test_sealing_after_an_add_hashes_only_the_new_rows_and_records_the_whole_fil
             trusted.append(known_bytes if known is not None else 0)
         return real(path, chunk_bytes, known, known_bytes)
 
-    monkeypatch.setattr(folder, "file_record", recording)
+    for module in (folder, maintenance):  # opening checks the files, the seal records them
+        monkeypatch.setattr(module, "file_record", recording)
     before = os.path.getsize(os.path.join(copy, ROWS))
     with Index.open(copy, writable=True) as index:
         index.add_sources(more, embedder)

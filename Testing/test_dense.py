@@ -17,7 +17,8 @@ from CBIRSlicerLib.models import handcrafted
 from CBIRSlicerLib.models.dense import DenseGrid, overlap_weights, plan_windows, pool_region, pool_regions, window_starts
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.models.torch_runtime import TorchEmbedder
-from CBIRSlicerLib.retrieval.search import Searcher, roi_query, slice_query
+from CBIRSlicerLib.retrieval.queries import roi_query, slice_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0], blob_sizes_mm=[12.0], dense_cell_mm=6.0)
 

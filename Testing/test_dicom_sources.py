@@ -26,7 +26,8 @@ from CBIRSlicerLib.index.dicomweb import (
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
-from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+from CBIRSlicerLib.retrieval.queries import roi_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 SHAPE, SPACING = (40, 36, 12), (4.0, 4.0, 8.0)  # small: the tests must stay within ~2 minutes on 2 cores
 # Whole axial slices only (12 images a case): what is compared here is where cases come from, not how they are cut.

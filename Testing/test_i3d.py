@@ -241,7 +241,8 @@ def test_batched_blocks_equal_one_at_a_time(small_random):
 def test_index_and_queries_with_a_3d_model(small_random, tmp_path):
     from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.index.items import IndexSettings
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query, slice_query, volume_query
+    from CBIRSlicerLib.retrieval.queries import roi_query, slice_query, volume_query
+    from CBIRSlicerLib.retrieval.search import Searcher
 
     cases = synthetic.make_cohort(3, seed=1)
     paths = synthetic.write_cohort(cases, str(tmp_path / "cohort"))
@@ -268,7 +269,7 @@ def test_index_and_queries_with_a_3d_model(small_random, tmp_path):
     answer = searcher.search(volume_query(cases[1].volume, "axial", index), k=5)
     assert sorted(r.name for r in answer.results) == sorted([cases[0].name, cases[2].name])
     assert all(r.best_match.kind == "volume" for r in answer.results)  # whole volumes against whole volumes
-    from CBIRSlicerLib.retrieval.search import item_query
+    from CBIRSlicerLib.retrieval.queries import item_query
 
     like = searcher.search(item_query(index, answer.results[0].best_match.item_id), k=5)
     assert like.results and all(r.best_match.kind == "volume" for r in like.results)

@@ -22,10 +22,12 @@ from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputErro
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import CaseSource
 from CBIRSlicerLib.imaging.roi import RoiBox, read_markups_roi
-from CBIRSlicerLib.index.folder import Index, case_id_for
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.writer import case_id_for
 from CBIRSlicerLib.models.registry import create_embedder
-from CBIRSlicerLib.retrieval.search import Searcher, item_query, roi_query, slice_query, text_query, volume_query
+from CBIRSlicerLib.retrieval.queries import item_query, roi_query, slice_query, text_query, volume_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 SHAPE = (40, 40, 20)
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])
@@ -311,7 +313,7 @@ def test_cases_with_precomputed_vectors_are_stored_searchable_and_resumable(buil
     import dataclasses
 
     from CBIRSlicerLib.index.catalog import CaseRecord
-    from CBIRSlicerLib.index.folder import EmbeddedCase
+    from CBIRSlicerLib.index.writer import EmbeddedCase
 
     index_dir, paths = built
     target = _clone(index_dir, tmp_path)

@@ -16,12 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from CBIRSlicerLib import cli
+from CBIRSlicerLib.cli import program
+from CBIRSlicerLib.cli import search as cli_search
 from CBIRSlicerLib.errors import CBIRError, ParameterError
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import CaseSource, read_volume_file
 from CBIRSlicerLib.imaging.roi import RoiBox
-from CBIRSlicerLib.index.folder import BuildReport, Index, case_id_for
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.writer import BuildReport, case_id_for
 from CBIRSlicerLib.models.registry import create_embedder
 
 SHAPE = (16, 16, 8)
@@ -115,11 +118,11 @@ def test_number_lists_reach_the_options_whatever_their_sign(values, option):
     if not text:
         return
     command = ["slices", "v.nii.gz", "--out", "o"] if option == "--roi-ras" else ["search", "--index", "i", "--volume", "v.nii.gz"]
-    args = cli.build_parser().parse_args(cli._join_negative_values([*command, option, text]))
+    args = cli.build_parser().parse_args(program.join_negative_values([*command, option, text]))
     assert getattr(args, option[2:].replace("-", "_")) == text
     if option == "--slice-ras":
         try:
-            point = cli._ras_point(text)
+            point = cli_search.ras_point(text)
         except ParameterError as error:
             assert "--slice-ras" in str(error)
             assert len(values) != 3 or not all(math.isfinite(float(v)) for v in values)

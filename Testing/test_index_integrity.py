@@ -19,7 +19,8 @@ import SimpleITK as sitk
 
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.imaging import synthetic
-from CBIRSlicerLib.index.folder import CATALOG, MANIFEST, VECTORS, Index
+from CBIRSlicerLib.index.files import CATALOG, MANIFEST, VECTORS
+from CBIRSlicerLib.index.folder import Index
 
 SHAPE = (24, 24, 12)
 SMALL = ["--model", "handcrafted", "--stride-mm", "8", "--tiles-mm", "", "--blobs", "0"]
@@ -223,7 +224,7 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
     assert code == 0
     for args in (["index", "info", "--index", built], ["index", "verify", "--index", built]):
         assert cbir(capsys, *args)[0] == 0
-    from CBIRSlicerLib.retrieval.search import load_volume_for_query, volume_query
+    from CBIRSlicerLib.retrieval.queries import load_volume_for_query, volume_query
     from CBIRSlicerLib.scene.search_session import SearchSession, shutdown_services
 
     session = SearchSession(built)  # the Slicer module's way in: an index plus a model in a worker process
@@ -271,7 +272,9 @@ def test_readers_write_nothing_and_a_read_only_copy_answers_the_same(built, case
         # The module's panel reads the index with index_summary and searches it with a Searcher over the session's index
         # (the session's worker process cannot start as 'nobody' here: the interpreter lives under /root).
         logic = ("from CBIRSlicerLib.scene.search_session import index_summary; from CBIRSlicerLib.index.folder import Index; "
-                 "from CBIRSlicerLib.retrieval.search import Searcher, volume_query, load_volume_for_query; import json; "
+                 "from CBIRSlicerLib.retrieval.search import Searcher; "
+                 "from CBIRSlicerLib.retrieval.queries import volume_query, load_volume_for_query; "
+                 "import json; "
                  f"s = index_summary({readonly!r}); i = Index.open({readonly!r}); q = load_volume_for_query({query!r}); "
                  "a = Searcher(i).search(volume_query(q, 'axial', i), 3); "
                  "print(json.dumps([s['counts'], [r.case_id for r in a.results]]))")
@@ -415,6 +418,29 @@ def test_repair_reembeds_from_the_sources_and_never_drops_cases_silently(copy, c
         assert json.loads(out)["counts"]["cases"] == 2
     finally:
         shutil.move(moved, paths[2])
+
+
+def test_repair_fits_the_vector_transform_again_so_scores_stay_what_they_were(cases, capsys, tmp_path):
+    """A repaired index searches through a vector transform fitted on its re-embedded vectors, as the index it replaces did
+    (a repair that rebuilt without it left readers comparing raw vectors: other scores, and the pin gone)."""
+    folder, paths = cases
+    index = str(tmp_path / "dense")  # 2 mm slices and 16 mm tiles: enough vectors (> 29) to whiten the 116-d descriptor
+    assert cbir(capsys, "index", "build", folder, "--index", index, "--model", "handcrafted", "--stride-mm", "2",
+                "--tiles-mm", "16", "--blobs", "0")[0] == 0
+    pinned = json.load(open(os.path.join(index, MANIFEST)))["transform"]
+    assert pinned["kind"] == "whiten" and "checksum" in pinned, pinned
+    _, expected, _ = search(capsys, index, paths[0], "--no-place")
+    os.remove(os.path.join(index, VECTORS))
+    code, out, err = cbir(capsys, "index", "repair", "--index", index)
+    assert code == 0 and "3 case(s) re-embedded" in out, err
+    repaired = json.load(open(os.path.join(index, MANIFEST)))["transform"]
+    assert repaired["kind"] == "whiten" and repaired["fitted_on"] == pinned["fitted_on"], repaired
+    assert cbir(capsys, "index", "verify", "--index", index)[0] == 0
+    assert Index.open(index).transform is not None
+    _, answer, _ = search(capsys, index, paths[0], "--no-place")
+    before, after = json.loads(expected)["results"], json.loads(answer)["results"]
+    assert [r["case_id"] for r in after] == [r["case_id"] for r in before]
+    assert np.allclose([r["score"] for r in after], [r["score"] for r in before], atol=1e-4)
 
 
 def _as_format_1(folder):

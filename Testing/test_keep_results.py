@@ -302,8 +302,8 @@ def _nodes(scene, class_name):
 @pytest.mark.parametrize("suffix", [".mrb", ".mrml"])
 def test_an_exported_scene_opens_with_the_query_results_and_boxes_in_place(built, saved_file, tmp_path, capsys, suffix):
     pytest.importorskip("slicer")
+    from CBIRSlicerLib.scene.keep_results import CASE_ATTRIBUTE
     from CBIRSlicerLib.scene.nodes import matrix_to_numpy
-    from CBIRSlicerLib.scene.saved_searches import CASE_ATTRIBUTE
 
     path, printed = saved_file
     _, _, query = built
@@ -360,7 +360,7 @@ def test_module_logic_saves_reloads_exports_and_labels(built, tmp_path):
     from CBIRSlicerLib.errors import ParameterError
     from CBIRSlicerLib.models.registry import create_embedder
     from CBIRSlicerLib.retrieval.search import Searcher
-    from CBIRSlicerLib.scene import saved_searches as keep
+    from CBIRSlicerLib.scene import keep_results as keep
     from CBIRSlicerLib.scene.nodes import node_from_volume
     from CBIRSlicerLib.scene.search_session import query_from_nodes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.imaging import registration, synthetic
 from CBIRSlicerLib.imaging.volume import Volume
 from CBIRSlicerLib.retrieval import placement
 
@@ -26,8 +26,8 @@ def test_registration_carries_a_point_into_a_moved_copy():
     original, copy, rotation, shift = _moved_copy(7.0, (9.0, -6.0, 5.0))
     point = np.array([12.0, -8.0, 6.0])  # the centre of the first ball
     truth = np.linalg.solve(rotation, point - shift)  # where the copy shows it
-    query_image, target_image = placement.coarse_image(original), placement.coarse_image(copy)
-    placed = placement.place(original, point, copy, None, query_image, target_image)
+    query_image, target_image = registration.coarse_image(original), registration.coarse_image(copy)
+    placed = registration.place(original, point, copy, None, query_image, target_image)
     assert np.linalg.norm(np.array(placed.ras) - truth) < 3.0, (placed, truth)
     assert np.linalg.norm(point - truth) > 8.0  # the copy really moved: the identity would be wrong
 
@@ -66,11 +66,11 @@ def test_a_focal_finding_disagrees_with_its_place_in_a_case_without_it():
     moved[:3, :3], moved[:3, 3] = synthetic.rotation(degrees_about_s=7.0), (9.0, -6.0, 5.0)
     copies = {"moved": Volume.from_array(synthetic.render(moved @ matrix, SHAPE, blobs=blobs).array, matrix),
               "without": synthetic.render(matrix, SHAPE, blobs=blobs[:-1])}
-    query_image = placement.coarse_image(original)
-    agreements = {name: placement.place(original, point, copy, None, query_image, placement.coarse_image(copy), box).agreement
+    query_image = registration.coarse_image(original)
+    agreements = {name: registration.place(original, point, copy, None, query_image, registration.coarse_image(copy), box).agreement
                   for name, copy in copies.items()}
     assert agreements["moved"] > 0.9 and agreements["without"] < placement.AGREEMENT_MIN - 0.1, agreements
-    unboxed = placement.place(original, point, copies["moved"], None, query_image, placement.coarse_image(copies["moved"]))
+    unboxed = registration.place(original, point, copies["moved"], None, query_image, registration.coarse_image(copies["moved"]))
     assert np.isnan(unboxed.agreement)  # no box given (a slice query): nothing measured
 
 
@@ -91,14 +91,14 @@ def test_the_deformable_stage_follows_a_structure_that_moved_against_its_surroun
     point, moved_by = np.array(blobs[0].center), np.array([0.0, 4.0, 5.0])
     blobs[0] = synthetic.Blob(tuple(point + moved_by), 10.0, 300.0, "ball")
     copy = synthetic.render(matrix, SHAPE, blobs=blobs)
-    query_image, target_image = placement.coarse_image(original), placement.coarse_image(copy)
-    initial = placement.global_transform(query_image, target_image)
-    placed = np.array(placement.place(original, point, copy, initial, query_image, target_image).ras)
+    query_image, target_image = registration.coarse_image(original), registration.coarse_image(copy)
+    initial = registration.global_transform(query_image, target_image)
+    placed = np.array(registration.place(original, point, copy, initial, query_image, target_image).ras)
     assert np.linalg.norm(placed - (point + moved_by)) < 3.0, placed
-    deform_mm = placement.DEFORM_MM
+    deform_mm = registration.DEFORM_MM
     try:
-        placement.DEFORM_MM = 0.0
-        affine = np.array(placement.place(original, point, copy, initial, query_image, target_image).ras)
+        registration.DEFORM_MM = 0.0
+        affine = np.array(registration.place(original, point, copy, initial, query_image, target_image).ras)
     finally:
-        placement.DEFORM_MM = deform_mm
+        registration.DEFORM_MM = deform_mm
     assert np.linalg.norm(affine - (point + moved_by)) > np.linalg.norm(placed - (point + moved_by)) + 3.0, (affine, placed)

@@ -23,7 +23,8 @@ from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval import feedback, suggestion
-from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+from CBIRSlicerLib.retrieval.queries import roi_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 SHAPE = (28, 28, 12)
 CENTRES = [(-6.0, 5.0, 2.0), (6.0, -5.0, -2.0), (5.0, 6.0, 2.0), (-5.0, -6.0, 0.0),

@@ -169,7 +169,8 @@ def test_a_placed_organ_match_shows_the_same_anatomy(bench, abdomen):
     """An organ box placed into another copy: the match is the registered place and says so (best_match.shown)."""
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.index.folder import Index
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+    from CBIRSlicerLib.retrieval.queries import roi_query
+    from CBIRSlicerLib.retrieval.search import Searcher
 
     copy = bench.copies[0]
     labels = real_anatomy._LabelMap(copy.labels)
@@ -230,33 +231,33 @@ def test_cli_queries_by_segment(bench, abdomen, capsys):
 
 def test_a_thin_slab_is_placed_at_its_own_level(bench, abdomen):
     """A 60 mm slab of the real CT around an organ is registered into a copy at the organ's level: its level is searched
-    (placement.level_starts), where the centres of mass of slab and whole abdomen lie a hand's breadth apart."""
+    (registration.level_starts), where the centres of mass of slab and whole abdomen lie a hand's breadth apart."""
+    from CBIRSlicerLib.imaging import registration
     from CBIRSlicerLib.imaging.readers import read_volume
-    from CBIRSlicerLib.retrieval import placement
 
     source = read_volume(abdomen.image)
     labels = real_anatomy._LabelMap(abdomen.labels)
     copy = bench.copies[0]
     patient = pseudo_patients.PseudoPatient.load(copy.transform)
-    target_image = placement.coarse_image(read_volume(copy.image))
+    target_image = registration.coarse_image(read_volume(copy.image))
     by_name = {name: n for n, name in abdomen.names.items()}
     errors, moments_errors = [], []
     for name in ("spleen", "kidney_right", "vertebrae_L1", "liver"):
         centre = labels.deepest_ras(by_name[name])
         slab = real_anatomy.slab_around(source, centre, 60.0)
-        assert placement.body_axis_extent(placement.coarse_image(slab)) <= 64.0  # the top of the CT may cut it shorter
-        query_image = placement.coarse_image(slab)
+        assert registration.body_axis_extent(registration.coarse_image(slab)) <= 64.0  # the top of the CT may cut it shorter
+        query_image = registration.coarse_image(slab)
         truth = patient.source_to_copy(centre)
-        placed = placement.place(slab, centre, None, placement.global_transform(query_image, target_image), query_image,
+        placed = registration.place(slab, centre, None, registration.global_transform(query_image, target_image), query_image,
                                  target_image)
         errors.append(float(np.linalg.norm(np.array(placed.ras) - truth)))
-        share = placement.SLAB_SHARE
+        share = registration.SLAB_SHARE
         try:
-            placement.SLAB_SHARE = 0.0  # every start from the centres of mass, as before the level search
-            moments = placement.global_transform(query_image, target_image)
+            registration.SLAB_SHARE = 0.0  # every start from the centres of mass, as before the level search
+            moments = registration.global_transform(query_image, target_image)
         finally:
-            placement.SLAB_SHARE = share
-        moments_errors.append(float(np.linalg.norm(placement.carry(moments, centre) - truth)))
+            registration.SLAB_SHARE = share
+        moments_errors.append(float(np.linalg.norm(registration.carry(moments, centre) - truth)))
     print("slab placement errors (mm):", np.round(errors, 1), "moments start:", np.round(moments_errors, 1))
     # About 80 % of 60 mm slab queries land inside their organ in the placement harness (docs/benchmarks.md): here 3 of 4
     # within 12 mm today (7, 2, 30, 9 mm), all closer than from the centres of mass (83-170 mm).

@@ -22,7 +22,8 @@ from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval import ranking
 from CBIRSlicerLib.retrieval.answers import BestMatch, CaseResult, SearchAnswer
-from CBIRSlicerLib.retrieval.search import Query, Searcher, SearchScope, query_weights, roi_query, volume_query
+from CBIRSlicerLib.retrieval.queries import Query, roi_query, volume_query
+from CBIRSlicerLib.retrieval.search import Searcher, SearchScope, query_weights
 
 SHAPE = (28, 28, 12)
 BLOBS = [((-6.0, 5.0, 2.0), "ball"), ((6.0, -5.0, -2.0), "shell"), ((5.0, 6.0, 2.0), "ball"), ((-5.0, -6.0, 0.0), "shell")]

@@ -12,10 +12,12 @@ from volume_helpers import write_blob_cases
 
 from CBIRSlicerLib.errors import IndexCorruptError, ParameterError
 from CBIRSlicerLib.index import vector_transform
-from CBIRSlicerLib.index.folder import MANIFEST, TRANSFORM, Index
+from CBIRSlicerLib.index.files import MANIFEST, TRANSFORM
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
-from CBIRSlicerLib.retrieval.search import Searcher, item_query
+from CBIRSlicerLib.retrieval.queries import item_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 SHAPE = (40, 40, 20)
 SETTINGS = IndexSettings(axes=["axial"], stride_mm=4.0, tile_sizes_mm=[20.0])

@@ -279,7 +279,7 @@ def part_organ_index(astra, out: dict, work_root: str | None, side_mm: float = 4
     centroid in that copy, for astra-ct (raw index) and handcrafted (its default 2D index).
     """
     from CBIRSlicerLib.imaging.synthetic import write_volume
-    from CBIRSlicerLib.retrieval.search import roi_query
+    from CBIRSlicerLib.retrieval.queries import roi_query
 
     work = work_root or tempfile.mkdtemp(prefix="cbir-ct3d-organs-")
     abdomen = read_volume(ABDOMEN)

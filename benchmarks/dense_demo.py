@@ -17,7 +17,7 @@ import tempfile
 
 from CBIRSlicerLib import demo
 from CBIRSlicerLib.index.items import IndexSettings
-from CBIRSlicerLib.retrieval import search
+from CBIRSlicerLib.retrieval import queries
 
 VARIANTS = {"crops": {"region_strategy": "crops"}, "dense mean": {"region_strategy": "dense", "dense_pooling": "mean"},
             "dense gem": {"region_strategy": "dense", "dense_pooling": "gem"}}
@@ -39,7 +39,7 @@ def main() -> None:
     for name, seed, query_images in runs:
         settings = IndexSettings(**{**base.as_dict(), **VARIANTS[name], "dense_cell_mm": args.cell_mm})
         demo.demo_settings = lambda settings=settings: settings
-        search.MAX_QUERY_IMAGES = query_images
+        queries.MAX_QUERY_IMAGES = query_images
         summary = demo.run_demo(tempfile.mkdtemp(prefix="cbir-dense-demo-"), args.model, seed=seed, log=lambda *a: None)
         row = {"variant": name, "seed": seed, "query_images": query_images, "mP@1": round(summary["mP@1_micro"], 3),
                "mP@3": round(summary["mP@3_micro"], 3), "localised": summary["localised"],

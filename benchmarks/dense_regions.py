@@ -39,7 +39,8 @@ from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings, volume_items
 from CBIRSlicerLib.models.base import available_cores
 from CBIRSlicerLib.models.registry import create_embedder
-from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+from CBIRSlicerLib.retrieval.queries import roi_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "Testing"))

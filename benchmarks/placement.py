@@ -26,7 +26,8 @@ import real_anatomy  # noqa: E402  (the benchmark's build: copies, labels, index
 
 from CBIRSlicerLib.imaging.readers import read_volume  # noqa: E402
 from CBIRSlicerLib.index.folder import Index  # noqa: E402
-from CBIRSlicerLib.retrieval.search import Searcher, roi_query  # noqa: E402
+from CBIRSlicerLib.retrieval.queries import roi_query
+from CBIRSlicerLib.retrieval.search import Searcher  # noqa: E402
 
 
 def main() -> None:

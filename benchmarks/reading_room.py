@@ -46,7 +46,8 @@ def build_phantoms(work: str, seed: int, cases: int = PHANTOM_CASES):
     """The cohort (written once) and its index with the lesion kinds as labels; returns truth, paths, index folder."""
     from CBIRSlicerLib.demo import demo_settings
     from CBIRSlicerLib.imaging import synthetic
-    from CBIRSlicerLib.index.folder import MANIFEST, Index
+    from CBIRSlicerLib.index.files import MANIFEST
+    from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.models.registry import create_embedder
 
     folder = os.path.join(work, f"phantom_s{seed}")
@@ -157,7 +158,8 @@ def phantom_run(work: str, seed: int) -> dict:
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.imaging.roi import RoiBox
     from CBIRSlicerLib.index.folder import Index
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+    from CBIRSlicerLib.retrieval.queries import roi_query
+    from CBIRSlicerLib.retrieval.search import Searcher
     from CBIRSlicerLib.retrieval.suggestion import pooled_calibration
 
     began = time.monotonic()
@@ -254,7 +256,7 @@ class RealBench:
 def real_run(work: str) -> dict:
     """Suggestion (structure labels at the neighbours' placed match spots) and feedback on the real-image benchmark."""
 
-    from CBIRSlicerLib.retrieval.search import roi_query
+    from CBIRSlicerLib.retrieval.queries import roi_query
     from CBIRSlicerLib.retrieval.suggestion import Calibration
 
     began = time.monotonic()
@@ -345,7 +347,7 @@ def real_region_run(work: str) -> dict:
     """Feedback on the real images with region relevance: a result is relevant when its (unplaced) match lies in the
     query's structure in that copy; the marks stand for those matches. Plain precision@5 of the residual list."""
 
-    from CBIRSlicerLib.retrieval.search import roi_query
+    from CBIRSlicerLib.retrieval.queries import roi_query
 
     began = time.monotonic()
     real = RealBench(work)

@@ -42,8 +42,9 @@ import numpy as np  # noqa: E402
 from CBIRSlicerLib.imaging.readers import read_volume  # noqa: E402
 from CBIRSlicerLib.imaging.roi import RoiBox  # noqa: E402
 from CBIRSlicerLib.index.catalog import CaseRecord, ItemRecord  # noqa: E402
-from CBIRSlicerLib.index.folder import EmbeddedCase, Index  # noqa: E402
+from CBIRSlicerLib.index.folder import Index  # noqa: E402
 from CBIRSlicerLib.index.items import IndexSettings  # noqa: E402
+from CBIRSlicerLib.index.writer import EmbeddedCase  # noqa: E402
 from CBIRSlicerLib.models.base import available_cores  # noqa: E402
 from CBIRSlicerLib.models.registry import create_embedder  # noqa: E402
 from CBIRSlicerLib.retrieval import search  # noqa: E402
@@ -249,7 +250,7 @@ def run_queries(work: str, head_path: str, queries: int, repeats: int, budgets: 
                 timer = Timed(searcher)
                 passes.clear()
                 began, cpu = time.perf_counter(), time.process_time()
-                query = search.roi_query(volume, roi, "axial", index)
+                query = queries.roi_query(volume, roi, "axial", index)
                 prepared, prepared_cpu = time.perf_counter(), time.process_time()
                 roi_slices = len(query.images)
                 answer = searcher.search(query, k=10)

@@ -46,7 +46,8 @@ from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval import ranking
 from CBIRSlicerLib.retrieval.evaluation import evaluate_lesions
-from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+from CBIRSlicerLib.retrieval.queries import roi_query
+from CBIRSlicerLib.retrieval.search import Searcher
 
 ABDOMEN = "/work/shared/data/real/abdomen-ct"
 DEBIAN = os.path.expanduser("~/.cache/cbirslicer/debian/x")

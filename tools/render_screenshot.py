@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.index.items import IndexSettings
     from CBIRSlicerLib.models.registry import create_embedder
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+    from CBIRSlicerLib.retrieval.queries import roi_query
+    from CBIRSlicerLib.retrieval.search import Searcher
     from CBIRSlicerLib.scene import layout as views
     from CBIRSlicerLib.scene.nodes import volume_from_node
     from CBIRSlicerLib.scene.result_volumes import result_volume_node

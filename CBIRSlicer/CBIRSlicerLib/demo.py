@@ -18,7 +18,8 @@ import time
 from .imaging import synthetic
 from .imaging.intensity import choose_window
 from .imaging.readers import read_volume
-from .index.folder import MANIFEST, Index
+from .index.files import MANIFEST
+from .index.folder import Index
 from .index.items import IndexSettings
 from .models.registry import create_embedder
 from .plots import precision_curve_png

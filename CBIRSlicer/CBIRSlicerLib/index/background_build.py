@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..processes import in_thread, start_module, wait_or_kill
-from .folder import BuildReport
+from .writer import BuildReport
 
 HARD_STOP_S = 10.0
 
@@ -175,7 +175,8 @@ def _run(spec: dict) -> int:
     threading.Thread(target=watch_stdin, daemon=True).start()
     from ..errors import CBIRError
     from ..models.registry import create_embedder
-    from .folder import MANIFEST, Index
+    from .files import MANIFEST
+    from .folder import Index
     from .items import IndexSettings
 
     try:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from ..errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
 from .catalog import COLUMN_FILTERS, CaseRecord
-from .folder import CATALOG, MANIFEST, Index
+from .files import CATALOG, MANIFEST
+from .folder import Index
 
 SIDE_FILE = "labels.local.csv"
 SIDE_COLUMNS = ["case_id", "column", "value", "at", "by", "index"]

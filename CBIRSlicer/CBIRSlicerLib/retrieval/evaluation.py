@@ -233,7 +233,7 @@ def evaluate_volumes(rows: list[LabelledVolume], searcher, ks: Sequence[int] = (
     that case's ROIs with the query's label.
     """
     from ..imaging.readers import read_volume
-    from .search import roi_query, volume_query
+    from .queries import roi_query, volume_query
 
     labels_of: dict[str, set[str]] = {}
     regions: dict[tuple[str, str], list] = {}
@@ -311,7 +311,7 @@ def evaluate_lesions(searcher, truth: dict[str, list], paths: dict[str, str], ks
     """
     from ..imaging.readers import read_volume
     from ..imaging.roi import RoiBox
-    from .search import roi_query
+    from .queries import roi_query
 
     kinds_of = {name: {lesion.kind for lesion in lesions} for name, lesions in truth.items()}
     by_source = {os.path.abspath(p): name for name, p in paths.items()}

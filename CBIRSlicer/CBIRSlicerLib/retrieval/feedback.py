@@ -174,7 +174,7 @@ def search_again(searcher, query, feedback: Feedback, k: int = 10, filters: dict
 def query_from_answer(answer: dict, searcher, path: str = "the answer"):
     """The query an answer JSON was made for, made again from its ``query`` description (volume, ROI, slice, text, item)."""
     from ..imaging.roi import RoiBox
-    from .search import item_query, load_volume_for_query, roi_query, slice_query, text_query, volume_query
+    from .queries import item_query, load_volume_for_query, roi_query, slice_query, text_query, volume_query
 
     described = answer.get("query") or {}
     mode, axis = described.get("mode"), described.get("axis", "axial")

@@ -298,26 +298,26 @@ def make(query, answer: SearchAnswer, index: Index, settings: SearchSettings, ma
 
 def build_query(saved: SavedSearch, index: Index, embedder, loader=None):
     """The query of a saved search, made again from its files (checked unchanged first) on an index."""
-    from . import search
+    from . import queries
 
     spec, settings = saved.query, saved.settings
     if spec.mode == "text":
-        return search.text_query(spec.text or "", embedder)
+        return queries.text_query(spec.text or "", embedder)
     if spec.mode == "item":
         if index.manifest["created"] != saved.index.created:
             raise ParameterError(f"{index.folder}: a 'more like this' search names an item of the index it was made on "
                                  f"({saved.index.path}); it re-runs only there")
-        return search.item_query(index, int(spec.item))
+        return queries.item_query(index, int(spec.item))
     spec.volume.check("the query volume")
     if spec.mask is not None:
         spec.mask.check("the ROI label map")
-    volume = (loader or search.load_volume_for_query)(spec.volume.path)
+    volume = (loader or queries.load_volume_for_query)(spec.volume.path)
     if spec.mode == "roi":
-        return search.roi_query(volume, RoiBox(tuple(spec.roi_ras[:3]), tuple(spec.roi_ras[3:])), settings.axis, index,
+        return queries.roi_query(volume, RoiBox(tuple(spec.roi_ras[:3]), tuple(spec.roi_ras[3:])), settings.axis, index,
                                 settings.margin_mm)
     if spec.mode == "slice":
-        return search.slice_query(volume, settings.axis, index, spec.slice_ras)
-    return search.volume_query(volume, settings.axis, index)  # as the CLI and the module ask: the default number of slices
+        return queries.slice_query(volume, settings.axis, index, spec.slice_ras)
+    return queries.volume_query(volume, settings.axis, index)  # as the CLI and the module ask: the default number of slices
 
 
 def check_model(saved: SavedSearch, index: Index) -> None:

@@ -1,27 +1,25 @@
-"""Queries (a slice, an ROI, a whole volume, a phrase, a result item) against an index, answered as ranked cases.
+"""Queries (:mod:`queries`: a slice, an ROI, a whole volume, a phrase, a result item) answered on an index as ranked cases.
 
-A query becomes a few model-ready images, cut and windowed exactly as the index cut its cases
-(its pinned settings); their vectors go through a filtered nearest-neighbour search; the hits
-become case results (:mod:`ranking`), each with its best-matching item for the viewer. A search runs
-in steps, each a method of :class:`Searcher`: the query's vectors, its scope (what it must not find,
-what the filters allow), the first stage (candidate cases by nearest items), scoring every candidate
-case exactly, locating the shown cases' best matches, and packaging the typed answer (:mod:`answers`).
+A query's images (cut and windowed as the index cut its cases) are embedded; their vectors go
+through a filtered nearest-neighbour search; the hits become case results (:mod:`ranking`), each
+with its best-matching item for the viewer. A search runs in steps, each a method of
+:class:`Searcher`: the query's vectors, its scope (what it must not find, what the filters allow),
+the first stage (candidate cases by nearest items), scoring every candidate case exactly, locating
+the shown cases' best matches, and packaging the typed answer (:mod:`answers`); then, after the
+list is shown, :meth:`Searcher.place` places each match anatomically (:mod:`placement`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import IndexCorruptError, InputError, ParameterError
-from ..imaging.intensity import choose_window, to_uint8_rgb
-from ..imaging.roi import RoiBox, Segment
-from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
+from ..errors import IndexCorruptError, ParameterError
 from ..imaging.volume import Volume
-from ..index import privacy, vector_transform
+from ..index import vector_transform
 from ..index.catalog import ItemArrays
 from ..index.folder import Index
 from ..models.base import Embedder
@@ -29,125 +27,14 @@ from ..models.registry import create_embedder
 from ..threads import one_blas_thread
 from . import ranking
 from .answers import BestMatch, CaseResult, SearchAnswer
+from .queries import Query, load_volume_for_query
 
-MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
 MULTI_IMAGE_EF_SEARCH = 512
 # A dense region query embeds only the windows over its box, on as many of the box's slices as fit this many forward
 # passes (about 2 s of ViT-B/16 on 2 cores; docs/benchmarks.md); the weight-free model takes every slice.
 DENSE_QUERY_PASSES = 6
-
-
-@dataclass
-class Query:
-    """What to search for: images (or ready vectors), a description for the answer, cases to leave out."""
-
-    description: dict
-    images: list[np.ndarray] = field(default_factory=list)
-    vectors: np.ndarray | None = None
-    exclude_sources: list[str] = field(default_factory=list)
-    exclude_rows: list[int] = field(default_factory=list)  # the query volume's own cases, found by content or series
-    exclude_item: int | None = None
-    volume: Volume | None = None  # the query's volume: 3D models embed it (or the ROI's part); placement registers it
-    roi: RoiBox | None = None
-    centre_ras: tuple[float, float, float] | None = None  # the point asked about, for placing matches anatomically
-    segment: Segment | None = None  # a query by segment: its voxels weight the placement's registration
-    # Dense indexes (region_strategy 'dense'): ``images`` are whole slices and each one's vector is pooled from its
-    # dense grid over ``boxes`` (pixel boxes in that slice), exactly as the index pooled its items.
-    boxes: list[tuple[int, int, int, int]] | None = None
-    pixel_mm: list[float] | None = None
-
-
-def _sample(items: list, count: int) -> list:
-    """At most ``count`` items evenly spread over a list (first and last kept)."""
-    if len(items) <= count:
-        return items
-    return [items[i] for i in montage_planes(0, len(items) - 1, count)]
-
-
-def _own(volume: Volume, index: Index) -> dict:
-    """How to leave the query volume's own case out: its path, and the cases holding the same voxels or series.
-
-    A copy of an indexed file elsewhere, in another format, or a volume loaded into Slicer from DICOM has another
-    path (or none), so paths alone miss it. The voxels are hashed only when some indexed case has the same shape.
-    """
-    rows = set(index.catalog.case_rows_with_content(volume.shape_ijk, lambda: volume.voxel_digest))
-    if volume.series_uid:
-        rows.update(index.catalog.case_rows_of_series(volume.series_uid))
-    rows.update(_same_patient(volume, index))
-    return {"exclude_sources": [volume.source] if volume.source else [], "exclude_rows": sorted(rows)}
-
-
-def _same_patient(volume: Volume, index: Index) -> list[int]:
-    """The indexed cases of the query's patient (other series and studies): similar *cases* are other patients.
-
-    The index keeps only a keyed hash of patient IDs (:mod:`privacy`); the query's ID is hashed the same way.
-    """
-    patient = (volume.extra or {}).get("patient_id")
-    if not patient or "patient_key" not in index.catalog.filter_fields():
-        return []
-    return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
-
-
-def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
-    source = os.path.abspath(volume.source) if volume.source else None
-    return {"volume": source, "axis": axis, "mode": mode, **more}
-
-
-def _dense(index: Index) -> bool:
-    return index.settings.region_strategy == "dense"
-
-
-def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
-    """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread); whole, with the box, if dense."""
-    window = choose_window(volume, index.settings.window)
-    if _dense(index):
-        grid = plan_grid(volume, axis)
-        box = crop_box(grid, roi, margin_mm)
-        slices = _sample(extract_slices(volume, axis, roi, crop=False, grid=grid), MAX_QUERY_IMAGES)
-        return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
-                     [to_uint8_rgb(s.pixels, window) for s in slices], **_own(volume, index), volume=volume, roi=roi,
-                     centre_ras=tuple(float(v) for v in roi.center), boxes=[box] * len(slices),
-                     pixel_mm=[s.pixel_mm for s in slices])
-    crops = _sample(extract_slices(volume, axis, roi, crop=True, margin_mm=margin_mm), MAX_QUERY_IMAGES)
-    return Query(_describe(volume, axis, "roi", roi_ras=[round(v, 3) for v in roi.as_list()]),
-                 [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, roi=roi,
-                 centre_ras=tuple(float(v) for v in roi.center))
-
-
-def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
-    """A segment's box as an ROI query, asking about the segment's deepest point, with its voxels for placement."""
-    query = roi_query(volume, segment.box, axis, index, margin_mm)
-    query.description["segment"] = segment.name
-    return dataclasses.replace(query, centre_ras=segment.centre, segment=segment)
-
-
-def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
-    """One whole slice: the one through a RAS point (default the volume's centre)."""
-    window = choose_window(volume, index.settings.window)
-    image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
-    return Query(_describe(volume, axis, "slice", slice_index=image.slice_index, ras=[round(float(v), 3) for v in image.ras]),
-                 [to_uint8_rgb(image.pixels, window)], **_own(volume, index), volume=volume,
-                 centre_ras=tuple(float(v) for v in image.ras), **_whole_boxes(index, [image]))
-
-
-def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
-    """A whole volume: ``count`` whole slices evenly spread along the axis."""
-    window = choose_window(volume, index.settings.window)
-    grid = plan_grid(volume, axis)
-    first, last = planes_in(grid)
-    planes = montage_planes(first, last, count)
-    images = [s for s in extract_slices(volume, axis, grid=grid) if s.plane in set(planes)]
-    return Query(_describe(volume, axis, "volume", slices=len(images)), [to_uint8_rgb(s.pixels, window) for s in images],
-                 **_own(volume, index), volume=volume, **_whole_boxes(index, images))
-
-
-def _whole_boxes(index: Index, images: list) -> dict:
-    """For a dense index, whole slices pool their whole grid (as the index's slice items do)."""
-    if not _dense(index):
-        return {}
-    return {"boxes": [(0, 0, *s.pixels.shape) for s in images], "pixel_mm": [s.pixel_mm for s in images]}
 
 
 def dense_query_vectors(embedder: Embedder, query: Query, settings) -> np.ndarray:
@@ -164,21 +51,6 @@ def dense_query_vectors(embedder: Embedder, query: Query, settings) -> np.ndarra
     query.boxes = [query.boxes[n] for n in chosen]
     query.pixel_mm = [query.pixel_mm[n] for n in chosen]
     return vectors
-
-
-def text_query(text: str, embedder: Embedder) -> Query:
-    """A phrase, for CLIP-family models."""
-    return Query({"text": text, "mode": "text"}, vectors=embedder.embed_text([text]))
-
-
-def item_query(index: Index, item_id: int) -> Query:
-    """'More like this': an indexed item's own vector; its case is left out."""
-    item = index.catalog.items([item_id]).get(int(item_id))
-    if item is None:
-        raise ParameterError(f"item {item_id} is not in the index {index.folder}")
-    case = index.catalog.case_by_row(item.case_row)
-    return Query({"item": int(item_id), "case_id": case.case_id, "mode": "item", "axis": item.axis},
-                 vectors=index.store.reconstruct(np.array([item_id])), exclude_sources=[case.source], exclude_item=int(item_id))
 
 
 def volume_model_vectors(embedder: Embedder, query: Query) -> np.ndarray:
@@ -205,17 +77,6 @@ def volume_model_other_scale(index: Index, query: Query) -> np.ndarray:
     if mode == "volume":
         return index.catalog.item_ids_of_kinds(["volume"], negate=True)
     return index.catalog.item_ids_of_kinds(["volume"])
-
-
-def parse_filters(pairs: list[str] | None) -> dict[str, str]:
-    """'FIELD=VALUE' strings to a dict."""
-    filters = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ParameterError(f"filter '{pair}' must look like FIELD=VALUE, for example modality=CT")
-        filters[key.strip()] = value.strip()
-    return filters
 
 
 COARSE_IMAGES_KEPT = 32  # a 4 mm copy of a 400 mm cube is 1 M voxels (4 MB): 128 MB at most
@@ -447,6 +308,7 @@ class Searcher:
         descriptor match. Meant to run after the list is shown: it reads volumes and registers, about a second a result.
         """
         from ..errors import CBIRError
+        from ..imaging import registration
         from . import placement
 
         if query.volume is None or query.centre_ras is None or not answer.results:
@@ -458,7 +320,7 @@ class Searcher:
             query_image, global_transforms = self._query_grid[1], self._query_grid[2]
         else:
             try:
-                query_image = placement.coarse_image(query.volume)
+                query_image = registration.coarse_image(query.volume)
             except RuntimeError:  # ITK: a volume too thin to smooth at the coarse grid: nothing to register
                 return answer
             global_transforms = {}
@@ -477,7 +339,7 @@ class Searcher:
             try:
                 target_image = self._coarse_images.get(result.source)
                 if target_image is None:
-                    target_image = self._coarse_images.put(result.source, placement.coarse_image(loader(result.source)))
+                    target_image = self._coarse_images.put(result.source, registration.coarse_image(loader(result.source)))
             except (CBIRError, OSError, RuntimeError):  # moved, unreadable, or too thin for the coarse grid
                 placed.append(result)
                 continue
@@ -488,8 +350,8 @@ class Searcher:
             agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
             try:
                 if result.source not in global_transforms:
-                    global_transforms[result.source] = placement.global_transform(query_image, target_image)
-                where = placement.place(query.volume, query.centre_ras, None, global_transforms[result.source], query_image,
+                    global_transforms[result.source] = registration.global_transform(query_image, target_image)
+                where = registration.place(query.volume, query.centre_ras, None, global_transforms[result.source], query_image,
                                         target_image, box_mm)
             except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
                 placed.append(result)
@@ -500,12 +362,3 @@ class Searcher:
             match = BestMatch.of_item(item, spot, placed_ras=where.ras, shown="anatomy" if anatomical else "look-alike")
             placed.append(dataclasses.replace(result, best_match=match))
         return dataclasses.replace(answer, results=placed)
-
-
-def load_volume_for_query(path: str) -> Volume:
-    """Read a query volume, with a clear error if it is missing."""
-    from ..imaging.readers import read_volume
-
-    if not os.path.exists(path):
-        raise InputError(path, "does not exist")
-    return read_volume(path)

@@ -18,12 +18,14 @@ import numpy as np
 
 from ..errors import CBIRError, JobCancelled, ParameterError
 from ..imaging.volume import Volume
-from ..index.folder import MANIFEST, Index
+from ..index.files import MANIFEST
+from ..index.folder import Index
 from ..models.base import VOLUME_FAMILIES, Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..retrieval.answers import CaseResult, SearchAnswer
 from ..retrieval.feedback import DEFAULT_STRATEGY, Feedback, search_again
-from ..retrieval.search import Query, Searcher, item_query, roi_query, segment_query, slice_query, volume_query
+from ..retrieval.queries import Query, item_query, roi_query, segment_query, slice_query, volume_query
+from ..retrieval.search import Searcher
 from .nodes import node_state, roi_from_node, segment_from_node, volume_from_node
 
 QUERY_MODES = ("roi", "segment", "slice", "volume")

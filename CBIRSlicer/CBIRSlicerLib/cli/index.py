@@ -1,0 +1,224 @@
+"""``cbir index``: build, add, remove, info, verify, refresh, repair and suggest-labels on an index folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..errors import CBIRError
+from .common import progress_printer, read_labels, state_note
+
+
+def _sizes_mm(text: str | None) -> list[float]:
+    """A comma-separated list of sizes in mm ('' or None: none)."""
+    return [float(t) for t in text.split(",") if t] if text else []
+
+
+# Slicing flags of 'index build' / 'add' with their defaults; 'add' takes the index's pinned values for those not given.
+SLICING_DEFAULTS = {"axes": "axial", "stride_mm": 5.0, "tiles_mm": "32", "tile_overlap": 0.5, "blobs": 12,
+                    "blob_sizes_mm": "16,24,32", "region_strategy": "auto"}
+
+
+SLICING_FIELDS = {"axes": "axes", "stride_mm": "stride_mm", "tiles_mm": "tile_sizes_mm", "tile_overlap": "tile_overlap",
+                  "blobs": "blobs_per_slice", "blob_sizes_mm": "blob_sizes_mm", "region_strategy": "region_strategy"}
+
+
+def _settings_from(args: argparse.Namespace, defaults: dict):
+    """IndexSettings from the slicing flags, taking ``defaults`` (flag name -> value) for those not given."""
+    from ..index.items import IndexSettings
+
+    value = {name: getattr(args, name) if getattr(args, name) is not None else defaults[name] for name in SLICING_DEFAULTS}
+    axes = value["axes"] if isinstance(value["axes"], list) else str(value["axes"]).split(",")
+    sizes = {k: value[k] if isinstance(value[k], list) else _sizes_mm(value[k]) for k in ("tiles_mm", "blob_sizes_mm")}
+    return IndexSettings(axes=axes, stride_mm=value["stride_mm"], tile_sizes_mm=sizes["tiles_mm"], tile_overlap=value["tile_overlap"],
+                         blobs_per_slice=value["blobs"], blob_sizes_mm=sizes["blob_sizes_mm"],
+                         region_strategy=value["region_strategy"])
+
+
+def _refuse_other_slicing(args: argparse.Namespace, index) -> None:
+    """'index add' with slicing flags: each must equal the index's pinned value (an index cuts every case alike)."""
+    from ..errors import IndexMismatchError
+
+    pinned = index.settings.as_dict()
+    given = {name: getattr(args, name) for name in SLICING_DEFAULTS if getattr(args, name) is not None}
+    if not given:
+        return
+    asked = _settings_from(args, {name: pinned[SLICING_FIELDS[name]] for name in SLICING_DEFAULTS}).as_dict()
+    differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the index has {pinned[SLICING_FIELDS[name]]})"
+              for name in given if asked[SLICING_FIELDS[name]] != pinned[SLICING_FIELDS[name]]
+              and not (name == "region_strategy" and asked[name] == "auto")]
+    if differ:
+        raise IndexMismatchError(f"{index.folder}: slicing settings are pinned when an index is built; asked for " + ", ".join(differ)
+                                 + ": leave the flags out, or build a new index with them")
+
+
+def _dicom_options(args: argparse.Namespace):
+    """Which series of a DICOM database or PACS source to index, where downloads go, the credentials file, the timeout."""
+    from ..index.dicom_sources import DicomOptions
+    from ..index.dicomweb import SeriesFilter, parse_date_range
+
+    low, high = parse_date_range(args.study_date)
+    modalities = tuple(m.strip().upper() for m in (args.modality or "").split(",") if m.strip())
+    if args.keep_downloads:
+        os.makedirs(args.keep_downloads, exist_ok=True)
+    return DicomOptions(SeriesFilter(modalities, low, high, args.body_part), args.keep_downloads, args.auth_file, args.timeout)
+
+
+def _add_dicom_arguments(index: argparse.ArgumentParser) -> None:
+    """'index build/add' flags for DICOM database (ctkdb:PATH) and DICOMweb (dicomweb:URL) sources."""
+    dicom = index.add_argument_group("DICOM database and DICOMweb sources (ctkdb:PATH or Slicer's ctkDICOM.sql, dicomweb:URL)")
+    dicom.add_argument("--modality", help="only series of these modalities, comma-separated (e.g. CT,MR)")
+    dicom.add_argument("--study-date", metavar="FROM-TO",
+                       help="only studies in this date range, YYYYMMDD-YYYYMMDD (an end may be left out)")
+    dicom.add_argument("--body-part", help="only series with this Body Part Examined (e.g. CHEST)")
+    dicom.add_argument("--keep-downloads", metavar="DIR", help="keep series fetched over DICOMweb here (default: removed once embedded)")
+    dicom.add_argument("--auth-file", metavar="FILE",
+                       help='DICOMweb credentials, JSON {"token": ...} or {"user": ..., "password": ...} (else the environment: '
+                            "CBIR_DICOMWEB_TOKEN, or CBIR_DICOMWEB_USER and CBIR_DICOMWEB_PASSWORD)")
+    dicom.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the DICOMweb server (default 30)")
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    """cbir index build / add: create (or resume) an index and add sources to it."""
+    from ..index.files import MANIFEST
+    from ..index.folder import Index
+    from ..models.registry import create_embedder
+
+    exists = os.path.exists(os.path.join(args.index, MANIFEST))
+    if args.action == "add" and not exists:
+        raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
+    if not args.sources:
+        raise CBIRError(f"index {args.action}: name the files or folders to index")
+    if exists:
+        index = Index.open(args.index, writable=True)
+        try:
+            embedder = create_embedder(args.model or index.model_name(), device=args.device)
+            if args.action == "build":  # resuming or extending a build: the slicing must be the same
+                index.check_settings(_settings_from(args, SLICING_DEFAULTS))
+            else:
+                _refuse_other_slicing(args, index)
+        except BaseException as error:
+            index.__exit__(type(error), error, None)
+            raise
+    else:
+        settings = _settings_from(args, SLICING_DEFAULTS)
+        embedder = create_embedder(args.model or "biomedclip", device=args.device)
+        index = Index.create(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
+    with index:
+        report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
+                                   labels=read_labels(args.labels), dicom=_dicom_options(args))
+    print(report.summary())
+    info = Index.open(args.index).info()
+    print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
+          f"({info['index_type']}), model {info['model']}")
+    if not report.indexed:
+        what = ", ".join(args.sources)
+        reason = "every file was skipped" if report.skipped else "no volume files or DICOM series were found"
+        raise CBIRError(f"{what}: nothing indexed ({reason})")
+    return 0
+
+
+def _index_other(args: argparse.Namespace) -> int:
+    """cbir index remove / info / verify / refresh / repair."""
+    from ..index.folder import Index
+
+    if args.action == "remove":
+        with Index.open(args.index, writable=True) as index:
+            removed = index.remove(args.sources)
+        print(f"removed {len(removed)} case(s): {', '.join(removed)}")
+        return 0
+    if args.action == "refresh":
+        from ..models.registry import create_embedder
+
+        with Index.open(args.index, writable=True) as index:
+            report = index.refresh(create_embedder(args.model or index.model_name(), device=args.device),
+                                   progress_printer("refreshing"))
+        print(report.summary())
+        return 0
+    if args.action == "repair":
+        from ..index.repair import repair
+        from ..models.registry import create_embedder
+
+        report = repair(args.index, lambda name: create_embedder(args.model or name, device=args.device), args.drop_missing,
+                        progress_printer("re-embedding"))
+        print(report.summary())
+        return 0
+    index = Index.open(args.index, strict=args.action != "verify")
+    state_note(index)
+    if args.action == "suggest-labels":
+        return _suggest_labels(args, index)
+    if args.action == "info":
+        info = index.info()
+        if args.json:
+            print(json.dumps(info, indent=1))
+        else:
+            counts = info["counts"]
+            per_case = f", {info['bytes_per_case'] / 2**10:.0f} KiB per case" if info["bytes_per_case"] else ""
+            print(f"index {info['folder']}")
+            print(f"  model {info['model']} ({info['dim']}-d, fingerprint {info['model_digest']})")
+            print(f"  {counts['cases']} cases, {counts['items']} items, {counts['vectors']} vectors ({info['index_type']}), "
+                  f"{counts['tombstones']} tombstones")
+            print(f"  {info['bytes'] / 2**20:.1f} MiB on disk{per_case}")
+            print(f"  settings {json.dumps(info['settings'])}")
+            print(f"  created {info['created']}, updated {info['updated']}")
+        return 0
+    problems = index.verify(check_sources=not args.no_sources)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("index is consistent" if not problems else f"{len(problems)} problem(s) found")
+    return 0 if not problems else 1
+
+
+def _suggest_labels(args: argparse.Namespace, index) -> int:
+    """cbir index suggest-labels: unlabelled cases whose label would help the suggestions most (active learning)."""
+    from ..retrieval.suggestion import labels_to_ask_for
+
+    if args.count < 1:
+        raise CBIRError(f"--count must be 1 or more; got {args.count}")
+    wanted = labels_to_ask_for(index, args.column, args.count)
+    if args.json:
+        print(json.dumps(wanted, indent=1))
+        return 0
+    if not wanted:
+        print("every case is labelled")
+    for n, entry in enumerate(wanted, start=1):
+        vote = ", ".join(f"{k} {v:.2f}" for k, v in entry["current_vote"].items()) or "no labelled neighbour"
+        print(f"{n:>3}. {entry['case_id']}  uncertainty {entry['uncertainty']:.2f}, distance {entry['distance']:.3f}  ({vote})")
+    return 0
+
+
+def register(commands) -> None:
+    """The index command."""
+    index = commands.add_parser("index", help="build, extend, check an index of volumes")
+    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair", "suggest-labels"])
+    index.add_argument("sources", nargs="*", help="files and folders to index (build, add), a DICOM database (ctkdb:PATH or "
+                       "Slicer's ctkDICOM.sql) or a PACS (dicomweb:URL), or case ids / sources (remove)")
+    index.add_argument("--index", required=True, help="index folder")
+    index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
+    # Slicing flags have no argparse default: 'add' must tell a flag given from one left out (SLICING_DEFAULTS).
+    index.add_argument("--axes", help="comma-separated axes to index (default axial)")
+    index.add_argument("--stride-mm", type=float, help="distance between indexed slices (default 5 mm)")
+    index.add_argument("--tiles-mm", help="tile sizes in mm for region queries, comma-separated; '' for none (default 32)")
+    index.add_argument("--tile-overlap", type=float,
+                       help="overlap of neighbouring tiles, 0 to <1 (default 0.5; 0.75 places matches better, 4x the items)")
+    index.add_argument("--blobs", type=int,
+                       help="per slice, how many blob-like places (lesion candidates) get crops centred on them (default 12; 0 for none)")
+    index.add_argument("--blob-sizes-mm", help="sizes in mm of the crops around each blob, comma-separated (default 16,24,32)")
+    index.add_argument("--region-strategy", choices=("auto", "crops", "dense"),
+                       help="item vectors: each crop embedded ('crops'), or pooled from one pass per slice ('dense'); "
+                            "default auto: dense for ViTs, crops for handcrafted (docs/design.md)")
+    index.add_argument("--keep-patient-ids", action="store_true",
+                       help="build: keep patient IDs from DICOM headers in the catalog (default: only a keyed hash of them)")
+    index.add_argument("--drop-missing", action="store_true",
+                       help="repair: leave out cases whose sources are gone or unreadable (default: refuse and list them)")
+    index.add_argument("--index-type", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+                       help="FAISS structure (default auto: flat, HNSW, then compressed IVF-PQ by size)")
+    index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
+    index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    index.add_argument("--json", action="store_true", help="info as JSON")
+    index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
+    _add_dicom_arguments(index)
+    index.add_argument("--column", help="suggest-labels: the label column (default 'label' or 'finding')")
+    index.add_argument("--count", type=int, default=10, help="suggest-labels: how many cases to list (default 10)")
+    index.set_defaults(run=lambda a: _index_build(a) if a.action in ("build", "add") else _index_other(a))

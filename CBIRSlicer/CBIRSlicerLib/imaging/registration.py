@@ -1,0 +1,371 @@
+"""Registering one volume into another on coarse isotropic copies, to carry a point across (SimpleITK, mutual information).
+
+The stages: a whole-volume similarity then affine registration at 8 mm (the level evidence: the whole body, not a slab
+that looks alike at many levels; a query that is itself a thin slab has its level searched first, :func:`level_starts`),
+refined as an affine transform on the query's 128 mm neighbourhood at 4 mm, then a demons deformation of its 64 mm
+neighbourhood; :func:`place` carries the query's centre through them and says how well the query's box agrees with the
+result there. :mod:`retrieval.placement` decides what a result then shows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import body_region
+from .coordinates import lps_to_ras, ras_to_lps
+from .intensity import looks_like_ct
+from .volume import Volume
+
+SPACING_MM = 4.0  # registration grid: organs of 2 cm still span 5 voxels
+CONTEXT_MM = 128.0  # side of the query neighbourhood registered: the ROI and the anatomy around it
+MIN_CONTEXT_VOXELS = 6
+ITERATIONS = 60
+CT_CLAMP_HU = (-1000.0, 1000.0)  # metal and air outliers would otherwise dominate the intensity histogram
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the query's centre lies in a result: RAS point, the last affine stage that ran ("global" or "local"), the
+    local stage's metric (lower is better; NaN if it did not run), seconds, and how well the query's box agrees with the
+    result there (correlation after registration, :data:`AGREEMENT_MIN`; NaN when no box was given)."""
+
+    ras: tuple[float, float, float]
+    start: str
+    metric: float
+    seconds: float
+    agreement: float = float("nan")
+
+
+def coarse_image(volume: Volume, spacing_mm: float = SPACING_MM):
+    """The volume smoothed and resampled to an isotropic grid (SimpleITK image, LPS), intensities clamped for CT."""
+    import SimpleITK as sitk
+
+    image = sitk.Cast(volume.to_sitk(volume.finite_float32()), sitk.sitkFloat32)
+    if looks_like_ct(volume):
+        image = sitk.Clamp(image, sitk.sitkFloat32, *CT_CLAMP_HU)
+    old_spacing = np.array(image.GetSpacing())
+    sigma = [max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355 for s in old_spacing]  # FWHM of the new voxel
+    if max(sigma) > 0:
+        image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigma])
+    size = [max(1, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), old_spacing)]
+    origin = image.TransformContinuousIndexToPhysicalPoint([(spacing_mm / s - 1) / 2 for s in old_spacing])
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, [spacing_mm] * 3, image.GetDirection(),
+                         float(np.min(sitk.GetArrayViewFromImage(image))), sitk.sitkFloat32)
+
+
+def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
+    """The part of a coarse image within a cube around a RAS point (clipped to the image), or None if too small."""
+    import SimpleITK as sitk
+
+    centre = ras_to_lps(np.asarray(centre_ras, float))
+    half = side_mm / 2 / np.array(image.GetSpacing())
+    index = np.array(image.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in centre)))
+    low = np.maximum(np.floor(index - half), 0).astype(int)
+    high = np.minimum(np.ceil(index + half), np.array(image.GetSize()) - 1).astype(int)
+    if np.any(high - low + 1 < MIN_CONTEXT_VOXELS):
+        return None
+    return sitk.RegionOfInterest(image, [int(v) for v in high - low + 1], [int(v) for v in low])
+
+
+GLOBAL_SPACING_MM = 8.0
+
+
+def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step: float, iterations: int):
+    """Every stage's registration method: Mattes MI (32 bins) on a random share of the voxels, linear interpolation,
+    regular-step gradient descent with physical-shift scales; the stages differ in these arguments only."""
+    import SimpleITK as sitk
+
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(sampling, seed)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step, numberOfIterations=iterations,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    return method
+
+
+# A query shorter along the body axis than this share of the result is a slab: its level in the result is searched
+# (level_starts) instead of taken from the centres of mass, which put 6 cm slabs of an abdomen 2-17 cm off their level
+# (docs/benchmarks.md, "thin-slab queries find their level").
+SLAB_SHARE = 0.6
+MI_BINS = 32
+
+
+def body_axis_extent(image) -> float:
+    """Millimetres an image spans along the body axis (LPS z, whatever the voxel axes)."""
+    return float(np.ptp(body_region.corners_lps(image)[:, 2]))
+
+
+def _axis_aligned(image, spacing_mm: float):
+    """An image resampled on an identity-direction LPS grid that covers it: (array [z, y, x], origin (x, y, z))."""
+    import SimpleITK as sitk
+
+    grid = body_region.axis_aligned(image, spacing_mm, float(np.min(sitk.GetArrayViewFromImage(image))))
+    return sitk.GetArrayFromImage(grid), np.array(grid.GetOrigin())
+
+
+def _bins(array: np.ndarray) -> np.ndarray:
+    """Intensities to MI_BINS equal bins between the lowest value and the 99.9th percentile."""
+    low, high = float(array.min()), float(np.percentile(array, 99.9))
+    return np.clip(((array - low) / max(high - low, 1e-6) * MI_BINS).astype(np.int64), 0, MI_BINS - 1)
+
+
+def _mutual_information(fixed_bins: np.ndarray, moving_bins: np.ndarray) -> float:
+    """Mutual information of two equally shaped arrays of bin numbers."""
+    joint = np.bincount((fixed_bins * MI_BINS + moving_bins).ravel(), minlength=MI_BINS * MI_BINS).astype(float)
+    joint = joint.reshape(MI_BINS, MI_BINS) / joint.sum()
+    outer = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)
+    seen = joint > 0
+    return float(np.sum(joint[seen] * np.log(joint[seen] / outer[seen])))
+
+
+def _body_centroids(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per plane of an axis-aligned array: how many body voxels, and their mean (x, y) voxel position."""
+    body = array > body_region.body_threshold(array, ct=bool(array.min() < -500))  # coarse CT is clamped at -1000 HU
+    counts = body.sum(axis=(1, 2)).astype(float)
+    ys, xs = np.mgrid[0:array.shape[1], 0:array.shape[2]]
+    sums = np.stack([(body * xs).sum(axis=(1, 2)), (body * ys).sum(axis=(1, 2))], axis=1).astype(float)
+    return counts, sums
+
+
+LEVEL_STARTS = 3  # the slab's best levels each start a similarity registration; the one that ends best is kept
+LEVELS_APART_MM = 24.0
+LEVEL_ANGLES_DEG = (-10.0, 0.0, 10.0)  # turns about the body axis tried at each level (patients lie turned by some degrees)
+LEVEL_SCALES = (0.8, 1.25)  # the bounds of the size ratio read from the body's cross-section
+LEVEL_OVERHANG = 0.5  # share of the slab that may lie beyond the result's first or last plane (a shorter result)
+
+
+@dataclass(frozen=True)
+class LevelStart:
+    """A start for registering a slab: the slab's body centre (LPS) goes to ``target_lps``, scaled and turned about the
+    body axis; ``score`` is the mutual information there."""
+
+    score: float
+    scale: float
+    angle_deg: float
+    query_lps: np.ndarray
+    target_lps: np.ndarray
+
+
+def level_starts(query_image, target_image, spacing_mm: float = GLOBAL_SPACING_MM) -> list[LevelStart]:
+    """Where a slab query may lie along a result's body axis, best first: at most :data:`LEVEL_STARTS`, their levels
+    :data:`LEVELS_APART_MM` apart.
+
+    Every level of the result (8 mm steps, the slab overhanging its ends by up to :data:`LEVEL_OVERHANG`) is tried: the
+    slab's body centre goes to the centre of the result's body at that level, at two sizes (the same, and the ratio of
+    the two bodies' cross-sections there: patients differ in size by 10-20 %, and a slab drawn at the wrong size matches
+    the wrong level), turned by each of :data:`LEVEL_ANGLES_DEG`; each is scored by the mutual information of the slab
+    with the result sampled there (nearest voxel, the result's lowest value outside it, so hanging off costs).
+    A few hundredths of a second: the arrays are on an 8 mm grid and each candidate is one gather and one histogram.
+    """
+    fixed, fixed_origin = _axis_aligned(query_image, spacing_mm)
+    moving, moving_origin = _axis_aligned(target_image, spacing_mm)
+    fixed_counts, fixed_sums = _body_centroids(fixed)
+    moving_counts, moving_sums = _body_centroids(moving)
+    fixed_bins, moving_bins = _bins(fixed), _bins(moving)
+    depth, rows, columns = fixed.shape
+    planes = moving.shape[0]
+    lowest = int(moving_bins.min())
+    # The slab's voxels relative to its body centre (x, y: the body's centroid; z: the slab's middle), in voxels.
+    centre = np.array([*(fixed_sums.sum(axis=0) / max(fixed_counts.sum(), 1.0)), (depth - 1) / 2])
+    area = fixed_counts[fixed_counts > 0].mean() if (fixed_counts > 0).any() else 1.0
+    # Every other voxel across the plane: a quarter of the work, and thousands of samples still fill the histogram.
+    z, y, x = np.mgrid[0:depth, 0:rows:2, 0:columns:2]
+    offsets = np.stack([x - centre[0], y - centre[1], z - centre[2]], axis=-1).reshape(-1, 3).astype(float)
+    slab_bins = fixed_bins[:, ::2, ::2].ravel()
+    overhang = int(np.floor(LEVEL_OVERHANG * depth))
+    half = (depth - 1) / 2
+    bounds = np.array([moving.shape[2], moving.shape[1], planes])  # x, y, z
+    scored = []
+    for middle in np.arange(half - overhang, planes - 1 - half + overhang + 1e-6):
+        low, high = int(max(0, np.floor(middle - half))), int(min(planes, np.ceil(middle + half) + 1))
+        counts = moving_counts[low:high]
+        if high - low < 2 or counts.sum() == 0:
+            continue
+        there = np.array([*(moving_sums[low:high].sum(axis=0) / counts.sum()), middle])
+        ratio = float(np.clip(np.sqrt(counts[counts > 0].mean() / area), *LEVEL_SCALES))
+        for scale in dict.fromkeys((ratio, 1.0)):
+            for angle in LEVEL_ANGLES_DEG:
+                turn = np.deg2rad(angle)
+                rotation = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
+                index = np.rint(there + scale * offsets @ rotation.T).astype(int)
+                inside = np.all((index >= 0) & (index < bounds), axis=1)
+                sampled = np.full(len(offsets), lowest, dtype=np.int64)
+                sampled[inside] = moving_bins[index[inside, 2], index[inside, 1], index[inside, 0]]
+                scored.append(LevelStart(_mutual_information(slab_bins, sampled), scale, angle,
+                                         fixed_origin + centre * spacing_mm, moving_origin + there * spacing_mm))
+    chosen: list[LevelStart] = []
+    for start in sorted(scored, key=lambda candidate: -candidate.score):
+        if all(abs(start.target_lps[2] - other.target_lps[2]) >= LEVELS_APART_MM for other in chosen):
+            chosen.append(start)
+        if len(chosen) == LEVEL_STARTS:
+            break
+    return chosen
+
+
+def _full_metric(fixed, moving, transform) -> float:
+    """Mattes mutual information (lower is better) of two images under a transform, on every voxel."""
+    import SimpleITK as sitk
+
+    check = sitk.ImageRegistrationMethod()
+    check.SetMetricAsMattesMutualInformation(32)
+    check.SetMetricSamplingStrategy(check.NONE)
+    check.SetInterpolator(sitk.sitkLinear)
+    check.SetInitialTransform(transform)
+    return float(check.MetricEvaluate(fixed, moving))
+
+
+def _similarity_start(level: LevelStart):
+    """The similarity transform a level start describes (centred on the slab's body centre)."""
+    import SimpleITK as sitk
+
+    start = sitk.Similarity3DTransform()
+    start.SetCenter(tuple(float(v) for v in level.query_lps))
+    start.SetRotation((0.0, 0.0, 1.0), float(np.deg2rad(level.angle_deg)))
+    start.SetScale(float(level.scale))
+    start.SetTranslation(tuple(float(v) for v in level.target_lps - level.query_lps))
+    return start
+
+
+def global_transform(query_image, target_image):
+    """A whole-volume registration of the query into the target at a coarser grid: similarity, then affine from there
+    (bodies differ in proportions, not only in size: a scale per axis and shear).
+
+    The similarity starts from the images' centres of mass, or for a slab query (:data:`SLAB_SHARE`) from each of its
+    likely levels in the result (:func:`level_starts`), keeping the registration that ends best.
+    """
+    import SimpleITK as sitk
+
+    fixed = sitk.Shrink(query_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in query_image.GetSpacing()])
+    moving = sitk.Shrink(target_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in target_image.GetSpacing()])
+    moments = sitk.Similarity3DTransform(sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS))
+    starts = [moments]
+    if body_axis_extent(query_image) < SLAB_SHARE * body_axis_extent(target_image):
+        starts = [_similarity_start(level) for level in level_starts(query_image, target_image)] or [moments]
+    best = None
+    for start in starts:
+        method = _mi_registration(0.3, 1, GLOBAL_SPACING_MM, 0.5, ITERATIONS)
+        method.SetInitialTransform(start, inPlace=False)
+        try:
+            similarity = sitk.Similarity3DTransform(_single(method.Execute(fixed, moving)))
+            metric = _full_metric(fixed, moving, similarity) if len(starts) > 1 else 0.0
+        except RuntimeError:  # ITK: this start left too little overlap; another may not
+            continue
+        if best is None or metric < best[0]:
+            best = (metric, similarity)
+    if best is None:
+        raise RuntimeError("no start of the whole-volume registration kept the images overlapping")
+    similarity = best[1]
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(similarity.GetCenter())
+    affine.SetMatrix(similarity.GetMatrix())
+    affine.SetTranslation(similarity.GetTranslation())
+    method = _mi_registration(0.3, 1, GLOBAL_SPACING_MM, 0.5, ITERATIONS)
+    method.SetInitialTransform(affine, inPlace=False)
+    return _single(method.Execute(fixed, moving))
+
+
+def _single(transform):
+    """The one transform a registration returns (SimpleITK wraps it in a composite)."""
+    import SimpleITK as sitk
+
+    if isinstance(transform, sitk.CompositeTransform) and transform.GetNumberOfTransforms() == 1:
+        return transform.GetNthTransform(0)
+    return transform
+
+
+def carry(transform, centre_ras) -> np.ndarray:
+    """A RAS point through an ITK transform (which works in LPS)."""
+    centre_lps = ras_to_lps(np.asarray(centre_ras, float))
+    return lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
+
+
+def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1):
+    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving);
+    (transform, metric on the whole neighbourhood)."""
+    import SimpleITK as sitk
+
+    method = _mi_registration(0.3, seed, SPACING_MM, 0.1, iterations)
+    method.SetInitialTransform(sitk.AffineTransform(_single(initial)), inPlace=False)
+    transform = _single(method.Execute(fixed, moving))
+    return transform, _full_metric(fixed, moving, transform)
+
+
+DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 48 and 96 mm (docs/benchmarks.md)
+DEFORM_ITERATIONS = 50
+DEFORM_SIGMA_VOXELS = 1.5  # Gaussian regularisation of the displacement field, in 4 mm voxels
+
+
+def deformation(fixed, moving, transform):
+    """A demons displacement field (query neighbourhood -> affinely resampled result) for what the affine transform
+    cannot follow: organs that moved against their neighbours, a different body shape.
+
+    The result is resampled onto the neighbourhood through the affine transform and its histogram matched to the query's
+    (demons compares intensities: an MR's gain or a CT's reconstruction shift would otherwise pull).
+    """
+    import SimpleITK as sitk
+
+    lowest = float(np.min(sitk.GetArrayViewFromImage(moving)))
+    resampled = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, lowest, sitk.sitkFloat32)
+    resampled = sitk.HistogramMatching(resampled, fixed, 64, 7, True)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(DEFORM_ITERATIONS)
+    demons.SetStandardDeviations(DEFORM_SIGMA_VOXELS)
+    return sitk.DisplacementFieldTransform(sitk.Cast(demons.Execute(fixed, resampled), sitk.sitkVectorFloat64))
+
+
+def agreement(query_image, target_image, transform, centre_ras, box_mm: float) -> float:
+    """Correlation of the query's box (a cube of its largest side, at least MIN_CONTEXT_VOXELS) with the result
+    resampled there through the full transform; NaN if the box is off the query's grid or flat."""
+    import SimpleITK as sitk
+
+    box = neighbourhood(query_image, centre_ras, max(box_mm, MIN_CONTEXT_VOXELS * SPACING_MM))
+    if box is None:
+        return float("nan")
+    lowest = float(np.min(sitk.GetArrayViewFromImage(target_image)))
+    # Copies, not views: a view of the temporary resampled image would outlive its buffer.
+    there = sitk.GetArrayFromImage(sitk.Resample(target_image, box, transform, sitk.sitkLinear, lowest,
+                                                 sitk.sitkFloat32)).ravel().astype(np.float64)
+    here = sitk.GetArrayFromImage(box).ravel().astype(np.float64)
+    if here.std() < 1e-6 or there.std() < 1e-6:
+        return float("nan")
+    return float(np.corrcoef(here, there)[0, 1])
+
+
+def place(query: Volume, centre_ras, target: Volume | None, initial=None, query_image=None, target_image=None,
+          box_mm: float | None = None) -> Placement:
+    """The query centre carried into the target: the whole-volume affine transform (``initial``, else computed here),
+    refined as an affine transform on the query's 128 mm neighbourhood, then a demons deformation of its 64 mm one;
+    with ``box_mm`` (the query box's largest side), how well the box agrees with the result there."""
+    import SimpleITK as sitk
+
+    began = time.monotonic()
+    query_image = query_image if query_image is not None else coarse_image(query)
+    target_image = target_image if target_image is not None else coarse_image(target)
+    transform = initial if initial is not None else global_transform(query_image, target_image)
+    start, metric = "global", float("nan")
+    fixed = neighbourhood(query_image, centre_ras)
+    if fixed is not None:
+        try:
+            transform, metric = local_affine(fixed, target_image, transform)
+            start = "local"
+        except RuntimeError:  # ITK: the neighbourhood and the result do not overlap enough: keep the whole-volume answer
+            pass
+    full = transform
+    local = neighbourhood(query_image, centre_ras, DEFORM_MM) if DEFORM_MM else None
+    if local is not None:
+        try:
+            full = sitk.CompositeTransform(3)
+            full.AddTransform(transform)
+            full.AddTransform(deformation(local, target_image, transform))  # the field acts first, then the affine
+        except RuntimeError:  # ITK: nothing of the result inside the neighbourhood: keep the affine answer
+            full = transform
+    placed = carry(full, centre_ras)
+    agreed = agreement(query_image, target_image, full, centre_ras, box_mm) if box_mm else float("nan")
+    return Placement(tuple(float(v) for v in placed), start, metric, time.monotonic() - began, agreed)
