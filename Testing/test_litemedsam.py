@@ -236,7 +236,8 @@ def test_a_real_organ_query_lands_inside_the_organ_in_other_patients(embedder, t
     from CBIRSlicerLib.imaging.roi import RoiBox
     from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.index.items import IndexSettings
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query
+    from CBIRSlicerLib.retrieval.queries import roi_query
+    from CBIRSlicerLib.retrieval.search import Searcher
 
     slabs = {os.path.abspath(_slab(patient, ORGAN, tmp_path)): patient for patient in INDEXED_PATIENTS}
     with Index.create(str(tmp_path / "index"), embedder, IndexSettings()) as index:

@@ -109,7 +109,8 @@ def run(built: dict, part: str, config: dict, slabs: str, place: bool = True) ->
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.imaging.roi import RoiBox
     from CBIRSlicerLib.index.folder import Index
-    from CBIRSlicerLib.retrieval.search import Searcher, roi_query, segment_query
+    from CBIRSlicerLib.retrieval.queries import roi_query, segment_query
+    from CBIRSlicerLib.retrieval.search import Searcher
 
     searcher = Searcher(Index.open(built["folder"]))
     cases = built["cases"]
