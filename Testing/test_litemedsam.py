@@ -256,6 +256,5 @@ def test_a_real_organ_query_lands_inside_the_organ_in_other_patients(embedder, t
     for result in answer.results:
         patient = slabs[os.path.abspath(result.source)]
         found[patient] = _organ_distance_mm(read_volume(str(_shared(f"{patient}_labels.nii.gz"))), ORGAN, result.best_match.spot)
-    print("organ query distances (mm):", found)
     assert sorted(found) == sorted(INDEXED_PATIENTS)
     assert all(distance <= INSIDE_MM for distance in found.values()), found

