@@ -276,7 +276,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onIndexFolderChanged(self, path: str) -> None:
         """Open an index as soon as its folder is chosen."""
         session = self.logic.session
-        if session is not None and os.path.abspath(path) == session.index.folder:
+        if session is not None and search_session.same_location(path, session.index):
             return  # already open (the parameter node writes the path back on every connect)
         if search_session.is_index_folder(path):
             self._openIndex(path)  # the path given: the parameter node may not have it yet (its slot runs after this one)
@@ -292,7 +292,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.indexInfoLabel.text = _("No index open.")
         try:
             with _errorShown(_("Could not open the index.")):
-                if not search_session.is_index_folder(folder):
+                if not search_session.is_index_location(folder):
                     self.ui.indexInfoLabel.text = _("No index in {folder} yet: build one below.").format(folder=folder)
                     return
                 if not self.logic.ensureDependencies(search_session.index_summary(folder)["model"]):
@@ -850,7 +850,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def buildModel(folder: str, requested: str) -> str:
         """The model a build will use: the index's own when it exists, else the one asked for."""
-        return search_session.index_summary(folder)["model"] if search_session.is_index_folder(folder) else requested
+        return search_session.existing_model(folder) or requested
 
     def startBuild(self, folder: str, sources: list[str], model: str = "biomedclip", dicom: Optional[dict] = None):
         """Build or extend an index in a background process; poll the returned IndexBuild."""

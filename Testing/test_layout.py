@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = ROOT / "CBIRSlicer" / "CBIRSlicerLib"
-HEAVY = ("torch", "faiss", "open_clip", "monai", "transformers", "timm", "matplotlib")
+HEAVY = ("torch", "faiss", "open_clip", "monai", "transformers", "timm", "matplotlib", "pymilvus", "grpc", "dask", "distributed")
 
 
 def test_every_lib_script_is_listed_in_the_module_cmakelists():

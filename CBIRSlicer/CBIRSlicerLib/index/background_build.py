@@ -175,17 +175,16 @@ def _run(spec: dict) -> int:
     threading.Thread(target=watch_stdin, daemon=True).start()
     from ..errors import CBIRError
     from ..models.registry import create_embedder
-    from .files import MANIFEST
-    from .folder import Index
     from .items import IndexSettings
+    from .location import create_index, index_exists, open_index
 
     try:
-        if os.path.exists(os.path.join(spec["folder"], MANIFEST)):
-            index = Index.open(spec["folder"], writable=True)
+        if index_exists(spec["folder"]):  # a folder, or a Milvus location
+            index = open_index(spec["folder"], writable=True)
             embedder = create_embedder(index.model_name(), device=spec.get("device"))
         else:
             embedder = create_embedder(spec["model"], device=spec.get("device"))
-            index = Index.create(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
+            index = create_index(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
         with index:
             report = index.add_sources(spec["sources"], embedder, should_stop=stop.is_set, dicom=_dicom_options(spec.get("dicom") or {}),
                                        progress=lambda done, total, label: emit({"event": "progress", "done": done,

@@ -19,7 +19,7 @@ from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy
-from ..index.folder import Index
+from ..index.searchable import SearchableIndex
 from ..models.base import Embedder
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
@@ -52,7 +52,7 @@ def _sample(items: list, count: int) -> list:
     return [items[i] for i in montage_planes(0, len(items) - 1, count)]
 
 
-def _own(volume: Volume, index: Index) -> dict:
+def _own(volume: Volume, index: SearchableIndex) -> dict:
     """How to leave the query volume's own case out: its path, and the cases holding the same voxels or series.
 
     A copy of an indexed file elsewhere, in another format, or a volume loaded into Slicer from DICOM has another
@@ -65,7 +65,7 @@ def _own(volume: Volume, index: Index) -> dict:
     return {"exclude_sources": [volume.source] if volume.source else [], "exclude_rows": sorted(rows)}
 
 
-def _same_patient(volume: Volume, index: Index) -> list[int]:
+def _same_patient(volume: Volume, index: SearchableIndex) -> list[int]:
     """The indexed cases of the query's patient (other series and studies): similar *cases* are other patients.
 
     The index keeps only a keyed hash of patient IDs (:mod:`privacy`); the query's ID is hashed the same way.
@@ -81,11 +81,11 @@ def _describe(volume: Volume, axis: str, mode: str, **more) -> dict:
     return {"volume": source, "axis": axis, "mode": mode, **more}
 
 
-def _dense(index: Index) -> bool:
+def _dense(index: SearchableIndex) -> bool:
     return index.settings.region_strategy == "dense"
 
 
-def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+def roi_query(volume: Volume, roi: RoiBox, axis: str, index: SearchableIndex, margin_mm: float = 0.0) -> Query:
     """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread); whole, with the box, if dense."""
     window = choose_window(volume, index.settings.window)
     if _dense(index):
@@ -102,14 +102,14 @@ def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: f
                  centre_ras=tuple(float(v) for v in roi.center))
 
 
-def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+def segment_query(volume: Volume, segment: Segment, axis: str, index: SearchableIndex, margin_mm: float = 0.0) -> Query:
     """A segment's box as an ROI query, asking about the segment's deepest point, with its voxels for placement."""
     query = roi_query(volume, segment.box, axis, index, margin_mm)
     query.description["segment"] = segment.name
     return dataclasses.replace(query, centre_ras=segment.centre, segment=segment)
 
 
-def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
+def slice_query(volume: Volume, axis: str, index: SearchableIndex, ras=None) -> Query:
     """One whole slice: the one through a RAS point (default the volume's centre)."""
     window = choose_window(volume, index.settings.window)
     image = nearest_slice(extract_slices(volume, axis), volume.center_ras if ras is None else np.asarray(ras, float))
@@ -118,7 +118,7 @@ def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
                  centre_ras=tuple(float(v) for v in image.ras), **_whole_boxes(index, [image]))
 
 
-def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
+def volume_query(volume: Volume, axis: str, index: SearchableIndex, count: int = MAX_QUERY_IMAGES) -> Query:
     """A whole volume: ``count`` whole slices evenly spread along the axis."""
     window = choose_window(volume, index.settings.window)
     grid = plan_grid(volume, axis)
@@ -129,7 +129,7 @@ def volume_query(volume: Volume, axis: str, index: Index, count: int = MAX_QUERY
                  **_own(volume, index), volume=volume, **_whole_boxes(index, images))
 
 
-def _whole_boxes(index: Index, images: list) -> dict:
+def _whole_boxes(index: SearchableIndex, images: list) -> dict:
     """For a dense index, whole slices pool their whole grid (as the index's slice items do)."""
     if not _dense(index):
         return {}
@@ -141,7 +141,7 @@ def text_query(text: str, embedder: Embedder) -> Query:
     return Query({"text": text, "mode": "text"}, vectors=embedder.embed_text([text]))
 
 
-def item_query(index: Index, item_id: int) -> Query:
+def item_query(index: SearchableIndex, item_id: int) -> Query:
     """'More like this': an indexed item's own vector; its case is left out."""
     item = index.catalog.items([item_id]).get(int(item_id))
     if item is None:

@@ -19,7 +19,8 @@ from pathlib import Path
 from ..digests import file_sha256
 from ..errors import IndexMismatchError, InputError, ParameterError
 from ..imaging.roi import RoiBox
-from ..index.folder import Index
+from ..index.location import is_server_location, open_index
+from ..index.searchable import SearchableIndex
 from .answers import BestMatch, CaseResult, SearchAnswer
 from .feedback import Feedback  # one type for marks: relevance feedback's (case id -> item id), kept as it is
 
@@ -164,7 +165,7 @@ class IndexRef:
     cases: int
 
     @classmethod
-    def of(cls, index: Index) -> IndexRef:
+    def of(cls, index: SearchableIndex) -> IndexRef:
         """The reference of an open index."""
         manifest = index.manifest
         return cls(index.folder, manifest["created"], manifest["updated"], manifest.get("self_sha256"), manifest["model"]["name"],
@@ -279,7 +280,7 @@ class SavedSearch:
             raise InputError(path, f"saved search is malformed: {error}") from None
 
 
-def make(query, answer: SearchAnswer, index: Index, settings: SearchSettings, mask: tuple[str, int] | None = None,
+def make(query, answer: SearchAnswer, index: SearchableIndex, settings: SearchSettings, mask: tuple[str, int] | None = None,
          feedback: Feedback | None = None, suggestion: dict | None = None, name: str | None = None) -> SavedSearch:
     """A saved search of a search just made (``query``: the retrieval.search.Query it answered; ``mask``: (label map, label))."""
     description = dict(query.description)
@@ -296,7 +297,7 @@ def make(query, answer: SearchAnswer, index: Index, settings: SearchSettings, ma
     return SavedSearch(spec, settings, IndexRef.of(index), answer, feedback or Feedback(), suggestion, name=name)
 
 
-def build_query(saved: SavedSearch, index: Index, embedder, loader=None):
+def build_query(saved: SavedSearch, index: SearchableIndex, embedder, loader=None):
     """The query of a saved search, made again from its files (checked unchanged first) on an index."""
     from . import queries
 
@@ -320,7 +321,7 @@ def build_query(saved: SavedSearch, index: Index, embedder, loader=None):
     return queries.volume_query(volume, settings.axis, index)  # as the CLI and the module ask: the default number of slices
 
 
-def check_model(saved: SavedSearch, index: Index) -> None:
+def check_model(saved: SavedSearch, index: SearchableIndex) -> None:
     """Refuse an index built with another model than the saved search used (their scores and cases do not compare)."""
     digest = index.manifest["model"]["digest"]
     if digest != saved.settings.model_digest:
@@ -386,9 +387,9 @@ def rerun(saved: SavedSearch, index_folder: str | None = None, searcher=None, lo
 
     if searcher is None:
         folder = index_folder or saved.index.path
-        if not os.path.isdir(folder):
+        if not is_server_location(folder) and not os.path.isdir(folder):
             raise InputError(folder, "the index of the saved search is not there; give another with --index")
-        index = Index.open(folder)
+        index = open_index(folder)
         check_model(saved, index)
         searcher = Searcher(index, model=saved.settings.model, device=device)
     index = searcher.index

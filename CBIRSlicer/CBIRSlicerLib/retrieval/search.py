@@ -21,7 +21,7 @@ from ..errors import IndexCorruptError, ParameterError
 from ..imaging.volume import Volume
 from ..index import vector_transform
 from ..index.catalog import ItemArrays
-from ..index.folder import Index
+from ..index.searchable import Allowed, SearchableIndex
 from ..models.base import Embedder
 from ..models.registry import create_embedder
 from ..threads import one_blas_thread
@@ -64,7 +64,7 @@ def volume_model_vectors(embedder: Embedder, query: Query) -> np.ndarray:
     return embedder.embed_volume(query.volume).whole[None]
 
 
-def volume_model_other_scale(index: Index, query: Query) -> np.ndarray:
+def volume_model_other_scale(index: SearchableIndex, query: Query) -> np.ndarray:
     """Items a 3D model's query must not match: an ROI is compared with regions, a whole volume with whole volumes.
 
     A whole volume's vector is the mean of all its cells, so it is like every region a little; left in, it came
@@ -103,10 +103,11 @@ class _Recent:
 
 @dataclass
 class SearchScope:
-    """Which items a search may return: none of ``excluded``; with filters, only those in ``allowed`` (None: any)."""
+    """Which items a search may return: none of ``excluded``; with filters, only those ``allowed`` (item ids, or a server
+    store's case filter; None: any)."""
 
     excluded: np.ndarray
-    allowed: np.ndarray | None = None
+    allowed: Allowed = None
 
 
 @dataclass
@@ -128,7 +129,7 @@ def query_weights(query: Query, vectors: np.ndarray) -> np.ndarray | None:
 class Searcher:
     """Answers queries on one index with its model (loaded once)."""
 
-    def __init__(self, index: Index, embedder: Embedder | None = None, model: str | None = None, device: str | None = None):
+    def __init__(self, index: SearchableIndex, embedder: Embedder | None = None, model: str | None = None, device: str | None = None):
         self.index = index
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
@@ -166,8 +167,8 @@ class Searcher:
             excluded = np.union1d(excluded, [query.exclude_item])
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
-        allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
-        return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None)
+        # Item ids for the folder; a store that filters inside its own search (Milvus) gets the filters as its condition.
+        return SearchScope(excluded, self.index.allowed_items(filters) if filters else None)  # a field no case has raises there
 
     def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None,
                     transform=None) -> dict[int, int]:
