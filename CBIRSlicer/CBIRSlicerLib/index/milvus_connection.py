@@ -151,7 +151,9 @@ def _quiet_clients() -> None:
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     import pymilvus  # noqa: F401  (its import configures its loggers; quieted after it)
 
-    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.decorators", "pymilvus.client"):
+    # grpc._server: milvus-lite's in-process server logs a traceback for each RPC it lacks (pymilvus's query iterator asks
+    # for a timestamp first, then does without); milvus_lite: its own start and stop messages.
+    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.decorators", "pymilvus.client", "grpc._server", "milvus_lite"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
 
