@@ -28,7 +28,9 @@ from CBIRSlicerLib.index.location import index_exists, is_server_location, open_
 
 pytest.importorskip("pymilvus")  # the test extra installs it (pyproject.toml); without it the folder is all there is
 
-SLICING = ["--model", "handcrafted", "--axes", "axial", "--stride-mm", "8", "--blobs", "4"]
+# Small cases and a coarse cut (about 600 items a case): milvus-lite is pure Python, its cost grows with the rows it returns.
+SLICING = ["--model", "handcrafted", "--axes", "axial", "--stride-mm", "12", "--blobs", "3", "--blob-sizes-mm", "24", "--tiles-mm", "48"]
+SMALL = {"shape": (64, 64, 32), "spacing": (3.0, 3.0, 5.0)}
 REAL = "/work/shared/data/real/head-neck-ct"
 
 
@@ -50,7 +52,7 @@ def answer(index: str, *query: str) -> dict:
 def built(tmp_path_factory):
     """A 4-case synthetic cohort with labels, indexed into a folder and into a milvus-lite file."""
     work = tmp_path_factory.mktemp("milvus")
-    cohort = synthetic.make_cohort(4, seed=3)
+    cohort = synthetic.make_cohort(4, seed=3, **SMALL)
     paths = synthetic.write_cohort(cohort, str(work / "cohort"))
     truth = synthetic.read_cohort(str(work / "cohort" / synthetic.COHORT_CSV))
     labels = work / "labels.csv"
