@@ -37,11 +37,11 @@ from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.index.writer import BuildReport
 from CBIRSlicerLib.models import registry
-from CBIRSlicerLib.retrieval import saved_search
+from CBIRSlicerLib.retrieval import queries, saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
-from CBIRSlicerLib.retrieval.queries import parse_filters
+from CBIRSlicerLib.retrieval.queries import QuerySpec, parse_filters
+from CBIRSlicerLib.scene import keep_results, nodes, result_volumes, search_session, thumbnails
 from CBIRSlicerLib.scene import layout as views
-from CBIRSlicerLib.scene import nodes, result_volumes, saved_searches, search_session, thumbnails
 
 try:
     from slicer.i18n import tr as _
@@ -59,7 +59,8 @@ README_URL = "https://github.com/cbirslicer/SlicerCBIR#readme"
 TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
 # What the weight-free model needs; every other model also needs the rest of Resources/requirements.txt and torch.
 HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK", "threadpoolctl")
-QUERY_MODES = {"Region (ROI)": "roi", "Segment": "segment", "Current slice": "slice", "Whole volume": "volume"}  # parameter-node values
+# The panel's names of the query modes (parameter-node values), in the order of the library's one list of them.
+QUERY_MODES = dict(zip(("Region (ROI)", "Segment", "Current slice", "Whole volume"), queries.VOLUME_MODES))
 POLL_MS = 100
 LIBRARY = "CBIRSlicerLib"
 
@@ -467,6 +468,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         count = len(answer.results)
         self.ui.searchStatusLabel.text = (_("1 similar case.") if count == 1 else _("{count} similar cases.").format(count=count)
                                           if count else _("No similar cases found."))
+        self.ui.searchStatusLabel.toolTip = answer.note or ""  # why fewer cases than asked for, when there are
 
     def _selectedResult(self) -> Optional[CaseResult]:
         row = self.ui.resultsListWidget.currentRow
@@ -572,11 +574,11 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.labelButton.enabled = selected and session
 
     def _searchesFolder(self) -> str:
-        return saved_searches.searches_folder(slicer.mrmlScene, self.keepFolderLineEdit.text)
+        return keep_results.searches_folder(slicer.mrmlScene, self.keepFolderLineEdit.text)
 
     def _listSavedSearches(self) -> None:
         try:
-            found = saved_searches.saved_searches(self._searchesFolder())
+            found = keep_results.saved_searches(self._searchesFolder())
         except Exception:  # no folder yet (an unsaved scene): nothing to list
             found = []
         self.savedSearchesComboBox.clear()
@@ -990,7 +992,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
                 return node
         return result_volumes.read_series_node(slicer.mrmlScene, series, name)
 
-    def showResult(self, result: CaseResult, queryVolume, query: dict, roiNode=None, link: bool = False):
+    def showResult(self, result: CaseResult, queryVolume, query: QuerySpec, roiNode=None, link: bool = False):
         """Load the result (once), switch to the side-by-side layout, and put both views at the matching places."""
         resultNode = self.resultVolume(result)
         views.apply_window(resultNode, search_session.case_window(self._requireSession().index, result.case_id))  # as the model saw it
@@ -999,25 +1001,24 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         self._matchBox = views.show_match_box(slicer.mrmlScene, result.best_match, self._matchBox)
         return resultNode
 
-    def _queryTarget(self, query: dict, queryVolume, roiNode):
+    def _queryTarget(self, query: QuerySpec, queryVolume, roiNode):
         """Where the query view looks: the ROI centre or the query slice; for 'more like this', the case it started from."""
-        mode = query.get("mode")
-        if mode == "item":
+        if query.mode == "item":
             session = self._requireSession()
-            item = session.index.catalog.items([query["item"]])[query["item"]]
-            node = self.resultVolume(session.index.catalog.case_by_id(query["case_id"]))
+            item = session.index.catalog.items([query.item])[query.item]
+            node = self.resultVolume(session.index.catalog.case_by_id(query.case_id))
             return views.query_target(node, item.axis, item.ras)
-        if mode == "text" or queryVolume is None:
+        if query.mode == "text" or queryVolume is None:
             return None  # nothing to show on the left: it keeps what it shows
-        if query.get("roi_ras"):
-            position = query["roi_ras"][:3]
-        elif query.get("ras"):
-            position = query["ras"]
-        elif roiNode is not None and mode == "roi":
+        if query.roi is not None:
+            position = [round(v, 3) for v in query.roi.center]
+        elif query.point is not None:
+            position = [round(v, 3) for v in query.point]
+        elif roiNode is not None and query.mode == "roi":
             position = nodes.roi_from_node(roiNode).center
         else:
             position = nodes.volume_from_node(queryVolume).center_ras
-        return views.query_target(queryVolume, query.get("axis") or "axial", position)
+        return views.query_target(queryVolume, query.axis or "axial", position)
 
     def linkViews(self, linked: bool) -> None:
         """Link or unlink the side-by-side views."""
@@ -1036,24 +1037,24 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         session = self._requireSession()
         settings = saved_search.SearchSettings(session.model, session.index.manifest["model"]["digest"], k, axis, "maxsim",
                                                True, _filters(filters), placed and query.volume is not None)
-        marks = search_session.Feedback.from_json(answer.query.get("feedback"))  # the marks a 'Search again' used
-        return saved_searches.save_search(folder, session.index, query, answer, settings, volumeNode, marks,
+        marks = answer.query.feedback or search_session.Feedback()  # the marks a 'Search again' used
+        return keep_results.save_search(folder, session.index, query, answer, settings, volumeNode, marks,
                                           answer.to_json().get("suggestion"))
 
     def loadSearch(self, path: str):
         """A saved search brought back into the scene (query volume loaded once, ROI made)."""
-        return saved_searches.reload_search(path, slicer.mrmlScene, lambda file, name: self.loadVolume(file, name))
+        return keep_results.reload_search(path, slicer.mrmlScene, lambda file, name: self.loadVolume(file, name))
 
     def exportResults(self, path: str, folder: str) -> list:
         """CSV and Slicer scene (.mrb) of a saved search, next to it; returns the files written."""
         saved = saved_search.SavedSearch.load(path)
         stem = os.path.splitext(path)[0]
-        return [saved_searches.export_csv(saved, stem + ".csv", folder), saved_searches.export_scene(saved, stem + ".mrb").path]
+        return [keep_results.export_csv(saved, stem + ".csv", folder), keep_results.export_scene(saved, stem + ".mrb").path]
 
     def labelResult(self, result: CaseResult, assignment: str, by: str, folder: str):
         """Label a result's case (COLUMN=VALUE): through the index's writer lock, or in the side file of a read-only index."""
         column, value = labels.parse_assignment(assignment)
-        return saved_searches.label_result(self._requireSession().index.folder, result.case_id, column, value, folder, by or None)
+        return keep_results.label_result(self._requireSession().index.folder, result.case_id, column, value, folder, by or None)
 
 
 def _filters(text: str) -> dict:

@@ -97,3 +97,22 @@ def mrml_volumes_logic():
     logic = headless.volumes
     logic.keep_alive = headless
     return logic
+
+
+@pytest.fixture(scope="session")
+def other_user():
+    """Python as user nobody, over a readable install of CBIRSlicerLib that this run arranges (``other_user.py``), so the
+    tests that switch user pass from a checkout in a private folder too. Skipped without root and setpriv."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run as a user who cannot write the index")
+    from other_user import NoReadableInstall, readable_install
+
+    try:
+        user = readable_install()
+    except NoReadableInstall as error:
+        pytest.skip(f"no readable install for user nobody: {error}")
+    yield user
+    user.remove()

@@ -45,10 +45,55 @@ class SeriesInfo:
     files: list[str] = field(default_factory=list)
 
 
+# Transfer syntaxes a PACS may store a series in, and who encodes them here: pydicom's own encoders (RLE, deflate), CharLS
+# through pyjpegls (a test dependency), and GDCM through SimpleITK for JPEG 2000 (pydicom would need pylibjpeg-openjpeg).
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEGLS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _encode(ds, transfer_syntax: str) -> None:
+    """Store the dataset's pixels in the transfer syntax (lossless: the voxels read back are the ones written)."""
+    from pydicom.uid import UID
+
+    if transfer_syntax == EXPLICIT_LE:
+        return
+    if transfer_syntax == DEFLATED:  # the whole dataset is deflated when written; the pixels stay native
+        ds.file_meta.TransferSyntaxUID = UID(DEFLATED)
+    elif transfer_syntax in (RLE_LOSSLESS, JPEGLS_LOSSLESS):
+        ds.compress(UID(transfer_syntax))
+    elif transfer_syntax == JPEG2000_LOSSLESS:
+        import tempfile
+
+        import pydicom
+        import SimpleITK as sitk
+
+        stored = np.frombuffer(ds.PixelData, dtype="<u2").reshape(ds.Rows, ds.Columns)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = os.path.join(scratch, "frame.dcm")
+            writer = sitk.ImageFileWriter()
+            writer.SetFileName(path)
+            writer.SetUseCompression(True)
+            writer.SetCompressor("JPEG2000")  # GDCM writes JPEG 2000 lossless
+            writer.Execute(sitk.GetImageFromArray(stored[np.newaxis]))
+            encoded = pydicom.dcmread(path)
+        if encoded.file_meta.TransferSyntaxUID != JPEG2000_LOSSLESS:
+            raise RuntimeError(f"GDCM wrote {encoded.file_meta.TransferSyntaxUID}, not JPEG 2000 lossless")
+        ds.PixelData = encoded.PixelData  # encapsulated: an offset table, then the frame's codestream
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+        ds.file_meta.TransferSyntaxUID = UID(JPEG2000_LOSSLESS)
+    else:
+        raise ValueError(f"no encoder here for transfer syntax {transfer_syntax}")
+
+
 def write_series(volume, folder: str, name: str, *, patient_id: str = "P1", study_date: str = "20240105", modality: str = "CT",
                  body_part: str | None = "ABDOMEN", manufacturer: str = "CBIR Test Scanner", study_uid: str | None = None,
-                 series_uid: str | None = None) -> SeriesInfo:
-    """One DICOM file per k slice: unsigned 16-bit storage with RescaleIntercept (CT) and exact geometry tags."""
+                 series_uid: str | None = None, transfer_syntax: str = EXPLICIT_LE) -> SeriesInfo:
+    """One DICOM file per k slice: unsigned 16-bit storage with RescaleIntercept (CT) and exact geometry tags, stored in
+    the transfer syntax asked for."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -95,6 +140,7 @@ def write_series(volume, folder: str, name: str, *, patient_id: str = "P1", stud
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = str(intercept), "1", "HU"
         ds.PixelData = np.ascontiguousarray(stored[k], dtype="<u2").tobytes()
+        _encode(ds, transfer_syntax)
         path = os.path.join(folder, f"{k + 1:04d}.dcm")
         ds.save_as(path, enforce_file_format=True)
         info.files.append(path)
@@ -231,7 +277,7 @@ class OrthancServer:
         log = open(os.path.join(self.folder, "orthanc.log"), "ab")
         self.process = subprocess.Popen([ORTHANC, self.config], stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         log.close()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a watchdog for a server that never comes up, generous for loaded machines
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with {self.process.returncode}; see {self.folder}/orthanc.log")
@@ -241,7 +287,7 @@ class OrthancServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"Orthanc did not answer on port {self.http_port} within 30 s; see {self.folder}/orthanc.log")
+        raise RuntimeError(f"Orthanc did not answer on port {self.http_port} within 120 s; see {self.folder}/orthanc.log")
 
     def stop(self) -> None:
         """Stop the process this object started (SIGTERM, then SIGKILL after 1 s: its storage is a test's temporary folder,

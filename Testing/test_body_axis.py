@@ -18,11 +18,11 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import patient_split  # noqa: E402
-import real_data  # noqa: E402
+import patient_split
+import real_data
 
-from CBIRSlicerLib.imaging import body_axis  # noqa: E402
-from CBIRSlicerLib.imaging.body_axis import BodyAxis  # noqa: E402
+from CBIRSlicerLib.imaging import body_axis
+from CBIRSlicerLib.imaging.body_axis import BodyAxis
 
 ORGANS = {1: "brainstem", 3: "right_parotid", 4: "left_parotid", 7: "mandible"}
 

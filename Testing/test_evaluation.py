@@ -82,6 +82,7 @@ def test_cbir_evaluate_reproduces_metrics_computed_by_hand(tmp_path, capsys):
     assert (out / "precision_at_k.png").stat().st_size > 1000 and json.loads((out / "evaluation.json").read_text())["summary"]
 
 
+@pytest.mark.slow
 def test_cbir_evaluate_labelled_volumes_with_regions(tmp_path, capsys):
     from CBIRSlicerLib.imaging import synthetic
 

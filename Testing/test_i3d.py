@@ -190,6 +190,7 @@ def _organ_top1(embedder, volume, copy, centroids, mapping, side_mm=40.0) -> tup
     return scores[0], scores[1]
 
 
+@pytest.mark.slow
 def test_real_weights_find_organs_that_random_weights_miss(astra, abdomen):
     volume, labels = abdomen
     copy, centroids, mapping = _pseudo_patient(volume, labels)
@@ -290,6 +291,7 @@ def test_the_worker_embeds_a_volume_job_as_the_embedder_does(small_random):
     assert small_random.describe()["embeds_volumes"] is True
 
 
+@pytest.mark.slow
 def test_module_logic_searches_an_astra_index_from_scene_nodes(astra, tmp_path):
     """The module's path with real weights: an astra-ct index, a query volume node and an ROI node of a real scene, the
     query embedded in the background worker, the answer's best matches cells of the other cases, then placement."""

@@ -1,4 +1,4 @@
-"""Property-based and fuzz tests (issue 13): readers, ROI and CLI argument parsing, and the index against a model of it.
+"""Property-based and fuzz tests: readers, ROI and CLI argument parsing, and the index against a model of it.
 
 Each property has a bounded number of examples and no deadline, so the file stays within about a minute on 2 cores.
 """

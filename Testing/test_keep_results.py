@@ -1,4 +1,4 @@
-"""Results a user keeps (issue 19, item 4): saved searches re-run to the same answer, what changed on a newer index,
+"""Results a user keeps: saved searches re-run to the same answer, what changed on a newer index,
 exports as CSV and as a Slicer scene opened again with slicer-core, labels in the index (verify stays green) or in the
 side file of a read-only index, and the module's logic for all of it on real MRML."""
 
@@ -9,8 +9,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -20,6 +18,7 @@ from volume_helpers import write_blob_cases
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.imaging.roi import RoiBox
 from CBIRSlicerLib.index import labels
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
@@ -209,16 +208,8 @@ def test_label_in_the_index_keeps_verify_green_and_can_be_filtered(built, tmp_pa
     assert "not a case of the index" in _one_line_error(*cbir(capsys, "label", "c000", "a=b", "--index", copy)[::2])
 
 
-def _nobody_can_run():
-    return shutil.which("setpriv") is not None and os.geteuid() == 0
-
-
-def test_label_on_a_read_only_index_goes_to_the_side_file_and_is_merged(built, saved_file, capsys):
+def test_label_on_a_read_only_index_goes_to_the_side_file_and_is_merged(built, saved_file, capsys, other_user):
     index_dir, _, _ = built
-    if os.geteuid() != 0:
-        pytest.skip("run as root: the test needs setpriv to act as a user who cannot write the index")
-    if not _nobody_can_run():
-        pytest.skip("needs setpriv to run as a user who cannot write the index")
     outside = pathlib.Path(tempfile.mkdtemp(prefix="cbir-keep-readonly-"))
     shared, mine = outside / "shared", outside / "mine"
     shutil.copytree(index_dir, shared / "idx", ignore=shutil.ignore_patterns(".lock"))
@@ -235,15 +226,13 @@ def test_label_on_a_read_only_index_goes_to_the_side_file_and_is_merged(built, s
     case_id = index.catalog.cases()[0].case_id
     index.close()
     side = str(mine / labels.SIDE_FILE)
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "CBIRSlicerLib.cli"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HOME": str(mine)}
     try:
-        result = subprocess.run([*nobody, "label", case_id, "finding=cyst", "--index", readonly, "--local-labels", side],
-                                capture_output=True, text=True, env=env, timeout=120)
+        result = other_user.run("-m", "CBIRSlicerLib.cli", "label", case_id, "finding=cyst", "--index", readonly, "--local-labels",
+                                side, home=str(mine))
         assert result.returncode == 0, result.stderr
         assert f"written to {side} (the index cannot be written: {readonly} is read-only)" in result.stdout
-        result = subprocess.run([*nobody, "label", case_id, "--index", readonly, "--local-labels", side],
-                                capture_output=True, text=True, env=env, timeout=120)
+        result = other_user.run("-m", "CBIRSlicerLib.cli", "label", case_id, "--index", readonly, "--local-labels", side,
+                                home=str(mine))
         assert result.returncode == 0 and result.stdout.split() == ["finding=cyst"], result.stderr
         entries = labels.read_side_file(side)
         assert [(e.case_id, e.column, e.value, e.by, e.index) for e in entries] == [(case_id, "finding", "cyst", None, readonly)]
@@ -302,8 +291,8 @@ def _nodes(scene, class_name):
 @pytest.mark.parametrize("suffix", [".mrb", ".mrml"])
 def test_an_exported_scene_opens_with_the_query_results_and_boxes_in_place(built, saved_file, tmp_path, capsys, suffix):
     pytest.importorskip("slicer")
+    from CBIRSlicerLib.scene.keep_results import CASE_ATTRIBUTE
     from CBIRSlicerLib.scene.nodes import matrix_to_numpy
-    from CBIRSlicerLib.scene.saved_searches import CASE_ATTRIBUTE
 
     path, printed = saved_file
     _, _, query = built
@@ -360,7 +349,7 @@ def test_module_logic_saves_reloads_exports_and_labels(built, tmp_path):
     from CBIRSlicerLib.errors import ParameterError
     from CBIRSlicerLib.models.registry import create_embedder
     from CBIRSlicerLib.retrieval.search import Searcher
-    from CBIRSlicerLib.scene import saved_searches as keep
+    from CBIRSlicerLib.scene import keep_results as keep
     from CBIRSlicerLib.scene.nodes import node_from_volume
     from CBIRSlicerLib.scene.search_session import query_from_nodes
 
@@ -377,7 +366,7 @@ def test_module_logic_saves_reloads_exports_and_labels(built, tmp_path):
     assert keep.searches_folder(scene, str(tmp_path / "collection")) == str(tmp_path / "collection")
 
     node = app.volumes.AddArchetypeVolume(query, "query")
-    roi = keep.roi_node_for(scene, saved_search.RoiBox((2.0, -3.0, 1.0), (20.0, 20.0, 12.0)), "ROI")
+    roi = keep.roi_node_for(scene, RoiBox((2.0, -3.0, 1.0), (20.0, 20.0, 12.0)), "ROI")
     index = Index.open(copy)
     searcher = Searcher(index, create_embedder("handcrafted"))
     made = query_from_nodes(index, node, "axial", "roi", roi_node=roi)

@@ -1,4 +1,5 @@
-"""Packaging and layout rules: every script listed in CMake, cheap imports, Slicer only in the scene glue, the road's import order."""
+"""Packaging and layout rules: every script listed in CMake, cheap imports, Slicer only in the scene glue, the road's import order,
+and rooms of one purpose (each piece defined in its own module, the CLI's command modules joined by its program)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,81 @@ def test_module_file_imports_the_library_at_file_scope_and_nothing_heavy():
 
 def _library_modules() -> set[str]:
     return {"CBIRSlicerLib." + ".".join(p.relative_to(LIB).with_suffix("").parts).removesuffix(".__init__") for p in LIB.rglob("*.py")}
+
+
+# ----- rooms of one purpose ----------------------------------------------------------------------------------------------
+# Where each piece lives: defined (at module level) in exactly this module, and nowhere else in the library.
+ROOMS = {
+    "clock.py": {"now_utc"},
+    "atomic.py": {"replaced", "write_json_atomically"},
+    "imaging/registration.py": {"coarse_image", "neighbourhood", "level_starts", "global_transform", "local_affine",
+                                "deformation", "agreement", "carry", "place", "Placement"},
+    "index/files.py": {"MANIFEST", "VECTORS", "CATALOG", "ROWS", "TRANSFORM", "recovery_hint"},
+    "index/lock.py": {"FolderLock", "writer_active"},
+    "index/maintenance.py": {"IndexFolder", "load_transform"},
+    "index/writer.py": {"IndexWriter", "BuildReport", "EmbeddedCase", "case_id_for", "source_checksum", "content_problem"},
+    "index/verify.py": {"verify"},
+    "index/repair.py": {"repair", "RepairReport"},
+    "index/folder.py": {"Index"},
+    "retrieval/queries.py": {"Query", "QuerySpec", "make_query", "QUERY_MODES", "VOLUME_MODES", "MATCH_INTENTS", "Prior",
+                             "roi_query", "segment_query", "slice_query", "volume_query", "text_query", "item_query",
+                             "parse_filters", "load_volume_for_query"},
+    "retrieval/search.py": {"Searcher", "embedding_request"},
+    "retrieval/marks.py": {"Feedback"},
+    "retrieval/suggestion.py": {"Suggestion", "NoSuggestion"},
+    "models/requests.py": {"EmbeddingKind", "EmbeddingRequest"},
+    "retrieval/placement.py": {"anatomical_match", "look_alike_margin", "AGREEMENT_MIN"},
+    "retrieval/saved_search.py": {"SavedSearch", "rerun"},
+    "scene/keep_results.py": {"save_search", "reload_search", "export_scene", "label_result"},
+    "cli/program.py": {"main", "build_parser"},
+}
+
+
+def _defined(path: Path) -> set[str]:
+    """Names a module defines at its top level: functions, classes, assigned names."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_each_piece_is_defined_in_its_room_and_nowhere_else():
+    defined = {p.relative_to(LIB).as_posix(): _defined(p) for p in LIB.rglob("*.py")}
+    for room, names in ROOMS.items():
+        assert names <= defined[room], f"{room} lacks {names - defined[room]}"
+        for module, found in defined.items():
+            assert module == room or not names & found, f"{module} defines {names & found}, which belong to {room}"
+
+
+def test_registration_stages_run_only_in_the_registration_room():
+    """SimpleITK's registration machinery is called from imaging/registration.py alone (placement decides, search loops)."""
+    for path in LIB.rglob("*.py"):
+        text = path.read_text()
+        if "ImageRegistrationMethod" in text or "DemonsRegistrationFilter" in text:
+            assert path.relative_to(LIB).as_posix() == "imaging/registration.py", path
+
+
+def test_every_cli_command_module_registers_its_own_parsers_and_the_program_joins_them_all():
+    cli = LIB / "cli"
+    commands = {p.stem for p in cli.glob("*.py") if "register" in _defined(p)}
+    assert commands == {"volumes", "index", "search", "evaluate", "models", "keep"}, commands
+    program = ast.parse((cli / "program.py").read_text())
+    joined = {a.name for n in ast.walk(program) if isinstance(n, ast.ImportFrom) and n.level == 1 and not n.module
+              for a in n.names}
+    assert commands <= joined, f"program.py does not join {commands - joined}"
+    helpers = {p.stem for p in cli.glob("*.py")} - commands
+    assert helpers == {"__init__", "__main__", "program", "common"}, helpers
+
+
+def test_one_clock_and_one_atomic_write():
+    """Stored times come from clock.now_utc and in-place writes go through atomic.replaced: no module has its own."""
+    for path in LIB.rglob("*.py"):
+        name, text = path.relative_to(LIB).as_posix(), path.read_text()
+        assert "timezone.utc" not in text or name == "clock.py", f"{name} reads the clock itself"
+        # The one other temporary: a compaction's new rows file, which the vector store's save moves into place.
+        temporaries = text.count(".tmp-{os.getpid()}") - (name == "index/maintenance.py")
+        assert temporaries <= 0 or name == "atomic.py", f"{name} writes a temporary file and renames it itself"

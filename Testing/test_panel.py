@@ -20,14 +20,14 @@ pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-import slicer_harness  # noqa: E402
-from slicer_harness import qt, stand_ins  # noqa: E402
+import slicer_harness
+from slicer_harness import qt, stand_ins
 
-from CBIRSlicerLib.imaging import synthetic  # noqa: E402
-from CBIRSlicerLib.index.folder import Index  # noqa: E402
-from CBIRSlicerLib.index.items import IndexSettings  # noqa: E402
-from CBIRSlicerLib.scene import layout as views  # noqa: E402
-from CBIRSlicerLib.scene.nodes import node_from_volume  # noqa: E402
+from CBIRSlicerLib.imaging import synthetic
+from CBIRSlicerLib.index.folder import Index
+from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.scene import layout as views
+from CBIRSlicerLib.scene.nodes import node_from_volume
 
 SHAPE = (32, 32, 16)
 SETTINGS = {"axes": ["axial"], "stride_mm": 4.0, "tile_sizes_mm": [20.0], "thumbnail_px": 48}
@@ -181,7 +181,7 @@ def test_open_search_show_more_like_link_and_restore(panel, qtbot, cohort, shots
     _click(qtbot, ui.moreLikeThisButton)
     _wait_search(panel, qtbot)
     again = panel.widget._answer
-    assert again.query["mode"] == "item" and again.query["case_id"] == first.case_id
+    assert again.query.mode == "item" and again.query.case_id == first.case_id
     assert sorted(r.source for r in again.results) == sorted(os.path.abspath(p) for p in paths if os.path.abspath(p) != first.source)
     assert _rows(ui)[0].startswith(f"1. {again.results[0].title}") and ui.searchStatusLabel.text.startswith("3 similar cases.")
 
@@ -372,7 +372,7 @@ def test_a_crashed_model_worker_is_a_status_line_and_the_next_search_works(panel
 
 
 def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_path):
-    """Issue 19 item 4 from the panel: save the search, label a result (in the index), export CSV + scene, reload it."""
+    """Keeping results from the panel: save the search, label a result (in the index), export CSV + scene, reload it."""
     import csv
     import json
 
@@ -436,7 +436,7 @@ def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_pat
 
 
 def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp_path):
-    """Relevance feedback from the panel (issue 19): the suggestion line above the results, marks on the rows, and
+    """Relevance feedback from the panel: the suggestion line above the results, marks on the rows, and
     'Search again' leaving the marked cases out."""
     from CBIRSlicerLib.models.registry import create_embedder
 
@@ -470,7 +470,7 @@ def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp
     _wait_search(panel, qtbot)
     again = panel.widget._answer
     assert len(again.results) == 2 and marked.isdisjoint(r.case_id for r in again.results)
-    assert again.query["feedback"]["relevant"] == {answer.results[0].case_id: answer.results[0].best_match.item_id}
+    assert again.query.feedback.relevant == {answer.results[0].case_id: answer.results[0].best_match.item_id}
     _click(qtbot, ui.labelsToAskButton)
     assert ui.searchStatusLabel.text == "Every case is labelled."
     assert stand_ins.MESSAGES == []
@@ -516,5 +516,5 @@ def test_a_segment_query_with_the_prior_switched_off(panel, qtbot, cohort):
     _click(qtbot, ui.findSimilarButton)
     _wait_search(panel, qtbot)
     answer = panel.widget._answer
-    assert answer.query["segment"] == "lesion 2" and "prior" not in answer.query and answer.results
-    assert np.allclose(answer.query["roi_ras"][:3], QUERY_CENTRE, atol=1.0)
+    assert answer.query.segment == "lesion 2" and answer.query.prior is None and answer.results
+    assert np.allclose(answer.query.roi.center, QUERY_CENTRE, atol=1.0)

@@ -17,10 +17,10 @@ pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-import slicer  # noqa: E402
-from conftest import headless_slicer  # noqa: E402
-from slicer_harness import parameter_nodes, qt, stand_ins  # noqa: E402
-from slicer_harness.parameter_nodes import Choice, WithinRange, parameterNodeWrapper  # noqa: E402
+import slicer
+from conftest import headless_slicer
+from slicer_harness import parameter_nodes, qt, stand_ins
+from slicer_harness.parameter_nodes import Choice, WithinRange, parameterNodeWrapper
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The reading room (issue 19): suggested finding, relevance feedback, labels to ask for, on a tiny labelled index.
+"""The reading room: suggested finding, relevance feedback, labels to ask for, on a tiny labelled index.
 
 Eight small phantoms (handcrafted model), even ones a bright ball, odd ones a ring, labelled by kind;
 the vote, calibration and feedback are checked against values worked out here from the answer and the
@@ -102,10 +102,11 @@ def test_an_answer_suggests_the_vote_winner_with_its_support_and_calibrated_conf
     assert found.support == len(found.supporting_cases)
     assert found.confidence == pytest.approx(suggester.calibration.confidence(found.share))
     assert found.line() == f"Suggested: {winner} (conf {found.confidence:.2f}), based on {found.support} of 7 similar cases"
-    # No calibration pinned: the confidence is the raw share, and the answer says so; the pooled fit is only measured.
+    # No calibration pinned: the confidence is the raw share, and the answer says so.
     assert suggester.calibration.source == suggestion.UNCALIBRATED and found.confidence == pytest.approx(found.share, abs=1e-3)
-    assert suggestion.pooled_calibration(room.index, "label").fitted_on == 6
-    assert answer.to_json().keys() == {"query", "ranking", "results"}  # nothing added unless asked
+    # Nothing added unless asked, but the note that 7 cases came of the 10 asked for.
+    assert answer.to_json().keys() == {"query", "ranking", "results", "note"}
+    assert answer.note.startswith("7 of the 10 cases asked for: the index holds 8 cases; 1 left out")
     assert suggester.attach(answer).to_json()["suggestion"]["label"] == winner
 
 
@@ -117,8 +118,9 @@ def test_too_few_labels_give_no_suggestion_but_the_reason(room):
     suggester = suggestion.Suggester(room.index)
     suggester._counts = {"ball": 3, "shell": 1}
     answer = suggester.attach(room.search(_query(room, 0), k=5))
-    assert answer.suggestion["label"] is None and "too few labelled cases" in answer.suggestion["reason"]
-    assert "at least two labels with 2 cases each" in answer.suggestion["reason"]
+    assert isinstance(answer.suggestion, suggestion.NoSuggestion) and "too few labelled cases" in answer.suggestion.reason
+    assert "at least two labels with 2 cases each" in answer.suggestion.reason
+    assert answer.to_json()["suggestion"] == {"column": "label", "label": None, "reason": answer.suggestion.reason}
     with pytest.raises(ParameterError, match="no case of the index"):
         suggestion.Suggester(room.index, "finding")
 
@@ -161,7 +163,7 @@ def test_search_again_leaves_the_judged_cases_out_and_keeps_every_mark(room, str
     again = feedback.search_again(room, query, marks, k=10, strategy=strategy)
     assert not {r.case_id for r in again.results} & set(marks.judged)
     assert {r.case_id for r in again.results} == {r.case_id for r in first.results[3:]}
-    assert again.query["feedback"] == marks.to_json() and again.query["feedback_strategy"] == strategy
+    assert again.query.feedback == marks and again.query.feedback_strategy == strategy
     if strategy == "rocchio":  # the new query is the moved vectors
         relevant = room.index.store.vectors_of(np.array([v for v in marks.relevant.values()], np.int64))
         wrong = room.index.store.vectors_of(np.array([v for v in marks.not_relevant.values()], np.int64))

@@ -16,9 +16,9 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import pseudo_patients  # noqa: E402
-import real_anatomy  # noqa: E402
-import real_data  # noqa: E402
+import pseudo_patients
+import real_anatomy
+import real_data
 
 COMPACT = ("spleen", "kidney_left", "kidney_right", "vertebrae_L1", "vertebrae_T12", "aorta")
 
@@ -117,6 +117,7 @@ def test_mapped_organ_centroids_match_the_warped_label_maps(bench, abdomen):
             assert np.linalg.norm(mapped - centroid) <= 2 * max(image.GetSpacing()), (name, copy.image)
 
 
+@pytest.mark.slow
 def test_metrics_score_a_perfect_answer_as_perfect(bench):
     """A searcher that answers each query with the other copy's true place scores 0 mm and mostly inside the organ."""
 
@@ -127,11 +128,11 @@ def test_metrics_score_a_perfect_answer_as_perfect(bench):
             self.patients = {c.number: pseudo_patients.PseudoPatient.load(c.transform) for c in bench.copies}
 
         def search(self, query, k=10, filters=None, method="maxsim"):
-            mine = self.copies[query.description["volume"]]
-            if query.description["mode"] != "roi":
+            mine = self.copies[query.spec.volume]
+            if query.mode != "roi":
                 return self.real.search(query, k=k, filters=filters, method=method)
             other = bench.copies[(mine.number + 1) % len(bench.copies)]
-            centre = np.array(query.description["roi_ras"][:3])
+            centre = np.array(query.roi.center)
             truth = self.patients[other.number].source_to_copy(self.patients[mine.number].copy_to_source(centre))
             match = SimpleNamespace(spot=tuple(truth), focus_ras=tuple(truth))
             return SimpleNamespace(results=[SimpleNamespace(source=os.path.abspath(other.image), best_match=match)])
@@ -150,6 +151,7 @@ def test_metrics_score_a_perfect_answer_as_perfect(bench):
     assert np.mean(large) >= 0.85  # the true place is inside the warped organ but for nearest-neighbour edges
 
 
+@pytest.mark.slow
 def test_organ_queries_find_the_same_patient(bench):
     """Today's handcrafted baseline: the top case of organ queries is another copy of the abdominal CT, not a phantom."""
     outcome = real_anatomy.run(bench, place_top=1)

@@ -22,7 +22,7 @@ from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval import ranking
 from CBIRSlicerLib.retrieval.answers import BestMatch, CaseResult, SearchAnswer
-from CBIRSlicerLib.retrieval.queries import Query, roi_query, volume_query
+from CBIRSlicerLib.retrieval.queries import Prior, Query, QuerySpec, roi_query, volume_query
 from CBIRSlicerLib.retrieval.search import Searcher, SearchScope, query_weights
 
 SHAPE = (28, 28, 12)
@@ -61,7 +61,7 @@ def test_scope_leaves_out_the_query_case_its_link_and_item_and_keeps_the_filtere
     link = tmp_path / "link.nii.gz"
     os.symlink(searcher.paths[1], link)
     other_item = int(catalog.item_ids([_row(searcher, searcher.paths[3])])[0])
-    scope = searcher.scope(Query({}, exclude_sources=[str(link)], exclude_item=other_item))
+    scope = searcher.scope(Query(QuerySpec("volume"), exclude_sources=[str(link)], exclude_item=other_item))
     assert set(scope.excluded.tolist()) == set(catalog.item_ids([own]).tolist()) | {other_item}
     assert scope.allowed is None
     ball_rows = [_row(searcher, searcher.paths[n]) for n in (0, 2)]
@@ -70,7 +70,7 @@ def test_scope_leaves_out_the_query_case_its_link_and_item_and_keeps_the_filtere
     before = writer.execute("SELECT id, modality FROM cases").fetchall()  # CT, inferred from the phantoms' HU
     writer.execute("UPDATE cases SET modality = 'MR' WHERE id IN (?, ?)", ball_rows)
     try:
-        filtered = searcher.scope(Query({}), {"modality": "MR"})
+        filtered = searcher.scope(Query(QuerySpec("volume")), {"modality": "MR"})
     finally:
         writer.executemany("UPDATE cases SET modality = ? WHERE id = ?", [(m, r) for r, m in before])
         writer.close()
@@ -109,7 +109,7 @@ def test_case_scores_are_maxsim_over_every_item_of_the_case_and_cases_without_it
         similarity = vectors @ items.T
         assert score.score == pytest.approx(float(weights @ similarity.max(axis=1)), abs=1e-5)
         assert score.per_image == pytest.approx(similarity.max(axis=1), abs=1e-5) and score.votes == 1
-    assert query_weights(Query({"mode": "volume"}), vectors) is None and weights.sum() == pytest.approx(1.0)
+    assert query_weights(Query(QuerySpec("volume")), vectors) is None and weights.sum() == pytest.approx(1.0)
 
 
 def test_case_vectors_go_through_the_transform_on_one_blas_thread(searcher, monkeypatch):
@@ -167,7 +167,7 @@ def test_package_numbers_the_shown_cases_and_describes_them_from_the_catalog(sea
         score.best_item = int(searcher.index.catalog.item_ids([score.case_row])[-1])
         score.focus_ras = (1.23456, -2.0, 3.0004)
     answer = searcher.package(query, "maxsim", shown)
-    assert answer.query is query.description and answer.ranking == "maxsim"
+    assert answer.query is query.spec and answer.ranking == "maxsim"
     assert [r.rank for r in answer.results] == [1, 2]
     assert [r.source for r in answer.results] == [os.path.abspath(searcher.paths[n]) for n in (2, 1)]
     first = answer.results[0]
@@ -206,14 +206,12 @@ def test_answer_values_are_rounded_when_made_so_the_viewer_and_the_json_agree():
 
 
 def test_a_placed_match_says_what_it_shows_and_reads_back():
-    from CBIRSlicerLib.retrieval.saved_search import best_match_from_json
-
     item = ItemRecord("tile", "axial", 9, 9, (4.0, -3.6, 7.5), (10, 4, 30, 24), (-6.0, -13.6, 7.5), (14.0, 6.4, 7.5), 20.0, id=12)
     for shown in ("anatomy", "look-alike"):
         best = BestMatch.of_item(item, (5.0, -3.0, 7.5), placed_ras=(5.0, -3.0, 7.5), shown=shown)
         data = best.to_json()
         assert data["shown"] == shown and data["placed_ras"] == [5.0, -3.0, 7.5]
-        assert best_match_from_json(json.loads(json.dumps(data))) == best
+        assert BestMatch.from_json(json.loads(json.dumps(data))) == best
 
 
 def test_the_query_patients_other_cases_are_left_out_by_their_keyed_hash(searcher, monkeypatch):
@@ -255,7 +253,7 @@ def test_the_query_volumes_kind_is_inferred_once_per_volume(searcher, monkeypatc
     volume.modality = "MR"  # what the volume says still counts over what was inferred
     query = _query_on(searcher, volume, 0)
     searcher.same_kind_first(query, ranked)
-    assert inferred == [volume] and query.description["prior"]["modality"] == "MR"
+    assert inferred == [volume] and query.spec.prior.modality == "MR"
     searcher.same_kind_first(_query_on(searcher, other, 1), ranked)
     assert inferred == [volume, other]  # another volume is inferred
 
@@ -276,7 +274,7 @@ def test_same_kind_first_moves_the_query_kind_up_and_keeps_the_others_in_order(s
         volume.modality, volume.body_part = "MR", "HEAD"  # as DICOM would say
         query = volume_query(volume, "axial", searcher.index)
         assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[1], rows[3], rows[0], rows[2]]
-        assert query.description["prior"] == {"modality": "MR", "body_part": "HEAD"}
+        assert query.spec.prior == Prior("MR", "HEAD")
         volume.body_part = None  # region unknown here: the modality alone decides (the phantom is inferred HEAD-sized)
         query = volume_query(volume, "axial", searcher.index)
         assert [s.case_row for s in searcher.same_kind_first(query, ranked)][:2] == [rows[1], rows[3]]

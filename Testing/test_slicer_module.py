@@ -168,7 +168,7 @@ def test_filters_text_becomes_field_value_pairs(module):
     assert module._filters("") == {}
 
 
-# ----- the widget and logic as Slicer core developers expect them (issue 12, item 5) -------------------------------
+# ----- the widget and logic as Slicer core developers expect them -------------------------------
 
 @pytest.fixture
 def library_snapshot():

@@ -1,4 +1,4 @@
-"""The module's reading-room logic (issue 19) with real MRML (slicer-core): the suggestion line of a search from scene
+"""The module's reading-room logic with real MRML (slicer-core): the suggestion line of a search from scene
 nodes, marks on results and 'search again', and the labels to ask for, on a small labelled handcrafted index."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_suggestion_line_marks_and_search_again_from_scene_nodes(session):
     assert again.job is None and again.poll().state == "done"  # the query's vectors are kept: nothing to embed
     judged = {answer.results[0].case_id, answer.results[1].case_id}
     assert judged.isdisjoint(r.case_id for r in again.answer.results) and len(again.answer.results) == 5
-    assert again.answer.query["feedback"]["not_relevant"] == {answer.results[1].case_id: answer.results[1].best_match.item_id}
+    assert again.answer.query.feedback.not_relevant == {answer.results[1].case_id: answer.results[1].best_match.item_id}
     assert again.answer.suggestion is not None  # the new list has its own suggestion
 
     wanted = session.labels_to_ask_for(3)

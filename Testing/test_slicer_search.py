@@ -179,7 +179,7 @@ def test_a_segment_or_a_label_map_is_a_query_region_with_its_mask(tiny_index, se
         again = query_from_nodes(session.index, query, "axial", "segment", segment_node=segmentation)  # the first segment
         off = session.start(again, k=3, prior=False).wait(timeout=60)
         assert on.results[0].source in balls and off.results[0].source in balls
-        assert "prior" in on.query and "prior" not in off.query
+        assert on.query.prior is not None and off.query.prior is None
     finally:
         scene.RemoveNode(segmentation)
         scene.RemoveNode(label_node)
@@ -192,7 +192,7 @@ def test_an_unsaved_copy_of_a_case_does_not_find_itself_in_any_mode(tiny_index, 
         roi = _roi(scene, BLOBS[2][0]) if mode == "roi" else None
         query = query_from_nodes(session.index, copy, "axial", mode, roi_node=roi, slice_ras=BLOBS[2][0])
         answer = session.start(query, k=3).wait(timeout=60)
-        assert answer.query["mode"] == mode and len(answer.results) == 3
+        assert answer.query.mode == mode and len(answer.results) == 3
         assert os.path.abspath(paths[2]) not in [r.source for r in answer.results], mode
 
 

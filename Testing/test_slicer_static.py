@@ -153,6 +153,9 @@ def test_module_cmakelists_lists_every_script_and_resource():
     block = re.search(r"set\(MODULE_PYTHON_RESOURCES(.*?)\)", text, re.S).group(1)
     resources = {line.strip().replace("${MODULE_NAME}", "CBIRSlicer") for line in block.splitlines() if line.strip()}
     on_disk = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    # The library's own data files (a body-coordinate template) travel with it as resources too.
+    on_disk |= {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "CBIRSlicerLib").rglob("*")
+                if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
     assert resources == on_disk, f"missing: {on_disk - resources}; listed but absent: {resources - on_disk}"
 
 

@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from body_axis_template import ORGANS, hn_cases, hn_profiles  # noqa: E402
-from patient_split import part  # noqa: E402
-from real_anatomy import slab_around  # noqa: E402
-from real_data import prepare, shared_data_dir  # noqa: E402
+from body_axis_template import ORGANS, hn_cases, hn_profiles
+from patient_split import part
+from real_anatomy import slab_around
+from real_data import prepare, shared_data_dir
 
-from CBIRSlicerLib.imaging import body_axis  # noqa: E402
-from CBIRSlicerLib.imaging.readers import read_volume  # noqa: E402
-from CBIRSlicerLib.imaging.volume import Volume  # noqa: E402
+from CBIRSlicerLib.imaging import body_axis
+from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.imaging.volume import Volume
 
 SLABS_MM = (40.0, 60.0)
 SLAB_ORGANS = ("brainstem", "right_parotid", "mandible", "larynx", "esophagus")

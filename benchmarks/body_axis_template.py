@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patient_split import part  # noqa: E402
-from real_data import prepare, shared_data_dir  # noqa: E402
+from patient_split import part
+from real_data import prepare, shared_data_dir
 
-from CBIRSlicerLib.imaging import body_axis  # noqa: E402
-from CBIRSlicerLib.imaging.readers import read_volume  # noqa: E402
+from CBIRSlicerLib.imaging import body_axis
+from CBIRSlicerLib.imaging.readers import read_volume
 
 HN = "real/head-neck-ct"
 ORGANS = {1: "brainstem", 2: "spinal_cord", 3: "right_parotid", 4: "left_parotid", 5: "esophagus", 6: "larynx", 7: "mandible"}

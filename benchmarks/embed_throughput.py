@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Testing"))
-import random_checkpoints  # noqa: E402  (test-only random checkpoints in the real folder layouts)
+import random_checkpoints
 
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.intensity import choose_window, to_uint8_rgb

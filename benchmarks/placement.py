@@ -22,12 +22,12 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import real_anatomy  # noqa: E402  (the benchmark's build: copies, labels, index)
+import real_anatomy
 
-from CBIRSlicerLib.imaging.readers import read_volume  # noqa: E402
-from CBIRSlicerLib.index.folder import Index  # noqa: E402
+from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.retrieval.queries import roi_query
-from CBIRSlicerLib.retrieval.search import Searcher  # noqa: E402
+from CBIRSlicerLib.retrieval.search import Searcher
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The reading room: suggested findings from the neighbours, and relevance feedback, measured (issue 19).
+"""The reading room: suggested findings from the neighbours, and relevance feedback, measured.
 
 Phantoms: ``cbir demo`` cohorts (``make_cohort``, one lesion a case, 4 kinds balanced) of seeds 0 and 1,
 indexed with their lesion kinds as labels (demo settings, ``handcrafted``); one ROI query per lesion (a cube
@@ -153,6 +153,21 @@ def vote_of(results, labels_of, k: int = 10) -> tuple[str | None, float]:
     return next(iter(shares.items())) if shares else (None, 0.0)
 
 
+def pooled_calibration(index, column: str, k: int = 10):
+    """Platt scaling fitted on the index's own leave-one-case-out votes of pooled case vectors: the alternative measured
+    against the raw share here, and not used by the library (it made region queries' confidences worse)."""
+    from CBIRSlicerLib.retrieval.suggestion import class_counts, fit_calibration, loco_case_votes
+
+    votes = loco_case_votes(index, column, k)
+    shares, right = [], []
+    for names, shares_of in zip(votes.labels, votes.votes):
+        if names and shares_of:
+            winner, share = next(iter(shares_of.items()))
+            shares.append(share)
+            right.append(winner in names)
+    return fit_calibration(shares, right, "index cases (pooled vectors, leave-one-case-out)", class_counts(index, column))
+
+
 def phantom_run(work: str, seed: int) -> dict:
     """Suggestion and feedback on one phantom cohort."""
     from CBIRSlicerLib.imaging.readers import read_volume
@@ -160,7 +175,6 @@ def phantom_run(work: str, seed: int) -> dict:
     from CBIRSlicerLib.index.folder import Index
     from CBIRSlicerLib.retrieval.queries import roi_query
     from CBIRSlicerLib.retrieval.search import Searcher
-    from CBIRSlicerLib.retrieval.suggestion import pooled_calibration
 
     began = time.monotonic()
     truth, paths, index_folder = build_phantoms(work, seed)

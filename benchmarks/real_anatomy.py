@@ -25,6 +25,10 @@ what the same code does across real patients.
     python benchmarks/real_anatomy.py --quick          # ~5 min on 2 cores
     python benchmarks/real_anatomy.py                  # the full run
     python benchmarks/real_anatomy.py --work DIR       # keep (and reuse) the copies and the index there
+
+Across real different patients (the main figure since issue 29; benchmarks/cross_patient.py):
+
+    python benchmarks/real_anatomy.py --cross-patient --quick [--slabs from|into] [--part tuning] [--model M]
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pseudo_patients  # noqa: E402
-import real_data  # noqa: E402
+import pseudo_patients
+import real_data
 
 REPO = Path(__file__).resolve().parents[1]
 LANDMARKS_JSON = REPO / "docs" / "benchmarks" / "real_head_landmarks.json"
@@ -525,6 +529,11 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
+    if "--cross-patient" in sys.argv[1:]:  # the main figure of issue 29: real different patients (cross_patient.py)
+        import cross_patient
+
+        cross_patient.main([a for a in sys.argv[1:] if a != "--cross-patient"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 copies per volume, coarser copies, 16 AAL regions per copy")
     parser.add_argument("--work", default=None, help="folder for the copies and the index (kept; reused when present)")

@@ -37,17 +37,17 @@ import time
 
 os.environ.setdefault("CBIR_CHECKPOINT_SECONDS", "100000")  # add_embedded checkpoints at the end of each chunk instead
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from CBIRSlicerLib.imaging.readers import read_volume  # noqa: E402
-from CBIRSlicerLib.imaging.roi import RoiBox  # noqa: E402
-from CBIRSlicerLib.index.catalog import CaseRecord, ItemRecord  # noqa: E402
-from CBIRSlicerLib.index.folder import Index  # noqa: E402
-from CBIRSlicerLib.index.items import IndexSettings  # noqa: E402
-from CBIRSlicerLib.index.writer import EmbeddedCase  # noqa: E402
-from CBIRSlicerLib.models.base import available_cores  # noqa: E402
-from CBIRSlicerLib.models.registry import create_embedder  # noqa: E402
-from CBIRSlicerLib.retrieval import search  # noqa: E402
+from CBIRSlicerLib.imaging.readers import read_volume
+from CBIRSlicerLib.imaging.roi import RoiBox
+from CBIRSlicerLib.index.catalog import CaseRecord, ItemRecord
+from CBIRSlicerLib.index.folder import Index
+from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.writer import EmbeddedCase
+from CBIRSlicerLib.models.base import available_cores
+from CBIRSlicerLib.models.registry import create_embedder
+from CBIRSlicerLib.retrieval import search
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "Testing"))
@@ -240,7 +240,7 @@ def run_queries(work: str, head_path: str, queries: int, repeats: int, budgets: 
     searcher = search.Searcher(index, embedder=embedder)
     by_budget = {}
     for budget in budgets:
-        search.DENSE_QUERY_PASSES = budget  # read at each query (dense_query_vectors)
+        search.DENSE_QUERY_PASSES = budget  # read at each query (embedding_request)
         rows = []
         for offset in OFFSETS[:queries]:
             centre = patient.source_to_copy(np.asarray(head.center_ras) + np.array(offset))

@@ -172,7 +172,7 @@ def truth(args) -> None:
 
 def rank_cases(batch: np.ndarray, ids: np.ndarray, scores: np.ndarray, vectors_of, items_per_case: int, k: int = 10) -> list[int]:
     """What Searcher does after the first stage (minus SQLite): vote, MaxSim over the candidate cases' items, top k."""
-    case_of = lambda hit: np.where(hit >= 0, hit // items_per_case, -1)  # noqa: E731
+    case_of = lambda hit: np.where(hit >= 0, hit // items_per_case, -1)
     candidates = ranking.candidate_cases(case_of(ids), scores, np.arange(int(ids.max()) // items_per_case + 2), limit=max(3 * k, 30))
     blocks = [vectors_of(np.arange(case * items_per_case, (case + 1) * items_per_case, dtype=np.int64)) for case in candidates]
     results = []

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 
+def printable(text: str) -> str:
+    """The text with control and format characters written as escapes (``\\x1b``), so a file name, a server's header or a
+    DICOM description can never move the cursor, recolour, retitle or rewrite a terminal, nor break a message's one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or unicodedata.category(c) == "Zs" else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                   for c in text)
+
+
 class CBIRError(Exception):
-    """Base of every error CBIRSlicer raises on purpose; the CLI prints these as one line."""
+    """Base of every error CBIRSlicer raises on purpose; the CLI prints these as one line (control characters escaped)."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
 
 class InputError(CBIRError):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CBIRError
-from .common import progress_printer
+from .common import MAX_RESULTS, progress_printer, whole_number
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -17,8 +17,8 @@ def _parse_ks(text: str) -> list[int]:
         ks = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
         raise CBIRError(f"-k must be comma-separated whole numbers, like 1,3,5,10; got '{text}'") from None
-    if not ks or ks[0] < 1:
-        raise CBIRError(f"-k values must be 1 or more; got '{text}'")
+    if not ks or ks[0] < 1 or ks[-1] > MAX_RESULTS:
+        raise CBIRError(f"-k values must be 1 to {MAX_RESULTS}; got '{text}'")
     return ks
 
 
@@ -116,7 +116,8 @@ def register(commands) -> None:
     demo = commands.add_parser("demo", help="synthetic cohort -> index -> ROI queries -> evaluation and an HTML report")
     demo.add_argument("--out", default="cbir-demo", help="output folder (default ./cbir-demo)")
     demo.add_argument("--model", default="handcrafted", help="embedding model (default handcrafted: nothing to download)")
-    demo.add_argument("--cases", type=int, default=12, help="cases in the cohort (default 12)")
-    demo.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    demo.add_argument("--cases", type=whole_number(8, 400, " (2 or more of each of the demo's 4 lesion kinds)"), default=12,
+                      help="cases in the cohort, 8 to 400 (default 12)")
+    demo.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="cohort seed (default 0)")
     demo.add_argument("--device", help="cuda, mps or cpu")
     demo.set_defaults(run=_demo)

@@ -48,14 +48,17 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {saved_search.write_csv(saved.answer, args.csv, merged)} ({len(saved.answer.results)} results)")
     if args.scene:
         try:
-            from ..scene.saved_searches import export_scene
+            from ..scene.keep_results import export_scene
         except ImportError as error:  # outside Slicer the MRML classes come from the slicer-core package
             raise CBIRError(f"{args.scene}: writing a Slicer scene needs MRML (pip install slicer-core, or run in Slicer): "
                             f"{error}") from None
         out = export_scene(saved, args.scene)
         print(f"wrote {out.path}: {len(out.volumes)} volumes, {len(out.rois)} ROIs")
-        for case_id, why in out.skipped:
-            print(f"  left out {case_id}: {why}", file=sys.stderr)
+        if out.skipped:  # one line: the first reason in full, the other cases by id
+            (first, why), others = out.skipped[0], [case_id for case_id, _ in out.skipped[1:]]
+            more = f"; also {', '.join(others[:5])}{' and more' if len(others) > 5 else ''}" if others else ""
+            print(f"cbir: note: left out {len(out.skipped)} of {len(saved.answer.results)} results whose volume could not be "
+                  f"read: {first} ({why}){more}", file=sys.stderr)
     return 0
 
 

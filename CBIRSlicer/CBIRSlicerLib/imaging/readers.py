@@ -26,6 +26,7 @@ from ..errors import (
     InputError,
     UnreadableFileError,
     UnsupportedFormatError,
+    printable,
 )
 from .volume import Volume
 
@@ -192,7 +193,8 @@ def _dicom_metadata(reader) -> dict[str, str]:
     found = {}
     for name, tag in keys.items():
         if reader.HasMetaDataKey(tag):
-            value = reader.GetMetaData(tag).strip().rstrip("\x00").strip()
+            # Escaped: a description becomes the case's name, shown on terminals (an escape sequence there is an attack).
+            value = printable(reader.GetMetaData(tag).strip().rstrip("\x00").strip())
             if value:
                 found[name] = value
     if "slice_thickness" in found:

@@ -24,6 +24,7 @@ CONTEXT_MM = 128.0  # side of the query neighbourhood registered: the ROI and th
 MIN_CONTEXT_VOXELS = 6
 ITERATIONS = 60
 CT_CLAMP_HU = (-1000.0, 1000.0)  # metal and air outliers would otherwise dominate the intensity histogram
+MI_BINS = 32  # histogram bins of every mutual information here: the stages' Mattes metric and the level search's
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,12 @@ GLOBAL_SPACING_MM = 8.0
 
 
 def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step: float, iterations: int):
-    """Every stage's registration method: Mattes MI (32 bins) on a random share of the voxels, linear interpolation,
+    """Every stage's registration method: Mattes MI (MI_BINS bins) on a random share of the voxels, linear interpolation,
     regular-step gradient descent with physical-shift scales; the stages differ in these arguments only."""
     import SimpleITK as sitk
 
     method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(32)
+    method.SetMetricAsMattesMutualInformation(MI_BINS)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(sampling, seed)
     method.SetInterpolator(sitk.sitkLinear)
@@ -93,7 +94,6 @@ def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step:
 # (level_starts) instead of taken from the centres of mass, which put 6 cm slabs of an abdomen 2-17 cm off their level
 # (docs/benchmarks.md, "thin-slab queries find their level").
 SLAB_SHARE = 0.6
-MI_BINS = 32
 
 
 def body_axis_extent(image) -> float:
@@ -213,7 +213,7 @@ def _full_metric(fixed, moving, transform) -> float:
     import SimpleITK as sitk
 
     check = sitk.ImageRegistrationMethod()
-    check.SetMetricAsMattesMutualInformation(32)
+    check.SetMetricAsMattesMutualInformation(MI_BINS)
     check.SetMetricSamplingStrategy(check.NONE)
     check.SetInterpolator(sitk.sitkLinear)
     check.SetInitialTransform(transform)

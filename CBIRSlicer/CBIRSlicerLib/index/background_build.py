@@ -10,6 +10,7 @@ survive: complete cases stay, the unfinished one is purged by the next writer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -175,20 +176,25 @@ def _run(spec: dict) -> int:
     threading.Thread(target=watch_stdin, daemon=True).start()
     from ..errors import CBIRError
     from ..models.registry import create_embedder
+    from .first_build import undone_if_empty
     from .items import IndexSettings
     from .location import create_index, index_exists, open_index
 
     try:
-        if index_exists(spec["folder"]):  # a folder, or a Milvus location
-            index = open_index(spec["folder"], writable=True)
-            embedder = create_embedder(index.model_name(), device=spec.get("device"))
-        else:
-            embedder = create_embedder(spec["model"], device=spec.get("device"))
-            index = create_index(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
-        with index:
-            report = index.add_sources(spec["sources"], embedder, should_stop=stop.is_set, dicom=_dicom_options(spec.get("dicom") or {}),
-                                       progress=lambda done, total, label: emit({"event": "progress", "done": done,
-                                                                                 "total": total, "label": label}))
+        exists = index_exists(spec["folder"])  # a folder, or a Milvus location
+        # A first build that ends without a case leaves nothing behind (first_build.py), as the CLI's does.
+        with contextlib.nullcontext() if exists else undone_if_empty(spec["folder"]):
+            if exists:
+                index = open_index(spec["folder"], writable=True)
+                embedder = create_embedder(index.model_name(), device=spec.get("device"))
+            else:
+                embedder = create_embedder(spec["model"], device=spec.get("device"))
+                index = create_index(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
+            with index:
+                report = index.add_sources(spec["sources"], embedder, should_stop=stop.is_set,
+                                           dicom=_dicom_options(spec.get("dicom") or {}),
+                                           progress=lambda done, total, label: emit({"event": "progress", "done": done,
+                                                                                     "total": total, "label": label}))
     except CBIRError as error:
         emit({"event": "error", "message": str(error)})
         return 1

@@ -16,10 +16,10 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import InputError, SourceError
+from ..errors import InputError, SourceError, printable
 from ..imaging.readers import CaseSource, sort_dicom_files
 from .dicomweb import PREFIX as DICOMWEB_PREFIX
-from .dicomweb import DicomWebServer, SeriesEntry, SeriesFilter
+from .dicomweb import DicomWebServer, ListingShapeError, SeriesEntry, SeriesFilter, check_uid
 
 CTK_PREFIX = "ctkdb:"
 CTK_TABLES = ("Patients", "Studies", "Series", "Images")
@@ -125,14 +125,20 @@ class CtkDatabase:
             rows = self.db.execute(query, values).fetchall()
         except sqlite3.DatabaseError as error:
             raise InputError(self.path, f"its Series table cannot be read ({error})") from None
-        return [SeriesEntry(study, series, modality or None, body or None, (day or None) and str(day), description or None, count)
-                for study, series, modality, body, day, description, count in rows]
+        return [SeriesEntry(_text(study) or "", _text(series) or "", _text(modality), _text(body), _text(day), _text(description),
+                            count) for study, series, modality, body, day, description, count in rows if _text(series)]
 
     def files(self, series_uid: str) -> list[str]:
-        """The files of a series, absolute (CTK stores files inside its folder relative to it), in slice order."""
+        """The files of a series, absolute (CTK stores files inside its folder relative to it), in slice order; a row
+        whose Filename is empty or not text (SQLite keeps whatever it is given) is named as it is, so it counts as missing."""
         base = os.path.dirname(self.path)
-        rows = self.db.execute("SELECT Filename FROM Images WHERE SeriesInstanceUID = ?", (series_uid,)).fetchall()
-        return [os.path.normpath(name if os.path.isabs(name) else os.path.join(base, name)) for (name,) in rows]
+        try:
+            rows = self.db.execute("SELECT Filename FROM Images WHERE SeriesInstanceUID = ?", (series_uid,)).fetchall()
+        except sqlite3.DatabaseError as error:
+            raise InputError(self.path, f"its Images table cannot be read ({error})") from None
+        names = [os.fsdecode(name) if isinstance(name, bytes) else "" if name is None else str(name) for (name,) in rows]
+        return [os.path.normpath(name if os.path.isabs(name) else os.path.join(base, name)) if name else "(an empty Filename)"
+                for name in names]
 
     def case_source(self, entry: SeriesEntry) -> CaseSource:
         """The series as a readable case: its files (all present) in slice order. Raises SourceError naming what is missing."""
@@ -141,10 +147,20 @@ class CtkDatabase:
             raise SourceError(f"{entry.label}: the database lists no files for it")
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
-            raise SourceError(f"{entry.label}: {len(missing)} of its {len(files)} files are missing (first {missing[0]})")
+            raise SourceError(f"{entry.label}: {len(missing)} of its {len(files)} files are missing (first {missing[0]}) in "
+                              f"{self.source}")
         ordered = sort_dicom_files(files)
         return CaseSource(path=os.path.commonpath(ordered) if len(ordered) > 1 else os.path.dirname(ordered[0]),
                           series_uid=entry.series_uid, files=tuple(ordered))
+
+
+def _text(value: object) -> str | None:
+    """A database value as text (CTK's columns are typed loosely: a number or bytes may stand where text should), control
+    characters escaped; None for NULL or empty."""
+    if value is None:
+        return None
+    text = (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).strip()
+    return printable(text) or None
 
 
 class Planned:
@@ -165,15 +181,15 @@ def plan(spec: str, options: DicomOptions) -> tuple[str, list[Planned], Callable
 
         def fetch(entry: SeriesEntry, should_stop: Callable[[], bool] | None = None) -> CaseSource:
             root = options.keep_downloads or tempfile.mkdtemp(prefix="cbir-dicomweb-")
-            try:
+            try:  # whatever fails after the download (sorting reads every header), the temporary copy goes with it
                 files = server.fetch(entry, os.path.join(root, entry.series_uid), should_stop=should_stop)
+                return CaseSource(path=os.path.dirname(files[0]), series_uid=entry.series_uid, files=tuple(sort_dicom_files(files)))
             except BaseException:
                 if options.keep_downloads is None:
                     import shutil
 
                     shutil.rmtree(root, ignore_errors=True)
                 raise
-            return CaseSource(path=os.path.dirname(files[0]), series_uid=entry.series_uid, files=tuple(sort_dicom_files(files)))
 
         def release(source: CaseSource) -> None:
             if options.keep_downloads is None:  # a temporary download goes as soon as it is embedded
@@ -208,6 +224,10 @@ def local_series(source: str, series_uid: str, study_uid: str | None = None, cac
             database.close()
     if not source.startswith(DICOMWEB_PREFIX):
         raise InputError(source, "is neither a DICOM database (ctkdb:) nor a DICOMweb server (dicomweb:)")
+    try:  # it names a folder of the cache: a saved search or a catalog could hold anything
+        check_uid(series_uid)
+    except ListingShapeError as error:
+        raise SourceError(f"{source}: cannot fetch series {series_uid}: {error}") from None
     folder = os.path.join(cache or cache_folder(), series_uid)
     if not os.path.isfile(os.path.join(folder, _COMPLETE)):
         server = DicomWebServer(source, auth_file, timeout)

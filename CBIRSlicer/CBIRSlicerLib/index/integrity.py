@@ -110,13 +110,3 @@ def read_manifest(path: str, require_seal: bool = True) -> dict:
     if hashlib.sha256(_canonical(manifest)).hexdigest() != recorded:
         raise IndexCorruptError(f"{path}: its checksum does not match its content; it was altered or is damaged")
     return manifest
-
-
-def write_json_atomically(path: str, data: dict) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it over the old one."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=1, allow_nan=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -13,11 +13,11 @@ time, given at index time, loses to any dated one).
 from __future__ import annotations
 
 import csv
-import datetime
 import os
 import re
 from dataclasses import dataclass
 
+from ..clock import now_utc
 from ..errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
 from .catalog import COLUMN_FILTERS, CaseRecord
 from .files import CATALOG, MANIFEST
@@ -31,10 +31,6 @@ PROVENANCE = "labelled"  # metadata key: column -> {"at", "by"}
 _COLUMN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_ .-]{0,63}$")
 # Metadata the index writes itself: a label must not overwrite it.
 RESERVED = {*COLUMN_FILTERS, "labels", PROVENANCE, "window", "patient_key", "patient_id", "body_part_source", "modality_source"}
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -59,6 +55,9 @@ class LabelWrite:
     reason: str = ""
 
 
+MAX_VALUE = 1000  # characters: a finding, a grade, a short note
+
+
 def parse_assignment(text: str) -> tuple[str, str]:
     """'COLUMN=VALUE' to (column, value), the column checked (a name of letters, digits, _ . - or spaces, not a field of the index)."""
     column, sep, value = text.partition("=")
@@ -66,7 +65,17 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not column:
         raise ParameterError(f"label '{text}' must look like COLUMN=VALUE, for example diagnosis=adenocarcinoma")
     check_column(column)
+    check_value(value)
     return column, value
+
+
+def check_value(value: str) -> None:
+    """Refuse a label value that is not one line of text (a newline or an escape sequence would break a side-file line or
+    the terminal) or is longer than a label."""
+    if not value.isprintable():
+        raise ParameterError(f"label value {value!r} holds a control character; a label is one line of text")
+    if len(value) > MAX_VALUE:
+        raise ParameterError(f"label value of {len(value)} characters is longer than a label ({MAX_VALUE} at most)")
 
 
 def check_column(column: str) -> None:
@@ -90,13 +99,14 @@ def set_label(folder: str, case_id: str, column: str, value: str, by: str | None
               at: str | None = None) -> LabelWrite:
     """Give a case a label: in the index (writer lock, commit) if it can be written, else in the side file."""
     check_column(column)
+    check_value(value)
     if is_server_location(folder):  # a Milvus-backed index: written through its writer (the server checks who may)
         with open_index(folder, writable=True) as index:
-            entry = LabelEntry(case_id, column, value, at or _now(), by.strip() if by and by.strip() else None, index.folder)
+            entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, index.folder)
             _write_to_index(index, entry)
         return LabelWrite(entry, "index", index.folder)
     folder = os.path.abspath(folder)
-    entry = LabelEntry(case_id, column, value, at or _now(), by.strip() if by and by.strip() else None, folder)
+    entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, folder)
     reason = writable_reason(folder)
     if reason is None:
         try:

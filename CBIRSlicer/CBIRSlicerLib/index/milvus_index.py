@@ -541,6 +541,26 @@ class MilvusIndex(IndexWriter):
         return problems
 
 
+def drop_if_empty(where: str) -> None:
+    """Drop an index's collections when it holds no complete case (a first build that failed); a milvus-lite file made for
+    it goes too. Nothing happens when the server cannot be asked (the next build tidies, as after a crash)."""
+    import shutil
+
+    location = parse_location(where)
+    collections = MilvusCollections(MilvusConnection(location), CollectionNames(location.collection), 0)
+    try:
+        if not collections.exists() or MilvusCatalog(collections, readonly=True).count("cases"):
+            return
+        collections.drop()
+        left = set(collections.call("listing collections", "list_collections"))
+    except CBIRError:
+        return
+    finally:
+        collections.connection.close()
+    if location.local_path is not None and not left:
+        shutil.rmtree(location.local_path, ignore_errors=True)
+
+
 def _server_gone(error: BaseException | None) -> bool:
     from ..errors import StoreUnavailableError
 

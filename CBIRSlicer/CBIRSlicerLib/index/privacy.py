@@ -15,6 +15,8 @@ import hmac
 import os
 import secrets
 
+from ..atomic import replaced
+
 KEY_VARIABLE = "CBIR_PATIENT_KEY"
 IDENTIFYING = ("patient_id", "patient_name", "patient_birth_date")
 HASHED, KEPT = "keyed-hash", "kept"
@@ -34,16 +36,10 @@ def patient_key_secret() -> bytes:
     path = key_path()
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
-        try:
-            os.link(temporary, path)  # whole or not at all; a key another process made first wins
-        except FileExistsError:
-            pass
-        finally:
-            os.remove(temporary)
+        with replaced(path, exclusive=True) as temporary:  # whole or not at all; a key another process made first wins
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
     with open(path) as handle:
         return handle.read().strip().encode()
 

@@ -23,14 +23,14 @@ transformed, re-normalised vectors (:meth:`VectorTransform.apply`). No second FA
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic import replaced
+from ..clock import now_utc
 from ..errors import IndexCorruptError, ParameterError
 
 TRANSFORM_FILE = "transform.npz"
@@ -113,10 +113,8 @@ class VectorTransform:
 
     def save(self, path: str) -> None:
         """Write the parameters atomically (temporary file, then rename)."""
-        temporary = f"{path}.tmp-{os.getpid()}"
-        with open(temporary, "wb") as handle:
+        with replaced(path) as temporary, open(temporary, "wb") as handle:
             handle.write(self.to_bytes())
-        os.replace(temporary, path)
 
 
 def first_stage(store, transform: VectorTransform, queries: np.ndarray, k: int, **options) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +135,7 @@ def first_stage(store, transform: VectorTransform, queries: np.ndarray, k: int, 
 
 def identity(count: int = 0) -> VectorTransform:
     """No transform (what an index without one does)."""
-    return VectorTransform("identity", None, None, count, _now())
+    return VectorTransform("identity", None, None, count, now_utc())
 
 
 def load(path: str, entry: dict, dim: int) -> VectorTransform:
@@ -202,18 +200,18 @@ def fit(vectors: np.ndarray, requested: str = DEFAULT_KIND, shrinkage: float = S
         return identity(count)
     mean = vectors.mean(axis=0)
     if kind == "center":
-        return VectorTransform("center", mean.astype(np.float32), None, count, _now())
+        return VectorTransform("center", mean.astype(np.float32), None, count, now_utc())
     centred = vectors - mean
     covariance = centred.T @ centred / len(vectors)
     values, axes = np.linalg.eigh(covariance)
     values = np.maximum(values, 0.0)
     shrunk = (1 - shrinkage) * values + shrinkage * values.mean()
     if not values.mean() > 0:
-        return VectorTransform("center", mean.astype(np.float32), None, count, _now())
+        return VectorTransform("center", mean.astype(np.float32), None, count, now_utc())
     matrix = (axes / np.sqrt(shrunk)) @ axes.T
     # Scaled so that centering and whitening give vectors of like size before normalising (only for readability).
     matrix *= np.sqrt(values.mean())
-    return VectorTransform("whiten", mean.astype(np.float32), matrix.astype(np.float32), count, _now(), float(shrinkage))
+    return VectorTransform("whiten", mean.astype(np.float32), matrix.astype(np.float32), count, now_utc(), float(shrinkage))
 
 
 def needs_refit(entry: dict | None, count: int) -> bool:
@@ -229,6 +227,3 @@ def sample_rows(count: int, limit: int = FIT_SAMPLE) -> np.ndarray:
         return np.arange(count)
     return np.unique(np.linspace(0, count - 1, limit).round().astype(np.int64))
 
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

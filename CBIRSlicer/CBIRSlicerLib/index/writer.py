@@ -80,7 +80,7 @@ def content_problem(volume: Volume) -> tuple[str | None, str | None]:
     finite = np.isfinite(data)
     count = int(finite.sum())
     if count == 0:
-        return "no voxel holds a number (all NaN or infinite): nothing to index", None
+        return "no voxel holds a number (all NaN or infinite): nothing to search for", None
     values = data[finite]
     if values.min() == values.max():
         return f"every finite voxel is {float(values.min()):g}: a constant volume holds nothing to search for", None
@@ -270,7 +270,8 @@ class IndexWriter(IndexFolder):
             if bad:
                 raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
         except (CBIRError, OSError) as error:
-            report.skipped.append((label, str(error)))
+            text = str(error)
+            report.skipped.append((label, text[len(label) + 2:] if text.startswith(label + ": ") else text))
             return
         if warning:
             report.warnings.append((label, warning))

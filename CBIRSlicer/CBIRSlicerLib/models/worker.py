@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import JobCancelled, ModelError, WorkerError
 from ..processes import in_thread, start_module, wait_or_kill
+from .requests import EmbeddingKind, EmbeddingRequest
 
 HARD_CANCEL_S = 0.8  # a cancel not acknowledged by then kills the worker, so every cancel ends within 1 s
 TARGET_BATCH_S = 0.25  # batches are sized to take about this long, so cancels are seen promptly
@@ -223,6 +224,17 @@ class EmbeddingService:
         fields = {"ijk_to_ras": np.asarray(volume.ijk_to_ras, float).tolist(), "roi": roi.as_list() if roi is not None else None}
         return self._submit("volume", 1, fields, [np.ascontiguousarray(volume.array)])
 
+    def submit(self, request: EmbeddingRequest) -> Job:
+        """Queue what a query needs embedded (:class:`requests.EmbeddingRequest`); returns a Job at once."""
+        if request.kind is EmbeddingKind.TEXT:
+            return self.submit_text(request.texts)
+        if request.kind is EmbeddingKind.VOLUME:
+            return self.submit_volume(request.volume, request.roi)
+        if request.kind is EmbeddingKind.REGIONS:
+            return self.submit_regions(request.images, request.boxes, request.pixel_mm, request.cell_mm, request.pooling,
+                                       request.passes)
+        return self.submit_images(request.images)
+
     def _submit(self, kind: str, total: int, fields: dict, arrays: list[np.ndarray]) -> Job:
         self.start()
         with self._lock:
@@ -366,24 +378,14 @@ def _serve(spec: dict) -> int:
             _write_message(protocol_out, {"event": "cancelled", "job": job_id})
             continue
         _write_message(protocol_out, {"event": "started", "job": job_id})
+        def stop(job_id=job_id) -> bool:
+            return job_id in cancelled
+
+        def report(done: int, job_id=job_id) -> None:
+            _write_message(protocol_out, {"event": "progress", "job": job_id, "done": done})
+
         try:
-            if header["kind"] == "text":
-                vectors = embedder.embed_text(header["texts"])
-            elif header["kind"] == "volume":
-                vectors = embed_volume_job(embedder, header, arrays[0])
-            elif header["kind"] == "regions":
-                from .dense import region_vectors
-
-                vectors = region_vectors(embedder, arrays, header["pixel_mm"], [tuple(b) for b in header["boxes"]],
-                                         header["cell_mm"], header["pooling"], header["passes"])[0]
-            else:
-                def stop(job_id=job_id) -> bool:
-                    return job_id in cancelled
-
-                def report(done: int, job_id=job_id) -> None:
-                    _write_message(protocol_out, {"event": "progress", "job": job_id, "done": done})
-
-                vectors = _embed_adaptively(embedder, arrays, stop, report)
+            vectors = _run_job(embedder, header, arrays, stop, report)
         except JobCancelled:
             _write_message(protocol_out, {"event": "cancelled", "job": job_id})
             continue
@@ -396,6 +398,19 @@ def _serve(spec: dict) -> int:
     return 0
 
 
+def _run_job(embedder, header: dict, arrays: list[np.ndarray], stop, report) -> np.ndarray:
+    """One job's vectors: phrases, a volume (3D models), regions pooled from dense grids, or images in adaptive batches."""
+    if header["kind"] == "text":
+        return embedder.embed_text(header["texts"])
+    if header["kind"] == "volume":
+        return embed_volume_job(embedder, header, arrays[0])
+    if header["kind"] == "regions":
+        return EmbeddingRequest(EmbeddingKind.REGIONS, images=arrays, boxes=[tuple(b) for b in header["boxes"]],
+                                pixel_mm=header["pixel_mm"], cell_mm=header["cell_mm"], pooling=header["pooling"],
+                                passes=header["passes"]).run(embedder)
+    return _embed_adaptively(embedder, arrays, stop, report)
+
+
 def embed_volume_job(embedder, header: dict, array: np.ndarray) -> np.ndarray:
     """A 3D model's query vector (1, dim) for a volume job: its ROI's, or the whole volume's."""
     from ..imaging.roi import RoiBox
@@ -403,11 +418,9 @@ def embed_volume_job(embedder, header: dict, array: np.ndarray) -> np.ndarray:
 
     if not embedder.embeds_volumes:
         raise ModelError(f"model '{embedder.name}' embeds 2D images, not volumes")
-    volume = Volume.from_array(array, np.asarray(header["ijk_to_ras"], float))
     roi = header.get("roi")
-    if roi is not None:
-        return embedder.embed_region(volume, RoiBox(tuple(roi[:3]), tuple(roi[3:])))[None]
-    return embedder.embed_volume(volume).whole[None]
+    return EmbeddingRequest(EmbeddingKind.VOLUME, volume=Volume.from_array(array, np.asarray(header["ijk_to_ras"], float)),
+                            roi=RoiBox(tuple(roi[:3]), tuple(roi[3:])) if roi is not None else None).run(embedder)
 
 
 def _embed_adaptively(embedder, images: list[np.ndarray], should_stop, report) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 The viewer, the thumbnails and the widget read these attributes; :meth:`SearchAnswer.to_json`
 gives the CLI's JSON contract (key order and rounding as the CLI has always printed them,
-checked byte for byte by ``Testing/test_cli_answers.py``). Values are rounded when an answer
-is made, so what the viewer places and what the JSON says are the same numbers.
+checked against recorded answers by ``Testing/test_cli_answers.py``) and ``from_json`` reads it
+back (saved searches, ``cbir search --from``). Values are rounded when an answer is made, so
+what the viewer places and what the JSON says are the same numbers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..index.catalog import CaseRecord, ItemRecord
+from .queries import QuerySpec
+from .suggestion import NoSuggestion, Suggestion, suggestion_from_json
 
 Point = tuple[float, float, float]
 
@@ -61,6 +64,17 @@ class BestMatch:
                 **({"placed_ras": list(self.placed_ras)} if self.placed_ras is not None else {}),
                 **({"shown": self.shown} if self.shown is not None else {})}
 
+    @classmethod
+    def from_json(cls, data: dict) -> BestMatch:
+        """Back from its JSON form."""
+        def point(values):
+            return _point(values) if values is not None else None
+
+        return cls(data["axis"], int(data["slice_index"]), _point(data["ras"]), data["kind"],
+                   int(data["item_id"]) if data["item_id"] is not None else None, tuple(int(v) for v in data["box"]),
+                   (_point(data["bounds_ras"][0]), _point(data["bounds_ras"][1])), point(data.get("focus_ras")),
+                   point(data.get("placed_ras")), data.get("shown"))
+
 
 @dataclass(frozen=True)
 class CaseResult:
@@ -99,22 +113,35 @@ class CaseResult:
                 "body_part": self.body_part, "labels": list(self.labels), "best_match": self.best_match.to_json(),
                 **({"series_uid": self.series_uid, "study_uid": self.study_uid} if self.series_uid else {})}
 
+    @classmethod
+    def from_json(cls, data: dict) -> CaseResult:
+        """Back from its JSON form."""
+        return cls(int(data["rank"]), data["case_id"], data["source"], data["name"], float(data["score"]), int(data["votes"]),
+                   [float(v) for v in data["per_image_scores"]], data["modality"], list(data["labels"]),
+                   BestMatch.from_json(data["best_match"]), data.get("body_part"), data.get("series_uid"), data.get("study_uid"))
+
 
 @dataclass(frozen=True)
 class SearchAnswer:
-    """A search's answer: the query's description (as the query made it), the ranking method, the cases best first."""
+    """A search's answer: the query (as made), the ranking method, the cases best first."""
 
-    query: dict
+    query: QuerySpec
     ranking: str
     results: list[CaseResult] = field(default_factory=list)
     note: str | None = None  # why there are no results, when the search itself could say (a filter no case matches)
-    # A suggested finding (suggestion.Suggestion) or, on an index with labels but nothing to suggest, the reason why.
-    suggestion: object | None = None
+    # A suggested finding or, on an index with labels but nothing to suggest, why not; None on an index without labels.
+    suggestion: Suggestion | NoSuggestion | None = None
 
     def to_json(self) -> dict:
         """The CLI's JSON answer (``suggestion`` only on an index whose cases carry labels)."""
-        out = {"query": dict(self.query), "ranking": self.ranking, "results": [r.to_json() for r in self.results],
+        out = {"query": self.query.to_json(), "ranking": self.ranking, "results": [r.to_json() for r in self.results],
                **({"note": self.note} if self.note else {})}
         if self.suggestion is not None:
-            out["suggestion"] = self.suggestion if isinstance(self.suggestion, dict) else self.suggestion.to_json()
+            out["suggestion"] = self.suggestion.to_json()
         return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchAnswer:
+        """Back from the CLI's JSON answer (``to_json`` of it gives the same JSON)."""
+        return cls(QuerySpec.from_json(data["query"]), data["ranking"], [CaseResult.from_json(r) for r in data["results"]],
+                   data.get("note"), suggestion_from_json(data.get("suggestion")))

@@ -17,11 +17,11 @@ gain cannot come from keeping the marked cases on top. Marks accumulate over rou
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ParameterError
+from ..errors import CBIRError, ParameterError
+from .marks import Feedback
 
 STRATEGIES = ("rocchio", "linear")
 # One round on the phantom cohorts: Rocchio mP@5 0.46 -> 0.80 and 0.30 -> 0.63, the linear re-scoring 0.32 / 0.35; the
@@ -31,47 +31,19 @@ ROCCHIO = (1.0, 0.75, 0.25)  # alpha (query), beta (relevant), gamma (not releva
 RIDGE = 1.0  # the linear model's penalty (unit vectors; a handful of marks)
 
 
-@dataclass
-class Feedback:
-    """Marked cases: case id -> the item it matched best when marked (None: its best item is looked up)."""
-
-    relevant: dict[str, int | None] = field(default_factory=dict)
-    not_relevant: dict[str, int | None] = field(default_factory=dict)
-
-    @property
-    def judged(self) -> list[str]:
-        """Every marked case id."""
-        return list(dict.fromkeys([*self.relevant, *self.not_relevant]))
-
-    def __bool__(self) -> bool:
-        return bool(self.relevant or self.not_relevant)
-
-    def mark(self, case_id: str, item_id: int | None, relevant: bool | None) -> None:
-        """Mark a case relevant (True), not relevant (False), or clear its mark (None); the latest mark wins."""
-        self.relevant.pop(case_id, None)
-        self.not_relevant.pop(case_id, None)
-        if relevant is not None:
-            (self.relevant if relevant else self.not_relevant)[case_id] = item_id
-
-    def to_json(self) -> dict:
-        """The answer's ``query.feedback``."""
-        return {"relevant": dict(self.relevant), "not_relevant": dict(self.not_relevant)}
-
-    @classmethod
-    def from_json(cls, data: dict | None) -> Feedback:
-        """Back from JSON: ``{case id: item id}`` per side, or a plain list of case ids (items looked up when used)."""
-        data = data or {}
-
-        def side(marks) -> dict[str, int | None]:
-            return {str(k): None for k in marks} if isinstance(marks, list) else {str(k): v for k, v in (marks or {}).items()}
-
-        return cls(side(data.get("relevant")), side(data.get("not_relevant")))
-
-
 def feedback_from_answer(answer: dict, relevant: list[str], not_relevant: list[str], path: str = "the answer") -> Feedback:
     """The earlier answer's marks plus new ones on its results (each stands for its best match there)."""
-    marks = Feedback.from_json(answer.get("query", {}).get("feedback"))
-    items = {r["case_id"]: (r.get("best_match") or {}).get("item_id") for r in answer.get("results", [])}
+    try:
+        marks = Feedback.from_json(answer.get("query", {}).get("feedback"))
+    except ParameterError as error:
+        raise ParameterError(f"{path}: {error}") from None
+
+    def item_of(result: dict) -> int | None:
+        best = result.get("best_match")
+        item = best.get("item_id") if isinstance(best, dict) else None
+        return item if isinstance(item, int) and not isinstance(item, bool) else None
+
+    items = {r["case_id"]: item_of(r) for r in answer.get("results", [])}
     both = set(relevant) & set(not_relevant)
     if both:
         raise ParameterError(f"case(s) {', '.join(sorted(both))} marked both relevant and not relevant")
@@ -87,11 +59,13 @@ def _marked_items(index, marks: dict[str, int | None], query_vectors: np.ndarray
     ids = []
     excluded = index.excluded_ids()
     for case_id, item in marks.items():
-        if item is None or int(item) in set(excluded.tolist()):
-            case = index.catalog.case_by_id(case_id)
-            if case is None:
-                raise ParameterError(f"case '{case_id}' is not in the index {index.folder}")
-            own = index.catalog.item_ids([case.row])
+        case = index.catalog.case_by_id(case_id)
+        if case is None or case.status != "complete":
+            raise ParameterError(f"{index.folder}: the case '{case_id}' marked in the feedback is not in this index (another "
+                                 "index's answer, or removed since); leave its mark out")
+        own = index.catalog.item_ids([case.row])
+        if item is None or int(item) in set(excluded.tolist()) or int(item) not in set(own.tolist()):
+            # no item, one removed since, or one that is not the case's: the case's item most like the query stands for it
             own = own[~np.isin(own, excluded)]
             if not len(own):
                 continue
@@ -158,39 +132,35 @@ def search_again(searcher, query, feedback: Feedback, k: int = 10, filters: dict
             judged_rows.append(case.row)
     relevant = _marked_items(index, feedback.relevant, vectors)
     not_relevant = _marked_items(index, feedback.not_relevant, vectors)
-    description = {**query.description, "feedback": feedback.to_json(), "feedback_strategy": strategy}
-    again = dataclasses.replace(query, description=description, exclude_rows=sorted(set(query.exclude_rows) | set(judged_rows)))
+    spec = dataclasses.replace(query.spec, feedback=Feedback.from_json(feedback.to_json()), feedback_strategy=strategy)
+    again = dataclasses.replace(query, spec=spec, exclude_rows=sorted(set(query.exclude_rows) | set(judged_rows)))
     rescore = None
     if strategy == "rocchio" and feedback:
         again.vectors = rocchio(vectors, relevant, not_relevant)
     elif strategy == "linear" and feedback:
         rescore = LinearRescorer(searcher, relevant, not_relevant)
     answer = searcher.search(again, k, filters, method, prior=prior, rescore=rescore)
-    if prior and "prior" in again.description:
-        query.description.setdefault("prior", again.description["prior"])
+    if prior and query.spec.prior is None and again.spec.prior is not None:
+        query.spec = dataclasses.replace(query.spec, prior=again.spec.prior)  # what the search inferred, kept for the next
     return answer
 
 
 def query_from_answer(answer: dict, searcher, path: str = "the answer"):
-    """The query an answer JSON was made for, made again from its ``query`` description (volume, ROI, slice, text, item)."""
-    from ..imaging.roi import RoiBox
-    from .queries import item_query, load_volume_for_query, roi_query, slice_query, text_query, volume_query
+    """The query an answer JSON was made for, made again from its ``query`` (volume, ROI, slice, text, item).
 
-    described = answer.get("query") or {}
-    mode, axis = described.get("mode"), described.get("axis", "axial")
-    if mode == "text":
-        return text_query(described["text"], searcher.embedder)
-    if mode == "item":
-        return item_query(searcher.index, int(described["item"]))
-    if mode not in ("roi", "slice", "volume") or not described.get("volume"):
-        raise ParameterError(f"{path}: its query ({mode or 'unknown mode'}) cannot be made again: it names no volume file")
-    volume = load_volume_for_query(described["volume"])
-    if mode == "roi":
-        query = roi_query(volume, RoiBox.parse(",".join(str(v) for v in described["roi_ras"])), axis, searcher.index)
-    elif mode == "slice":
-        query = slice_query(volume, axis, searcher.index, described["ras"])
-    else:
-        query = volume_query(volume, axis, searcher.index)
-    if "prior" in described:
-        query.description["prior"] = described["prior"]
-    return query
+    Its marks are not carried over (:func:`search_again` gives the query every mark); a segment query is made again as
+    its box (the answer names the segment, not the label map it came from)."""
+    from .queries import QuerySpec, load_volume_for_query, make_query
+
+    try:
+        spec = QuerySpec.from_json(answer.get("query") or {})
+    except (KeyError, TypeError, ValueError, CBIRError) as error:
+        raise ParameterError(f"{path}: its query cannot be read ({error})") from None
+    spec = dataclasses.replace(spec, feedback=None, feedback_strategy=None)
+    if spec.mode in ("text", "item"):
+        return make_query(spec, None, searcher.index)
+    if not spec.volume:
+        raise ParameterError(f"{path}: its query ({spec.mode}) cannot be made again: it names no volume file")
+    if spec.mode == "segment":
+        spec = dataclasses.replace(spec, mode="roi", segment=None)
+    return make_query(spec, load_volume_for_query(spec.volume), searcher.index)

@@ -5,32 +5,33 @@ Saved as versioned JSON (``format: cbirslicer-search``, ``format_version: 1``; d
 atomically. A saved search re-runs against the same index or a newer version of it (:func:`rerun`), which refuses a
 query file that changed since, an index built with another model, and reports which cases came and went
 (:func:`compare`). The answer is kept exactly as the CLI prints it (``SearchAnswer.to_json``) and read back into the
-typed answer (:func:`answer_from_json`).
+typed answer (``SearchAnswer.from_json``).
 """
 
 from __future__ import annotations
 
-import datetime
-import json
+import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import replaced, write_json_atomically
+from ..clock import now_utc
 from ..digests import file_sha256
-from ..errors import IndexMismatchError, InputError, ParameterError
-from ..imaging.roi import RoiBox
+from ..errors import CBIRError, IndexMismatchError, InputError, ParameterError
+from ..imaging.slicing import AXES, MAX_MARGIN_MM
 from ..index.location import is_server_location, open_index
 from ..index.searchable import SearchableIndex
-from .answers import BestMatch, CaseResult, SearchAnswer
-from .feedback import Feedback  # one type for marks: relevance feedback's (case id -> item id), kept as it is
+from ..json_input import read_json
+from .answers import SearchAnswer
+from .marks import Feedback  # one type for marks: relevance feedback's (case id -> item id), kept as it is
+from .queries import QUERY_MODES, VOLUME_MODES, QuerySpec
+from .ranking import MAX_RESULTS, METHODS
 
 FORMAT = "cbirslicer-search"
 FORMAT_VERSION = 1
-QUERY_MODES = ("roi", "slice", "volume", "text", "item")
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def content_sha256(path: str) -> str:
@@ -92,37 +93,47 @@ class FileRef:
 
 
 @dataclass
-class QuerySpec:
-    """What was asked: the mode, the query volume (or a phrase, or an item), and where in it."""
+class SavedQuery:
+    """What was asked (:class:`queries.QuerySpec`) and the files it was asked of: the query volume and, for a segment
+    from a label map (``--roi-mask``), that map and its label, each with its SHA-256 when saved."""
 
-    mode: str
+    spec: QuerySpec
     volume: FileRef | None = None
-    roi_ras: list[float] | None = None  # centre and size (RAS mm) of the box searched, however it was given
-    mask: FileRef | None = None  # a label map the box was taken from (--roi-mask), with its label
+    mask: FileRef | None = None
     mask_label: int | None = None
-    slice_ras: list[float] | None = None
-    text: str | None = None
-    item: int | None = None
-    description: dict = field(default_factory=dict)  # the answer's query description, as the search made it
+
+    @property
+    def mode(self) -> str:
+        """The spec's mode."""
+        return self.spec.mode
 
     def to_json(self, beside: str | None = None) -> dict:
-        """The JSON form."""
-        return {"mode": self.mode, "volume": self.volume.to_json(beside) if self.volume else None,
-                "roi": ({"ras": self.roi_ras, **({"mask": self.mask.to_json(beside), "label": self.mask_label} if self.mask else {})}
-                        if self.roi_ras else None),
-                "slice_ras": self.slice_ras, "text": self.text, "item": self.item, "description": self.description}
+        """The JSON form (format 1: the mode as the answer says it, the files, the box, the slice's point, the phrase, the
+        item, and the answer's ``query`` as ``description``)."""
+        spec = self.spec
+        roi = spec.to_json().get("roi_ras")
+        return {"mode": spec.to_json()["mode"], "volume": self.volume.to_json(beside) if self.volume else None,
+                "roi": ({"ras": roi, **({"mask": self.mask.to_json(beside), "label": self.mask_label} if self.mask else {})}
+                        if roi else None),
+                "slice_ras": spec.to_json().get("ras") if spec.mode == "slice" else None, "text": spec.text, "item": spec.item,
+                "description": spec.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict, beside: str | None = None) -> QuerySpec:
-        """Back from JSON."""
+    def from_json(cls, data: dict, beside: str | None = None) -> SavedQuery:
+        """Back from JSON; the spec is the description's, its volume wherever the file was found again."""
         roi = data.get("roi") or {}
-        mode = data["mode"]
-        if mode not in QUERY_MODES:
-            raise ValueError(f"query mode '{mode}' is not one of {', '.join(QUERY_MODES)}")
-        return cls(mode, FileRef.from_json(data["volume"], beside) if data.get("volume") else None,
-                   [float(v) for v in roi["ras"]] if roi.get("ras") else None,
-                   FileRef.from_json(roi["mask"], beside) if roi.get("mask") else None, roi.get("label"),
-                   data.get("slice_ras"), data.get("text"), data.get("item"), dict(data.get("description") or {}))
+        volume = FileRef.from_json(data["volume"], beside) if data.get("volume") else None
+        described = dict(data.get("description") or {})
+        if not described:  # the fields alone
+            described = {"mode": data["mode"], "roi_ras": roi.get("ras"), "ras": data.get("slice_ras"), "text": data.get("text"),
+                         "item": data.get("item")}
+        described["mode"] = data["mode"] if described.get("mode") is None else described["mode"]
+        if described["mode"] not in QUERY_MODES:
+            raise ValueError(f"query mode '{described['mode']}' is not one of {', '.join(QUERY_MODES)}")
+        spec = QuerySpec.from_json(described)
+        if volume is not None:
+            spec = dataclasses.replace(spec, volume=volume.path)
+        return cls(spec, volume, FileRef.from_json(roi["mask"], beside) if roi.get("mask") else None, roi.get("label"))
 
 
 @dataclass
@@ -146,10 +157,18 @@ class SearchSettings:
 
     @classmethod
     def from_json(cls, data: dict) -> SearchSettings:
-        """Back from JSON."""
-        return cls(str(data["model"]), str(data["model_digest"]), int(data["k"]), str(data["axis"]), str(data["ranking"]),
-                   bool(data["prior"]), {str(k): str(v) for k, v in (data.get("filters") or {}).items()}, bool(data["placement"]),
-                   float(data.get("margin_mm", 0.0)))
+        """Back from JSON; a k, axis, ranking or margin no search could have used is a ValueError saying which."""
+        settings = cls(str(data["model"]), str(data["model_digest"]), data["k"], str(data["axis"]), str(data["ranking"]),
+                       bool(data["prior"]), {str(k): str(v) for k, v in (data.get("filters") or {}).items()},
+                       bool(data["placement"]), float(data.get("margin_mm", 0.0)))
+        if isinstance(settings.k, bool) or not isinstance(settings.k, int) or not 1 <= settings.k <= MAX_RESULTS:
+            raise ValueError(f"settings.k is {settings.k!r}: a search asks for 1 to {MAX_RESULTS} cases")
+        if not math.isfinite(settings.margin_mm) or not 0 <= settings.margin_mm <= MAX_MARGIN_MM:
+            raise ValueError(f"settings.margin_mm is {settings.margin_mm}: a margin is 0 to {MAX_MARGIN_MM:g} mm")
+        if settings.axis not in AXES or settings.ranking not in METHODS:
+            raise ValueError(f"settings axis '{settings.axis}' or ranking '{settings.ranking}' is not one this CBIRSlicer knows "
+                             f"({', '.join(AXES)}; {', '.join(METHODS)})")
+        return settings
 
 
 @dataclass
@@ -188,35 +207,17 @@ class IndexRef:
         return "same" if other.manifest_sha256 == self.manifest_sha256 else "newer"
 
 
-def best_match_from_json(data: dict) -> BestMatch:
-    """A best match back from its JSON form."""
-    def point(values):
-        return tuple(float(v) for v in values) if values is not None else None
-
-    return BestMatch(data["axis"], int(data["slice_index"]), point(data["ras"]), data["kind"], data["item_id"],
-                     tuple(int(v) for v in data["box"]), (point(data["bounds_ras"][0]), point(data["bounds_ras"][1])),
-                     point(data.get("focus_ras")), point(data.get("placed_ras")), data.get("shown"))
-
-
-def answer_from_json(data: dict) -> SearchAnswer:
-    """A typed answer back from the CLI's JSON answer (``to_json`` of it gives the same JSON)."""
-    results = [CaseResult(int(r["rank"]), r["case_id"], r["source"], r["name"], float(r["score"]), int(r["votes"]),
-                          [float(v) for v in r["per_image_scores"]], r["modality"], list(r["labels"]),
-                          best_match_from_json(r["best_match"]), r.get("body_part")) for r in data["results"]]
-    return SearchAnswer(dict(data["query"]), data["ranking"], results, data.get("note"))
-
-
 @dataclass
 class SavedSearch:
     """A kept search: query, settings, index, answer, feedback, and a suggestion kept as it was given."""
 
-    query: QuerySpec
+    query: SavedQuery
     settings: SearchSettings
     index: IndexRef
     answer: SearchAnswer
     feedback: Feedback = field(default_factory=Feedback)
     suggestion: dict | None = None
-    saved: str = field(default_factory=_now)
+    saved: str = field(default_factory=now_utc)
     name: str | None = None
     path: str | None = field(default=None, compare=False)  # the file it was read from (not written into it)
 
@@ -231,16 +232,7 @@ class SavedSearch:
         path = os.path.abspath(path)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        temporary = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(self.to_json(folder), handle, indent=1, allow_nan=False)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        write_json_atomically(path, self.to_json(folder))
         return path
 
     @classmethod
@@ -251,74 +243,56 @@ class SavedSearch:
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ValueError(f"saved-search format {version} is newer than this CBIRSlicer reads ({FORMAT_VERSION}); update it")
-        return cls(QuerySpec.from_json(data["query"], beside), SearchSettings.from_json(data["settings"]),
-                   IndexRef.from_json(data["index"]), answer_from_json(data["answer"]), Feedback.from_json(data.get("feedback")),
+        return cls(SavedQuery.from_json(data["query"], beside), SearchSettings.from_json(data["settings"]),
+                   IndexRef.from_json(data["index"]), SearchAnswer.from_json(data["answer"]), Feedback.from_json(data.get("feedback")),
                    data.get("suggestion"), str(data.get("saved") or ""), data.get("name"))
 
     @classmethod
     def load(cls, path: str) -> SavedSearch:
         """A saved search from its file; a missing, unreadable or malformed file is one InputError naming it and the problem."""
         path = os.path.abspath(path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except FileNotFoundError:
-            raise InputError(path, "saved search does not exist") from None
-        except UnicodeDecodeError as error:
-            raise InputError(path, f"saved search is not UTF-8 text (byte {error.start})") from None
-        except json.JSONDecodeError as error:
-            raise InputError(path, f"saved search is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
-        except OSError as error:
-            raise InputError(path, f"saved search cannot be read ({error.strerror or error})") from None
+        data = read_json(path, "saved search")
         try:
             saved = cls.from_json(data, os.path.dirname(path))
             saved.path = path
             return saved
         except KeyError as error:
             raise InputError(path, f"saved search lacks the field {error}") from None
-        except (ValueError, TypeError, IndexError, AttributeError) as error:
+        except (ValueError, TypeError, IndexError, AttributeError, CBIRError) as error:
             raise InputError(path, f"saved search is malformed: {error}") from None
 
 
 def make(query, answer: SearchAnswer, index: SearchableIndex, settings: SearchSettings, mask: tuple[str, int] | None = None,
          feedback: Feedback | None = None, suggestion: dict | None = None, name: str | None = None) -> SavedSearch:
-    """A saved search of a search just made (``query``: the retrieval.search.Query it answered; ``mask``: (label map, label))."""
-    description = dict(query.description)
-    mode = description.get("mode")
-    if mode not in QUERY_MODES:
-        raise ParameterError(f"a search of mode '{mode}' cannot be saved")
-    volume = description.get("volume")
-    if mode in ("roi", "slice", "volume") and not volume:
+    """A saved search of a search just made (``query``: the queries.Query it answered; ``mask``: (label map, label))."""
+    spec = query.spec
+    if spec.mode in VOLUME_MODES and not spec.volume:
         raise ParameterError("the query volume has no file behind it; save it to a file first, so the saved search can find it again")
-    spec = QuerySpec(mode, FileRef.of(volume) if volume else None, description.get("roi_ras"),
-                     FileRef.of(mask[0]) if mask else None, int(mask[1]) if mask else None,
-                     description.get("ras") if mode == "slice" else None, description.get("text"), description.get("item"),
-                     description)
-    return SavedSearch(spec, settings, IndexRef.of(index), answer, feedback or Feedback(), suggestion, name=name)
+    saved = SavedQuery(spec, FileRef.of(spec.volume) if spec.volume else None, FileRef.of(mask[0]) if mask else None,
+                       int(mask[1]) if mask else None)
+    return SavedSearch(saved, settings, IndexRef.of(index), answer, feedback or Feedback(), suggestion, name=name)
 
 
-def build_query(saved: SavedSearch, index: SearchableIndex, embedder, loader=None):
+def build_query(saved: SavedSearch, index: SearchableIndex, loader=None):
     """The query of a saved search, made again from its files (checked unchanged first) on an index."""
+    from ..imaging.roi import segment_of_label
     from . import queries
 
-    spec, settings = saved.query, saved.settings
-    if spec.mode == "text":
-        return queries.text_query(spec.text or "", embedder)
-    if spec.mode == "item":
-        if index.manifest["created"] != saved.index.created:
-            raise ParameterError(f"{index.folder}: a 'more like this' search names an item of the index it was made on "
-                                 f"({saved.index.path}); it re-runs only there")
-        return queries.item_query(index, int(spec.item))
-    spec.volume.check("the query volume")
-    if spec.mask is not None:
-        spec.mask.check("the ROI label map")
-    volume = (loader or queries.load_volume_for_query)(spec.volume.path)
-    if spec.mode == "roi":
-        return queries.roi_query(volume, RoiBox(tuple(spec.roi_ras[:3]), tuple(spec.roi_ras[3:])), settings.axis, index,
-                                settings.margin_mm)
-    if spec.mode == "slice":
-        return queries.slice_query(volume, settings.axis, index, spec.slice_ras)
-    return queries.volume_query(volume, settings.axis, index)  # as the CLI and the module ask: the default number of slices
+    asked, settings = saved.query, saved.settings
+    # Made afresh, as when it was first asked: the kind ranked first inferred again, the marks kept by the saved search.
+    spec = dataclasses.replace(asked.spec, axis=settings.axis, margin_mm=settings.margin_mm, prior=None, feedback=None,
+                               feedback_strategy=None)
+    if spec.mode == "item" and index.manifest["created"] != saved.index.created:
+        raise ParameterError(f"{index.folder}: a 'more like this' search names an item of the index it was made on "
+                             f"({saved.index.path}); it re-runs only there")
+    if spec.mode in ("text", "item"):
+        return queries.make_query(spec, None, index)
+    asked.volume.check("the query volume")
+    segment = None
+    if asked.mask is not None:
+        asked.mask.check("the ROI label map")
+        segment = segment_of_label(asked.mask.path, int(asked.mask_label or 1)) if spec.mode == "segment" else None
+    return queries.make_query(spec, (loader or queries.load_volume_for_query)(asked.volume.path), index, segment)
 
 
 def check_model(saved: SavedSearch, index: SearchableIndex) -> None:
@@ -394,7 +368,7 @@ def rerun(saved: SavedSearch, index_folder: str | None = None, searcher=None, lo
         searcher = Searcher(index, model=saved.settings.model, device=device)
     index = searcher.index
     check_model(saved, index)
-    query = build_query(saved, index, searcher.embedder, loader)
+    query = build_query(saved, index, loader)
     settings = saved.settings
     answer = searcher.search(query, settings.k, settings.filters or None, settings.ranking, prior=settings.prior)
     if settings.placement:
@@ -405,14 +379,25 @@ def rerun(saved: SavedSearch, index_folder: str | None = None, searcher=None, lo
 
 def with_answer(saved: SavedSearch, run: Rerun) -> SavedSearch:
     """The saved search updated with a re-run's answer and index (feedback and suggestion kept)."""
-    import dataclasses
-
-    return dataclasses.replace(saved, answer=run.answer, index=run.index, saved=_now())
+    return dataclasses.replace(saved, answer=run.answer, index=run.index, saved=now_utc())
 
 
 
 CSV_COLUMNS = ["rank", "case_id", "name", "score", "body_part", "modality", "match_r", "match_a", "match_s", "match_axis",
                "match_kind", "path"]
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(text: str) -> str:
+    """A text cell a spreadsheet will not run (OWASP CSV injection): one starting with = + - @, a tab or a carriage return
+    gets a leading single quote, unless it is a plain number (-3.2 stays a number)."""
+    text = str(text)
+    if text.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]] | None = None) -> str:
@@ -427,19 +412,14 @@ def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]]
     columns = sorted({c for values in labels.values() for c in values}, key=lambda c: (c != "label", c.lower()))
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(CSV_COLUMNS + columns)
-            for result in answer.results:
-                spot = result.best_match.spot
-                mine = labels.get(result.case_id, {})
-                writer.writerow([result.rank, result.case_id, result.name, f"{result.score:.5f}", result.body_part or "",
-                                 result.modality or "", *(f"{v:.3f}" for v in spot), result.best_match.axis,
-                                 result.best_match.kind, result.source, *(mine.get(c, "") for c in columns)])
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with replaced(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS + [safe_cell(c) for c in columns])
+        for result in answer.results:
+            spot = result.best_match.spot
+            mine = labels.get(result.case_id, {})
+            writer.writerow([result.rank, *map(safe_cell, (result.case_id, result.name)), f"{result.score:.5f}",
+                             *map(safe_cell, (result.body_part or "", result.modality or "")), *(f"{v:.3f}" for v in spot),
+                             *map(safe_cell, (result.best_match.axis, result.best_match.kind, result.source)),
+                             *(safe_cell(mine.get(c, "")) for c in columns)])
     return path

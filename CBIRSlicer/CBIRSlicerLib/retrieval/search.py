@@ -22,12 +22,13 @@ from ..imaging.volume import Volume
 from ..index import vector_transform
 from ..index.catalog import ItemArrays
 from ..index.searchable import Allowed, SearchableIndex
-from ..models.base import Embedder
+from ..models.base import VOLUME_FAMILIES, Embedder
 from ..models.registry import create_embedder
+from ..models.requests import EmbeddingKind, EmbeddingRequest
 from ..threads import one_blas_thread
 from . import ranking
 from .answers import BestMatch, CaseResult, SearchAnswer
-from .queries import Query, load_volume_for_query
+from .queries import Prior, Query, load_volume_for_query
 
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
@@ -37,31 +38,36 @@ MULTI_IMAGE_EF_SEARCH = 512
 DENSE_QUERY_PASSES = 6
 
 
-def dense_query_vectors(embedder: Embedder, query: Query, settings) -> np.ndarray:
-    """A dense index's query vectors: slices' grids pooled over their boxes, as the index pools its items.
+def embedding_request(query: Query, index: SearchableIndex) -> EmbeddingRequest | None:
+    """What the query needs embedded on this index, or None (its vectors are there: an item's, or embedded already).
 
-    A region query embeds only the windows over its box, on as many of its slices as fit DENSE_QUERY_PASSES.
+    Decided from the index alone (its model's family and region strategy), so a search in the module starts before the
+    worker's model has loaded: a 3D model embeds the ROI's part of the volume or all of it; a dense index pools each
+    slice's grid over its boxes, a region query only on as many slices as fit DENSE_QUERY_PASSES; a phrase is the
+    model's text; otherwise the images.
     """
-    from ..models.dense import region_vectors
+    if query.vectors is not None:
+        return None
+    if query.mode == "text":
+        return EmbeddingRequest(EmbeddingKind.TEXT, texts=[query.spec.text or ""])
+    if index.fingerprint.get("family") in VOLUME_FAMILIES:
+        if query.volume is None or query.mode not in ("roi", "segment", "volume"):
+            raise ParameterError(f"model '{index.model_name()}' is a 3D CT encoder: it answers region (--roi-ras) and "
+                                 f"whole-volume queries, not {query.mode} queries (a single slice holds too little depth for it)")
+        return EmbeddingRequest(EmbeddingKind.VOLUME, volume=query.volume, roi=query.roi if query.mode != "volume" else None)
+    if not query.images:
+        raise ParameterError("the query holds no images (an ROI outside the volume?)")
+    if query.boxes is not None:
+        settings = index.settings
+        return EmbeddingRequest(EmbeddingKind.REGIONS, images=query.images, boxes=query.boxes, pixel_mm=query.pixel_mm,
+                                cell_mm=settings.dense_cell_mm, pooling=settings.dense_pooling,
+                                passes=DENSE_QUERY_PASSES if _region(query) else None)
+    return EmbeddingRequest(EmbeddingKind.IMAGES, images=query.images)
 
-    passes = DENSE_QUERY_PASSES if query.description.get("mode") == "roi" else None
-    vectors, chosen = region_vectors(embedder, query.images, query.pixel_mm, query.boxes, settings.dense_cell_mm,
-                                     settings.dense_pooling, passes)
-    query.images = [query.images[n] for n in chosen]
-    query.boxes = [query.boxes[n] for n in chosen]
-    query.pixel_mm = [query.pixel_mm[n] for n in chosen]
-    return vectors
 
-
-def volume_model_vectors(embedder: Embedder, query: Query) -> np.ndarray:
-    """A 3D model's query vector: the ROI's (the cells of one pass that overlap it), or the whole volume's; not slices."""
-    mode = query.description.get("mode")
-    if query.volume is None or mode not in ("roi", "volume"):
-        raise ParameterError(f"model '{embedder.name}' is a 3D CT encoder: it answers region (--roi-ras) and whole-volume "
-                             f"queries, not {mode or 'image'} queries (a single slice holds too little depth for it)")
-    if mode == "roi":
-        return embedder.embed_region(query.volume, query.roi)[None]
-    return embedder.embed_volume(query.volume).whole[None]
+def _region(query: Query) -> bool:
+    """Whether the query asks about a box (an ROI or a segment's), not whole slices."""
+    return query.mode in ("roi", "segment")
 
 
 def volume_model_other_scale(index: SearchableIndex, query: Query) -> np.ndarray:
@@ -70,7 +76,7 @@ def volume_model_other_scale(index: SearchableIndex, query: Query) -> np.ndarray
     A whole volume's vector is the mean of all its cells, so it is like every region a little; left in, it came
     first for ROI queries and put every best match at the case's centre (docs/benchmarks.md).
     """
-    mode = query.description.get("mode")
+    mode = query.mode
     if mode == "item":  # 'more like this': like the item's own scale
         item = index.catalog.items([query.exclude_item]).get(query.exclude_item)
         mode = "volume" if item is not None and item.kind == "volume" else "roi"
@@ -108,6 +114,8 @@ class SearchScope:
 
     excluded: np.ndarray
     allowed: Allowed = None
+    left_out_cases: list[int] = dataclasses.field(default_factory=list)  # case rows left out (own, judged): the fewer note
+    allowed_cases: list[int] | None = None  # case rows the filters allow (None: no filters)
 
 
 @dataclass
@@ -123,7 +131,7 @@ class ScoredCases:
 def query_weights(query: Query, vectors: np.ndarray) -> np.ndarray | None:
     """How much each query image counts: a region's by likeness to its central image; other queries' alike (None)."""
     # A region's images are its slices in order, centred on what the reader boxed.
-    return ranking.centre_weights(vectors) if query.description.get("mode") == "roi" else None
+    return ranking.centre_weights(vectors) if _region(query) else None
 
 
 class Searcher:
@@ -142,18 +150,11 @@ class Searcher:
         self._query_kind: tuple[Volume, object] | None = None
 
     def query_vectors(self, query: Query) -> np.ndarray:
-        """The query's vectors for the first stage (embedding its images if it holds no vectors yet)."""
-        if query.vectors is not None:
-            return query.vectors
-        if self.embedder.embeds_volumes:
-            query.vectors = volume_model_vectors(self.embedder, query)
-            return query.vectors
-        if not query.images:
-            raise ParameterError("the query holds no images (an ROI outside the volume?)")
-        if query.boxes is not None:
-            query.vectors = dense_query_vectors(self.embedder, query, self.index.settings)
-            return query.vectors
-        query.vectors = self.embedder.embed_images(query.images)  # kept: placing the matches later compares them again
+        """The query's vectors for the first stage: what :func:`embedding_request` says it needs, run by the searcher's
+        model (kept on the query: placing the matches later compares them again)."""
+        request = embedding_request(query, self.index)
+        if request is not None:
+            query.vectors = request.run(self.embedder)
         return query.vectors
 
     def scope(self, query: Query, filters: dict[str, str] | None = None) -> SearchScope:
@@ -167,8 +168,10 @@ class Searcher:
             excluded = np.union1d(excluded, [query.exclude_item])
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
+        allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
         # Item ids for the folder; a store that filters inside its own search (Milvus) gets the filters as its condition.
-        return SearchScope(excluded, self.index.allowed_items(filters) if filters else None)  # a field no case has raises there
+        allowed = self.index.allowed_items(filters) if filters else None
+        return SearchScope(excluded, allowed, excluded_rows, allowed_rows)
 
     def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None,
                     transform=None) -> dict[int, int]:
@@ -228,7 +231,7 @@ class Searcher:
         results = [CaseResult.of_case(rank, catalog.case_by_row(r.case_row), r.score, r.votes, r.per_image,
                                       BestMatch.of_item(best_items[r.best_item], r.focus_ras))
                    for rank, r in enumerate(shown, start=1)]
-        return SearchAnswer(query.description, method, results)
+        return SearchAnswer(query.spec, method, results)
 
     def search(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, method: str = "maxsim",
                hits_per_image: int | None = None, prior: bool = True, rescore=None) -> SearchAnswer:
@@ -242,13 +245,16 @@ class Searcher:
         """
         if method not in ranking.METHODS:
             raise ParameterError(f"ranking must be one of {', '.join(ranking.METHODS)}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= ranking.MAX_RESULTS:
+            raise ParameterError(f"the number of cases asked for (k) must be a whole number from 1 to {ranking.MAX_RESULTS}, "
+                                 f"not {k!r}")
         vectors = self.query_vectors(query)
         scope = self.scope(query, filters)
         if scope.allowed is not None and not len(scope.allowed):
-            return SearchAnswer(query.description, method, [],
+            return SearchAnswer(query.spec, method, [],
                                 note="no case of the index matches the filters " + ", ".join(f"{k}={v}" for k, v in filters.items()))
         # Text is compared raw: the transform is learned on image vectors (vector_transform).
-        transform = None if query.description.get("mode") == "text" else self.index.transform
+        transform = None if query.mode == "text" else self.index.transform
         candidates = self.first_stage(vectors, scope, k, hits_per_image, transform)
         compared = vectors if transform is None else transform.apply(vectors)
         weights = query_weights(query, compared)
@@ -263,7 +269,24 @@ class Searcher:
             raise IndexCorruptError(f"{self.index.folder}: a case scores NaN; the index is damaged: run 'cbir index verify' and "
                                     "'cbir index repair'")
         self.locate(scored, shown, weights)
-        return self.package(query, method, shown)
+        answer = self.package(query, method, shown)
+        return answer if len(shown) >= k else dataclasses.replace(answer, note=self.fewer_note(query, scope, k, len(shown)))
+
+    def fewer_note(self, query: Query, scope: SearchScope, k: int, shown: int) -> str:
+        """Why an answer shows fewer cases than asked for: the cases the index can show, and those left out."""
+        catalog = self.index.catalog
+        complete = set(catalog.case_rows_matching({})) if scope.allowed_cases is None else set(scope.allowed_cases)
+        left_out = complete & set(scope.left_out_cases)
+        marked = query.spec.feedback.judged if query.spec.feedback is not None else []
+        judged = {case.row for case in map(catalog.case_by_id, marked) if case is not None}
+        kinds = [what for what, rows in (("already judged", left_out & judged), ("the query's own case", left_out - judged)) if rows]
+        held = f"{len(complete)} case{'s' if len(complete) != 1 else ''}" + (" matching the filters" if scope.allowed_cases is
+                                                                                 not None else "")
+        why = f"; {len(left_out)} left out ({' and '.join(kinds)})" if left_out else ""
+        if shown >= len(complete) - len(left_out):
+            return f"{shown} of the {k} cases asked for: the index holds {held}{why}"
+        return (f"{shown} of the {k} cases asked for: the index holds {held}{why}, but only {shown} came among the first "
+                "stage's nearest items")
 
 
     def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
@@ -274,29 +297,29 @@ class Searcher:
         patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow, so a wrongly
         inferred region costs places in the list, never the case. The middle group keeps an abdominal CT whose region was
         read as CHEST (much lung in view) ahead of head CTs and MRs. A query region nobody knows (an MR of the trunk)
-        leaves the modality alone to decide. The kind of the query is recorded in the answer's description.
+        leaves the modality alone to decide. The kind of the query is recorded in its spec (the answer's query.prior).
         """
         from ..imaging import body_region
 
         if query.volume is None or not ranked:
             return ranked
-        if "prior" not in query.description:
+        if query.spec.prior is None:
             if self._query_kind is None or self._query_kind[0] is not query.volume:
                 self._query_kind = (query.volume, body_region.infer(query.volume))
             found = self._query_kind[1]
             modality = (query.volume.modality or found.modality or "").upper() or None
             region = (query.volume.body_part or ("" if found.body_part == "UNKNOWN" else found.body_part)).upper() or None
-            query.description["prior"] = {"modality": modality, "body_part": region}
-        wanted = query.description["prior"]
+            query.spec = dataclasses.replace(query.spec, prior=Prior(modality, region))
+        wanted = query.spec.prior
 
         def group(score: ranking.CaseScore) -> int:
             case = self.index.catalog.case_by_row(score.case_row)
-            if wanted["modality"] and (case.modality or "").upper() != wanted["modality"]:
+            if wanted.modality and (case.modality or "").upper() != wanted.modality:
                 return 2
             region = (case.body_part or "").upper()
-            if not wanted["body_part"] or region == wanted["body_part"]:
+            if not wanted.body_part or region == wanted.body_part:
                 return 0
-            return 1 if not region or body_region.neighbours(region, wanted["body_part"]) else 2
+            return 1 if not region or body_region.neighbours(region, wanted.body_part) else 2
 
         groups = [group(s) for s in ranked]
         return [s for n in range(3) for s, g in zip(ranked, groups) if g == n]
@@ -326,8 +349,7 @@ class Searcher:
                 return answer
             global_transforms = {}
             self._query_grid = (query.volume, query_image, global_transforms)
-        roi = query.description.get("roi_ras")
-        box_mm = max(roi[3:]) if roi else None
+        box_mm = max(round(v, 3) for v in query.roi.size) if query.roi is not None else None
         margin = placement.look_alike_margin(box_mm)
         excluded = self.index.excluded_ids()
         if self.embedder.embeds_volumes:

@@ -162,6 +162,41 @@ class Suggestion:
                 "supporting_cases": list(self.supporting_cases), "votes": {k: round(v, 3) for k, v in self.votes.items()},
                 "calibration": self.calibration, "text": self.line()}
 
+    @classmethod
+    def from_json(cls, data: dict) -> Suggestion:
+        """Back from the CLI JSON's ``suggestion`` (its ``text`` is made again by :meth:`line`)."""
+        return cls(str(data["column"]), str(data["label"]), float(data["confidence"]), float(data["share"]), int(data["support"]),
+                   int(data["considered"]), int(data["labelled"]), [str(c) for c in data["supporting_cases"]],
+                   {str(k): float(v) for k, v in data["votes"].items()}, str(data["calibration"]))
+
+
+@dataclass(frozen=True)
+class NoSuggestion:
+    """Why an index whose cases carry labels suggests nothing for an answer."""
+
+    column: str
+    reason: str
+
+    def line(self) -> str:
+        """The panel's line: 'No suggestion: why'."""
+        return f"No suggestion: {self.reason}"
+
+    def to_json(self) -> dict:
+        """The CLI JSON's ``suggestion`` when there is none."""
+        return {"column": self.column, "label": None, "reason": self.reason}
+
+    @classmethod
+    def from_json(cls, data: dict) -> NoSuggestion:
+        """Back from the CLI JSON's ``suggestion`` when there is none."""
+        return cls(str(data["column"]), str(data["reason"]))
+
+
+def suggestion_from_json(data: dict | None) -> Suggestion | NoSuggestion | None:
+    """An answer's suggestion back from JSON: a suggested label, why there is none, or None (an index without labels)."""
+    if data is None:
+        return None
+    return NoSuggestion.from_json(data) if data.get("label") is None else Suggestion.from_json(data)
+
 
 def class_counts(index, column: str) -> dict[str, int]:
     """Labelled cases per label of a column."""
@@ -245,7 +280,7 @@ def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
     """The calibration pinned for this column by ``cbir evaluate``, else none: the confidence is then the raw vote share.
 
     A calibration fitted on demand on the index's own leave-one-case-out votes of pooled case vectors
-    (:func:`pooled_calibration`) made region queries' confidences worse, not better (expected calibration error
+    (``benchmarks/reading_room.py``) made region queries' confidences worse, not better (expected calibration error
     0.25 and 0.62 against 0.14 and 0.19 for the raw share on the phantom cohorts; docs/benchmarks.md), so it is
     measured but not used.
     """
@@ -253,18 +288,6 @@ def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
     if pinned:
         return Calibration(**pinned)
     return Calibration(source=UNCALIBRATED, classes=class_counts(index, column))
-
-
-def pooled_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
-    """Platt scaling fitted on the index's own leave-one-case-out votes of pooled case vectors (measured, not used)."""
-    votes = loco_case_votes(index, column, k)
-    shares, right = [], []
-    for names, shares_of in zip(votes.labels, votes.votes):
-        if names and shares_of:
-            winner, share = next(iter(shares_of.items()))
-            shares.append(share)
-            right.append(winner in names)
-    return fit_calibration(shares, right, "index cases (pooled vectors, leave-one-case-out)", class_counts(index, column))
 
 
 def pin_calibration(index, column: str, calibration: Calibration) -> None:
@@ -324,7 +347,7 @@ class Suggester:
                        f"'{self.column}' (the index has {dict(sorted(counts.items()))})")
             else:
                 why = f"no case among the top {self.k} has a label in '{self.column}' that the index holds often enough"
-            found = {"column": self.column, "label": None, "reason": why}
+            return dataclasses.replace(answer, suggestion=NoSuggestion(self.column, why))
         return dataclasses.replace(answer, suggestion=found)
 
 

@@ -21,15 +21,13 @@ from ..imaging.volume import Volume
 from ..index.files import MANIFEST
 from ..index.location import index_exists, is_server_location, location_key, open_index
 from ..index.searchable import SearchableIndex
-from ..models.base import VOLUME_FAMILIES, Embedder, Fingerprint
+from ..models.base import Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..retrieval.answers import CaseResult, SearchAnswer
 from ..retrieval.feedback import DEFAULT_STRATEGY, Feedback, search_again
-from ..retrieval.queries import Query, item_query, roi_query, segment_query, slice_query, volume_query
-from ..retrieval.search import Searcher
+from ..retrieval.queries import VOLUME_MODES, Query, QuerySpec, make_query
+from ..retrieval.search import Searcher, embedding_request
 from .nodes import node_state, roi_from_node, segment_from_node, volume_from_node
-
-QUERY_MODES = ("roi", "segment", "slice", "volume")
 
 _services: dict[tuple[str, str | None, str | None], EmbeddingService] = {}
 
@@ -133,20 +131,16 @@ def query_from_nodes(index: SearchableIndex, volume_node, axis: str = "axial", m
                      slice_ras: Sequence[float] | None = None, segment_node=None, segment: str | int | None = None) -> Query:
     """A query from the scene: the ROI's slices (mode 'roi'), a segment's ('segment': a segmentation node's segment, by
     name or ID, or a label of a label map node), the slice through a point ('slice') or the whole volume."""
-    if mode not in QUERY_MODES:
-        raise ParameterError(f"query mode must be one of {', '.join(QUERY_MODES)}, not '{mode}'")
+    if mode not in VOLUME_MODES:
+        raise ParameterError(f"query mode must be one of {', '.join(VOLUME_MODES)}, not '{mode}'")
     if volume_node is None:
         raise ParameterError("choose a query volume first")
     volume = query_volume(volume_node)
-    if mode == "roi":
-        if roi_node is None:
-            raise ParameterError("choose or place an ROI first, or query the current slice or the whole volume")
-        return roi_query(volume, roi_from_node(roi_node), axis, index)
-    if mode == "segment":
-        return segment_query(volume, segment_from_node(segment_node, segment), axis, index)
-    if mode == "slice":
-        return slice_query(volume, axis, index, slice_ras)
-    return volume_query(volume, axis, index)
+    if mode == "roi" and roi_node is None:
+        raise ParameterError("choose or place an ROI first, or query the current slice or the whole volume")
+    spec = QuerySpec(mode, axis=axis, roi=roi_from_node(roi_node) if mode == "roi" else None,
+                     point=tuple(float(v) for v in slice_ras) if mode == "slice" and slice_ras is not None else None)
+    return make_query(spec, volume, index, segment_from_node(segment_node, segment) if mode == "segment" else None)
 
 
 @dataclass(frozen=True)
@@ -287,42 +281,17 @@ class SearchSession:
 
     def start(self, query: Query, k: int = 10, filters: dict[str, str] | None = None, ranking: str = "maxsim",
               prior: bool = True) -> PendingSearch:
-        """Start a search: the query's images go to the worker at once; returns without waiting.
+        """Start a search: what the query needs embedded goes to the worker at once; returns without waiting.
 
         ``prior``: cases of the query's own modality and body region first (:meth:`Searcher.search`); off, all alike."""
-        job = None
-        # decided from the index's model family, so a search starts without waiting for the worker's model to load
-        if query.vectors is None and self.index.fingerprint.get("family") in VOLUME_FAMILIES:
-            job = self._volume_job(query)
-        elif query.vectors is None:
-            if not query.images:
-                raise ParameterError("the query holds no images (is the ROI outside the volume?)")
-            job = self._regions_job(query) if query.boxes is not None else self.service.submit_images(query.images)
+        # The searcher's own rule, decided from the index, so a search starts without waiting for the worker's model to load.
+        request = embedding_request(query, self.index)
+        job = self.service.submit(request) if request is not None else None
         return PendingSearch(self, query, job, k, filters, ranking, prior)
-
-    def _regions_job(self, query: Query):
-        """A dense index's query: the worker pools the boxes' vectors from the slices' grids, as the index did."""
-        from ..retrieval.search import DENSE_QUERY_PASSES
-
-        settings = self.index.settings
-        passes = DENSE_QUERY_PASSES if query.description.get("mode") == "roi" else None
-        return self.service.submit_regions(query.images, query.boxes, query.pixel_mm, settings.dense_cell_mm,
-                                           settings.dense_pooling, passes)
-
-    def _volume_job(self, query: Query):
-        """A 3D model embeds the query's volume (its ROI, or all of it) in the worker; slice queries are refused."""
-        mode = query.description.get("mode")
-        if query.volume is None or mode not in ("roi", "volume"):
-            raise ParameterError(f"the index's model ({self.index.model_name()}) is a 3D CT encoder: query an ROI or "
-                                 "the whole volume, not a slice")
-        return self.service.submit_volume(query.volume, query.roi if mode == "roi" else None)
 
     def start_text(self, text: str, k: int = 10, filters: dict[str, str] | None = None) -> PendingSearch:
         """Start a search for a phrase (CLIP-family models)."""
-        if not text.strip():
-            raise ParameterError("type a phrase to search for")
-        query = Query({"text": text, "mode": "text"})
-        return PendingSearch(self, query, self.service.submit_text([text]), k, filters, "maxsim")
+        return self.start(make_query(QuerySpec("text", text=text), None, self.index), k, filters)
 
     def start_placement(self, search: PendingSearch, loader=None) -> PendingPlacement | None:
         """Place a finished search's matches in the background (ROI and slice queries); None when there is nothing to place."""
@@ -332,7 +301,7 @@ class SearchSession:
 
     def more_like(self, item_id: int, k: int = 10, filters: dict[str, str] | None = None) -> PendingSearch:
         """'More like this': the result's best-matching item as the query; answered at once (no embedding)."""
-        return PendingSearch(self, item_query(self.index, item_id), None, k, filters, "maxsim")
+        return self.start(make_query(QuerySpec("item", item=int(item_id)), None, self.index), k, filters)
 
     def with_suggestion(self, answer: SearchAnswer) -> SearchAnswer:
         """The answer with its suggested finding (or why there is none) when the index's cases carry labels."""
@@ -362,11 +331,7 @@ class SearchSession:
 def suggestion_text(answer: SearchAnswer | None) -> str:
     """The panel's line above the results: the suggestion with its confidence and support, why there is none, or ''."""
     found = answer.suggestion if answer is not None else None
-    if found is None:
-        return ""
-    if isinstance(found, dict):
-        return f"No suggestion: {found['reason']}"
-    return found.line()
+    return found.line() if found is not None else ""
 
 
 def mark_result(marks: Feedback, result: CaseResult, relevant: bool | None) -> None:
