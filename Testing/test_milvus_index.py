@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -31,7 +32,6 @@ pytest.importorskip("pymilvus")  # the test extra installs it (pyproject.toml); 
 # Small cases and a coarse cut (about 600 items a case): milvus-lite is pure Python, its cost grows with the rows it returns.
 SLICING = ["--model", "handcrafted", "--axes", "axial", "--stride-mm", "12", "--blobs", "3", "--blob-sizes-mm", "24", "--tiles-mm", "48"]
 SMALL = {"shape": (64, 64, 32), "spacing": (3.0, 3.0, 5.0)}
-REAL = "/work/shared/data/real/head-neck-ct"
 
 
 def cbir(*argv: str) -> tuple[int, str, str]:
@@ -213,19 +213,24 @@ def test_a_real_volume_set_answers_as_the_folder(tmp_path):
     folder's exact search, case recall@10 and the common cases' scores."""
     import SimpleITK as sitk
 
-    if not os.path.isdir(REAL):
-        pytest.skip(f"{REAL}: the shared real data is not on this machine")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import real_data
+
+    try:
+        real = str(real_data.shared_data_dir() / "real" / "head-neck-ct")
+    except real_data.RealDataError as error:
+        pytest.skip(f"shared data not available: {error}")
     patients = ["train_pt_1", "train_pt_2", "train_pt_3"]
     cases = tmp_path / "cases"
     cases.mkdir()
     for patient in patients:
-        os.symlink(os.path.join(REAL, f"{patient}_ct.nii.gz"), cases / f"{patient}_ct.nii.gz")
-    real = ["--model", "handcrafted", "--stride-mm", "15", "--blobs", "4", "--tiles-mm", "64", "--blob-sizes-mm", "24"]
+        os.symlink(os.path.join(real, f"{patient}_ct.nii.gz"), cases / f"{patient}_ct.nii.gz")
+    slicing = ["--model", "handcrafted", "--stride-mm", "15", "--blobs", "4", "--tiles-mm", "64", "--blob-sizes-mm", "24"]
     folder, uri = str(tmp_path / "folder"), f"milvus://{tmp_path / 'real.db'}"
     for index, kind in ((folder, "flat"), (uri, "hnsw")):
-        code, _, err = cbir("index", "build", str(cases), "--index", index, *real, "--index-type", kind)
+        code, _, err = cbir("index", "build", str(cases), "--index", index, *slicing, "--index-type", kind)
         assert code == 0, err
-    labels = sitk.ReadImage(os.path.join(REAL, f"{patients[0]}_labels.nii.gz"))
+    labels = sitk.ReadImage(os.path.join(real, f"{patients[0]}_labels.nii.gz"))
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(labels)
     query = str(cases / f"{patients[0]}_ct.nii.gz")

@@ -110,8 +110,14 @@ def _index_build(args: argparse.Namespace) -> int:
             embedder = create_embedder(args.model or "biomedclip", device=args.device)
             index = create_index(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
         with index:
-            report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
-                                       labels=read_labels(args.labels), dicom=_dicom_options(args))
+            if args.dask:  # cases embedded on a Dask cluster's workers, stored here as they come
+                from ..index.dask_build import add_sources_on_dask
+
+                report = add_sources_on_dask(index, args.sources, args.dask, index.model_name(), args.device,
+                                             progress_printer("indexing"), read_labels(args.labels))
+            else:
+                report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
+                                           labels=read_labels(args.labels), dicom=_dicom_options(args))
     print(report.summary())
     if exists or report.indexed:
         opened = open_index(args.index)
@@ -286,6 +292,8 @@ def register(commands) -> None:
                        help="FAISS structure (default auto: flat, HNSW, then compressed IVF-PQ by size)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    index.add_argument("--dask", metavar="SCHEDULER", help="build, add: embed the cases on a Dask cluster (tcp://HOST:8786, or "
+                       "local:N for N worker processes on this machine); each worker loads the model once")
     index.add_argument("--json", action="store_true", help="info or cases as JSON")
     index.add_argument("--local-labels", metavar="FILE", help="cases: label side file to merge (default ./labels.local.csv)")
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
