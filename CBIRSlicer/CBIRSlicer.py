@@ -260,9 +260,10 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.findSimilarButton.toolTip = (_("Cancel the search") if searching else
                                              _("Search the index") if session else _("Open an index first"))
         self.ui.textQueryLineEdit.enabled = session and self.logic.supportsText()
-        self.ui.buildFromFolderButton.enabled = not building and _isFolder(p.sourceFolder) and _isFolder(p.indexFolder, True)
-        self.ui.buildFromSceneButton.enabled = not building and _isFolder(p.indexFolder, True)
-        self.ui.indexDicomDatabaseButton.enabled = not building and _isFolder(p.indexFolder, True)
+        target = _isFolder(p.indexFolder, True) or search_session.is_server_location(str(p.indexFolder))  # or a Milvus location
+        self.ui.buildFromFolderButton.enabled = not building and _isFolder(p.sourceFolder) and target
+        self.ui.buildFromSceneButton.enabled = not building and target
+        self.ui.indexDicomDatabaseButton.enabled = not building and target
         self.ui.cancelBuildButton.enabled = building
         selected = self._selectedResult() is not None
         self.ui.showResultButton.enabled = selected

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,6 +157,9 @@ def test_locations_and_credentials(tmp_path, monkeypatch):
     place = milvus_connection.parse_location("milvus://pacs.example.org/dept_ct")
     assert (place.uri, place.collection, place.display) == ("http://pacs.example.org:19530", "dept_ct", "milvus://pacs.example.org:19530/dept_ct")
     assert milvus_connection.parse_location("milvus+https://h:443/c").uri == "https://h:443"
+    # The module's index field is a pathlib.Path, which folds '//': the location still means the same.
+    assert milvus_connection.parse_location(str(Path("milvus://pacs.example.org/dept_ct"))) == place
+    assert milvus_connection.parse_location(str(Path(f"milvus://{tmp_path}/x.db"))).local_path == str(tmp_path / "x.db")
     local = milvus_connection.parse_location(f"milvus://{tmp_path}/x.db?collection=ct")
     assert (local.local_path, local.collection) == (str(tmp_path / "x.db"), "ct")
     assert is_server_location(str(tmp_path / "x.db")) and not is_server_location(str(tmp_path / "folder"))

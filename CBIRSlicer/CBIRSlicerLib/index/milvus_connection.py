@@ -69,11 +69,21 @@ class MilvusLocation:
         return f"{scheme}://{parts.netloc}/{self.collection}"
 
 
+def _restored(text: str) -> str:
+    """A location that went through ``pathlib.Path`` (the module's parameter node keeps its index field as one), which
+    folds '//' into '/': 'milvus:/HOST:PORT/C' back to 'milvus://HOST:PORT/C', 'milvus:/PATH.db' to 'milvus:///PATH.db'."""
+    for scheme in ("milvus+https:", "milvus:"):
+        if text.startswith(scheme + "/") and not text.startswith(scheme + "//"):
+            rest = text[len(scheme) + 1:]
+            return f"{scheme}///{rest}" if rest.split("?")[0].endswith(".db") else f"{scheme}//{rest}"
+    return text
+
+
 def is_milvus_location(text: str | os.PathLike | None) -> bool:
     """Whether a location names a Milvus-backed index: a milvus:// URI, or a ``.db`` path that is not an index folder."""
     if not text:
         return False
-    text = str(text)
+    text = _restored(str(text))
     if text.startswith(SCHEMES):
         return True
     return text.endswith(".db") and not os.path.isfile(os.path.join(text, "manifest.json"))
@@ -81,7 +91,7 @@ def is_milvus_location(text: str | os.PathLike | None) -> bool:
 
 def parse_location(text: str) -> MilvusLocation:
     """The Milvus location a text names (ParameterError for a malformed one, or credentials inside it)."""
-    text = str(text)
+    text = _restored(str(text))
     if not text.startswith(SCHEMES):
         if not text.endswith(".db"):
             raise ParameterError(f"{text}: not a Milvus location (milvus://HOST:PORT/COLLECTION, or a milvus-lite .db file)")
