@@ -34,8 +34,9 @@ from slicer.util import VTKObservationMixin
 from CBIRSlicerLib import dependencies
 from CBIRSlicerLib.imaging import readers, synthetic
 from CBIRSlicerLib.index import background_build, dicom_sources, dicomweb, labels
-from CBIRSlicerLib.index.folder import Index, model_of
+from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.location import open_index
 from CBIRSlicerLib.index.writer import BuildReport
 from CBIRSlicerLib.models import registry
 from CBIRSlicerLib.progress import PendingCall, State
@@ -263,9 +264,10 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.findSimilarButton.toolTip = (_("Cancel the search") if searching else
                                              _("Search the index") if session else _("Open an index first"))
         self.ui.textQueryLineEdit.enabled = session and self.logic.supportsText()
-        self.ui.buildFromFolderButton.enabled = not building and _isFolder(p.sourceFolder) and _isFolder(p.indexFolder, True)
-        self.ui.buildFromSceneButton.enabled = not building and _isFolder(p.indexFolder, True)
-        self.ui.indexDicomDatabaseButton.enabled = not building and _isFolder(p.indexFolder, True)
+        target = _isFolder(p.indexFolder, True) or search_session.is_server_location(str(p.indexFolder))  # or a Milvus location
+        self.ui.buildFromFolderButton.enabled = not building and _isFolder(p.sourceFolder) and target
+        self.ui.buildFromSceneButton.enabled = not building and target
+        self.ui.indexDicomDatabaseButton.enabled = not building and target
         self.ui.cancelBuildButton.enabled = building
         selected = self._selectedResult() is not None
         self.ui.showResultButton.enabled = selected
@@ -280,7 +282,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onIndexFolderChanged(self, path: str) -> None:
         """Open an index as soon as its folder is chosen."""
         session = self.logic.session
-        if session is not None and os.path.abspath(path) == session.index.folder:
+        if session is not None and search_session.same_location(path, session.index):
             return  # already open (the parameter node writes the path back on every connect)
         if search_session.is_index_folder(path):
             self._openIndex(path)  # the path given: the parameter node may not have it yet (its slot runs after this one)
@@ -296,7 +298,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.indexInfoLabel.text = _("No index open.")
         try:
             with _errorShown(_("Could not open the index.")):
-                if not search_session.is_index_folder(folder):
+                if not search_session.is_index_location(folder):
                     self.ui.indexInfoLabel.text = _("No index in {folder} yet: build one below.").format(folder=folder)
                     return
                 info = self.logic.openIndex(folder)
@@ -745,7 +747,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         """Open an index for searching, once: installs what its model needs (asking first), then starts the model loading
         in the background; returns its info, or None when the packages its model needs are not there."""
         self.closeIndex()
-        index = Index.open(folder)
+        index = open_index(str(folder))
         try:
             if not self.ensureDependencies(index.model_name()):
                 index.close()
@@ -765,7 +767,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def buildModel(folder: str, requested: str) -> str:
         """The model a build will use: the index's own when it exists, else the one asked for."""
-        return model_of(folder) if search_session.is_index_folder(folder) else requested
+        return search_session.existing_model(folder) or requested
 
     def startBuild(self, folder: str, sources: list[str], model: str = "biomedclip", dicom: Optional[dict] = None):
         """Build or extend an index in a background process; poll the returned IndexBuild."""

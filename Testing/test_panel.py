@@ -534,3 +534,30 @@ def test_a_segment_query_with_the_prior_switched_off(panel, qtbot, cohort):
     answer = panel.widget._answer
     assert answer.query.segment == "lesion 2" and answer.query.prior is None and answer.results
     assert np.allclose(answer.query.roi.center, QUERY_CENTRE, atol=1.0)
+
+
+def test_a_milvus_index_opens_by_its_location_and_answers(panel, qtbot, cohort, tmp_path):
+    """A server-held index typed as a location (here a milvus-lite file, as milvus://PATH.db): opened with Open, searched."""
+    pytest.importorskip("pymilvus")
+    from CBIRSlicerLib.index.location import create_index
+    from CBIRSlicerLib.models.registry import create_embedder
+
+    embedder = create_embedder("handcrafted")
+    location = f"milvus://{tmp_path / 'cases.db'}"
+    with create_index(location, embedder, IndexSettings(**SETTINGS), "flat") as index:
+        assert len(index.add_sources(cohort[2], embedder).added) == 4
+    ui = panel.ui
+    ui.queryVolumeSelector.setCurrentNode(_query_node(panel.scene))
+    ui.queryModeComboBox.currentIndex = ui.queryModeComboBox.findText("Whole volume")
+    ui.indexFolderPathLineEdit.currentPath = location
+    assert panel.widget.logic.session is None  # typing a location asks no server; Open does
+    assert ui.buildFromSceneButton.enabled  # a server location is somewhere to build, as a folder is
+    _click(qtbot, ui.openIndexButton)
+    qtbot.waitUntil(lambda: panel.widget.logic.session is not None, timeout=WAIT_MS)
+    assert ui.indexInfoLabel.text.startswith("4 cases,") and stand_ins.MESSAGES == []
+    assert panel.widget.logic.session.index.folder == f"milvus://{tmp_path / 'cases.db'}"
+    ui.kSpinBox.value = 2
+    _click(qtbot, ui.findSimilarButton)
+    _wait_search(panel, qtbot)
+    assert len(_rows(ui)) == 2 and not ui.resultsListWidget.item(0).icon().isNull()  # thumbnails from the server
+    panel.widget.logic.closeIndex()

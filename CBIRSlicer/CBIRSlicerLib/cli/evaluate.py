@@ -24,9 +24,8 @@ def _parse_ks(text: str) -> list[int]:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """cbir evaluate: retrieval metrics on labelled volumes (CSV) or a folder per class of 2D images."""
-    from ..index.files import MANIFEST
-    from ..index.folder import Index
     from ..index.items import IndexSettings
+    from ..index.location import create_index, index_exists, open_index
     from ..models.registry import create_embedder
     from ..plots import precision_curve_png
     from ..retrieval.evaluation import evaluate_images, evaluate_volumes, format_summary, read_labelled_csv
@@ -41,12 +40,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif os.path.isfile(args.input):
         rows = read_labelled_csv(args.input)
         folder = args.index or str(out / "index")
-        if os.path.exists(os.path.join(folder, MANIFEST)):
-            index = Index.open(folder, writable=True)
+        if index_exists(folder):
+            index = open_index(folder, writable=True)
             embedder = create_embedder(args.model or index.model_name(), device=args.device)
         else:
             embedder = create_embedder(args.model or "biomedclip", device=args.device)
-            index = Index.create(folder, embedder, IndexSettings(axes=[args.axis]))
+            index = create_index(folder, embedder, IndexSettings(axes=[args.axis]))
         labels: dict[str, list[str]] = {}
         for row in rows:  # the cases carry the CSV's labels, for suggestions on later searches of this index
             mine = labels.setdefault(os.path.abspath(row.path), [])
@@ -57,7 +56,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        labels=labels)
         if report.skipped:
             print(report.summary(), file=sys.stderr)
-        evaluation = evaluate_volumes(rows, Searcher(Index.open(folder), embedder), ks, args.axis, args.ranking)
+        evaluation = evaluate_volumes(rows, Searcher(open_index(folder), embedder), ks, args.axis, args.ranking)
         _pin_knn_calibration(folder, evaluation.summary.get("knn"))
     else:
         raise CBIRError(f"{args.input}: no such file or folder (give a labels CSV or a folder per class of 2D images)")
@@ -79,11 +78,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _pin_knn_calibration(folder: str, knn: dict | None) -> None:
     """Keep the suggestion's calibration fitted on the evaluation's votes in the index (searches prefer it)."""
-    from ..index.folder import Index
+    from ..index.location import open_index
     from ..retrieval.suggestion import Calibration, pin_calibration
 
     if knn and knn.get("answered"):
-        with Index.open(folder, writable=True) as index:
+        with open_index(folder, writable=True) as index:
             pin_calibration(index, "label", Calibration(**knn["calibration"]))
 
 

@@ -83,18 +83,17 @@ def _add_dicom_arguments(index: argparse.ArgumentParser) -> None:
 
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
-    from ..index.files import MANIFEST
     from ..index.first_build import undone_if_empty
-    from ..index.folder import Index
+    from ..index.location import create_index, index_exists, open_index
     from ..models.registry import create_embedder
 
-    exists = os.path.exists(os.path.join(args.index, MANIFEST))
+    exists = index_exists(args.index)
     if args.action == "add" and not exists:
         raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
     if not args.sources:
         raise CBIRError(f"index {args.action}: name the files or folders to index")
     if exists:
-        index = Index.open(args.index, writable=True)
+        index = open_index(args.index, writable=True)
         try:
             embedder = create_embedder(args.model or index.model_name(), device=args.device)
             if args.action == "build":  # resuming or extending a build: the slicing must be the same
@@ -109,13 +108,23 @@ def _index_build(args: argparse.Namespace) -> int:
         if not exists:
             settings = _settings_from(args, SLICING_DEFAULTS)
             embedder = create_embedder(args.model or "biomedclip", device=args.device)
-            index = Index.create(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
+            index = create_index(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
         with index:
-            report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
-                                       labels=read_labels(args.labels), dicom=_dicom_options(args))
+            if args.dask:  # cases embedded on a Dask cluster's workers, stored here as they come
+                from ..index.dask_build import add_sources_on_dask
+
+                report = add_sources_on_dask(index, args.sources, args.dask, index.model_name(), args.device,
+                                             progress_printer("indexing"), read_labels(args.labels))
+            else:
+                report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
+                                           labels=read_labels(args.labels), dicom=_dicom_options(args))
     print(report.summary())
     if exists or report.indexed:
-        info = Index.open(args.index).info()
+        opened = open_index(args.index)
+        try:
+            info = opened.info()
+        finally:
+            opened.close()
         print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
               f"({info['index_type']}), model {info['model']}")
     if not report.indexed:
@@ -127,17 +136,17 @@ def _index_build(args: argparse.Namespace) -> int:
 
 def _index_other(args: argparse.Namespace) -> int:
     """cbir index remove / info / verify / refresh / repair."""
-    from ..index.folder import Index
+    from ..index.location import is_server_location, open_index
 
     if args.action == "remove":
-        with Index.open(args.index, writable=True) as index:
+        with open_index(args.index, writable=True) as index:
             removed = index.remove(args.sources)
         print(f"removed {len(removed)} case(s): {', '.join(removed)}")
         return 0
     if args.action == "refresh":
         from ..models.registry import create_embedder
 
-        with Index.open(args.index, writable=True) as index:
+        with open_index(args.index, writable=True) as index:
             report = index.refresh(create_embedder(args.model or index.model_name(), device=args.device),
                                    progress_printer("refreshing"))
         print(report.summary())
@@ -148,11 +157,15 @@ def _index_other(args: argparse.Namespace) -> int:
         from ..index.repair import repair
         from ..models.registry import create_embedder
 
+        if is_server_location(args.index):
+            raise CBIRError(f"{args.index}: repair rebuilds an index folder from its files; a Milvus server keeps its own data "
+                            "safe (replicas, backups): check it with 'cbir index verify', and build it again if it is damaged")
+
         report = repair(args.index, lambda name: create_embedder(args.model or name, device=args.device), args.drop_missing,
                         progress_printer("re-embedding"))
         print(report.summary())
         return 0
-    index = Index.open(args.index, strict=args.action != "verify")
+    index = open_index(args.index, strict=args.action != "verify")
     state_note(index)
     if args.action == "suggest-labels":
         return _suggest_labels(args, index)
@@ -165,11 +178,12 @@ def _index_other(args: argparse.Namespace) -> int:
         else:
             counts = info["counts"]
             per_case = f", {info['bytes_per_case'] / 2**10:.0f} KiB per case" if info["bytes_per_case"] else ""
+            size = f"{info['bytes'] / 2**20:.1f} MiB on disk" if info["bytes"] is not None else "kept by the Milvus server"
             print(f"index {info['folder']}")
             print(f"  model {info['model']} ({info['dim']}-d, fingerprint {info['model_digest']})")
             print(f"  {counts['cases']} cases, {counts['items']} items, {counts['vectors']} vectors ({info['index_type']}), "
                   f"{counts['tombstones']} tombstones")
-            print(f"  {info['bytes'] / 2**20:.1f} MiB on disk{per_case}")
+            print(f"  {size}{per_case}")
             print(f"  settings {json.dumps(info['settings'])}")
             print(f"  created {info['created']}, updated {info['updated']}")
         return 0
@@ -253,7 +267,8 @@ def register(commands) -> None:
                                           "suggest-labels"])
     index.add_argument("sources", nargs="*", help="files and folders to index (build, add), a DICOM database (ctkdb:PATH or "
                        "Slicer's ctkDICOM.sql) or a PACS (dicomweb:URL), or case ids / sources (remove)")
-    index.add_argument("--index", required=True, help="index folder")
+    index.add_argument("--index", required=True, help="index folder, or milvus://HOST:PORT/COLLECTION (credentials from "
+                       "CBIR_MILVUS_TOKEN or CBIR_MILVUS_USER/PASSWORD or CBIR_MILVUS_AUTH_FILE), or a milvus-lite .db file")
     index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
     # Slicing flags have no argparse default: 'add' must tell a flag given from one left out (SLICING_DEFAULTS).
     index.add_argument("--axes", help="comma-separated axes to index (default axial)")
@@ -277,6 +292,8 @@ def register(commands) -> None:
                        help="FAISS structure (default auto: flat, HNSW, then compressed IVF-PQ by size)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    index.add_argument("--dask", metavar="SCHEDULER", help="build, add: embed the cases on a Dask cluster (tcp://HOST:8786, or "
+                       "local:N for N worker processes on this machine); each worker loads the model once")
     index.add_argument("--json", action="store_true", help="info or cases as JSON")
     index.add_argument("--local-labels", metavar="FILE", help="cases: label side file to merge (default ./labels.local.csv)")
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")

@@ -59,11 +59,11 @@ class _Opened:
 
 def _open(args: argparse.Namespace) -> _Opened:
     """The index and its searcher; a note (stderr) when the filters match no case."""
-    from ..index.folder import Index
+    from ..index.location import open_index
     from ..retrieval.queries import parse_filters
     from ..retrieval.search import Searcher
 
-    index = Index.open(args.index)
+    index = open_index(args.index)
     state_note(index)
     searcher = Searcher(index, model=args.model, device=args.device)
     filters = parse_filters(args.filter)
@@ -266,7 +266,7 @@ def _feedback_arguments(search: argparse.ArgumentParser) -> None:
 def register(commands) -> None:
     """The search command."""
     search = commands.add_parser("search", help="find the cases most similar to a volume, an ROI, a slice or a phrase")
-    search.add_argument("--index", required=True, help="index folder")
+    search.add_argument("--index", required=True, help="index folder, or milvus://HOST:PORT/COLLECTION, or a milvus-lite .db file")
     what = search.add_mutually_exclusive_group()
     what.add_argument("--volume", help="query volume (whole volume unless --roi-ras, --roi or --slice-ras)")
     what.add_argument("--text", help="a phrase (CLIP-family models), e.g. 'pleural effusion'")

@@ -160,21 +160,20 @@ def _run(spec: dict) -> int:
     threading.Thread(target=watch_stdin, daemon=True).start()
     from ..errors import CBIRError
     from ..models.registry import create_embedder
-    from .files import MANIFEST
     from .first_build import undone_if_empty
-    from .folder import Index
     from .items import IndexSettings
+    from .location import create_index, index_exists, open_index
 
     try:
-        exists = os.path.exists(os.path.join(spec["folder"], MANIFEST))
+        exists = index_exists(spec["folder"])  # a folder, or a Milvus location
         # A first build that ends without a case leaves nothing behind (first_build.py), as the CLI's does.
         with contextlib.nullcontext() if exists else undone_if_empty(spec["folder"]):
             if exists:
-                index = Index.open(spec["folder"], writable=True)
+                index = open_index(spec["folder"], writable=True)
                 embedder = create_embedder(index.model_name(), device=spec.get("device"))
             else:
                 embedder = create_embedder(spec["model"], device=spec.get("device"))
-                index = Index.create(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
+                index = create_index(spec["folder"], embedder, IndexSettings(**spec.get("settings", {})), spec.get("index_type", "auto"))
             with index:
                 report = index.add_sources(spec["sources"], embedder, should_stop=stop.is_set,
                                            dicom=_dicom_options(spec.get("dicom") or {}),

@@ -22,6 +22,7 @@ from ..errors import IndexLockedError, IndexMismatchError, InputError, Parameter
 from .catalog import COLUMN_FILTERS, CaseRecord
 from .files import CATALOG, MANIFEST
 from .folder import Index
+from .location import is_server_location, open_index
 
 SIDE_FILE = "labels.local.csv"
 SIDE_COLUMNS = ["case_id", "column", "value", "at", "by", "index"]
@@ -99,6 +100,11 @@ def set_label(folder: str, case_id: str, column: str, value: str, by: str | None
     """Give a case a label: in the index (writer lock, commit) if it can be written, else in the side file."""
     check_column(column)
     check_value(value)
+    if is_server_location(folder):  # a Milvus-backed index: written through its writer (the server checks who may)
+        with open_index(folder, writable=True) as index:
+            entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, index.folder)
+            _write_to_index(index, entry)
+        return LabelWrite(entry, "index", index.folder)
     folder = os.path.abspath(folder)
     entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, folder)
     reason = writable_reason(folder)
@@ -210,8 +216,8 @@ def merged_labels(cases: list[CaseRecord], side: list[LabelEntry]) -> dict[str, 
 def labels_of(folder: str | None, case_ids: list[str], side_file: str | None = None) -> dict[str, dict[str, str]]:
     """Merged labels (index and side file) of some cases; an index that is not there gives the side file's alone."""
     cases: list[CaseRecord] = []
-    if folder and os.path.isfile(os.path.join(folder, MANIFEST)):
-        index = Index.open(folder)
+    if folder and (is_server_location(folder) or os.path.isfile(os.path.join(folder, MANIFEST))):
+        index = open_index(folder)
         try:
             cases = [c for c in (index.catalog.case_by_id(i) for i in case_ids) if c is not None]
         finally:

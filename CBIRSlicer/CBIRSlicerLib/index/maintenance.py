@@ -260,6 +260,10 @@ class IndexFolder:
         self.manifest["state"] = CLEAN
         self._write_manifest()
 
+    def allowed_items(self, filters: dict[str, str]) -> np.ndarray:
+        """The ids of the items of the complete cases the filters allow (a field no case has raises ParameterError)."""
+        return self.catalog.item_ids(self.catalog.case_rows_matching(filters))
+
     def excluded_ids(self) -> np.ndarray:
         """Ids in the vectors file that searches must not return: tombstones and unfinished cases."""
         pending = self.catalog.item_ids([c.row for c in self.catalog.cases(status="pending")])

@@ -129,6 +129,69 @@ class EmbeddedCase:
     content_digest: str | None = None  # the voxels' digest (:attr:`Volume.voxel_digest`), so a copy's query leaves it out
 
 
+@dataclass
+class PreparedCase:
+    """One case read, checked and embedded, ready for a writer (made in the writer's process, or on a Dask worker):
+    its record (metadata still raw: the writer applies the index's privacy policy with its own site key), items, vectors,
+    voxel digest and thumbnails; or why it was not (``skipped``), or that the index holds it already (``unchanged``)."""
+
+    case_id: str
+    label: str
+    checksum: str | None = None
+    record: CaseRecord | None = None
+    items: list[ItemRecord] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    digest: str | None = None
+    thumbnails: dict = field(default_factory=dict)
+    header: dict = field(default_factory=dict)  # the volume's header metadata, identifying fields included
+    warning: str | None = None
+    skipped: str | None = None
+    unchanged: bool = False
+    model_digest: str | None = None  # the fingerprint of the model that made the vectors (checked by the writer)
+
+
+def prepare_case(source: CaseSource, embedder: Embedder, settings: IndexSettings, labels: list[str], known_checksum: str | None,
+                 loaded=None, remote: str | None = None, label: str | None = None) -> PreparedCase:
+    """Read, check and embed one case unless the index holds it with this checksum already; never raises for a case that
+    cannot be indexed (``skipped`` says why). ``loaded``: a future of its (checksum, volume); ``remote`` names a DICOM
+    database or PACS it came from."""
+    case_id = case_id_for(source) if remote is None else remote_case_id(remote, source.series_uid or "")
+    label = label or source.label
+    prepared = PreparedCase(case_id, label, model_digest=embedder.fingerprint.digest())
+    try:
+        checksum, volume = loaded.result() if loaded is not None else (source_checksum(source), None)
+        prepared.checksum = checksum
+        if known_checksum is not None and known_checksum == checksum:
+            prepared.unchanged = True
+            return prepared
+        volume = volume if volume is not None else read_case(source)
+        refused, prepared.warning = content_problem(volume)
+        if refused:
+            raise InputError(None, refused)
+        origin = fill_in(volume)  # modality and body part from the image where the file is silent
+        mismatch = modality_warning(embedder, volume.modality, origin.get("modality_image"))
+        if mismatch:
+            origin["model_modality_mismatch"] = mismatch  # flagged in the catalog, warned in the report
+            prepared.warning = f"{prepared.warning}; {mismatch}" if prepared.warning else mismatch
+        made, vectors = embedded_items(volume, settings, embedder)
+        bad = vector_problem(vectors) if len(vectors) else None
+        if bad:
+            raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
+    except (CBIRError, OSError) as error:
+        text = str(error)
+        prepared.skipped = text[len(label) + 2:] if text.startswith(label + ": ") else text
+        return prepared
+    prepared.record = CaseRecord(
+        case_id=case_id, source=remote or os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
+        checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
+        spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
+        labels=labels, metadata={**origin, "window": made.window.as_dict()})
+    prepared.header = dict(volume.extra)
+    prepared.items, prepared.vectors, prepared.thumbnails = made.items, vectors, made.thumbnails
+    prepared.digest = volume.voxel_digest
+    return prepared
+
+
 class IndexWriter(IndexFolder):
     """What a writer (holding the folder lock) does to an index's cases: add, re-index, remove, refresh."""
 
@@ -188,10 +251,7 @@ class IndexWriter(IndexFolder):
         # release the GIL), so the model is not kept waiting between cases.
         from concurrent.futures import ThreadPoolExecutor
 
-        known = {}
-        for source in cases:
-            existing = self.catalog.case_by_id(case_id_for(source))
-            known[case_id_for(source)] = existing.checksum if existing is not None else None
+        known = self.known_checksums(cases)
         with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
             ahead = reader.submit(_load, cases[0], known) if cases else None
             for n, source in enumerate(cases):
@@ -210,6 +270,41 @@ class IndexWriter(IndexFolder):
         if progress is not None:
             total = len(cases) or total_if_none  # a build from a DICOM database or PACS only: its series
             progress(total, total, "done")
+
+    def known_checksums(self, cases: Sequence[CaseSource]) -> dict[str, str | None]:
+        """The checksum the index holds for each case (by case id; None for a case it does not hold)."""
+        known = {}
+        for source in cases:
+            existing = self.catalog.case_by_id(case_id_for(source))
+            known[case_id_for(source)] = existing.checksum if existing is not None else None
+        return known
+
+    def add_prepared(self, cases: Iterable[PreparedCase], total: int, progress: CaseProgress | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> BuildReport:
+        """Store cases read and embedded elsewhere (Dask workers, :mod:`dask_build`) as they come, committed as
+        :meth:`add_sources` commits: checkpoints as it goes, then the vector transform refitted when the index has grown."""
+        self._require_writer()
+        began = time.monotonic()
+        report = BuildReport()
+        done = 0
+        for prepared in cases:
+            if should_stop is not None and should_stop():
+                break
+            if prepared.model_digest not in (None, self.manifest["model"]["digest"]):
+                raise ParameterError(f"{prepared.label}: embedded by another model ({prepared.model_digest}) than the index's "
+                                     f"({self.manifest['model']['digest']}); the workers must load the index's model")
+            self._store_prepared(prepared, report)
+            done += 1
+            if progress is not None:
+                progress(done, total, prepared.label)
+            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+                self.checkpoint()
+        self.checkpoint()
+        self._maybe_refit_transform()
+        if progress is not None:
+            progress(total, total, "done")
+        report.seconds = time.monotonic() - began
+        return report
 
     def _add_dicom_source(self, spec: str, embedder: Embedder, options: DicomOptions, report: BuildReport,
                           progress: CaseProgress | None, should_stop: Callable[[], bool] | None) -> int:
@@ -252,43 +347,31 @@ class IndexWriter(IndexFolder):
         """Index one case (or note it unchanged or skipped, with why); ``loaded``: a future of its (checksum, volume);
         ``remote`` names a DICOM database or PACS it came from."""
         case_id = case_id_for(source) if remote is None else remote_case_id(remote, source.series_uid or "")
-        label = label or source.label
-        try:
-            checksum, volume = loaded.result() if loaded is not None else (source_checksum(source), None)
-            existing = self.catalog.case_by_id(case_id)
-            if existing is not None and existing.checksum == checksum:
-                report.unchanged.append(label)
-                return
-            volume = volume if volume is not None else read_case(source)
-            refused, warning = content_problem(volume)
-            if refused:
-                raise InputError(None, refused)
-            origin = fill_in(volume)  # modality and body part from the image where the file is silent
-            mismatch = modality_warning(embedder, volume.modality, origin.get("modality_image"))
-            if mismatch:
-                origin["model_modality_mismatch"] = mismatch  # flagged in the catalog, warned in the report
-                warning = f"{warning}; {mismatch}" if warning else mismatch
-            made, vectors = embedded_items(volume, self.settings, embedder)
-            bad = vector_problem(vectors) if len(vectors) else None
-            if bad:
-                raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
-        except (CBIRError, OSError) as error:
-            text = str(error)
-            report.skipped.append((label, text[len(label) + 2:] if text.startswith(label + ": ") else text))
+        existing = self.catalog.case_by_id(case_id)
+        prepared = prepare_case(source, embedder, self.settings, labels, existing.checksum if existing is not None else None,
+                                loaded, remote, label)
+        self._store_prepared(prepared, report, existing)
+
+    def _store_prepared(self, prepared: PreparedCase, report: BuildReport, existing: CaseRecord | None = None) -> None:
+        """A prepared case into the index (replacing the case it was before), its header metadata kept as the index's
+        privacy policy says; or noted unchanged or skipped."""
+        if existing is None and not prepared.unchanged and not prepared.skipped:
+            existing = self.catalog.case_by_id(prepared.case_id)
+        if prepared.unchanged or (existing is not None and prepared.checksum is not None and existing.checksum == prepared.checksum):
+            report.unchanged.append(prepared.label)
             return
-        if warning:
-            report.warnings.append((label, warning))
+        if prepared.skipped is not None or prepared.record is None or prepared.vectors is None:
+            report.skipped.append((prepared.label, prepared.skipped or "not prepared"))
+            return
+        if prepared.warning:
+            report.warnings.append((prepared.label, prepared.warning))
         if existing is not None:
             self._remove_rows([existing.row])
-        record = CaseRecord(
-            case_id=case_id, source=remote or os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
-            checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
-            spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
-            labels=labels, metadata={**privacy.private_metadata(volume.extra, self.privacy_policy), **origin,
-                                        "window": made.window.as_dict()})
-        self._store_case(record, made.items, vectors, volume.voxel_digest, made.thumbnails)
-        (report.replaced if existing is not None else report.added).append(label)
-        report.vectors += len(made.items)
+        record = dataclasses.replace(prepared.record, metadata={**privacy.private_metadata(prepared.header, self.privacy_policy),
+                                                                 **prepared.record.metadata})
+        self._store_case(record, prepared.items, prepared.vectors, prepared.digest, prepared.thumbnails)
+        (report.replaced if existing is not None else report.added).append(prepared.label)
+        report.vectors += len(prepared.items)
 
     def _store_case(self, record: CaseRecord, items: list[ItemRecord], vectors: np.ndarray, digest: str | None,
                     thumbnails: dict | None = None) -> int:

@@ -27,7 +27,7 @@ from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy
-from ..index.folder import Index
+from ..index.searchable import SearchableIndex
 from .marks import Feedback
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
@@ -191,7 +191,7 @@ class Query:
         return self.spec.roi
 
 
-def make_query(spec: QuerySpec, volume: Volume | None, index: Index, segment: Segment | None = None) -> Query:
+def make_query(spec: QuerySpec, volume: Volume | None, index: SearchableIndex, segment: Segment | None = None) -> Query:
     """The one way from what is asked to what a search needs: the images cut from ``volume`` as the index cut its cases
     (roi, segment: ``segment`` its voxels, else its box alone; slice; volume), an item's own vector, or a phrase (its
     vector is the model's: :meth:`search.Searcher.query_vectors` or the session's worker embeds it)."""
@@ -219,22 +219,22 @@ def make_query(spec: QuerySpec, volume: Volume | None, index: Index, segment: Se
     return _volume(spec, volume, index)
 
 
-def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+def roi_query(volume: Volume, roi: RoiBox, axis: str, index: SearchableIndex, margin_mm: float = 0.0) -> Query:
     """An ROI query (:func:`make_query` of mode 'roi')."""
     return make_query(QuerySpec("roi", axis=axis, roi=roi, margin_mm=margin_mm), volume, index)
 
 
-def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+def segment_query(volume: Volume, segment: Segment, axis: str, index: SearchableIndex, margin_mm: float = 0.0) -> Query:
     """A segment's query (:func:`make_query` of mode 'segment'): its box, asking about its deepest point."""
     return make_query(QuerySpec("segment", axis=axis, margin_mm=margin_mm), volume, index, segment)
 
 
-def slice_query(volume: Volume, axis: str, index: Index, ras: Iterable[float] | None = None) -> Query:
+def slice_query(volume: Volume, axis: str, index: SearchableIndex, ras: Iterable[float] | None = None) -> Query:
     """The slice through a RAS point, default the volume's centre (:func:`make_query` of mode 'slice')."""
     return make_query(QuerySpec("slice", axis=axis, point=_point(ras) if ras is not None else None), volume, index)
 
 
-def volume_query(volume: Volume, axis: str, index: Index) -> Query:
+def volume_query(volume: Volume, axis: str, index: SearchableIndex) -> Query:
     """A whole volume (:func:`make_query` of mode 'volume')."""
     return make_query(QuerySpec("volume", axis=axis), volume, index)
 
@@ -244,7 +244,7 @@ def text_query(text: str) -> Query:
     return Query(QuerySpec("text", text=text))
 
 
-def item_query(index: Index, item_id: int) -> Query:
+def item_query(index: SearchableIndex, item_id: int) -> Query:
     """'More like this' from an indexed item (:func:`make_query` of mode 'item')."""
     return make_query(QuerySpec("item", item=int(item_id)), None, index)
 
@@ -256,7 +256,7 @@ def _sample(items: list, count: int) -> list:
     return [items[i] for i in montage_planes(0, len(items) - 1, count)]
 
 
-def _own(volume: Volume, index: Index) -> dict:
+def _own(volume: Volume, index: SearchableIndex) -> dict:
     """How to leave the query volume's own case out: its path, and the cases holding the same voxels or series.
 
     A copy of an indexed file elsewhere, in another format, or a volume loaded into Slicer from DICOM has another
@@ -269,7 +269,7 @@ def _own(volume: Volume, index: Index) -> dict:
     return {"exclude_sources": [volume.source] if volume.source else [], "exclude_rows": sorted(rows)}
 
 
-def _same_patient(volume: Volume, index: Index) -> list[int]:
+def _same_patient(volume: Volume, index: SearchableIndex) -> list[int]:
     """The indexed cases of the query's patient (other series and studies): similar *cases* are other patients.
 
     The index keeps only a keyed hash of patient IDs (:mod:`privacy`); the query's ID is hashed the same way.
@@ -295,11 +295,11 @@ def _searchable(volume: Volume) -> None:
     _SEARCHABLE.add(volume)
 
 
-def _dense(index: Index) -> bool:
+def _dense(index: SearchableIndex) -> bool:
     return index.settings.region_strategy == "dense"
 
 
-def _roi(spec: QuerySpec, volume: Volume, index: Index) -> Query:
+def _roi(spec: QuerySpec, volume: Volume, index: SearchableIndex) -> Query:
     """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread); whole, with the box, if dense."""
     roi, axis = cast(RoiBox, spec.roi), spec.axis
     window = choose_window(volume, index.settings.window)
@@ -314,7 +314,7 @@ def _roi(spec: QuerySpec, volume: Volume, index: Index) -> Query:
     return Query(spec, [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, centre_ras=centre)
 
 
-def _slice(spec: QuerySpec, volume: Volume, index: Index) -> Query:
+def _slice(spec: QuerySpec, volume: Volume, index: SearchableIndex) -> Query:
     """One whole slice: the one through the spec's point (default the volume's centre)."""
     window = choose_window(volume, index.settings.window)
     if spec.point is not None:
@@ -340,7 +340,7 @@ def _inside(volume: Volume, ras: Iterable[float]) -> None:
     raise GeometryError(f"{where}the point RAS ({', '.join(f'{v:g}' for v in point)}) lies outside the volume ({span} mm)")
 
 
-def _volume(spec: QuerySpec, volume: Volume, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
+def _volume(spec: QuerySpec, volume: Volume, index: SearchableIndex, count: int = MAX_QUERY_IMAGES) -> Query:
     """A whole volume: ``count`` whole slices evenly spread along the axis."""
     window = choose_window(volume, index.settings.window)
     grid = plan_grid(volume, spec.axis)
@@ -351,14 +351,14 @@ def _volume(spec: QuerySpec, volume: Volume, index: Index, count: int = MAX_QUER
                  **_own(volume, index), volume=volume, **_whole_boxes(index, images))
 
 
-def _whole_boxes(index: Index, images: list) -> dict:
+def _whole_boxes(index: SearchableIndex, images: list) -> dict:
     """For a dense index, whole slices pool their whole grid (as the index's slice items do)."""
     if not _dense(index):
         return {}
     return {"boxes": [(0, 0, *s.pixels.shape) for s in images], "pixel_mm": [s.pixel_mm for s in images]}
 
 
-def _item(spec: QuerySpec, index: Index) -> Query:
+def _item(spec: QuerySpec, index: SearchableIndex) -> Query:
     """'More like this': an indexed item's own vector; its case is left out."""
     item_id = int(cast(int, spec.item))
     item = index.catalog.items([item_id]).get(item_id) if 0 < item_id < 2**63 else None

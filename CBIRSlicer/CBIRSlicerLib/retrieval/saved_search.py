@@ -22,7 +22,8 @@ from ..clock import now_utc
 from ..digests import file_sha256
 from ..errors import CBIRError, IndexMismatchError, InputError, ParameterError
 from ..imaging.slicing import AXES, MAX_MARGIN_MM
-from ..index.folder import Index
+from ..index.location import is_server_location, open_index
+from ..index.searchable import SearchableIndex
 from ..json_input import read_json
 from .answers import SearchAnswer
 from .marks import Feedback  # one type for marks: relevance feedback's (case id -> item id), kept as it is
@@ -183,7 +184,7 @@ class IndexRef:
     cases: int
 
     @classmethod
-    def of(cls, index: Index) -> IndexRef:
+    def of(cls, index: SearchableIndex) -> IndexRef:
         """The reference of an open index."""
         manifest = index.manifest
         return cls(index.folder, manifest["created"], manifest["updated"], manifest.get("self_sha256"), manifest["model"]["name"],
@@ -261,7 +262,7 @@ class SavedSearch:
             raise InputError(path, f"saved search is malformed: {error}") from None
 
 
-def make(query, answer: SearchAnswer, index: Index, settings: SearchSettings, mask: tuple[str, int] | None = None,
+def make(query, answer: SearchAnswer, index: SearchableIndex, settings: SearchSettings, mask: tuple[str, int] | None = None,
          feedback: Feedback | None = None, suggestion: dict | None = None, name: str | None = None) -> SavedSearch:
     """A saved search of a search just made (``query``: the queries.Query it answered; ``mask``: (label map, label))."""
     spec = query.spec
@@ -272,7 +273,7 @@ def make(query, answer: SearchAnswer, index: Index, settings: SearchSettings, ma
     return SavedSearch(saved, settings, IndexRef.of(index), answer, feedback or Feedback(), suggestion, name=name)
 
 
-def build_query(saved: SavedSearch, index: Index, loader=None):
+def build_query(saved: SavedSearch, index: SearchableIndex, loader=None):
     """The query of a saved search, made again from its files (checked unchanged first) on an index."""
     from ..imaging.roi import segment_of_label
     from . import queries
@@ -294,7 +295,7 @@ def build_query(saved: SavedSearch, index: Index, loader=None):
     return queries.make_query(spec, (loader or queries.load_volume_for_query)(asked.volume.path), index, segment)
 
 
-def check_model(saved: SavedSearch, index: Index) -> None:
+def check_model(saved: SavedSearch, index: SearchableIndex) -> None:
     """Refuse an index built with another model than the saved search used (their scores and cases do not compare)."""
     digest = index.manifest["model"]["digest"]
     if digest != saved.settings.model_digest:
@@ -360,9 +361,9 @@ def rerun(saved: SavedSearch, index_folder: str | None = None, searcher=None, lo
 
     if searcher is None:
         folder = index_folder or saved.index.path
-        if not os.path.isdir(folder):
+        if not is_server_location(folder) and not os.path.isdir(folder):
             raise InputError(folder, "the index of the saved search is not there; give another with --index")
-        index = Index.open(folder)
+        index = open_index(folder)
         check_model(saved, index)
         searcher = Searcher(index, model=saved.settings.model, device=device)
     index = searcher.index

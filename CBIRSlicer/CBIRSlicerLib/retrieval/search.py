@@ -21,7 +21,7 @@ from ..errors import IndexCorruptError, ParameterError
 from ..imaging.volume import Volume
 from ..index import vector_transform
 from ..index.catalog import ItemArrays
-from ..index.folder import Index
+from ..index.searchable import Allowed, SearchableIndex
 from ..models.base import VOLUME_FAMILIES, Embedder
 from ..models.registry import create_embedder
 from ..models.requests import EmbeddingKind, EmbeddingRequest
@@ -38,7 +38,7 @@ MULTI_IMAGE_EF_SEARCH = 512
 DENSE_QUERY_PASSES = 6
 
 
-def embedding_request(query: Query, index: Index) -> EmbeddingRequest | None:
+def embedding_request(query: Query, index: SearchableIndex) -> EmbeddingRequest | None:
     """What the query needs embedded on this index, or None (its vectors are there: an item's, or embedded already).
 
     Decided from the index alone (its model's family and region strategy), so a search in the module starts before the
@@ -70,7 +70,7 @@ def _region(query: Query) -> bool:
     return query.mode in ("roi", "segment")
 
 
-def volume_model_other_scale(index: Index, query: Query) -> np.ndarray:
+def volume_model_other_scale(index: SearchableIndex, query: Query) -> np.ndarray:
     """Items a 3D model's query must not match: an ROI is compared with regions, a whole volume with whole volumes.
 
     A whole volume's vector is the mean of all its cells, so it is like every region a little; left in, it came
@@ -109,10 +109,11 @@ class _Recent:
 
 @dataclass
 class SearchScope:
-    """Which items a search may return: none of ``excluded``; with filters, only those in ``allowed`` (None: any)."""
+    """Which items a search may return: none of ``excluded``; with filters, only those ``allowed`` (item ids, or a server
+    store's case filter; None: any)."""
 
     excluded: np.ndarray
-    allowed: np.ndarray | None = None
+    allowed: Allowed = None
     left_out_cases: list[int] = dataclasses.field(default_factory=list)  # case rows left out (own, judged): the fewer note
     allowed_cases: list[int] | None = None  # case rows the filters allow (None: no filters)
 
@@ -136,7 +137,7 @@ def query_weights(query: Query, vectors: np.ndarray) -> np.ndarray | None:
 class Searcher:
     """Answers queries on one index with its model (loaded once)."""
 
-    def __init__(self, index: Index, embedder: Embedder | None = None, model: str | None = None, device: str | None = None):
+    def __init__(self, index: SearchableIndex, embedder: Embedder | None = None, model: str | None = None, device: str | None = None):
         self.index = index
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
@@ -168,8 +169,9 @@ class Searcher:
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
-        return SearchScope(excluded, catalog.item_ids(allowed_rows) if allowed_rows is not None else None, excluded_rows,
-                           allowed_rows)
+        # Item ids for the folder; a store that filters inside its own search (Milvus) gets the filters as its condition.
+        allowed = self.index.allowed_items(filters) if filters else None
+        return SearchScope(excluded, allowed, excluded_rows, allowed_rows)
 
     def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None,
                     transform=None) -> dict[int, int]:

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import CBIRError, JobCancelled, ParameterError
 from ..imaging.volume import Volume
 from ..index.files import MANIFEST
-from ..index.folder import Index
+from ..index.location import index_exists, is_server_location, location_key, open_index
+from ..index.searchable import SearchableIndex
 from ..models.base import Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..progress import PendingCall, Progress, State
@@ -49,13 +50,33 @@ def shutdown_services() -> None:
 
 
 def is_index_folder(folder: str | os.PathLike | None) -> bool:
-    """Whether a folder holds an index (a manifest), so the panel can offer 'open' or 'build'."""
-    return bool(folder) and os.path.isfile(os.path.join(str(folder), MANIFEST))
+    """Whether a folder holds an index (a manifest), so the panel can offer 'open' or 'build'; never asks a server."""
+    return bool(folder) and not is_server_location(folder) and os.path.isfile(os.path.join(str(folder), MANIFEST))
+
+
+def is_index_location(location: str | os.PathLike | None) -> bool:
+    """Whether a location names an index: a folder holding one, or a Milvus location (its server is asked when it opens)."""
+    return is_server_location(location) or is_index_folder(location)
+
+
+def same_location(location: str, index: SearchableIndex) -> bool:
+    """Whether a location names the index that is open (a folder by its absolute path, Milvus by its location)."""
+    try:
+        return location_key(location) == index.folder
+    except CBIRError:  # a malformed location names no open index
+        return False
+
+
+def existing_model(location: str) -> str | None:
+    """The model of the index at a location, or None when there is none yet (a Milvus location asks its server)."""
+    if not (index_exists(location) if is_server_location(location) else is_index_folder(location)):
+        return None
+    return index_summary(location)["model"]
 
 
 def index_summary(folder: str) -> dict:
     """What the index panel shows: model, cases, vectors, dates (the index's own info), read without a lock."""
-    index = Index.open(folder)
+    index = open_index(folder)
     try:
         return index.info()
     finally:
@@ -69,7 +90,7 @@ def describe_index(info: dict) -> str:
             f"updated {info['updated']}")
 
 
-def case_window(index: Index, case_id: str) -> dict | None:
+def case_window(index: SearchableIndex, case_id: str) -> dict | None:
     """The intensity window the index cut a case's images with ({'name', 'lower', 'upper'}), to show it the same way."""
     case = index.catalog.case_by_id(case_id)
     return case.metadata.get("window") if case is not None else None
@@ -107,7 +128,7 @@ def query_volume(volume_node) -> Volume:
     return _recent_volume["volume"]
 
 
-def query_from_nodes(index: Index, volume_node, axis: str = "axial", mode: str = "roi", roi_node=None,
+def query_from_nodes(index: SearchableIndex, volume_node, axis: str = "axial", mode: str = "roi", roi_node=None,
                      slice_ras: Sequence[float] | None = None, segment_node=None, segment: str | int | None = None) -> Query:
     """A query from the scene: the ROI's slices (mode 'roi'), a segment's ('segment': a segmentation node's segment, by
     name or ID, or a label of a label map node), the slice through a point ('slice') or the whole volume."""
@@ -216,8 +237,10 @@ class PendingPlacement(PendingCall):
 class SearchSession:
     """An index opened for searching, with its model running in a background worker."""
 
-    def __init__(self, folder: str | Index, model: str | None = None, python: str | None = None, device: str | None = None):
-        self.index = folder if isinstance(folder, Index) else Index.open(folder)  # an index already open is not opened again
+    def __init__(self, folder: str | SearchableIndex, model: str | None = None, python: str | None = None,
+                 device: str | None = None):
+        # an index already open is not opened again
+        self.index = open_index(folder) if isinstance(folder, (str, os.PathLike)) else folder
         self.model = model or self.index.model_name()
         self.service = embedding_service(self.model, python, device)
         self._searcher: Searcher | None = None
