@@ -84,3 +84,17 @@ def test_bad_options_are_one_line_errors(sample, tmp_path):
                          (["--roi-ras", "0,0,500,10,10,10"], "outside")):
         result = _run_cbir("slices", str(sample), "--out", str(tmp_path), *args)
         assert result.returncode == 1 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_search_offers_the_match_intents_the_query_knows():
+    """`cbir search --match` lists the intents without importing the query module; they must stay the same."""
+    from CBIRSlicerLib.cli import search as search_command
+    from CBIRSlicerLib.cli.program import build_parser
+    from CBIRSlicerLib.retrieval.queries import MATCH_INTENTS
+
+    assert tuple(search_command.MATCH_CHOICES) == tuple(MATCH_INTENTS)
+    parsed = build_parser().parse_args(["search", "--index", "index", "--volume", "v.nii.gz", "--match", "finding"])
+    assert parsed.match == "finding"
+    assert build_parser().parse_args(["search", "--index", "index", "--volume", "v.nii.gz"]).match == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "--index", "index", "--volume", "v.nii.gz", "--match", "organ"])

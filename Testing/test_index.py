@@ -20,7 +20,7 @@ from volume_helpers import write_blob_cases
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.errors import IndexLockedError, IndexMismatchError, InputError, ParameterError
 from CBIRSlicerLib.imaging import synthetic
-from CBIRSlicerLib.imaging.readers import CaseSource
+from CBIRSlicerLib.imaging.readers import CaseSource, read_volume_file
 from CBIRSlicerLib.imaging.roi import RoiBox, read_markups_roi
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
@@ -116,6 +116,15 @@ def test_kill_and_resume_finishes_without_duplicates_or_losses(cohort, built, tm
     assert len(ids) == len(np.unique(ids)) == sum(expected.values())
     assert np.array_equal(np.sort(ids), np.sort(index.catalog.item_ids()))
     assert index.verify() == []
+    # It answers as the clean build of the same cases does (the transform was once fitted on the killed run's cases only).
+    assert index.manifest["transform"]["fitted_on"] == reference.manifest["transform"]["fitted_on"]
+    embedder = create_embedder("handcrafted")
+    for path in cohort[1][:3]:
+        query = volume_query(read_volume_file(path), "axial", index)
+        resumed = Searcher(index, embedder).search(query, k=5, prior=False)
+        clean = Searcher(reference, embedder).search(volume_query(read_volume_file(path), "axial", reference), k=5, prior=False)
+        assert [r.case_id for r in resumed.results] == [r.case_id for r in clean.results]
+        assert np.allclose([r.score for r in resumed.results], [r.score for r in clean.results], atol=1e-5)
 
 
 def test_add_remove_and_refresh_without_rebuilding(built, tmp_path):
@@ -306,6 +315,23 @@ def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, 
     assert roi_query(other, RoiBox(other.center_ras, (20, 20, 10)), "axial", index).exclude_rows == []
     answer = searcher.search(slice_query(other, "axial", index), k=6)
     assert own in [r.case_id for r in answer.results]
+
+
+def test_a_checkpoint_only_saves_and_the_structure_changes_when_the_work_is_committed(built, tmp_path, monkeypatch):
+    """Timed checkpoints while a build runs save and nothing more; flat becomes HNSW at the commit that ends the add, so
+    when it happens does not depend on the machine's speed."""
+    from CBIRSlicerLib.index import faiss_store
+
+    index_dir, _ = built
+    target = _clone(index_dir, tmp_path)
+    with Index.open(target, writable=True) as index:
+        assert index.store.kind == "flat"
+        monkeypatch.setattr(faiss_store, "FLAT_MAX_FLOATS", 1)  # every index is now past the flat limit
+        index.checkpoint()
+        assert index.store.kind == "flat" and Index.open(target).store.kind == "flat"
+        index.commit()
+        assert index.store.kind == "hnsw"
+    assert Index.open(target).store.kind == "hnsw" and Index.open(target).verify(check_sources=False) == []
 
 
 def test_cases_with_precomputed_vectors_are_stored_searchable_and_resumable(built, tmp_path):

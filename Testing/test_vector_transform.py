@@ -195,8 +195,9 @@ def test_index_without_transform_compares_raw_vectors(grown, embedder, tmp_path)
     manifest["files"].pop(TRANSFORM, None)
     from CBIRSlicerLib.atomic import write_json_atomically
     from CBIRSlicerLib.index.integrity import seal
+    from CBIRSlicerLib.index.keyed_seal import sign
 
-    write_json_atomically(path, seal(manifest))
+    write_json_atomically(path, seal(sign(manifest)))
     index = Index.open(copy)
     assert index.transform is None
     item = int(index.store.ids()[5])

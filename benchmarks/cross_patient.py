@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
         json.dump(result, handle, indent=1, default=str)
     print(markdown(result))
     print(f"wrote {out}")
+    outside = {way: n for way, n in summary["shown_outside_volume"].items() if n}
+    if outside:  # issue 29: no answer may ever show a point outside its result's volume
+        raise SystemExit(f"FAILED: shown points outside their result's volume ({outside}); see {out}")
 
 
 if __name__ == "__main__":

@@ -96,5 +96,9 @@ class IndexCorruptError(IndexError_):
     """The index folder is missing files or its parts disagree."""
 
 
+class StoreUnavailableError(IndexError_):
+    """The server holding an index (Milvus) does not answer, or refuses the credentials; the message names it and what to do."""
+
+
 class SourceError(CBIRError):
     """A DICOM database or a PACS could not give what was asked: unreachable, refused, timed out, or the series is gone."""

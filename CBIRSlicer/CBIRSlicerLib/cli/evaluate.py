@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CBIRError
-from .common import progress_printer
+from .common import MAX_RESULTS, progress_printer, whole_number
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -17,16 +17,15 @@ def _parse_ks(text: str) -> list[int]:
         ks = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
         raise CBIRError(f"-k must be comma-separated whole numbers, like 1,3,5,10; got '{text}'") from None
-    if not ks or ks[0] < 1:
-        raise CBIRError(f"-k values must be 1 or more; got '{text}'")
+    if not ks or ks[0] < 1 or ks[-1] > MAX_RESULTS:
+        raise CBIRError(f"-k values must be 1 to {MAX_RESULTS}; got '{text}'")
     return ks
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     """cbir evaluate: retrieval metrics on labelled volumes (CSV) or a folder per class of 2D images."""
-    from ..index.files import MANIFEST
-    from ..index.folder import Index
     from ..index.items import IndexSettings
+    from ..index.location import create_index, index_exists, open_index
     from ..models.registry import create_embedder
     from ..plots import precision_curve_png
     from ..retrieval.evaluation import evaluate_images, evaluate_volumes, format_summary, read_labelled_csv
@@ -41,12 +40,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif os.path.isfile(args.input):
         rows = read_labelled_csv(args.input)
         folder = args.index or str(out / "index")
-        if os.path.exists(os.path.join(folder, MANIFEST)):
-            index = Index.open(folder, writable=True)
+        if index_exists(folder):
+            index = open_index(folder, writable=True)
             embedder = create_embedder(args.model or index.model_name(), device=args.device)
         else:
             embedder = create_embedder(args.model or "biomedclip", device=args.device)
-            index = Index.create(folder, embedder, IndexSettings(axes=[args.axis]))
+            index = create_index(folder, embedder, IndexSettings(axes=[args.axis]))
         labels: dict[str, list[str]] = {}
         for row in rows:  # the cases carry the CSV's labels, for suggestions on later searches of this index
             mine = labels.setdefault(os.path.abspath(row.path), [])
@@ -57,7 +56,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                                        labels=labels)
         if report.skipped:
             print(report.summary(), file=sys.stderr)
-        evaluation = evaluate_volumes(rows, Searcher(Index.open(folder), embedder), ks, args.axis, args.ranking)
+        evaluation = evaluate_volumes(rows, Searcher(open_index(folder), embedder), ks, args.axis, args.ranking)
         _pin_knn_calibration(folder, evaluation.summary.get("knn"))
     else:
         raise CBIRError(f"{args.input}: no such file or folder (give a labels CSV or a folder per class of 2D images)")
@@ -79,11 +78,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _pin_knn_calibration(folder: str, knn: dict | None) -> None:
     """Keep the suggestion's calibration fitted on the evaluation's votes in the index (searches prefer it)."""
-    from ..index.folder import Index
+    from ..index.location import open_index
     from ..retrieval.suggestion import Calibration, pin_calibration
 
     if knn and knn.get("answered"):
-        with Index.open(folder, writable=True) as index:
+        with open_index(folder, writable=True) as index:
             pin_calibration(index, "label", Calibration(**knn["calibration"]))
 
 
@@ -117,7 +116,8 @@ def register(commands) -> None:
     demo = commands.add_parser("demo", help="synthetic cohort -> index -> ROI queries -> evaluation and an HTML report")
     demo.add_argument("--out", default="cbir-demo", help="output folder (default ./cbir-demo)")
     demo.add_argument("--model", default="handcrafted", help="embedding model (default handcrafted: nothing to download)")
-    demo.add_argument("--cases", type=int, default=12, help="cases in the cohort (default 12)")
-    demo.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
+    demo.add_argument("--cases", type=whole_number(8, 400, " (2 or more of each of the demo's 4 lesion kinds)"), default=12,
+                      help="cases in the cohort, 8 to 400 (default 12)")
+    demo.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=0, help="cohort seed (default 0)")
     demo.add_argument("--device", help="cuda, mps or cpu")
     demo.set_defaults(run=_demo)

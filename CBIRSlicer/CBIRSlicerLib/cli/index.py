@@ -8,12 +8,13 @@ import json
 import os
 
 from ..errors import CBIRError
-from .common import progress_printer, read_labels, state_note
+from ..index import keyed_seal
+from .common import number, progress_printer, read_labels, sizes_mm, state_note, whole_number
 
 
 def _sizes_mm(text: str | None) -> list[float]:
-    """A comma-separated list of sizes in mm ('' or None: none)."""
-    return [float(t) for t in text.split(",") if t] if text else []
+    """A comma-separated list of sizes in mm ('' or None: none); each was checked when parsed (common.sizes_mm)."""
+    return [float(t) for t in text.split(",") if t.strip()] if text else []
 
 
 # Slicing flags of 'index build' / 'add' with their defaults; 'add' takes the index's pinned values for those not given.
@@ -82,18 +83,17 @@ def _add_dicom_arguments(index: argparse.ArgumentParser) -> None:
 
 def _index_build(args: argparse.Namespace) -> int:
     """cbir index build / add: create (or resume) an index and add sources to it."""
-    from ..index.files import MANIFEST
     from ..index.first_build import undone_if_empty
-    from ..index.folder import Index
+    from ..index.location import create_index, index_exists, open_index
     from ..models.registry import create_embedder
 
-    exists = os.path.exists(os.path.join(args.index, MANIFEST))
+    exists = index_exists(args.index)
     if args.action == "add" and not exists:
         raise CBIRError(f"{args.index}: no index there yet; create it with 'cbir index build'")
     if not args.sources:
         raise CBIRError(f"index {args.action}: name the files or folders to index")
     if exists:
-        index = Index.open(args.index, writable=True)
+        index = open_index(args.index, writable=True)
         try:
             embedder = create_embedder(args.model or index.model_name(), device=args.device)
             if args.action == "build":  # resuming or extending a build: the slicing must be the same
@@ -108,13 +108,23 @@ def _index_build(args: argparse.Namespace) -> int:
         if not exists:
             settings = _settings_from(args, SLICING_DEFAULTS)
             embedder = create_embedder(args.model or "biomedclip", device=args.device)
-            index = Index.create(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
+            index = create_index(args.index, embedder, settings, args.index_type, keep_patient_ids=args.keep_patient_ids)
         with index:
-            report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
-                                       labels=read_labels(args.labels), dicom=_dicom_options(args))
+            if args.dask:  # cases embedded on a Dask cluster's workers, stored here as they come
+                from ..index.dask_build import add_sources_on_dask
+
+                report = add_sources_on_dask(index, args.sources, args.dask, index.model_name(), args.device,
+                                             progress_printer("indexing"), read_labels(args.labels))
+            else:
+                report = index.add_sources(args.sources, embedder, progress=progress_printer("indexing"),
+                                           labels=read_labels(args.labels), dicom=_dicom_options(args))
     print(report.summary())
     if exists or report.indexed:
-        info = Index.open(args.index).info()
+        opened = open_index(args.index)
+        try:
+            info = opened.info()
+        finally:
+            opened.close()
         print(f"index {info['folder']}: {info['counts']['cases']} cases, {info['counts']['vectors']} vectors "
               f"({info['index_type']}), model {info['model']}")
     if not report.indexed:
@@ -126,33 +136,41 @@ def _index_build(args: argparse.Namespace) -> int:
 
 def _index_other(args: argparse.Namespace) -> int:
     """cbir index remove / info / verify / refresh / repair."""
-    from ..index.folder import Index
+    from ..index.location import is_server_location, open_index
 
     if args.action == "remove":
-        with Index.open(args.index, writable=True) as index:
+        with open_index(args.index, writable=True) as index:
             removed = index.remove(args.sources)
         print(f"removed {len(removed)} case(s): {', '.join(removed)}")
         return 0
     if args.action == "refresh":
         from ..models.registry import create_embedder
 
-        with Index.open(args.index, writable=True) as index:
+        with open_index(args.index, writable=True) as index:
             report = index.refresh(create_embedder(args.model or index.model_name(), device=args.device),
                                    progress_printer("refreshing"))
         print(report.summary())
         return 0
+    if args.action == "trust":
+        return _trust(args)
     if args.action == "repair":
         from ..index.repair import repair
         from ..models.registry import create_embedder
+
+        if is_server_location(args.index):
+            raise CBIRError(f"{args.index}: repair rebuilds an index folder from its files; a Milvus server keeps its own data "
+                            "safe (replicas, backups): check it with 'cbir index verify', and build it again if it is damaged")
 
         report = repair(args.index, lambda name: create_embedder(args.model or name, device=args.device), args.drop_missing,
                         progress_printer("re-embedding"))
         print(report.summary())
         return 0
-    index = Index.open(args.index, strict=args.action != "verify")
+    index = open_index(args.index, strict=args.action != "verify")
     state_note(index)
     if args.action == "suggest-labels":
         return _suggest_labels(args, index)
+    if args.action == "cases":
+        return _cases(args, index)
     if args.action == "info":
         info = index.info()
         if args.json:
@@ -160,19 +178,68 @@ def _index_other(args: argparse.Namespace) -> int:
         else:
             counts = info["counts"]
             per_case = f", {info['bytes_per_case'] / 2**10:.0f} KiB per case" if info["bytes_per_case"] else ""
+            size = f"{info['bytes'] / 2**20:.1f} MiB on disk" if info["bytes"] is not None else "kept by the Milvus server"
             print(f"index {info['folder']}")
             print(f"  model {info['model']} ({info['dim']}-d, fingerprint {info['model_digest']})")
             print(f"  {counts['cases']} cases, {counts['items']} items, {counts['vectors']} vectors ({info['index_type']}), "
                   f"{counts['tombstones']} tombstones")
-            print(f"  {info['bytes'] / 2**20:.1f} MiB on disk{per_case}")
+            print(f"  {size}{per_case}")
             print(f"  settings {json.dumps(info['settings'])}")
             print(f"  created {info['created']}, updated {info['updated']}")
         return 0
     problems = index.verify(check_sources=not args.no_sources)
     for problem in problems:
         print(f"problem: {problem}")
+    if index.seal_status == keyed_seal.UNCHECKED:
+        print(f"note: the keyed seal was not checked: no seal key on this machine ({keyed_seal.KEY_VARIABLE} or "
+              f"{keyed_seal.key_path()}); its checksums catch damage, not edits made outside CBIRSlicer")
     print("index is consistent" if not problems else f"{len(problems)} problem(s) found")
     return 0 if not problems else 1
+
+
+def _cases(args: argparse.Namespace, index) -> int:
+    """cbir index cases: every case's id, name, modality, body part and labels (what 'label' and '--relevant' need)."""
+    from ..index import labels
+
+    cases = index.catalog.cases()
+    merged = labels.merged_labels(cases, labels.read_side_file(args.local_labels or labels.SIDE_FILE))
+    rows = [{"case_id": c.case_id, "name": c.name, "modality": c.modality, "body_part": c.body_part,
+             "labels": merged.get(c.case_id, {}), "source": c.source} for c in cases]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"{index.folder}: no cases yet")
+    for row in rows:
+        tags = ", ".join(f"{k}={v}" for k, v in sorted(row["labels"].items())) or "-"
+        print(f"{row['case_id']}  {row['name'] or '-':<24} {row['modality'] or '?':<4} {row['body_part'] or '?':<10} {tags}  "
+              f"{row['source']}")
+    return 0
+
+
+def _trust(args: argparse.Namespace) -> int:
+    """cbir index trust: check every file of an index sealed elsewhere, then seal it under this machine's key."""
+    from ..errors import IndexCorruptError
+    from ..index.folder import Index
+
+    index = Index.open(args.index, strict=False)
+    try:
+        if index.seal_status == keyed_seal.OK:
+            print(f"{index.folder}: already sealed under this machine's key; nothing to do")
+            return 0
+        if index.seal_status == keyed_seal.ALTERED:
+            raise IndexCorruptError(f"{index.folder}: sealed under this machine's key and edited since; it is not trusted: "
+                                    f"'cbir index repair --index {index.folder}' re-embeds its cases from their sources")
+        problems = [p for p in index.verify(check_sources=False) if "cbir index trust" not in p]
+    finally:
+        index.catalog.close()
+    if problems:
+        raise IndexCorruptError(f"{index.folder}: not trusted, {len(problems)} problem(s): {problems[0]}")
+    with Index.open(args.index, writable=True, trust=True):
+        pass  # closing seals it under this machine's key
+    print(f"{index.folder}: every file matches its checksums, vectors and items agree; now sealed under this machine's key "
+          f"(id {keyed_seal.key_id(keyed_seal.writer_key())})")
+    return 0
 
 
 def _suggest_labels(args: argparse.Namespace, index) -> int:
@@ -196,20 +263,24 @@ def _suggest_labels(args: argparse.Namespace, index) -> int:
 def register(commands) -> None:
     """The index command."""
     index = commands.add_parser("index", help="build, extend, check an index of volumes")
-    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair", "suggest-labels"])
+    index.add_argument("action", choices=["build", "add", "remove", "info", "verify", "refresh", "repair", "trust", "cases",
+                                          "suggest-labels"])
     index.add_argument("sources", nargs="*", help="files and folders to index (build, add), a DICOM database (ctkdb:PATH or "
                        "Slicer's ctkDICOM.sql) or a PACS (dicomweb:URL), or case ids / sources (remove)")
-    index.add_argument("--index", required=True, help="index folder")
+    index.add_argument("--index", required=True, help="index folder, or milvus://HOST:PORT/COLLECTION (credentials from "
+                       "CBIR_MILVUS_TOKEN or CBIR_MILVUS_USER/PASSWORD or CBIR_MILVUS_AUTH_FILE), or a milvus-lite .db file")
     index.add_argument("--model", help="embedding model (build: default biomedclip; later: the index's own)")
     # Slicing flags have no argparse default: 'add' must tell a flag given from one left out (SLICING_DEFAULTS).
     index.add_argument("--axes", help="comma-separated axes to index (default axial)")
-    index.add_argument("--stride-mm", type=float, help="distance between indexed slices (default 5 mm)")
-    index.add_argument("--tiles-mm", help="tile sizes in mm for region queries, comma-separated; '' for none (default 32)")
-    index.add_argument("--tile-overlap", type=float,
+    index.add_argument("--stride-mm", type=number(0, 1000, " mm", low_open=True), help="distance between indexed slices (default 5 mm)")
+    index.add_argument("--tiles-mm", type=sizes_mm("--tiles-mm"),
+                       help="tile sizes in mm for region queries, comma-separated; '' for none (default 32)")
+    index.add_argument("--tile-overlap", type=number(0, 0.95),
                        help="overlap of neighbouring tiles, 0 to <1 (default 0.5; 0.75 places matches better, 4x the items)")
-    index.add_argument("--blobs", type=int,
+    index.add_argument("--blobs", type=whole_number(0, 1000),
                        help="per slice, how many blob-like places (lesion candidates) get crops centred on them (default 12; 0 for none)")
-    index.add_argument("--blob-sizes-mm", help="sizes in mm of the crops around each blob, comma-separated (default 16,24,32)")
+    index.add_argument("--blob-sizes-mm", type=sizes_mm("--blob-sizes-mm"),
+                       help="sizes in mm of the crops around each blob, comma-separated (default 16,24,32)")
     index.add_argument("--region-strategy", choices=("auto", "crops", "dense"),
                        help="item vectors: each crop embedded ('crops'), or pooled from one pass per slice ('dense'); "
                             "default auto: dense for ViTs, crops for handcrafted (docs/design.md)")
@@ -221,9 +292,12 @@ def register(commands) -> None:
                        help="FAISS structure (default auto: flat, HNSW, then compressed IVF-PQ by size)")
     index.add_argument("--labels", help="CSV with path,label rows: labels of the cases, for filters and evaluation")
     index.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    index.add_argument("--json", action="store_true", help="info as JSON")
+    index.add_argument("--dask", metavar="SCHEDULER", help="build, add: embed the cases on a Dask cluster (tcp://HOST:8786, or "
+                       "local:N for N worker processes on this machine); each worker loads the model once")
+    index.add_argument("--json", action="store_true", help="info or cases as JSON")
+    index.add_argument("--local-labels", metavar="FILE", help="cases: label side file to merge (default ./labels.local.csv)")
     index.add_argument("--no-sources", action="store_true", help="verify: skip checksumming the source files")
     _add_dicom_arguments(index)
     index.add_argument("--column", help="suggest-labels: the label column (default 'label' or 'finding')")
-    index.add_argument("--count", type=int, default=10, help="suggest-labels: how many cases to list (default 10)")
+    index.add_argument("--count", type=whole_number(1, 100_000), default=10, help="suggest-labels: how many cases to list (default 10)")
     index.set_defaults(run=lambda a: _index_build(a) if a.action in ("build", "add") else _index_other(a))

@@ -54,8 +54,11 @@ def _export(args: argparse.Namespace) -> int:
                             f"{error}") from None
         out = export_scene(saved, args.scene)
         print(f"wrote {out.path}: {len(out.volumes)} volumes, {len(out.rois)} ROIs")
-        for case_id, why in out.skipped:
-            print(f"  left out {case_id}: {why}", file=sys.stderr)
+        if out.skipped:  # one line: the first reason in full, the other cases by id
+            (first, why), others = out.skipped[0], [case_id for case_id, _ in out.skipped[1:]]
+            more = f"; also {', '.join(others[:5])}{' and more' if len(others) > 5 else ''}" if others else ""
+            print(f"cbir: note: left out {len(out.skipped)} of {len(saved.answer.results)} results whose volume could not be "
+                  f"read: {first} ({why}){more}", file=sys.stderr)
     return 0
 
 
@@ -72,9 +75,9 @@ def _label(args: argparse.Namespace) -> int:
         print(f"{args.case_id}: {column}={value} written to {where} at {written.entry.at}"
               + (f" by {written.entry.by}" if written.entry.by else ""))
         return 0
-    from ..index.folder import Index
+    from ..index.location import open_index
 
-    index = Index.open(args.index)
+    index = open_index(args.index)
     try:
         if index.catalog.case_by_id(args.case_id) is None:
             raise CBIRError(f"{args.case_id}: is not a case of the index {index.folder}")
@@ -109,7 +112,7 @@ def register(commands) -> None:
     label.add_argument("case_id", help="the case id (from a search answer)")
     label.add_argument("assignment", nargs="?", metavar="COLUMN=VALUE", help="e.g. diagnosis=adenocarcinoma; an empty value "
                                                                             "takes the label away; none: list the case's labels")
-    label.add_argument("--index", required=True, help="index folder")
+    label.add_argument("--index", required=True, help="index folder, or milvus://HOST:PORT/COLLECTION, or a milvus-lite .db file")
     label.add_argument("--by", help="who gives the label (recorded only if given)")
     label.add_argument("--local-labels", metavar="FILE", help="side file for a read-only index (default ./labels.local.csv)")
     label.set_defaults(run=_label)

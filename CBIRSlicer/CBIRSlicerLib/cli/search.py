@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from ..errors import CBIRError
-from .common import state_note
+from .common import MAX_MARGIN_MM, MAX_RESULTS, number, state_note, whole_number
 
 # retrieval.queries.MATCH_INTENTS (Testing/test_cli.py checks they agree): not imported here, the parser is built before
 # the library loads (importing the query module costs most of a second on every command)
@@ -46,9 +46,9 @@ def _read_batch(path: str) -> list[dict]:
         raise CBIRError(f"{path}: batch CSV cannot be parsed ({error})") from None
     if rows and "volume" not in rows[0]:
         raise CBIRError(f"{path}: batch CSV needs a 'volume' column (and optionally 'roi_ras')")
-    for number, row in enumerate(rows, start=2):
+    for line, row in enumerate(rows, start=2):
         if not (row.get("volume") or "").strip():
-            raise CBIRError(f"{path}: row {number} has no volume (a short row?)")
+            raise CBIRError(f"{path}: row {line} has no volume (a short row?)")
     return rows
 
 
@@ -64,11 +64,11 @@ class _Opened:
 
 def _open(args: argparse.Namespace) -> _Opened:
     """The index and its searcher; a note (stderr) when the filters match no case."""
-    from ..index.folder import Index
+    from ..index.location import open_index
     from ..retrieval.queries import parse_filters
     from ..retrieval.search import Searcher
 
-    index = Index.open(args.index)
+    index = open_index(args.index)
     state_note(index)
     searcher = Searcher(index, model=args.model, device=args.device)
     filters = parse_filters(args.filter)
@@ -166,11 +166,23 @@ def _print_answer(answer, as_json: bool) -> None:
     if not answer.results:
         print("no results")
     for result in answer.results:
-        best = result.best_match
-        where = f"{best.axis} slice {best.slice_index} at RAS ({', '.join(f'{v:.1f}' for v in best.spot)})"
-        if best.shown is not None:  # placed: which place the point is, and why a look-alike stands in for the anatomy
-            where += " " + ("same anatomy" if best.shown == "anatomy" else "look-alike") + (f" ({best.note})" if best.note else "")
-        print(f"{result.rank:>3}. {result.score:.3f}  {result.title:<28} {where}  {result.source}")
+        print(result_line(result))
+    if answer.note:
+        print(f"note: {answer.note}")
+
+
+SHOWN = {"anatomy": "same anatomy", "look-alike": "look-alike", None: "most alike"}
+
+
+def result_line(result) -> str:
+    """One result as a line: rank, score, name, case id, modality and body part, and what its match shows where."""
+    best = result.best_match
+    kind = f"{result.modality or '?'} {result.body_part or '?'}"
+    where = f"{best.kind} on {best.axis} slice {best.slice_index} at RAS ({', '.join(f'{v:.1f}' for v in best.spot)})"
+    if best.note:  # placed: why a look-alike stands in for the anatomy (not in this series' field of view; rejected)
+        where += f" ({best.note})"
+    return (f"{result.rank:>3}. {result.score:.3f}  {result.title:<24} {result.case_id}  {kind:<12} "
+            f"{SHOWN.get(best.shown, best.shown)}: {where}  {result.source}")
 
 
 def _save_search(args: argparse.Namespace, index, searcher, query, answer, filters: dict) -> None:
@@ -206,20 +218,41 @@ def _feedback_search(args: argparse.Namespace, searcher, filters) -> tuple:
     """cbir search --from ANSWER.json [--relevant IDS] [--not-relevant IDS]: (the query, its new answer) using the marks."""
     from ..retrieval.feedback import feedback_from_answer, query_from_answer, search_again
 
-    try:
-        with open(args.from_answer, encoding="utf-8") as handle:
-            earlier = json.load(handle)
-    except FileNotFoundError:
-        raise CBIRError(f"{args.from_answer}: answer JSON does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CBIRError(f"{args.from_answer}: not a JSON answer of 'cbir search --json' ({error})") from None
-    if not isinstance(earlier, dict) or "query" not in earlier or "results" not in earlier:
-        raise CBIRError(f"{args.from_answer}: not a JSON answer of 'cbir search --json' (no query and results)")
+    earlier = _earlier_answer(args.from_answer)
     marks = feedback_from_answer(earlier, _case_ids(args.relevant), _case_ids(args.not_relevant), args.from_answer)
+    unknown = [c for c in marks.judged if searcher.index.catalog.case_by_id(c) is None]
+    if unknown:  # an answer of another index, or cases removed since: their marks would stand for nothing here
+        raise CBIRError(f"{args.from_answer}: marks case(s) {', '.join(unknown[:5])} that the index {searcher.index.folder} "
+                        "does not hold (an answer of another index, or removed since)")
     query = query_from_answer(earlier, searcher, args.from_answer)
     answer = search_again(searcher, query, marks, args.k, filters, earlier.get("ranking", args.ranking), args.feedback,
                           prior=not args.no_prior)
     return query, answer if args.no_place else searcher.place(query, answer)
+
+
+def _earlier_answer(path: str) -> dict:
+    """The answer JSON of --from: a 'cbir search --json' answer, or a saved search's answer with its marks."""
+    from ..json_input import read_json
+    from ..retrieval import saved_search
+    from ..retrieval.marks import Feedback
+
+    data = read_json(path, "answer JSON")
+    if isinstance(data, dict) and data.get("format") == saved_search.FORMAT:  # a --save file: checked as 'cbir rerun' does
+        saved = saved_search.SavedSearch.load(path)
+        earlier = saved.answer.to_json()
+        marks = Feedback.from_json(earlier["query"].get("feedback"))
+        for case_id, item in saved.feedback.relevant.items():
+            marks.mark(case_id, item, True)
+        for case_id, item in saved.feedback.not_relevant.items():
+            marks.mark(case_id, item, False)
+        earlier["query"]["feedback"] = marks.to_json()
+        return earlier
+    if not isinstance(data, dict) or not isinstance(data.get("query"), dict) or not isinstance(data.get("results"), list):
+        raise CBIRError(f"{path}: not a JSON answer of 'cbir search --json' nor a saved search of 'cbir search --save' "
+                        "(no query and results)")
+    if not all(isinstance(r, dict) and isinstance(r.get("case_id"), str) for r in data["results"]):
+        raise CBIRError(f"{path}: not a JSON answer of 'cbir search --json': a result without a case id")
+    return data
 
 
 def _feedback_arguments(search: argparse.ArgumentParser) -> None:
@@ -230,7 +263,8 @@ def _feedback_arguments(search: argparse.ArgumentParser) -> None:
                         help="label column to suggest a finding from: 'label' (the --labels of index build), a metadata field, "
                              "or 'none' (default: 'label' or 'finding' when cases have one)")
     search.add_argument("--from", dest="from_answer", metavar="ANSWER.json",
-                        help="search again for the query of an earlier JSON answer, using --relevant / --not-relevant marks")
+                        help="search again for the query of an earlier JSON answer (--json) or saved search (--save), using "
+                             "--relevant / --not-relevant marks")
     search.add_argument("--relevant", metavar="CASE_ID,...", help="with --from: results of that answer that are relevant")
     search.add_argument("--not-relevant", metavar="CASE_ID,...", help="with --from: results of that answer that are not")
     search.add_argument("--feedback", default=DEFAULT_STRATEGY, choices=STRATEGIES,
@@ -240,24 +274,25 @@ def _feedback_arguments(search: argparse.ArgumentParser) -> None:
 def register(commands) -> None:
     """The search command."""
     search = commands.add_parser("search", help="find the cases most similar to a volume, an ROI, a slice or a phrase")
-    search.add_argument("--index", required=True, help="index folder")
+    search.add_argument("--index", required=True, help="index folder, or milvus://HOST:PORT/COLLECTION, or a milvus-lite .db file")
     what = search.add_mutually_exclusive_group()
     what.add_argument("--volume", help="query volume (whole volume unless --roi-ras, --roi or --slice-ras)")
     what.add_argument("--text", help="a phrase (CLIP-family models), e.g. 'pleural effusion'")
     what.add_argument("--batch", help="CSV with columns volume[,roi_ras]; answers one JSON line per row")
-    what.add_argument("--like", type=int, metavar="ITEM", help="more like this: an item id from a previous answer")
+    what.add_argument("--like", type=whole_number(1, 2**63 - 1), metavar="ITEM", help="more like this: an item id from a previous answer")
     area = search.add_mutually_exclusive_group()
     area.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ", help="ROI centre and size in RAS mm")
     area.add_argument("--roi", metavar="FILE.mrk.json", help="a Slicer markups ROI file")
     area.add_argument("--roi-mask", metavar="LABELMAP",
                       help="a label map on the query's patient: query the segment --label (its box; its deepest point is placed)")
-    search.add_argument("--label", type=int, default=1, help="the label of --roi-mask to query (default 1)")
+    search.add_argument("--label", type=whole_number(1, 2**31 - 1), default=1, help="the label of --roi-mask to query (default 1)")
     area.add_argument("--slice-ras", metavar="R,A,S", help="query the one slice through this RAS point")
-    search.add_argument("-k", type=int, default=10, help="number of cases (default 10)")
+    search.add_argument("-k", type=whole_number(1, MAX_RESULTS), default=10, help=f"number of cases, 1 to {MAX_RESULTS} (default 10)")
     search.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
     search.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="modality=CT, label=..., any catalog field")
     search.add_argument("--ranking", default="maxsim", choices=["maxsim", "votes", "pooled"], help="case ranking (default maxsim)")
-    search.add_argument("--margin-mm", type=float, default=0.0, help="margin around the ROI crops")
+    search.add_argument("--margin-mm", type=number(0, MAX_MARGIN_MM, " mm"), default=0.0,
+                        help=f"margin around the ROI crops, 0 to {MAX_MARGIN_MM:g} mm (default 0)")
     search.add_argument("--no-prior", action="store_true",
                         help="rank by similarity alone; by default cases of the query's modality and body region come first")
     search.add_argument("--no-place", action="store_true",

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import MAX_MARGIN_MM, number, whole_number
+
 
 def _slices(args: argparse.Namespace) -> int:
     """cbir slices: write what the model will see for a volume, as PNGs plus slices.json."""
@@ -71,17 +73,17 @@ def register(commands) -> None:
     slices.add_argument("--roi-ras", metavar="CX,CY,CZ,SX,SY,SZ",
                         help="ROI centre and size in RAS mm, as Slicer shows them")
     stride = slices.add_mutually_exclusive_group()
-    stride.add_argument("--stride-mm", type=float, help="distance between slices in mm")
-    stride.add_argument("--stride", type=int, help="distance between slices in slices")
+    stride.add_argument("--stride-mm", type=number(0, 1000, " mm", low_open=True), help="distance between slices in mm")
+    stride.add_argument("--stride", type=whole_number(1, 100_000), help="distance between slices in slices")
     slices.add_argument("--window", default="auto",
                         help="auto, percentile, soft-tissue, lung, bone, brain, or W,L (default auto)")
     slices.add_argument("--montage", metavar="RxC", help="tile R x C evenly spaced slices into one image")
     slices.add_argument("--no-crop", action="store_true", help="with an ROI, keep whole slices instead of cropping to it")
-    slices.add_argument("--margin-mm", type=float, default=0.0, help="margin around the ROI crop (mm)")
+    slices.add_argument("--margin-mm", type=number(0, MAX_MARGIN_MM, " mm"), default=0.0, help="margin around the ROI crop (mm)")
     slices.add_argument("--series", help="DICOM series UID, when a folder holds several")
     slices.set_defaults(run=_slices)
     synth = commands.add_parser("synth", help="write a synthetic CT-like phantom volume to try things on")
     synth.add_argument("path", help="output file (.nii.gz, .nrrd, .mha)")
-    synth.add_argument("--size", type=int, default=96, help="voxels along R and A (default 96)")
-    synth.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (default 1)")
+    synth.add_argument("--size", type=whole_number(8, 512), default=96, help="voxels along R and A (default 96)")
+    synth.add_argument("--spacing", type=number(0.01, 100, " mm"), default=1.0, help="voxel size in mm (default 1)")
     synth.set_defaults(run=_synth)

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import body_region
 from .coordinates import lps_to_ras, ras_to_lps
-from .intensity import looks_like_ct, padding_value
+from .intensity import looks_like_ct
 from .volume import Volume
 
 SPACING_MM = 4.0  # registration grid: organs of 2 cm still span 5 voxels
@@ -59,23 +59,6 @@ def coarse_image(volume: Volume, spacing_mm: float = SPACING_MM):
     origin = image.TransformContinuousIndexToPhysicalPoint([(spacing_mm / s - 1) / 2 for s in old_spacing])
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, [spacing_mm] * 3, image.GetDirection(),
                          float(np.min(sitk.GetArrayViewFromImage(image))), sitk.sitkFloat32)
-
-
-def tissue_mask(volume: Volume, image):
-    """Where a volume holds tissue rather than padding (:func:`intensity.padding_value`), on a coarse image's grid (a
-    mask for the registration's metric); None when the volume has no padding.
-
-    Some series store only a region around the anatomy of interest (a radiotherapy CT that keeps a tube of tissue around
-    the cord, the rest set to -1000): left in the metric, that edge of nothing pulls the registration (a tuning patient's
-    brainstem went from its start, inside, to 36-44 mm off).
-    """
-    import SimpleITK as sitk
-
-    padding = padding_value(volume)
-    if padding is None:
-        return None
-    stored = volume.to_sitk((np.asarray(volume.array) != padding).astype(np.uint8))
-    return sitk.Resample(stored, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
 def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
@@ -307,18 +290,12 @@ def carry(transform, centre_ras) -> np.ndarray:
     return lps_to_ras(np.array(transform.TransformPoint(tuple(float(v) for v in centre_lps))))
 
 
-MIN_TISSUE_SHARE = 0.2  # a neighbourhood with less tissue than this (the rest padding) is registered without its mask
-
-
-def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1, mask=None):
-    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving), the
-    metric sampled where ``mask`` (the neighbourhood's :func:`tissue_mask`) holds tissue; (transform, metric on the whole
-    neighbourhood)."""
+def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1):
+    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving);
+    (transform, metric on the whole neighbourhood)."""
     import SimpleITK as sitk
 
     method = _mi_registration(0.3, seed, SPACING_MM, 0.1, iterations)
-    if mask is not None and np.mean(sitk.GetArrayViewFromImage(mask)) >= MIN_TISSUE_SHARE:
-        method.SetMetricFixedMask(mask)
     method.SetInitialTransform(sitk.AffineTransform(_single(initial)), inPlace=False)
     transform = _single(method.Execute(fixed, moving))
     return transform, _full_metric(fixed, moving, transform)
@@ -389,6 +366,19 @@ def level_window(query_axis, target_axis, centre_ras, reach_mm: float = 0.0) -> 
                          LEVEL_WINDOW_MIN_MM, LEVEL_WINDOW_MAX_MM))
     return True, LevelWindow(float(s), half / target_axis.slope, float(query_axis.slope / target_axis.slope),
                              tuple(float(v) for v in asked))
+
+
+def start_window(query_axis, target_axis, centre_ras) -> LevelWindow | None:
+    """A level to start from where the axes are too uncertain to bound the registration (no window: half-width
+    infinite); None when either axis is missing or the centre's level lies outside the result's body."""
+    if query_axis is None or target_axis is None:
+        return None
+    centre = np.asarray(centre_ras, float)
+    level = query_axis.level_at(float(centre[2]), margin_mm=LEVEL_WINDOW_MAX_MM)
+    s = None if level is None else target_axis.s_at(level)
+    if s is None:
+        return None
+    return LevelWindow(float(s), float("inf"), float(query_axis.slope / target_axis.slope), tuple(float(v) for v in centre))
 
 
 def _body_centre(image, s_mm: float) -> np.ndarray | None:
@@ -462,14 +452,13 @@ def agreement(query_image, target_image, transform, centre_ras, box_mm: float) -
 
 
 def place(query: Volume, centre_ras, target: Volume | None, initial=None, query_image=None, target_image=None,
-          box_mm: float | None = None, window: LevelWindow | None = None, query_mask=None) -> Placement:
+          box_mm: float | None = None, window: LevelWindow | None = None) -> Placement:
     """The query centre carried into the target: the whole-volume affine transform (``initial``, else computed here),
     refined as an affine transform on the query's 128 mm neighbourhood, then a demons deformation of its 64 mm one;
     with ``box_mm`` (the query box's largest side), how well the box agrees with the result there.
 
     With a level ``window``, a stage whose answer leaves the window is not kept (the stage before it stands): the
-    registration refines only within the level the body coordinate allows. ``query_mask`` (:func:`tissue_mask`) keeps
-    the query's padding out of the local stage's metric."""
+    registration refines only within the level the body coordinate allows."""
     import SimpleITK as sitk
 
     began = time.monotonic()
@@ -484,8 +473,7 @@ def place(query: Volume, centre_ras, target: Volume | None, initial=None, query_
     fixed = neighbourhood(query_image, centre_ras)
     if fixed is not None:
         try:
-            mask = neighbourhood(query_mask, centre_ras) if query_mask is not None else None
-            refined, refined_metric = local_affine(fixed, target_image, transform, mask=mask)
+            refined, refined_metric = local_affine(fixed, target_image, transform)
             if kept(refined):
                 transform, metric, start = refined, refined_metric, "local"
         except RuntimeError:  # ITK: the neighbourhood and the result do not overlap enough: keep the whole-volume answer

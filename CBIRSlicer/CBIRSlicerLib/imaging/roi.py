@@ -68,18 +68,19 @@ class RoiBox:
 
 def read_markups_roi(path: str) -> RoiBox:
     """The RAS box of the first ROI in a Slicer markups file (.mrk.json); a rotated ROI gives its 8 corners' bounds."""
-    import json
+    from ..json_input import read_json
 
+    data = read_json(path, "the markups file")
     try:
-        with open(path) as handle:
-            data = json.load(handle)
         markup = next(m for m in data.get("markups", []) if m.get("type") == "ROI")
         center = np.array(markup["center"], dtype=float)
         size = np.array(markup["size"], dtype=float)
         orientation = np.array(markup.get("orientation", np.eye(3).ravel()), dtype=float).reshape(3, 3)
-    except FileNotFoundError:
-        raise InputError(path, "does not exist") from None
-    except (OSError, ValueError, KeyError, StopIteration, TypeError) as error:
+        if center.shape != (3,) or size.shape != (3,):
+            raise ValueError("an ROI's center and size are three numbers each")
+    except StopIteration:
+        raise InputError(path, "is not a Slicer markups ROI file (it holds no markup of type ROI)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(path, f"is not a Slicer markups ROI file ({type(error).__name__}: {error})") from None
     lps = markup.get("coordinateSystem", "LPS").upper() == "LPS"
     # Corners in the ROI's own frame, rotated by its orientation (columns = axes), in the file's frame.

@@ -28,6 +28,7 @@ from .roi import RoiBox
 from .volume import Volume
 
 AXES = ("axial", "coronal", "sagittal")
+MAX_MARGIN_MM = 100.0  # context around an ROI crop: more is the whole slice, which a slice query asks for
 
 # (screen right, screen down, normal) in RAS for each axis: Slicer's slice-view orientation
 # presets (vtkMRMLSliceNode), with "down" the opposite of the view's up direction.
@@ -215,6 +216,8 @@ def planes_in(grid: SliceGrid, roi: RoiBox | None = None) -> tuple[int, int]:
 
 def crop_box(grid: SliceGrid, roi: RoiBox, margin_mm: float = 0.0) -> tuple[int, int, int, int]:
     """Rows and columns (row0, col0, row1, col1; ends exclusive) of the pixels inside an ROI plus a margin."""
+    if not (math.isfinite(margin_mm) and 0 <= margin_mm <= MAX_MARGIN_MM):
+        raise ParameterError(f"the margin around an ROI must be 0 to {MAX_MARGIN_MM:g} mm, not {margin_mm} mm")
     right, down, _ = grid.frame
     boxes = []
     for direction, count, name in ((down, grid.rows, "rows"), (right, grid.cols, "columns")):

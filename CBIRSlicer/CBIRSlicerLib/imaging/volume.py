@@ -13,8 +13,11 @@ from functools import cached_property
 
 import numpy as np
 
-from ..errors import DimensionError, InputError
+from ..errors import DimensionError, GeometryFileError, InputError
 from .coordinates import ijk_to_ras_from_lps_geometry, lps_geometry_from_ijk_to_ras
+
+MIN_SPACING_MM, MAX_SPACING_MM = 0.01, 1000.0  # a micro-CT's 10 micrometres to a metre: what a body scan can be
+MAX_COORDINATE_MM = 1e6  # a kilometre from the scanner's origin: far beyond any scanner, well inside float precision
 
 
 @dataclass(eq=False)
@@ -41,7 +44,21 @@ class Volume:
             raise InputError(self.source, "IJK-to-RAS must be a finite 4x4 matrix")
         if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
             raise InputError(self.source, "IJK-to-RAS matrix is singular (zero spacing or degenerate axes)")
+        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        if spacing.min() < MIN_SPACING_MM or spacing.max() > MAX_SPACING_MM:
+            raise GeometryFileError(self.source, f"voxel size {' x '.join(f'{s:g}' for s in spacing)} mm is outside "
+                                                 f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm: not a scan of a body")
+        far = float(np.abs(self._corners(matrix)).max())
+        if far > MAX_COORDINATE_MM:
+            # At 1e30 mm a float cannot tell voxels 1.5 mm apart: every slice fell on one place and the volume became 1 item.
+            raise GeometryFileError(self.source, f"its voxels lie up to {far:.3g} mm from the RAS origin (at most "
+                                                 f"{MAX_COORDINATE_MM:g} mm): coordinates that large lose the voxel spacing")
         self.ijk_to_ras = matrix
+
+    def _corners(self, matrix: np.ndarray) -> np.ndarray:
+        i, j, k = (n - 1 for n in self.array.shape[::-1])
+        corners = np.array([[a, b, c, 1.0] for a in (0, i) for b in (0, j) for c in (0, k)])
+        return (corners @ matrix.T)[:, :3]
 
     @classmethod
     def from_array(cls, array_kji: np.ndarray, ijk_to_ras: np.ndarray, **metadata) -> Volume:

@@ -18,7 +18,18 @@ from contextlib import contextmanager
 @contextmanager
 def undone_if_empty(folder: str) -> Iterator[None]:
     """Around creating an index in ``folder`` and its first build: afterwards (or on any exception), an index without a
-    complete case is removed with what it added; the folder and the files that were there before stay."""
+    complete case is removed with what it added; the folder and the files that were there before stay. A Milvus location's
+    collections are dropped (:func:`milvus_index.drop_if_empty`)."""
+    from .milvus_connection import is_milvus_location
+
+    if is_milvus_location(folder):
+        from .milvus_index import drop_if_empty
+
+        try:
+            yield
+        finally:
+            drop_if_empty(folder)
+        return
     folder = os.path.abspath(folder)
     before = set(os.listdir(folder)) if os.path.isdir(folder) else None
     try:

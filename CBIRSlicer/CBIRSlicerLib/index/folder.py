@@ -6,7 +6,8 @@ Its parts: the file names and format (:mod:`files`), the write lock (:mod:`lock`
 Folder layout (format version 2, or 3 with a compressed 'ivfpq' store; :mod:`files`)::
 
     manifest.json    format, model fingerprint, slicing settings, index type, counts, privacy, state, and the size and
-                     per-chunk SHA-256 of every file it owns, sealed by a checksum of itself (:mod:`integrity`)
+                     per-chunk SHA-256 of every file it owns, sealed by a checksum of itself (:mod:`integrity`) and an
+                     HMAC under this machine's seal key (:mod:`keyed_seal`)
     vectors.faiss    FAISS index with stable int64 ids (the catalog's item ids); for 'ivfpq' the compressed codes
     vectors.f16      'ivfpq' only: the vectors as float16 rows, memory-mapped for exact re-scoring (:mod:`faiss_store`)
     catalog.sqlite   cases, items, thumbnails, tombstones (rollback journal: committed data is always in the file)
@@ -27,11 +28,12 @@ so a killed build resumes without duplicates or losses.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..clock import now_utc
 from ..errors import CBIRError, IndexCorruptError, IndexMismatchError, InputError
 from ..models.base import Embedder
-from . import privacy, vector_transform
+from . import keyed_seal, privacy, vector_transform
 from .catalog import Catalog
 from .faiss_store import VectorStore, choose_kind
 from .files import BASE_VERSION, CATALOG, CLEAN, FORMAT, FORMAT_VERSION, MANIFEST, ROWS, TRANSFORM, VECTORS, WRITING, recovery_hint
@@ -40,6 +42,16 @@ from .items import IndexSettings
 from .lock import FolderLock, writer_active
 from .verify import verify
 from .writer import IndexWriter
+
+
+def model_of(folder: str) -> str:
+    """The model an index folder was built with, from its manifest alone (no checksums: for choosing what to install or
+    load before the index is opened)."""
+    path = os.path.join(os.path.abspath(folder), MANIFEST)
+    try:
+        return str(read_manifest(path, require_seal=False)["model"]["name"])
+    except (KeyError, TypeError) as error:
+        raise IndexCorruptError(f"{path}: lacks or garbles {error}; {recovery_hint(os.path.dirname(path))}") from None
 
 
 class Index(IndexWriter):
@@ -79,12 +91,13 @@ class Index(IndexWriter):
         return index
 
     @classmethod
-    def open(cls, folder: str, writable: bool = False, strict: bool = True) -> Index:
+    def open(cls, folder: str, writable: bool = False, strict: bool = True, trust: bool = False) -> Index:
         """Open an existing index, checking it.
 
         Readers need no lock and write nothing. A writer takes the lock, checks every checksum of a clean index (it is
         about to seal what it finds), and tidies an interrupted build. ``strict=False`` (verify) collects mismatches in
-        :attr:`problems` instead of raising; a part that cannot be read at all still raises.
+        :attr:`problems` instead of raising; a part that cannot be read at all still raises. A writer refuses an index not
+        sealed under this machine's key unless ``trust`` (``cbir index trust``: it is then sealed under it; :mod:`keyed_seal`).
         """
         folder = os.path.abspath(folder)
         path = os.path.join(folder, MANIFEST)
@@ -98,29 +111,40 @@ class Index(IndexWriter):
             lock.acquire()
         try:
             try:
-                index = cls._open_checked(folder, writable, strict, lock)
+                index = cls._open_checked(folder, writable, strict, lock, trust)
             except IndexCorruptError:
                 # A writer may have begun between our reading the manifest and the files: its 'writing' state then says so.
                 if writable or not writer_active(folder):
                     raise
-                index = cls._open_checked(folder, writable, strict, lock)
+                index = cls._open_checked(folder, writable, strict, lock, trust)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
         if writable:
-            index._begin_writing()
+            try:
+                index._begin_writing()
+            except BaseException:  # a full disk or a read-only file: nothing was changed; let the next writer in
+                index.catalog.close()
+                if lock is not None:
+                    lock.release()
+                raise
             index._purge_pending()
-            index._maybe_refit_transform()  # a build killed before its first fit, or a pin that no longer matches its file
+            if index.transform_dropped:  # a pin that no longer matches its file: fitted again now, as it was fitted on
+                index._maybe_refit_transform()
+            # A build killed before its first fit is fitted when the run resuming it commits, on every case, as a clean build
+            # is: fitted here, on the cases the killed run had finished, it ranked otherwise until the index doubled.
             index._maybe_retrain_codes()  # a writer killed between refitting the transform and training the codes again
         return index
 
     @classmethod
-    def _open_checked(cls, folder: str, writable: bool, strict: bool, lock: FolderLock | None) -> Index:
-        """Open and check the parts: the manifest (format, seal, fields), the owned files' sizes, the vectors' checksum
-        before FAISS reads them; for a writer of a clean index every owned file's checksums; the counts."""
+    def _open_checked(cls, folder: str, writable: bool, strict: bool, lock: FolderLock | None, trust: bool = False) -> Index:
+        """Open and check the parts: the manifest (format, seal, fields, the keyed seal against this machine's key), the
+        owned files' sizes, the vectors' checksum before FAISS reads them; for a writer of a clean index every owned file's
+        checksums; the counts."""
         checks = _Checks(folder, strict)
         manifest, legacy = _checked_manifest(folder, writable)
+        sealed = checks.keyed_seal(manifest, legacy, writable, trust)
         state = manifest.get("state", CLEAN)
         live = state == WRITING and not writable and writer_active(folder)
         checked = state == CLEAN  # a writer's work in progress, or a dead writer's, has no checksums to match yet
@@ -133,6 +157,8 @@ class Index(IndexWriter):
             if found:
                 raise IndexCorruptError(f"{found}; {recovery_hint(folder)}")
         store = VectorStore.load(vectors_path, manifest["index_type"]["current"], int(manifest["model"]["fingerprint"]["dim"]))
+        if checked and strict and not writable and store.rows is not None and files.get(ROWS):
+            store.rows.expect(files[ROWS], recovery_hint(folder))  # checked chunk by chunk as searches read it
         catalog = Catalog(os.path.join(folder, CATALOG), readonly=not writable)
         try:
             rows_checked = checks.owned_files(files, store) if checked and writable else 0
@@ -151,12 +177,17 @@ class Index(IndexWriter):
         index.legacy = legacy
         index.writer_active = live
         index.interrupted = state == WRITING and not live
+        index.seal_status = sealed
         return index
 
     def close(self) -> None:
         """Save pending work and seal the manifest (writers), close the catalog, release the lock."""
         if self._lock is not None:
+            self._maybe_change_structure()  # a removal's tombstones compacted, as at every commit
             self.checkpoint()
+            pinned = self.manifest.get("transform")
+            if pinned is not None and "checksum" not in pinned:  # never fitted (a killed build tidied, a remove): fit now
+                self._maybe_refit_transform()
             self._seal_manifest()
             self._lock.release()
             self._lock = None
@@ -183,7 +214,7 @@ class Index(IndexWriter):
             return
         self.close()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What the index is: model, settings, type, counts, size on disk, format and state."""
         size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, ROWS, CATALOG, TRANSFORM)
                    if os.path.exists(os.path.join(self.folder, f)))
@@ -196,6 +227,9 @@ class Index(IndexWriter):
                            "tombstones": len(self.catalog.tombstones())},
                 "bytes": size, "bytes_per_case": round(size / cases) if cases else None,
                 "format_version": self.manifest["format_version"], "state": self.state_note() or "clean",
+                "seal": {keyed_seal.OK: "keyed, this machine's key", keyed_seal.FOREIGN: keyed_seal.describe(self.manifest),
+                         keyed_seal.UNCHECKED: "not checked: no seal key on this machine",
+                         keyed_seal.ALTERED: "altered"}.get(self.seal_status, self.seal_status),
                 "patient_ids": self.privacy_policy}
 
     def verify(self, check_sources: bool = True) -> list[str]:
@@ -204,7 +238,7 @@ class Index(IndexWriter):
         return verify(self, check_sources)
 
 
-def _checked_manifest(folder: str, writable: bool) -> tuple[dict, bool]:
+def _checked_manifest(folder: str, writable: bool) -> tuple[dict[str, Any], bool]:
     """The manifest, checked: our format, a version this release reads (an older one: read-only), the seal, the fields
     opening needs; and whether it is of an older format."""
     path = os.path.join(folder, MANIFEST)
@@ -248,7 +282,7 @@ class _Checks:
             raise IndexCorruptError(f"{text}; {recovery_hint(self.folder)}")
         self.problems.append(text)
 
-    def sizes(self, files: dict, checked: bool) -> None:
+    def sizes(self, files: dict[str, Any], checked: bool) -> None:
         """Every owned file is there (else raise: nothing can be read), and of the size the seal says."""
         for name, recorded in files.items():
             path = os.path.join(self.folder, name)
@@ -257,7 +291,7 @@ class _Checks:
             if checked and recorded and os.path.getsize(path) != recorded.get("size"):
                 self.problem(f"{path}: holds {os.path.getsize(path)} bytes, the manifest says {recorded.get('size')}")
 
-    def owned_files(self, files: dict, store: VectorStore) -> int:
+    def owned_files(self, files: dict[str, Any], store: VectorStore) -> int:
         """A writer about to seal: every owned file is what the last seal vouched for. Returns the bytes of the rows file
         checked (sealing re-hashes only what is appended after them)."""
         rows_checked = 0
@@ -271,7 +305,26 @@ class _Checks:
                 rows_checked = min(int(recorded.get("size", 0)), store.rows.count * store.rows.row_bytes)
         return rows_checked
 
-    def counts(self, counts: dict, catalog: Catalog, store: VectorStore) -> None:
+    def keyed_seal(self, manifest: dict[str, Any], legacy: bool, writable: bool, trust: bool) -> str:
+        """The manifest's keyed seal against this machine's key (keyed_seal.status): one that does not match is a problem,
+        another key's (or none) is refused by a writer unless ``trust`` and reported by verify. Format 1 had no seals."""
+        path = os.path.join(self.folder, MANIFEST)
+        if legacy:
+            return keyed_seal.FOREIGN
+        sealed = keyed_seal.status(manifest, keyed_seal.writer_key() if writable else keyed_seal.reader_key())
+        if sealed == keyed_seal.ALTERED:
+            self.problem(f"{path}: its keyed seal does not match its content: it was edited outside CBIRSlicer (or damaged) "
+                         "and sealed again without this machine's key")
+        elif sealed == keyed_seal.FOREIGN and writable and not trust:
+            raise IndexMismatchError(
+                f"{self.folder}: {keyed_seal.describe(manifest)}, so this machine cannot vouch that nobody edited it and does "
+                f"not write to it: check it and seal it under this machine's key with 'cbir index trust --index {self.folder}'")
+        elif sealed == keyed_seal.FOREIGN and not self.strict:
+            self.problems.append(f"{path}: {keyed_seal.describe(manifest)}: edits made outside CBIRSlicer cannot be detected "
+                                 f"here; 'cbir index trust --index {self.folder}' checks it and seals it under this machine's key")
+        return sealed
+
+    def counts(self, counts: dict[str, Any], catalog: Catalog, store: VectorStore) -> None:
         """The manifest's counts against the catalog's and the store's."""
         actual = {"cases": catalog.count("cases"), "items": catalog.count("items"), "vectors": store.count,
                   "tombstones": catalog.count("tombstones")}

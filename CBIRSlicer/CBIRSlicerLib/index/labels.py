@@ -22,6 +22,7 @@ from ..errors import IndexLockedError, IndexMismatchError, InputError, Parameter
 from .catalog import COLUMN_FILTERS, CaseRecord
 from .files import CATALOG, MANIFEST
 from .folder import Index
+from .location import is_server_location, open_index
 
 SIDE_FILE = "labels.local.csv"
 SIDE_COLUMNS = ["case_id", "column", "value", "at", "by", "index"]
@@ -54,6 +55,9 @@ class LabelWrite:
     reason: str = ""
 
 
+MAX_VALUE = 1000  # characters: a finding, a grade, a short note
+
+
 def parse_assignment(text: str) -> tuple[str, str]:
     """'COLUMN=VALUE' to (column, value), the column checked (a name of letters, digits, _ . - or spaces, not a field of the index)."""
     column, sep, value = text.partition("=")
@@ -61,7 +65,17 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not column:
         raise ParameterError(f"label '{text}' must look like COLUMN=VALUE, for example diagnosis=adenocarcinoma")
     check_column(column)
+    check_value(value)
     return column, value
+
+
+def check_value(value: str) -> None:
+    """Refuse a label value that is not one line of text (a newline or an escape sequence would break a side-file line or
+    the terminal) or is longer than a label."""
+    if not value.isprintable():
+        raise ParameterError(f"label value {value!r} holds a control character; a label is one line of text")
+    if len(value) > MAX_VALUE:
+        raise ParameterError(f"label value of {len(value)} characters is longer than a label ({MAX_VALUE} at most)")
 
 
 def check_column(column: str) -> None:
@@ -85,6 +99,12 @@ def set_label(folder: str, case_id: str, column: str, value: str, by: str | None
               at: str | None = None) -> LabelWrite:
     """Give a case a label: in the index (writer lock, commit) if it can be written, else in the side file."""
     check_column(column)
+    check_value(value)
+    if is_server_location(folder):  # a Milvus-backed index: written through its writer (the server checks who may)
+        with open_index(folder, writable=True) as index:
+            entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, index.folder)
+            _write_to_index(index, entry)
+        return LabelWrite(entry, "index", index.folder)
     folder = os.path.abspath(folder)
     entry = LabelEntry(case_id, column, value, at or now_utc(), by.strip() if by and by.strip() else None, folder)
     reason = writable_reason(folder)
@@ -196,8 +216,8 @@ def merged_labels(cases: list[CaseRecord], side: list[LabelEntry]) -> dict[str, 
 def labels_of(folder: str | None, case_ids: list[str], side_file: str | None = None) -> dict[str, dict[str, str]]:
     """Merged labels (index and side file) of some cases; an index that is not there gives the side file's alone."""
     cases: list[CaseRecord] = []
-    if folder and os.path.isfile(os.path.join(folder, MANIFEST)):
-        index = Index.open(folder)
+    if folder and (is_server_location(folder) or os.path.isfile(os.path.join(folder, MANIFEST))):
+        index = open_index(folder)
         try:
             cases = [c for c in (index.catalog.case_by_id(i) for i in case_ids) if c is not None]
         finally:

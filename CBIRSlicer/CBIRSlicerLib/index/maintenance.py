@@ -17,7 +17,7 @@ from ..clock import now_utc
 from ..errors import CBIRError, IndexCorruptError, IndexMismatchError
 from ..models.base import Embedder
 from ..threads import one_blas_thread
-from . import privacy, vector_transform
+from . import keyed_seal, privacy, vector_transform
 from .catalog import Catalog
 from .faiss_store import VectorStore, choose_kind
 from .files import BASE_VERSION, CATALOG, CLEAN, FORMAT_VERSION, MANIFEST, ROWS, TRANSFORM, VECTORS, WRITING
@@ -47,6 +47,7 @@ class IndexFolder:
         self.catalog = catalog
         self.store = store
         self._lock = lock
+        self._seal_key = keyed_seal.writer_key() if lock is not None else None  # writers seal every manifest with it
         self._pending_rows: list[int] = []
         self._last_checkpoint = time.monotonic()
         self.problems: list[str] = []  # what a lenient open (verify) found instead of raising
@@ -55,18 +56,20 @@ class IndexFolder:
         self._rows_checked_bytes = 0
         self.interrupted = False  # a writer died before sealing the index: its complete cases are still whole
         self.writer_active = False  # a reader opened it while a writer works on it: counts and checksums are in flux
+        self.transform_dropped = False
         try:
             self.transform = load_transform(folder, manifest)  # None: compare raw vectors, as indexes made before it did
         except IndexCorruptError:
             if lock is None:
                 raise
             # A writer killed between writing a refitted transform and the manifest that pins it: fit again now (open).
-            self.transform = None
+            self.transform, self.transform_dropped = None, True
             manifest["transform"] = {key: manifest["transform"][key] for key in ("requested", "shrinkage")}
         if store.kind == "ivfpq":
             store.transform = self.transform  # what its codes encode (retrained with it; _maybe_retrain_codes)
 
     legacy = False  # written in a format older than BASE_VERSION: searched as it is, never changed
+    seal_status = "ok"  # how the manifest's keyed seal stands with this machine's key (keyed_seal.status), set on open
 
     @property
     def fingerprint(self) -> dict:
@@ -93,6 +96,10 @@ class IndexFolder:
         if self.interrupted:
             return (f"a writer stopped before finishing; its complete cases are whole, the rest is tidied by the next "
                     f"'cbir index add' or 'cbir index repair --index {self.folder}'")
+        if self.seal_status == keyed_seal.FOREIGN:
+            return (f"{keyed_seal.describe(self.manifest)} (a copy from elsewhere?): its checksums catch damage but not edits "
+                    f"made outside CBIRSlicer; 'cbir index trust --index {self.folder}' checks it and seals it under this "
+                    "machine's key")
         return None
 
     def check_model(self, embedder: Embedder) -> None:
@@ -129,12 +136,18 @@ class IndexFolder:
     def _begin_writing(self) -> None:
         """Say in the manifest that the files are about to change, before anything changes."""
         self.manifest["state"] = WRITING
-        write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        """The manifest written atomically, keyed-sealed under this machine's key and then checksummed (keyed_seal)."""
+        write_json_atomically(os.path.join(self.folder, MANIFEST), seal(keyed_seal.sign(self.manifest, self._seal_key)))
 
     def checkpoint(self) -> None:
-        """Save vectors atomically, then mark pending cases complete, then the manifest (still 'writing')."""
+        """Save vectors atomically, then mark pending cases complete, then the manifest (still 'writing'); nothing else.
+
+        Run at timed intervals while a build goes on, so it only saves: the structure (flat, HNSW, compressed) and the
+        vector transform change at :meth:`commit`, so what they are does not depend on the machine's speed."""
         self._require_writer()
-        self._maybe_change_structure()
         self.store.save(os.path.join(self.folder, VECTORS))
         if self._pending_rows:
             with self.catalog.transaction():
@@ -142,6 +155,14 @@ class IndexFolder:
             self._pending_rows = []
         self._save_manifest()
         self._last_checkpoint = time.monotonic()
+
+    def commit(self) -> None:
+        """The end of a unit of work (an add, a removal, a refresh, closing): the structure the index's size asks for
+        (:meth:`_maybe_change_structure`), a checkpoint, then the vector transform refitted if the index has grown."""
+        self._require_writer()
+        self._maybe_change_structure()
+        self.checkpoint()
+        self._maybe_refit_transform()
 
     def _maybe_change_structure(self) -> None:
         """Switch flat -> HNSW when 'auto' and the index has grown past the flat limit; compact many tombstones."""
@@ -216,7 +237,7 @@ class IndexFolder:
         self.manifest["counts"] = self._counts()
         self.manifest["format_version"] = self._written_version()
         self.manifest["state"] = WRITING
-        write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
+        self._write_manifest()
 
     def _written_version(self) -> int:
         """The format this index is written in: 3 only with a compressed store, so older releases still read the rest."""
@@ -237,7 +258,11 @@ class IndexFolder:
         self.manifest["counts"] = self._counts()
         self.manifest["format_version"] = self._written_version()
         self.manifest["state"] = CLEAN
-        write_json_atomically(os.path.join(self.folder, MANIFEST), seal(self.manifest))
+        self._write_manifest()
+
+    def allowed_items(self, filters: dict[str, str]) -> np.ndarray:
+        """The ids of the items of the complete cases the filters allow (a field no case has raises ParameterError)."""
+        return self.catalog.item_ids(self.catalog.case_rows_matching(filters))
 
     def excluded_ids(self) -> np.ndarray:
         """Ids in the vectors file that searches must not return: tombstones and unfinished cases."""

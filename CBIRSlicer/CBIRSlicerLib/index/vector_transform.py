@@ -99,8 +99,8 @@ class VectorTransform:
         return {"kind": self.kind, "checksum": self.checksum(), "fitted": self.fitted, "fitted_on": self.fitted_on,
                 "file": TRANSFORM_FILE}
 
-    def save(self, path: str) -> None:
-        """Write the parameters atomically (temporary file, then rename)."""
+    def to_bytes(self) -> bytes:
+        """The parameters as the ``.npz`` bytes :meth:`save` writes (a server-held index keeps these bytes as they are)."""
         arrays = {"kind": np.array(self.kind), "fitted_on": np.array(self.fitted_on), "fitted": np.array(self.fitted),
                   "shrinkage": np.array(np.nan if self.shrinkage is None else self.shrinkage)}
         if self.mean is not None:
@@ -109,8 +109,12 @@ class VectorTransform:
             arrays["matrix"] = self.matrix.astype("<f4")
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    def save(self, path: str) -> None:
+        """Write the parameters atomically (temporary file, then rename)."""
         with replaced(path) as temporary, open(temporary, "wb") as handle:
-            handle.write(buffer.getvalue())
+            handle.write(self.to_bytes())
 
 
 def first_stage(store, transform: VectorTransform, queries: np.ndarray, k: int, **options) -> tuple[np.ndarray, np.ndarray]:
@@ -137,20 +141,31 @@ def identity(count: int = 0) -> VectorTransform:
 def load(path: str, entry: dict, dim: int) -> VectorTransform:
     """Read a saved transform and check it against its manifest entry (kind, checksum) and the vectors' dimension."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            kind = str(data["kind"])
-            mean = np.array(data["mean"], np.float32) if "mean" in data else None
-            matrix = np.array(data["matrix"], np.float32) if "matrix" in data else None
-            shrinkage = float(data["shrinkage"])
-            loaded = VectorTransform(kind, mean, matrix, int(data["fitted_on"]), str(data["fitted"]),
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise IndexCorruptError(f"{path}: the vector transform cannot be read ({error})") from None
+    return from_bytes(data, entry, dim, path)
+
+
+def from_bytes(data: bytes, entry: dict, dim: int, name: str) -> VectorTransform:
+    """A transform from the bytes :meth:`VectorTransform.to_bytes` made, checked against its pin; ``name`` says where they
+    were kept, for errors."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            kind = str(arrays["kind"])
+            mean = np.array(arrays["mean"], np.float32) if "mean" in arrays else None
+            matrix = np.array(arrays["matrix"], np.float32) if "matrix" in arrays else None
+            shrinkage = float(arrays["shrinkage"])
+            loaded = VectorTransform(kind, mean, matrix, int(arrays["fitted_on"]), str(arrays["fitted"]),
                                      None if np.isnan(shrinkage) else shrinkage)
     except (OSError, KeyError, ValueError) as error:
-        raise IndexCorruptError(f"{path}: the vector transform cannot be read ({error})") from None
+        raise IndexCorruptError(f"{name}: the vector transform cannot be read ({error})") from None
     if loaded.kind not in KINDS or (mean is not None and mean.shape != (dim,)) or \
             (matrix is not None and matrix.shape != (dim, dim)):
-        raise IndexCorruptError(f"{path}: not a vector transform of {dim}-d vectors (kind {loaded.kind!r})")
+        raise IndexCorruptError(f"{name}: not a vector transform of {dim}-d vectors (kind {loaded.kind!r})")
     if loaded.checksum() != entry.get("checksum") or loaded.kind != entry.get("kind"):
-        raise IndexCorruptError(f"{path}: the vector transform differs from the one the manifest pins "
+        raise IndexCorruptError(f"{name}: the vector transform differs from the one the manifest pins "
                                 f"({entry.get('kind')}, checksum {str(entry.get('checksum'))[:12]}); open the index for writing "
                                 "('cbir index add') to fit it again")
     return loaded

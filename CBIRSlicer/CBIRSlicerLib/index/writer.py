@@ -22,7 +22,7 @@ from ..errors import CBIRError, InputError, ParameterError
 from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
-from ..models.base import Embedder
+from ..models.base import Embedder, modality_warning
 from . import privacy
 from .catalog import CaseRecord, ItemRecord
 from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
@@ -80,7 +80,7 @@ def content_problem(volume: Volume) -> tuple[str | None, str | None]:
     finite = np.isfinite(data)
     count = int(finite.sum())
     if count == 0:
-        return "no voxel holds a number (all NaN or infinite): nothing to index", None
+        return "no voxel holds a number (all NaN or infinite): nothing to search for", None
     values = data[finite]
     if values.min() == values.max():
         return f"every finite voxel is {float(values.min()):g}: a constant volume holds nothing to search for", None
@@ -115,7 +115,7 @@ class BuildReport:
         return len(self.added) + len(self.replaced) + len(self.unchanged)
 
 
-Progress = Callable[[int, int, str], None]  # (cases done, cases in all, what is being done)
+CaseProgress = Callable[[int, int, str], None]  # called with (cases done, cases in all, what is being done)
 
 
 @dataclass
@@ -127,6 +127,69 @@ class EmbeddedCase:
     items: list[ItemRecord]
     vectors: np.ndarray  # (len(items), the model's dim), L2-normalised, in the items' order
     content_digest: str | None = None  # the voxels' digest (:attr:`Volume.voxel_digest`), so a copy's query leaves it out
+
+
+@dataclass
+class PreparedCase:
+    """One case read, checked and embedded, ready for a writer (made in the writer's process, or on a Dask worker):
+    its record (metadata still raw: the writer applies the index's privacy policy with its own site key), items, vectors,
+    voxel digest and thumbnails; or why it was not (``skipped``), or that the index holds it already (``unchanged``)."""
+
+    case_id: str
+    label: str
+    checksum: str | None = None
+    record: CaseRecord | None = None
+    items: list[ItemRecord] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    digest: str | None = None
+    thumbnails: dict = field(default_factory=dict)
+    header: dict = field(default_factory=dict)  # the volume's header metadata, identifying fields included
+    warning: str | None = None
+    skipped: str | None = None
+    unchanged: bool = False
+    model_digest: str | None = None  # the fingerprint of the model that made the vectors (checked by the writer)
+
+
+def prepare_case(source: CaseSource, embedder: Embedder, settings: IndexSettings, labels: list[str], known_checksum: str | None,
+                 loaded=None, remote: str | None = None, label: str | None = None) -> PreparedCase:
+    """Read, check and embed one case unless the index holds it with this checksum already; never raises for a case that
+    cannot be indexed (``skipped`` says why). ``loaded``: a future of its (checksum, volume); ``remote`` names a DICOM
+    database or PACS it came from."""
+    case_id = case_id_for(source) if remote is None else remote_case_id(remote, source.series_uid or "")
+    label = label or source.label
+    prepared = PreparedCase(case_id, label, model_digest=embedder.fingerprint.digest())
+    try:
+        checksum, volume = loaded.result() if loaded is not None else (source_checksum(source), None)
+        prepared.checksum = checksum
+        if known_checksum is not None and known_checksum == checksum:
+            prepared.unchanged = True
+            return prepared
+        volume = volume if volume is not None else read_case(source)
+        refused, prepared.warning = content_problem(volume)
+        if refused:
+            raise InputError(None, refused)
+        origin = fill_in(volume)  # modality and body part from the image where the file is silent
+        mismatch = modality_warning(embedder, volume.modality, origin.get("modality_image"))
+        if mismatch:
+            origin["model_modality_mismatch"] = mismatch  # flagged in the catalog, warned in the report
+            prepared.warning = f"{prepared.warning}; {mismatch}" if prepared.warning else mismatch
+        made, vectors = embedded_items(volume, settings, embedder)
+        bad = vector_problem(vectors) if len(vectors) else None
+        if bad:
+            raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
+    except (CBIRError, OSError) as error:
+        text = str(error)
+        prepared.skipped = text[len(label) + 2:] if text.startswith(label + ": ") else text
+        return prepared
+    prepared.record = CaseRecord(
+        case_id=case_id, source=remote or os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
+        checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
+        spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
+        labels=labels, metadata={**origin, "window": made.window.as_dict()})
+    prepared.header = dict(volume.extra)
+    prepared.items, prepared.vectors, prepared.thumbnails = made.items, vectors, made.thumbnails
+    prepared.digest = volume.voxel_digest
+    return prepared
 
 
 class IndexWriter(IndexFolder):
@@ -146,7 +209,7 @@ class IndexWriter(IndexFolder):
                 self.catalog.add_tombstones(present)
             self.catalog.delete_cases(rows)
 
-    def add_sources(self, paths: Iterable[str], embedder: Embedder, progress: Progress | None = None,
+    def add_sources(self, paths: Iterable[str], embedder: Embedder, progress: CaseProgress | None = None,
                     labels: dict[str, list[str]] | None = None, should_stop: Callable[[], bool] | None = None,
                     dicom: DicomOptions | None = None) -> BuildReport:
         """Index new volumes, refresh changed ones (checksum), skip unchanged ones; resumable.
@@ -169,7 +232,7 @@ class IndexWriter(IndexFolder):
         return report
 
     def add_cases(self, sources: Sequence[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
-                  progress: Progress | None = None) -> BuildReport:
+                  progress: CaseProgress | None = None) -> BuildReport:
         """Index these cases (volume files, or DICOM series in a folder) as :meth:`add_sources` does, each with its labels;
         committed the same way: checkpoints, then the vector transform refitted when the index has grown."""
         self._require_writer()
@@ -181,17 +244,14 @@ class IndexWriter(IndexFolder):
         return report
 
     def _add_cases(self, cases: list[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
-                   report: BuildReport, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                   report: BuildReport, progress: CaseProgress | None = None, should_stop: Callable[[], bool] | None = None,
                    total_if_none: int = 0) -> None:
         """The cases indexed one by one (the next read ahead), checkpointed as they go, then committed with the transform."""
         # The next case is checksummed and read on a thread while this one is embedded (file reading and decompression
         # release the GIL), so the model is not kept waiting between cases.
         from concurrent.futures import ThreadPoolExecutor
 
-        known = {}
-        for source in cases:
-            existing = self.catalog.case_by_id(case_id_for(source))
-            known[case_id_for(source)] = existing.checksum if existing is not None else None
+        known = self.known_checksums(cases)
         with ThreadPoolExecutor(1, thread_name_prefix="cbir-read") as reader:
             ahead = reader.submit(_load, cases[0], known) if cases else None
             for n, source in enumerate(cases):
@@ -206,14 +266,48 @@ class IndexWriter(IndexFolder):
                     self.checkpoint()
             if ahead is not None:
                 ahead.cancel()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             total = len(cases) or total_if_none  # a build from a DICOM database or PACS only: its series
             progress(total, total, "done")
 
+    def known_checksums(self, cases: Sequence[CaseSource]) -> dict[str, str | None]:
+        """The checksum the index holds for each case (by case id; None for a case it does not hold)."""
+        known = {}
+        for source in cases:
+            existing = self.catalog.case_by_id(case_id_for(source))
+            known[case_id_for(source)] = existing.checksum if existing is not None else None
+        return known
+
+    def add_prepared(self, cases: Iterable[PreparedCase], total: int, progress: CaseProgress | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> BuildReport:
+        """Store cases read and embedded elsewhere (Dask workers, :mod:`dask_build`) as they come, committed as
+        :meth:`add_sources` commits: checkpoints as it goes, then the vector transform refitted when the index has grown."""
+        self._require_writer()
+        began = time.monotonic()
+        report = BuildReport()
+        done = 0
+        for prepared in cases:
+            if should_stop is not None and should_stop():
+                break
+            if prepared.model_digest not in (None, self.manifest["model"]["digest"]):
+                raise ParameterError(f"{prepared.label}: embedded by another model ({prepared.model_digest}) than the index's "
+                                     f"({self.manifest['model']['digest']}); the workers must load the index's model")
+            self._store_prepared(prepared, report)
+            done += 1
+            if progress is not None:
+                progress(done, total, prepared.label)
+            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+                self.checkpoint()
+        self.checkpoint()
+        self._maybe_refit_transform()
+        if progress is not None:
+            progress(total, total, "done")
+        report.seconds = time.monotonic() - began
+        return report
+
     def _add_dicom_source(self, spec: str, embedder: Embedder, options: DicomOptions, report: BuildReport,
-                          progress: Progress | None, should_stop: Callable[[], bool] | None) -> int:
+                          progress: CaseProgress | None, should_stop: Callable[[], bool] | None) -> int:
         """Index the series of a DICOM database or a PACS: each fetched (PACS) only when no case holds its series UID yet,
         embedded, then its download removed (unless kept). A series that fails is one line in ``report.skipped``; the others
         go on, and a rerun fetches only what is still missing. Returns how many series passed the filters."""
@@ -253,38 +347,31 @@ class IndexWriter(IndexFolder):
         """Index one case (or note it unchanged or skipped, with why); ``loaded``: a future of its (checksum, volume);
         ``remote`` names a DICOM database or PACS it came from."""
         case_id = case_id_for(source) if remote is None else remote_case_id(remote, source.series_uid or "")
-        label = label or source.label
-        try:
-            checksum, volume = loaded.result() if loaded is not None else (source_checksum(source), None)
-            existing = self.catalog.case_by_id(case_id)
-            if existing is not None and existing.checksum == checksum:
-                report.unchanged.append(label)
-                return
-            volume = volume if volume is not None else read_case(source)
-            refused, warning = content_problem(volume)
-            if refused:
-                raise InputError(None, refused)
-            origin = fill_in(volume)  # modality and body part from the image where the file is silent
-            made, vectors = embedded_items(volume, self.settings, embedder)
-            bad = vector_problem(vectors) if len(vectors) else None
-            if bad:
-                raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
-        except (CBIRError, OSError) as error:
-            report.skipped.append((label, str(error)))
+        existing = self.catalog.case_by_id(case_id)
+        prepared = prepare_case(source, embedder, self.settings, labels, existing.checksum if existing is not None else None,
+                                loaded, remote, label)
+        self._store_prepared(prepared, report, existing)
+
+    def _store_prepared(self, prepared: PreparedCase, report: BuildReport, existing: CaseRecord | None = None) -> None:
+        """A prepared case into the index (replacing the case it was before), its header metadata kept as the index's
+        privacy policy says; or noted unchanged or skipped."""
+        if existing is None and not prepared.unchanged and not prepared.skipped:
+            existing = self.catalog.case_by_id(prepared.case_id)
+        if prepared.unchanged or (existing is not None and prepared.checksum is not None and existing.checksum == prepared.checksum):
+            report.unchanged.append(prepared.label)
             return
-        if warning:
-            report.warnings.append((label, warning))
+        if prepared.skipped is not None or prepared.record is None or prepared.vectors is None:
+            report.skipped.append((prepared.label, prepared.skipped or "not prepared"))
+            return
+        if prepared.warning:
+            report.warnings.append((prepared.label, prepared.warning))
         if existing is not None:
             self._remove_rows([existing.row])
-        record = CaseRecord(
-            case_id=case_id, source=remote or os.path.abspath(source.path), name=volume.name, series_uid=volume.series_uid,
-            checksum=checksum, modality=volume.modality, body_part=volume.body_part, shape=list(volume.shape_ijk),
-            spacing=[round(float(s), 6) for s in volume.spacing], ijk_to_ras=volume.ijk_to_ras.round(6).tolist(),
-            labels=labels, metadata={**privacy.private_metadata(volume.extra, self.privacy_policy), **origin,
-                                        "window": made.window.as_dict()})
-        self._store_case(record, made.items, vectors, volume.voxel_digest, made.thumbnails)
-        (report.replaced if existing is not None else report.added).append(label)
-        report.vectors += len(made.items)
+        record = dataclasses.replace(prepared.record, metadata={**privacy.private_metadata(prepared.header, self.privacy_policy),
+                                                                 **prepared.record.metadata})
+        self._store_case(record, prepared.items, prepared.vectors, prepared.digest, prepared.thumbnails)
+        (report.replaced if existing is not None else report.added).append(prepared.label)
+        report.vectors += len(prepared.items)
 
     def _store_case(self, record: CaseRecord, items: list[ItemRecord], vectors: np.ndarray, digest: str | None,
                     thumbnails: dict | None = None) -> int:
@@ -300,7 +387,7 @@ class IndexWriter(IndexFolder):
         self._pending_rows.append(row)
         return row
 
-    def add_embedded(self, cases: Iterable[EmbeddedCase], progress: Progress | None = None) -> BuildReport:
+    def add_embedded(self, cases: Iterable[EmbeddedCase], progress: CaseProgress | None = None) -> BuildReport:
         """Store cases whose item vectors are already computed; a case id the index holds already is left unchanged.
 
         Committed like :meth:`add_sources` (checkpoints as it goes and at the end, the vector transform refitted when the
@@ -333,8 +420,7 @@ class IndexWriter(IndexFolder):
             report.vectors += len(vectors)
             if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                 self.checkpoint()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             progress(total, total, "done")
         report.seconds = time.monotonic() - began
@@ -355,7 +441,7 @@ class IndexWriter(IndexFolder):
         self._save()
         return removed
 
-    def refresh(self, embedder: Embedder, progress: Progress | None = None) -> BuildReport:
+    def refresh(self, embedder: Embedder, progress: CaseProgress | None = None) -> BuildReport:
         """Re-check every case's source: re-index changed files, report missing ones."""
         report = BuildReport()
         present = []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import ParameterError
+
 
 @dataclass
 class Feedback:
@@ -36,11 +38,19 @@ class Feedback:
         return {"relevant": dict(self.relevant), "not_relevant": dict(self.not_relevant)}
 
     @classmethod
-    def from_json(cls, data: dict | None) -> Feedback:
+    def from_json(cls, data: object) -> Feedback:
         """Back from JSON: ``{case id: item id}`` per side, or a plain list of case ids (items looked up when used)."""
         data = data or {}
+        if not isinstance(data, dict):
+            raise ParameterError(f"feedback marks must be {{'relevant': ..., 'not_relevant': ...}}, not {type(data).__name__}")
+        return cls(_side(data.get("relevant")), _side(data.get("not_relevant")))
 
-        def side(marks) -> dict[str, int | None]:
-            return {str(k): None for k in marks} if isinstance(marks, list) else {str(k): v for k, v in (marks or {}).items()}
 
-        return cls(side(data.get("relevant")), side(data.get("not_relevant")))
+def _side(marks: object) -> dict[str, int | None]:
+    """One side of the marks: {case id: item id or None}, or a list of case ids; anything else is a ParameterError."""
+    if isinstance(marks, list) and all(isinstance(k, str) for k in marks):
+        return {k: None for k in marks}
+    marks = marks or {}
+    if not isinstance(marks, dict) or any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in marks.values()):
+        raise ParameterError("feedback marks must map case ids to item ids (whole numbers), or list case ids")
+    return {str(k): v for k, v in marks.items()}

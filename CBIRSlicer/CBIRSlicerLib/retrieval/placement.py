@@ -23,6 +23,7 @@ the level window: the place of the right level that looks most like the query.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,6 +86,22 @@ def rejected(where) -> bool:
     """Whether a registration (:class:`imaging.registration.Placement`) is rejected: it left the level window, or the
     result there does not resemble the query's neighbourhood."""
     return bool(where.within_window is False or where.context_agreement < CONTEXT_AGREEMENT_MIN)
+
+
+def better(candidates: list, window=None):
+    """Of registrations of one point from different starts (:class:`imaging.registration.Placement`), the one kept:
+    those ending within the level ``window`` first, then the highest agreement with the query's box (else with its
+    64 mm neighbourhood); its ``within_window`` set from the window."""
+    if not candidates:
+        raise RuntimeError("no start to register from")
+
+    def score(where) -> tuple[bool, float]:
+        agreement = where.agreement if np.isfinite(where.agreement) else where.context_agreement
+        inside = window is None or window.holds(where.ras)
+        return bool(inside), float(agreement) if np.isfinite(agreement) else -np.inf
+
+    best = max(candidates, key=score)
+    return dataclasses.replace(best, within_window=None if window is None else window.holds(best.ras))
 
 
 def wants_finding(match: str, focal: bool, agreement: float) -> bool:

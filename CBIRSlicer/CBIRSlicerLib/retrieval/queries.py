@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
 import numpy as np
 
-from ..errors import InputError, ParameterError
+from ..errors import GeometryError, InputError, ParameterError
+from ..imaging import body_parts, body_region
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy
-from ..index.folder import Index
+from ..index.searchable import SearchableIndex
 from .marks import Feedback
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
@@ -38,30 +41,45 @@ MATCH_INTENTS: tuple[MatchIntent, ...] = get_args(MatchIntent)
 Point = tuple[float, float, float]
 
 
-def _point(values) -> Point:
+def _point(values: Iterable[float]) -> Point:
     return cast(Point, tuple(float(v) for v in values))
 
 
-def _rounded(values) -> list[float]:
+def _rounded(values: Iterable[float]) -> list[float]:
     """Millimetres as the answer carries them: to a micrometre."""
     return [round(float(v), 3) for v in values]
 
 
 @dataclass(frozen=True)
 class Prior:
-    """The kind of case ranked first: the query volume's modality and body region (DICOM's words; None: unknown)."""
+    """The kind of case ranked first: the query's modality and body region (DICOM's words; None: unknown), the regions
+    it covers and the standard body levels it holds (around its point, or its whole volume's; imaging/body_axis)."""
 
     modality: str | None
     body_part: str | None
+    regions: tuple[str, ...] = ()
+    levels: tuple[float, float] | None = None
 
     def to_json(self) -> dict:
         """The answer's ``query.prior``."""
-        return {"modality": self.modality, "body_part": self.body_part}
+        return {"modality": self.modality, "body_part": self.body_part, "regions": list(self.regions),
+                "levels": [round(float(v), 1) for v in self.levels] if self.levels else None}
 
     @classmethod
     def from_json(cls, data: dict) -> Prior:
-        """Back from the answer's ``query.prior``."""
-        return cls(data.get("modality"), data.get("body_part"))
+        """Back from the answer's ``query.prior`` (answers saved before the regions and levels: their body part alone)."""
+        levels = data.get("levels")
+        return cls(data.get("modality"), data.get("body_part"), tuple(data.get("regions") or ()),
+                   (float(levels[0]), float(levels[1])) if levels else None)
+
+    @classmethod
+    def of_kind(cls, kind: body_region.Kind) -> Prior:
+        """The record of a query's kind as the search found it."""
+        return cls.from_json(kind.to_json())
+
+    def kind(self) -> body_region.Kind:
+        """The kind to compare cases with (regions from the body part when none were recorded)."""
+        return body_region.Kind(self.modality, self.regions or body_parts.regions_of(self.body_part), self.levels)
 
 
 @dataclass(frozen=True)
@@ -173,7 +191,7 @@ class Query:
         return self.spec.roi
 
 
-def make_query(spec: QuerySpec, volume: Volume | None, index: Index, segment: Segment | None = None) -> Query:
+def make_query(spec: QuerySpec, volume: Volume | None, index: SearchableIndex, segment: Segment | None = None) -> Query:
     """The one way from what is asked to what a search needs: the images cut from ``volume`` as the index cut its cases
     (roi, segment: ``segment`` its voxels, else its box alone; slice; volume), an item's own vector, or a phrase (its
     vector is the model's: :meth:`search.Searcher.query_vectors` or the session's worker embeds it)."""
@@ -187,6 +205,7 @@ def make_query(spec: QuerySpec, volume: Volume | None, index: Index, segment: Se
         return _item(spec, index)
     if volume is None:
         raise ParameterError(f"a {spec.mode} query needs its volume")
+    _searchable(volume)
     spec = dataclasses.replace(spec, volume=os.path.abspath(volume.source) if volume.source else None)
     if spec.mode == "segment" and segment is not None:
         made = _roi(dataclasses.replace(spec, roi=segment.box, segment=segment.name), volume, index)
@@ -200,22 +219,22 @@ def make_query(spec: QuerySpec, volume: Volume | None, index: Index, segment: Se
     return _volume(spec, volume, index)
 
 
-def roi_query(volume: Volume, roi: RoiBox, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+def roi_query(volume: Volume, roi: RoiBox, axis: str, index: SearchableIndex, margin_mm: float = 0.0) -> Query:
     """An ROI query (:func:`make_query` of mode 'roi')."""
     return make_query(QuerySpec("roi", axis=axis, roi=roi, margin_mm=margin_mm), volume, index)
 
 
-def segment_query(volume: Volume, segment: Segment, axis: str, index: Index, margin_mm: float = 0.0) -> Query:
+def segment_query(volume: Volume, segment: Segment, axis: str, index: SearchableIndex, margin_mm: float = 0.0) -> Query:
     """A segment's query (:func:`make_query` of mode 'segment'): its box, asking about its deepest point."""
     return make_query(QuerySpec("segment", axis=axis, margin_mm=margin_mm), volume, index, segment)
 
 
-def slice_query(volume: Volume, axis: str, index: Index, ras=None) -> Query:
+def slice_query(volume: Volume, axis: str, index: SearchableIndex, ras: Iterable[float] | None = None) -> Query:
     """The slice through a RAS point, default the volume's centre (:func:`make_query` of mode 'slice')."""
     return make_query(QuerySpec("slice", axis=axis, point=_point(ras) if ras is not None else None), volume, index)
 
 
-def volume_query(volume: Volume, axis: str, index: Index) -> Query:
+def volume_query(volume: Volume, axis: str, index: SearchableIndex) -> Query:
     """A whole volume (:func:`make_query` of mode 'volume')."""
     return make_query(QuerySpec("volume", axis=axis), volume, index)
 
@@ -225,7 +244,7 @@ def text_query(text: str) -> Query:
     return Query(QuerySpec("text", text=text))
 
 
-def item_query(index: Index, item_id: int) -> Query:
+def item_query(index: SearchableIndex, item_id: int) -> Query:
     """'More like this' from an indexed item (:func:`make_query` of mode 'item')."""
     return make_query(QuerySpec("item", item=int(item_id)), None, index)
 
@@ -237,7 +256,7 @@ def _sample(items: list, count: int) -> list:
     return [items[i] for i in montage_planes(0, len(items) - 1, count)]
 
 
-def _own(volume: Volume, index: Index) -> dict:
+def _own(volume: Volume, index: SearchableIndex) -> dict:
     """How to leave the query volume's own case out: its path, and the cases holding the same voxels or series.
 
     A copy of an indexed file elsewhere, in another format, or a volume loaded into Slicer from DICOM has another
@@ -250,7 +269,7 @@ def _own(volume: Volume, index: Index) -> dict:
     return {"exclude_sources": [volume.source] if volume.source else [], "exclude_rows": sorted(rows)}
 
 
-def _same_patient(volume: Volume, index: Index) -> list[int]:
+def _same_patient(volume: Volume, index: SearchableIndex) -> list[int]:
     """The indexed cases of the query's patient (other series and studies): similar *cases* are other patients.
 
     The index keeps only a keyed hash of patient IDs (:mod:`privacy`); the query's ID is hashed the same way.
@@ -261,11 +280,26 @@ def _same_patient(volume: Volume, index: Index) -> list[int]:
     return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
 
 
-def _dense(index: Index) -> bool:
+_SEARCHABLE: weakref.WeakSet[Volume] = weakref.WeakSet()  # volumes found searchable: a session queries one volume many times
+
+
+def _searchable(volume: Volume) -> None:
+    """Refuse a query volume with nothing to search for (every voxel NaN, infinite or alike): its answer would be noise."""
+    from ..index.writer import content_problem
+
+    if volume in _SEARCHABLE:
+        return
+    refused, _ = content_problem(volume)
+    if refused:
+        raise InputError(volume.source, f"{refused}; it cannot be a query")
+    _SEARCHABLE.add(volume)
+
+
+def _dense(index: SearchableIndex) -> bool:
     return index.settings.region_strategy == "dense"
 
 
-def _roi(spec: QuerySpec, volume: Volume, index: Index) -> Query:
+def _roi(spec: QuerySpec, volume: Volume, index: SearchableIndex) -> Query:
     """The slices an ROI spans, cropped to it (at most MAX_QUERY_IMAGES, evenly spread); whole, with the box, if dense."""
     roi, axis = cast(RoiBox, spec.roi), spec.axis
     window = choose_window(volume, index.settings.window)
@@ -280,9 +314,11 @@ def _roi(spec: QuerySpec, volume: Volume, index: Index) -> Query:
     return Query(spec, [to_uint8_rgb(c.pixels, window) for c in crops], **_own(volume, index), volume=volume, centre_ras=centre)
 
 
-def _slice(spec: QuerySpec, volume: Volume, index: Index) -> Query:
+def _slice(spec: QuerySpec, volume: Volume, index: SearchableIndex) -> Query:
     """One whole slice: the one through the spec's point (default the volume's centre)."""
     window = choose_window(volume, index.settings.window)
+    if spec.point is not None:
+        _inside(volume, spec.point)
     asked = volume.center_ras if spec.point is None else np.asarray(spec.point, float)
     image = nearest_slice(extract_slices(volume, spec.axis), asked)
     made = dataclasses.replace(spec, slice_index=image.slice_index, point=_point(image.ras))
@@ -290,7 +326,21 @@ def _slice(spec: QuerySpec, volume: Volume, index: Index) -> Query:
                  centre_ras=_point(image.ras), **_whole_boxes(index, [image]))
 
 
-def _volume(spec: QuerySpec, volume: Volume, index: Index, count: int = MAX_QUERY_IMAGES) -> Query:
+def _inside(volume: Volume, ras: Iterable[float]) -> None:
+    """Refuse a point outside the volume (half a voxel of slack): its nearest slice would answer for a place not scanned."""
+    point = np.asarray(ras, float)
+    if point.shape != (3,) or not np.all(np.isfinite(point)):
+        raise GeometryError(f"the point RAS {list(np.ravel(point))} must be three finite numbers (mm)")
+    ijk = volume.ras_to_ijk_points(point[None])[0]
+    if np.all(ijk >= -0.5) and np.all(ijk <= np.array(volume.shape_ijk) - 0.5):
+        return
+    corners = volume.corners_ras()
+    span = ", ".join(f"{a} {lo:.1f}..{hi:.1f}" for a, lo, hi in zip("RAS", corners.min(axis=0), corners.max(axis=0)))
+    where = f"{volume.source}: " if volume.source else ""
+    raise GeometryError(f"{where}the point RAS ({', '.join(f'{v:g}' for v in point)}) lies outside the volume ({span} mm)")
+
+
+def _volume(spec: QuerySpec, volume: Volume, index: SearchableIndex, count: int = MAX_QUERY_IMAGES) -> Query:
     """A whole volume: ``count`` whole slices evenly spread along the axis."""
     window = choose_window(volume, index.settings.window)
     grid = plan_grid(volume, spec.axis)
@@ -301,17 +351,17 @@ def _volume(spec: QuerySpec, volume: Volume, index: Index, count: int = MAX_QUER
                  **_own(volume, index), volume=volume, **_whole_boxes(index, images))
 
 
-def _whole_boxes(index: Index, images: list) -> dict:
+def _whole_boxes(index: SearchableIndex, images: list) -> dict:
     """For a dense index, whole slices pool their whole grid (as the index's slice items do)."""
     if not _dense(index):
         return {}
     return {"boxes": [(0, 0, *s.pixels.shape) for s in images], "pixel_mm": [s.pixel_mm for s in images]}
 
 
-def _item(spec: QuerySpec, index: Index) -> Query:
+def _item(spec: QuerySpec, index: SearchableIndex) -> Query:
     """'More like this': an indexed item's own vector; its case is left out."""
     item_id = int(cast(int, spec.item))
-    item = index.catalog.items([item_id]).get(item_id)
+    item = index.catalog.items([item_id]).get(item_id) if 0 < item_id < 2**63 else None
     if item is None:
         raise ParameterError(f"item {item_id} is not in the index {index.folder}")
     case = index.catalog.case_by_row(item.case_row)
@@ -320,13 +370,21 @@ def _item(spec: QuerySpec, index: Index) -> Query:
 
 
 def parse_filters(pairs: list[str] | None) -> dict[str, str]:
-    """'FIELD=VALUE' strings to a dict."""
-    filters = {}
+    """'FIELD=VALUE' strings to a dict; every filter must hold (AND), so a field given twice is refused.
+
+    Refused rather than read as 'either value': a case has one value per column, so two values of one field could only be
+    meant as OR, while every other pair of filters means AND; one meaning per option keeps the answer what was asked. Two
+    values of one field are two searches."""
+    filters: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ParameterError(f"filter '{pair}' must look like FIELD=VALUE, for example modality=CT")
-        filters[key.strip()] = value.strip()
+        key = key.strip()
+        if key in filters:
+            raise ParameterError(f"filter field '{key}' is given twice ({key}={filters[key]}, {key}={value.strip()}): every "
+                                 "filter must hold, and a case has one value per field; search once per value")
+        filters[key] = value.strip()
     return filters
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from ..threads import one_blas_thread
 
 METHODS = ("maxsim", "votes", "pooled")
+MAX_RESULTS = 1000  # k at most: more cases than a reader looks at; each shown case is located (and placed), which costs
 FOCUS_TEMPERATURE = 0.01  # cosine units: an item 0.03 below the best weighs 5 %
 CENTRE_TEMPERATURE = 0.05  # cosine units: a query image 0.15 less like the central one than it is to itself weighs 5 %
 

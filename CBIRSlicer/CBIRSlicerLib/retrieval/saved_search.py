@@ -11,19 +11,24 @@ typed answer (``SearchAnswer.from_json``).
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import replaced, write_json_atomically
 from ..clock import now_utc
 from ..digests import file_sha256
-from ..errors import IndexMismatchError, InputError, ParameterError
-from ..index.folder import Index
+from ..errors import CBIRError, IndexMismatchError, InputError, ParameterError
+from ..imaging.slicing import AXES, MAX_MARGIN_MM
+from ..index.location import is_server_location, open_index
+from ..index.searchable import SearchableIndex
+from ..json_input import read_json
 from .answers import SearchAnswer
 from .marks import Feedback  # one type for marks: relevance feedback's (case id -> item id), kept as it is
 from .queries import QUERY_MODES, VOLUME_MODES, QuerySpec
+from .ranking import MAX_RESULTS, METHODS
 
 FORMAT = "cbirslicer-search"
 FORMAT_VERSION = 1
@@ -152,10 +157,18 @@ class SearchSettings:
 
     @classmethod
     def from_json(cls, data: dict) -> SearchSettings:
-        """Back from JSON."""
-        return cls(str(data["model"]), str(data["model_digest"]), int(data["k"]), str(data["axis"]), str(data["ranking"]),
-                   bool(data["prior"]), {str(k): str(v) for k, v in (data.get("filters") or {}).items()}, bool(data["placement"]),
-                   float(data.get("margin_mm", 0.0)))
+        """Back from JSON; a k, axis, ranking or margin no search could have used is a ValueError saying which."""
+        settings = cls(str(data["model"]), str(data["model_digest"]), data["k"], str(data["axis"]), str(data["ranking"]),
+                       bool(data["prior"]), {str(k): str(v) for k, v in (data.get("filters") or {}).items()},
+                       bool(data["placement"]), float(data.get("margin_mm", 0.0)))
+        if isinstance(settings.k, bool) or not isinstance(settings.k, int) or not 1 <= settings.k <= MAX_RESULTS:
+            raise ValueError(f"settings.k is {settings.k!r}: a search asks for 1 to {MAX_RESULTS} cases")
+        if not math.isfinite(settings.margin_mm) or not 0 <= settings.margin_mm <= MAX_MARGIN_MM:
+            raise ValueError(f"settings.margin_mm is {settings.margin_mm}: a margin is 0 to {MAX_MARGIN_MM:g} mm")
+        if settings.axis not in AXES or settings.ranking not in METHODS:
+            raise ValueError(f"settings axis '{settings.axis}' or ranking '{settings.ranking}' is not one this CBIRSlicer knows "
+                             f"({', '.join(AXES)}; {', '.join(METHODS)})")
+        return settings
 
 
 @dataclass
@@ -171,7 +184,7 @@ class IndexRef:
     cases: int
 
     @classmethod
-    def of(cls, index: Index) -> IndexRef:
+    def of(cls, index: SearchableIndex) -> IndexRef:
         """The reference of an open index."""
         manifest = index.manifest
         return cls(index.folder, manifest["created"], manifest["updated"], manifest.get("self_sha256"), manifest["model"]["name"],
@@ -238,28 +251,18 @@ class SavedSearch:
     def load(cls, path: str) -> SavedSearch:
         """A saved search from its file; a missing, unreadable or malformed file is one InputError naming it and the problem."""
         path = os.path.abspath(path)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except FileNotFoundError:
-            raise InputError(path, "saved search does not exist") from None
-        except UnicodeDecodeError as error:
-            raise InputError(path, f"saved search is not UTF-8 text (byte {error.start})") from None
-        except json.JSONDecodeError as error:
-            raise InputError(path, f"saved search is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
-        except OSError as error:
-            raise InputError(path, f"saved search cannot be read ({error.strerror or error})") from None
+        data = read_json(path, "saved search")
         try:
             saved = cls.from_json(data, os.path.dirname(path))
             saved.path = path
             return saved
         except KeyError as error:
             raise InputError(path, f"saved search lacks the field {error}") from None
-        except (ValueError, TypeError, IndexError, AttributeError) as error:
+        except (ValueError, TypeError, IndexError, AttributeError, CBIRError) as error:
             raise InputError(path, f"saved search is malformed: {error}") from None
 
 
-def make(query, answer: SearchAnswer, index: Index, settings: SearchSettings, mask: tuple[str, int] | None = None,
+def make(query, answer: SearchAnswer, index: SearchableIndex, settings: SearchSettings, mask: tuple[str, int] | None = None,
          feedback: Feedback | None = None, suggestion: dict | None = None, name: str | None = None) -> SavedSearch:
     """A saved search of a search just made (``query``: the queries.Query it answered; ``mask``: (label map, label))."""
     spec = query.spec
@@ -270,7 +273,7 @@ def make(query, answer: SearchAnswer, index: Index, settings: SearchSettings, ma
     return SavedSearch(saved, settings, IndexRef.of(index), answer, feedback or Feedback(), suggestion, name=name)
 
 
-def build_query(saved: SavedSearch, index: Index, loader=None):
+def build_query(saved: SavedSearch, index: SearchableIndex, loader=None):
     """The query of a saved search, made again from its files (checked unchanged first) on an index."""
     from ..imaging.roi import segment_of_label
     from . import queries
@@ -292,7 +295,7 @@ def build_query(saved: SavedSearch, index: Index, loader=None):
     return queries.make_query(spec, (loader or queries.load_volume_for_query)(asked.volume.path), index, segment)
 
 
-def check_model(saved: SavedSearch, index: Index) -> None:
+def check_model(saved: SavedSearch, index: SearchableIndex) -> None:
     """Refuse an index built with another model than the saved search used (their scores and cases do not compare)."""
     digest = index.manifest["model"]["digest"]
     if digest != saved.settings.model_digest:
@@ -358,9 +361,9 @@ def rerun(saved: SavedSearch, index_folder: str | None = None, searcher=None, lo
 
     if searcher is None:
         folder = index_folder or saved.index.path
-        if not os.path.isdir(folder):
+        if not is_server_location(folder) and not os.path.isdir(folder):
             raise InputError(folder, "the index of the saved search is not there; give another with --index")
-        index = Index.open(folder)
+        index = open_index(folder)
         check_model(saved, index)
         searcher = Searcher(index, model=saved.settings.model, device=device)
     index = searcher.index
@@ -384,6 +387,19 @@ CSV_COLUMNS = ["rank", "case_id", "name", "score", "body_part", "modality", "mat
                "match_kind", "path"]
 
 
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(text: str) -> str:
+    """A text cell a spreadsheet will not run (OWASP CSV injection): one starting with = + - @, a tab or a carriage return
+    gets a leading single quote, unless it is a plain number (-3.2 stays a number)."""
+    text = str(text)
+    if text.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
 def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]] | None = None) -> str:
     """One row per result (rank, case, score, body part, modality, the match's RAS point, path, then one column per label).
 
@@ -398,11 +414,12 @@ def write_csv(answer: SearchAnswer, path: str, labels: dict[str, dict[str, str]]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with replaced(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS + columns)
+        writer.writerow(CSV_COLUMNS + [safe_cell(c) for c in columns])
         for result in answer.results:
             spot = result.best_match.spot
             mine = labels.get(result.case_id, {})
-            writer.writerow([result.rank, result.case_id, result.name, f"{result.score:.5f}", result.body_part or "",
-                             result.modality or "", *(f"{v:.3f}" for v in spot), result.best_match.axis,
-                             result.best_match.kind, result.source, *(mine.get(c, "") for c in columns)])
+            writer.writerow([result.rank, *map(safe_cell, (result.case_id, result.name)), f"{result.score:.5f}",
+                             *map(safe_cell, (result.body_part or "", result.modality or "")), *(f"{v:.3f}" for v in spot),
+                             *map(safe_cell, (result.best_match.axis, result.best_match.kind, result.source)),
+                             *(safe_cell(mine.get(c, "")) for c in columns)])
     return path

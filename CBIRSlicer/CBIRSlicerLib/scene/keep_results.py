@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..retrieval.marks import Feedback
 from ..retrieval.queries import VOLUME_MODES
 from ..retrieval.saved_search import SavedSearch, SearchSettings
 from .layout import MATCH_BOX_THICKNESS_MM
-from .nodes import fresh_scene, node_from_volume
+from .nodes import fresh_scene, mrml_url_decoded, node_from_volume, quiet_vtk
 from .result_volumes import SOURCE_ATTRIBUTE, find_volume_node
 
 SEARCHES_FOLDER = "CBIR searches"
@@ -161,10 +162,12 @@ def _volume_node(made, path: str, name: str):
     """A volume node for a file (Slicer's reader) or a DICOM folder (the core reader, no file behind the node)."""
     from ..imaging.readers import read_volume
 
+    if not os.path.exists(path):
+        raise InputError(path, "does not exist (moved or deleted since the search)")
     if os.path.isdir(path):
         node = node_from_volume(made.scene, read_volume(path), name)
     else:
-        node = made.volumes.AddArchetypeVolume(path, name)
+        node = made.volumes.AddArchetypeVolume(path, name)  # VTK's messages are kept from the terminal (export_scene)
     if node is None:
         raise InputError(path, "Slicer could not load this volume")
     node.SetAttribute(SOURCE_ATTRIBUTE, os.path.abspath(path))
@@ -191,6 +194,11 @@ def export_scene(saved: SavedSearch, path: str) -> ExportedScene:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SCENE_SUFFIXES:
         raise ParameterError(f"{path}: a scene file must end in .mrb or .mrml")
+    with quiet_vtk():  # a volume Slicer cannot read makes VTK and ITK print a hundred lines; the skipped list says it in one
+        return _export_scene(saved, path, suffix)
+
+
+def _export_scene(saved: SavedSearch, path: str, suffix: str) -> ExportedScene:
     made = fresh_scene()
     scene = made.scene
     out = ExportedScene(path)
@@ -235,6 +243,7 @@ def _write_scene(made, path: str, suffix: str) -> None:
         try:
             if not scene.WriteToMRB(os.path.join(work, os.path.basename(path))):
                 raise InputError(path, "MRML could not write the scene bundle")
+            _repair_bundle(os.path.join(work, os.path.basename(path)), path)
             os.replace(os.path.join(work, os.path.basename(path)), path)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -261,3 +270,56 @@ def _write_scene(made, path: str, suffix: str) -> None:
         scene.SetURL(path)
         if not scene.Commit(temporary):
             raise InputError(path, "MRML could not write the scene")
+        with open(temporary, encoding="utf-8") as handle:
+            text = readable_scene(handle.read(), path, lambda name: os.path.exists(os.path.join(folder, name)))
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+# MRML URL-encodes a file name in a scene file (space, %, quotes, < and >) but writes an & raw, which is not XML: the
+# scene file is then not well-formed and Slicer loads nothing from it (vtkMRMLNode::URLEncodeString, slicer-core 4.0).
+_FILE_REFERENCE = re.compile(r'(\s(?:fileName|fileListMember\d+)=")([^"]*)(")')
+_XML_SPECIALS = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"}
+
+
+def _file_references_escaped(text: str) -> str:
+    return _FILE_REFERENCE.sub(lambda m: m[1] + "".join(_XML_SPECIALS.get(c, c) for c in m[2]) + m[3], text)
+
+
+def readable_scene(text: str, path: str, exists) -> str:
+    """A scene file's text as Slicer can read it: well-formed XML whose every file reference (decoded as MRML decodes it,
+    relative to the scene) ``exists``; file references MRML left unescaped are escaped. Else an InputError naming ``path``."""
+    from xml.etree import ElementTree
+
+    problem = ""
+    for candidate in (text, _file_references_escaped(text)):
+        try:
+            root = ElementTree.fromstring(candidate)
+        except ElementTree.ParseError as error:
+            problem = f"not well-formed XML ({error})"
+            continue
+        names = [mrml_url_decoded(value) for element in root.iter() for key, value in element.attrib.items()
+                 if key == "fileName" or re.fullmatch(r"fileListMember\d+", key)]
+        missing = [name for name in names if not exists(name)]
+        if not missing:
+            return candidate
+        problem = f"it refers to {missing[0]}, which is not there"
+    raise InputError(path, f"MRML wrote a scene that Slicer could not read: {problem}")
+
+
+def _repair_bundle(bundle: str, path: str) -> None:
+    """The scene file inside an .mrb made readable (:func:`readable_scene`), the bundle rewritten with it."""
+    import zipfile
+
+    with zipfile.ZipFile(bundle) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    scenes = [name for name in members if name.lower().endswith(".mrml")]
+    if len(scenes) != 1:
+        raise InputError(path, f"MRML wrote a bundle with {len(scenes)} scene files, not one")
+    inside = os.path.dirname(scenes[0])
+    text = readable_scene(members[scenes[0]].decode("utf-8"), path,
+                          lambda name: os.path.normpath(os.path.join(inside, name)).replace(os.sep, "/") in members)
+    members[scenes[0]] = text.encode("utf-8")
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)

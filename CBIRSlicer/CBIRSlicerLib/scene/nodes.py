@@ -8,6 +8,7 @@ the geometry (hardened) on the way out. Non-linear transforms are refused with a
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -190,6 +191,31 @@ def volume_files_in_scene(scene) -> tuple[list[str], list[tuple[str, str]]]:
         elif path not in files:
             files.append(path)
     return files, skipped
+
+
+@contextlib.contextmanager
+def quiet_vtk():
+    """VTK's and ITK's messages (a missing or unreadable file gives a hundred lines of them) kept from the terminal while
+    the block runs; yields a function giving what they said."""
+    import vtk
+
+    window = vtk.vtkStringOutputWindow()
+    previous = vtk.vtkOutputWindow.GetInstance()
+    verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    vtk.vtkOutputWindow.SetInstance(window)
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+    try:
+        yield window.GetOutput
+    finally:
+        vtk.vtkOutputWindow.SetInstance(previous)
+        vtk.vtkLogger.SetStderrVerbosity(verbosity)
+
+
+def mrml_url_decoded(text: str) -> str:
+    """A file name as MRML reads it from a scene file's fileName attribute (its own URL decoding)."""
+    import slicer
+
+    return slicer.vtkMRMLScalarVolumeNode().URLDecodeString(text)
 
 
 def fresh_scene():
