@@ -10,6 +10,7 @@ user's consent, and leaving the module leaves the view layout as the user has it
 
 # No "from __future__ import annotations": the parameter node wrapper reads the class annotations as real types.
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -42,7 +43,7 @@ from CBIRSlicerLib.models import registry
 from CBIRSlicerLib.progress import PendingCall, State
 from CBIRSlicerLib.retrieval import queries, saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
-from CBIRSlicerLib.retrieval.queries import QuerySpec, parse_filters
+from CBIRSlicerLib.retrieval.queries import MATCH_INTENTS, QuerySpec, parse_filters
 from CBIRSlicerLib.scene import keep_results, nodes, result_volumes, search_session, thumbnails
 from CBIRSlicerLib.scene import layout as views
 
@@ -121,6 +122,7 @@ class CBIRSlicerParameterNode:
     k: Annotated[int, WithinRange(1, 100)] = 10
     filters: str = ""
     sameKindFirst: bool = True
+    match: Annotated[str, Choice(list(MATCH_INTENTS))] = "auto"  # what placed matches show (the query spec's match intent)
     linkViews: bool = False
 
 
@@ -388,7 +390,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._search = self.logic.startTextSearch(p.queryText, p.k, p.filters)
             else:
                 self._search = self.logic.startSearch(p.queryVolume, QUERY_MODES[p.queryMode], p.roiNode, p.axis, p.k, p.filters,
-                                                      p.segmentNode, p.segmentName, p.sameKindFirst)
+                                                      p.segmentNode, p.segmentName, p.sameKindFirst, p.match)
             self.ui.searchStatusLabel.text = _("Searching...")
             self._marks = search_session.Feedback()
             self._timer.start()
@@ -663,8 +665,10 @@ def _describeResult(result: CaseResult) -> str:
     details = [d for d in (result.modality, ", ".join(result.labels)) if d]
     first = _("{rank}. {name}   score {score}").format(rank=result.rank, name=result.title, score=f"{result.score:.3f}")
     second = _("{axis} slice {index}").format(axis=best.axis, index=best.slice_index)
-    if best.shown:  # once placed: the same anatomy as the query, or a look-alike elsewhere (a focal finding's box)
+    if best.shown:  # once placed: the same anatomy as the query, or its most similar finding (the look-alike)
         second += "   " + (_("same anatomy") if best.shown == "anatomy" else _("look-alike"))
+        if best.note:  # why the look-alike stands in for the anatomy (not in this series' field of view; rejected)
+            second += f" ({best.note})"
     return f"{first}\n{second}" + (f"   {'; '.join(details)}" if details else "")
 
 
@@ -786,15 +790,17 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         return self.session
 
     def startSearch(self, volumeNode, mode: str = "roi", roiNode=None, axis: str = "axial", k: int = 10, filters: str = "",
-                    segmentNode=None, segment: str = "", sameKindFirst: bool = True):
+                    segmentNode=None, segment: str = "", sameKindFirst: bool = True, match: str = "auto"):
         """Start a search from scene nodes ('roi', 'segment', 'slice' = what the view shows, 'volume'); poll the returned
-        PendingSearch. ``sameKindFirst``: cases of the query's modality and body region first (the prior; off: similarity)."""
+        PendingSearch. ``sameKindFirst``: cases of the query's modality and body region first (the prior; off: similarity).
+        ``match``: what placed matches show ('auto', 'finding', 'anatomy'; retrieval/placement)."""
         session = self._requireSession()
         sliceRas = None
         if mode == "slice":
             axis, sliceRas = views.view_position(self._querySliceNode())
         query = search_session.query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas,
                                                 segment_node=segmentNode, segment=segment.strip() or None)
+        query.spec = dataclasses.replace(query.spec, match=match)
         return session.start(query, k, _filters(filters), prior=sameKindFirst)
 
     def labelsToAsk(self, count: int = 5) -> str:

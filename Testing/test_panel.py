@@ -529,10 +529,17 @@ def test_a_segment_query_with_the_prior_switched_off(panel, qtbot, cohort):
     assert ui.findSimilarButton.enabled
     _click(qtbot, ui.sameKindFirstCheckBox)
     assert panel.widget._parameterNode.sameKindFirst is False
+    # The "Show" switch: the most similar finding rather than auto's choice; it reaches the query, and placement obeys it
+    assert [ui.matchComboBox.itemText(n) for n in range(ui.matchComboBox.count)] == ["auto", "finding", "anatomy"]
+    ui.matchComboBox.currentIndex = ui.matchComboBox.findText("finding")
+    assert panel.widget._parameterNode.match == "finding"
     _click(qtbot, ui.findSimilarButton)
     _wait_search(panel, qtbot)
     answer = panel.widget._answer
     assert answer.query.segment == "lesion 2" and answer.query.prior is None and answer.results
+    assert answer.query.match == "finding"
+    assert all(r.best_match.shown == "look-alike" and r.best_match.look_alike_ras is not None for r in answer.results)
+    assert all("look-alike" in row for row in _rows(ui))
     assert np.allclose(answer.query.roi.center, QUERY_CENTRE, atol=1.0)
 
 

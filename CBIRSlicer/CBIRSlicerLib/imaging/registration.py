@@ -328,6 +328,11 @@ class LevelWindow:
         return bool(abs(float(np.asarray(ras, float)[2]) - self.s_mm) <= self.half_mm)
 
 
+def _point(ras) -> tuple[float, float, float]:
+    """A RAS point as a typed triple."""
+    return float(ras[0]), float(ras[1]), float(ras[2])
+
+
 def _reliable(axis) -> bool:
     """Whether a body axis is good enough to place by (BodyAxis.reliable where the body coordinate has it; before, its
     misfit to the template under 1.2, the bound it uses)."""
@@ -364,8 +369,7 @@ def level_window(query_axis, target_axis, centre_ras, reach_mm: float = 0.0) -> 
             return False, None
     half = float(np.clip(LEVEL_WINDOW_MIN_MM + query_axis.uncertainty_mm + target_axis.uncertainty_mm,
                          LEVEL_WINDOW_MIN_MM, LEVEL_WINDOW_MAX_MM))
-    return True, LevelWindow(float(s), half / target_axis.slope, float(query_axis.slope / target_axis.slope),
-                             tuple(float(v) for v in asked))
+    return True, LevelWindow(float(s), half / target_axis.slope, float(query_axis.slope / target_axis.slope), _point(asked))
 
 
 def start_window(query_axis, target_axis, centre_ras) -> LevelWindow | None:
@@ -378,7 +382,7 @@ def start_window(query_axis, target_axis, centre_ras) -> LevelWindow | None:
     s = None if level is None else target_axis.s_at(level)
     if s is None:
         return None
-    return LevelWindow(float(s), float("inf"), float(query_axis.slope / target_axis.slope), tuple(float(v) for v in centre))
+    return LevelWindow(float(s), float("inf"), float(query_axis.slope / target_axis.slope), _point(centre))
 
 
 def _body_centre(image, s_mm: float) -> np.ndarray | None:

@@ -24,13 +24,18 @@ the level window: the place of the right level that looks most like the query.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..imaging.registration import SPACING_MM
 from . import ranking
 from .queries import MATCH_INTENTS
+
+if TYPE_CHECKING:
+    from ..imaging.registration import LevelWindow, Placement
 
 NOT_IN_VIEW = "not in this series' field of view"
 REJECTED = "registration rejected: shown at the level of the query, where it looks most alike"
@@ -73,7 +78,7 @@ def look_alike(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes:
     return best, ranking.focus(agreed, best, centres, sizes, axes)
 
 
-def item_at(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, point) -> int:
+def item_at(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, point: np.ndarray) -> int:
     """The item standing for a point: the most alike of those holding it (within half their size), else the nearest."""
     distance = np.linalg.norm(np.asarray(centres, float) - np.asarray(point, float), axis=1)
     near = distance <= np.maximum(np.asarray(sizes, float) / 2, SPACING_MM)
@@ -82,20 +87,20 @@ def item_at(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, point) -
     return int(np.argmin(distance))
 
 
-def rejected(where) -> bool:
+def rejected(where: Placement) -> bool:
     """Whether a registration (:class:`imaging.registration.Placement`) is rejected: it left the level window, or the
     result there does not resemble the query's neighbourhood."""
     return bool(where.within_window is False or where.context_agreement < CONTEXT_AGREEMENT_MIN)
 
 
-def better(candidates: list, window=None):
+def better(candidates: list[Placement], window: LevelWindow | None = None) -> Placement:
     """Of registrations of one point from different starts (:class:`imaging.registration.Placement`), the one kept:
     those ending within the level ``window`` first, then the highest agreement with the query's box (else with its
     64 mm neighbourhood); its ``within_window`` set from the window."""
     if not candidates:
         raise RuntimeError("no start to register from")
 
-    def score(where) -> tuple[bool, float]:
+    def score(where: Placement) -> tuple[bool, float]:
         agreement = where.agreement if np.isfinite(where.agreement) else where.context_agreement
         inside = window is None or window.holds(where.ras)
         return bool(inside), float(agreement) if np.isfinite(agreement) else -np.inf
@@ -113,7 +118,8 @@ def wants_finding(match: str, focal: bool, agreement: float) -> bool:
     return bool(focal and not agreement >= AGREEMENT_MIN)  # NaN agreement (nothing measured) does not agree
 
 
-def choose(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray, anatomy_ras, in_view: bool,
+def choose(agreed: np.ndarray, centres: np.ndarray, sizes: np.ndarray, axes: np.ndarray, anatomy_ras: Sequence[float] | np.ndarray | None,
+           in_view: bool,
            match: str = "auto", focal: bool = False, agreement: float = float("nan"), rejected: bool = False,
            level_items: np.ndarray | None = None) -> Choice:
     """What a result shows, given its items' likeness to the query (``agreed``), the registered place (``anatomy_ras``),

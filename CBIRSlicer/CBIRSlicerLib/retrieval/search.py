@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +31,9 @@ from ..threads import one_blas_thread
 from . import ranking
 from .answers import BestMatch, CaseResult, SearchAnswer
 from .queries import Prior, Query, load_volume_for_query
+
+if TYPE_CHECKING:
+    from ..imaging.registration import LevelWindow, Placement
 
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
@@ -388,12 +393,14 @@ class Searcher:
                 choice = placement.choose(agreed, centres, sizes, axes, where.ras, target.holds(where.ras), query.spec.match,
                                           placing.focal, where.agreement, placement.rejected(where), level_items)
             item_id = int(items.ids[keep][choice.item])
-            match = BestMatch.of_item(self.index.catalog.items([item_id])[item_id], choice.focus_ras, choice.anatomy_ras,
-                                      choice.shown, choice.look_alike_ras, choice.in_view, choice.note)
+            anatomy = None if choice.anatomy_ras is None else choice.anatomy_ras.tolist()
+            match = BestMatch.of_item(self.index.catalog.items([item_id])[item_id], choice.focus_ras.tolist(), anatomy,
+                                      choice.shown, choice.look_alike_ras.tolist(), choice.in_view, choice.note)
             placed.append(dataclasses.replace(result, best_match=match))
         return dataclasses.replace(answer, results=placed)
 
-    def _register(self, query: Query, placing: _Placing, target: _Target, source: str, asked, box_mm, window):
+    def _register(self, query: Query, placing: _Placing, target: _Target, source: str, asked: Sequence[float],
+                  box_mm: float | None, window: LevelWindow | None) -> Placement:
         """The asked point registered into a result from two starts, the body coordinate's level (the same level, the
         bodies' centres) and the whole-volume registration; the one that agrees better with the query is kept
         (:func:`placement.better`). Tuning head-and-neck patients (233 pairs): 78.5 % inside from the whole-volume start
@@ -401,14 +408,14 @@ class Searcher:
         from ..imaging import registration
         from . import placement
 
-        starts = []
+        starts: list = []
         level = window if window is not None else registration.start_window(placing.axis, target.axis, asked)
         if level is not None:
             starts.append(registration.level_transform(placing.image, target.image, level))
         if source not in placing.global_transforms:
             placing.global_transforms[source] = registration.global_transform(placing.image, target.image)
         starts.append(placing.global_transforms[source])
-        candidates = [registration.place(query.volume, asked, None, start, placing.image, target.image, box_mm)
+        candidates = [registration.place(placing.volume, asked, None, start, placing.image, target.image, box_mm)
                       for start in starts if start is not None]
         return placement.better(candidates, window)
 
@@ -417,6 +424,8 @@ class Searcher:
         from ..imaging import body_axis, registration
         from ..imaging.focal import focality
 
+        if query.volume is None:
+            return None
         if self._query_grid is None or self._query_grid.volume is not query.volume:
             try:
                 image = registration.coarse_image(query.volume)
@@ -428,14 +437,15 @@ class Searcher:
         placing.focal = bool(found is not None and found.focal)
         return placing
 
-    def _target(self, result, loader) -> _Target:
+    def _target(self, result: CaseResult, loader: Callable[[str], Volume]) -> _Target:
         """A result's registration grid, voxel grid and body axis (kept: the same cases come back often)."""
         from ..imaging import body_axis, registration
 
-        target = self._coarse_images.get(result.source)
+        target: _Target | None = self._coarse_images.get(result.source)
         if target is None:
             volume = loader(result.source)
-            stored = self.index.catalog.case_by_id(result.case_id).metadata.get("body_axis")
+            case = self.index.catalog.case_by_id(result.case_id)
+            stored = case.metadata.get("body_axis") if case is not None else None
             axis = body_axis.BodyAxis.from_dict(stored) if stored else body_axis.body_axis(volume)
             target = self._coarse_images.put(result.source, _Target(registration.coarse_image(volume), volume.ijk_to_ras,
                                                                      volume.shape_ijk, axis))
