@@ -408,7 +408,7 @@ class Searcher:
         from ..imaging import registration
         from . import placement
 
-        starts: list = []
+        starts: list[object] = []
         level = window if window is not None else registration.start_window(placing.axis, target.axis, asked)
         if level is not None:
             starts.append(registration.level_transform(placing.image, target.image, level))
@@ -473,7 +473,7 @@ class _Target:
     shape_ijk: tuple[int, int, int]
     axis: object
 
-    def holds(self, ras) -> bool:
+    def holds(self, ras: Sequence[float] | np.ndarray) -> bool:
         """Whether a RAS point lies on the volume's voxel grid (to the outer faces of its edge voxels)."""
         ijk = np.linalg.solve(self.ijk_to_ras[:3, :3], np.asarray(ras, float) - self.ijk_to_ras[:3, 3])
         return bool(np.all(ijk >= -0.5) and np.all(ijk <= np.array(self.shape_ijk) - 0.5))
