@@ -61,6 +61,7 @@ def through_json(data: dict) -> dict:
     return json.loads(json.dumps(data))
 
 
+@settings(deadline=None)  # no timing bound: a loaded machine is not a failure
 @given(specs())
 def test_a_query_spec_reads_back_equal(spec):
     assert QuerySpec.from_json(through_json(spec.to_json())) == spec
@@ -88,7 +89,7 @@ answers = st.builds(SearchAnswer, specs(), st.sampled_from(["maxsim", "votes", "
                     maybe(names), st.none() | suggestions | st.builds(NoSuggestion, names, names))
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)  # no timing bound: a loaded machine is not a failure
 @given(answers)
 def test_an_answer_reads_back_equal_through_its_json(answer):
     data = through_json(answer.to_json())
@@ -110,7 +111,7 @@ def saved_searches(draw) -> SavedSearch:
                        "2025-01-03T00:00:00+00:00", draw(maybe(names)))
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)  # no timing bound: a loaded machine is not a failure
 @given(saved_searches())
 def test_a_saved_search_reads_back_equal(saved):
     assert SavedSearch.from_json(through_json(saved.to_json())) == saved
