@@ -684,6 +684,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         self.session = None
         self.sideBySide = None
         self._matchBox = None
+        self._places = None
         self._layoutLogic = None
 
     def getParameterNode(self):
@@ -699,6 +700,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         """The scene is closing: its nodes, including the side-by-side views' content, are gone."""
         self.sideBySide = None
         self._matchBox = None
+        self._places = None
 
     # ----- dependencies --------------------------------------------------------------------------
     @staticmethod
@@ -939,6 +941,7 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         self.sideBySide = views.show_side_by_side(slicer.mrmlScene, self.layoutNode(), self._queryTarget(query, queryVolume, roiNode),
                                                   views.result_target(result.best_match, resultNode), link, self.sideBySide)
         self._matchBox = views.show_match_box(slicer.mrmlScene, result.best_match, self._matchBox)
+        self._places = views.show_places(slicer.mrmlScene, result.best_match, self._places)  # both places, once placed
         return resultNode
 
     def _queryTarget(self, query: QuerySpec, queryVolume, roiNode):

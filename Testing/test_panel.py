@@ -171,6 +171,14 @@ def test_open_search_show_more_like_link_and_restore(panel, qtbot, cohort, shots
     assert views.composite_node(scene, views.QUERY_VIEW).GetBackgroundVolumeID() == query.GetID()
     _click(qtbot, ui.showResultButton)  # again: the same node, not a second copy
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2
+    # Both places of the placed match are marked in the result view, labelled
+    places = scene.GetFirstNodeByName(views.PLACES_NAME)
+    marked = {places.GetNthControlPointLabel(n): places.GetNthControlPointPositionVector(n)
+              for n in range(places.GetNumberOfControlPoints())}
+    expected = {"same anatomy": first.best_match.placed_ras, "look-alike": first.best_match.look_alike_ras}
+    assert set(marked) == {label for label, point in expected.items() if point is not None} and "look-alike" in marked
+    assert all(np.allclose(list(marked[label]), expected[label], atol=1e-3) for label in marked)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode") == 1  # reused, not a second one
 
     # Link views.
     _click(qtbot, ui.linkViewsCheckBox)

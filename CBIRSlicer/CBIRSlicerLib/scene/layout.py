@@ -27,6 +27,7 @@ AXIS_OF_ORIENTATION = {v: k for k, v in ORIENTATIONS.items()}
 VIEW_LABELS = {QUERY_VIEW: ("Q", "#F34A33"), RESULT_VIEW: ("M", "#EDD54C")}
 FIT_MARGIN = 1.05  # a little air around the volume when fitting a view to it
 MATCH_BOX_NAME = "CBIR best match"
+PLACES_NAME = "CBIR places"  # a placed match's two places, marked in the result view
 MATCH_BOX_THICKNESS_MM = 1.0  # a best match is one plane; give its box some depth so the slice view shows it
 
 
@@ -234,3 +235,21 @@ def show_match_box(scene, best: BestMatch, box_node=None):
     if display is not None and view is not None:
         display.SetViewNodeIDs([view.GetID()])
     return box_node
+
+
+def show_places(scene, best: BestMatch, places_node=None):
+    """Both places of a placed match marked in the result view: "same anatomy" (the registered place, when the case's
+    field of view holds it) and "look-alike" (the most similar finding); reused when given, emptied for an unplaced one."""
+    if places_node is None or scene.GetNodeByID(places_node.GetID()) is None:
+        places_node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", PLACES_NAME)
+        places_node.CreateDefaultDisplayNodes()
+    places_node.RemoveAllControlPoints()
+    for label, point in (("same anatomy", best.placed_ras), ("look-alike", best.look_alike_ras)):
+        if point is not None:
+            places_node.AddControlPoint(*(float(v) for v in point), label)
+    places_node.SetLocked(True)
+    display = places_node.GetDisplayNode()
+    view = slice_node(scene, RESULT_VIEW)
+    if display is not None and view is not None:
+        display.SetViewNodeIDs([view.GetID()])
+    return places_node
