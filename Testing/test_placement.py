@@ -123,3 +123,22 @@ def test_the_deformable_stage_follows_a_structure_that_moved_against_its_surroun
     finally:
         registration.DEFORM_MM = deform_mm
     assert np.linalg.norm(affine - (point + moved_by)) > np.linalg.norm(placed - (point + moved_by)) + 3.0, (affine, placed)
+
+
+def test_of_two_starts_the_registration_in_the_level_window_that_agrees_better_is_kept():
+    def where(s_mm: float, agreement: float, context: float = 0.5) -> registration.Placement:
+        return registration.Placement((0.0, 0.0, s_mm), "local", 0.0, 0.1, agreement, context)
+
+    window = registration.LevelWindow(0.0, 30.0, 1.0, (0.0, 0.0, 0.0))
+    level, whole = where(5.0, 0.6), where(12.0, 0.8)
+    assert placement.better([level, whole]).ras == whole.ras  # no window: the better agreeing
+    kept = placement.better([level, whole], window)
+    assert kept.ras == whole.ras and kept.within_window is True
+    far = where(80.0, 0.95)  # agrees best, but 80 mm from the level the body coordinate allows
+    kept = placement.better([level, far], window)
+    assert kept.ras == level.ras and kept.within_window is True
+    alone = placement.better([far], window)  # nothing else: kept, but said to lie outside the window (then rejected)
+    assert alone.within_window is False and placement.rejected(alone)
+    # a slice query measures no box agreement: the neighbourhood's agreement decides
+    unboxed = [where(5.0, float("nan"), 0.2), where(10.0, float("nan"), 0.7)]
+    assert placement.better(unboxed, window).ras == (0.0, 0.0, 10.0)
