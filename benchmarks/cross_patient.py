@@ -124,7 +124,8 @@ def run(built: dict, part: str, config: dict, slabs: str, place: bool = True) ->
             volumes[source] = read_volume(source)
         return volumes[source]
 
-    queried = [p for p in head_neck.patients(part) if p.name in built["patients"]][:config["query_patients"]]
+    skip = config.get("query_skip", 0)  # a run continued: the first patients' queries were asked by an earlier run
+    queried = [p for p in head_neck.patients(part) if p.name in built["patients"]][skip:skip + config["query_patients"]]
     records, queries = [], []
     began, cpu_began = time.monotonic(), _cpu()
     for patient in queried:
@@ -260,6 +261,24 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def join(paths: list[str], out: str | None = None) -> dict:
+    """Several runs over the same index (different query patients) as one result; written to ``out`` if given."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len({(tuple(r["patients_indexed"]), r["slabs"], r["model"]) for r in runs}) != 1:
+        raise SystemExit("cannot join: the runs differ in index, slabs or model")
+    records, queries = [], []
+    for run_ in runs:
+        for record in run_["records"]:
+            records.append(dict(record, query=record["query"] + len(queries)))
+        queries += run_["queries"]
+    joined = dict(runs[0], joined_from=[str(p) for p in paths], records=records, queries=queries,
+                  seconds=sum(r["seconds"] for r in runs), cpu_s=sum(r["cpu_s"] for r in runs),
+                  summary=summarise({"records": records, "queries": queries}, runs[0]["slabs"]))
+    if out:
+        Path(out).write_text(json.dumps(joined, indent=1, default=str))
+    return joined
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="12 patients indexed, queries in 4 (minutes)")
@@ -269,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-place", action="store_true", help="judge the unplaced answers only")
     parser.add_argument("--index-patients", type=int, default=None)
     parser.add_argument("--query-patients", type=int, default=None)
+    parser.add_argument("--query-skip", type=int, default=0, help="leave out the first N query patients (continue a run)")
+    parser.add_argument("--join", nargs="+", metavar="JSON", help="summarise several result JSONs of one index as one, then stop")
     parser.add_argument("--work", default=None, help="folder for slabs and indexes (kept; reused when present)")
     parser.add_argument("--cache", default=None, help="folder of the Debian packages (real_data.py)")
     parser.add_argument("--out", default=None, help="JSON file (default docs/benchmarks/cross_patient_*.json)")
@@ -277,7 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
-    config = dict(CONFIGS["quick" if args.quick else "full"])
+    if args.join:
+        print(markdown(join(args.join, args.out)))
+        return
+    config = dict(CONFIGS["quick" if args.quick else "full"], query_skip=args.query_skip)
     for key in ("index_patients", "query_patients"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
