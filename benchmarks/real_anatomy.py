@@ -386,7 +386,7 @@ def run(bench: Benchmark, searcher=None, k: int = 10, method: str = "maxsim", pr
                 truth = patients[(other.volume, other.number)].source_to_copy(source_point)
                 found = {"rank": rank, "copy": other.number, "error_mm": round(float(np.linalg.norm(focus - truth)), 2),
                          "focus_ras": [round(float(v), 2) for v in focus], "truth_ras": [round(float(v), 2) for v in truth],
-                         "shown": result.best_match.shown, "in_view": result.best_match.in_view, "note": result.best_match.note}
+                         **{name: getattr(result.best_match, name, None) for name in ("shown", "in_view", "note")}}
                 if query["label"] is not None:
                     found["inside"] = label_maps[(other.volume, other.number)].at(focus) == query["label"]
                     # The ceiling: whether the true place itself reads the label there (it can fall outside that copy's
