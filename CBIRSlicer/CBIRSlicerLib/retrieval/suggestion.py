@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import Field, asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
 from ..errors import IndexCorruptError, ParameterError
 
-if TYPE_CHECKING:  # for the annotations only (answers imports this module; body_region loads with the first vote)
+if TYPE_CHECKING:  # for the annotations only (body_region loads with the first vote)
     from ..imaging.body_region import Kind
     from ..index.catalog import CaseRecord
     from ..index.searchable import SearchableIndex
-    from .answers import SearchAnswer
+    from .queries import QuerySpec
 
 SUGGEST_K = 10
 DEFAULT_COLUMNS = ("label", "finding")
@@ -51,6 +51,21 @@ class Ranked(Protocol):
     def case_id(self) -> str: ...
     @property
     def score(self) -> float: ...
+
+
+class Answer(Protocol):
+    """What a suggestion reads of a search's answer: answers.SearchAnswer, a dataclass whose ``suggestion`` field holds the
+    suggestion made from it (named here by what it holds: answers imports this module)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def query(self) -> QuerySpec: ...
+    @property
+    def results(self) -> Sequence[Ranked]: ...
+
+
+AnswerT = TypeVar("AnswerT", bound=Answer)
 
 
 def case_labels(case: CaseRecord, column: str) -> list[str]:
@@ -379,7 +394,7 @@ class Suggester:
             self._labels[result.case_id] = case_labels(case, self.column) if case is not None else []
         return self._labels[result.case_id]
 
-    def similar(self, answer: SearchAnswer) -> Callable[[Ranked], bool] | None:
+    def similar(self, answer: Answer) -> Callable[[Ranked], bool] | None:
         """Whether a result holds the query's anatomy (its kind, as the search's prior recorded it); None: all alike."""
         from ..imaging import body_region
 
@@ -400,7 +415,7 @@ class Suggester:
 
         return alike
 
-    def suggest(self, answer: SearchAnswer) -> Suggestion | None:
+    def suggest(self, answer: Answer) -> Suggestion | None:
         """The answer's suggestion, or None (no column, too few labels, too few similar labelled neighbours, low
         confidence: ``reason`` says which)."""
         self.reason = None
@@ -415,7 +430,7 @@ class Suggester:
         self.reason = found
         return None
 
-    def attach(self, answer: SearchAnswer) -> SearchAnswer:
+    def attach(self, answer: AnswerT) -> AnswerT:
         """The answer with its suggestion, or with why there is none; unchanged when the index has no label column."""
         import dataclasses
 
