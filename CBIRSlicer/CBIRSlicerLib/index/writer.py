@@ -216,6 +216,11 @@ class IndexWriter(IndexFolder):
             self._remove_rows(pending)
             self._save()
 
+    def _checkpoint_when_due(self) -> None:
+        """Checkpoint a build under way when CHECKPOINT_SECONDS have passed since the last one."""
+        if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+            self.checkpoint()
+
     def _remove_rows(self, rows: list[int]) -> None:
         ids = self.catalog.item_ids(rows)
         present = np.intersect1d(ids, self.store.ids())
@@ -277,8 +282,7 @@ class IndexWriter(IndexFolder):
                 if progress is not None:
                     progress(n, len(cases), source.label)
                 self._index_source(source, embedder, labels_of(source), report, loaded)
-                if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                    self.checkpoint()
+                self._checkpoint_when_due()
             if ahead is not None:
                 ahead.cancel()
         self.commit()
@@ -312,8 +316,7 @@ class IndexWriter(IndexFolder):
             done += 1
             if progress is not None:
                 progress(done, total, prepared.label)
-            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                self.checkpoint()
+            self._checkpoint_when_due()
         self.checkpoint()
         self._maybe_refit_transform()
         if progress is not None:
@@ -352,8 +355,7 @@ class IndexWriter(IndexFolder):
                     self._index_source(source, embedder, [], report, remote=name, label=label)
                 finally:
                     item.release(source)
-                if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                    self.checkpoint()
+                self._checkpoint_when_due()
         finally:
             close()
         return len(planned)
@@ -434,8 +436,7 @@ class IndexWriter(IndexFolder):
                              vectors, case.content_digest)
             report.added.append(record.case_id)
             report.vectors += len(vectors)
-            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                self.checkpoint()
+            self._checkpoint_when_due()
         self.commit()
         if progress is not None:
             progress(total, total, "done")
