@@ -22,6 +22,10 @@ Modes (``--slabs``):
     python benchmarks/real_anatomy.py --cross-patient --quick               # minutes: 12 patients, queries in 4
     python benchmarks/real_anatomy.py --cross-patient                       # 36 patients, queries in 12
     python benchmarks/real_anatomy.py --cross-patient --slabs from|into [--part tuning] [--model astra-ct] [--work DIR]
+    python benchmarks/real_anatomy.py --cross-patient --quick --query-skip 2 --query-patients 2   # the next 2 patients
+    python benchmarks/cross_patient.py --join A.json B.json --out joined.json    # runs over one index, as one
+
+The run exits non-zero (after writing its JSON) when any shown point lies outside its result's volume.
 """
 
 from __future__ import annotations
