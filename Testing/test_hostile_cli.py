@@ -348,7 +348,7 @@ def test_answers_given_to_from_that_name_other_cases_or_shapes_are_refused(corpu
     refused(*run(capsys, "search", "--index", index_dir, "--from", marked, "--no-place")[::2], marked, "cdeadbeefdeadbee",
             "does not hold")
     for change, words in [(lambda d: d["query"].update(feedback="x"), ["feedback marks"]),
-                          (lambda d: d["query"].update(mode="item", item="x"), ["cannot be made again"]),
+                          (lambda d: d["query"].update(mode="item", item="x"), ["its query cannot be read"]),
                           (lambda d: d.update(results=[1, 2]), ["a result without a case id"]),
                           (lambda d: d.update(query=[]), ["no query and results"])]:
         path = written(change)

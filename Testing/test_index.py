@@ -317,6 +317,23 @@ def test_a_copy_of_an_indexed_volume_elsewhere_is_left_out_by_its_voxels(built, 
     assert own in [r.case_id for r in answer.results]
 
 
+def test_a_checkpoint_only_saves_and_the_structure_changes_when_the_work_is_committed(built, tmp_path, monkeypatch):
+    """Timed checkpoints while a build runs save and nothing more; flat becomes HNSW at the commit that ends the add, so
+    when it happens does not depend on the machine's speed."""
+    from CBIRSlicerLib.index import faiss_store
+
+    index_dir, _ = built
+    target = _clone(index_dir, tmp_path)
+    with Index.open(target, writable=True) as index:
+        assert index.store.kind == "flat"
+        monkeypatch.setattr(faiss_store, "FLAT_MAX_FLOATS", 1)  # every index is now past the flat limit
+        index.checkpoint()
+        assert index.store.kind == "flat" and Index.open(target).store.kind == "flat"
+        index.commit()
+        assert index.store.kind == "hnsw"
+    assert Index.open(target).store.kind == "hnsw" and Index.open(target).verify(check_sources=False) == []
+
+
 def test_cases_with_precomputed_vectors_are_stored_searchable_and_resumable(built, tmp_path):
     import dataclasses
 

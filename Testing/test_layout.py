@@ -165,7 +165,10 @@ ROOMS = {
     "retrieval/marks.py": {"Feedback"},
     "retrieval/suggestion.py": {"Suggestion", "NoSuggestion"},
     "models/requests.py": {"EmbeddingKind", "EmbeddingRequest"},
+    "progress.py": {"State", "Progress", "PendingCall"},
     "retrieval/placement.py": {"anatomical_match", "look_alike_margin", "AGREEMENT_MIN"},
+    "index/compressed.py": {"RowFile", "pq_layout", "list_count", "probe_count", "train_size", "rows_path_of"},
+    "dependencies.py": {"Host", "ensure", "requirements", "missing_requirements"},
     "retrieval/saved_search.py": {"SavedSearch", "rerun"},
     "scene/keep_results.py": {"save_search", "reload_search", "export_scene", "label_result"},
     "cli/program.py": {"main", "build_parser"},
@@ -220,3 +223,40 @@ def test_one_clock_and_one_atomic_write():
         # The one other temporary: a compaction's new rows file, which the vector store's save moves into place.
         temporaries = text.count(".tmp-{os.getpid()}") - (name == "index/maintenance.py")
         assert temporaries <= 0 or name == "atomic.py", f"{name} writes a temporary file and renames it itself"
+
+
+# Library files longer than this hold more than one purpose; each exception says why it is one for now.
+MAX_LINES = 500
+LONG_FILES = {
+    # The PACS client grew with the untrusted-server checks (size and time bounds, shape checks, redaction) that another
+    # branch is still changing; to be split into listing, fetching and checking once that work has landed.
+    "index/dicomweb.py",
+    # The Milvus store (issue 28) was written before the limit reached its branch; to be split (collections and
+    # expressions, the catalog's queries, the writer's lease) in the same issue.
+    "index/milvus_index.py",
+    "index/milvus_catalog.py",
+}
+
+
+def test_no_library_file_is_longer_than_its_purpose_needs():
+    long = {p.relative_to(LIB).as_posix(): len(p.read_text().splitlines()) for p in LIB.rglob("*.py")}
+    over = {name: lines for name, lines in long.items() if lines > MAX_LINES and name not in LONG_FILES}
+    assert not over, f"library files over {MAX_LINES} lines: {over}"
+
+
+def test_the_design_notes_name_every_module_in_their_table_of_rooms():
+    text = (ROOT / "docs" / "design.md").read_text()
+    rooms = text[text.index("## Rooms"):text.index("## Decisions")]
+    for path in LIB.rglob("*.py"):
+        name = path.relative_to(LIB).as_posix()
+        if path.name == "__init__.py":
+            continue
+        shown = f"`{name}`" if name.startswith("cli/") else f"`{path.name}`"
+        assert shown in rooms, f"docs/design.md's table of rooms does not name {name}"
+
+
+def test_product_code_names_no_issue_numbers():
+    """Comments say why in the code's own words; which issue asked for it is the commit log's to say."""
+    for path in [*LIB.rglob("*.py"), ROOT / "CBIRSlicer" / "CBIRSlicer.py"]:
+        found = re.findall(r"[Ii]ssues? ?#?\d+", path.read_text())
+        assert not found, f"{path.relative_to(ROOT)} names {found}"

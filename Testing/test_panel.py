@@ -301,6 +301,22 @@ def test_scene_close_during_a_search(panel, qtbot, cohort):
     assert ui.indexInfoLabel.text.startswith("4 cases,")  # the index stays open: it is not part of the scene
 
 
+def test_opening_an_index_checks_it_once(panel, qtbot, cohort, tmp_path, monkeypatch):
+    """The panel reads the model from the manifest, installs what it needs, and opens (and checks) the index once: the
+    full checked open hashes the vectors file, which took as long as the open itself when it ran twice."""
+    copy = tmp_path / "copy"
+    shutil.copytree(cohort[0], copy, ignore=shutil.ignore_patterns(".lock"))
+    opened, real = [], Index._open_checked.__func__
+
+    def counting(cls, folder, *args):
+        opened.append(folder)
+        return real(cls, folder, *args)
+
+    monkeypatch.setattr(Index, "_open_checked", classmethod(counting))
+    _open(panel, qtbot, str(copy))
+    assert opened == [str(copy)] and panel.ui.indexInfoLabel.text.startswith("4 cases,")
+
+
 def test_a_bad_index_folder_is_a_message_not_a_traceback(panel, qtbot, cohort, tmp_path):
     ui = panel.ui
     ui.queryVolumeSelector.setCurrentNode(_query_node(panel.scene))
@@ -391,39 +407,39 @@ def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_pat
     roi.SetCenter(*QUERY_CENTRE)
     roi.SetSize(20.0, 20.0, 12.0)
     ui.kSpinBox.value = 3
-    assert not widget.saveSearchButton.enabled and not widget.loadSearchButton.enabled
+    assert not widget.ui.saveSearchButton.enabled and not widget.ui.loadSearchButton.enabled
     _click(qtbot, ui.findSimilarButton)
     _wait_search(panel, qtbot)
     answer = widget._answer
     searches = str(tmp_path / "searches")
-    widget.keepFolderLineEdit.text = searches  # the collection folder setting (else: next to the saved scene)
-    _click(qtbot, widget.saveSearchButton)
+    widget.ui.keepFolderLineEdit.text = searches  # the collection folder setting (else: next to the saved scene)
+    _click(qtbot, widget.ui.saveSearchButton)
     saved = widget._savedPath
-    assert os.path.dirname(saved) == searches and widget.keepStatusLabel.text == f"Saved to {saved}"
+    assert os.path.dirname(saved) == searches and widget.ui.keepStatusLabel.text == f"Saved to {saved}"
     data = json.loads(open(saved).read())
     assert data["answer"] == answer.to_json() and data["query"]["volume"]["path"] == os.path.abspath(path)
     assert data["settings"]["k"] == 3 and data["settings"]["placement"] is True
-    assert widget.savedSearchesComboBox.count == 1 and widget.loadSearchButton.enabled
+    assert widget.ui.savedSearchesComboBox.count == 1 and widget.ui.loadSearchButton.enabled
 
     ui.resultsListWidget.setCurrentRow(1)
-    widget.labelLineEdit.text = "finding=cyst"
-    widget.labelByLineEdit.text = "reader 2"
-    _click(qtbot, widget.labelButton)
-    assert widget.keepStatusLabel.text == f"{answer.results[1].title}: finding=cyst written to the index"
+    widget.ui.labelLineEdit.text = "finding=cyst"
+    widget.ui.labelByLineEdit.text = "reader 2"
+    _click(qtbot, widget.ui.labelButton)
+    assert widget.ui.keepStatusLabel.text == f"{answer.results[1].title}: finding=cyst written to the index"
     index = Index.open(copy)
     assert index.catalog.case_by_id(answer.results[1].case_id).metadata["labelled"]["finding"]["by"] == "reader 2"
     assert index.verify(check_sources=False) == []
     index.close()
 
-    _click(qtbot, widget.exportButton)
+    _click(qtbot, widget.ui.exportButton)
     stem = os.path.splitext(saved)[0]
-    assert widget.keepStatusLabel.text == f"Wrote {stem}.csv, {stem}.mrb" and os.path.getsize(stem + ".mrb") > 0
+    assert widget.ui.keepStatusLabel.text == f"Wrote {stem}.csv, {stem}.mrb" and os.path.getsize(stem + ".mrb") > 0
     with open(stem + ".csv", newline="") as handle:
         assert [row["finding"] for row in csv.DictReader(handle)] == ["", "cyst", ""]
 
     # Reload: the ROI comes back where it was, the saved list is shown, and Find similar answers the same cases.
     scene.RemoveNode(roi)
-    _click(qtbot, widget.loadSearchButton)
+    _click(qtbot, widget.ui.loadSearchButton)
     reloaded = widget._parameterNode.roiNode
     centre = [0.0, 0.0, 0.0]
     reloaded.GetCenter(centre)
@@ -432,7 +448,7 @@ def test_keep_results_save_label_export_and_reload(panel, qtbot, cohort, tmp_pat
     _click(qtbot, ui.findSimilarButton)
     _wait_search(panel, qtbot)
     assert [r.case_id for r in widget._answer.results] == [r.case_id for r in answer.results]
-    assert widget.keepStatusLabel.text == "Since it was saved: the same cases in the same order."
+    assert widget.ui.keepStatusLabel.text == "Since it was saved: the same cases in the same order."
 
 
 def test_mark_results_relevant_or_not_and_search_again(panel, qtbot, cohort, tmp_path):

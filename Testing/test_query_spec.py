@@ -26,7 +26,10 @@ maybe = lambda strategy: st.none() | strategy
 shares = st.integers(0, 1000).map(lambda v: v / 1000)
 marks = st.dictionaries(names, maybe(st.integers(0, 10**9)), max_size=3)
 feedbacks = st.builds(Feedback, marks, marks)
-priors = st.builds(Prior, maybe(st.sampled_from(["CT", "MR"])), maybe(st.sampled_from(["HEAD", "CHEST", "ABDOMEN"])))
+levels = st.integers(-400, 10_000).map(lambda v: v / 10)  # standard body levels, as the answer carries them (0.1 mm)
+priors = st.builds(Prior, maybe(st.sampled_from(["CT", "MR"])), maybe(st.sampled_from(["HEAD", "CHEST", "ABDOMEN"])),
+                   st.lists(st.sampled_from(["HEAD", "NECK", "CHEST", "ABDOMEN"]), max_size=3, unique=True).map(tuple),
+                   maybe(st.tuples(levels, levels).map(lambda pair: tuple(sorted(pair)))))
 
 
 @st.composite

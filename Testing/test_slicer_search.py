@@ -20,6 +20,7 @@ from CBIRSlicerLib.imaging.readers import read_volume
 from CBIRSlicerLib.index.background_build import BuildSpec, IndexBuild
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
+from CBIRSlicerLib.progress import State
 from CBIRSlicerLib.scene import layout as views
 from CBIRSlicerLib.scene.nodes import matrix_to_numpy, node_from_volume, numpy_to_matrix
 from CBIRSlicerLib.scene.result_volumes import SOURCE_ATTRIBUTE, find_volume_node, result_volume_node
@@ -218,9 +219,9 @@ def test_search_polls_while_embedding_and_cancels(session, scene):
     query = query_from_nodes(session.index, node, "axial", "volume")
     query.images = query.images * 40  # enough work to catch it running
     pending = session.start(query, k=2)
-    while pending.poll().state == "loading model":
+    while pending.poll().state == State.LOADING_MODEL:
         time.sleep(0.01)
-    assert pending.poll().state == "embedding" and pending.poll().total == len(query.images)
+    assert pending.poll().state == State.RUNNING and pending.poll().total == len(query.images)
     pending.cancel()
     assert pending.poll().state == "cancelled"
     with pytest.raises(JobCancelled):
@@ -301,11 +302,11 @@ def test_background_build_reports_progress_and_stops_on_cancel(tiny_index, tmp_p
     build = IndexBuild(BuildSpec(folder, paths[:2], model="handcrafted", settings=SETTINGS)).start()
     seen = []
     while not build.finished:
-        seen.append(build.progress())
+        seen.append(build.poll())
         time.sleep(0.02)
     assert build.state == "done", build.error
     assert len(build.report.added) == 2 and build.report.vectors > 0
-    assert build.progress().done == build.progress().total == 2 and build.progress().rate > 0
+    assert build.poll().done == build.poll().total == 2 and build.poll().rate > 0
     assert index_summary(folder)["counts"]["cases"] == 2
 
     # Extending it: new cases only; a cancel stops after the case in hand and keeps what is complete.
@@ -314,7 +315,7 @@ def test_background_build_reports_progress_and_stops_on_cancel(tiny_index, tmp_p
     for n in range(6):
         shutil.copy(paths[n % 4], os.path.join(extra, f"more{n}.nii.gz"))
     build = IndexBuild(BuildSpec(folder, [extra])).start()
-    while build.progress().done < 1 and not build.finished:
+    while build.poll().done < 1 and not build.finished:
         time.sleep(0.01)
     build.cancel()
     assert build.wait(timeout=30) and build.state == "cancelled"

@@ -35,24 +35,24 @@ def test_a_200_image_job_never_delays_the_callers_event_loop(service):
     while not job.wait(0):
         time.sleep(0.01)  # a simulated GUI event loop ticking every 10 ms
         ticks += 1
-        seen.append(job.progress().done)
+        seen.append(job.poll().done)
     # The loop ran while the job was in flight: ticks with the job unfinished, and progress seen part way (a caller
     # blocked by submit or by progress() would see the job only finished). No bound on a tick's delay: that is time.
     assert ticks > 5 and seen == sorted(seen) and 0 < max(seen) <= 200
     assert any(0 < done < 200 for done in seen), sorted(set(seen))
     vectors = job.result()
     assert np.array_equal(vectors, create_embedder("handcrafted").embed_images(images))
-    progress = job.progress()
+    progress = job.poll()
     assert progress.state == "done" and progress.done == 200 and progress.rate > 0
 
 
 def test_cancel_stops_a_job_before_it_ends(service):
     job = service.submit_images(_images(3000, size=128))
-    while job.progress().done == 0:
+    while job.poll().done == 0:
         time.sleep(0.01)
     job.cancel()  # returns once the worker acknowledged it, or once it was killed for not doing so (HARD_CANCEL_S)
     assert job.wait(60), "job still running after cancel"
-    assert job.progress().state == "cancelled" and job.progress().done < 3000
+    assert job.poll().state == "cancelled" and job.poll().done < 3000
     with pytest.raises(JobCancelled):
         job.result()
     assert service.submit_images(_images(2)).result(30).shape == (2, handcrafted.DIM)
@@ -62,7 +62,7 @@ def test_a_failing_job_reports_its_error_and_the_next_job_succeeds(service):
     bad = service.submit_images([np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4, 2), np.uint8)])
     with pytest.raises(WorkerError, match=r"image 1 has shape \(4, 4, 2\)") as caught:
         bad.result(30)
-    assert "handcrafted" in str(caught.value) and bad.progress().state == "failed"
+    assert "handcrafted" in str(caught.value) and bad.poll().state == "failed"
     good = service.submit_images(_images(3))
     assert good.result(30).shape == (3, handcrafted.DIM)
 
@@ -92,10 +92,10 @@ def test_a_cancel_the_worker_cannot_honour_in_time_restarts_it(monkeypatch):
     with EmbeddingService("handcrafted") as service:
         service.wait_ready(60)
         job = service.submit_images(_images(2000, size=128))
-        while job.progress().done == 0:
+        while job.poll().done == 0:
             time.sleep(0.01)
         job.cancel()
-        assert job.wait(60) and job.progress().state == "cancelled" and job.progress().done < 2000
+        assert job.wait(60) and job.poll().state == "cancelled" and job.poll().done < 2000
         assert service.submit_images(_images(2)).result(60).shape == (2, handcrafted.DIM)
         assert service.model_loads == 2  # the restart is visible, not hidden
 
@@ -113,4 +113,4 @@ def test_shutdown_ends_the_worker_and_pending_jobs():
     process = service._process
     service.shutdown(timeout=5)
     assert process.poll() is not None
-    assert job.wait(5) and job.progress().state in ("cancelled", "done")
+    assert job.wait(5) and job.poll().state in ("cancelled", "done")

@@ -4,7 +4,8 @@
    The centroids of the brainstem, both parotids, the larynx and the mandible get one standard level each (their
    mean over patients) and each patient a map ``level = slope * (offset - S)`` (least squares, slopes normalised to
    a mean of 1, so a standard mm is the average tuning patient's mm); the two are refined in turn. The spinal cord
-   and the oesophagus are left out: their contoured length follows the treatment plan and the field of view.
+   and the oesophagus are left out: their contoured length follows the treatment plan and the field of view; so
+   is any organ the field of view cuts (its centroid is not the organ's).
 2. The vertex is level 0: the mean level of the top of the head over the tuning patients whose head ends inside
    the field of view in a dome (not cut flat by the stored region).
 3. The head CT (Debian invesalius-examples) is placed by aligning it to the template of step 1, then added: it
@@ -77,6 +78,16 @@ def hn_profiles(cache: Path, cases: list[str]) -> dict[str, dict]:
     return {c: stored[c] for c in cases}
 
 
+def whole_organs(item: dict) -> dict[str, tuple[float, float, float]]:
+    """The organs of a patient that the field of view does not cut (a cut organ's centroid is not the organ's)."""
+    prof = item["profile"]
+    s = prof.s_mm[prof.body]
+    if s.size == 0:
+        return {}
+    margin = body_axis.GRID_MM[2]
+    return {o: v for o, v in item["organs"].items() if s.min() + margin <= v[1] and v[2] <= s.max() - margin}
+
+
 def organ_fits(data: dict[str, dict], iterations: int = 30) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """Standard organ levels and each patient's (slope, offset), alternately refined (level = slope * (offset - S))."""
     fits = {}
@@ -104,8 +115,9 @@ def organ_fits(data: dict[str, dict], iterations: int = 30) -> tuple[dict[str, f
 def dome_top(prof: body_axis.Profile) -> float | None:
     """S of the top of the head when it ends in a dome inside the field of view; None when cut by the field of view
     or by the stored region (many head-and-neck crops end in a flat cut or a thin tube of stored tissue)."""
-    area = 10 ** prof.values[:, 0] * prof.body
-    planes = np.nonzero(prof.body)[0]
+    area = 10 ** prof.values[:, 0]
+    area = area * (area >= body_axis.MIN_AREA_MM2)  # the cap's small planes count here (the profile's body leaves them out)
+    planes = np.nonzero(area)[0]
     if planes.size < 20:
         return None
     top = int(planes[-1])
@@ -152,6 +164,11 @@ def template_from(placed: list[tuple[np.ndarray, np.ndarray]], levels: np.ndarra
     return body_axis.Template(levels, median, spread, features), counts
 
 
+def template_values(prof: body_axis.Profile) -> np.ndarray:
+    """A profile's body planes, in the template's feature order."""
+    return prof.values[prof.body][:, [prof.features.index(f) for f in body_axis.FEATURES]]
+
+
 def binned(placed: list[tuple[np.ndarray, np.ndarray]], levels: np.ndarray) -> list[list[np.ndarray]]:
     """Per bin, the list of feature rows of the planes placed in it (one mean row per volume and bin)."""
     bins: list[list[np.ndarray]] = [[] for _ in levels]
@@ -163,35 +180,35 @@ def binned(placed: list[tuple[np.ndarray, np.ndarray]], levels: np.ndarray) -> l
     return bins
 
 
-def build(cache: Path) -> tuple[body_axis.Template, dict]:
-    """The template and a report of how it was made."""
-    cases = [c for c in hn_cases() if part(c) == "tuning"]
-    data = {c: d for c, d in hn_profiles(cache, cases).items() if any(o in d["organs"] for o in ANCHORS)}
+def build(cache: Path, cases: list[str] | None = None) -> tuple[body_axis.Template, dict]:
+    """The template (from the tuning patients, or the head-and-neck ``cases`` given) and a report of how it was made."""
+    cases = cases if cases is not None else [c for c in hn_cases() if part(c) == "tuning"]
+    data = {c: {**d, "organs": whole_organs(d)} for c, d in hn_profiles(cache, cases).items()}
+    data = {c: d for c, d in data.items() if any(o in d["organs"] for o in ANCHORS)}
     standard, fits = organ_fits(data)
     levels = np.arange(-40.0, 1000.0 + BIN_MM / 2, BIN_MM)
     shift = float(np.mean(list(standard.values()))) - 150.0  # provisional origin, replaced by the vertex below
     fits = {c: (a, b - shift / a) for c, (a, b) in fits.items()}
     standard = {o: v - shift for o, v in standard.items()}
-    placed = {c: (fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), d["profile"].values[d["profile"].body])
+    placed = {c: (fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), template_values(d["profile"]))
               for c, d in data.items()}
-    hn_template, _ = template_from(list(placed.values()), levels - 150.0, body_axis.CT_FEATURES)
+    hn_template, _ = template_from(list(placed.values()), levels - 150.0, body_axis.FEATURES)
 
     real = prepare(names=("head_ct", "brain_mr", "abdomen_ct"))
     heads = {n: body_axis.profile(read_volume(real[n].image)) for n in ("head_ct", "brain_mr")}
     head_axes = {n: body_axis.align(p, hn_template) for n, p in heads.items()}
     tops = {c: fits[c][0] * (fits[c][1] - top) for c, d in data.items() if (top := dome_top(d["profile"])) is not None}
-    tops.update({n: head_axes[n].slope * (head_axes[n].offset - top) for n, p in heads.items() if (top := dome_top(p)) is not None})
+    tops.update({n: head_axes[n]._level(top) for n, p in heads.items() if (top := dome_top(p)) is not None})
     vertex = float(np.mean(list(tops.values())))
     standard = {o: v - vertex for o, v in standard.items()}
     fits = {c: (a, b - vertex / a) for c, (a, b) in fits.items()}
-    head_axes = {n: body_axis.BodyAxis(a.slope, a.offset - vertex / a.slope, a.s_range, a.uncertainty_mm, a.cost, a.modality,
-                                       a.planes) for n, a in head_axes.items()}
+    head_levels = {n: np.array([a._level(v) for v in heads[n].s_mm[heads[n].body]]) - vertex for n, a in head_axes.items()}
     residual = {o: float(np.std([fits[c][0] * (fits[c][1] - d["organs"][o][0]) - standard[o] for c, d in data.items()
                                  if o in d["organs"]])) for o in ANCHORS}
-    placed = [(fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), d["profile"].values[d["profile"].body])
+    placed = [(fits[c][0] * (fits[c][1] - d["profile"].s_mm[d["profile"].body]), template_values(d["profile"]))
               for c, d in data.items()]
-    _, counts = template_from(placed, levels, body_axis.CT_FEATURES)
-    floor = 0.5 * np.nanmedian(template_from(placed, levels, body_axis.CT_FEATURES)[0].spread, axis=1)
+    _, counts = template_from(placed, levels, body_axis.FEATURES)
+    floor = 0.5 * np.nanmedian(template_from(placed, levels, body_axis.FEATURES)[0].spread, axis=1)
 
     landmarks = {"vertex": 0.0, **{o: round(v, 1) for o, v in standard.items()}}
     landmarks["L1"] = round(standard["larynx"] + C5_TO_L1_MM, 1)
@@ -201,16 +218,17 @@ def build(cache: Path) -> tuple[body_axis.Template, dict]:
     names = {v: k for k, v in real["abdomen_ct"].names.items()}
     kji = np.argwhere(labels.array == names["vertebrae_L1"])
     l1_s = float(labels.ijk_to_ras_points(kji[:, ::-1].astype(float))[:, 2].mean())
-    extra = [(head_axes["head_ct"].slope * (head_axes["head_ct"].offset - head.s_mm[head.body]), head.values[head.body]),
-             (landmarks["L1"] + (l1_s - abdomen_prof.s_mm[abdomen_prof.body]), abdomen_prof.values[abdomen_prof.body])]
-    template, _ = template_from(placed + extra, levels, body_axis.CT_FEATURES, floor)
+    extra = [(head_levels["head_ct"], template_values(head)),
+             (landmarks["L1"] + (l1_s - abdomen_prof.s_mm[abdomen_prof.body]), template_values(abdomen_prof))]
+    template, _ = template_from(placed + extra, levels, body_axis.FEATURES, floor)
     source = (f"benchmarks/body_axis_template.py: {len(data)} tuning head-and-neck patients placed by their organs; "
               "head CT (invesalius Cranium) by alignment; abdominal CT (TotalSegmentator reference) by its L1")
     template = body_axis.Template(template.levels, template.median, template.spread, template.features, landmarks, source)
     report = {"tuning_patients": len(data), "vertex_from": {k: round(v - vertex, 1) for k, v in tops.items()},
               "standard_levels_mm": landmarks, "organ_residual_sd_mm": {k: round(v, 2) for k, v in residual.items()},
               "slopes_p5_p50_p95": [round(float(v), 3) for v in np.percentile([f[0] for f in fits.values()], [5, 50, 95])],
-              "head_axes": {n: a.to_dict() for n, a in head_axes.items()}, "abdomen_L1_s_mm": round(l1_s, 1),
+              "head_levels": {n: [round(float(v.min()), 1), round(float(v.max()), 1)] for n, v in head_levels.items()},
+              "abdomen_L1_s_mm": round(l1_s, 1),
               "levels_covered_by_5_patients": [float(levels[counts >= MIN_VOLUMES].min()), float(levels[counts >= MIN_VOLUMES].max())]}
     return template, report
 

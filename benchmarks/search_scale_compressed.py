@@ -28,8 +28,9 @@ import time
 
 import numpy as np
 
-from CBIRSlicerLib.index import faiss_store
-from CBIRSlicerLib.index.faiss_store import VectorStore, list_count, rows_path_of, train_size
+from CBIRSlicerLib.index import compressed
+from CBIRSlicerLib.index.compressed import list_count, rows_path_of, train_size
+from CBIRSlicerLib.index.faiss_store import VectorStore
 from CBIRSlicerLib.retrieval import ranking
 
 CHUNK = 100_000
@@ -110,7 +111,7 @@ def build(args) -> None:
     store.save(where["faiss"])
     seconds = time.perf_counter() - began
     peak = watch.stop()
-    result = {"variant": args.variant, "pq_dims": faiss_store.PQ_DIMS_PER_CODE, "pq_bits": faiss_store.PQ_BITS,
+    result = {"variant": args.variant, "pq_dims": compressed.PQ_DIMS_PER_CODE, "pq_bits": compressed.PQ_BITS,
               "vectors": args.n, "dim": args.dim, "clusters": args.clusters, "lists": list_count(args.n),
               "train_s": round(trained, 1), "build_s": round(seconds, 1), "build_peak_rss_anon_mb": round(peak / 2**20),
               "faiss_bytes": os.path.getsize(where["faiss"]), "rows_bytes": os.path.getsize(where["rows"]),
@@ -267,7 +268,7 @@ def main() -> None:
     args = parser.parse_args()
     args.clusters = args.clusters or max(1, args.n // 200)
     if args.pq_dims:
-        faiss_store.PQ_DIMS_PER_CODE = args.pq_dims  # finer codes: dim / pq_dims bytes a vector
+        compressed.PQ_DIMS_PER_CODE = args.pq_dims  # finer codes: dim / pq_dims bytes a vector
     os.makedirs(args.work, exist_ok=True)
     if args.phase != "all":
         {"build": build, "truth": truth, "query": query}[args.phase](args)

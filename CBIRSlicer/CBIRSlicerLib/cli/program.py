@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(error, "sqlite_errorcode", None)
         advice = {sqlite3.SQLITE_FULL: "free space on its disk", sqlite3.SQLITE_BUSY: "let the other process finish",
                   sqlite3.SQLITE_READONLY: "write to a copy you may write", sqlite3.SQLITE_CANTOPEN: "check the folder's permissions",
-                  sqlite3.SQLITE_IOERR: "check the disk or the share"}.get(code)
+                  sqlite3.SQLITE_IOERR: "check the disk or the share"}.get(code) if code is not None else None
         if advice or "disk is full" in str(error):
             # Not damage: SQLite rolled the change back; what was committed before is whole.
             print(f"cbir: error: {where}cannot be used now ({error}); the index is not damaged and nothing committed was lost: "
@@ -78,6 +78,6 @@ def main(argv: list[str] | None = None) -> int:
               "then 'cbir index repair'", file=sys.stderr)
         return 1
     except OSError as error:  # disk full, permission denied: the user can act on these
-        where = error.filename or getattr(args, "index", None) or getattr(args, "out", None)
-        print(f"cbir: error: {where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)
+        named = error.filename or getattr(args, "index", None) or getattr(args, "out", None)
+        print(f"cbir: error: {f'{named}: ' if named else ''}{error.strerror or error}", file=sys.stderr)
         return 1

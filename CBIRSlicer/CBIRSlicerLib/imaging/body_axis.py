@@ -1,7 +1,7 @@
 """A body coordinate shared by all patients: the level of every axial plane on one head-to-feet axis.
 
 The level is in millimetres of a standard adult, 0 at the vertex of the skull and growing toward the feet
-(the standard's landmarks are in :data:`STANDARD_LANDMARKS`). A volume gets its levels by aligning what each of
+(the standard's landmarks are in the template's ``landmarks``). A volume gets its levels by aligning what each of
 its axial planes looks like (a :class:`Profile`: body area, width and depth; for CT also the share of bone, air,
 fat and bone-enclosed tissue and the bone's width) with a :class:`Template` of the same measurements along the
 standard axis, made from real patients (``benchmarks/body_axis_template.py``: head-and-neck CTs of the tuning
@@ -28,20 +28,29 @@ import numpy as np
 from .intensity import looks_like_ct
 from .volume import Volume
 
-PROFILE_VERSION = 1  # bump when what a profile measures changes (the builder caches profiles by it)
+PROFILE_VERSION = 4  # bump when what a profile measures changes (the builder caches profiles by it)
 GRID_MM = (4.0, 4.0, 2.0)  # the profile's grid: 4 mm in the plane (shapes), 2 mm between planes (levels)
-CT_FEATURES = ("log_area", "width", "depth", "bone", "air", "enclosed", "fat", "bone_width")
-SHAPE_FEATURES = ("log_area", "width", "depth")  # what MR can be aligned on
+ZONES = tuple(f"{ap}_{side}" for ap in ("front", "middle", "back") for side in ("centre", "side"))
+CT_FEATURES = ("width", "depth", "bone", "air", "enclosed", "fat", "bone_width",
+               *(f"bone_{z}" for z in ZONES), *(f"air_{z}" for z in ZONES))
+SHAPE_FEATURES = ("log_area", "width", "depth")  # what MR can be aligned on (CT's area adds nothing: measured)
+FEATURES = ("log_area", *CT_FEATURES)  # what a CT profile measures (the template holds all)
+# Measured beside the aligned features, for the body regions: the share of the section that is air (CT) or dark holes
+# inside the body (MR) in its middle and back thirds, where lungs lie (sinuses lie in front; the airway is narrow).
+LUNG_FEATURE = "lungs"
 TEMPLATE_FILE = Path(__file__).with_name("body_axis_template.json")
-# Standard levels (mm from the vertex) of landmarks, for the regions and the user's orientation; the head-and-neck
-# organs are the tuning patients' means (written into the template), the trunk's from textbook ratios.
-STANDARD_LANDMARKS: dict[str, float] = {}
 SLOPES = np.exp(np.linspace(np.log(0.8), np.log(1.25), 21))  # body size: 0.8 to 1.25 standard mm per patient mm
 SLOPE_PRIOR_SD = 0.1  # log-slope spread of adults (a prior, so short volumes do not stretch to fit)
 MIN_PLANES = 10  # planes with body needed to align at all (20 mm)
+MIN_AREA_MM2 = 400.0  # a plane with less body (the vertex's cap, a cropped edge) is not measured,
+MIN_AREA_SHARE = 0.1  # nor one with less than this share of the volume's large planes (90th percentile of area)
 GAP_COST = 1.5  # a plane placed beyond the template's known levels (the legs): a poor match, not a bar
 ABOVE_COST = 4.0  # a plane of body placed above the vertex: impossible
 MIN_KNOWN = 0.6  # share of a volume's planes that must fall on the template's known levels
+LOCAL_STEP_MM, LOCAL_WINDOW_MM, LOCAL_SEARCH_MM, LOCAL_SD_MM = 20.0, 40.0, 30.0, 10.0  # the local refinement (_refined)
+# A fit worse than this is not to be believed: real CT and MR here fit at 0.1-1.05 (reporting patients' 95th
+# percentile 1.04); the synthetic phantoms, which are no body, at 1.1-1.3.
+RELIABLE_COST = 1.2
 
 
 @dataclass
@@ -74,7 +83,9 @@ class Template:
 
 @dataclass
 class BodyAxis:
-    """Where a volume lies on the standard body axis: ``level = slope * (offset - S)`` within its body's extent."""
+    """Where a volume lies on the standard body axis, within its body's extent: ``level = slope * (offset - S)``,
+    refined locally where the volume is long enough (``knots``: levels at S knots, linear in between, the global
+    slope beyond the end knots)."""
 
     slope: float  # standard mm per patient mm
     offset: float  # S (mm) where the level would be 0 (the vertex, if it were in view)
@@ -83,6 +94,12 @@ class BodyAxis:
     cost: float  # mean robust misfit of the planes to the template (about 0.3-0.6 fits well, above 1 poorly)
     modality: str
     planes: int  # planes with body that were aligned
+    knots: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (S ascending, level) of the local refinement
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the fit is good enough to place by: cost at most RELIABLE_COST over at least MIN_PLANES planes."""
+        return self.cost <= RELIABLE_COST and self.planes >= MIN_PLANES
 
     @property
     def level_range(self) -> tuple[float, float]:
@@ -90,7 +107,24 @@ class BodyAxis:
         return (self._level(self.s_range[1]), self._level(self.s_range[0]))
 
     def _level(self, s: float) -> float:
-        return float(self.slope * (self.offset - s))
+        if self.knots is None:
+            return float(self.slope * (self.offset - s))
+        knots_s, knots_level = self.knots
+        if s < knots_s[0]:
+            return float(knots_level[0] + self.slope * (knots_s[0] - s))
+        if s > knots_s[-1]:
+            return float(knots_level[-1] - self.slope * (s - knots_s[-1]))
+        return float(np.interp(s, knots_s, knots_level))
+
+    def _s(self, level: float) -> float:
+        if self.knots is None:
+            return self.offset - float(level) / self.slope
+        knots_s, knots_level = self.knots
+        if level > knots_level[0]:
+            return float(knots_s[0] - (level - knots_level[0]) / self.slope)
+        if level < knots_level[-1]:
+            return float(knots_s[-1] + (knots_level[-1] - level) / self.slope)
+        return float(np.interp(level, knots_level[::-1], knots_s[::-1]))
 
     def level_at(self, s_mm: float, margin_mm: float = 0.0) -> float | None:
         """The level of the axial plane at superior coordinate ``s_mm`` (RAS S); None outside the body's extent."""
@@ -104,20 +138,25 @@ class BodyAxis:
 
     def s_at(self, level: float, margin_mm: float = 0.0) -> float | None:
         """The superior coordinate (RAS S, mm) where ``level`` lies in this volume; None when outside its body's extent."""
-        s = self.offset - float(level) / self.slope
+        s = self._s(level)
         return s if self.s_range[0] - margin_mm <= s <= self.s_range[1] + margin_mm else None
 
     def to_dict(self) -> dict:
         """JSON form (for the catalog and answers)."""
-        return {"slope": round(self.slope, 5), "offset": round(self.offset, 3), "s_range": [round(v, 3) for v in self.s_range],
-                "uncertainty_mm": round(self.uncertainty_mm, 2), "cost": round(self.cost, 4), "modality": self.modality,
-                "planes": self.planes}
+        out = {"slope": round(self.slope, 5), "offset": round(self.offset, 3), "s_range": [round(v, 3) for v in self.s_range],
+               "uncertainty_mm": round(self.uncertainty_mm, 2), "cost": round(self.cost, 4), "modality": self.modality,
+               "planes": self.planes}
+        if self.knots is not None:
+            out["knots"] = [[round(v, 2) for v in self.knots[0]], [round(v, 2) for v in self.knots[1]]]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> BodyAxis:
         """Inverse of :meth:`to_dict`."""
+        knots = data.get("knots")
         return cls(float(data["slope"]), float(data["offset"]), (float(data["s_range"][0]), float(data["s_range"][1])),
-                   float(data["uncertainty_mm"]), float(data["cost"]), str(data["modality"]), int(data["planes"]))
+                   float(data["uncertainty_mm"]), float(data["cost"]), str(data["modality"]), int(data["planes"]),
+                   (tuple(float(v) for v in knots[0]), tuple(float(v) for v in knots[1])) if knots else None)
 
 
 def _corners_lps(image) -> np.ndarray:
@@ -173,6 +212,24 @@ def _extent_mm(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.where(present.any(axis=1), (last - first + 1) * GRID_MM[2 - axis], 0.0)
 
 
+def _zones(outline: np.ndarray) -> list[np.ndarray]:
+    """Six zones of each plane's body, in the order of ZONES: front, middle and back thirds of its depth, each split
+    into the centre third of its width and the sides (the jaw and face in front, the spine behind, lungs at the sides,
+    the airway in the centre)."""
+    planes, rows, cols = outline.shape
+    has_row, has_col = outline.any(axis=2), outline.any(axis=1)
+    first_row = np.argmax(has_row, axis=1).astype(float)
+    depth = np.maximum(rows - np.argmax(has_row[:, ::-1], axis=1) - first_row, 1.0)
+    first_col = np.argmax(has_col, axis=1).astype(float)
+    last_col = cols - 1 - np.argmax(has_col[:, ::-1], axis=1)
+    ap = (np.arange(rows)[None, :] - first_row[:, None]) / depth[:, None]  # (planes, rows): 0 front, 1 back
+    half = np.maximum((last_col - first_col + 1) / 2.0, 1.0)
+    side = np.abs(np.arange(cols)[None, :] - (first_col + last_col)[:, None] / 2.0) / half[:, None]  # 0 centre, 1 edge
+    thirds = [(ap >= lo) & (ap < hi) for lo, hi in ((-1.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 2.0))]
+    centre = side < 1 / 3
+    return [t[:, :, None] & (c if central else ~c)[:, None, :] for t in thirds for central, c in ((True, centre), (False, centre))]
+
+
 def profile(volume: Volume) -> Profile:
     """What each axial plane of a volume looks like, measured on the profile grid."""
     ct = looks_like_ct(Volume(volume.array, volume.ijk_to_ras))  # the voxels alone, not the file's word
@@ -182,7 +239,9 @@ def profile(volume: Volume) -> Profile:
     outline = _fill_planes(body)
     area = outline.sum(axis=(1, 2)).astype(float)
     pixel = GRID_MM[0] * GRID_MM[1]
-    present = area * pixel >= 400.0  # 4 cm^2: a plane through the vertex's cap or a cropped edge is not measured
+    present = area * pixel >= MIN_AREA_MM2
+    if present.any():  # and not a thin stump of the larger planes: a cropped edge, a tube of stored tissue
+        present &= area >= MIN_AREA_SHARE * np.percentile(area[present], 90)
     share = np.maximum(area, 1.0)
     columns = [np.log10(np.maximum(area * pixel, 1.0)), _extent_mm(outline, 2), _extent_mm(outline, 1)]
     if ct:
@@ -192,8 +251,17 @@ def profile(volume: Volume) -> Profile:
         columns += [bone.sum(axis=(1, 2)) / share, ((array < -400.0) & outline).sum(axis=(1, 2)) / share,
                     enclosed.sum(axis=(1, 2)) / share, ((array > -190.0) & (array < -30.0) & outline).sum(axis=(1, 2)) / share,
                     _extent_mm(bone, 2) / width]
+        air = (array < -400.0) & outline
+        zones = _zones(outline)
+        columns += [(bone & zone).sum(axis=(1, 2)) / share for zone in zones]
+        columns += [(air & zone).sum(axis=(1, 2)) / share for zone in zones]
+    else:
+        air = outline & ~body
+        zones = _zones(outline)
+    columns.append(sum((air & zone).sum(axis=(1, 2)) for zone in zones[2:]) / share)
     s = s0 + GRID_MM[2] * np.arange(array.shape[0])
-    return Profile(s, np.stack(columns, axis=1), present, CT_FEATURES if ct else SHAPE_FEATURES, "CT" if ct else "MR")
+    names = (*FEATURES, LUNG_FEATURE) if ct else (*SHAPE_FEATURES, LUNG_FEATURE)
+    return Profile(s, np.stack(columns, axis=1), present, names, "CT" if ct else "MR")
 
 
 def load_template(path: str | Path | None = None) -> Template:
@@ -221,40 +289,51 @@ def template_to_json(template: Template) -> str:
                       indent=None, separators=(",", ":"))
 
 
-def _costs(s: np.ndarray, values: np.ndarray, template: Template, slope: float, offsets: np.ndarray) -> np.ndarray:
-    """Mean robust misfit of the planes placed by ``level = slope * (offset - s)`` for each offset."""
-    levels = slope * (offsets[:, None] - s[None, :])  # (offsets, planes)
-    index = np.rint((levels - template.levels[0]) / template.bin_mm).astype(int)
-    above = index < 0
+def _plane_costs(values: np.ndarray, template: Template) -> tuple[np.ndarray, np.ndarray]:
+    """Misfit of every plane to every bin of the template, (planes, bins), and which bins the template knows.
+
+    Cauchy negative log-likelihood: a cropped or odd plane counts, but boundedly; plus log(spread), so that a loosely
+    known stretch of the template is not a cheaper place to put planes than a well-known one.
+    """
+    known = np.isfinite(template.median[0])
+    residual = (values[:, :, None] - np.nan_to_num(template.median)[None]) / template.spread[None]
+    typical = np.median(template.spread, axis=1)[None, :, None]
+    cost = np.mean(np.log1p(residual ** 2) + np.log(template.spread[None] / typical), axis=1)
+    return np.where(known[None, :], cost, GAP_COST), known
+
+
+def _costs(s: np.ndarray, table: tuple[np.ndarray, np.ndarray], template: Template, slope: float,
+           offsets: np.ndarray) -> np.ndarray:
+    """Mean misfit of the planes placed by ``level = slope * (offset - s)`` for each offset (inf where fewer than
+    MIN_KNOWN of them fall on levels the template knows)."""
+    plane_cost, known_bin = table
+    index = np.rint((slope * (offsets[:, None] - s[None, :]) - template.levels[0]) / template.bin_mm).astype(int)
+    above, beyond = index < 0, index >= template.levels.size
     index = np.clip(index, 0, template.levels.size - 1)
-    median = template.median[:, index]  # (features, offsets, planes)
-    known = ~above & np.isfinite(median[0])
-    spread = template.spread[:, index]
-    residual = (values.T[:, None, :] - np.nan_to_num(median)) / spread
-    # Cauchy negative log-likelihood: a cropped or odd plane counts, but boundedly; log(spread) so that a loosely
-    # known stretch of the template is not a cheaper place to put planes than a well-known one
-    typical = np.median(template.spread, axis=1)[:, None, None]
-    per_plane = np.mean(np.log1p(residual ** 2) + np.log(spread / typical), axis=0)
-    cost = np.where(known, per_plane, np.where(above, ABOVE_COST, GAP_COST)).mean(axis=1)
-    return np.where(known.mean(axis=1) >= MIN_KNOWN, cost, np.inf)
+    cost = np.where(above, ABOVE_COST, np.where(beyond, GAP_COST, plane_cost[np.arange(s.size)[None, :], index]))
+    known = ~above & ~beyond & known_bin[index]
+    return np.where(known.mean(axis=1) >= MIN_KNOWN, cost.mean(axis=1), np.inf)
 
 
-def align(prof: Profile, template: Template | None = None) -> BodyAxis | None:
-    """The linear map of a profile onto the template that fits best; None when too little body to align."""
+def align(prof: Profile, template: Template | None = None, min_planes: int = MIN_PLANES) -> BodyAxis | None:
+    """The linear map of a profile onto the template that fits best; None when under ``min_planes`` planes of body."""
     template = template or load_template()
+    names = CT_FEATURES if prof.modality == "CT" else SHAPE_FEATURES
+    prof = Profile(prof.s_mm, prof.values[:, [prof.features.index(n) for n in names]], prof.body, names, prof.modality)
     columns = [template.features.index(name) for name in prof.features]
     tmpl = Template(template.levels, template.median[columns], template.spread[columns], prof.features)
     s, values = prof.s_mm[prof.body], prof.values[prof.body]
-    if s.size < MIN_PLANES:
+    if s.size < max(min_planes, 2):
         return None
     low, high = float(template.levels[0]), float(template.levels[-1])
     step = 4.0
+    plane_table = _plane_costs(values, tmpl)
     best = (np.inf, 1.0, 0.0)
     table = {}
     for slope in SLOPES:
         # offsets that put at least part of the volume on the template's levels
         offsets = np.arange(s.min() + low / slope - 100.0, s.max() + high / slope + 100.0, step)
-        cost = _costs(s, values, tmpl, slope, offsets) + (np.log(slope) / SLOPE_PRIOR_SD) ** 2 / (2 * s.size) * 4
+        cost = _costs(s, plane_table, tmpl, slope, offsets) + (np.log(slope) / SLOPE_PRIOR_SD) ** 2 / (2 * s.size) * 4
         table[slope] = (offsets, cost)
         k = int(np.argmin(cost))
         if cost[k] < best[0]:
@@ -262,7 +341,7 @@ def align(prof: Profile, template: Template | None = None) -> BodyAxis | None:
     # refine the offset at the best slope on a 0.5 mm step
     _, slope, offset = best
     fine = np.arange(offset - step, offset + step + 0.25, 0.5)
-    cost = _costs(s, values, tmpl, slope, fine) + (np.log(slope) / SLOPE_PRIOR_SD) ** 2 / (2 * s.size) * 4
+    cost = _costs(s, plane_table, tmpl, slope, fine) + (np.log(slope) / SLOPE_PRIOR_SD) ** 2 / (2 * s.size) * 4
     k = int(np.argmin(cost))
     best_cost, offset = float(cost[k]), float(fine[k])
     # uncertainty: the spread of levels (at the body's centre) of all fits within a small margin of the best
@@ -271,7 +350,35 @@ def align(prof: Profile, template: Template | None = None) -> BodyAxis | None:
             for c in np.nonzero(costs <= best_cost + 0.02)[0]]
     level_centre = slope * (offset - centre)
     uncertainty = max(float(np.max(np.abs(np.array(near) - level_centre))) if near else 0.0, GRID_MM[2])
-    return BodyAxis(slope, offset, (float(s.min()), float(s.max())), uncertainty, best_cost, prof.modality, int(s.size))
+    axis = BodyAxis(slope, offset, (float(s.min()), float(s.max())), uncertainty, best_cost, prof.modality, int(s.size))
+    return _refined(axis, s, plane_table, tmpl)
+
+
+def _refined(axis: BodyAxis, s: np.ndarray, table: tuple[np.ndarray, np.ndarray], template: Template) -> BodyAxis:
+    """The axis with local levels: every LOCAL_STEP_MM of S, the level that best fits the planes within
+    LOCAL_WINDOW_MM, searched within LOCAL_SEARCH_MM of the global line under a Gaussian prior of LOCAL_SD_MM
+    (necks are longer or shorter than their heads say); kept monotone. Volumes under two windows long keep the line.
+    Measured on the tuning patients (2-fold): organ levels across patients 0.5-1 mm closer (median), p90 1-4 mm."""
+    if np.ptp(s) < 2 * LOCAL_WINDOW_MM:
+        return axis
+    knots = np.arange(s.min(), s.max() + 1e-6, LOCAL_STEP_MM)
+    shifts = np.arange(-LOCAL_SEARCH_MM, LOCAL_SEARCH_MM + 1e-6, 1.0)
+    levels = []
+    for knot in knots:
+        near = np.abs(s - knot) <= LOCAL_WINDOW_MM
+        base = axis._level(float(knot))
+        if near.sum() < MIN_PLANES:
+            levels.append(base)
+            continue
+        offsets = knot + (base + shifts) / axis.slope
+        cost = _costs(s[near], (table[0][near], table[1]), template, axis.slope, offsets)
+        cost = cost + (shifts / LOCAL_SD_MM) ** 2 / (2 * near.sum())
+        levels.append(base + float(shifts[int(np.argmin(cost))]) if np.isfinite(cost).any() else base)
+    levels = np.array(levels)
+    for n in range(1, len(levels)):  # the level grows toward the feet: at least half a standard mm per mm
+        levels[n] = min(levels[n], levels[n - 1] - 0.5 * LOCAL_STEP_MM)
+    return BodyAxis(axis.slope, axis.offset, axis.s_range, axis.uncertainty_mm, axis.cost, axis.modality, axis.planes,
+                    (tuple(float(v) for v in knots), tuple(float(v) for v in levels)))
 
 
 def body_axis(volume: Volume, template: Template | None = None) -> BodyAxis | None:

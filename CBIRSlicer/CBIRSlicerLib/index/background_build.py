@@ -2,7 +2,7 @@
 
 The child runs :meth:`Index.add_sources` (reading, slicing, embedding, writing) and reports one
 JSON line per event on its own protocol stream; the parent only runs a thread that reads those
-lines, so nothing the GUI owns is touched off its thread and a timer can poll :meth:`IndexBuild.progress`.
+lines, so nothing the GUI owns is touched off its thread and a timer can poll :meth:`IndexBuild.poll`.
 Cancel asks the child to stop after the case in hand; if it has not stopped within
 ``HARD_STOP_S`` (a large case with a slow model) it is killed, which the index is built to
 survive: complete cases stay, the unfinished one is purged by the next writer.
@@ -20,21 +20,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..processes import in_thread, start_module, wait_or_kill
+from ..progress import FINAL, Progress, State
 from .writer import BuildReport
 
 HARD_STOP_S = 10.0
-
-
-@dataclass(frozen=True)
-class BuildProgress:
-    """Cases done of total, the case in hand, rate (cases per second) and estimated seconds left."""
-
-    state: str  # starting, running, stopping, done, failed, cancelled
-    done: int
-    total: int
-    label: str
-    rate: float
-    eta_s: float | None
 
 
 @dataclass
@@ -51,12 +40,12 @@ class BuildSpec:
 
 
 class IndexBuild:
-    """One build in a child process; ``progress()`` from a timer, ``cancel()``, then ``report`` (typed) or ``error``."""
+    """One build in a child process; ``poll()`` from a timer, ``cancel()``, then ``report`` (typed) or ``error``."""
 
     def __init__(self, spec: BuildSpec, python: str | None = None):
         self.spec = spec
         self.python = python or sys.executable
-        self.state = "starting"
+        self.state = State.STARTING
         self.done = self.total = 0
         self.label = ""
         self.report: BuildReport | None = None
@@ -76,22 +65,17 @@ class IndexBuild:
     @property
     def finished(self) -> bool:
         """Whether the build has ended (done, failed or cancelled)."""
-        return self.state in ("done", "failed", "cancelled")
+        return self.state in FINAL
 
-    def progress(self) -> BuildProgress:
-        """A snapshot for the progress bar (safe from any thread)."""
-        rate, eta = 0.0, None
-        if self._first_case is not None and self.done:
-            elapsed = (self._finished or time.monotonic()) - self._first_case
-            rate = self.done / max(elapsed, 1e-9)
-            eta = (self.total - self.done) / rate if not self.finished else None
-        return BuildProgress(self.state, self.done, self.total, self.label, rate, eta)
+    def poll(self) -> Progress:
+        """A snapshot for the progress bar (safe from any thread): cases done of total, the case in hand, rate, time left."""
+        return Progress.timed(self.state, self.done, self.total, self._first_case, self._finished, self.label, self.error or "")
 
     def cancel(self) -> None:
         """Ask the build to stop after the current case; kill it if it has not within HARD_STOP_S (from a later call)."""
         if self.finished or self._process is None:
             return
-        self.state = "stopping"
+        self.state = State.STOPPING
         try:
             self._process.stdin.write(b"stop\n")
             self._process.stdin.flush()
@@ -122,8 +106,8 @@ class IndexBuild:
         code = self._process.wait()
         self._finished = time.monotonic()
         if not self.finished:
-            stopped = self.state == "stopping"
-            self.state = "cancelled" if stopped else "failed"
+            stopped = self.state == State.STOPPING
+            self.state = State.CANCELLED if stopped else State.FAILED
             if not stopped:
                 tail = "; ".join(self.log[-3:])
                 self.error = f"the index build exited with code {code}" + (f": {tail}" if tail else "")
@@ -134,17 +118,17 @@ class IndexBuild:
             if self._first_case is None:
                 self._first_case = time.monotonic()
             self.done, self.total, self.label = event["done"], event["total"], event["label"]
-            if self.state == "starting":
-                self.state = "running"
+            if self.state == State.STARTING:
+                self.state = State.RUNNING
         elif kind == "report":
             fields = event["report"]  # a BuildReport as JSON: its (path, reason) pairs came back as lists
             self.report = BuildReport(**{**fields, "skipped": [tuple(pair) for pair in fields.get("skipped", [])]})
             self._finished = time.monotonic()
-            self.state = "cancelled" if self.state == "stopping" else "done"
+            self.state = State.CANCELLED if self.state == State.STOPPING else State.DONE
         elif kind == "error":
             self.error = event["message"]
             self._finished = time.monotonic()
-            self.state = "failed"
+            self.state = State.FAILED
 
 
 # ===== the child process ===========================================================================

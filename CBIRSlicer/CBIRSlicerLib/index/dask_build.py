@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import CBIRError, ParameterError
 from ..imaging.readers import CaseSource, discover
 from .items import IndexSettings
-from .writer import BuildReport, PreparedCase, Progress, case_id_for, prepare_case
+from .writer import BuildReport, CaseProgress, PreparedCase, case_id_for, prepare_case
 
 LOCAL = "local:"
 RETRIES = 2  # a case whose worker dies is given to another worker this many times
@@ -145,7 +145,7 @@ def prepared_on_cluster(client: Any, cases: list[CaseSource], model: str, device
 
 
 def add_sources_on_dask(index, paths: list[str], scheduler: str, model: str | None = None, device: str | None = None,
-                        progress: Progress | None = None, labels: dict[str, list[str]] | None = None,
+                        progress: CaseProgress | None = None, labels: dict[str, list[str]] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> BuildReport:
     """Index files and folders with the cases embedded on a Dask cluster (see the module); the writer is ``index``."""
     from .dicom_sources import is_dicom_source

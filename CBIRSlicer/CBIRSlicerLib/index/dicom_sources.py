@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import InputError, SourceError, printable
+from ..imaging import body_parts
 from ..imaging.readers import CaseSource, sort_dicom_files
 from .dicomweb import PREFIX as DICOMWEB_PREFIX
 from .dicomweb import DicomWebServer, ListingShapeError, SeriesEntry, SeriesFilter, check_uid
@@ -106,9 +107,6 @@ class CtkDatabase:
         if wanted.modalities:
             clauses.append(f"upper(Series.Modality) IN ({','.join('?' * len(wanted.modalities))})")
             values += [m.upper() for m in wanted.modalities]
-        if wanted.body_part:
-            clauses.append("upper(Series.BodyPartExamined) = ?")
-            values.append(wanted.body_part.upper())
         # CTK stores dates as DICOM writes them (YYYYMMDD) or as ISO dates, by version: compare on the digits.
         date = "replace(coalesce(Studies.StudyDate, Series.SeriesDate), '-', '')"
         if wanted.date_from:
@@ -125,8 +123,9 @@ class CtkDatabase:
             rows = self.db.execute(query, values).fetchall()
         except sqlite3.DatabaseError as error:
             raise InputError(self.path, f"its Series table cannot be read ({error})") from None
-        return [SeriesEntry(_text(study) or "", _text(series) or "", _text(modality), _text(body), _text(day), _text(description),
-                            count) for study, series, modality, body, day, description, count in rows if _text(series)]
+        entries = [SeriesEntry(_text(study) or "", _text(series) or "", _text(modality), _text(body), _text(day), _text(description),
+                               count) for study, series, modality, body, day, description, count in rows if _text(series)]
+        return [e for e in entries if body_parts.passes(e.body_part, wanted.body_part)]  # regions of Annex L words
 
     def files(self, series_uid: str) -> list[str]:
         """The files of a series, absolute (CTK stores files inside its folder relative to it), in slice order; a row

@@ -8,7 +8,7 @@ FORMAT = "cbirslicer-index"
 FORMAT_VERSION = 3  # the newest read and written; 3: an 'ivfpq' store (codes + vectors.f16), written only by such indexes
 BASE_VERSION = 2  # 2: sealed manifest with file checksums, rollback-journal catalog, patient IDs hashed (what flat/HNSW write)
 MANIFEST, VECTORS, CATALOG, LOCK = "manifest.json", "vectors.faiss", "catalog.sqlite", ".lock"
-ROWS = "vectors.f16"  # an owned file of 'ivfpq' indexes: faiss_store.rows_path_of(VECTORS)
+ROWS = "vectors.f16"  # an owned file of 'ivfpq' indexes: compressed.rows_path_of(VECTORS)
 CLEAN, WRITING = "clean", "writing"
 TRANSFORM = vector_transform.TRANSFORM_FILE  # an owned file: the learned vector transform the manifest pins
 

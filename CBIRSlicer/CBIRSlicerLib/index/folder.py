@@ -28,6 +28,7 @@ so a killed build resumes without duplicates or losses.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..clock import now_utc
 from ..errors import CBIRError, IndexCorruptError, IndexMismatchError, InputError
@@ -41,6 +42,16 @@ from .items import IndexSettings
 from .lock import FolderLock, writer_active
 from .verify import verify
 from .writer import IndexWriter
+
+
+def model_of(folder: str) -> str:
+    """The model an index folder was built with, from its manifest alone (no checksums: for choosing what to install or
+    load before the index is opened)."""
+    path = os.path.join(os.path.abspath(folder), MANIFEST)
+    try:
+        return str(read_manifest(path, require_seal=False)["model"]["name"])
+    except (KeyError, TypeError) as error:
+        raise IndexCorruptError(f"{path}: lacks or garbles {error}; {recovery_hint(os.path.dirname(path))}") from None
 
 
 class Index(IndexWriter):
@@ -115,7 +126,8 @@ class Index(IndexWriter):
                 index._begin_writing()
             except BaseException:  # a full disk or a read-only file: nothing was changed; let the next writer in
                 index.catalog.close()
-                lock.release()
+                if lock is not None:
+                    lock.release()
                 raise
             index._purge_pending()
             if index.transform_dropped:  # a pin that no longer matches its file: fitted again now, as it was fitted on
@@ -171,6 +183,7 @@ class Index(IndexWriter):
     def close(self) -> None:
         """Save pending work and seal the manifest (writers), close the catalog, release the lock."""
         if self._lock is not None:
+            self._maybe_change_structure()  # a removal's tombstones compacted, as at every commit
             self.checkpoint()
             pinned = self.manifest.get("transform")
             if pinned is not None and "checksum" not in pinned:  # never fitted (a killed build tidied, a remove): fit now
@@ -201,7 +214,7 @@ class Index(IndexWriter):
             return
         self.close()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What the index is: model, settings, type, counts, size on disk, format and state."""
         size = sum(os.path.getsize(os.path.join(self.folder, f)) for f in (MANIFEST, VECTORS, ROWS, CATALOG, TRANSFORM)
                    if os.path.exists(os.path.join(self.folder, f)))
@@ -225,7 +238,7 @@ class Index(IndexWriter):
         return verify(self, check_sources)
 
 
-def _checked_manifest(folder: str, writable: bool) -> tuple[dict, bool]:
+def _checked_manifest(folder: str, writable: bool) -> tuple[dict[str, Any], bool]:
     """The manifest, checked: our format, a version this release reads (an older one: read-only), the seal, the fields
     opening needs; and whether it is of an older format."""
     path = os.path.join(folder, MANIFEST)
@@ -269,7 +282,7 @@ class _Checks:
             raise IndexCorruptError(f"{text}; {recovery_hint(self.folder)}")
         self.problems.append(text)
 
-    def sizes(self, files: dict, checked: bool) -> None:
+    def sizes(self, files: dict[str, Any], checked: bool) -> None:
         """Every owned file is there (else raise: nothing can be read), and of the size the seal says."""
         for name, recorded in files.items():
             path = os.path.join(self.folder, name)
@@ -278,7 +291,7 @@ class _Checks:
             if checked and recorded and os.path.getsize(path) != recorded.get("size"):
                 self.problem(f"{path}: holds {os.path.getsize(path)} bytes, the manifest says {recorded.get('size')}")
 
-    def owned_files(self, files: dict, store: VectorStore) -> int:
+    def owned_files(self, files: dict[str, Any], store: VectorStore) -> int:
         """A writer about to seal: every owned file is what the last seal vouched for. Returns the bytes of the rows file
         checked (sealing re-hashes only what is appended after them)."""
         rows_checked = 0
@@ -292,7 +305,7 @@ class _Checks:
                 rows_checked = min(int(recorded.get("size", 0)), store.rows.count * store.rows.row_bytes)
         return rows_checked
 
-    def keyed_seal(self, manifest: dict, legacy: bool, writable: bool, trust: bool) -> str:
+    def keyed_seal(self, manifest: dict[str, Any], legacy: bool, writable: bool, trust: bool) -> str:
         """The manifest's keyed seal against this machine's key (keyed_seal.status): one that does not match is a problem,
         another key's (or none) is refused by a writer unless ``trust`` and reported by verify. Format 1 had no seals."""
         path = os.path.join(self.folder, MANIFEST)
@@ -311,7 +324,7 @@ class _Checks:
                                  f"here; 'cbir index trust --index {self.folder}' checks it and seals it under this machine's key")
         return sealed
 
-    def counts(self, counts: dict, catalog: Catalog, store: VectorStore) -> None:
+    def counts(self, counts: dict[str, Any], catalog: Catalog, store: VectorStore) -> None:
         """The manifest's counts against the catalog's and the store's."""
         actual = {"cases": catalog.count("cases"), "items": catalog.count("items"), "vectors": store.count,
                   "tombstones": catalog.count("tombstones")}

@@ -30,8 +30,10 @@ import hmac
 import json
 import os
 import secrets
+from typing import Any
 
 from ..atomic import replaced
+from ..errors import CBIRError
 
 KEY_VARIABLE = "CBIR_SEAL_KEY"
 FIELD = "keyed_seal"
@@ -67,11 +69,15 @@ def writer_key() -> bytes:
     if key is not None:
         return key
     path = key_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with replaced(path, exclusive=True) as temporary:  # whole or not at all; a key another process made first wins
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with replaced(path, exclusive=True) as temporary:  # whole or not at all; a key another process made first wins
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    except OSError as error:  # a read-only home: the writer cannot seal, so it must not write
+        raise CBIRError(f"{path}: the seal key for the indexes you write cannot be made ({error.strerror or error}); set "
+                        f"{KEY_VARIABLE} (or XDG_CONFIG_HOME to a folder you may write)") from None
     return _read_key() or b""
 
 
@@ -80,19 +86,19 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"cbirslicer seal key id\0" + key).hexdigest()[:16]
 
 
-def _mac(manifest: dict, key: bytes) -> str:
+def _mac(manifest: dict[str, Any], key: bytes) -> str:
     body = json.dumps({k: v for k, v in manifest.items() if k not in _UNSIGNED}, sort_keys=True, separators=(",", ":"))
     return hmac.new(key, b"cbirslicer manifest\0" + body.encode(), hashlib.sha256).hexdigest()
 
 
-def sign(manifest: dict, key: bytes | None = None) -> dict:
+def sign(manifest: dict[str, Any], key: bytes | None = None) -> dict[str, Any]:
     """The manifest with its keyed seal set (under ``key``, default this machine's writer key); seal it after this."""
     key = key if key is not None else writer_key()
     manifest[FIELD] = {"key_id": key_id(key), "hmac": _mac(manifest, key)}
     return manifest
 
 
-def status(manifest: dict, key: bytes | None) -> str:
+def status(manifest: dict[str, Any], key: bytes | None) -> str:
     """How the manifest's keyed seal stands with ``key`` (this machine's, or None): OK, ALTERED, FOREIGN or UNCHECKED."""
     if key is None:
         return UNCHECKED
@@ -102,7 +108,7 @@ def status(manifest: dict, key: bytes | None) -> str:
     return OK if hmac.compare_digest(str(found.get("hmac", "")), _mac(manifest, key)) else ALTERED
 
 
-def describe(manifest: dict) -> str:
+def describe(manifest: dict[str, Any]) -> str:
     """Which key sealed the manifest, in words (for notes and info)."""
     found = manifest.get(FIELD)
     if isinstance(found, dict) and isinstance(found.get("key_id"), str):

@@ -143,9 +143,11 @@ class IndexFolder:
         write_json_atomically(os.path.join(self.folder, MANIFEST), seal(keyed_seal.sign(self.manifest, self._seal_key)))
 
     def checkpoint(self) -> None:
-        """Save vectors atomically, then mark pending cases complete, then the manifest (still 'writing')."""
+        """Save vectors atomically, then mark pending cases complete, then the manifest (still 'writing'); nothing else.
+
+        Run at timed intervals while a build goes on, so it only saves: the structure (flat, HNSW, compressed) and the
+        vector transform change at :meth:`commit`, so what they are does not depend on the machine's speed."""
         self._require_writer()
-        self._maybe_change_structure()
         self.store.save(os.path.join(self.folder, VECTORS))
         if self._pending_rows:
             with self.catalog.transaction():
@@ -153,6 +155,14 @@ class IndexFolder:
             self._pending_rows = []
         self._save_manifest()
         self._last_checkpoint = time.monotonic()
+
+    def commit(self) -> None:
+        """The end of a unit of work (an add, a removal, a refresh, closing): the structure the index's size asks for
+        (:meth:`_maybe_change_structure`), a checkpoint, then the vector transform refitted if the index has grown."""
+        self._require_writer()
+        self._maybe_change_structure()
+        self.checkpoint()
+        self._maybe_refit_transform()
 
     def _maybe_change_structure(self) -> None:
         """Switch flat -> HNSW when 'auto' and the index has grown past the flat limit; compact many tombstones."""

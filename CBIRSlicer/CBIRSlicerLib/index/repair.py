@@ -18,7 +18,7 @@ from .folder import Index
 from .integrity import read_manifest
 from .items import IndexSettings
 from .lock import FolderLock
-from .writer import Progress, source_checksum
+from .writer import CaseProgress, source_checksum
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _repair_sources(rows: list[tuple]) -> tuple[list[tuple[CaseSource, str | Non
 
 
 def repair(folder: str, make_embedder: Callable[[str], Embedder], drop_missing: bool = False,
-           progress: Progress | None = None) -> RepairReport:
+           progress: CaseProgress | None = None) -> RepairReport:
     """Re-embed every case of a damaged (or older-format, or interrupted) index from the sources its catalog lists.
 
     Nothing is dropped silently: cases whose sources are gone stop the repair unless ``drop_missing``. The new files are
@@ -152,7 +152,7 @@ def _identity_and_cases(folder: str) -> tuple[dict, list[tuple]]:
 
 
 def _rebuild(work: str, identity: dict, embedder: Embedder, sources: list[tuple[CaseSource, str | None, list[str]]],
-             report: RepairReport, drop_missing: bool, progress: Progress | None) -> None:
+             report: RepairReport, drop_missing: bool, progress: CaseProgress | None) -> None:
     """A new index in ``work`` with the same model and settings, the cases re-embedded into it through the writer."""
     settings = IndexSettings.from_stored(identity["settings"])
     keep = identity.get("privacy", {}).get("patient_ids") == privacy.KEPT

@@ -22,7 +22,7 @@ from ..errors import CBIRError, InputError, ParameterError
 from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
-from ..models.base import Embedder
+from ..models.base import Embedder, modality_warning
 from . import privacy
 from .catalog import CaseRecord, ItemRecord
 from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
@@ -115,7 +115,7 @@ class BuildReport:
         return len(self.added) + len(self.replaced) + len(self.unchanged)
 
 
-Progress = Callable[[int, int, str], None]  # (cases done, cases in all, what is being done)
+CaseProgress = Callable[[int, int, str], None]  # called with (cases done, cases in all, what is being done)
 
 
 @dataclass
@@ -169,6 +169,10 @@ def prepare_case(source: CaseSource, embedder: Embedder, settings: IndexSettings
         if refused:
             raise InputError(None, refused)
         origin = fill_in(volume)  # modality and body part from the image where the file is silent
+        mismatch = modality_warning(embedder, volume.modality, origin.get("modality_image"))
+        if mismatch:
+            origin["model_modality_mismatch"] = mismatch  # flagged in the catalog, warned in the report
+            prepared.warning = f"{prepared.warning}; {mismatch}" if prepared.warning else mismatch
         made, vectors = embedded_items(volume, settings, embedder)
         bad = vector_problem(vectors) if len(vectors) else None
         if bad:
@@ -205,7 +209,7 @@ class IndexWriter(IndexFolder):
                 self.catalog.add_tombstones(present)
             self.catalog.delete_cases(rows)
 
-    def add_sources(self, paths: Iterable[str], embedder: Embedder, progress: Progress | None = None,
+    def add_sources(self, paths: Iterable[str], embedder: Embedder, progress: CaseProgress | None = None,
                     labels: dict[str, list[str]] | None = None, should_stop: Callable[[], bool] | None = None,
                     dicom: DicomOptions | None = None) -> BuildReport:
         """Index new volumes, refresh changed ones (checksum), skip unchanged ones; resumable.
@@ -228,7 +232,7 @@ class IndexWriter(IndexFolder):
         return report
 
     def add_cases(self, sources: Sequence[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
-                  progress: Progress | None = None) -> BuildReport:
+                  progress: CaseProgress | None = None) -> BuildReport:
         """Index these cases (volume files, or DICOM series in a folder) as :meth:`add_sources` does, each with its labels;
         committed the same way: checkpoints, then the vector transform refitted when the index has grown."""
         self._require_writer()
@@ -240,7 +244,7 @@ class IndexWriter(IndexFolder):
         return report
 
     def _add_cases(self, cases: list[CaseSource], embedder: Embedder, labels_of: Callable[[CaseSource], list[str]],
-                   report: BuildReport, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                   report: BuildReport, progress: CaseProgress | None = None, should_stop: Callable[[], bool] | None = None,
                    total_if_none: int = 0) -> None:
         """The cases indexed one by one (the next read ahead), checkpointed as they go, then committed with the transform."""
         # The next case is checksummed and read on a thread while this one is embedded (file reading and decompression
@@ -262,8 +266,7 @@ class IndexWriter(IndexFolder):
                     self.checkpoint()
             if ahead is not None:
                 ahead.cancel()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             total = len(cases) or total_if_none  # a build from a DICOM database or PACS only: its series
             progress(total, total, "done")
@@ -276,7 +279,7 @@ class IndexWriter(IndexFolder):
             known[case_id_for(source)] = existing.checksum if existing is not None else None
         return known
 
-    def add_prepared(self, cases: Iterable[PreparedCase], total: int, progress: Progress | None = None,
+    def add_prepared(self, cases: Iterable[PreparedCase], total: int, progress: CaseProgress | None = None,
                      should_stop: Callable[[], bool] | None = None) -> BuildReport:
         """Store cases read and embedded elsewhere (Dask workers, :mod:`dask_build`) as they come, committed as
         :meth:`add_sources` commits: checkpoints as it goes, then the vector transform refitted when the index has grown."""
@@ -304,7 +307,7 @@ class IndexWriter(IndexFolder):
         return report
 
     def _add_dicom_source(self, spec: str, embedder: Embedder, options: DicomOptions, report: BuildReport,
-                          progress: Progress | None, should_stop: Callable[[], bool] | None) -> int:
+                          progress: CaseProgress | None, should_stop: Callable[[], bool] | None) -> int:
         """Index the series of a DICOM database or a PACS: each fetched (PACS) only when no case holds its series UID yet,
         embedded, then its download removed (unless kept). A series that fails is one line in ``report.skipped``; the others
         go on, and a rerun fetches only what is still missing. Returns how many series passed the filters."""
@@ -384,7 +387,7 @@ class IndexWriter(IndexFolder):
         self._pending_rows.append(row)
         return row
 
-    def add_embedded(self, cases: Iterable[EmbeddedCase], progress: Progress | None = None) -> BuildReport:
+    def add_embedded(self, cases: Iterable[EmbeddedCase], progress: CaseProgress | None = None) -> BuildReport:
         """Store cases whose item vectors are already computed; a case id the index holds already is left unchanged.
 
         Committed like :meth:`add_sources` (checkpoints as it goes and at the end, the vector transform refitted when the
@@ -417,8 +420,7 @@ class IndexWriter(IndexFolder):
             report.vectors += len(vectors)
             if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
                 self.checkpoint()
-        self.checkpoint()
-        self._maybe_refit_transform()
+        self.commit()
         if progress is not None:
             progress(total, total, "done")
         report.seconds = time.monotonic() - began
@@ -439,7 +441,7 @@ class IndexWriter(IndexFolder):
         self._save()
         return removed
 
-    def refresh(self, embedder: Embedder, progress: Progress | None = None) -> BuildReport:
+    def refresh(self, embedder: Embedder, progress: CaseProgress | None = None) -> BuildReport:
         """Re-check every case's source: re-index changed files, report missing ones."""
         report = BuildReport()
         present = []

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ModelError
 
 VOLUME_FAMILIES = ("i3d",)  # fingerprint families of 3D models (they embed volumes, not 2D images)
-Progress = Callable[[int, int], None]  # (images done, images in all)
+ImageProgress = Callable[[int, int], None]  # called with (images done, images in all)
 ShouldStop = Callable[[], bool]
 
 
@@ -126,6 +126,17 @@ class VolumeFeatures:
     whole: np.ndarray
 
 
+def modality_warning(embedder, *modalities: str | None) -> str | None:
+    """A warning when a model made for some modalities (astra-ct: CT) is given an image of another one (the file's word
+    or what the voxels look like); None when it was made for any or all of them agree."""
+    wanted = tuple(getattr(embedder, "modalities", ()) or ())
+    seen = {m.upper() for m in modalities if m}
+    if not wanted or not seen or seen <= set(wanted):
+        return None
+    return (f"model '{embedder.name}' was made for {'/'.join(wanted)} images; this volume is {'/'.join(sorted(seen))}: its "
+            "vectors may mean little")
+
+
 class Embedder:
     """Base class: subclasses set name, dim, fingerprint, supports_text and implement ``_embed_batch``.
 
@@ -144,6 +155,8 @@ class Embedder:
     # or 'dense' (pooled from one pass over the slice, :mod:`.dense`); chosen per model by measurement (docs/benchmarks.md).
     default_region_strategy: str = "crops"
     supports_dense: bool = False
+    # The modalities a model was trained on (DICOM words); empty: any. An index warns and flags a case of another one.
+    modalities: tuple[str, ...] = ()
 
     def _embed_batch(self, images: list[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -152,7 +165,7 @@ class Embedder:
         raise NotImplementedError
 
     def embed_images(self, images: Sequence[np.ndarray], batch_size: int | None = None,
-                     progress: Progress | None = None, should_stop: ShouldStop | None = None) -> np.ndarray:
+                     progress: ImageProgress | None = None, should_stop: ShouldStop | None = None) -> np.ndarray:
         """Vectors (N, dim), float32, L2-normalised, for uint8 RGB / grey images; stops early if ``should_stop()``."""
         images = check_images(images)
         batch_size = max(1, batch_size or self.default_batch_size)

@@ -174,6 +174,7 @@ class I3DEmbedder(TorchEmbedder):
     supports_text = False
     embeds_volumes = True
     default_batch_size = 1
+    modalities = ("CT",)  # Merlin's encoder saw CT only (Hounsfield units scaled -1000..1000); an MR's vectors mean little
 
     def __init__(self, name: str, weights: str, device: str, precision: str = "auto", threads: int | None = None,
                  preprocessing: CTPreprocessing | None = None, network=None, weights_sha256: str | None = None):

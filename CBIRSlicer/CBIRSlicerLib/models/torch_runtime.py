@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import numpy as np
 
@@ -16,6 +17,53 @@ MIN_MIXED_PRECISION_COSINE = 0.999
 # loaded cores cost more CPU than the op (a case's canvases and window copies: ~1.5-3 CPU s more; docs/benchmarks.md).
 # 8 canvases of a 512-px CT: ~30 MB.
 CANVAS_GROUP = 8
+
+
+# glibc's mallopt parameters: above M_MMAP_THRESHOLD a block is a fresh mmap (zeroed page by page when first touched,
+# unmapped when freed); above M_TRIM_THRESHOLD of free space at the heap's top, the heap is given back.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_BUFFER_BYTES = 1 << 30
+_buffers_kept = False
+
+
+def keep_large_buffers(limit: int = KEPT_BUFFER_BYTES) -> bool:
+    """Let glibc serve blocks up to ``limit`` bytes from its heap and keep them when freed (True if it did; once a process).
+
+    torch allocates every activation afresh; a block past glibc's mmap threshold (32 MB at most by default) is mapped
+    for the op and unmapped after it, so each pass zeroes its large activations again page by page. LiteMedSAM's first
+    stage holds 64-MB ones: 180,000 page faults and ~0.45 CPU s of system time per slice, ~1.6 s per slice in batches
+    of 4, gone with the buffers kept (docs/benchmarks.md, "litemedsam"). Process-wide, and the process keeps its peak
+    memory; Slicer embeds in its worker process. A no-op off glibc.
+    """
+    global _buffers_kept
+    if _buffers_kept:
+        return True
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        _buffers_kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(limit))
+                             and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(2 * limit, 2 ** 31 - 1))))
+    except (OSError, AttributeError):
+        return False
+    return _buffers_kept
+
+
+def passive_threads() -> bool:
+    """OMP_WAIT_POLICY=PASSIVE unless the environment sets it, if torch is not loaded yet (True if it now applies).
+
+    OpenMP's threads spin at each op's barrier by default; on cores other processes also use, a waiting thread spins
+    while the one it waits for is descheduled. LiteMedSAM on 2 threads of 2 loaded cores took 3.0-3.5 CPU s per slice
+    spinning, 1.45-1.5 s passive (docs/benchmarks.md, "litemedsam"). The OpenMP runtime reads the setting once, when
+    torch loads it, so it is set before the first ``import torch`` or not at all; it holds for the whole process.
+    """
+    if "torch" in sys.modules:
+        return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
 
 
 def hub_cache_dir() -> str:

@@ -4,7 +4,7 @@ Why a process and not a thread: torch and numpy code still takes the GIL between
 which makes a GUI thread stutter; a process also survives (and reports) a crash or an
 out-of-memory error without taking Slicer down, gives GPU memory back when stopped, and can
 be killed when a cancel must happen *now*. The caller's side only runs two small threads
-(one writes requests, one reads events) and never blocks: it polls ``Job.progress()`` (Slicer:
+(one writes requests, one reads events) and never blocks: it polls ``Job.poll()`` (Slicer:
 from a QTimer), so nothing the GUI owns is touched from another thread.
 
 Protocol over the child's stdin / stdout (stdout is moved away from print()): messages are an
@@ -24,12 +24,12 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import JobCancelled, ModelError, WorkerError
 from ..processes import in_thread, start_module, wait_or_kill
+from ..progress import Progress, State
 from .requests import EmbeddingKind, EmbeddingRequest
 
 HARD_CANCEL_S = 0.8  # a cancel not acknowledged by then kills the worker, so every cancel ends within 1 s
@@ -73,21 +73,13 @@ def _read_message(stream) -> tuple[dict, list[np.ndarray]]:
     return header, arrays
 
 
-@dataclass(frozen=True)
-class JobProgress:
-    """A snapshot of a job: state, images done of total, rate (per second) and estimated seconds left."""
-
-    state: str
-    done: int
-    total: int
-    rate: float
-    eta_s: float | None
-
-
 class Job:
-    """One embedding request; poll ``progress()``, ``cancel()`` it, or wait for ``result()``."""
+    """One embedding request; ``poll()`` it, ``cancel()`` it, or wait for ``result()``."""
 
     FINAL = ("done", "failed", "cancelled")
+    # The job's own states (the worker's messages) as the one progress protocol says them.
+    STATES = {"queued": State.QUEUED, "running": State.RUNNING, "cancelling": State.STOPPING, "done": State.DONE,
+              "failed": State.FAILED, "cancelled": State.CANCELLED}
 
     def __init__(self, service: EmbeddingService, job_id: int, kind: str, total: int):
         self._service = service
@@ -102,16 +94,9 @@ class Job:
         self._error: Exception | None = None
         self._event = threading.Event()
 
-    def progress(self) -> JobProgress:
-        """Where the job stands now (safe to call from any thread, e.g. a GUI timer)."""
-        rate, eta = 0.0, None
-        if self.started is not None and self.done and self.state not in self.FINAL:
-            elapsed = (self.finished or time.monotonic()) - self.started
-            rate = self.done / max(elapsed, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else None
-        elif self.started is not None and self.done:
-            rate = self.done / max((self.finished or time.monotonic()) - self.started, 1e-9)
-        return JobProgress(self.state, self.done, self.total, rate, eta)
+    def poll(self) -> Progress:
+        """Where the job stands now (safe to call from any thread, e.g. a GUI timer): images done of total, rate, time left."""
+        return Progress.timed(self.STATES[self.state], self.done, self.total, self.started, self.finished)
 
     def cancel(self) -> None:
         """Ask the worker to stop this job; it ends (state 'cancelled') within about one second."""

@@ -17,11 +17,16 @@ gain cannot come from keeping the marked cases on top. Marks accumulate over rou
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import CBIRError, ParameterError
 from .marks import Feedback
+
+if TYPE_CHECKING:  # for the annotations only: the searcher and the query are handed in
+    from .queries import Query
+    from .search import Searcher
 
 STRATEGIES = ("rocchio", "linear")
 # One round on the phantom cohorts: Rocchio mP@5 0.46 -> 0.80 and 0.30 -> 0.63, the linear re-scoring 0.32 / 0.35; the
@@ -31,14 +36,14 @@ ROCCHIO = (1.0, 0.75, 0.25)  # alpha (query), beta (relevant), gamma (not releva
 RIDGE = 1.0  # the linear model's penalty (unit vectors; a handful of marks)
 
 
-def feedback_from_answer(answer: dict, relevant: list[str], not_relevant: list[str], path: str = "the answer") -> Feedback:
+def feedback_from_answer(answer: dict[str, Any], relevant: list[str], not_relevant: list[str], path: str = "the answer") -> Feedback:
     """The earlier answer's marks plus new ones on its results (each stands for its best match there)."""
     try:
         marks = Feedback.from_json(answer.get("query", {}).get("feedback"))
     except ParameterError as error:
         raise ParameterError(f"{path}: {error}") from None
 
-    def item_of(result: dict) -> int | None:
+    def item_of(result: dict[str, Any]) -> int | None:
         best = result.get("best_match")
         item = best.get("item_id") if isinstance(best, dict) else None
         return item if isinstance(item, int) and not isinstance(item, bool) else None
@@ -145,7 +150,7 @@ def search_again(searcher, query, feedback: Feedback, k: int = 10, filters: dict
     return answer
 
 
-def query_from_answer(answer: dict, searcher, path: str = "the answer"):
+def query_from_answer(answer: dict[str, Any], searcher: Searcher, path: str = "the answer") -> Query:
     """The query an answer JSON was made for, made again from its ``query`` (volume, ROI, slice, text, item).
 
     Its marks are not carried over (:func:`search_again` gives the query every mark); a segment query is made again as

@@ -38,7 +38,7 @@ class Feedback:
         return {"relevant": dict(self.relevant), "not_relevant": dict(self.not_relevant)}
 
     @classmethod
-    def from_json(cls, data: dict | None) -> Feedback:
+    def from_json(cls, data: object) -> Feedback:
         """Back from JSON: ``{case id: item id}`` per side, or a plain list of case ids (items looked up when used)."""
         data = data or {}
         if not isinstance(data, dict):
@@ -46,7 +46,7 @@ class Feedback:
         return cls(_side(data.get("relevant")), _side(data.get("not_relevant")))
 
 
-def _side(marks) -> dict[str, int | None]:
+def _side(marks: object) -> dict[str, int | None]:
     """One side of the marks: {case id: item id or None}, or a list of case ids; anything else is a ParameterError."""
     if isinstance(marks, list) and all(isinstance(k, str) for k in marks):
         return {k: None for k in marks}

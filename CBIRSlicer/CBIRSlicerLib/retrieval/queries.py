@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
 import numpy as np
 
 from ..errors import GeometryError, InputError, ParameterError
+from ..imaging import body_parts, body_region
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox, Segment
 from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
@@ -39,30 +41,45 @@ MATCH_INTENTS: tuple[MatchIntent, ...] = get_args(MatchIntent)
 Point = tuple[float, float, float]
 
 
-def _point(values) -> Point:
+def _point(values: Iterable[float]) -> Point:
     return cast(Point, tuple(float(v) for v in values))
 
 
-def _rounded(values) -> list[float]:
+def _rounded(values: Iterable[float]) -> list[float]:
     """Millimetres as the answer carries them: to a micrometre."""
     return [round(float(v), 3) for v in values]
 
 
 @dataclass(frozen=True)
 class Prior:
-    """The kind of case ranked first: the query volume's modality and body region (DICOM's words; None: unknown)."""
+    """The kind of case ranked first: the query's modality and body region (DICOM's words; None: unknown), the regions
+    it covers and the standard body levels it holds (around its point, or its whole volume's; imaging/body_axis)."""
 
     modality: str | None
     body_part: str | None
+    regions: tuple[str, ...] = ()
+    levels: tuple[float, float] | None = None
 
     def to_json(self) -> dict:
         """The answer's ``query.prior``."""
-        return {"modality": self.modality, "body_part": self.body_part}
+        return {"modality": self.modality, "body_part": self.body_part, "regions": list(self.regions),
+                "levels": [round(float(v), 1) for v in self.levels] if self.levels else None}
 
     @classmethod
     def from_json(cls, data: dict) -> Prior:
-        """Back from the answer's ``query.prior``."""
-        return cls(data.get("modality"), data.get("body_part"))
+        """Back from the answer's ``query.prior`` (answers saved before the regions and levels: their body part alone)."""
+        levels = data.get("levels")
+        return cls(data.get("modality"), data.get("body_part"), tuple(data.get("regions") or ()),
+                   (float(levels[0]), float(levels[1])) if levels else None)
+
+    @classmethod
+    def of_kind(cls, kind: body_region.Kind) -> Prior:
+        """The record of a query's kind as the search found it."""
+        return cls.from_json(kind.to_json())
+
+    def kind(self) -> body_region.Kind:
+        """The kind to compare cases with (regions from the body part when none were recorded)."""
+        return body_region.Kind(self.modality, self.regions or body_parts.regions_of(self.body_part), self.levels)
 
 
 @dataclass(frozen=True)
@@ -212,7 +229,7 @@ def segment_query(volume: Volume, segment: Segment, axis: str, index: Searchable
     return make_query(QuerySpec("segment", axis=axis, margin_mm=margin_mm), volume, index, segment)
 
 
-def slice_query(volume: Volume, axis: str, index: SearchableIndex, ras=None) -> Query:
+def slice_query(volume: Volume, axis: str, index: SearchableIndex, ras: Iterable[float] | None = None) -> Query:
     """The slice through a RAS point, default the volume's centre (:func:`make_query` of mode 'slice')."""
     return make_query(QuerySpec("slice", axis=axis, point=_point(ras) if ras is not None else None), volume, index)
 
@@ -263,7 +280,7 @@ def _same_patient(volume: Volume, index: SearchableIndex) -> list[int]:
     return index.catalog.case_rows_matching({"patient_key": privacy.patient_key(str(patient))})
 
 
-_SEARCHABLE: weakref.WeakSet = weakref.WeakSet()  # volumes found searchable: a session queries one volume many times
+_SEARCHABLE: weakref.WeakSet[Volume] = weakref.WeakSet()  # volumes found searchable: a session queries one volume many times
 
 
 def _searchable(volume: Volume) -> None:
@@ -309,7 +326,7 @@ def _slice(spec: QuerySpec, volume: Volume, index: SearchableIndex) -> Query:
                  centre_ras=_point(image.ras), **_whole_boxes(index, [image]))
 
 
-def _inside(volume: Volume, ras) -> None:
+def _inside(volume: Volume, ras: Iterable[float]) -> None:
     """Refuse a point outside the volume (half a voxel of slack): its nearest slice would answer for a place not scanned."""
     point = np.asarray(ras, float)
     if point.shape != (3,) or not np.all(np.isfinite(point)):

@@ -270,7 +270,21 @@ class Searcher:
                                     "'cbir index repair'")
         self.locate(scored, shown, weights)
         answer = self.package(query, method, shown)
-        return answer if len(shown) >= k else dataclasses.replace(answer, note=self.fewer_note(query, scope, k, len(shown)))
+        found = (self.fewer_note(query, scope, k, len(shown)) if len(shown) < k else None, self.modality_note(query))
+        notes = [note for note in found if note is not None]
+        return dataclasses.replace(answer, note="; ".join(notes)) if notes else answer
+
+    def modality_note(self, query: Query) -> str | None:
+        """A warning when the index's model was made for other modalities than the query's (an MR on astra-ct's index):
+        the search runs all the same, and the answer says so."""
+        if query.volume is None or not getattr(self.embedder, "modalities", ()):
+            return None
+        from ..imaging.intensity import looks_like_ct
+        from ..models.base import modality_warning
+
+        seen = query.volume.modality or ("CT" if looks_like_ct(query.volume) else "MR")
+        warning = modality_warning(self.embedder, seen)
+        return warning.replace("this volume", "the query") if warning else None
 
     def fewer_note(self, query: Query, scope: SearchScope, k: int, shown: int) -> str:
         """Why an answer shows fewer cases than asked for: the cases the index can show, and those left out."""
@@ -290,14 +304,14 @@ class Searcher:
 
 
     def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
-        """Ranked cases in three groups, each in its own order: the query's modality and body region; the query's
-        modality and a neighbouring or unknown region; the rest.
+        """Ranked cases in four groups, each in its own order: the query's modality and anatomy; its modality with a
+        neighbouring or unknown region; another modality of its anatomy; the rest (:func:`body_region.prior_group`).
 
         A soft prior, not a filter: on real CT the weight-free descriptor ranked a brain MR or a head CT above the other
-        patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow, so a wrongly
-        inferred region costs places in the list, never the case. The middle group keeps an abdominal CT whose region was
-        read as CHEST (much lung in view) ahead of head CTs and MRs. A query region nobody knows (an MR of the trunk)
-        leaves the modality alone to decide. The kind of the query is recorded in its spec (the answer's query.prior).
+        patient's abdomen for many organ queries (docs/benchmarks.md); cases of another kind still follow. Anatomy is
+        compared by the standard body levels held (the query's point, or its whole volume, against each case's levels
+        as indexed) or by a shared region, so a region read wrong from a header (PARTIALBODY) or from an odd crop costs
+        the right case nothing. The query's kind is recorded in its spec (the answer's query.prior).
         """
         from ..imaging import body_region
 
@@ -306,23 +320,16 @@ class Searcher:
         if query.spec.prior is None:
             if self._query_kind is None or self._query_kind[0] is not query.volume:
                 self._query_kind = (query.volume, body_region.infer(query.volume))
-            found = self._query_kind[1]
-            modality = (query.volume.modality or found.modality or "").upper() or None
-            region = (query.volume.body_part or ("" if found.body_part == "UNKNOWN" else found.body_part)).upper() or None
-            query.spec = dataclasses.replace(query.spec, prior=Prior(modality, region))
-        wanted = query.spec.prior
+            kind = body_region.query_kind(query.volume, self._query_kind[1], query.centre_ras)
+            query.spec = dataclasses.replace(query.spec, prior=Prior.of_kind(kind))
+        wanted = query.spec.prior.kind()
 
         def group(score: ranking.CaseScore) -> int:
             case = self.index.catalog.case_by_row(score.case_row)
-            if wanted.modality and (case.modality or "").upper() != wanted.modality:
-                return 2
-            region = (case.body_part or "").upper()
-            if not wanted.body_part or region == wanted.body_part:
-                return 0
-            return 1 if not region or body_region.neighbours(region, wanted.body_part) else 2
+            return body_region.prior_group(wanted, body_region.case_kind(case.modality, case.body_part, case.metadata))
 
         groups = [group(s) for s in ranked]
-        return [s for n in range(3) for s, g in zip(ranked, groups) if g == n]
+        return [s for n in range(4) for s, g in zip(ranked, groups) if g == n]
 
     def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None) -> SearchAnswer:
         """The answer with each shown match placed at the query's anatomical place (see :mod:`placement`).

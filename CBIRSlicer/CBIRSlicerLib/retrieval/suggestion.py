@@ -28,6 +28,11 @@ DEFAULT_COLUMNS = ("label", "finding")
 # all labels (0.92-0.96), and 5-6 % of queries find no labelled case in their top 10; with 2 per class it is
 # 0.88-0.92, within 5 points (docs/benchmarks.md, "The reading room").
 MIN_PER_CLASS = 2
+# A suggestion needs this many labelled neighbours of the query's kind among the top k (fewer: it abstains, as it
+# should for an abdominal MR among head CTs), and a calibrated confidence of at least MIN_CONFIDENCE (below it the
+# suggestion is more likely wrong than right). Measured on real labelled cases (benchmarks/suggestions.py).
+MIN_SIMILAR = 3
+MIN_CONFIDENCE = 0.5
 CALIBRATION_META = "suggestion_calibration"
 UNCALIBRATED = "none: the raw vote share (run 'cbir evaluate' with a labels CSV on this index to calibrate it)"
 
@@ -213,21 +218,41 @@ def enough_labels(counts: dict[str, int], min_per_class: int = MIN_PER_CLASS) ->
 
 
 def suggest_from(results, column: str, labels_of, calibration: Calibration, counts: dict[str, int],
-                 k: int = SUGGEST_K) -> Suggestion | None:
-    """The suggestion from ranked results (``labels_of(result)`` gives a result's labels); None when it cannot be made."""
+                 k: int = SUGGEST_K, similar=None) -> Suggestion | None:
+    """The suggestion from ranked results (``labels_of(result)`` gives a result's labels); None when it cannot be made
+    or abstains (:func:`decide` says why)."""
+    found = decide(results, column, labels_of, calibration, counts, k, similar)
+    return found if isinstance(found, Suggestion) else None
+
+
+def decide(results, column: str, labels_of, calibration: Calibration, counts: dict[str, int], k: int = SUGGEST_K,
+           similar=None) -> Suggestion | str:
+    """A suggestion, or why there is none: too few labels in the index, too few labelled neighbours of the query's kind
+    (``similar(result)``: the case holds the query's anatomy, :func:`body_region.same_anatomy`; unlike ones do not
+    vote), or a calibrated confidence below MIN_CONFIDENCE (more likely wrong than right: it abstains)."""
     top = list(results)[:k]
-    labels = [labels_of(r) for r in top]
-    if not enough_labels(counts, calibration.min_per_class) or not any(labels):
-        return None
+    if not enough_labels(counts, calibration.min_per_class):
+        return (f"too few labelled cases: a suggestion needs at least two labels with {calibration.min_per_class} cases each "
+                f"in '{column}' (the index has {dict(sorted(counts.items()))})")
+    alike = [similar(r) if similar is not None else True for r in top]
+    labels = [labels_of(r) if like else [] for r, like in zip(top, alike)]
+    voters = sum(1 for names in labels if names)
+    if voters < MIN_SIMILAR:
+        unlike = sum(1 for r, like in zip(top, alike) if labels_of(r) and not like)
+        return (f"too few similar labelled cases: {voters} of the top {len(top)} hold the query's anatomy and a label in "
+                f"'{column}' (at least {MIN_SIMILAR} needed)" + (f"; {unlike} labelled cases of another kind do not vote"
+                                                                 if unlike else ""))
     shares = vote(labels, [r.score for r in top])
-    if not shares:
-        return None
     winner, share = next(iter(shares.items()))
     if counts.get(winner, 0) < calibration.min_per_class:
-        return None  # a label too rare in the index to be suggested
+        return f"the vote's winner '{winner}' has fewer than {calibration.min_per_class} labelled cases in the index"
+    confidence = calibration.confidence(share)
+    if confidence < MIN_CONFIDENCE:
+        return (f"low confidence: '{winner}' at {confidence:.2f} (vote share {share:.2f} among {voters} similar labelled "
+                f"cases) is more likely wrong than right")
     supporting = [r.case_id for r, names in zip(top, labels) if winner in names]
-    return Suggestion(column, winner, calibration.confidence(share), share, len(supporting), len(top),
-                      sum(1 for names in labels if names), supporting, shares, calibration.source)
+    return Suggestion(column, winner, confidence, share, len(supporting), len(top), voters, supporting, shares,
+                      calibration.source)
 
 
 POOLED_ITEMS = 8192  # items per case averaged for its pooled vector (evenly spread): bounds the cost of a big case
@@ -310,6 +335,8 @@ class Suggester:
         self._calibration: Calibration | None = None
         self._counts: dict[str, int] | None = None
         self._labels: dict[str, list[str]] = {}
+        self._kinds: dict[str, object] = {}
+        self.reason: str | None = None  # why the last answer got no suggestion
 
     @property
     def calibration(self) -> Calibration:
@@ -323,15 +350,41 @@ class Suggester:
             self._labels[result.case_id] = case_labels(case, self.column) if case is not None else []
         return self._labels[result.case_id]
 
+    def similar(self, answer):
+        """Whether a result holds the query's anatomy (its kind, as the search's prior recorded it); None: all alike."""
+        from ..imaging import body_region
+
+        prior = getattr(answer.query, "prior", None)
+        if prior is None:
+            return None
+        wanted = prior.kind()
+
+        def alike(result) -> bool:
+            if result.case_id not in self._kinds:
+                case = self.index.catalog.case_by_id(result.case_id)
+                self._kinds[result.case_id] = (body_region.case_kind(case.modality, case.body_part, case.metadata)
+                                               if case is not None else None)
+            kind = self._kinds[result.case_id]
+            # strictly the query's anatomy (the levels decide where both have them; the prior's order lets a shared
+            # region suffice); the modality counts for the search's order, not here: a finding holds across CT and MR
+            return kind is not None and body_region.same_anatomy(wanted, kind)
+
+        return alike
+
     def suggest(self, answer) -> Suggestion | None:
-        """The answer's suggestion, or None (no column, too few labels, no labelled neighbour)."""
+        """The answer's suggestion, or None (no column, too few labels, too few similar labelled neighbours, low
+        confidence: ``reason`` says which)."""
+        self.reason = None
         if self.column is None:
             return None
         if self._counts is None:
             self._counts = class_counts(self.index, self.column)
-        if not enough_labels(self._counts):
-            return None
-        return suggest_from(answer.results, self.column, self.labels_of, self.calibration, self._counts, self.k)
+        found = decide(answer.results, self.column, self.labels_of, self.calibration, self._counts, self.k,
+                       self.similar(answer))
+        if isinstance(found, Suggestion):
+            return found
+        self.reason = found
+        return None
 
     def attach(self, answer):
         """The answer with its suggestion, or with why there is none; unchanged when the index has no label column."""
@@ -341,13 +394,7 @@ class Suggester:
             return answer
         found = self.suggest(answer)
         if found is None:
-            counts = self._counts or {}
-            if not enough_labels(counts):
-                why = (f"too few labelled cases: a suggestion needs at least two labels with {MIN_PER_CLASS} cases each in "
-                       f"'{self.column}' (the index has {dict(sorted(counts.items()))})")
-            else:
-                why = f"no case among the top {self.k} has a label in '{self.column}' that the index holds often enough"
-            return dataclasses.replace(answer, suggestion=NoSuggestion(self.column, why))
+            return dataclasses.replace(answer, suggestion=NoSuggestion(self.column, self.reason or "no suggestion"))
         return dataclasses.replace(answer, suggestion=found)
 
 

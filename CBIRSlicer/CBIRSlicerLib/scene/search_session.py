@@ -5,14 +5,14 @@ background :class:`~CBIRSlicerLib.models.worker.EmbeddingService` process (start
 the model loads once per Slicer session). A query is made from a volume node plus an ROI node,
 a slice position or the whole volume (:func:`query_from_nodes`, fast: cutting a few slices); its
 images are embedded in the worker while the caller polls :meth:`PendingSearch.poll` from a
-timer; the nearest-neighbour search and ranking then take milliseconds on the caller's thread.
+timer (the one progress protocol, :mod:`progress`); the nearest-neighbour search and ranking then take
+milliseconds on the caller's thread.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from ..index.location import index_exists, is_server_location, location_key, ope
 from ..index.searchable import SearchableIndex
 from ..models.base import Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
+from ..progress import PendingCall, Progress, State
 from ..retrieval.answers import CaseResult, SearchAnswer
 from ..retrieval.feedback import DEFAULT_STRATEGY, Feedback, search_again
 from ..retrieval.queries import VOLUME_MODES, Query, QuerySpec, make_query
@@ -143,16 +144,6 @@ def query_from_nodes(index: SearchableIndex, volume_node, axis: str = "axial", m
     return make_query(spec, volume, index, segment_from_node(segment_node, segment) if mode == "segment" else None)
 
 
-@dataclass(frozen=True)
-class SearchProgress:
-    """Where a search stands: state ('loading model', 'embedding', 'done', 'failed', 'cancelled'), images done of total."""
-
-    state: str
-    done: int
-    total: int
-    message: str = ""
-
-
 class PendingSearch:
     """One search whose query images are being embedded in the background; poll it from a timer."""
 
@@ -167,20 +158,20 @@ class PendingSearch:
         if job is None:  # the query already holds its vectors ('more like this'): answer at once
             self._finish()
 
-    def poll(self) -> SearchProgress:
+    def poll(self) -> Progress:
         """Advance the search if its vectors are ready (ranking runs here, on the caller's thread); say where it stands."""
         if self.answer is not None:
-            return SearchProgress("done", 1, 1)
+            return Progress(State.DONE, 1, 1)
         if self.cancelled:
-            return SearchProgress("cancelled", 0, 0, "cancelled")
+            return Progress(State.CANCELLED, message="cancelled")
         if self.error is not None:
-            return SearchProgress("failed", 0, 0, str(self.error))
-        progress = self.job.progress()
-        if progress.state == "done":
+            return Progress(State.FAILED, message=str(self.error))
+        progress = self.job.poll()
+        if progress.state == State.DONE:
             self.query.vectors = self.job.result()
             self._finish()
             return self.poll()
-        if progress.state in ("failed", "cancelled"):
+        if progress.finished:
             try:
                 self.job.result(timeout=0)
             except JobCancelled:
@@ -188,8 +179,8 @@ class PendingSearch:
             except Exception as error:  # the worker's reason, shown to the user
                 self.error = error
             return self.poll()
-        state = "embedding" if self.session.service.ready else "loading model"
-        return SearchProgress(state, progress.done, progress.total)
+        state = State.RUNNING if self.session.service.ready else State.LOADING_MODEL
+        return Progress(state, progress.done, progress.total, rate=progress.rate, eta_s=progress.eta_s)
 
     def _finish(self) -> None:
         try:
@@ -213,52 +204,43 @@ class PendingSearch:
         if self.job is not None:
             self.job.wait(timeout)
         progress = self.poll()
-        if progress.state == "done":
+        if progress.state == State.DONE:
             return self.answer
-        if progress.state == "cancelled":
+        if progress.state == State.CANCELLED:
             raise JobCancelled("search cancelled")
         raise self.error or TimeoutError(f"search still {progress.state} after {timeout} s")
 
 
-class PendingPlacement:
-    """Placing a shown answer's matches anatomically, on a background thread; poll it from a timer.
+class PendingPlacement(PendingCall):
+    """Placing a shown answer's matches anatomically, on a background thread; :meth:`poll` it from a timer, as a search.
 
     The list is shown first; this refines where each result matched (:meth:`Searcher.place`), which reads every shown
     result's volume and registers the query's neighbourhood into it: about a second a result, so never on the GUI
-    thread. SimpleITK releases the GIL while it works, so the GUI stays responsive.
+    thread. SimpleITK releases the GIL while it works, so the GUI stays responsive. ``answer`` is the placed answer;
+    ``error`` why placing failed (the unplaced list stays).
     """
 
     def __init__(self, searcher: Searcher, query: Query, answer: SearchAnswer, loader=None):
-        import threading
-
-        self.answer: SearchAnswer | None = None
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, args=(searcher, query, answer, loader), daemon=True,
-                                        name="cbir-placement")
-        self._thread.start()
-
-    def _run(self, searcher: Searcher, query: Query, answer: SearchAnswer, loader) -> None:
-        try:
-            self.answer = searcher.place(query, answer, loader)
-        except Exception as error:  # shown to the user; the unplaced list stays
-            self.error = error
+        super().__init__(lambda call: searcher.place(query, answer, loader), name="cbir-placement")
 
     @property
-    def finished(self) -> bool:
-        """Whether placing has ended (``answer`` or ``error`` is set)."""
-        return not self._thread.is_alive()
+    def answer(self) -> SearchAnswer | None:
+        """The placed answer, once placed."""
+        return self.value
 
     def wait(self, timeout: float | None = None) -> SearchAnswer | None:
         """Block until placed (scripts and tests); the placed answer, or None if it failed or is not done."""
-        self._thread.join(timeout)
+        super().wait(timeout)
         return self.answer
 
 
 class SearchSession:
     """An index opened for searching, with its model running in a background worker."""
 
-    def __init__(self, folder: str, model: str | None = None, python: str | None = None, device: str | None = None):
-        self.index = open_index(folder)
+    def __init__(self, folder: str | SearchableIndex, model: str | None = None, python: str | None = None,
+                 device: str | None = None):
+        # an index already open is not opened again
+        self.index = open_index(folder) if isinstance(folder, (str, os.PathLike)) else folder
         self.model = model or self.index.model_name()
         self.service = embedding_service(self.model, python, device)
         self._searcher: Searcher | None = None
