@@ -30,7 +30,7 @@ def index_exists(location: str) -> bool:
     """Whether an index is there (a folder's manifest; a Milvus location's collections, which asks the server)."""
     if not is_milvus_location(location):
         return os.path.isfile(os.path.join(location, MANIFEST))
-    from .milvus_catalog import CollectionNames, MilvusCollections
+    from .milvus_collections import CollectionNames, MilvusCollections
     from .milvus_connection import MilvusConnection
 
     place = parse_location(location)
