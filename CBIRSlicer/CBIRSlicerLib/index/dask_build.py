@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import CBIRError, ParameterError
 from ..imaging.readers import CaseSource, discover
 from .items import IndexSettings
-from .writer import BuildReport, CaseProgress, PreparedCase, case_id_for, prepare_case
+from .writer import BuildReport, CaseProgress, IndexWriter, PreparedCase, case_id_for, prepare_case
 
 LOCAL = "local:"
 RETRIES = 2  # a case whose worker dies is given to another worker this many times
@@ -53,7 +53,7 @@ def models_loaded() -> int:
     return len(_models)
 
 
-def embed_case(source: CaseSource, model: str, device: str | None, settings: dict, labels: list[str],
+def embed_case(source: CaseSource, model: str, device: str | None, settings: dict[str, Any], labels: list[str],
                known_checksum: str | None) -> PreparedCase:
     """A worker's task: one case prepared with the worker's model (see :func:`writer.prepare_case`)."""
     import threadpoolctl
@@ -124,7 +124,7 @@ def prepared_on_cluster(client: Any, cases: list[CaseSource], model: str, device
 
     sources: dict[str, str] = {}  # task key -> the case's label, for a case that fails everywhere
 
-    def submit(source: CaseSource):
+    def submit(source: CaseSource) -> Any:
         # pure=False: a case asked for again (a rerun) is embedded again, not taken from another build's memory.
         future = client.submit(embed_case, source, model, device, stored, labels_of(source), known.get(case_id_for(source)),
                                retries=RETRIES, pure=False)
@@ -144,7 +144,7 @@ def prepared_on_cluster(client: Any, cases: list[CaseSource], model: str, device
             running.add(submit(waiting.pop(0)))
 
 
-def add_sources_on_dask(index, paths: list[str], scheduler: str, model: str | None = None, device: str | None = None,
+def add_sources_on_dask(index: IndexWriter, paths: list[str], scheduler: str, model: str | None = None, device: str | None = None,
                         progress: CaseProgress | None = None, labels: dict[str, list[str]] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> BuildReport:
     """Index files and folders with the cases embedded on a Dask cluster (see the module); the writer is ``index``."""

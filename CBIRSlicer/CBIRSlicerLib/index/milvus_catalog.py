@@ -8,6 +8,7 @@ import contextlib
 import json
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,13 @@ from .milvus_collections import (
 from .searchable import CaseFilter
 
 
+def stored_row(case: CaseRecord) -> int:
+    """The row of a case this catalog wrote or read (every one has a row)."""
+    if case.row is None:
+        raise ValueError(f"case {case.case_id} has no row")
+    return case.row
+
+
 class MilvusCatalog:
     """The catalog of a Milvus-backed index: what :class:`catalog.Catalog` answers, from the server's collections."""
 
@@ -40,7 +48,7 @@ class MilvusCatalog:
         self._pending: dict[int, tuple[CaseRecord, str | None, float]] = {}  # this writer's cases not yet complete
 
     # ----- records of the index itself ---------------------------------------------------------
-    def set_meta(self, key: str, value: dict) -> None:
+    def set_meta(self, key: str, value: dict[str, Any]) -> None:
         """Store a JSON value under a key (in parts; stale parts of a longer earlier value removed)."""
         text = json.dumps(value)
         parts = [text[n:n + PART_CHARS] for n in range(0, len(text), PART_CHARS)] or [""]
@@ -48,14 +56,15 @@ class MilvusCatalog:
         self.collections.upsert(self.names.meta, rows, f"writing {key}")
         self.collections.delete(self.names.meta, f"name == {literal(key)} and part >= {len(parts)}", f"writing {key}")
 
-    def meta(self, key: str) -> dict | None:
+    def meta(self, key: str) -> dict[str, Any] | None:
         """A stored JSON value, or None."""
         found = self.collections.query(self.names.meta, f"name == {literal(key)}", ["part", "value"], f"reading {key}")
         if not found:
             return None
         text = "".join(e["value"] for e in sorted(found, key=lambda e: int(e["part"])))
         try:
-            return json.loads(text)
+            value = json.loads(text)
+            return value if isinstance(value, dict) else None
         except ValueError:
             raise IndexCorruptError(f"{self.path}: the record '{key}' is not whole JSON; the index is damaged") from None
 
@@ -65,7 +74,7 @@ class MilvusCatalog:
     def close(self) -> None:
         """Nothing to close here: the index closes the connection."""
 
-    def transaction(self) -> contextlib.AbstractContextManager:
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """No transactions on Milvus: the order of writes and the watermark keep readers whole (module docstring)."""
         return contextlib.nullcontext()
 
@@ -78,19 +87,20 @@ class MilvusCatalog:
         return []
 
     # ----- cases --------------------------------------------------------------------------------
-    def _case(self, entity: dict) -> CaseRecord:
+    def _case(self, entity: dict[str, Any]) -> CaseRecord:
         try:
             data = json.loads(entity["record"])
+            row = int(entity["row"])
             case = CaseRecord(entity["case_id"], entity["source"], data.get("name") or "", entity["series_uid"] or None,
                               data.get("checksum"), data.get("modality"), data.get("body_part"), data.get("shape") or [],
                               data.get("spacing") or [], data.get("ijk_to_ras") or [], data.get("labels") or [],
-                              data.get("metadata") or {}, entity["status"], int(entity["row"]))
+                              data.get("metadata") or {}, entity["status"], row)
         except (KeyError, TypeError, ValueError) as error:
             raise IndexCorruptError(f"{self.path}: a case record cannot be decoded ({error}); the index is damaged") from None
         if int(entity.get("item_count") or 0) > 0:
-            self.collections.ranges[case.row] = (int(entity["first_item"]), int(entity["item_count"]))
+            self.collections.ranges[row] = (int(entity["first_item"]), int(entity["item_count"]))
         if case.status == "complete":
-            self.collections.cases[case.row] = case
+            self.collections.cases[row] = case
             while len(self.collections.cases) > 4096:
                 self.collections.cases.popitem(last=False)
         return case
@@ -101,7 +111,7 @@ class MilvusCatalog:
         found = self.collections.query(self.names.cases, expression, self._CASE_FIELDS, what)
         return [self._case(e) for e in sorted(found, key=lambda e: int(e["row"]))]
 
-    def _entity(self, case: CaseRecord, digest: str | None, added_at: float) -> dict:
+    def _entity(self, case: CaseRecord, digest: str | None, added_at: float) -> dict[str, Any]:
         record = {"name": case.name, "checksum": case.checksum, "modality": case.modality, "body_part": case.body_part,
                   "shape": case.shape, "spacing": case.spacing, "ijk_to_ras": case.ijk_to_ras, "labels": case.labels,
                   "metadata": case.metadata, "added_at": added_at}
@@ -109,8 +119,9 @@ class MilvusCatalog:
         if len(text) > 65_535:
             raise ParameterError(f"case {case.case_id}: its record ({len(text)} characters of JSON) is longer than a Milvus text "
                                  "field holds (65,535); its metadata is too large")
-        first, count = self.collections.ranges.get(int(case.row), (0, 0))
-        return {"row": int(case.row), "case_id": case.case_id, "source": case.source[:4096], "series_uid": case.series_uid or "",
+        row = stored_row(case)
+        first, count = self.collections.ranges.get(row, (0, 0))
+        return {"row": row, "case_id": case.case_id, "source": case.source[:4096], "series_uid": case.series_uid or "",
                 "shape": json.dumps([int(n) for n in case.shape]), "status": case.status, "digest": digest or "",
                 "record": text, "first_item": first, "item_count": count, "slot": SLOT}
 
@@ -154,7 +165,7 @@ class MilvusCatalog:
             raise IndexCorruptError(f"{self.path}: case row {row_id} is missing; the index is damaged")
         return found[0]
 
-    def set_case_labels(self, row: int, labels: list[str], metadata: dict) -> None:
+    def set_case_labels(self, row: int, labels: list[str], metadata: dict[str, Any]) -> None:
         """Replace a case's labels and metadata, and the filterable fields of its items."""
         case, digest, added = self._known(row)
         case.labels, case.metadata = list(labels), dict(metadata)
@@ -244,7 +255,7 @@ class MilvusCatalog:
                     return False
             return True
 
-        return [case.row for case in self.cases() if matches(case)]
+        return [stored_row(case) for case in self.cases() if matches(case)]
 
     def _check_fields(self, filters: dict[str, str]) -> None:
         known = self.filter_fields()
@@ -298,7 +309,7 @@ class MilvusCatalog:
 
     _ITEM_FIELDS = ["id", "case_row", "kind", "axis", "slice_index", "plane", "ras_r", "ras_a", "ras_s", "size_mm", "place"]
 
-    def _item(self, entity: dict) -> ItemRecord:
+    def _item(self, entity: dict[str, Any]) -> ItemRecord:
         try:
             place = json.loads(entity["place"])
             return ItemRecord(entity["kind"], entity["axis"], int(entity["slice_index"]), int(entity["plane"]),
@@ -332,7 +343,7 @@ class MilvusCatalog:
         if case_rows is None:
             self.collections.visible()
             committed = self.collections.committed_row
-            rows = [c.row for c in self.cases() if c.row <= committed]
+            rows = [row for row in map(stored_row, self.cases()) if row <= committed]
         else:
             rows = [int(r) for r in case_rows]
         ranges = self.collections.ranges

@@ -133,11 +133,11 @@ class CaseBlock:
         return int(self.vectors.nbytes + self.centres.nbytes + 64 * len(self.ids))
 
 
-def schemas(dim: int, vector_index: dict) -> dict[str, tuple[Any, Any]]:
+def schemas(dim: int, vector_index: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """(schema, index parameters) of each collection kind, for vectors of ``dim``."""
     from pymilvus import DataType, MilvusClient
 
-    def slot_index(schema):
+    def slot_index(schema: Any) -> tuple[Any, Any]:
         schema.add_field("slot", DataType.FLOAT_VECTOR, dim=2)
         params = MilvusClient.prepare_index_params()
         params.add_index("slot", index_type="FLAT", metric_type="L2")
@@ -223,7 +223,7 @@ class MilvusCollections:
                                     "damaged (drop its collections and build it again)")
         return bool(present)
 
-    def create(self, vector_index: dict, properties: dict[str, str]) -> None:
+    def create(self, vector_index: dict[str, Any], properties: dict[str, str]) -> None:
         """The four collections, empty, with their indexes, loaded."""
         made = schemas(self.dim, vector_index)
         for kind, name in zip(("items", "cases", "thumbnails", "meta"), self.names.all()):
@@ -248,7 +248,7 @@ class MilvusCollections:
         for name in self.names.all():
             self.call(f"dropping {name}", "drop_collection", name)
 
-    def upsert(self, collection: str, rows: list[dict], what: str) -> None:
+    def upsert(self, collection: str, rows: list[dict[str, Any]], what: str) -> None:
         """Write entities by primary key, a batch at a time (asked again after a lost answer, nothing doubles)."""
         for start in range(0, len(rows), BATCH):
             self.call(what, "upsert", collection, rows[start:start + BATCH])
@@ -256,11 +256,11 @@ class MilvusCollections:
     def delete(self, collection: str, expression: str, what: str) -> None:
         self.call(what, "delete", collection, filter=expression)
 
-    def query(self, collection: str, expression: str, fields: list[str], what: str) -> list[dict]:
+    def query(self, collection: str, expression: str, fields: list[str], what: str) -> list[dict[str, Any]]:
         """Every entity matching an expression (paged; the whole reading asked again if the server stops answering)."""
 
-        def read(client: Any) -> list[dict]:
-            found: list[dict] = []
+        def read(client: Any) -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = []
             pages = client.query_iterator(collection, batch_size=READ_BATCH, filter=expression, output_fields=fields)
             try:
                 while True:
@@ -294,7 +294,7 @@ class MilvusCollections:
         if wanted:
             found = self.query(self.names.items, f"case_row in [{','.join(map(str, wanted))}]",
                                ["id", "case_row", "axis", "ras_r", "ras_a", "ras_s", "size_mm", "vector"], "reading items")
-            by_row: dict[int, list[dict]] = {r: [] for r in wanted}
+            by_row: dict[int, list[dict[str, Any]]] = {r: [] for r in wanted}
             for entity in found:
                 by_row.setdefault(int(entity["case_row"]), []).append(entity)
             for row, entities in by_row.items():
@@ -309,11 +309,11 @@ class MilvusCollections:
                     self._keep(row, block)
         out = {}
         for row in rows:
-            block = fresh.get(row) or self.blocks.get(row)
-            if block is not None:
+            cached = fresh.get(row) or self.blocks.get(row)
+            if cached is not None:
                 if row in self.blocks:
                     self.blocks.move_to_end(row)
-                out[row] = block
+                out[row] = cached
         return out
 
     def _keep(self, row: int, block: CaseBlock) -> None:
@@ -339,7 +339,7 @@ class MilvusCollections:
             self.row_of_item.clear()
 
 
-def vector_index(kind: str, local: bool) -> tuple[str, dict]:
+def vector_index(kind: str, local: bool) -> tuple[str, dict[str, Any]]:
     """The server's vector index for a requested index type: HNSW (M 32, efConstruction 80, as the folder's) or FLAT."""
     if kind not in KINDS:
         raise ParameterError(f"index type must be one of {', '.join(KINDS)}, not '{kind}'")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import base64
 import os
 import time
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,7 @@ from ..clock import now_utc
 from ..errors import CBIRError, IndexCorruptError, InputError, ParameterError
 from ..models.base import Embedder
 from . import privacy, vector_transform
+from .catalog import CaseRecord, ItemRecord
 from .faiss_store import vector_problem
 from .files import BASE_VERSION, CLEAN, FORMAT, WRITING
 from .integrity import SEAL, seal
@@ -58,7 +61,13 @@ from .writer import IndexWriter
 class MilvusIndex(IndexWriter):
     """An index in Milvus collections. Open with :meth:`create` or :meth:`open` (or :func:`location.open_index`)."""
 
-    def __init__(self, location: MilvusLocation, collections: MilvusCollections, manifest: dict, writable: bool):
+    # The folder writer's logic over the server's catalog, vectors and lease: they answer as the folder's do (what
+    # searchable.CatalogView and VectorView name, and what the writer calls) without being the folder's classes.
+    catalog: MilvusCatalog  # type: ignore[assignment]
+    store: MilvusVectors  # type: ignore[assignment]
+    _lock: WriterLease | None  # type: ignore[assignment]
+
+    def __init__(self, location: MilvusLocation, collections: MilvusCollections, manifest: dict[str, Any], writable: bool):
         self.location = location
         self.folder = location.display
         self.manifest = manifest
@@ -108,7 +117,8 @@ class MilvusIndex(IndexWriter):
         }
         index = cls(location, collections, manifest, writable=True)
         try:
-            index._lock.acquire()
+            if index._lock is not None:  # always: a new index is opened for writing
+                index._lock.acquire()
             index.catalog.set_meta("identity", index._identity())
             index._reserve(1, 1)
             index._save_manifest()
@@ -132,7 +142,7 @@ class MilvusIndex(IndexWriter):
             collections.dim = int(manifest["model"]["fingerprint"]["dim"])
             index = cls(location, collections, manifest, writable)
             index._check(strict)
-            if writable:
+            if index._lock is not None:  # writable
                 index._lock.acquire()
         except BaseException:
             collections.connection.close()
@@ -175,7 +185,7 @@ class MilvusIndex(IndexWriter):
 
     def _lease_alive(self) -> bool:
         found = self.catalog.meta("writer")
-        return bool(found) and time.time() - float(found.get("beat", 0)) < lease_seconds()
+        return found is not None and time.time() - float(found.get("beat", 0)) < lease_seconds()
 
     def _load_transform(self, writable: bool) -> None:
         pinned = self.manifest.get("transform") or {}
@@ -231,10 +241,10 @@ class MilvusIndex(IndexWriter):
     def _purge_pending(self) -> None:
         """Remove a killed writer's pending cases, and any item whose case row is gone (a delete cut short); then count
         what is committed (every item left)."""
-        pending = [c.row for c in self.catalog.cases(status="pending")]
+        pending = [c.row for c in self.catalog.cases(status="pending") if c.row is not None]
         if pending:
             self.catalog.delete_cases(pending)
-        kept = [c.row for c in self.catalog.cases(status=None) if c.row > self.collections.committed_row]
+        kept = [c.row for c in self.catalog.cases(status=None) if c.row is not None and c.row > self.collections.committed_row]
         condition = f"case_row > {self.collections.committed_row}"
         if kept:
             condition += f" and case_row not in [{','.join(map(str, kept))}]"
@@ -251,7 +261,8 @@ class MilvusIndex(IndexWriter):
         self.catalog.delete_cases(rows)
         self._pending_rows = [r for r in self._pending_rows if r not in rows]
 
-    def _store_case(self, record, items, vectors, digest, thumbnails=None) -> int:
+    def _store_case(self, record: CaseRecord, items: list[ItemRecord], vectors: np.ndarray, digest: str | None,
+                    thumbnails: dict[tuple[str, int], np.ndarray] | None = None) -> int:
         """Write a case (pending), its thumbnails and its items with their vectors; the next checkpoint completes it."""
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(items), self.collections.dim):
@@ -270,8 +281,9 @@ class MilvusIndex(IndexWriter):
         """Mark the pending cases complete, then move the watermark readers search below (the manifest, still 'writing')."""
         self._require_writer()
         if self._pending_rows:
-            self._committed["cases"] += len(self._pending_rows)
-            self._committed["items"] += len(self.catalog.item_ids(self._pending_rows))
+            if self._committed is not None:  # always, for a writer
+                self._committed["cases"] += len(self._pending_rows)
+                self._committed["items"] += len(self.catalog.item_ids(self._pending_rows))
             self.catalog.set_status(self._pending_rows, "complete")
             self.manifest["committed_row"] = max(int(self.manifest.get("committed_row", 0)), *self._pending_rows)
             self.collections.committed_row = self.manifest["committed_row"]
@@ -321,7 +333,7 @@ class MilvusIndex(IndexWriter):
     def _save(self) -> None:
         self._save_manifest()
 
-    def _counts(self) -> dict:
+    def _counts(self) -> dict[str, Any]:
         """Complete cases and their items: a writer keeps them as it commits and removes (a filtered count is a scan on
         milvus-lite); a reader asks (the items then include a running writer's pending ones)."""
         if self._committed is not None:
@@ -388,7 +400,7 @@ class MilvusIndex(IndexWriter):
     def __enter__(self) -> MilvusIndex:
         return self
 
-    def __exit__(self, kind, value, tb) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if kind is not None and self._lock is not None:
             if issubclass(kind, CBIRError) and not issubclass(kind, (IndexCorruptError,)) and not _server_gone(value):
                 try:  # a refusal: drop what is unfinished and seal the rest, as the folder does
@@ -403,7 +415,7 @@ class MilvusIndex(IndexWriter):
         self.close()
 
     # ----- describing and checking -----------------------------------------------------------------
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What the index is: model, settings, type, counts, size (a local milvus-lite file's; None on a server), state."""
         size = None
         if self.location.local_path is not None:

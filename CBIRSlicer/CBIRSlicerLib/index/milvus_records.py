@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 from ..clock import now_utc
 from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, ParameterError
@@ -47,7 +48,7 @@ class WriterLease:
         self._thread: threading.Thread | None = None
         self.key = f"{location.uri}#{location.collection}"
 
-    def current(self) -> dict | None:
+    def current(self) -> dict[str, Any] | None:
         """The lease record as stored, if a live writer holds it."""
         found = self.catalog.meta("writer")
         if not found or found.get("token") == self.token:
@@ -105,7 +106,7 @@ def transform_record(checksum: str) -> str:
     return f"transform:{checksum}"
 
 
-def read_manifest(catalog: MilvusCatalog, location: MilvusLocation) -> dict:
+def read_manifest(catalog: MilvusCatalog, location: MilvusLocation) -> dict[str, Any]:
     """The index's manifest record, its seal and format checked."""
     manifest = catalog.meta("manifest")
     where = f"{location.display} (record 'manifest')"

@@ -20,7 +20,7 @@ from .searchable import Allowed, CaseFilter
 class MilvusVectors:
     """The vectors of a Milvus-backed index: nearest items filtered inside the search, and stored vectors by id."""
 
-    def __init__(self, collections: MilvusCollections, kind: str, metric_params: dict):
+    def __init__(self, collections: MilvusCollections, kind: str, metric_params: dict[str, Any]):
         self.collections = collections
         self.names = collections.names
         self.dim = collections.dim
@@ -134,8 +134,9 @@ class MilvusVectors:
         """Read the whole cases of some ids into the cache when they hold at most 4x as many items (a first stage's hits
         fall in the candidate cases that MaxSim reads whole next); whether it did."""
         rows = self.collections.row_of_item
-        cases = {rows.get(int(i)) for i in np.unique(ids)}
-        if None in cases or not cases or any(r > self.collections.committed_row for r in cases):
+        found = [rows.get(int(i)) for i in np.unique(ids)]
+        cases = {r for r in found if r is not None}
+        if len(cases) < len(set(found)) or not cases or any(r > self.collections.committed_row for r in cases):
             return False
         ranges = self.collections.ranges
         unknown = [r for r in cases if r not in ranges]
