@@ -133,7 +133,7 @@ def main() -> None:
                    worker_cpu_s=round(run["worker_cpu_s"], 1), cases_per_wall_min=round(60 * run["added"] / run["wall_s"], 2),
                    cases_per_cpu_min=round(60 * run["added"] / cpu, 2))
         # On idle cores: the writer stores while the workers embed, so the build takes at least the larger of the two.
-        if run["config"] != "single":
+        if run["config"] not in ("single", "read"):
             run["idle_cores_wall_s"] = round(max(run["writer_cpu_s"], run["worker_cpu_s"] / run["workers"]), 1)
         runs[config] = run
         print(json.dumps(run), flush=True)
