@@ -33,7 +33,7 @@ from slicer.util import VTKObservationMixin
 
 from CBIRSlicerLib import dependencies
 from CBIRSlicerLib.imaging import readers, synthetic
-from CBIRSlicerLib.index import background_build, dicom_sources, dicomweb, labels
+from CBIRSlicerLib.index import background_build, dicom_sources, dicomweb_listing, labels
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.index.location import open_index
@@ -328,7 +328,7 @@ class CBIRSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not database:
                 slicer.util.warningDisplay(_("Slicer has no DICOM database open; import DICOM data in the DICOM module first."))
                 return
-            low, high = dicomweb.parse_date_range(self.ui.dicomDatesLineEdit.text.strip())
+            low, high = dicomweb_listing.parse_date_range(self.ui.dicomDatesLineEdit.text.strip())
             modalities = [m.strip().upper() for m in self.ui.dicomModalityLineEdit.text.split(",") if m.strip()]
             self._startBuild([dicom_sources.CTK_PREFIX + database], [],
                              {"modalities": modalities, "date_from": low, "date_to": high})

@@ -24,15 +24,11 @@ from CBIRSlicerLib.errors import InputError, ParameterError
 from CBIRSlicerLib.imaging import synthetic
 from CBIRSlicerLib.imaging.readers import discover, read_case, read_volume
 from CBIRSlicerLib.imaging.roi import RoiBox
+from CBIRSlicerLib.index import dicomweb_listing
 from CBIRSlicerLib.index.dicom_sources import CtkDatabase, DicomOptions, local_series
-from CBIRSlicerLib.index.dicomweb import (
-    PASSWORD_VARIABLE,
-    TOKEN_VARIABLE,
-    USER_VARIABLE,
-    DicomWebServer,
-    SeriesFilter,
-    parse_date_range,
-)
+from CBIRSlicerLib.index.dicomweb import DicomWebServer
+from CBIRSlicerLib.index.dicomweb_auth import PASSWORD_VARIABLE, TOKEN_VARIABLE, USER_VARIABLE
+from CBIRSlicerLib.index.dicomweb_listing import SeriesFilter, parse_date_range
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
 from CBIRSlicerLib.models.registry import create_embedder
@@ -262,6 +258,9 @@ def test_orthanc_gives_the_same_answers_as_nifti_and_add_fetches_only_new_series
     assert {e.series_uid for e in web.series(SeriesFilter(body_part="ABDOMEN"))} == {s.series_uid for s in series[12:]}
     assert len(web.series(SeriesFilter(("CT",), *parse_date_range("20250101-20251231")))) == 3
     assert web.series(SeriesFilter(("MR",))) == []
+    # Orthanc honours 'offset': paged 4 series at a time, the listing is whole and nothing is noted.
+    monkeypatch.setattr(dicomweb_listing, "LISTING_PAGE", 4)
+    assert sorted(e.series_uid for e in web.series()) == sorted(s.series_uid for s in series) and web.notes == []
 
 
 def test_keep_downloads_keeps_each_fetched_series(cohort_dicom, orthanc_factory, tmp_path, capsys):

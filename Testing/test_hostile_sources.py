@@ -32,9 +32,10 @@ from dicom_helpers import uid, write_ctk_database, write_series
 from CBIRSlicerLib import cli
 from CBIRSlicerLib.errors import SourceError
 from CBIRSlicerLib.imaging import synthetic
-from CBIRSlicerLib.index import dicomweb
+from CBIRSlicerLib.index import dicomweb, dicomweb_listing
 from CBIRSlicerLib.index.dicom_sources import local_series
-from CBIRSlicerLib.index.dicomweb import TOKEN_VARIABLE, Limits
+from CBIRSlicerLib.index.dicomweb_auth import TOKEN_VARIABLE
+from CBIRSlicerLib.index.dicomweb_bounds import Limits
 from CBIRSlicerLib.index.first_build import holds_a_case, undone_if_empty
 from CBIRSlicerLib.index.folder import Index
 from CBIRSlicerLib.index.items import IndexSettings
@@ -198,6 +199,11 @@ def _good_series(material, which: str = "series", description: str = "hostile", 
                          lambda asked: multipart_answer([*parts, *extra]) if asked == series else Answer(status=404))
 
 
+def _first_page_always(offset, headers):
+    """A server that ignores 'offset' and answers every listing with the most series a page asks for (the first ones)."""
+    return json_answer([series_json(*_study_series(k)) for k in range(dicomweb_listing.LISTING_PAGE)])
+
+
 def _pages_forever(offset, headers):
     return json_answer([series_json(*_study_series(offset + k)) for k in range(2)])
 
@@ -219,7 +225,8 @@ def _warning_header(material) -> HostileServer:
 
 def _bare_instance(material) -> HostileServer:
     """A one-instance series sent as a bare application/dicom body instead of a multipart answer: read all the same (one
-    slice: refused as 2D, by the reader, in one line), without the client's two-line warning."""
+    slice: refused as 2D, by the reader, in one line that names the series, not the deleted download), without the
+    client's two-line warning."""
     parts, (study, series) = material["series"]
     return HostileServer(_listing_of(series_json(study, series, "bare", 1)),
                          lambda asked: Answer(content_type="application/dicom", chunks=lambda: iter([parts[0]])))
@@ -249,7 +256,12 @@ CASES = [
     Case("listing-nested-100000-deep", _server(lambda o, h: json_answer(b"[" * 100_000 + b"]" * 100_000)),
          ["listing series failed", "JSON nested too deep"]),
     # Listings without end: pages, bytes, time.
-    Case("ignores-offset", lambda m: _good_series(m), ["1 case(s) added"], added=1),
+    # A server that ignores 'offset' sends its first page again: with one series that is the whole listing, or a server that
+    # caps its answers at one series (the note says so); with a full page, the series after it cannot be listed.
+    Case("ignores-offset", lambda m: _good_series(m), ["1 case(s) added", "warning dicomweb:",
+                                                       "the server ignores 'offset'", "caps its answers at 1 series"], added=1),
+    Case("ignores-offset-with-full-pages", _server(_first_page_always),
+         ["listing series failed: the server ignores 'offset'", "the same 1000 again", "the series after them cannot be listed"]),
     Case("pages-forever", _server(_pages_forever), [f"kept paging past {MAX_PAGES} pages"]),
     Case("listing-body-never-ends", _server(lambda o, h: endless_json(b" " * 65536)), ["listing page of more than 1 MiB; cut off"]),
     Case("listing-body-trickles-forever", _server(lambda o, h: endless_json(b" ", trickle=0.05)),
@@ -270,7 +282,7 @@ CASES = [
     Case("server-echoes-the-token-in-its-reason-phrase", _server(_echo_authorization), ["HTTP 500 Bad Bearer ***"]),
     Case("warning-header-with-escapes-and-the-token", _warning_header, ["\\x1b[2J\\x1b]0;owned\\x07Bearer ***", "1 case(s) added"],
          added=1, alone=True),
-    Case("a-bare-instance-instead-of-a-multipart-answer", _bare_instance, ["is a 2D image (32x32), not a volume"], alone=True),
+    Case("a-bare-instance-instead-of-a-multipart-answer", _bare_instance, ["(bare): is a 2D image (32x32), not a volume"], alone=True),
     # Credentials that would break a header, or files that are not credentials.
     Case("token-with-a-header-injection", lambda m: _good_series(m), ["auth.json", '"token" holds a line break'],
          auth=json.dumps({"token": SECRET + "\r\nX-Injected: 1"})),
@@ -335,7 +347,7 @@ def material(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_source_is_one_line_and_changes_nothing(case, material, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dicomweb, "LIMITS", LIMITS)
-    monkeypatch.setattr(dicomweb, "MAX_LISTING_PAGES", MAX_PAGES)
+    monkeypatch.setattr(dicomweb_listing, "MAX_LISTING_PAGES", MAX_PAGES)
     monkeypatch.setenv(TOKEN_VARIABLE, SECRET)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     os.makedirs(tmp_path / "tmp")
@@ -360,6 +372,7 @@ def test_hostile_source_is_one_line_and_changes_nothing(case, material, tmp_path
             made.close()
     printed = out + err
     assert "Traceback" not in printed and "\x1b" not in printed and "\x07" not in printed, printed
+    assert str(tmp_path / "tmp") not in printed, printed  # a download's path is gone when the message is read: never named
     assert "Warning:" not in printed and "warn(" not in printed, printed  # no library's two-line warning
     for secret in (SECRET, base64.b64encode(SECRET.encode()).decode()):
         assert secret not in printed
@@ -431,3 +444,19 @@ def test_a_first_build_that_fails_leaves_nothing_behind(material, tmp_path, caps
             assert len(index.add_sources([material["nifti"]], embedder).added) == 1
         raise KeyboardInterrupt
     assert holds_a_case(str(tmp_path / "stopped"))
+
+
+def test_a_fetched_series_problem_names_the_instance_never_the_download(tmp_path):
+    """The download is gone when the message is read: a file of it is named as the series' instance it was."""
+    from CBIRSlicerLib.errors import DicomSeriesError, UnreadableFileError
+    from CBIRSlicerLib.imaging.readers import CaseSource
+    from CBIRSlicerLib.index.writer import _fetched_problem
+
+    files = tuple(str(tmp_path / f"{n:05d}.dcm") for n in range(3))
+    source = CaseSource(str(tmp_path), uid("fetched"), files)
+    assert _fetched_problem(UnreadableFileError(files[1], "truncated"), source) == "instance 2 of 3: truncated"
+    assert _fetched_problem(DicomSeriesError(str(tmp_path), "2 slices missing"), source) == "2 slices missing"
+    single = CaseSource(str(tmp_path), uid("fetched"), files[:1])
+    assert _fetched_problem(UnreadableFileError(files[0], "is a 2D image"), single) == "is a 2D image"
+    said = _fetched_problem(OSError(f"[Errno 5] Input/output error: '{files[2]}'"), source)
+    assert str(tmp_path) not in said and said.endswith("'00002.dcm'")

@@ -204,7 +204,11 @@ def test_body_region_and_modality_of_every_real_volume(abdomen):
         assert (found.modality, found.body_part) == (volume.modality, volume.body_region.upper()), (volume.name, found)
     told = read_volume(abdomen.image)
     told.modality, told.body_part = "CT", "PELVIS"  # what a DICOM header says wins
-    assert fill_in(told) == {"modality_source": "dicom", "body_part_source": "dicom"} and told.body_part == "PELVIS"
+    kept = fill_in(told)
+    assert told.body_part == "PELVIS" and (kept["modality_source"], kept["body_part_source"]) == ("dicom", "dicom")
+    assert kept["regions"] == ["PELVIS"] and "body_part_dicom" not in kept and "modality_image" not in kept
+    # the body coordinate is the image's, whatever the header says: the abdominal CT's levels, not the pelvis band's
+    assert kept["body_axis"]["modality"] == "CT" and 500 < kept["levels"][0] < 520 and 720 < kept["levels"][1] < 900
 
 
 def test_cli_queries_by_segment(bench, abdomen, capsys):

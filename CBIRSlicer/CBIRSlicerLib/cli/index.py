@@ -58,7 +58,7 @@ def _refuse_other_slicing(args: argparse.Namespace, index) -> None:
 def _dicom_options(args: argparse.Namespace):
     """Which series of a DICOM database or PACS source to index, where downloads go, the credentials file, the timeout."""
     from ..index.dicom_sources import DicomOptions
-    from ..index.dicomweb import SeriesFilter, parse_date_range
+    from ..index.dicomweb_listing import SeriesFilter, parse_date_range
 
     low, high = parse_date_range(args.study_date)
     modalities = tuple(m.strip().upper() for m in (args.modality or "").split(",") if m.strip())

@@ -205,7 +205,7 @@ def _largest_part(mask: np.ndarray) -> np.ndarray:
 
 def _extent_mm(mask: np.ndarray, axis: int) -> np.ndarray:
     """Extent of a mask along an in-plane axis (1: P, 2: L) for each plane, in mm (0 where empty)."""
-    present = mask.any(axis=3 - axis)
+    present = np.asarray(mask.any(axis=3 - axis))  # an array (numpy types a reduction over a computed axis as maybe scalar)
     n = present.shape[1]
     first = np.argmax(present, axis=1)
     last = n - 1 - np.argmax(present[:, ::-1], axis=1)
@@ -217,7 +217,7 @@ def _zones(outline: np.ndarray) -> list[np.ndarray]:
     into the centre third of its width and the sides (the jaw and face in front, the spine behind, lungs at the sides,
     the airway in the centre)."""
     planes, rows, cols = outline.shape
-    has_row, has_col = outline.any(axis=2), outline.any(axis=1)
+    has_row, has_col = np.asarray(outline.any(axis=2)), np.asarray(outline.any(axis=1))
     first_row = np.argmax(has_row, axis=1).astype(float)
     depth = np.maximum(rows - np.argmax(has_row[:, ::-1], axis=1) - first_row, 1.0)
     first_col = np.argmax(has_col, axis=1).astype(float)
@@ -363,18 +363,18 @@ def _refined(axis: BodyAxis, s: np.ndarray, table: tuple[np.ndarray, np.ndarray]
         return axis
     knots = np.arange(s.min(), s.max() + 1e-6, LOCAL_STEP_MM)
     shifts = np.arange(-LOCAL_SEARCH_MM, LOCAL_SEARCH_MM + 1e-6, 1.0)
-    levels = []
+    found: list[float] = []
     for knot in knots:
         near = np.abs(s - knot) <= LOCAL_WINDOW_MM
         base = axis._level(float(knot))
         if near.sum() < MIN_PLANES:
-            levels.append(base)
+            found.append(base)
             continue
         offsets = knot + (base + shifts) / axis.slope
         cost = _costs(s[near], (table[0][near], table[1]), template, axis.slope, offsets)
         cost = cost + (shifts / LOCAL_SD_MM) ** 2 / (2 * near.sum())
-        levels.append(base + float(shifts[int(np.argmin(cost))]) if np.isfinite(cost).any() else base)
-    levels = np.array(levels)
+        found.append(base + float(shifts[int(np.argmin(cost))]) if np.isfinite(cost).any() else base)
+    levels = np.array(found)
     for n in range(1, len(levels)):  # the level grows toward the feet: at least half a standard mm per mm
         levels[n] = min(levels[n], levels[n - 1] - 0.5 * LOCAL_STEP_MM)
     return BodyAxis(axis.slope, axis.offset, axis.s_range, axis.uncertainty_mm, axis.cost, axis.modality, axis.planes,

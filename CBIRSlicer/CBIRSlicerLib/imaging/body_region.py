@@ -19,6 +19,7 @@ Values are DICOM's words (CT, MR; HEAD, NECK, CHEST, ABDOMEN, PELVIS, LEG) so on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,7 @@ def regions_of_levels(top: float, bottom: float) -> tuple[tuple[str, ...], str]:
     """The bands a level range covers (at least MIN_BAND_MM or a third of it), head to feet, and the one covering most."""
     extent = max(bottom - top, 1e-6)
     cover = {name: max(0.0, min(bottom, high) - max(top, low)) for name, low, high in BANDS}
-    primary = max(cover, key=cover.get)
+    primary = max(cover, key=lambda name: cover[name])
     covered = tuple(name for name, _, _ in BANDS if cover[name] >= min(MIN_BAND_MM, extent / 3) and cover[name] > 0)
     return covered or (primary,), primary
 
@@ -123,8 +124,8 @@ def infer(volume: Volume) -> Inferred:
     long = axis is not None and axis.s_range[1] - axis.s_range[0] >= LONG_MM
     trusted = (axis is not None and axis.cost <= (REGION_COST if long else body_axis.RELIABLE_COST)
                and width >= MIN_BODY_WIDTH_MM)
-    regions, primary = regions_of_levels(*axis.level_range) if trusted else ((), "UNKNOWN")
-    levels = tuple(round(v, 1) for v in axis.level_range) if trusted and axis.reliable else None
+    regions, primary = regions_of_levels(*axis.level_range) if trusted and axis is not None else ((), "UNKNOWN")
+    levels = _rounded(axis.level_range) if trusted and axis is not None and axis.reliable else None
     # lungs in most planes: a chest, however narrow its field of view or odd its fit (on MR, where bone, sinuses and
     # fluid are dark too, only a body wider than a head)
     lung_bases = trusted and primary in ("ABDOMEN", "PELVIS") and lung_share < CHEST_LUNG_SHARE  # above an abdomen
@@ -146,6 +147,10 @@ def infer(volume: Volume) -> Inferred:
     return Inferred(prof.modality, "ABDOMEN", round(width, 1), round(lungs, 3), ("ABDOMEN", "PELVIS"), None, "rules", axis)
 
 
+def _rounded(levels: tuple[float, float]) -> tuple[float, float]:
+    return round(levels[0], 1), round(levels[1], 1)
+
+
 def _order(region: str) -> int:
     names = [name for name, _, _ in BANDS]
     return names.index(region) if region in names else len(names)
@@ -161,15 +166,15 @@ def trusted_body_part(volume: Volume) -> str | None:
     return volume.body_part if body_parts.names_region(volume.body_part) else None
 
 
-def fill_in(volume: Volume) -> dict:
+def fill_in(volume: Volume) -> dict[str, Any]:
     """Set a volume's modality and body part from the image where the file is silent or says nothing a search can use
     (PARTIALBODY, WHOLEBODY, free text); returns what the catalog keeps about where they came from: their sources,
     the file's own word when it was set aside, the regions covered and the body coordinate."""
     told = volume.body_part
     trusted = trusted_body_part(volume)
     found = infer(volume)
-    sources = {"modality_source": "dicom" if volume.modality else "inferred",
-               "body_part_source": "dicom" if trusted else "inferred"}
+    sources: dict[str, Any] = {"modality_source": "dicom" if volume.modality else "inferred",
+                               "body_part_source": "dicom" if trusted else "inferred"}
     volume.modality = volume.modality or found.modality
     if trusted:
         sources["regions"] = list(body_parts.regions_of(trusted))
@@ -236,13 +241,13 @@ def case_kind(modality: str | None, body_part: str | None, metadata: dict) -> Ki
     return Kind((modality or "").upper() or None, regions, tuple(levels) if levels else None)
 
 
-def _levels_shared(query: Kind, case: Kind) -> float:
+def _levels_shared(query: tuple[float, float], case: tuple[float, float]) -> float:
     """How much of the body's length (standard mm) a query and a case both hold (negative: the gap between them)."""
-    return min(query.levels[1], case.levels[1]) - max(query.levels[0], case.levels[0])
+    return min(query[1], case[1]) - max(query[0], case[0])
 
 
-def _holds_levels(query: Kind, case: Kind) -> bool:
-    shorter = min(query.levels[1] - query.levels[0], case.levels[1] - case.levels[0])
+def _holds_levels(query: tuple[float, float], case: tuple[float, float]) -> bool:
+    shorter = min(query[1] - query[0], case[1] - case[0])
     return _levels_shared(query, case) >= min(MIN_SHARED_MM, shorter / 3)
 
 
@@ -250,7 +255,7 @@ def same_anatomy(query: Kind, case: Kind) -> bool:
     """Whether a case holds the query's anatomy, strictly (for who may vote on a suggestion): by the levels held where
     both have them, else by a shared region; a query nobody placed is like every case."""
     if query.levels is not None and case.levels is not None:
-        return _holds_levels(query, case)
+        return _holds_levels(query.levels, case.levels)
     if not query.regions:
         return True
     return bool(set(query.regions) & set(case.regions))
@@ -266,7 +271,8 @@ def prior_group(query: Kind, case: Kind) -> int:
     """
     groups = []
     if query.levels is not None and case.levels is not None:
-        groups.append(0 if _holds_levels(query, case) else 1 if _levels_shared(query, case) > -2 * LEVEL_MARGIN_MM else 2)
+        shared = _levels_shared(query.levels, case.levels)
+        groups.append(0 if _holds_levels(query.levels, case.levels) else 1 if shared > -2 * LEVEL_MARGIN_MM else 2)
     if not query.regions:  # nobody knows where the query lies: the modality alone decides
         groups.append(0)
     elif not case.regions:

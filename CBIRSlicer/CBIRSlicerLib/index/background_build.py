@@ -136,7 +136,7 @@ class IndexBuild:
 def _dicom_options(given: dict):
     """The series filter of a DICOM database or PACS build, from the spec's plain fields."""
     from .dicom_sources import DicomOptions
-    from .dicomweb import SeriesFilter
+    from .dicomweb_listing import SeriesFilter
 
     return DicomOptions(SeriesFilter(tuple(given.get("modalities") or ()), given.get("date_from"), given.get("date_to"),
                                      given.get("body_part")))

@@ -20,7 +20,8 @@ from ..errors import InputError, SourceError, printable
 from ..imaging import body_parts
 from ..imaging.readers import CaseSource, sort_dicom_files
 from .dicomweb import PREFIX as DICOMWEB_PREFIX
-from .dicomweb import DicomWebServer, ListingShapeError, SeriesEntry, SeriesFilter, check_uid
+from .dicomweb import DicomWebServer
+from .dicomweb_listing import ListingShapeError, SeriesEntry, SeriesFilter, check_uid
 
 CTK_PREFIX = "ctkdb:"
 CTK_TABLES = ("Patients", "Studies", "Series", "Images")
@@ -172,8 +173,9 @@ class Planned:
         self.release = release
 
 
-def plan(spec: str, options: DicomOptions) -> tuple[str, list[Planned], Callable[[], None]]:
-    """A DICOM source's catalog name, its series that pass the filters, and a function that closes it."""
+def plan(spec: str, options: DicomOptions) -> tuple[str, list[Planned], Callable[[], None], list[str]]:
+    """A DICOM source's catalog name, its series that pass the filters, a function that closes it, and what the user
+    should know of how the series were listed (a PACS that ignores 'offset')."""
     if spec.startswith(DICOMWEB_PREFIX):
         server = DicomWebServer(spec, options.auth_file, options.timeout)
         entries = server.series(options.filters)
@@ -196,10 +198,11 @@ def plan(spec: str, options: DicomOptions) -> tuple[str, list[Planned], Callable
 
                 shutil.rmtree(os.path.dirname(source.path), ignore_errors=True)
 
-        return server.source, [Planned(e, lambda stop, e=e: fetch(e, stop), release) for e in entries], lambda: None
+        return server.source, [Planned(e, lambda stop, e=e: fetch(e, stop), release) for e in entries], lambda: None, server.notes
     database = CtkDatabase(spec)
     entries = database.series(options.filters)
-    return database.source, [Planned(e, lambda stop, e=e: database.case_source(e), lambda _: None) for e in entries], database.close
+    return (database.source, [Planned(e, lambda stop, e=e: database.case_source(e), lambda _: None) for e in entries],
+            database.close, [])
 
 
 def cache_folder() -> str:

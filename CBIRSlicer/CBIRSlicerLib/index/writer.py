@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..digests import file_sha256
-from ..errors import CBIRError, InputError, ParameterError
+from ..errors import CBIRError, InputError, ParameterError, printable
 from ..imaging.body_region import fill_in
 from ..imaging.readers import CaseSource, discover, read_case
 from ..imaging.volume import Volume
@@ -28,6 +28,7 @@ from ..models.base import Embedder, modality_warning
 from . import privacy
 from .catalog import CaseRecord, ItemRecord
 from .dicom_sources import DicomOptions, is_dicom_source, is_remote_source, plan
+from .dicomweb import PREFIX as DICOMWEB_PREFIX
 from .faiss_store import vector_problem
 from .items import IndexSettings, VolumeItems, volume_items, volume_items_3d, volume_items_dense
 from .maintenance import IndexFolder
@@ -152,6 +153,20 @@ class PreparedCase:
     model_digest: str | None = None  # the fingerprint of the model that made the vectors (checked by the writer)
 
 
+def _fetched_problem(error: BaseException, source: CaseSource) -> str:
+    """What went wrong with a series fetched from a PACS, without the download's path (a temporary folder, gone by the time
+    the message is read; the label names the server and the series): a file of it is named as the instance it was."""
+    folder = source.path.rstrip(os.sep)
+    files = [os.path.abspath(f) for f in source.files]
+    if isinstance(error, InputError) and error.path is not None:
+        where = os.path.abspath(error.path)
+        if where == os.path.abspath(folder) or files == [where]:
+            return printable(error.problem)
+        if where in files:
+            return printable(f"instance {files.index(where) + 1} of {len(files)}: {error.problem}")
+    return str(error).replace(folder + os.sep, "").replace(folder, "the fetched series")
+
+
 def prepare_case(source: CaseSource, embedder: Embedder, settings: IndexSettings, labels: list[str], known_checksum: str | None,
                  loaded: Future[tuple[str, Volume | None]] | None = None, remote: str | None = None,
                  label: str | None = None) -> PreparedCase:
@@ -181,7 +196,7 @@ def prepare_case(source: CaseSource, embedder: Embedder, settings: IndexSettings
         if bad:
             raise InputError(None, f"model '{embedder.name}' returned {bad}; not indexed")
     except (CBIRError, OSError) as error:
-        text = str(error)
+        text = _fetched_problem(error, source) if remote is not None and remote.startswith(DICOMWEB_PREFIX) else str(error)
         prepared.skipped = text[len(label) + 2:] if text.startswith(label + ": ") else text
         return prepared
     prepared.record = CaseRecord(
@@ -203,6 +218,11 @@ class IndexWriter(IndexFolder):
         if pending:
             self._remove_rows(pending)
             self._save()
+
+    def _checkpoint_when_due(self) -> None:
+        """Checkpoint a build under way when CHECKPOINT_SECONDS have passed since the last one."""
+        if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
+            self.checkpoint()
 
     def _remove_rows(self, rows: list[int]) -> None:
         ids = self.catalog.item_ids(rows)
@@ -265,8 +285,7 @@ class IndexWriter(IndexFolder):
                 if progress is not None:
                     progress(n, len(cases), source.label)
                 self._index_source(source, embedder, labels_of(source), report, loaded)
-                if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                    self.checkpoint()
+                self._checkpoint_when_due()
             if ahead is not None:
                 ahead.cancel()
         self.commit()
@@ -300,8 +319,7 @@ class IndexWriter(IndexFolder):
             done += 1
             if progress is not None:
                 progress(done, total, prepared.label)
-            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                self.checkpoint()
+            self._checkpoint_when_due()
         self.checkpoint()
         self._maybe_refit_transform()
         if progress is not None:
@@ -314,7 +332,8 @@ class IndexWriter(IndexFolder):
         """Index the series of a DICOM database or a PACS: each fetched (PACS) only when no case holds its series UID yet,
         embedded, then its download removed (unless kept). A series that fails is one line in ``report.skipped``; the others
         go on, and a rerun fetches only what is still missing. Returns how many series passed the filters."""
-        name, planned, close = plan(spec, options)
+        name, planned, close, notes = plan(spec, options)
+        report.warnings.extend((name, note) for note in notes)
         try:
             for n, item in enumerate(planned):
                 entry = item.entry
@@ -339,8 +358,7 @@ class IndexWriter(IndexFolder):
                     self._index_source(source, embedder, [], report, remote=name, label=label)
                 finally:
                     item.release(source)
-                if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                    self.checkpoint()
+                self._checkpoint_when_due()
         finally:
             close()
         return len(planned)
@@ -422,8 +440,7 @@ class IndexWriter(IndexFolder):
                              vectors, case.content_digest)
             report.added.append(record.case_id)
             report.vectors += len(vectors)
-            if time.monotonic() - self._last_checkpoint > CHECKPOINT_SECONDS:
-                self.checkpoint()
+            self._checkpoint_when_due()
         self.commit()
         if progress is not None:
             progress(total, total, "done")

@@ -14,12 +14,19 @@ the top k carries a label; a suggestion always comes with its confidence and its
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import Field, asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
-from ..errors import ParameterError
+from ..errors import IndexCorruptError, ParameterError
+
+if TYPE_CHECKING:  # for the annotations only (body_region loads with the first vote)
+    from ..imaging.body_region import Kind
+    from ..index.catalog import CaseRecord
+    from ..index.searchable import SearchableIndex
+    from .queries import QuerySpec
 
 SUGGEST_K = 10
 DEFAULT_COLUMNS = ("label", "finding")
@@ -37,7 +44,31 @@ CALIBRATION_META = "suggestion_calibration"
 UNCALIBRATED = "none: the raw vote share (run 'cbir evaluate' with a labels CSV on this index to calibrate it)"
 
 
-def case_labels(case, column: str) -> list[str]:
+class Ranked(Protocol):
+    """What a vote reads of a ranked result (an answer's CaseResult, or a benchmark's own): its case and its score."""
+
+    @property
+    def case_id(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+
+
+class Answer(Protocol):
+    """What a suggestion reads of a search's answer: answers.SearchAnswer, a dataclass whose ``suggestion`` field holds the
+    suggestion made from it (named here by what it holds: answers imports this module)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def query(self) -> QuerySpec: ...
+    @property
+    def results(self) -> Sequence[Ranked]: ...
+
+
+AnswerT = TypeVar("AnswerT", bound=Answer)
+
+
+def case_labels(case: CaseRecord, column: str) -> list[str]:
     """A case's values in a label column: 'label' is the case's labels; a catalog column or a metadata key otherwise."""
     if column in ("label", "labels"):
         return [str(v) for v in case.labels if str(v).strip()]
@@ -47,7 +78,7 @@ def case_labels(case, column: str) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def default_column(index) -> str | None:
+def default_column(index: SearchableIndex) -> str | None:
     """The column a suggestion is made from when the user names none: 'label' or 'finding', if some case has it."""
     cases = index.catalog.cases()
     for column in DEFAULT_COLUMNS:
@@ -75,7 +106,8 @@ def vote_weights(scores: Sequence[float]) -> np.ndarray:
     spread = float(values.std())
     if spread <= 1e-9:
         return np.ones_like(values)
-    return np.exp((values - values.max()) / spread)
+    weights: np.ndarray = np.exp((values - values.max()) / spread)
+    return weights
 
 
 @dataclass(frozen=True)
@@ -87,19 +119,19 @@ class Calibration:
     fitted_on: int = 0  # leave-one-case-out votes it was fitted on
     source: str = "identity"  # 'index cases (pooled vectors)', 'evaluation queries', or 'identity'
     min_per_class: int = MIN_PER_CLASS
-    classes: dict = field(default_factory=dict)  # label -> labelled cases, as counted when fitted
+    classes: dict[str, int] = field(default_factory=dict)  # label -> labelled cases, as counted when fitted
 
     def confidence(self, share: float) -> float:
         """The calibrated probability that the winner of a vote with this share is right."""
         share = min(max(float(share), 1e-4), 1 - 1e-4)
         return float(1.0 / (1.0 + math.exp(-(self.slope * math.log(share / (1 - share)) + self.intercept))))
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """JSON form (pinned in the index's catalog)."""
         return asdict(self)
 
 
-def fit_calibration(shares: Sequence[float], correct: Sequence[bool], source: str, classes: dict | None = None,
+def fit_calibration(shares: Sequence[float], correct: Sequence[bool], source: str, classes: dict[str, int] | None = None,
                     ridge: float = 1.0) -> Calibration:
     """Platt scaling of winner shares against right/wrong, shrunk towards the identity (slope 1, intercept 0).
 
@@ -160,7 +192,7 @@ class Suggestion:
         return (f"Suggested: {self.label} (conf {self.confidence:.2f}), based on {self.support} of {self.considered} "
                 "similar cases")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The CLI JSON's ``suggestion``."""
         return {"column": self.column, "label": self.label, "confidence": round(self.confidence, 3), "share": round(self.share, 3),
                 "support": self.support, "considered": self.considered, "labelled": self.labelled,
@@ -168,7 +200,7 @@ class Suggestion:
                 "calibration": self.calibration, "text": self.line()}
 
     @classmethod
-    def from_json(cls, data: dict) -> Suggestion:
+    def from_json(cls, data: dict[str, Any]) -> Suggestion:
         """Back from the CLI JSON's ``suggestion`` (its ``text`` is made again by :meth:`line`)."""
         return cls(str(data["column"]), str(data["label"]), float(data["confidence"]), float(data["share"]), int(data["support"]),
                    int(data["considered"]), int(data["labelled"]), [str(c) for c in data["supporting_cases"]],
@@ -186,24 +218,24 @@ class NoSuggestion:
         """The panel's line: 'No suggestion: why'."""
         return f"No suggestion: {self.reason}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The CLI JSON's ``suggestion`` when there is none."""
         return {"column": self.column, "label": None, "reason": self.reason}
 
     @classmethod
-    def from_json(cls, data: dict) -> NoSuggestion:
+    def from_json(cls, data: dict[str, Any]) -> NoSuggestion:
         """Back from the CLI JSON's ``suggestion`` when there is none."""
         return cls(str(data["column"]), str(data["reason"]))
 
 
-def suggestion_from_json(data: dict | None) -> Suggestion | NoSuggestion | None:
+def suggestion_from_json(data: dict[str, Any] | None) -> Suggestion | NoSuggestion | None:
     """An answer's suggestion back from JSON: a suggested label, why there is none, or None (an index without labels)."""
     if data is None:
         return None
     return NoSuggestion.from_json(data) if data.get("label") is None else Suggestion.from_json(data)
 
 
-def class_counts(index, column: str) -> dict[str, int]:
+def class_counts(index: SearchableIndex, column: str) -> dict[str, int]:
     """Labelled cases per label of a column."""
     counts: dict[str, int] = {}
     for case in index.catalog.cases():
@@ -217,16 +249,16 @@ def enough_labels(counts: dict[str, int], min_per_class: int = MIN_PER_CLASS) ->
     return sum(1 for n in counts.values() if n >= min_per_class) >= 2
 
 
-def suggest_from(results, column: str, labels_of, calibration: Calibration, counts: dict[str, int],
-                 k: int = SUGGEST_K, similar=None) -> Suggestion | None:
+def suggest_from(results: Iterable[Ranked], column: str, labels_of: Callable[[Ranked], list[str]], calibration: Calibration,
+                 counts: dict[str, int], k: int = SUGGEST_K, similar: Callable[[Ranked], bool] | None = None) -> Suggestion | None:
     """The suggestion from ranked results (``labels_of(result)`` gives a result's labels); None when it cannot be made
     or abstains (:func:`decide` says why)."""
     found = decide(results, column, labels_of, calibration, counts, k, similar)
     return found if isinstance(found, Suggestion) else None
 
 
-def decide(results, column: str, labels_of, calibration: Calibration, counts: dict[str, int], k: int = SUGGEST_K,
-           similar=None) -> Suggestion | str:
+def decide(results: Iterable[Ranked], column: str, labels_of: Callable[[Ranked], list[str]], calibration: Calibration,
+           counts: dict[str, int], k: int = SUGGEST_K, similar: Callable[[Ranked], bool] | None = None) -> Suggestion | str:
     """A suggestion, or why there is none: too few labels in the index, too few labelled neighbours of the query's kind
     (``similar(result)``: the case holds the query's anatomy, :func:`body_region.same_anatomy`; unlike ones do not
     vote), or a calibrated confidence below MIN_CONFIDENCE (more likely wrong than right: it abstains)."""
@@ -258,7 +290,7 @@ def decide(results, column: str, labels_of, calibration: Calibration, counts: di
 POOLED_ITEMS = 8192  # items per case averaged for its pooled vector (evenly spread): bounds the cost of a big case
 
 
-def pooled_case_vectors(index, rows: Sequence[int], per_case: int = POOLED_ITEMS) -> np.ndarray:
+def pooled_case_vectors(index: SearchableIndex, rows: Sequence[int], per_case: int = POOLED_ITEMS) -> np.ndarray:
     """Each case's items' mean vector (through the index's transform, if any), unit length: one row per case."""
     out = []
     excluded = index.excluded_ids()
@@ -285,10 +317,17 @@ class CaseVotes:
     vectors: np.ndarray
 
 
-def loco_case_votes(index, column: str, k: int = SUGGEST_K) -> CaseVotes:
+def _row(case: CaseRecord) -> int:
+    """A stored case's catalog row (every case a catalog reads back has one)."""
+    if case.row is None:
+        raise IndexCorruptError(f"the catalog's case {case.case_id} has no row")
+    return case.row
+
+
+def loco_case_votes(index: SearchableIndex, column: str, k: int = SUGGEST_K) -> CaseVotes:
     """Every case's vote from its k most similar labelled cases (itself left out), on pooled case vectors."""
     cases = index.catalog.cases()
-    vectors = pooled_case_vectors(index, [c.row for c in cases])
+    vectors = pooled_case_vectors(index, [_row(c) for c in cases])
     labels = [case_labels(c, column) for c in cases]
     labelled = np.array([bool(names) for names in labels])
     votes = []
@@ -301,7 +340,7 @@ def loco_case_votes(index, column: str, k: int = SUGGEST_K) -> CaseVotes:
     return CaseVotes([c.case_id for c in cases], labels, votes, vectors)
 
 
-def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
+def index_calibration(index: SearchableIndex, column: str, k: int = SUGGEST_K) -> Calibration:
     """The calibration pinned for this column by ``cbir evaluate``, else none: the confidence is then the raw vote share.
 
     A calibration fitted on demand on the index's own leave-one-case-out votes of pooled case vectors
@@ -315,7 +354,7 @@ def index_calibration(index, column: str, k: int = SUGGEST_K) -> Calibration:
     return Calibration(source=UNCALIBRATED, classes=class_counts(index, column))
 
 
-def pin_calibration(index, column: str, calibration: Calibration) -> None:
+def pin_calibration(index: SearchableIndex, column: str, calibration: Calibration) -> None:
     """Keep a calibration in the index's catalog for later searches (needs the index open for writing)."""
     pinned = dict(index.catalog.meta(CALIBRATION_META) or {})
     pinned[column] = calibration.to_json()
@@ -326,7 +365,7 @@ def pin_calibration(index, column: str, calibration: Calibration) -> None:
 class Suggester:
     """Suggestions for one index and label column; the calibration is fitted once, on first use."""
 
-    def __init__(self, index, column: str | None = None, k: int = SUGGEST_K):
+    def __init__(self, index: SearchableIndex, column: str | None = None, k: int = SUGGEST_K):
         self.index, self.k = index, k
         self.column = column or default_column(index)
         if column and not class_counts(index, column):
@@ -335,31 +374,36 @@ class Suggester:
         self._calibration: Calibration | None = None
         self._counts: dict[str, int] | None = None
         self._labels: dict[str, list[str]] = {}
-        self._kinds: dict[str, object] = {}
+        self._kinds: dict[str, Kind | None] = {}
         self.reason: str | None = None  # why the last answer got no suggestion
 
     @property
     def calibration(self) -> Calibration:
+        """The column's pinned calibration, else none (the raw share); none either without a column."""
         if self._calibration is None:
-            self._calibration = index_calibration(self.index, self.column, self.k)
+            self._calibration = (index_calibration(self.index, self.column, self.k) if self.column is not None
+                                 else Calibration(source=UNCALIBRATED))
         return self._calibration
 
-    def labels_of(self, result) -> list[str]:
+    def labels_of(self, result: Ranked) -> list[str]:
+        """A result's labels in the column (none without a column)."""
+        if self.column is None:
+            return []
         if result.case_id not in self._labels:
             case = self.index.catalog.case_by_id(result.case_id)
             self._labels[result.case_id] = case_labels(case, self.column) if case is not None else []
         return self._labels[result.case_id]
 
-    def similar(self, answer):
+    def similar(self, answer: Answer) -> Callable[[Ranked], bool] | None:
         """Whether a result holds the query's anatomy (its kind, as the search's prior recorded it); None: all alike."""
         from ..imaging import body_region
 
-        prior = getattr(answer.query, "prior", None)
+        prior = answer.query.prior
         if prior is None:
             return None
         wanted = prior.kind()
 
-        def alike(result) -> bool:
+        def alike(result: Ranked) -> bool:
             if result.case_id not in self._kinds:
                 case = self.index.catalog.case_by_id(result.case_id)
                 self._kinds[result.case_id] = (body_region.case_kind(case.modality, case.body_part, case.metadata)
@@ -371,7 +415,7 @@ class Suggester:
 
         return alike
 
-    def suggest(self, answer) -> Suggestion | None:
+    def suggest(self, answer: Answer) -> Suggestion | None:
         """The answer's suggestion, or None (no column, too few labels, too few similar labelled neighbours, low
         confidence: ``reason`` says which)."""
         self.reason = None
@@ -386,7 +430,7 @@ class Suggester:
         self.reason = found
         return None
 
-    def attach(self, answer):
+    def attach(self, answer: AnswerT) -> AnswerT:
         """The answer with its suggestion, or with why there is none; unchanged when the index has no label column."""
         import dataclasses
 
@@ -398,7 +442,8 @@ class Suggester:
         return dataclasses.replace(answer, suggestion=found)
 
 
-def labels_to_ask_for(index, column: str | None = None, count: int = 10, k: int = SUGGEST_K) -> list[dict]:
+def labels_to_ask_for(index: SearchableIndex, column: str | None = None, count: int = 10,
+                      k: int = SUGGEST_K) -> list[dict[str, Any]]:
     """Unlabelled cases whose label would help most: uncertain under the current vote, spread over the embedding space.
 
     Greedy: each pick maximises uncertainty x distance (1 - cosine of pooled vectors) to the nearest labelled or
@@ -408,7 +453,7 @@ def labels_to_ask_for(index, column: str | None = None, count: int = 10, k: int 
     votes = loco_case_votes(index, column, k)
     labelled = [n for n, names in enumerate(votes.labels) if names]
     pool = [n for n, names in enumerate(votes.labels) if not names]
-    uncertainty = {}
+    uncertainty: dict[int, float] = {}
     for n in pool:
         shares = list(votes.votes[n].values())
         uncertainty[n] = 1.0 - (shares[0] - (shares[1] if len(shares) > 1 else 0.0)) if shares else 1.0
