@@ -43,8 +43,7 @@ def cohort(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     """Two single-threaded worker processes on 127.0.0.1 (each its own model), kept for the module's tests."""
-    local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                     dashboard_address=None, silence_logs=50)
+    local = dask_build.local_cluster(2)
     client = distributed.Client(local)
     yield local, client
     client.close()

@@ -182,7 +182,7 @@ class Catalog:
         """Close the database."""
         self.db.close()
 
-    def transaction(self):
+    def transaction(self) -> _Transaction:
         """A context manager running its block in one transaction."""
         return _Transaction(self.db)
 

@@ -24,6 +24,7 @@ from .files import BASE_VERSION, CATALOG, CLEAN, FORMAT_VERSION, MANIFEST, ROWS,
 from .integrity import file_record, seal
 from .items import IndexSettings
 from .lock import FolderLock
+from .searchable import Allowed
 
 
 def load_transform(folder: str, manifest: dict) -> vector_transform.VectorTransform | None:
@@ -260,7 +261,7 @@ class IndexFolder:
         self.manifest["state"] = CLEAN
         self._write_manifest()
 
-    def allowed_items(self, filters: dict[str, str]) -> np.ndarray:
+    def allowed_items(self, filters: dict[str, str]) -> Allowed:
         """The ids of the items of the complete cases the filters allow (a field no case has raises ParameterError)."""
         return self.catalog.item_ids(self.catalog.case_rows_matching(filters))
 

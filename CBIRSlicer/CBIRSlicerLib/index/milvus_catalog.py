@@ -1,344 +1,38 @@
-"""A Milvus-backed index's catalog and vectors: four collections on the server, read and written as the folder's
-SQLite catalog and FAISS store are (:mod:`searchable`).
-
-::
-
-    COLLECTION              one entity per item: id (the item id), case row, kind, axis, slice, plane, centre and size
-                            (what ranking reads), its box and bounds (JSON), the filterable fields of its case (modality,
-                            body part, study date, keyed patient hash, labels, other metadata as JSON; lower case) and its
-                            vector; vector index HNSW (M 32, efConstruction 80) or FLAT, inner product; INVERTED on case_row
-    COLLECTION_cases        one entity per case: row, case id, source, series UID, shape, status, voxel digest, and the
-                            whole CaseRecord as JSON
-    COLLECTION_thumbnails   one per indexed slice: zlib'd uint8 pixels, base64
-    COLLECTION_meta         the index's own records by name (the manifest, the fitted transform, the calibration, the
-                            writer's lease), JSON split in parts of at most 60,000 characters
-
-Every Milvus collection must hold a vector field: the last three carry a constant 2-d ``slot``. Why the case's filterable
-fields are copied onto its items: a filter then runs inside the approximate search (Milvus evaluates the expression
-per segment before the graph walk), so a filtered query walks only allowed items, as FAISS's id selectors do for the
-folder, without shipping the allowed ids (millions, at a department's scale). A label given later rewrites the case's
-items (a few thousand entities).
-
-What a reader sees: only items of cases at or below the manifest's ``committed_row`` (the rows a writer's last
-checkpoint made complete; rows only grow), so a reader never finds a case whose vectors are half written, and a
-killed writer's pending cases (purged by the next writer) are never searched. Milvus has no transactions: the order
-of writes (case row first, pending; then its thumbnails and items; the status and the watermark at the checkpoint)
-is what the folder's SQLite transaction gave.
-
-Vectors come back from Milvus as Python lists, slowly: a case's items are read once with their vectors (the search
-scores every candidate case over all its items) and kept per case in a bounded cache (``CBIR_MILVUS_CACHE_MB``, 512 MB by
-default); a complete case's items never change, so the cache is never stale.
-"""
+"""A Milvus-backed index's catalog (:class:`MilvusCatalog`): what :class:`catalog.Catalog` answers (cases, items, labels,
+filters, thumbnails, the index's own records), from the server's collections (:mod:`milvus_collections`)."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import json
-import os
-import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import IndexCorruptError, ModelError, ParameterError
+from ..errors import IndexCorruptError, ParameterError
 from .catalog import COLUMN_FILTERS, CaseRecord, ItemArrays, ItemRecord
-from .milvus_connection import MilvusConnection
-from .searchable import Allowed, CaseFilter
-
-PART_CHARS = 60_000  # a meta record's parts (Milvus's VARCHAR holds at most 65,535 characters)
-BATCH = 2_000  # entities per upsert (512-d: 4 MB a request)
-READ_BATCH = 4_096  # rows per query-iterator page (Milvus allows 16,384)
-SLOT = [1.0, 0.0]  # the constant vector of the cases, thumbnails and meta collections
-HNSW_M, HNSW_EF_CONSTRUCTION = 32, 80  # as the folder's HNSW (faiss_store)
-HNSW_EF_SEARCH = 1024  # as the folder's
-MANIFEST_REFRESH_SECONDS = 2.0  # a reader looks at the manifest (the watermark) at most this often
-CACHE_VARIABLE = "CBIR_MILVUS_CACHE_MB"
-PROMOTED = ("study_date", "patient_key")  # metadata keys with fields of their own on the items (filtered most)
-MAX_LABELS = 64
-IDENTITY_FILTERS = ("case_id", "name", "source", "series_uid")  # a case's own identity: filtered by its rows
+from .milvus_collections import (
+    IDENTITY_FILTERS,
+    PART_CHARS,
+    PROMOTED,
+    SLOT,
+    MilvusCollections,
+    case_fields,
+    filter_text,
+    id_expression,
+    literal,
+)
+from .searchable import CaseFilter
 
 
-@dataclass(frozen=True)
-class CollectionNames:
-    """The four collections of one index."""
-
-    items: str
-
-    @property
-    def cases(self) -> str:
-        return f"{self.items}_cases"
-
-    @property
-    def thumbnails(self) -> str:
-        return f"{self.items}_thumbnails"
-
-    @property
-    def meta(self) -> str:
-        return f"{self.items}_meta"
-
-    def all(self) -> tuple[str, str, str, str]:
-        return self.items, self.cases, self.thumbnails, self.meta
-
-
-def filter_text(value: Any) -> str:
-    """A value as filters compare it: text, lower case (SQLite's ``lower(CAST(... AS TEXT))`` in the folder's catalog)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value).strip().lower() if value is not None else ""
-
-
-def literal(text: str) -> str:
-    """A string literal of Milvus's expression language."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def id_expression(ids: np.ndarray, field: str = "id") -> str:
-    """A condition true for exactly these ids, as runs (a case's items have consecutive ids) and single ids."""
-    ids = np.unique(np.asarray(ids, np.int64))
-    if not len(ids):
-        return "false"
-    breaks = np.flatnonzero(np.diff(ids) != 1)
-    starts, ends = ids[np.r_[0, breaks + 1]], ids[np.r_[breaks, len(ids) - 1]]
-    single = starts[starts == ends]
-    clauses = [f"({field} >= {a} and {field} <= {b})" for a, b in zip(starts, ends) if a != b]
-    if len(single):
-        clauses.append(f"{field} in [{','.join(str(int(i)) for i in single)}]")
-    return "(" + " or ".join(clauses) + ")"
-
-
-def case_fields(case: CaseRecord) -> dict[str, Any]:
-    """The filterable fields a case gives each of its items (lower case; what the folder's filters compare)."""
-    meta = case.metadata or {}
-    extra = {str(k): filter_text(v) for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k not in PROMOTED}
-    return {"modality": filter_text(case.modality)[:64], "body_part": filter_text(case.body_part)[:64],
-            "study_date": filter_text(meta.get("study_date"))[:32], "patient_key": filter_text(meta.get("patient_key"))[:64],
-            "labels": [filter_text(label)[:256] for label in case.labels][:MAX_LABELS], "extra": extra}
-
-
-@dataclass
-class CaseBlock:
-    """A case's items as arrays, ordered by id, with their vectors."""
-
-    ids: np.ndarray
-    axes: np.ndarray
-    centres: np.ndarray
-    sizes: np.ndarray
-    vectors: np.ndarray
-
-    @property
-    def bytes(self) -> int:
-        return int(self.vectors.nbytes + self.centres.nbytes + 64 * len(self.ids))
-
-
-def schemas(dim: int, vector_index: dict) -> dict[str, tuple[Any, Any]]:
-    """(schema, index parameters) of each collection kind, for vectors of ``dim``."""
-    from pymilvus import DataType, MilvusClient
-
-    def slot_index(schema):
-        schema.add_field("slot", DataType.FLOAT_VECTOR, dim=2)
-        params = MilvusClient.prepare_index_params()
-        params.add_index("slot", index_type="FLAT", metric_type="L2")
-        return schema, params
-
-    items = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    items.add_field("id", DataType.INT64, is_primary=True)
-    items.add_field("case_row", DataType.INT64)
-    items.add_field("kind", DataType.VARCHAR, max_length=32)
-    items.add_field("axis", DataType.VARCHAR, max_length=16)
-    items.add_field("slice_index", DataType.INT64)
-    items.add_field("plane", DataType.INT64)
-    for name in ("ras_r", "ras_a", "ras_s", "size_mm"):
-        items.add_field(name, DataType.DOUBLE)
-    items.add_field("place", DataType.VARCHAR, max_length=1024)
-    items.add_field("modality", DataType.VARCHAR, max_length=64)
-    items.add_field("body_part", DataType.VARCHAR, max_length=64)
-    items.add_field("study_date", DataType.VARCHAR, max_length=32)
-    items.add_field("patient_key", DataType.VARCHAR, max_length=64)
-    items.add_field("labels", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=MAX_LABELS, max_length=256)
-    items.add_field("extra", DataType.JSON)
-    items.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    item_params = MilvusClient.prepare_index_params()
-    item_params.add_index("vector", **vector_index)
-    for name in ("case_row", "modality", "body_part", "study_date", "patient_key"):
-        item_params.add_index(name, index_type="INVERTED")
-
-    cases = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    cases.add_field("row", DataType.INT64, is_primary=True)
-    cases.add_field("case_id", DataType.VARCHAR, max_length=128)
-    cases.add_field("source", DataType.VARCHAR, max_length=4096)
-    cases.add_field("series_uid", DataType.VARCHAR, max_length=256)
-    cases.add_field("shape", DataType.VARCHAR, max_length=128)
-    cases.add_field("status", DataType.VARCHAR, max_length=16)
-    cases.add_field("digest", DataType.VARCHAR, max_length=128)
-    cases.add_field("first_item", DataType.INT64)  # a case's items have consecutive ids: first_item .. + item_count - 1
-    cases.add_field("item_count", DataType.INT64)
-    cases.add_field("record", DataType.VARCHAR, max_length=65_535)
-    thumbnails = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    thumbnails.add_field("key", DataType.VARCHAR, is_primary=True, max_length=128)
-    thumbnails.add_field("case_row", DataType.INT64)
-    thumbnails.add_field("pixels", DataType.VARCHAR, max_length=65_535)
-    meta = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    meta.add_field("key", DataType.VARCHAR, is_primary=True, max_length=256)
-    meta.add_field("name", DataType.VARCHAR, max_length=200)
-    meta.add_field("part", DataType.INT64)
-    meta.add_field("value", DataType.VARCHAR, max_length=65_535)
-    return {"items": (items, item_params), "cases": slot_index(cases), "thumbnails": slot_index(thumbnails),
-            "meta": slot_index(meta)}
-
-
-class MilvusCollections:
-    """The connection and collections of one index, and what its catalog and vector views share: the watermark, the
-    id allocation of a writer, the per-case cache of items and vectors."""
-
-    def __init__(self, connection: MilvusConnection, names: CollectionNames, dim: int):
-        self.connection = connection
-        self.names = names
-        self.dim = dim
-        self.committed_row = 0  # items of cases above this row are not searched (a writer's work in progress)
-        self.manifest_seen = 0.0  # when a reader last read the manifest (its watermark)
-        self.refresh: Callable[[], None] | None = None  # reads the manifest again (set by the index)
-        self.blocks: OrderedDict[int, CaseBlock] = OrderedDict()
-        self.block_bytes = 0
-        self.cache_bytes = int(float(os.environ.get(CACHE_VARIABLE, "512")) * 2**20)
-        self.row_of_item: dict[int, int] = {}  # case row of the items recent searches returned
-        self.cases: OrderedDict[int, CaseRecord] = OrderedDict()  # recently read case records by row
-        self.ranges: dict[int, tuple[int, int]] = {}  # case row -> (its first item id, how many): its items without a query
-        connection.on_reload = lambda _connection: self.load()
-
-    # ----- the collections ----------------------------------------------------------------------
-    def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """A call of the client, retried while the server does not answer."""
-        return self.connection.call(what, method, *args, **kwargs)
-
-    def exists(self) -> bool:
-        """Whether the index's collections are there (all four, or it is damaged: IndexCorruptError)."""
-        found = set(self.call("listing collections", "list_collections"))
-        present = [n for n in self.names.all() if n in found]
-        if present and len(present) < 4:
-            missing = ", ".join(n for n in self.names.all() if n not in found)
-            raise IndexCorruptError(f"{self.connection.location.display}: the collection(s) {missing} are missing; the index is "
-                                    "damaged (drop its collections and build it again)")
-        return bool(present)
-
-    def create(self, vector_index: dict, properties: dict[str, str]) -> None:
-        """The four collections, empty, with their indexes, loaded."""
-        made = schemas(self.dim, vector_index)
-        for kind, name in zip(("items", "cases", "thumbnails", "meta"), self.names.all()):
-            schema, params = made[kind]
-            self.call(f"creating {name}", "create_collection", name, schema=schema, index_params=params,
-                      consistency_level="Strong", properties=properties if kind == "items" else None)
-        self.load()
-
-    def load(self) -> None:
-        """Load every collection into the server's memory (again after a restart)."""
-        for name in self.names.all():
-            self.connection.client().load_collection(name)
-
-    def properties(self) -> dict[str, Any]:
-        """The items collection's properties and vector field (what the server itself says the index is)."""
-        described = self.call("describing the collection", "describe_collection", self.names.items)
-        dims = [int(f.get("params", {}).get("dim", 0)) for f in described.get("fields", []) if f.get("name") == "vector"]
-        return {**(described.get("properties") or {}), "vector_dim": dims[0] if dims else None}
-
-    def drop(self) -> None:
-        """Drop the index's collections (a failed create, or a test)."""
-        for name in self.names.all():
-            self.call(f"dropping {name}", "drop_collection", name)
-
-    def upsert(self, collection: str, rows: list[dict], what: str) -> None:
-        """Write entities by primary key, a batch at a time (asked again after a lost answer, nothing doubles)."""
-        for start in range(0, len(rows), BATCH):
-            self.call(what, "upsert", collection, rows[start:start + BATCH])
-
-    def delete(self, collection: str, expression: str, what: str) -> None:
-        self.call(what, "delete", collection, filter=expression)
-
-    def query(self, collection: str, expression: str, fields: list[str], what: str) -> list[dict]:
-        """Every entity matching an expression (paged; the whole reading asked again if the server stops answering)."""
-
-        def read(client: Any) -> list[dict]:
-            found: list[dict] = []
-            pages = client.query_iterator(collection, batch_size=READ_BATCH, filter=expression, output_fields=fields)
-            try:
-                while True:
-                    page = pages.next()
-                    if not page:
-                        return found
-                    found.extend(page)
-            finally:
-                pages.close()
-
-        return self.connection.retrying(what, read)
-
-    def count(self, collection: str, expression: str = "") -> int:
-        """How many entities match an expression."""
-        found = self.call("counting", "query", collection, filter=expression, output_fields=["count(*)"])
-        return int(found[0]["count(*)"]) if found else 0
-
-    # ----- what readers may see -----------------------------------------------------------------
-    def visible(self) -> str:
-        """The condition on items every search and reading of complete cases adds: committed rows only."""
-        if self.refresh is not None and time.monotonic() - self.manifest_seen > MANIFEST_REFRESH_SECONDS:
-            self.refresh()
-        return f"case_row <= {int(self.committed_row)}"
-
-    # ----- the per-case cache -------------------------------------------------------------------
-    def case_blocks(self, rows: Iterable[int]) -> dict[int, CaseBlock]:
-        """The items and vectors of some cases (read once per case, then from the cache)."""
-        rows = [int(r) for r in rows]
-        wanted = [r for r in dict.fromkeys(rows) if r not in self.blocks]
-        fresh: dict[int, CaseBlock] = {}
-        if wanted:
-            found = self.query(self.names.items, f"case_row in [{','.join(map(str, wanted))}]",
-                               ["id", "case_row", "axis", "ras_r", "ras_a", "ras_s", "size_mm", "vector"], "reading items")
-            by_row: dict[int, list[dict]] = {r: [] for r in wanted}
-            for entity in found:
-                by_row.setdefault(int(entity["case_row"]), []).append(entity)
-            for row, entities in by_row.items():
-                entities.sort(key=lambda e: int(e["id"]))
-                vectors = np.array([e["vector"] for e in entities], np.float32).reshape(len(entities), self.dim)
-                fresh[row] = CaseBlock(np.array([int(e["id"]) for e in entities], np.int64),
-                                       np.array([e["axis"] for e in entities], dtype=object),
-                                       np.array([[e["ras_r"], e["ras_a"], e["ras_s"]] for e in entities], np.float64).reshape(-1, 3),
-                                       np.array([e["size_mm"] for e in entities], np.float64), vectors)
-            for row, block in fresh.items():
-                if row <= self.committed_row:  # complete: its items never change again
-                    self._keep(row, block)
-        out = {}
-        for row in rows:
-            block = fresh.get(row) or self.blocks.get(row)
-            if block is not None:
-                if row in self.blocks:
-                    self.blocks.move_to_end(row)
-                out[row] = block
-        return out
-
-    def _keep(self, row: int, block: CaseBlock) -> None:
-        self.blocks[row] = block
-        self.block_bytes += block.bytes
-        for item in block.ids.tolist():
-            self.row_of_item[item] = row
-        while self.block_bytes > self.cache_bytes and len(self.blocks) > 1:
-            _, dropped = self.blocks.popitem(last=False)
-            self.block_bytes -= dropped.bytes
-
-    def forget(self, rows: Iterable[int] | None = None) -> None:
-        """Drop cached cases (all of them with None): their items changed (labels) or were removed."""
-        for row in list(self.blocks) if rows is None else [int(r) for r in rows]:
-            block = self.blocks.pop(row, None)
-            if block is not None:
-                self.block_bytes -= block.bytes
-            self.cases.pop(row, None)
-            self.ranges.pop(row, None)
-        if rows is None:
-            self.cases.clear()
-        if len(self.row_of_item) > 2_000_000:
-            self.row_of_item.clear()
+def stored_row(case: CaseRecord) -> int:
+    """The row of a case this catalog wrote or read (every one has a row)."""
+    if case.row is None:
+        raise ValueError(f"case {case.case_id} has no row")
+    return case.row
 
 
 class MilvusCatalog:
@@ -354,7 +48,7 @@ class MilvusCatalog:
         self._pending: dict[int, tuple[CaseRecord, str | None, float]] = {}  # this writer's cases not yet complete
 
     # ----- records of the index itself ---------------------------------------------------------
-    def set_meta(self, key: str, value: dict) -> None:
+    def set_meta(self, key: str, value: dict[str, Any]) -> None:
         """Store a JSON value under a key (in parts; stale parts of a longer earlier value removed)."""
         text = json.dumps(value)
         parts = [text[n:n + PART_CHARS] for n in range(0, len(text), PART_CHARS)] or [""]
@@ -362,14 +56,15 @@ class MilvusCatalog:
         self.collections.upsert(self.names.meta, rows, f"writing {key}")
         self.collections.delete(self.names.meta, f"name == {literal(key)} and part >= {len(parts)}", f"writing {key}")
 
-    def meta(self, key: str) -> dict | None:
+    def meta(self, key: str) -> dict[str, Any] | None:
         """A stored JSON value, or None."""
         found = self.collections.query(self.names.meta, f"name == {literal(key)}", ["part", "value"], f"reading {key}")
         if not found:
             return None
         text = "".join(e["value"] for e in sorted(found, key=lambda e: int(e["part"])))
         try:
-            return json.loads(text)
+            value = json.loads(text)
+            return value if isinstance(value, dict) else None
         except ValueError:
             raise IndexCorruptError(f"{self.path}: the record '{key}' is not whole JSON; the index is damaged") from None
 
@@ -379,7 +74,7 @@ class MilvusCatalog:
     def close(self) -> None:
         """Nothing to close here: the index closes the connection."""
 
-    def transaction(self) -> contextlib.AbstractContextManager:
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """No transactions on Milvus: the order of writes and the watermark keep readers whole (module docstring)."""
         return contextlib.nullcontext()
 
@@ -392,19 +87,20 @@ class MilvusCatalog:
         return []
 
     # ----- cases --------------------------------------------------------------------------------
-    def _case(self, entity: dict) -> CaseRecord:
+    def _case(self, entity: dict[str, Any]) -> CaseRecord:
         try:
             data = json.loads(entity["record"])
+            row = int(entity["row"])
             case = CaseRecord(entity["case_id"], entity["source"], data.get("name") or "", entity["series_uid"] or None,
                               data.get("checksum"), data.get("modality"), data.get("body_part"), data.get("shape") or [],
                               data.get("spacing") or [], data.get("ijk_to_ras") or [], data.get("labels") or [],
-                              data.get("metadata") or {}, entity["status"], int(entity["row"]))
+                              data.get("metadata") or {}, entity["status"], row)
         except (KeyError, TypeError, ValueError) as error:
             raise IndexCorruptError(f"{self.path}: a case record cannot be decoded ({error}); the index is damaged") from None
         if int(entity.get("item_count") or 0) > 0:
-            self.collections.ranges[case.row] = (int(entity["first_item"]), int(entity["item_count"]))
+            self.collections.ranges[row] = (int(entity["first_item"]), int(entity["item_count"]))
         if case.status == "complete":
-            self.collections.cases[case.row] = case
+            self.collections.cases[row] = case
             while len(self.collections.cases) > 4096:
                 self.collections.cases.popitem(last=False)
         return case
@@ -415,7 +111,7 @@ class MilvusCatalog:
         found = self.collections.query(self.names.cases, expression, self._CASE_FIELDS, what)
         return [self._case(e) for e in sorted(found, key=lambda e: int(e["row"]))]
 
-    def _entity(self, case: CaseRecord, digest: str | None, added_at: float) -> dict:
+    def _entity(self, case: CaseRecord, digest: str | None, added_at: float) -> dict[str, Any]:
         record = {"name": case.name, "checksum": case.checksum, "modality": case.modality, "body_part": case.body_part,
                   "shape": case.shape, "spacing": case.spacing, "ijk_to_ras": case.ijk_to_ras, "labels": case.labels,
                   "metadata": case.metadata, "added_at": added_at}
@@ -423,8 +119,9 @@ class MilvusCatalog:
         if len(text) > 65_535:
             raise ParameterError(f"case {case.case_id}: its record ({len(text)} characters of JSON) is longer than a Milvus text "
                                  "field holds (65,535); its metadata is too large")
-        first, count = self.collections.ranges.get(int(case.row), (0, 0))
-        return {"row": int(case.row), "case_id": case.case_id, "source": case.source[:4096], "series_uid": case.series_uid or "",
+        row = stored_row(case)
+        first, count = self.collections.ranges.get(row, (0, 0))
+        return {"row": row, "case_id": case.case_id, "source": case.source[:4096], "series_uid": case.series_uid or "",
                 "shape": json.dumps([int(n) for n in case.shape]), "status": case.status, "digest": digest or "",
                 "record": text, "first_item": first, "item_count": count, "slot": SLOT}
 
@@ -468,7 +165,7 @@ class MilvusCatalog:
             raise IndexCorruptError(f"{self.path}: case row {row_id} is missing; the index is damaged")
         return found[0]
 
-    def set_case_labels(self, row: int, labels: list[str], metadata: dict) -> None:
+    def set_case_labels(self, row: int, labels: list[str], metadata: dict[str, Any]) -> None:
         """Replace a case's labels and metadata, and the filterable fields of its items."""
         case, digest, added = self._known(row)
         case.labels, case.metadata = list(labels), dict(metadata)
@@ -558,7 +255,7 @@ class MilvusCatalog:
                     return False
             return True
 
-        return [case.row for case in self.cases() if matches(case)]
+        return [stored_row(case) for case in self.cases() if matches(case)]
 
     def _check_fields(self, filters: dict[str, str]) -> None:
         known = self.filter_fields()
@@ -612,7 +309,7 @@ class MilvusCatalog:
 
     _ITEM_FIELDS = ["id", "case_row", "kind", "axis", "slice_index", "plane", "ras_r", "ras_a", "ras_s", "size_mm", "place"]
 
-    def _item(self, entity: dict) -> ItemRecord:
+    def _item(self, entity: dict[str, Any]) -> ItemRecord:
         try:
             place = json.loads(entity["place"])
             return ItemRecord(entity["kind"], entity["axis"], int(entity["slice_index"]), int(entity["plane"]),
@@ -646,7 +343,7 @@ class MilvusCatalog:
         if case_rows is None:
             self.collections.visible()
             committed = self.collections.committed_row
-            rows = [c.row for c in self.cases() if c.row <= committed]
+            rows = [row for row in map(stored_row, self.cases()) if row <= committed]
         else:
             rows = [int(r) for r in case_rows]
         ranges = self.collections.ranges
@@ -744,159 +441,3 @@ class MilvusCatalog:
             return np.frombuffer(zlib.decompress(base64.b64decode(packed)), dtype=np.uint8).reshape(int(rows), int(cols))
         except (zlib.error, ValueError, TypeError) as error:
             raise IndexCorruptError(f"{self.path}: a thumbnail cannot be decoded ({error}); the index is damaged") from None
-
-
-class MilvusVectors:
-    """The vectors of a Milvus-backed index: nearest items filtered inside the search, and stored vectors by id."""
-
-    def __init__(self, collections: MilvusCollections, kind: str, metric_params: dict):
-        self.collections = collections
-        self.names = collections.names
-        self.dim = collections.dim
-        self.kind = kind  # the vector index on the server: 'hnsw' or 'flat'
-        self.metric_params = metric_params
-        self.ef_search = HNSW_EF_SEARCH
-        self.rows = None  # no float16 rows file (what faiss_store's compressed store has)
-        self.transform = None
-
-    scores_transformed = False  # scores are raw inner products (the folder's first stage folds a transform into the query)
-
-    @property
-    def count(self) -> int:
-        """Vectors stored (a writer's pending ones too)."""
-        return self.collections.count(self.names.items)
-
-    def ids(self) -> np.ndarray:
-        """Every id held (committed or not), sorted."""
-        found = self.collections.query(self.names.items, "id >= 0", ["id"], "reading item ids")
-        return np.sort(np.array([int(e["id"]) for e in found], np.int64))
-
-    def remove(self, ids: np.ndarray) -> bool:
-        """Delete items (for real: Milvus needs no tombstones)."""
-        if len(ids):
-            self.collections.delete(self.names.items, id_expression(np.asarray(ids)), "removing items")
-        return True
-
-    def save(self, path: str | None = None) -> None:
-        """Nothing to save: the server keeps what it acknowledged."""
-
-    def _condition(self, allowed: Allowed, excluded: np.ndarray | None) -> str:
-        clauses = [self.collections.visible()]
-        if isinstance(allowed, CaseFilter):
-            clauses.append(f"({allowed.expression})")
-        elif allowed is not None:
-            clauses.append(id_expression(np.asarray(allowed)))
-        if excluded is not None and len(excluded):
-            clauses.append(f"not {id_expression(np.asarray(excluded))}")
-        return " and ".join(clauses)
-
-    def search(self, queries: np.ndarray, k: int, allowed: Allowed = None, excluded: np.ndarray | None = None,
-               ef_search: int | None = None, raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query among the allowed items minus the excluded ones, filtered inside Milvus's search;
-        -1 pads. Scores are raw inner products (``raw`` changes nothing here)."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        k = max(1, int(k))
-        scores = np.full((len(queries), k), -np.inf, np.float32)
-        ids = np.full((len(queries), k), -1, np.int64)
-        if not np.all(np.isfinite(queries)):
-            raise ModelError("a query vector is not finite (NaN or infinite); nothing can be ranked with it")
-        if (isinstance(allowed, CaseFilter) and not allowed.matching) or (isinstance(allowed, np.ndarray) and not len(allowed)):
-            return scores, ids
-        params: dict[str, Any] = {"metric_type": "IP"}
-        if self.kind == "hnsw":
-            params["params"] = {"ef": max(ef_search or self.ef_search, k)}
-        found = self.collections.call("searching", "search", self.names.items, data=list(queries), limit=k,
-                                      filter=self._condition(allowed, excluded), output_fields=["case_row"],
-                                      search_params=params, anns_field="vector")
-        rows = self.collections.row_of_item
-        for n, hits in enumerate(found):
-            for m, hit in enumerate(list(hits)[:k]):
-                item = int(hit["id"])
-                ids[n, m], scores[n, m] = item, float(hit["distance"])
-                rows[item] = int(hit["entity"]["case_row"])
-        if not np.all(np.isfinite(scores[ids >= 0])):
-            raise IndexCorruptError(f"{self.collections.connection.location.display}: a stored vector gives a score that is not a "
-                                    "number; the index is damaged: run 'cbir index verify'")
-        return scores, ids
-
-    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of some ids (from the per-case cache when their case is there), float32."""
-        return self.reconstruct(ids)
-
-    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of some ids (N, dim) float32; KeyError naming ids that are not held."""
-        return self._reconstruct(np.ascontiguousarray(ids, dtype=np.int64), read_cases=True)
-
-    def _reconstruct(self, ids: np.ndarray, read_cases: bool) -> np.ndarray:
-        out = np.empty((len(ids), self.dim), np.float32)
-        if not len(ids):
-            return out
-        done = np.zeros(len(ids), bool)
-        rows = self.collections.row_of_item
-        for row in {rows[i] for i in ids.tolist() if i in rows}:
-            block = self.collections.blocks.get(row)
-            if block is None:
-                continue
-            at = np.minimum(np.searchsorted(block.ids, ids), len(block.ids) - 1)
-            hit = (block.ids[at] == ids) & ~done
-            out[hit] = block.vectors[at[hit]]
-            done |= hit
-        missing = ids[~done]
-        if len(missing) and read_cases and self._read_cases_of(missing):
-            return self._reconstruct(ids, read_cases=False)
-        if len(missing):
-            wanted = np.unique(missing)
-            found: dict[int, np.ndarray] = {}
-            for start in range(0, len(wanted), READ_BATCH):
-                chunk = [int(i) for i in wanted[start:start + READ_BATCH]]
-                for entity in self.collections.call("reading vectors", "get", self.names.items, ids=chunk,
-                                                    output_fields=["case_row", "vector"]):
-                    found[int(entity["id"])] = np.asarray(entity["vector"], np.float32)
-                    rows[int(entity["id"])] = int(entity["case_row"])
-            absent = [int(i) for i in wanted if int(i) not in found]
-            if absent:
-                raise KeyError(f"ids not in the store: {absent[:5]}")
-            out[~done] = np.stack([found[int(i)] for i in missing])
-        return out
-
-    def _read_cases_of(self, ids: np.ndarray) -> bool:
-        """Read the whole cases of some ids into the cache when they hold at most 4x as many items (a first stage's hits
-        fall in the candidate cases that MaxSim reads whole next); whether it did."""
-        rows = self.collections.row_of_item
-        cases = {rows.get(int(i)) for i in np.unique(ids)}
-        if None in cases or not cases or any(r > self.collections.committed_row for r in cases):
-            return False
-        ranges = self.collections.ranges
-        unknown = [r for r in cases if r not in ranges]
-        if unknown:
-            for entity in self.collections.query(self.names.cases, f"row in [{','.join(map(str, unknown))}]",
-                                                 ["row", "first_item", "item_count"], "reading cases"):
-                if int(entity["item_count"] or 0) > 0:
-                    ranges[int(entity["row"])] = (int(entity["first_item"]), int(entity["item_count"]))
-        if any(r not in ranges for r in cases):
-            return False
-        if sum(ranges[r][1] for r in cases) > 4 * len(ids):
-            return False
-        self.collections.case_blocks(sorted(cases))
-        return all(r in self.collections.blocks for r in cases)
-
-    def vector_problems(self, batch: int = READ_BATCH) -> list[str]:
-        """Every stored vector checked: finite and of unit length (the model's L2-normalised output)."""
-        from .faiss_store import UNIT_TOLERANCE
-
-        not_finite = not_unit = 0
-        first_nan = first_off = None
-        for entity in self.collections.query(self.names.items, "id >= 0", ["id", "vector"], "reading every vector"):
-            vector = np.asarray(entity["vector"], np.float64)
-            if not np.all(np.isfinite(vector)):
-                not_finite += 1
-                first_nan = first_nan if first_nan is not None else int(entity["id"])
-            elif abs(float(vector @ vector) - 1) > 2 * UNIT_TOLERANCE:
-                not_unit += 1
-                first_off = first_off if first_off is not None else int(entity["id"])
-        problems = []
-        if not_finite:
-            problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first id {first_nan})")
-        if not_unit:
-            problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
-        return problems

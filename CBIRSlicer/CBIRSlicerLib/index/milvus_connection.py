@@ -33,9 +33,11 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import InputError, ParameterError, StoreUnavailableError
+
+T = TypeVar("T")
 
 SCHEMES = ("milvus://", "milvus+https://")
 DEFAULT_PORT = 19530
@@ -79,7 +81,7 @@ def _restored(text: str) -> str:
     return text
 
 
-def is_milvus_location(text: str | os.PathLike | None) -> bool:
+def is_milvus_location(text: str | os.PathLike[str] | None) -> bool:
     """Whether a location names a Milvus-backed index: a milvus:// URI, or a ``.db`` path that is not an index folder."""
     if not text:
         return False
@@ -236,7 +238,7 @@ class MilvusConnection:
         one-line error after that, or at once for refused credentials and requests the server refuses."""
         return self.retrying(what, lambda client: getattr(client, method)(*args, **kwargs))
 
-    def retrying(self, what: str, work: Callable[[Any], Any]) -> Any:
+    def retrying(self, what: str, work: Callable[[Any], T]) -> T:
         """``work(client)``, done again from the start while the server does not answer (see :meth:`call`)."""
         began = time.monotonic()
         pause = 0.25

@@ -3,7 +3,8 @@
 It answers what the folder's :class:`folder.Index` answers (:mod:`searchable`), so searching, placement, feedback,
 suggestions, saved searches and the module work on it unchanged, and it reuses the folder writer's logic of which
 cases to add, skip, replace or remove (:class:`writer.IndexWriter`); what differs is where things are kept
-(:mod:`milvus_catalog`) and how a commit is made:
+(:mod:`milvus_collections`, :mod:`milvus_catalog`, :mod:`milvus_vectors`; its own records in
+:mod:`milvus_records`) and how a commit is made:
 
 * **The manifest** is the folder's (format, model fingerprint and digest, slicing settings, index type, privacy, counts,
   state, the pinned vector transform), plus ``store`` (Milvus, the collection), ``committed_row`` (the watermark readers
@@ -22,134 +23,51 @@ cases to add, skip, replace or remove (:class:`writer.IndexWriter`); what differ
 from __future__ import annotations
 
 import base64
-import copy
 import os
-import socket
-import threading
 import time
-import uuid
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 
 from ..clock import now_utc
-from ..errors import CBIRError, IndexCorruptError, IndexLockedError, IndexMismatchError, InputError, ParameterError
+from ..errors import CBIRError, IndexCorruptError, InputError, ParameterError
 from ..models.base import Embedder
 from . import privacy, vector_transform
-from .faiss_store import KINDS, vector_problem
+from .catalog import CaseRecord, ItemRecord
+from .faiss_store import vector_problem
 from .files import BASE_VERSION, CLEAN, FORMAT, WRITING
 from .integrity import SEAL, seal
 from .items import IndexSettings
-from .milvus_catalog import HNSW_EF_CONSTRUCTION, HNSW_M, CollectionNames, MilvusCatalog, MilvusCollections, MilvusVectors
+from .milvus_catalog import MilvusCatalog
+from .milvus_collections import CollectionNames, MilvusCollections, vector_index
 from .milvus_connection import MilvusConnection, MilvusLocation, parse_location
+from .milvus_records import (
+    DIGEST_PROPERTY,
+    LAYOUT,
+    RESERVE_ITEMS,
+    RESERVE_ROWS,
+    WriterLease,
+    lease_seconds,
+    read_manifest,
+    transform_record,
+)
+from .milvus_vectors import MilvusVectors
 from .searchable import CaseFilter
 from .verify import verify
 from .writer import IndexWriter
-
-LAYOUT = 1  # the collections' layout (milvus_catalog); a newer one is refused
-LEASE_VARIABLE = "CBIR_MILVUS_LEASE_SECONDS"
-DEFAULT_LEASE_SECONDS = 60.0
-RESERVE_ROWS, RESERVE_ITEMS = 1_024, 1 << 20  # ids reserved ahead of use, so a crash never lets two writers share one
-DIGEST_PROPERTY = "cbirslicer.model_digest"
-_writing_here: set[str] = set()  # indexes this process holds the lease of (a second writer here is refused at once)
-
-
-def lease_seconds() -> float:
-    """How long a writer's lease lasts without a heartbeat (CBIR_MILVUS_LEASE_SECONDS, default 60)."""
-    try:
-        return max(1.0, float(os.environ.get(LEASE_VARIABLE, DEFAULT_LEASE_SECONDS)))
-    except ValueError:
-        raise ParameterError(f"{LEASE_VARIABLE} must be a number of seconds") from None
-
-
-def vector_index(kind: str, local: bool) -> tuple[str, dict]:
-    """The server's vector index for a requested index type: HNSW (M 32, efConstruction 80, as the folder's) or FLAT."""
-    if kind not in KINDS:
-        raise ParameterError(f"index type must be one of {', '.join(KINDS)}, not '{kind}'")
-    if kind == "flat":
-        return "flat", {"index_type": "FLAT", "metric_type": "IP"}
-    if kind == "ivfpq":
-        if local:
-            raise ParameterError("milvus-lite has no product-quantised index; use --index-type hnsw or flat with a .db file "
-                                 "(a Milvus server builds IVF_PQ)")
-        return "ivfpq", {"index_type": "IVF_PQ", "metric_type": "IP", "params": {"nlist": 4096, "m": 64, "nbits": 8}}
-    # 'auto' is HNSW: Milvus searches a growing segment exactly until it seals, so small collections lose nothing.
-    return "hnsw", {"index_type": "HNSW", "metric_type": "IP", "params": {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}}
-
-
-class WriterLease:
-    """The one-writer rule on a server: a lease record renewed by a heartbeat thread, taken over only once it is stale."""
-
-    def __init__(self, catalog: MilvusCatalog, location: MilvusLocation):
-        self.catalog, self.location = catalog, location
-        self.token = uuid.uuid4().hex
-        self.holder = f"process {os.getpid()} on {socket.gethostname()} since {now_utc()}"
-        self.seconds = lease_seconds()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.key = f"{location.uri}#{location.collection}"
-
-    def current(self) -> dict | None:
-        """The lease record as stored, if a live writer holds it."""
-        found = self.catalog.meta("writer")
-        if not found or found.get("token") == self.token:
-            return found
-        alive = time.time() - float(found.get("beat", 0)) < self.seconds
-        # A milvus-lite file is held by one process (its own file lock): a lease left in it is a dead process's.
-        return found if alive and self.location.local_path is None else None
-
-    def acquire(self) -> None:
-        """Take the lease, or IndexLockedError naming the holder."""
-        if self.key in _writing_here:
-            raise IndexLockedError(f"{self.location.display}: the index is being written by this process already "
-                                   "(only one writer at a time)")
-        found = self.current()
-        if found and found.get("token") != self.token:
-            raise IndexLockedError(f"{self.location.display}: the index is being written by {found.get('holder')}; wait for it to "
-                                   "finish (only one writer at a time)")
-        self._beat()
-        if self.location.local_path is None:
-            time.sleep(0.3)  # two writers that read 'free' at once: the later write wins, the other sees it and stands back
-            found = self.catalog.meta("writer")
-            if not found or found.get("token") != self.token:
-                raise IndexLockedError(f"{self.location.display}: the index is being written by "
-                                       f"{(found or {}).get('holder', 'another process')}; wait for it to finish")
-        _writing_here.add(self.key)
-        self._thread = threading.Thread(target=self._renew, name="cbir-milvus-lease", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        self.catalog.set_meta("writer", {"holder": self.holder, "token": self.token, "beat": time.time()})
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.seconds / 4):
-            try:
-                self._beat()
-            except CBIRError:  # the server is away: the writer's own calls say so; the lease lapses if it stays away
-                pass
-
-    def release(self) -> None:
-        """Stop renewing and remove the lease (if it is still ours)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        _writing_here.discard(self.key)
-        try:
-            found = self.catalog.meta("writer")
-            if found and found.get("token") == self.token:
-                self.catalog.delete_meta("writer")
-        except CBIRError:  # the server is away: the lease lapses by itself
-            pass
-
-
-def transform_record(checksum: str) -> str:
-    """The meta record holding a fitted transform's bytes."""
-    return f"transform:{checksum}"
 
 
 class MilvusIndex(IndexWriter):
     """An index in Milvus collections. Open with :meth:`create` or :meth:`open` (or :func:`location.open_index`)."""
 
-    def __init__(self, location: MilvusLocation, collections: MilvusCollections, manifest: dict, writable: bool):
+    # The folder writer's logic over the server's catalog, vectors and lease: they answer as the folder's do (what
+    # searchable.CatalogView and VectorView name, and what the writer calls) without being the folder's classes.
+    catalog: MilvusCatalog  # type: ignore[assignment]
+    store: MilvusVectors  # type: ignore[assignment]
+    _lock: WriterLease | None  # type: ignore[assignment]
+
+    def __init__(self, location: MilvusLocation, collections: MilvusCollections, manifest: dict[str, Any], writable: bool):
         self.location = location
         self.folder = location.display
         self.manifest = manifest
@@ -199,7 +117,8 @@ class MilvusIndex(IndexWriter):
         }
         index = cls(location, collections, manifest, writable=True)
         try:
-            index._lock.acquire()
+            if index._lock is not None:  # always: a new index is opened for writing
+                index._lock.acquire()
             index.catalog.set_meta("identity", index._identity())
             index._reserve(1, 1)
             index._save_manifest()
@@ -223,7 +142,7 @@ class MilvusIndex(IndexWriter):
             collections.dim = int(manifest["model"]["fingerprint"]["dim"])
             index = cls(location, collections, manifest, writable)
             index._check(strict)
-            if writable:
+            if index._lock is not None:  # writable
                 index._lock.acquire()
         except BaseException:
             collections.connection.close()
@@ -266,7 +185,7 @@ class MilvusIndex(IndexWriter):
 
     def _lease_alive(self) -> bool:
         found = self.catalog.meta("writer")
-        return bool(found) and time.time() - float(found.get("beat", 0)) < lease_seconds()
+        return found is not None and time.time() - float(found.get("beat", 0)) < lease_seconds()
 
     def _load_transform(self, writable: bool) -> None:
         pinned = self.manifest.get("transform") or {}
@@ -322,10 +241,10 @@ class MilvusIndex(IndexWriter):
     def _purge_pending(self) -> None:
         """Remove a killed writer's pending cases, and any item whose case row is gone (a delete cut short); then count
         what is committed (every item left)."""
-        pending = [c.row for c in self.catalog.cases(status="pending")]
+        pending = [c.row for c in self.catalog.cases(status="pending") if c.row is not None]
         if pending:
             self.catalog.delete_cases(pending)
-        kept = [c.row for c in self.catalog.cases(status=None) if c.row > self.collections.committed_row]
+        kept = [c.row for c in self.catalog.cases(status=None) if c.row is not None and c.row > self.collections.committed_row]
         condition = f"case_row > {self.collections.committed_row}"
         if kept:
             condition += f" and case_row not in [{','.join(map(str, kept))}]"
@@ -342,7 +261,8 @@ class MilvusIndex(IndexWriter):
         self.catalog.delete_cases(rows)
         self._pending_rows = [r for r in self._pending_rows if r not in rows]
 
-    def _store_case(self, record, items, vectors, digest, thumbnails=None) -> int:
+    def _store_case(self, record: CaseRecord, items: list[ItemRecord], vectors: np.ndarray, digest: str | None,
+                    thumbnails: dict[tuple[str, int], np.ndarray] | None = None) -> int:
         """Write a case (pending), its thumbnails and its items with their vectors; the next checkpoint completes it."""
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(items), self.collections.dim):
@@ -361,8 +281,9 @@ class MilvusIndex(IndexWriter):
         """Mark the pending cases complete, then move the watermark readers search below (the manifest, still 'writing')."""
         self._require_writer()
         if self._pending_rows:
-            self._committed["cases"] += len(self._pending_rows)
-            self._committed["items"] += len(self.catalog.item_ids(self._pending_rows))
+            if self._committed is not None:  # always, for a writer
+                self._committed["cases"] += len(self._pending_rows)
+                self._committed["items"] += len(self.catalog.item_ids(self._pending_rows))
             self.catalog.set_status(self._pending_rows, "complete")
             self.manifest["committed_row"] = max(int(self.manifest.get("committed_row", 0)), *self._pending_rows)
             self.collections.committed_row = self.manifest["committed_row"]
@@ -412,7 +333,7 @@ class MilvusIndex(IndexWriter):
     def _save(self) -> None:
         self._save_manifest()
 
-    def _counts(self) -> dict:
+    def _counts(self) -> dict[str, Any]:
         """Complete cases and their items: a writer keeps them as it commits and removes (a filtered count is a scan on
         milvus-lite); a reader asks (the items then include a running writer's pending ones)."""
         if self._committed is not None:
@@ -479,7 +400,7 @@ class MilvusIndex(IndexWriter):
     def __enter__(self) -> MilvusIndex:
         return self
 
-    def __exit__(self, kind, value, tb) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if kind is not None and self._lock is not None:
             if issubclass(kind, CBIRError) and not issubclass(kind, (IndexCorruptError,)) and not _server_gone(value):
                 try:  # a refusal: drop what is unfinished and seal the rest, as the folder does
@@ -494,7 +415,7 @@ class MilvusIndex(IndexWriter):
         self.close()
 
     # ----- describing and checking -----------------------------------------------------------------
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What the index is: model, settings, type, counts, size (a local milvus-lite file's; None on a server), state."""
         size = None
         if self.location.local_path is not None:
@@ -565,27 +486,3 @@ def _server_gone(error: BaseException | None) -> bool:
     from ..errors import StoreUnavailableError
 
     return isinstance(error, StoreUnavailableError)
-
-
-def read_manifest(catalog: MilvusCatalog, location: MilvusLocation) -> dict:
-    """The index's manifest record, its seal and format checked."""
-    manifest = catalog.meta("manifest")
-    where = f"{location.display} (record 'manifest')"
-    if not isinstance(manifest, dict):
-        raise IndexCorruptError(f"{where}: missing; the collections hold no CBIRSlicer manifest")
-    if manifest.get("format") != FORMAT:
-        raise IndexCorruptError(f"{where}: not a CBIRSlicer index manifest")
-    recorded = manifest.get(SEAL)
-    if recorded is None or seal(copy.deepcopy(manifest))[SEAL] != recorded:
-        raise IndexCorruptError(f"{where}: its checksum does not match its content; it was altered or is damaged")
-    store = manifest.get("store") or {}
-    if store.get("kind") != "milvus" or int(store.get("layout", 0)) > LAYOUT:
-        raise IndexMismatchError(f"{location.display}: written by a newer CBIRSlicer (Milvus layout {store.get('layout')}, this one "
-                                 f"reads up to {LAYOUT}); update CBIRSlicer to use it")
-    try:
-        int(manifest["model"]["fingerprint"]["dim"])
-        IndexSettings.from_stored(manifest["settings"])
-        manifest["index_type"]["current"]
-    except (KeyError, TypeError, ValueError, CBIRError) as error:
-        raise IndexCorruptError(f"{where}: lacks or garbles {error}") from None
-    return manifest

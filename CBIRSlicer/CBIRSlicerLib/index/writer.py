@@ -13,7 +13,9 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +58,7 @@ def source_checksum(source: CaseSource) -> str:
     return digest.hexdigest()
 
 
-def embedded_items(volume, settings: IndexSettings, embedder: Embedder) -> tuple[VolumeItems, np.ndarray]:
+def embedded_items(volume: Volume, settings: IndexSettings, embedder: Embedder) -> tuple[VolumeItems, np.ndarray]:
     """A volume's items and their vectors: slices, tiles and blob crops for 2D models; whole volume and cells for 3D ones."""
     if embedder.embeds_volumes:
         return volume_items_3d(volume, embedder, settings)
@@ -143,8 +145,8 @@ class PreparedCase:
     items: list[ItemRecord] = field(default_factory=list)
     vectors: np.ndarray | None = None
     digest: str | None = None
-    thumbnails: dict = field(default_factory=dict)
-    header: dict = field(default_factory=dict)  # the volume's header metadata, identifying fields included
+    thumbnails: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    header: dict[str, Any] = field(default_factory=dict)  # the volume's header metadata, identifying fields included
     warning: str | None = None
     skipped: str | None = None
     unchanged: bool = False
@@ -166,7 +168,8 @@ def _fetched_problem(error: BaseException, source: CaseSource) -> str:
 
 
 def prepare_case(source: CaseSource, embedder: Embedder, settings: IndexSettings, labels: list[str], known_checksum: str | None,
-                 loaded=None, remote: str | None = None, label: str | None = None) -> PreparedCase:
+                 loaded: Future[tuple[str, Volume | None]] | None = None, remote: str | None = None,
+                 label: str | None = None) -> PreparedCase:
     """Read, check and embed one case unless the index holds it with this checksum already; never raises for a case that
     cannot be indexed (``skipped`` says why). ``loaded``: a future of its (checksum, volume); ``remote`` names a DICOM
     database or PACS it came from."""
@@ -211,7 +214,7 @@ class IndexWriter(IndexFolder):
     """What a writer (holding the folder lock) does to an index's cases: add, re-index, remove, refresh."""
 
     def _purge_pending(self) -> None:
-        pending = [c.row for c in self.catalog.cases(status="pending")]
+        pending = [c.row for c in self.catalog.cases(status="pending") if c.row is not None]
         if pending:
             self._remove_rows(pending)
             self._save()
@@ -361,7 +364,8 @@ class IndexWriter(IndexFolder):
         return len(planned)
 
     def _index_source(self, source: CaseSource, embedder: Embedder, labels: list[str], report: BuildReport,
-                      loaded=None, remote: str | None = None, label: str | None = None) -> None:
+                      loaded: Future[tuple[str, Volume | None]] | None = None, remote: str | None = None,
+                      label: str | None = None) -> None:
         """Index one case (or note it unchanged or skipped, with why); ``loaded``: a future of its (checksum, volume);
         ``remote`` names a DICOM database or PACS it came from."""
         case_id = case_id_for(source) if remote is None else remote_case_id(remote, source.series_uid or "")
@@ -383,7 +387,7 @@ class IndexWriter(IndexFolder):
             return
         if prepared.warning:
             report.warnings.append((prepared.label, prepared.warning))
-        if existing is not None:
+        if existing is not None and existing.row is not None:
             self._remove_rows([existing.row])
         record = dataclasses.replace(prepared.record, metadata={**privacy.private_metadata(prepared.header, self.privacy_policy),
                                                                  **prepared.record.metadata})
@@ -392,7 +396,7 @@ class IndexWriter(IndexFolder):
         report.vectors += len(prepared.items)
 
     def _store_case(self, record: CaseRecord, items: list[ItemRecord], vectors: np.ndarray, digest: str | None,
-                    thumbnails: dict | None = None) -> int:
+                    thumbnails: dict[tuple[str, int], np.ndarray] | None = None) -> int:
         """Insert a case, its items and thumbnails (pending) and add its vectors; the next checkpoint completes it."""
         with self.catalog.transaction():
             row = self.catalog.add_case(record, time.time())
@@ -415,9 +419,9 @@ class IndexWriter(IndexFolder):
         self._require_writer()
         began = time.monotonic()
         report = BuildReport()
-        cases = list(cases) if progress is not None else cases
-        total = len(cases) if progress is not None else 0
-        for n, case in enumerate(cases):
+        listed = list(cases) if progress is not None else None
+        total = len(listed) if listed is not None else 0
+        for n, case in enumerate(listed if listed is not None else cases):
             record = case.record
             if progress is not None:
                 progress(n, total, record.case_id)
@@ -452,7 +456,8 @@ class IndexWriter(IndexFolder):
             case = self.catalog.case_by_id(key) or by_source.get(os.path.abspath(key))
             if case is None:
                 raise InputError(key, f"is not a case of the index {self.folder}")
-            rows.append(case.row)
+            if case.row is not None:
+                rows.append(case.row)
             removed.append(case.case_id)
         self._remove_rows(rows)
         self._save()

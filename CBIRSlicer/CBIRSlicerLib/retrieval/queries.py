@@ -16,7 +16,7 @@ import os
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal, cast, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import numpy as np
 
@@ -24,11 +24,13 @@ from ..errors import GeometryError, InputError, ParameterError
 from ..imaging import body_parts, body_region
 from ..imaging.intensity import choose_window, to_uint8_rgb
 from ..imaging.roi import RoiBox, Segment
-from ..imaging.slicing import crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
+from ..imaging.slicing import SliceImage, crop_box, extract_slices, montage_planes, nearest_slice, plan_grid, planes_in
 from ..imaging.volume import Volume
 from ..index import privacy
 from ..index.searchable import SearchableIndex
 from .marks import Feedback
+
+T = TypeVar("T")
 
 MAX_QUERY_IMAGES = 16  # a query embeds at most this many images: about a second or two of ViT-B on a CPU
 
@@ -60,13 +62,13 @@ class Prior:
     regions: tuple[str, ...] = ()
     levels: tuple[float, float] | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The answer's ``query.prior``."""
         return {"modality": self.modality, "body_part": self.body_part, "regions": list(self.regions),
                 "levels": [round(float(v), 1) for v in self.levels] if self.levels else None}
 
     @classmethod
-    def from_json(cls, data: dict) -> Prior:
+    def from_json(cls, data: dict[str, Any]) -> Prior:
         """Back from the answer's ``query.prior`` (answers saved before the regions and levels: their body part alone)."""
         levels = data.get("levels")
         return cls(data.get("modality"), data.get("body_part"), tuple(data.get("regions") or ()),
@@ -117,13 +119,13 @@ class QuerySpec:
         if self.match not in MATCH_INTENTS:
             raise ParameterError(f"match intent must be one of {', '.join(MATCH_INTENTS)}, not '{self.match}'")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The answer's ``query`` (the CLI contract): the keys of its mode, then the prior, marks, intent and margin.
 
         A segment query says mode 'roi' with its ``segment`` name, as the answers always have (its box is an ROI's).
         """
         if self.mode == "text":
-            out: dict = {"text": self.text, "mode": "text"}
+            out: dict[str, Any] = {"text": self.text, "mode": "text"}
         elif self.mode == "item":
             out = {"item": self.item, "case_id": self.case_id, "mode": "item", "axis": self.axis}
         else:
@@ -147,7 +149,7 @@ class QuerySpec:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> QuerySpec:
+    def from_json(cls, data: dict[str, Any]) -> QuerySpec:
         """Back from an answer's ``query`` (raises ParameterError on an unknown mode, KeyError / ValueError when malformed)."""
         mode = "segment" if data.get("mode") == "roi" and "segment" in data else data.get("mode")
         if mode not in QUERY_MODES:
@@ -249,14 +251,14 @@ def item_query(index: SearchableIndex, item_id: int) -> Query:
     return make_query(QuerySpec("item", item=int(item_id)), None, index)
 
 
-def _sample(items: list, count: int) -> list:
+def _sample(items: list[T], count: int) -> list[T]:
     """At most ``count`` items evenly spread over a list (first and last kept)."""
     if len(items) <= count:
         return items
     return [items[i] for i in montage_planes(0, len(items) - 1, count)]
 
 
-def _own(volume: Volume, index: SearchableIndex) -> dict:
+def _own(volume: Volume, index: SearchableIndex) -> dict[str, Any]:
     """How to leave the query volume's own case out: its path, and the cases holding the same voxels or series.
 
     A copy of an indexed file elsewhere, in another format, or a volume loaded into Slicer from DICOM has another
@@ -351,7 +353,7 @@ def _volume(spec: QuerySpec, volume: Volume, index: SearchableIndex, count: int 
                  **_own(volume, index), volume=volume, **_whole_boxes(index, images))
 
 
-def _whole_boxes(index: SearchableIndex, images: list) -> dict:
+def _whole_boxes(index: SearchableIndex, images: list[SliceImage]) -> dict[str, Any]:
     """For a dense index, whole slices pool their whole grid (as the index's slice items do)."""
     if not _dense(index):
         return {}
@@ -362,7 +364,7 @@ def _item(spec: QuerySpec, index: SearchableIndex) -> Query:
     """'More like this': an indexed item's own vector; its case is left out."""
     item_id = int(cast(int, spec.item))
     item = index.catalog.items([item_id]).get(item_id) if 0 < item_id < 2**63 else None
-    if item is None:
+    if item is None or item.case_row is None:
         raise ParameterError(f"item {item_id} is not in the index {index.folder}")
     case = index.catalog.case_by_row(item.case_row)
     made = dataclasses.replace(spec, case_id=case.case_id, axis=item.axis)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -25,7 +26,8 @@ from ..models.base import Embedder, Fingerprint
 from ..models.worker import EmbeddingService, Job
 from ..progress import PendingCall, Progress, State
 from ..retrieval.answers import CaseResult, SearchAnswer
-from ..retrieval.feedback import DEFAULT_STRATEGY, Feedback, search_again
+from ..retrieval.feedback import DEFAULT_STRATEGY, search_again
+from ..retrieval.marks import Feedback
 from ..retrieval.queries import VOLUME_MODES, Query, QuerySpec, make_query
 from ..retrieval.search import Searcher, embedding_request
 from .nodes import node_state, roi_from_node, segment_from_node, volume_from_node
@@ -74,7 +76,7 @@ def existing_model(location: str) -> str | None:
     return index_summary(location)["model"]
 
 
-def index_summary(folder: str) -> dict:
+def index_summary(folder: str) -> dict[str, Any]:
     """What the index panel shows: model, cases, vectors, dates (the index's own info), read without a lock."""
     index = open_index(folder)
     try:
@@ -83,14 +85,14 @@ def index_summary(folder: str) -> dict:
         index.close()
 
 
-def describe_index(info: dict) -> str:
+def describe_index(info: dict[str, Any]) -> str:
     """One line for the panel from :func:`index_summary`."""
     counts = info["counts"]
     return (f"{counts['cases']} cases, {counts['vectors']} vectors ({info['index_type']}), model {info['model']}; "
             f"updated {info['updated']}")
 
 
-def case_window(index: SearchableIndex, case_id: str) -> dict | None:
+def case_window(index: SearchableIndex, case_id: str) -> dict[str, Any] | None:
     """The intensity window the index cut a case's images with ({'name', 'lower', 'upper'}), to show it the same way."""
     case = index.catalog.case_by_id(case_id)
     return case.metadata.get("window") if case is not None else None
@@ -99,7 +101,7 @@ def case_window(index: SearchableIndex, case_id: str) -> dict | None:
 class ServiceModel(Embedder):
     """The model of a running EmbeddingService, seen as an Embedder: its identity, with images embedded in the worker."""
 
-    def __init__(self, service: EmbeddingService, info: dict):
+    def __init__(self, service: EmbeddingService, info: dict[str, Any]):
         self.service = service
         self.name = info["name"]
         self.dim = int(info["dim"])
@@ -115,7 +117,7 @@ class ServiceModel(Embedder):
         return self.service.submit_text(texts).result()
 
 
-_recent_volume: dict = {}  # the last query node's state and Volume (one, so a large CT is held once at most)
+_recent_volume: dict[str, Any] = {}  # the last query node's state and Volume (one, so a large CT is held once at most)
 
 
 def query_volume(volume_node) -> Volume:
@@ -139,8 +141,9 @@ def query_from_nodes(index: SearchableIndex, volume_node, axis: str = "axial", m
     volume = query_volume(volume_node)
     if mode == "roi" and roi_node is None:
         raise ParameterError("choose or place an ROI first, or query the current slice or the whole volume")
-    spec = QuerySpec(mode, axis=axis, roi=roi_from_node(roi_node) if mode == "roi" else None,
-                     point=tuple(float(v) for v in slice_ras) if mode == "slice" and slice_ras is not None else None)
+    # Three numbers as QuerySpec types it; make_query checks the point against the volume.
+    point = cast("tuple[float, float, float]", tuple(float(v) for v in slice_ras)) if mode == "slice" and slice_ras is not None else None
+    spec = QuerySpec(mode, axis=axis, roi=roi_from_node(roi_node) if mode == "roi" else None, point=point)
     return make_query(spec, volume, index, segment_from_node(segment_node, segment) if mode == "segment" else None)
 
 
@@ -250,7 +253,7 @@ class SearchSession:
         """Close the index (the worker stays, for the next index built with the same model)."""
         self.index.close()
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """The index's info (model, counts, dates)."""
         return self.index.info()
 
@@ -303,7 +306,7 @@ class SearchSession:
         return PendingSearch(self, search.query, None, k or search.k, filters if filters is not None else search.filters,
                              search.ranking, search.prior, Feedback.from_json(marks.to_json()))
 
-    def labels_to_ask_for(self, count: int = 10) -> list[dict]:
+    def labels_to_ask_for(self, count: int = 10) -> list[dict[str, Any]]:
         """Unlabelled cases whose label would help the suggestions most (retrieval.suggestion.labels_to_ask_for)."""
         from ..retrieval.suggestion import labels_to_ask_for
 
