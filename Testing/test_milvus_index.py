@@ -176,6 +176,13 @@ def test_locations_and_credentials(tmp_path, monkeypatch):
     auth.write_text("{}")
     with pytest.raises(InputError, match="neither"):
         milvus_connection.credentials()
+    auth.write_text("[" * 100_000 + "]" * 100_000)  # nested too deep for the JSON parser: one line, as for a PACS
+    with pytest.raises(InputError, match="is not JSON"):
+        milvus_connection.credentials()
+    auth.write_text(json.dumps({"token": {"secret": "s3cr3t"}}))
+    with pytest.raises(InputError, match='"token" must be a string') as refused:
+        milvus_connection.credentials()
+    assert "s3cr3t" not in str(refused.value)
     assert not index_exists(str(tmp_path / "none.db"))
 
 

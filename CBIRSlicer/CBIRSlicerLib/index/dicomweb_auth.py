@@ -10,12 +10,12 @@ escaped; so does the HTTP library's log of a server's Warning header.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import re
 
 from ..errors import InputError, printable
+from .auth_file import read_auth_file
 from .dicomweb_bounds import BodyLimitError
 from .dicomweb_listing import ListingShapeError
 
@@ -39,16 +39,7 @@ def _credential(value: object, where: str, key: str) -> str:
 def credentials(auth_file: str | None = None) -> dict[str, str]:
     """{'token': ...} or {'user': ..., 'password': ...} from the auth file or the environment; {} for none."""
     if auth_file:
-        try:
-            with open(auth_file, encoding="utf-8") as handle:
-                found = json.load(handle)
-        except OSError as error:
-            raise InputError(auth_file, f"cannot be read ({error.strerror})") from None
-        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
-            raise InputError(auth_file, 'is not JSON; write {"token": "..."} or {"user": "...", "password": "..."}') from None
-        if not isinstance(found, dict) or not (found.get("token") or (found.get("user") and "password" in found)):
-            raise InputError(auth_file, 'holds neither "token" nor "user" and "password"')
-        return {k: _credential(found[k], auth_file, k) for k in ("token", "user", "password") if k in found}
+        return read_auth_file(auth_file, _credential)
     if os.environ.get(TOKEN_VARIABLE):
         return {"token": _credential(os.environ[TOKEN_VARIABLE], TOKEN_VARIABLE, "token")}
     if os.environ.get(USER_VARIABLE):

@@ -25,7 +25,6 @@ pymilvus's own error logging (tracebacks on every retry) and gRPC's are silenced
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..errors import InputError, ParameterError, StoreUnavailableError
+from .auth_file import read_auth_file
 
 T = TypeVar("T")
 
@@ -126,22 +126,18 @@ def _check_name(collection: str, text: str) -> None:
                              f"(milvus://HOST:PORT/COLLECTION); got '{collection}'")
 
 
+def _credential(value: object, where: str, key: str) -> str:
+    """A credential as text; a value of another JSON type is refused without being shown."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise InputError(where, f'"{key}" must be a string')
+    return str(value)
+
+
 def credentials() -> dict[str, str]:
     """{'token': ...} or {'user': ..., 'password': ...} from the auth file or the environment; {} for none."""
     path = os.environ.get(AUTH_FILE_VARIABLE)
     if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                given = json.load(handle)
-        except OSError as error:
-            raise InputError(path, f"cannot be read ({error.strerror})") from None
-        except ValueError:
-            raise InputError(path, 'is not JSON; write {"token": "..."} or {"user": "...", "password": "..."}') from None
-        if isinstance(given, dict) and given.get("token"):
-            return {"token": str(given["token"])}
-        if isinstance(given, dict) and given.get("user"):
-            return {"user": str(given["user"]), "password": str(given.get("password", ""))}
-        raise InputError(path, 'holds neither "token" nor "user" and "password"')
+        return read_auth_file(path, _credential)
     if os.environ.get(TOKEN_VARIABLE):
         return {"token": os.environ[TOKEN_VARIABLE]}
     if os.environ.get(USER_VARIABLE):
