@@ -425,12 +425,17 @@ class VectorStore:
                 first_nan = int(chunk[np.flatnonzero(~finite)[0]])
             if first_off is None and not (unit | ~finite).all():
                 first_off = int(chunk[np.flatnonzero(~unit & finite)[0]])
-        problems = []
-        if not_finite:
-            problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first id {first_nan})")
-        if not_unit:
-            problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
-        return problems
+        return stored_vector_problems(not_finite, first_nan, not_unit, first_off)
+
+
+def stored_vector_problems(not_finite: int, first_nan: int | None, not_unit: int, first_off: int | None) -> list[str]:
+    """What verify says of stored vectors that are not finite or not of unit length (any store), with the first id of each."""
+    problems = []
+    if not_finite:
+        problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first id {first_nan})")
+    if not_unit:
+        problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
+    return problems
 
 
 def _lists_of(index) -> int:

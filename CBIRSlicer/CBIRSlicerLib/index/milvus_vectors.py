@@ -154,7 +154,7 @@ class MilvusVectors:
 
     def vector_problems(self, batch: int = READ_BATCH) -> list[str]:
         """Every stored vector checked: finite and of unit length (the model's L2-normalised output)."""
-        from .faiss_store import UNIT_TOLERANCE
+        from .faiss_store import UNIT_TOLERANCE, stored_vector_problems
 
         not_finite = not_unit = 0
         first_nan = first_off = None
@@ -166,9 +166,4 @@ class MilvusVectors:
             elif abs(float(vector @ vector) - 1) > 2 * UNIT_TOLERANCE:
                 not_unit += 1
                 first_off = first_off if first_off is not None else int(entity["id"])
-        problems = []
-        if not_finite:
-            problems.append(f"{not_finite} stored vector(s) hold NaN or infinite numbers (first id {first_nan})")
-        if not_unit:
-            problems.append(f"{not_unit} stored vector(s) are not of unit length (first id {first_off})")
-        return problems
+        return stored_vector_problems(not_finite, first_nan, not_unit, first_off)
