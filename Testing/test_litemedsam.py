@@ -229,6 +229,7 @@ def _slab(patient: str, organ: int, folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~26 passes to index and 5 to ask: 228 s of wall at load 13 (the file: 74 CPU s in all); CI runs it
 def test_a_real_organ_query_lands_inside_the_organ_in_other_patients(embedder, tmp_path):
     """The brainstem boxed in one real patient, searched among two other real patients with placement off (the
     embedding alone): each result's best-matching region lies inside the brainstem there (within 5 mm of its mask).

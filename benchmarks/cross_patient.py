@@ -84,15 +84,33 @@ def build(work: str, part: str, config: dict, slabs: str, model: str, cache: str
     if not (listing.exists() and json.loads(listing.read_text()) == sources):
         import shutil
 
-        shutil.rmtree(folder, ignore_errors=True)
         embedder = create_embedder(model)
-        with Index.create(folder, embedder, IndexSettings()) as index:
+        if _resumable(folder, sources):  # a build stopped half-way: add_sources skips the cases already in (checksums);
+            index = Index.open(folder, writable=True, trust=True)  # trusted: this benchmark's own work folder, unsealed
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            index = Index.create(folder, embedder, IndexSettings())
+        with index:
             report = index.add_sources(sources, embedder)
         if report.indexed != len(sources):
             raise RuntimeError(f"indexed {report.indexed} of {len(sources)} cases: {report.summary()}")
         listing.write_text(json.dumps(sources))
     return {"folder": folder, "cases": cases, "patients": [p.name for p in chosen],
             "build_s": round(time.monotonic() - began, 1), "build_cpu_s": round(_cpu() - cpu, 1)}
+
+
+def _resumable(folder: str, sources: list[str]) -> bool:
+    """Whether ``folder`` holds an index whose cases are all among ``sources`` (a build stopped before its end)."""
+    from CBIRSlicerLib.index.folder import Index
+
+    if not Path(folder, "manifest.json").exists():
+        return False
+    try:
+        with Index.open(folder) as index:
+            held = {os.path.abspath(case.source) for case in index.catalog.cases()}
+    except Exception:  # an unreadable index is rebuilt from scratch
+        return False
+    return held <= {os.path.abspath(source) for source in sources}
 
 
 def _inside_volume(volume, ras, tolerance_voxels: float = 0.5) -> bool:

@@ -19,6 +19,11 @@ Its cost is the stem's full resolution: 75 GFLOP per 256-px image (matrix produc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:  # torch itself is imported inside build_encoder (test_layout: heavy imports stay in functions)
+    from torch import Tensor
+
 EMBED_DIMS = (64, 128, 160, 320)
 DEPTHS = (2, 2, 6, 2)
 NUM_HEADS = (2, 4, 5, 10)  # stage 0 is convolutional; its entry is unused
@@ -40,6 +45,9 @@ def build_encoder():  # noqa: C901 (the network's classes, nested so that torch 
     class ConvBN(nn.Module):
         """A bias-free convolution and its BatchNorm (the checkpoint's ``Conv2d_BN``), used folded into one."""
 
+        weight: Tensor  # buffers, set by fuse(): typed here, as nn.Module's attribute lookup says "Tensor | Module"
+        bias: Tensor
+
         def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1):
             super().__init__()
             self.c = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
@@ -48,9 +56,11 @@ def build_encoder():  # noqa: C901 (the network's classes, nested so that torch 
             self.register_buffer("bias", torch.empty(0), persistent=False)
 
         def fuse(self) -> None:
-            scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+            # BatchNorm2d's running statistics are Optional in torch's stubs; a track_running_stats layer always has them.
+            mean, var = cast("Tensor", self.bn.running_mean), cast("Tensor", self.bn.running_var)
+            scale = self.bn.weight / torch.sqrt(var + self.bn.eps)
             self.weight = (self.c.weight * scale[:, None, None, None]).detach().clone()
-            self.bias = (self.bn.bias - self.bn.running_mean * scale).detach().clone()
+            self.bias = (self.bn.bias - mean * scale).detach().clone()
             if self.c.kernel_size == (1, 1) and self.c.groups == 1:
                 self.weight = self.weight[:, :, 0, 0].contiguous()  # a matrix: applied with F.linear on (N, H, W, C)
             else:
@@ -88,6 +98,9 @@ def build_encoder():  # noqa: C901 (the network's classes, nested so that torch 
             return self.conv3(F.gelu(self.conv2(F.gelu(self.conv1(x)))))
 
     class Attention(nn.Module):
+        bias_index: Tensor  # buffers
+        bias: Tensor
+
         def __init__(self, dim: int, heads: int, window: int):
             super().__init__()
             self.heads, self.key_dim, self.window = heads, dim // heads, window
@@ -150,6 +163,7 @@ def build_encoder():  # noqa: C901 (the network's classes, nested so that torch 
         def __init__(self, number: int):
             super().__init__()
             dim = EMBED_DIMS[number]
+            blocks: list[nn.Module]
             if number == 0:
                 blocks = [MBConv(dim) for _ in range(DEPTHS[0])]
             else:
@@ -182,6 +196,9 @@ def build_encoder():  # noqa: C901 (the network's classes, nested so that torch 
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, NECK_EPS)
 
     class TinyViT(nn.Module):
+        neck_in: Tensor  # buffers, set by fuse()
+        neck_conv: Tensor
+
         def __init__(self):
             super().__init__()
             self.patch_embed = PatchEmbed()
@@ -193,10 +210,11 @@ def build_encoder():  # noqa: C901 (the network's classes, nested so that torch 
         def fuse(self):
             """Fold every BatchNorm into its convolution and expand the attention biases; call after loading weights."""
             for module in self.modules():
-                if module is not self and hasattr(module, "fuse"):
+                if module is not self and isinstance(module, (ConvBN, Attention)):
                     module.fuse()
-            self.register_buffer("neck_in", self.neck[0].weight[:, :, 0, 0].detach().clone(), persistent=False)
-            self.register_buffer("neck_conv", self.neck[2].weight.detach().contiguous(memory_format=torch.channels_last),
+            into, conv = cast(nn.Conv2d, self.neck[0]), cast(nn.Conv2d, self.neck[2])
+            self.register_buffer("neck_in", into.weight[:, :, 0, 0].detach().clone(), persistent=False)
+            self.register_buffer("neck_conv", conv.weight.detach().contiguous(memory_format=torch.channels_last),
                                  persistent=False)
             self.fused = True
             return self
