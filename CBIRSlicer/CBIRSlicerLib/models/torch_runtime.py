@@ -92,6 +92,17 @@ def hub_snapshot(repo_id: str, model_name: str, patterns: list[str]) -> str:
         ) from None
 
 
+def load_checkpoint(path: str) -> object:
+    """A torch checkpoint file's contents (tensors only: ``weights_only``); a corrupt or foreign file is one line."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt or foreign file: say which and why, in one line
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"{path}: not a readable torch checkpoint ({reason})") from None
+
+
 def weights_file(folder: str, candidates: tuple[str, ...]) -> str | None:
     """The first existing weights file of a checkpoint folder."""
     for name in candidates:
