@@ -30,7 +30,7 @@ MI_BINS = 32  # histogram bins of every mutual information here: the stages' Mat
 @dataclass(frozen=True)
 class Placement:
     """Where the query's centre lies in a result: RAS point, the last affine stage that ran ("global" or "local"), the
-    local stage's metric (lower is better; NaN if it did not run), seconds, and how well the query's box agrees with the
+    local stage's last metric value (its optimiser's, on sampled voxels; lower is better; NaN if it did not run), seconds, and how well the query's box agrees with the
     result there (correlation after registration, :data:`AGREEMENT_MIN`; NaN when no box was given)."""
 
     ras: tuple[float, float, float]
@@ -292,13 +292,17 @@ def carry(transform, centre_ras) -> np.ndarray:
 
 def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1):
     """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving);
-    (transform, metric on the whole neighbourhood)."""
+    (transform, the optimiser's last metric value, on its sampled voxels).
+
+    Not the metric on every voxel: nothing decides by it (the two starts are compared by their agreement with the query,
+    :func:`agreement`), and evaluating it took a third of placement's CPU time (docs/benchmarks.md, "Where placement's
+    time goes")."""
     import SimpleITK as sitk
 
     method = _mi_registration(0.3, seed, SPACING_MM, 0.1, iterations)
     method.SetInitialTransform(sitk.AffineTransform(_single(initial)), inPlace=False)
     transform = _single(method.Execute(fixed, moving))
-    return transform, _full_metric(fixed, moving, transform)
+    return transform, float(method.GetMetricValue())
 
 
 # --- Across patients: the body coordinate (imaging/body_axis) starts the registration and bounds it ---------------------
