@@ -30,8 +30,9 @@ MI_BINS = 32  # histogram bins of every mutual information here: the stages' Mat
 @dataclass(frozen=True)
 class Placement:
     """Where the query's centre lies in a result: RAS point, the last affine stage that ran ("global" or "local"), the
-    local stage's last metric value (its optimiser's, on sampled voxels; lower is better; NaN if it did not run), seconds, and how well the query's box agrees with the
-    result there (correlation after registration, :data:`AGREEMENT_MIN`; NaN when no box was given)."""
+    local stage's last metric value (its optimiser's, on sampled voxels; lower is better; NaN if it did not run),
+    seconds, and how well the query's box agrees with the result there (correlation after registration,
+    :data:`AGREEMENT_MIN`; NaN when no box was given)."""
 
     ras: tuple[float, float, float]
     start: str
