@@ -83,7 +83,7 @@ def measure(organs_asked: int, results: int, query_index: int = 0) -> dict:
         targets: dict[str, _Target] = {}
         for query in boxes:
             roi = RoiBox(query.centre, query.size)
-            row: dict = {"organ": query.organ, "stages": defaultdict(float)}
+            row: dict = {"organ": query.organ, "stages": defaultdict(float), "placed_ras": []}
             before = dict(totals)
             began = _cpu()
             cpu = _cpu()
@@ -105,7 +105,9 @@ def measure(organs_asked: int, results: int, query_index: int = 0) -> dict:
                 if in_view is False:
                     continue
                 asked = window.asked_ras if window is not None else query.centre
-                Searcher._register(None, None, placing, target, patient.image, asked, box_mm, window)  # type: ignore[arg-type]
+                where = Searcher._register(None, None, placing, target, patient.image, asked, box_mm,  # type: ignore[arg-type]
+                                           window)
+                row["placed_ras"].append([round(v, 4) for v in where.ras])
             row["cpu_s"] = round(_cpu() - began, 2)
             row["stages"] = {**{k: round(v, 2) for k, v in row["stages"].items()},
                              **{name: round(totals[name] - before.get(name, 0.0), 2) for name in STAGES

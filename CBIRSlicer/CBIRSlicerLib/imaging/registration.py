@@ -1,10 +1,9 @@
 """Registering one volume into another on coarse isotropic copies, to carry a point across (SimpleITK, mutual information).
 
 The stages: a whole-volume similarity then affine registration at 8 mm (the level evidence: the whole body, not a slab
-that looks alike at many levels; a query that is itself a thin slab has its level searched first, :func:`level_starts`),
-refined as an affine transform on the query's 128 mm neighbourhood at 4 mm, then a demons deformation of its 64 mm
-neighbourhood; :func:`place` carries the query's centre through them and says how well the query's box agrees with the
-result there. :mod:`retrieval.placement` decides what a result then shows.
+that looks alike at many levels; a thin slab query has its level searched first, :func:`level_starts`), refined as an
+affine transform on the query's 128 mm neighbourhood at 4 mm, then a demons deformation of its 64 mm neighbourhood;
+:func:`place` carries the query's centre through them and says how well the box agrees with the result there.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import numpy as np
 from . import body_region
 from .coordinates import lps_to_ras, ras_to_lps
 from .intensity import looks_like_ct
+from .reach import reachable
 from .volume import Volume
 
 SPACING_MM = 4.0  # registration grid: organs of 2 cm still span 5 voxels
@@ -30,17 +30,15 @@ MI_BINS = 32  # histogram bins of every mutual information here: the stages' Mat
 @dataclass(frozen=True)
 class Placement:
     """Where the query's centre lies in a result: RAS point, the last affine stage that ran ("global" or "local"), the
-    local stage's last metric value (its optimiser's, on sampled voxels; lower is better; NaN if it did not run),
-    seconds, and how well the query's box agrees with the result there (correlation after registration,
-    :data:`AGREEMENT_MIN`; NaN when no box was given)."""
+    local stage's last metric value (its optimiser's, sampled; lower is better; NaN if it did not run), seconds, and
+    how well the query's box agrees with the result there (correlation after registration; NaN when no box was given)."""
 
     ras: tuple[float, float, float]
     start: str
     metric: float
     seconds: float
     agreement: float = float("nan")
-    # Across patients: the correlation of the query's neighbourhood (DEFORM_MM) with the registered result, and whether
-    # the placed point kept to the level window the body coordinate allows (None: no window)
+    # The correlation of the query's DEFORM_MM neighbourhood with the registered result; the point kept to the level window?
     context_agreement: float = float("nan")
     within_window: bool | None = None
 
@@ -292,17 +290,14 @@ def carry(transform, centre_ras) -> np.ndarray:
 
 
 def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int = 1):
-    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the result (moving);
-    (transform, the optimiser's last metric value, on its sampled voxels).
-
-    Not the metric on every voxel: nothing decides by it (the two starts are compared by their agreement with the query,
-    :func:`agreement`), and evaluating it took a third of placement's CPU time (docs/benchmarks.md, "Where placement's
-    time goes")."""
+    """The whole-volume affine transform refined on the query's neighbourhood (fixed) into the part of the result it can
+    reach (moving, :func:`reach.reachable`); (transform, the optimiser's last metric value: nothing decides by it, and
+    the metric on every voxel took a third of placement's time, docs/benchmarks.md "Where placement's time goes")."""
     import SimpleITK as sitk
 
     method = _mi_registration(0.3, seed, SPACING_MM, 0.1, iterations)
     method.SetInitialTransform(sitk.AffineTransform(_single(initial)), inPlace=False)
-    transform = _single(method.Execute(fixed, moving))
+    transform = _single(method.Execute(fixed, reachable(fixed, moving, _single(initial))))
     return transform, float(method.GetMetricValue())
 
 
