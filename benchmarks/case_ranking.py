@@ -82,10 +82,11 @@ def main() -> None:
         print(f"{model}: same kind at 1 {result['same_kind_at_1']}/{result['copies']}, same real volume at 1 "
               f"{result['same_volume_at_1']}/{result['copies']}; build {result['build_cpu_s']} CPU s, queries "
               f"{result['query_cpu_s']} CPU s", flush=True)
-    Path(args.out).write_text(json.dumps({"protocol": "whole-volume queries on real_anatomy.py's mixed index",
-                                          "build": "full" if args.full else "quick", "date": time.strftime("%Y-%m-%d %H:%M"),
-                                          "results": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        # written after each model, so a run stopped by its time bound keeps what it measured
+        Path(args.out).write_text(json.dumps({"protocol": "whole-volume queries on real_anatomy.py's mixed index",
+                                              "build": "full" if args.full else "quick", "date": time.strftime("%Y-%m-%d %H:%M"),
+                                              "results": results}, indent=1) + "\n")
+        print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -70,14 +70,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "phantom_models.json"))
     args = parser.parse_args()
-    rows = []
+    rows: list[dict] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         with tempfile.TemporaryDirectory(prefix="cbir-phantom-models-") as work:
             for model in args.models.split(","):
                 rows += run(model, seed, work)
-    Path(args.out).write_text(json.dumps({"protocol": "cbir demo (evaluate_lesions), 12 cases, leave-one-case-out",
-                                          "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+                # written after each model, so a run stopped by its time bound keeps what it measured
+                Path(args.out).write_text(json.dumps({"protocol": "cbir demo (evaluate_lesions), 12 cases, leave-one-case-out",
+                                                      "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1) + "\n")
+                print(f"wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":
