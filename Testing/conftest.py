@@ -90,6 +90,27 @@ def headless_slicer(layout: bool = False):
                            keep_alive=(made.keep_alive, layout_logic))
 
 
+def open_scene_file(path: str, cache: str):
+    """A scene file opened as Slicer opens it, in a :func:`headless_slicer` scene: an .mrb through ReadFromMRB (its files
+    unpacked under ``cache``), an .mrml through Connect. The returned namespace keeps every object alive."""
+    slicer = pytest.importorskip("slicer")
+    opened = headless_slicer()
+    scene = opened.scene
+    if path.endswith(".mrb"):
+        manager = slicer.vtkCacheManager()
+        manager.SetRemoteCacheDirectory(cache)
+        io = slicer.vtkDataIOManager()
+        io.SetCacheManager(manager)
+        scene.SetDataIOManager(io)
+        scene.SetCacheManager(manager)
+        opened.io = (io, manager)
+        assert scene.ReadFromMRB(path)
+    else:
+        scene.SetURL(path)
+        assert scene.Connect()
+    return opened
+
+
 @pytest.fixture(scope="session")
 def mrml_volumes_logic():
     """A vtkSlicerVolumesLogic on a fresh scene, set up as Slicer does, to load files headlessly."""

@@ -127,27 +127,6 @@ def test_csv_export_escapes_formula_cells_and_keeps_numbers(saved, tmp_path, cap
         assert all(np.isfinite(float(row[c])) for c in ("match_r", "match_a", "match_s"))  # signed coordinates stay numbers
 
 
-def _open_scene(path: str, cache: str):
-    from conftest import headless_slicer
-
-    slicer = pytest.importorskip("slicer")
-    opened = headless_slicer()
-    scene = opened.scene
-    if path.endswith(".mrb"):
-        manager = slicer.vtkCacheManager()
-        manager.SetRemoteCacheDirectory(cache)
-        io = slicer.vtkDataIOManager()
-        io.SetCacheManager(manager)
-        scene.SetDataIOManager(io)
-        scene.SetCacheManager(manager)
-        opened.io = (io, manager)
-        assert scene.ReadFromMRB(path)
-    else:
-        scene.SetURL(path)
-        assert scene.Connect()
-    return opened
-
-
 @pytest.mark.parametrize("suffix", [".mrml", ".mrb"])
 def test_a_scene_of_files_named_with_xml_specials_is_valid_and_reads_back_whole(corpus, saved, tmp_path, capsys, suffix):
     pytest.importorskip("slicer")
@@ -162,7 +141,9 @@ def test_a_scene_of_files_named_with_xml_specials_is_valid_and_reads_back_whole(
     else:
         with zipfile.ZipFile(out) as bundle:
             ElementTree.fromstring(bundle.read(next(n for n in bundle.namelist() if n.endswith(".mrml"))))
-    opened = _open_scene(out, str(tmp_path / "cache"))
+    from conftest import open_scene_file
+
+    opened = open_scene_file(out, str(tmp_path / "cache"))
     scene = opened.scene
     volumes = {scene.GetNthNodeByClass(n, "vtkMRMLScalarVolumeNode").GetName(): scene.GetNthNodeByClass(n, "vtkMRMLScalarVolumeNode")
                for n in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))}

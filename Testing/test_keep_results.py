@@ -257,30 +257,6 @@ def test_side_file_merge_takes_the_later_value():
 
 
 # ----- Slicer scenes (slicer-core) -----------------------------------------------------------------------------------------
-def _open_scene(path: str, cache: str):
-    """A scene file opened as Slicer opens it: an .mrb through ReadFromMRB, an .mrml through Connect."""
-    from conftest import headless_slicer
-
-    slicer = pytest.importorskip("slicer")
-    opened = headless_slicer()
-    markups = slicer.vtkSlicerMarkupsLogic()
-    markups.SetMRMLApplicationLogic(opened.app_logic)
-    markups.SetMRMLScene(opened.scene)
-    opened.markups = markups
-    scene = opened.scene
-    if path.endswith(".mrb"):
-        manager = slicer.vtkCacheManager()
-        manager.SetRemoteCacheDirectory(cache)
-        io = slicer.vtkDataIOManager()
-        io.SetCacheManager(manager)
-        scene.SetDataIOManager(io)
-        scene.SetCacheManager(manager)
-        opened.io = (io, manager)
-        assert scene.ReadFromMRB(path)
-    else:
-        scene.SetURL(path)
-        assert scene.Connect()
-    return opened
 
 
 def _nodes(scene, class_name):
@@ -299,7 +275,9 @@ def test_an_exported_scene_opens_with_the_query_results_and_boxes_in_place(built
     out = str(tmp_path / f"scene{suffix}")
     code, text, _ = cbir(capsys, "export", path, "--scene", out)
     assert code == 0 and "4 volumes, 4 ROIs" in text
-    opened = _open_scene(out, str(tmp_path / "cache"))
+    from conftest import open_scene_file
+
+    opened = open_scene_file(out, str(tmp_path / "cache"))
     volumes = _nodes(opened.scene, "vtkMRMLScalarVolumeNode")
     rois = _nodes(opened.scene, "vtkMRMLMarkupsROINode")
     assert len(volumes) == 4 and len(rois) == 4
