@@ -70,6 +70,10 @@ def placed(tmp_path_factory):
     for match in ("auto", "anatomy", "finding"):
         query.spec = dataclasses.replace(query.spec, match=match)
         answers[match] = searcher.place(query, answer)
+    # Fresh searchers (nothing kept from the placements above): the two results registered one at a time, and at once
+    query.spec = dataclasses.replace(query.spec, match="auto")
+    for name, workers in (("one at a time", 1), ("at once", 2)):
+        answers[name] = Searcher(Index.open(str(folder / "index")), embedder=embedder).place(query, answer, workers=workers)
     volumes = {whole_path: read_volume(whole_path), slab_path: read_volume(slab_path)}
     return volumes, head_neck.Organs.read(by_name[WHOLE].labels), whole_path, slab_path, answers
 
@@ -82,6 +86,19 @@ def test_no_placed_point_lies_outside_its_result(placed):
             assert best.shown in ("anatomy", "look-alike"), (match, best)
             for name, point in (("shown", best.spot), ("anatomy", best.placed_ras), ("look-alike", best.look_alike_ras)):
                 assert point is None or _inside(volumes[result.source], point), (match, name, point, result.source)
+
+
+def test_results_placed_at_once_get_the_places_they_get_one_at_a_time(placed):
+    answers = placed[-1]
+    for one, other in zip(answers["one at a time"].results, answers["at once"].results):
+        assert one.source == other.source
+        first, second = one.best_match, other.best_match
+        assert (first.shown, first.in_view, first.note) == (second.shown, second.in_view, second.note)
+        # ITK sums in threads: a registration on 2 threads and on 1 may differ by micrometres, not by a voxel
+        assert np.allclose(first.spot, second.spot, atol=0.5), (first.spot, second.spot)
+    # and the default setting (one worker per core) answers as both
+    for kept, fresh in zip(answers["auto"].results, answers["at once"].results):
+        assert np.allclose(kept.best_match.spot, fresh.best_match.spot, atol=0.5)
 
 
 def test_the_same_anatomy_in_another_patient_carries_both_places(placed):

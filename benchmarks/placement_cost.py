@@ -2,11 +2,11 @@
 
 Placing one result (``Searcher.place``, ``imaging/registration.py``) reads the result's volume, brings it to the 4 mm
 registration grid, reads its body axis (stored in the index at build time; timed here apart, not paid at search), then
-registers the query's point from two starts (``Searcher._register``): the body coordinate's level
+registers the query's point from two starts (``result_registration.register_point``): the body coordinate's level
 (``registration.level_transform``) and the whole-volume registration (``registration.global_transform``, similarity then
 affine at 8 mm; kept per query volume and result). From each start ``registration.place`` runs the local affine stage
 (128 mm, 4 mm), the demons stage (64 mm) and two agreements (the box; the 64 mm neighbourhood). This script runs that
-very code (``Searcher._target``'s steps and ``Searcher._register``) for one query patient's organ boxes into the next
+very code (``result_registration.result_grid``'s steps and ``register_point``) for one query patient's organ boxes into the next
 ``--results`` tuning patients, with every stage's function wrapped to sum its CPU seconds (``time.process_time``: all
 the process's threads, so ITK's threads count), plus a cProfile of the same run::
 
@@ -14,7 +14,7 @@ the process's threads, so ITK's threads count), plus a cProfile of the same run:
 
 Tuning patients only (``benchmarks/patient_split.py``): this measures cost, not quality, and reporting patients stay
 unseen. Cold: every result volume read and resampled, as the first search of a session does; the first organ box of a
-query volume pays the whole-volume registrations, later boxes on the same volume reuse them (``_Placing``).
+query volume pays the whole-volume registrations, later boxes on the same volume reuse them (``QueryGrid``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from CBIRSlicerLib.imaging import body_axis, registration
 from CBIRSlicerLib.imaging.focal import focality
 from CBIRSlicerLib.imaging.readers import read_volume
 from CBIRSlicerLib.imaging.roi import RoiBox
-from CBIRSlicerLib.retrieval.search import Searcher, _Placing, _Target
+from CBIRSlicerLib.retrieval.result_registration import QueryGrid, ResultGrid, register_point
 
 # The registration module's stages, each timed inclusively (a stage inside another is also counted in the outer one:
 # global_transform holds level_starts and _full_metric for slab queries; place holds local_affine .. agreement).
@@ -77,10 +77,10 @@ def measure(organs_asked: int, results: int, query_index: int = 0) -> dict:
     try:
         began = _cpu()
         query_volume = read_volume(query_patient.image)
-        placing = _Placing(query_volume, registration.coarse_image(query_volume), body_axis.body_axis(query_volume))
+        placing = QueryGrid(query_volume, registration.coarse_image(query_volume), body_axis.body_axis(query_volume))
         query_cpu = _cpu() - began
         boxes = [q for q in head_neck.organ_queries(query_patient) if q.kind == "box"][:organs_asked]
-        targets: dict[str, _Target] = {}
+        targets: dict[str, ResultGrid] = {}
         for query in boxes:
             roi = RoiBox(query.centre, query.size)
             row: dict = {"organ": query.organ, "stages": defaultdict(float), "placed_ras": []}
@@ -98,15 +98,14 @@ def measure(organs_asked: int, results: int, query_index: int = 0) -> dict:
                     cpu = _cpu()
                     axis = body_axis.body_axis(volume)  # in the product: read from the index (case metadata), not computed
                     row["stages"]["body_axis (index-time)"] += _cpu() - cpu
-                    targets[patient.image] = _Target(registration.coarse_image(volume), volume.ijk_to_ras, volume.shape_ijk,
+                    targets[patient.image] = ResultGrid(registration.coarse_image(volume), volume.ijk_to_ras, volume.shape_ijk,
                                                      axis)
                 target = targets[patient.image]
                 in_view, window = registration.level_window(placing.axis, target.axis, query.centre, query.size[2] / 2)
                 if in_view is False:
                     continue
                 asked = window.asked_ras if window is not None else query.centre
-                where = Searcher._register(None, None, placing, target, patient.image, asked, box_mm,  # type: ignore[arg-type]
-                                           window)
+                where = register_point(placing, target, patient.image, asked, box_mm, window)
                 row["placed_ras"].append([round(v, 4) for v in where.ras])
             row["cpu_s"] = round(_cpu() - began, 2)
             row["stages"] = {**{k: round(v, 2) for k, v in row["stages"].items()},

@@ -36,3 +36,21 @@ def one_blas_thread() -> Iterator[None]:
     with _controller.limit(limits=1, user_api="blas"):
         yield
 
+
+
+@contextlib.contextmanager
+def itk_threads(count: int) -> Iterator[None]:
+    """Run the enclosed ITK filters and registrations on ``count`` threads each (ITK's global default, restored after).
+
+    Placement registers several results at once, one Python thread each (SimpleITK releases the GIL): there each
+    registration is best on one thread, since ITK's threads cost 12-15 % more CPU than they save on images this small
+    (docs/benchmarks.md, "Where placement's time goes"). The default is global to ITK, so it is set only around such work.
+    """
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(count)))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -235,7 +236,7 @@ def _similarity_start(level: LevelStart):
     return start
 
 
-def global_transform(query_image, target_image):
+def global_transform(query_image: Any, target_image: Any) -> Any:
     """A whole-volume registration of the query into the target at a coarser grid: similarity, then affine from there
     (bodies differ in proportions, not only in size: a scale per axis and shear).
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,12 +26,10 @@ from ..models.base import VOLUME_FAMILIES, Embedder
 from ..models.registry import create_embedder
 from ..models.requests import EmbeddingKind, EmbeddingRequest
 from ..threads import one_blas_thread
-from . import ranking
+from . import ranking, result_registration
 from .answers import BestMatch, CaseResult, SearchAnswer
 from .queries import Prior, Query, load_volume_for_query
-
-if TYPE_CHECKING:
-    from ..imaging.registration import LevelWindow, Placement
+from .result_registration import PlacementJob, QueryGrid, Registered
 
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
@@ -146,10 +142,10 @@ class Searcher:
         self.index = index
         self.embedder = embedder or create_embedder(model or index.model_name(), device=device)
         index.check_model(self.embedder)
-        self._coarse_images = _Recent(COARSE_IMAGES_KEPT)  # results' registration grids (_Target): the same cases come back often
+        self._coarse_images = _Recent(COARSE_IMAGES_KEPT)  # results' registration grids (ResultGrid): the same cases come back often
         # The last query volume's grid and its whole-volume registrations into each result: the next ROI on the same
         # volume (a session queries several) needs only the local stages.
-        self._query_grid: _Placing | None = None
+        self._query_grid: QueryGrid | None = None
         # The last query volume's modality and body region as inferred from its image (~70 ms of CPU, as much as the rest of
         # a search's ranking at 1 M region vectors; docs/benchmarks.md): the next ROI on the same volume reuses them.
         self._query_kind: tuple[Volume, object] | None = None
@@ -336,90 +332,81 @@ class Searcher:
         groups = [group(s) for s in ranked]
         return [s for n in range(4) for s, g in zip(ranked, groups) if g == n]
 
-    def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None) -> SearchAnswer:
+    def place(self, query: Query, answer: SearchAnswer, loader=None, limit: int | None = None,
+              workers: int | None = None) -> SearchAnswer:
         """The answer with each shown match placed (see :mod:`placement`): both places (the same anatomy, the most
         similar finding), the one the query's match intent asks for shown, never a point outside the result's volume.
 
         Needs the query's volume and centre (ROI and slice queries); other answers come back unchanged. ``loader`` reads
-        a result's volume from its source (default: the file readers); a result whose volume cannot be read keeps its
-        descriptor match. Meant to run after the list is shown: it reads volumes and registers, about a second a result.
+        a result's volume from its source (default: the file readers; called from worker threads, so it must not touch
+        the scene); a result whose volume cannot be read keeps its descriptor match. Meant to run after the list is
+        shown: it reads volumes and registers, about a second of CPU a result. ``workers`` results are registered at
+        once (default: one per core, at most :data:`result_registration.PLACE_WORKERS`), each on its own ITK thread;
+        the index is read only from the calling thread.
         """
-        from ..errors import CBIRError
-        from ..imaging import registration
-        from . import placement
 
         if query.volume is None or query.centre_ras is None or not answer.results:
             return answer
-        loader = loader or load_volume_for_query
-        vectors = self.query_vectors(query)
-        weights = query_weights(query, vectors)
         placing = self._placing(query)
         if placing is None:  # a volume too thin to smooth at the coarse grid: nothing to register
             return answer
-        box_mm = max(round(v, 3) for v in query.roi.size) if query.roi is not None else None
-        reach_mm = query.roi.size[2] / 2 if query.roi is not None else 0.0  # how far the box reaches along the body
+        vectors = self.query_vectors(query)
+        weights = query_weights(query, vectors)
         excluded = self.index.excluded_ids()
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
-        placed = []
-        for number, result in enumerate(answer.results):
-            if limit is not None and number >= limit:
-                placed.append(result)
-                continue
-            try:
-                target = self._target(result, loader)
-            except (CBIRError, OSError, RuntimeError):  # moved, unreadable, or too thin for the coarse grid
-                placed.append(result)
-                continue
-            row = self.index.catalog.case_by_id(result.case_id).row
-            items = self.index.catalog.item_arrays([row])
-            keep = ~np.isin(items.ids, excluded)
-            centres, sizes, axes = items.centres[keep], items.sizes[keep], items.axes[keep]
-            similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
-            agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
-            # The query's level in the result (the body coordinate): not there at all, or where, and which point of the
-            # box to ask about (its centre, or the part of the box the result's field of view holds)
-            in_view, window = registration.level_window(placing.axis, target.axis, query.centre_ras, reach_mm)
-            if in_view is False:  # the query's anatomy lies outside the result's body: nothing to register
-                choice = placement.choose(agreed, centres, sizes, axes, None, False, query.spec.match, placing.focal)
-            else:
-                asked = window.asked_ras if window is not None else query.centre_ras
-                try:
-                    where = self._register(query, placing, target, result.source, asked, box_mm, window)
-                except RuntimeError:  # ITK: a volume too small or too thin to register at the coarse grid: keep the look-alike
-                    placed.append(result)
-                    continue
-                level_items = None if window is None else np.abs(centres[:, 2] - window.s_mm) <= window.half_mm
-                choice = placement.choose(agreed, centres, sizes, axes, where.ras, target.holds(where.ras), query.spec.match,
-                                          placing.focal, where.agreement, placement.rejected(where), level_items)
-            item_id = int(items.ids[keep][choice.item])
-            anatomy = None if choice.anatomy_ras is None else choice.anatomy_ras.tolist()
-            match = BestMatch.of_item(self.index.catalog.items([item_id])[item_id], choice.focus_ras.tolist(), anatomy,
-                                      choice.shown, choice.look_alike_ras.tolist(), choice.in_view, choice.note)
-            placed.append(dataclasses.replace(result, best_match=match))
-        return dataclasses.replace(answer, results=placed)
+        shown = answer.results if limit is None else answer.results[:limit]
+        jobs = [self._placement_job(result, vectors, weights, excluded) for result in shown]
+        box_mm = max(round(v, 3) for v in query.roi.size) if query.roi is not None else None
+        reach_mm = query.roi.size[2] / 2 if query.roi is not None else 0.0  # how far the box reaches along the body
 
-    def _register(self, query: Query, placing: _Placing, target: _Target, source: str, asked: Sequence[float],
-                  box_mm: float | None, window: LevelWindow | None) -> Placement:
-        """The asked point registered into a result from two starts, the body coordinate's level (the same level, the
-        bodies' centres) and the whole-volume registration; the one that agrees better with the query is kept
-        (:func:`placement.better`). Tuning head-and-neck patients (233 pairs): 78.5 % inside from the whole-volume start
-        alone, 85.4 % from the level start alone, 87.6 % keeping the better agreeing of the two (docs/design.md)."""
-        from ..imaging import registration
+        centre, read = query.centre_ras, loader or load_volume_for_query
+
+        def register(job: PlacementJob | None) -> Registered | None:
+            return None if job is None else result_registration.register_result(placing, job, centre, read, box_mm, reach_mm)
+
+        registered = result_registration.register_all(jobs, register, workers)
+        placed = [self._placed(query, result, job, done, placing) if job is not None and done is not None else result
+                  for result, job, done in zip(shown, jobs, registered)]
+        for job, done in zip(jobs, registered):  # kept in the calling thread: the same cases come back often
+            if job is not None and done is not None and job.grid is None:
+                self._coarse_images.put(job.result.source, done.grid)
+        return dataclasses.replace(answer, results=placed + list(answer.results[len(shown):]))
+
+    def _placement_job(self, result: CaseResult, vectors: np.ndarray, weights: np.ndarray | None,
+                       excluded: np.ndarray) -> PlacementJob | None:
+        """What placing one result needs from the index (read here, in the calling thread): its items, their
+        similarity to the query, its stored body axis and any registration grid kept from before; None for a case no
+        longer in the index (removed since the search: it keeps its match)."""
+        case = self.index.catalog.case_by_id(result.case_id)
+        if case is None or case.row is None:
+            return None
+        items = self.index.catalog.item_arrays([case.row])
+        keep = ~np.isin(items.ids, excluded)
+        similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
+        agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
+        return PlacementJob(result, items.ids[keep], items.centres[keep], items.sizes[keep], items.axes[keep], agreed,
+                             case.metadata.get("body_axis"), self._coarse_images.get(result.source))
+
+    def _placed(self, query: Query, result: CaseResult, job: PlacementJob, done: Registered,
+                placing: QueryGrid) -> CaseResult:
+        """A result with its best match placed: the registered point judged against its items (:func:`placement.choose`)."""
         from . import placement
 
-        starts: list[object] = []
-        level = window if window is not None else registration.start_window(placing.axis, target.axis, asked)
-        if level is not None:
-            starts.append(registration.level_transform(placing.image, target.image, level))
-        if source not in placing.global_transforms:
-            placing.global_transforms[source] = registration.global_transform(placing.image, target.image)
-        starts.append(placing.global_transforms[source])
-        candidates = [registration.place(placing.volume, asked, None, start, placing.image, target.image, box_mm)
-                      for start in starts if start is not None]
-        return placement.better(candidates, window)
+        if done.where is None:
+            choice = placement.choose(job.agreed, job.centres, job.sizes, job.axes, None, False, query.spec.match, placing.focal)
+        else:
+            where, window = done.where, done.window
+            level_items = None if window is None else np.abs(job.centres[:, 2] - window.s_mm) <= window.half_mm
+            choice = placement.choose(job.agreed, job.centres, job.sizes, job.axes, where.ras, done.grid.holds(where.ras),
+                                      query.spec.match, placing.focal, where.agreement, placement.rejected(where), level_items)
+        item_id = int(job.ids[choice.item])
+        anatomy = None if choice.anatomy_ras is None else choice.anatomy_ras.tolist()
+        match = BestMatch.of_item(self.index.catalog.items([item_id])[item_id], choice.focus_ras.tolist(), anatomy,
+                                  choice.shown, choice.look_alike_ras.tolist(), choice.in_view, choice.note)
+        return dataclasses.replace(result, best_match=match)
 
-    def _placing(self, query: Query) -> _Placing | None:
+    def _placing(self, query: Query) -> QueryGrid | None:
         """What placement needs of the query volume, once per volume: its registration grid, body axis and focality."""
         from ..imaging import body_axis, registration
         from ..imaging.focal import focality
@@ -431,49 +418,8 @@ class Searcher:
                 image = registration.coarse_image(query.volume)
             except RuntimeError:
                 return None
-            self._query_grid = _Placing(query.volume, image, body_axis.body_axis(query.volume))
+            self._query_grid = QueryGrid(query.volume, image, body_axis.body_axis(query.volume))
         placing = self._query_grid
         found = focality(query.volume, query.roi) if query.roi is not None else None
         placing.focal = bool(found is not None and found.focal)
         return placing
-
-    def _target(self, result: CaseResult, loader: Callable[[str], Volume]) -> _Target:
-        """A result's registration grid, voxel grid and body axis (kept: the same cases come back often)."""
-        from ..imaging import body_axis, registration
-
-        target: _Target | None = self._coarse_images.get(result.source)
-        if target is None:
-            volume = loader(result.source)
-            case = self.index.catalog.case_by_id(result.case_id)
-            stored = case.metadata.get("body_axis") if case is not None else None
-            axis = body_axis.BodyAxis.from_dict(stored) if stored else body_axis.body_axis(volume)
-            target = self._coarse_images.put(result.source, _Target(registration.coarse_image(volume), volume.ijk_to_ras,
-                                                                     volume.shape_ijk, axis))
-        return target
-
-
-@dataclass
-class _Placing:
-    """The query volume as placement uses it: its coarse grid, body axis, focality (of the last box asked on it) and its
-    whole-volume registrations into each result (the next box on the same volume needs only the local stages)."""
-
-    volume: Volume
-    image: object
-    axis: object
-    focal: bool = False
-    global_transforms: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Target:
-    """A result volume as placement uses it: its coarse grid, voxel grid (to keep shown points inside) and body axis."""
-
-    image: object
-    ijk_to_ras: np.ndarray
-    shape_ijk: tuple[int, int, int]
-    axis: object
-
-    def holds(self, ras: Sequence[float] | np.ndarray) -> bool:
-        """Whether a RAS point lies on the volume's voxel grid (to the outer faces of its edge voxels)."""
-        ijk = np.linalg.solve(self.ijk_to_ras[:3, :3], np.asarray(ras, float) - self.ijk_to_ras[:3, 3])
-        return bool(np.all(ijk >= -0.5) and np.all(ijk <= np.array(self.shape_ijk) - 0.5))
