@@ -124,8 +124,7 @@ def _mutual_information(fixed_bins: np.ndarray, moving_bins: np.ndarray) -> floa
     joint = np.bincount((fixed_bins * MI_BINS + moving_bins).ravel(), minlength=MI_BINS * MI_BINS).astype(float)
     joint = joint.reshape(MI_BINS, MI_BINS) / joint.sum()
     outer = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)
-    seen = joint > 0
-    return float(np.sum(joint[seen] * np.log(joint[seen] / outer[seen])))
+    return float(np.sum(joint * np.log(np.where(joint > 0, joint, 1.0) / np.where(joint > 0, outer, 1.0))))  # 0 log 0 = 0
 
 
 def _body_centroids(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
