@@ -107,6 +107,42 @@ def test_regions_of_real_volumes_and_their_slabs():
         assert found.body_part == "HEAD" and found.how == "axis", (name, found)
 
 
+def test_a_crop_of_brain_the_axis_places_in_the_neck_is_a_head(monkeypatch):
+    """train_pt_156 (a tuning patient) keeps its brain but not the skull above the skull base: a 40 mm slab at the
+    brainstem is a narrow box of brain-density tissue the body axis fits into the neck. Brain lies only above the skull
+    base, so the axis is not believed and the slab is HEAD; 110 mm lower, the neck holds no plane of brain and stays NECK."""
+    from body_axis_template import organ_levels_s
+
+    from CBIRSlicerLib.imaging import body_axis
+    from CBIRSlicerLib.imaging.readers import read_volume
+
+    try:
+        folder = real_data.shared_data_dir() / "real" / "head-neck-ct"
+    except real_data.RealDataError as error:
+        pytest.skip(f"shared data not available: {error}")
+    import real_anatomy
+
+    volume = read_volume(folder / "train_pt_156_ct.nii.gz")
+    brainstem = organ_levels_s(read_volume(folder / "train_pt_156_labels.nii.gz"))["brainstem"][0]
+
+    def slab(s: float):
+        centre = volume.center_ras.copy()
+        centre[2] = s
+        return real_anatomy.slab_around(volume, centre, 40.0)
+
+    def brain(prof):
+        return prof.values[prof.body, prof.features.index(body_axis.BRAIN_FEATURE)]
+
+    head, neck = slab(brainstem), slab(brainstem - 110.0)
+    found = body_region.infer(head)
+    assert found.body_part == "HEAD" and found.how == "brain" and found.width_mm < 130, found
+    assert np.mean(brain(body_axis.profile(head)) >= body_region.BRAIN_SHARE) > 0.5
+    below = body_region.infer(neck)
+    assert below.body_part == "NECK" and below.how == "axis" and brain(body_axis.profile(neck)).max() < 0.3, below
+    monkeypatch.setattr(body_region, "BRAIN_PLANES", 2.0)  # without the check, the axis' neck: the miss it mends
+    assert body_region.infer(head).body_part == "NECK"
+
+
 @pytest.fixture(scope="module")
 def chest_slab():
     """The lowest 50 mm of the first reporting head-and-neck patient whose body reaches 60 mm below the lung apices."""

@@ -28,7 +28,7 @@ import numpy as np
 from .intensity import looks_like_ct
 from .volume import Volume
 
-PROFILE_VERSION = 4  # bump when what a profile measures changes (the builder caches profiles by it)
+PROFILE_VERSION = 5  # bump when what a profile measures changes (the builder caches profiles by it)
 GRID_MM = (4.0, 4.0, 2.0)  # the profile's grid: 4 mm in the plane (shapes), 2 mm between planes (levels)
 ZONES = tuple(f"{ap}_{side}" for ap in ("front", "middle", "back") for side in ("centre", "side"))
 CT_FEATURES = ("width", "depth", "bone", "air", "enclosed", "fat", "bone_width",
@@ -38,6 +38,10 @@ FEATURES = ("log_area", *CT_FEATURES)  # what a CT profile measures (the templat
 # Measured beside the aligned features, for the body regions: the share of the section that is air (CT) or dark holes
 # inside the body (MR) in its middle and back thirds, where lungs lie (sinuses lie in front; the airway is narrow).
 LUNG_FEATURE = "lungs"
+# Also measured, on CT only: the share of the section at the density of brain (grey and white matter, 20-45 HU), for
+# the body regions (body_region: brain in a plane the axis places below the head's band proves the axis wrong).
+BRAIN_FEATURE = "brain"
+BRAIN_HU = (20.0, 45.0)
 TEMPLATE_FILE = Path(__file__).with_name("body_axis_template.json")
 SLOPES = np.exp(np.linspace(np.log(0.8), np.log(1.25), 21))  # body size: 0.8 to 1.25 standard mm per patient mm
 SLOPE_PRIOR_SD = 0.1  # log-slope spread of adults (a prior, so short volumes do not stretch to fit)
@@ -255,12 +259,15 @@ def profile(volume: Volume) -> Profile:
         zones = _zones(outline)
         columns += [(bone & zone).sum(axis=(1, 2)) / share for zone in zones]
         columns += [(air & zone).sum(axis=(1, 2)) / share for zone in zones]
+        brain = ((array >= BRAIN_HU[0]) & (array <= BRAIN_HU[1]) & outline).sum(axis=(1, 2)) / share
     else:
         air = outline & ~body
         zones = _zones(outline)
     columns.append(sum((air & zone).sum(axis=(1, 2)) for zone in zones[2:]) / share)
+    if ct:
+        columns.append(brain)
     s = s0 + GRID_MM[2] * np.arange(array.shape[0])
-    names = (*FEATURES, LUNG_FEATURE) if ct else (*SHAPE_FEATURES, LUNG_FEATURE)
+    names = (*FEATURES, LUNG_FEATURE, BRAIN_FEATURE) if ct else (*SHAPE_FEATURES, LUNG_FEATURE)
     return Profile(s, np.stack(columns, axis=1), present, names, "CT" if ct else "MR")
 
 

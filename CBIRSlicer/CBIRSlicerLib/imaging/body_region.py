@@ -8,8 +8,9 @@ from the image itself guard the axis: lungs (air or, on MR, dark holes filling a
 section) in 40 % of the planes or more make it CHEST, however narrow its field of view (a chest CT is never HEAD),
 unless the axis places it in the abdomen and they fill under a tenth of the section (lung bases);
 a chest with lungs in under a tenth of its planes is none; a head wider than 230 mm is none; a body as narrow as a
-head is no adult trunk. When the axis cannot be had (under 20 mm of body), fits badly or fails the width check,
-the rules of old decide: a body at most 230 mm wide is a head, anything wider the abdomen or pelvis.
+head is no adult trunk. When the axis cannot be had (under 20 mm of body), fits badly, fails the width check or, on
+CT, places brain (planes at least half at 20-45 HU) below the head in a body as narrow as a head (brain lies only above
+the skull base), the rules of old decide: a body at most 230 mm wide is a head, anything wider the abdomen or pelvis.
 
 A DICOM Body Part Examined counts only when it names a region (:mod:`body_parts`, the Annex L terms):
 ``PARTIALBODY``, ``WHOLEBODY``, empty values and free text leave the image to decide (:func:`fill_in`).
@@ -55,6 +56,14 @@ FEW_PLANES = 3  # planes of body (6 mm) enough to read a region from the body ax
 REGION_COST = 1.5
 LONG_MM = 150.0
 MIN_BODY_WIDTH_MM = 80.0  # narrower than any adult head, neck or trunk: a tube of stored tissue, not a body's section
+# Brain: a plane whose section is at least half at the density of brain (body_axis.BRAIN_HU, 20-45 HU) holds brain.
+# No neck's does: its muscle lies among fat, bone and air (and, enhanced, above 45 HU); on the tuning patients'
+# 40 mm slabs at the larynx and the mandible (2 x 52 patients) at most 0.36 of a plane, while the planes of stored
+# brain (the planning CTs keep the brain but not always the skull around it) hold 0.5-0.8. Brain can lie only above
+# the skull base: an axis that places a third of a narrow body's planes of brain below the head's band is wrong
+# (a crop of brain without its skull read as a neck-like box), and the rules decide.
+BRAIN_SHARE = 0.5
+BRAIN_PLANES = 1 / 3
 
 
 @dataclass
@@ -67,7 +76,8 @@ class Inferred:
     lung_fraction: float  # share of the planes with lungs in view
     regions: tuple[str, ...] = ()  # every region the volume covers, head to feet
     levels: tuple[float, float] | None = None  # standard levels of the body's top and bottom planes
-    how: str = "none"  # "axis", "axis+lungs" (the lungs overruled it), "rules" or "none"
+    how: str = "none"  # "axis", "axis+lungs" (the lungs overruled it), "rules", "brain" (the rules, as the axis
+    # placed brain below the head) or "none"
     axis: body_axis.BodyAxis | None = field(default=None, repr=False)
 
 
@@ -112,6 +122,15 @@ def _lung_planes(prof: body_axis.Profile) -> tuple[float, float]:
     return float(np.mean(share >= LUNG_SHARE)), float(np.median(share))
 
 
+def _brain_below_head(prof: body_axis.Profile, axis: body_axis.BodyAxis | None) -> float:
+    """Share of a CT profile's body planes that hold brain (BRAIN_SHARE) where the axis places them below the head."""
+    if axis is None or body_axis.BRAIN_FEATURE not in prof.features or not prof.body.any():
+        return 0.0
+    brain = prof.values[prof.body, prof.features.index(body_axis.BRAIN_FEATURE)] >= BRAIN_SHARE
+    levels = [axis.level_at(float(s)) for s in prof.s_mm[prof.body][brain]]
+    return sum(level is not None and level > BANDS[0][2] for level in levels) / int(prof.body.sum())
+
+
 def infer(volume: Volume) -> Inferred:
     """Modality and body region measured on the image (whatever the file says)."""
     prof = body_axis.profile(volume)
@@ -122,8 +141,10 @@ def infer(volume: Volume) -> Inferred:
     # a few planes of body (a crop's edge) still tell a region, if not a level to place by
     axis = body_axis.align(prof) or body_axis.align(prof, min_planes=FEW_PLANES)
     long = axis is not None and axis.s_range[1] - axis.s_range[0] >= LONG_MM
+    # brain below the head's band in a body as narrow as a head: the axis placed a crop of brain as a neck
+    misplaced_brain = width <= HEAD_WIDTH_MM and _brain_below_head(prof, axis) >= BRAIN_PLANES
     trusted = (axis is not None and axis.cost <= (REGION_COST if long else body_axis.RELIABLE_COST)
-               and width >= MIN_BODY_WIDTH_MM)
+               and width >= MIN_BODY_WIDTH_MM and not misplaced_brain)
     regions, primary = regions_of_levels(*axis.level_range) if trusted and axis is not None else ((), "UNKNOWN")
     levels = _rounded(axis.level_range) if trusted and axis is not None and axis.reliable else None
     # lungs in most planes: a chest, however narrow its field of view or odd its fit (on MR, where bone, sinuses and
@@ -142,7 +163,8 @@ def infer(volume: Volume) -> Inferred:
         regions = tuple(sorted({*regions, primary}, key=_order))
         return Inferred(prof.modality, primary, round(width, 1), round(lungs, 3), regions, levels, how, axis)
     if width <= HEAD_WIDTH_MM:
-        return Inferred(prof.modality, "HEAD", round(width, 1), round(lungs, 3), ("HEAD",), None, "rules", axis)
+        how = "brain" if misplaced_brain else "rules"
+        return Inferred(prof.modality, "HEAD", round(width, 1), round(lungs, 3), ("HEAD",), None, how, axis)
     # wider than a head, without lungs in most planes: the abdomen or pelvis (which of the two, only the axis tells)
     return Inferred(prof.modality, "ABDOMEN", round(width, 1), round(lungs, 3), ("ABDOMEN", "PELVIS"), None, "rules", axis)
 
