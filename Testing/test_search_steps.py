@@ -292,3 +292,16 @@ def test_same_kind_first_moves_the_query_kind_up_and_keeps_the_others_in_order(s
         writer.executemany("UPDATE cases SET modality = ?, body_part = ?, metadata = ? WHERE id = ?",
                            [(m, b, d, r) for r, m, b, d in before])
         writer.close()
+
+
+def test_a_first_stage_that_finds_too_few_cases_looks_further(searcher, monkeypatch):
+    query = _roi_query(searcher)
+    first = searcher.first_stage(searcher.query_vectors(query), searcher.scope(query), 3, 1, searcher.index.transform)
+    assert len(first) < 3  # one nearest item per query image crowds into fewer cases than the 3 others
+    looked = []
+    original = Searcher.first_stage
+    monkeypatch.setattr(Searcher, "first_stage", lambda self, *a, **kw: looked.append(a[3]) or original(self, *a, **kw))
+    answer = searcher.search(query, k=3, hits_per_image=1)
+    assert len(answer.results) == 3 and answer.note is None  # every other case, found by looking 4x further a round
+    assert looked[0] == 1 and all(b == 4 * a for a, b in zip(looked, looked[1:])) and len(looked) >= 2
+    assert _row(searcher, searcher.paths[0]) not in {searcher.index.catalog.case_by_id(r.case_id).row for r in answer.results}
