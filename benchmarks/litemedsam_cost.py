@@ -161,9 +161,9 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def index(models: list[str], strides: list[float], cache: str | None) -> dict:
+def index(models: list[str], strides: list[float], cache: str | None, names: tuple[str, ...] = ("abdomen_ct", "head_ct")) -> dict:
     """The head CT and the abdominal CT indexed with each model at each stride, each run in its own process."""
-    volumes = real_data.prepare(cache, ("abdomen_ct", "head_ct"))
+    volumes = real_data.prepare(cache, names)
     rows = []
     for name, volume in volumes.items():
         for model in models:
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="litemedsam", help="models indexed (comma-separated)")
     parser.add_argument("--strides", default="5,10", help="slice strides in mm (comma-separated)")
     parser.add_argument("--cache", default=None, help="folder of the Debian packages (real_data.py)")
+    parser.add_argument("--volumes", default="abdomen_ct,head_ct", help="real volumes indexed (comma-separated)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     result = {"machine": {"cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("passes", "both"):
         result["passes"] = passes(args.repeats)
     if args.part in ("index", "both"):
-        result["index"] = index(args.models.split(","), [float(s) for s in args.strides.split(",")], args.cache)
+        result["index"] = index(args.models.split(","), [float(s) for s in args.strides.split(",")], args.cache,
+                                tuple(args.volumes.split(",")))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
