@@ -75,11 +75,11 @@ def placed(tmp_path_factory):
     for name, workers in (("one at a time", 1), ("at once", 2)):
         answers[name] = Searcher(Index.open(str(folder / "index")), embedder=embedder).place(query, answer, workers=workers)
     volumes = {whole_path: read_volume(whole_path), slab_path: read_volume(slab_path)}
-    return volumes, head_neck.Organs.read(by_name[WHOLE].labels), whole_path, slab_path, answers
+    return volumes, head_neck.Organs.read(by_name[WHOLE].labels), whole_path, slab_path, answers, answer
 
 
 def test_no_placed_point_lies_outside_its_result(placed):
-    volumes, _, _, _, answers = placed
+    volumes, _, _, _, answers, _ = placed
     for match, answer in answers.items():
         for result in answer.results:
             best = result.best_match
@@ -89,7 +89,7 @@ def test_no_placed_point_lies_outside_its_result(placed):
 
 
 def test_results_placed_at_once_get_the_places_they_get_one_at_a_time(placed):
-    answers = placed[-1]
+    answers = placed[-2]
     for one, other in zip(answers["one at a time"].results, answers["at once"].results):
         assert one.source == other.source
         first, second = one.best_match, other.best_match
@@ -101,8 +101,17 @@ def test_results_placed_at_once_get_the_places_they_get_one_at_a_time(placed):
         assert np.allclose(kept.best_match.spot, fresh.best_match.spot, atol=0.5)
 
 
+def test_the_look_alike_a_placed_result_carries_is_the_searchs_own_best_match(placed):
+    # Placement compares the items as the search did (through the index's vector transform): the most similar finding
+    # it carries and shows for --match finding is the search's best match, not another item
+    answers, unplaced = placed[-2], placed[-1]
+    for before, after in zip(unplaced.results, answers["finding"].results):
+        assert after.best_match.shown == "look-alike"
+        assert np.allclose(after.best_match.look_alike_ras, before.best_match.focus_ras, atol=1e-3), before.source
+
+
 def test_the_same_anatomy_in_another_patient_carries_both_places(placed):
-    _, organs, whole, _, answers = placed
+    _, organs, whole, _, answers, _ = placed
     auto = next(r for r in answers["auto"].results if r.source == whole).best_match
     assert auto.in_view is True and auto.shown == "anatomy" and auto.note is None  # an organ box asks for the anatomy
     assert np.allclose(auto.spot, auto.placed_ras)
@@ -117,7 +126,7 @@ def test_a_result_without_the_anatomy_says_so_and_shows_its_look_alike(placed):
     from CBIRSlicerLib.retrieval.answers import BestMatch
     from CBIRSlicerLib.retrieval.placement import NOT_IN_VIEW
 
-    volumes, _, _, slab, answers = placed
+    volumes, _, _, slab, answers, _ = placed
     for match, answer in answers.items():
         best = next(r for r in answer.results if r.source == slab).best_match
         assert best.in_view is False and best.note == NOT_IN_VIEW and best.shown == "look-alike", (match, best)

@@ -364,13 +364,17 @@ class Searcher:
         placing = self._placing(query)
         if placing is None:  # a volume too thin to smooth at the coarse grid: nothing to register
             return answer
+        # Items compared as the search compared them (through the index's vector transform), so the look-alike a placed
+        # result carries is the search's own best match
+        transform = None if query.mode == "text" else self.index.transform
         vectors = self.query_vectors(query)
-        weights = query_weights(query, vectors)
+        compared = vectors if transform is None else transform.apply(vectors)
+        weights = query_weights(query, compared)
         excluded = self.index.excluded_ids()
         if self.embedder.embeds_volumes:
             excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         shown = answer.results if limit is None else answer.results[:limit]
-        jobs = [self._placement_job(result, vectors, weights, excluded) for result in shown]
+        jobs = [self._placement_job(result, compared, weights, excluded, transform) for result in shown]
         box_mm = max(round(v, 3) for v in query.roi.size) if query.roi is not None else None
         reach_mm = query.roi.size[2] / 2 if query.roi is not None else 0.0  # how far the box reaches along the body
 
@@ -387,8 +391,8 @@ class Searcher:
                 self._coarse_images.put(job.result.source, done.grid)
         return dataclasses.replace(answer, results=placed + list(answer.results[len(shown):]))
 
-    def _placement_job(self, result: CaseResult, vectors: np.ndarray, weights: np.ndarray | None,
-                       excluded: np.ndarray) -> PlacementJob | None:
+    def _placement_job(self, result: CaseResult, vectors: np.ndarray, weights: np.ndarray | None, excluded: np.ndarray,
+                       transform=None) -> PlacementJob | None:
         """What placing one result needs from the index (read here, in the calling thread): its items, their
         similarity to the query, its stored body axis and any registration grid kept from before; None for a case no
         longer in the index (removed since the search: it keeps its match)."""
@@ -397,7 +401,11 @@ class Searcher:
             return None
         items = self.index.catalog.item_arrays([case.row])
         keep = ~np.isin(items.ids, excluded)
-        similarity = ranking.similarities(vectors, [self.index.store.vectors_of(items.ids[keep])])[0]
+        block = self.index.store.vectors_of(items.ids[keep])
+        if transform is not None:
+            with one_blas_thread():
+                block = transform.apply(block)
+        similarity = ranking.similarities(vectors, [block])[0]
         agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
         return PlacementJob(result, items.ids[keep], items.centres[keep], items.sizes[keep], items.axes[keep], agreed,
                              case.metadata.get("body_axis"), self._coarse_images.get(result.source))
