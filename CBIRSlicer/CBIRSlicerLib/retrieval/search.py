@@ -392,7 +392,7 @@ class Searcher:
         return dataclasses.replace(answer, results=placed + list(answer.results[len(shown):]))
 
     def _placement_job(self, result: CaseResult, vectors: np.ndarray, weights: np.ndarray | None, excluded: np.ndarray,
-                       transform=None) -> PlacementJob | None:
+                       transform: vector_transform.VectorTransform | None = None) -> PlacementJob | None:
         """What placing one result needs from the index (read here, in the calling thread): its items, their
         similarity to the query, its stored body axis and any registration grid kept from before; None for a case no
         longer in the index (removed since the search: it keeps its match)."""
