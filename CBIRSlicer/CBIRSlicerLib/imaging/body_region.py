@@ -80,6 +80,14 @@ class Inferred:
     # placed brain below the head) or "none"
     axis: body_axis.BodyAxis | None = field(default=None, repr=False)
 
+    @property
+    def placeable_axis(self) -> body_axis.BodyAxis | None:
+        """The body axis placement may go by: none where the rules found it wrong (brain it placed below the head) or it
+        was fitted to a few planes (enough to name a region, not to place by)."""
+        if self.how == "brain" or self.axis is None or self.axis.planes < body_axis.MIN_PLANES:
+            return None
+        return self.axis
+
 
 def corners_lps(image) -> np.ndarray:
     """LPS positions of the centres of a SimpleITK image's 8 corner voxels, shape (8, 3)."""
@@ -210,8 +218,9 @@ def fill_in(volume: Volume) -> dict[str, Any]:
         sources["body_part_dicom"] = told  # kept for the record, not used
     if found.modality != volume.modality.upper():
         sources["modality_image"] = found.modality  # the voxels look like another modality than the file says
+    if found.placeable_axis is not None:  # placement reads it (a wrong one is not kept: placement then infers again)
+        sources["body_axis"] = found.placeable_axis.to_dict()
     if found.axis is not None:
-        sources["body_axis"] = found.axis.to_dict()
         sources["levels"] = list(found.levels) if found.levels else None
     return sources
 

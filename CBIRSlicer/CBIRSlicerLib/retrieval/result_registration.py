@@ -81,11 +81,12 @@ class Registered:
 
 
 def result_grid(source: str, loader: Callable[[str], Volume], stored_axis: dict[str, Any] | None) -> ResultGrid:
-    """A result's registration grid, voxel grid and body axis (the axis the index stored at build time, else read)."""
-    from ..imaging import body_axis, registration
+    """A result's registration grid, voxel grid and body axis (the axis the index stored at build time, else read as the
+    index would have: :attr:`body_region.Inferred.placeable_axis`)."""
+    from ..imaging import body_axis, body_region, registration
 
     volume = loader(source)
-    axis = body_axis.BodyAxis.from_dict(stored_axis) if stored_axis else body_axis.body_axis(volume)
+    axis = body_axis.BodyAxis.from_dict(stored_axis) if stored_axis else body_region.infer(volume).placeable_axis
     return ResultGrid(registration.coarse_image(volume), volume.ijk_to_ras, volume.shape_ijk, axis)
 
 

@@ -42,6 +42,23 @@ DENSE_QUERY_PASSES = 6
 WIDEST_FIRST_STAGE = 6_400
 
 
+def first_stage_hits(k: int) -> int:
+    """Nearest items the first stage looks at per query image by default, for k cases asked."""
+    return max(100, 10 * k)
+
+
+def through(transform: vector_transform.VectorTransform | None, blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """Stored vectors put through the index's vector transform (unchanged without one), on one BLAS thread.
+
+    One BLAS thread, as for the products (threads.py): a 512 x 512 product per case cost 0.4 CPU s a query on 2 busy
+    cores with OpenBLAS's pool, 0.1 s on one thread (30 cases at 1 M region vectors; docs/benchmarks.md).
+    """
+    if transform is None:
+        return blocks
+    with one_blas_thread():
+        return [transform.apply(block) for block in blocks]
+
+
 def embedding_request(query: Query, index: SearchableIndex) -> EmbeddingRequest | None:
     """What the query needs embedded on this index, or None (its vectors are there: an item's, or embedded already).
 
@@ -180,7 +197,7 @@ class Searcher:
     def first_stage(self, vectors: np.ndarray, scope: SearchScope, k: int, hits_per_image: int | None = None,
                     transform=None) -> dict[int, int]:
         """Candidate cases (case row -> votes) from each query image's nearest items inside the scope (raw query vectors)."""
-        hits_per_image = hits_per_image or max(100, 10 * k)
+        hits_per_image = hits_per_image or first_stage_hits(k)
         # Many query images each only need to find candidate cases, which MaxSim then scores exactly, so each walks a
         # narrower graph; what that costs in agreement with an exact first stage is measured (MULTI_IMAGE_EF_SEARCH).
         breadth = MULTI_IMAGE_EF_SEARCH if len(vectors) > 1 else None
@@ -202,12 +219,7 @@ class Searcher:
         items = self.index.catalog.item_arrays(candidates)
         keep = ~np.isin(items.ids, scope.excluded)
         members = [keep & (items.case_rows == row) for row in candidates]
-        blocks = [self.index.store.vectors_of(items.ids[mine]) for mine in members]
-        if transform is not None:
-            # One BLAS thread, as for the products (threads.py): a 512 x 512 product per case cost 0.4 CPU s a query on 2 busy
-            # cores with OpenBLAS's pool, 0.1 s on one thread (30 cases at 1 M region vectors; docs/benchmarks.md).
-            with one_blas_thread():
-                blocks = [transform.apply(block) for block in blocks]
+        blocks = through(transform, [self.index.store.vectors_of(items.ids[mine]) for mine in members])
         scored = ScoredCases(items, [], {}, {})
         for (row, votes), mine, block, similarity in zip(candidates.items(), members, blocks,
                                                          ranking.similarities(vectors, blocks)):
@@ -257,15 +269,16 @@ class Searcher:
         if scope.allowed is not None and not len(scope.allowed):
             return SearchAnswer(query.spec, method, [],
                                 note="no case of the index matches the filters " + ", ".join(f"{k}={v}" for k, v in filters.items()))
-        # Text is compared raw: the transform is learned on image vectors (vector_transform).
-        transform = None if query.mode == "text" else self.index.transform
-        candidates = self.first_stage(vectors, scope, k, hits_per_image, transform)
-        hits = hits_per_image or max(100, 10 * k)
+        transform = self.vector_transform(query)
+        hits = hits_per_image or first_stage_hits(k)
+        candidates = self.first_stage(vectors, scope, k, hits, transform)
         # Fewer candidate cases than asked for, where the scope holds more: the nearest items crowded into a few cases
         # (a small index of dense region vectors: litemedsam answered 6-9 of 10 on 11 cases). Look further, 4x a round.
-        while len(candidates) < k and hits < WIDEST_FIRST_STAGE and len(candidates) < len(self.cases_in_scope(scope)):
-            hits *= 4
-            candidates = self.first_stage(vectors, scope, k, hits, transform)
+        if len(candidates) < k:
+            in_scope = len(self.cases_in_scope(scope))
+            while len(candidates) < min(k, in_scope) and hits < WIDEST_FIRST_STAGE:
+                hits *= 4
+                candidates = self.first_stage(vectors, scope, k, hits, transform)
         compared = vectors if transform is None else transform.apply(vectors)
         weights = query_weights(query, compared)
         scored = self.score_cases(compared, candidates, scope, method, weights, transform)
@@ -284,6 +297,11 @@ class Searcher:
         notes = [note for note in found if note is not None]
         return dataclasses.replace(answer, note="; ".join(notes)) if notes else answer
 
+    def vector_transform(self, query: Query) -> vector_transform.VectorTransform | None:
+        """The index's vector transform as this query's vectors are compared through it: none for text (the transform
+        is learned on image vectors, :mod:`vector_transform`)."""
+        return None if query.mode == "text" else self.index.transform
+
     def modality_note(self, query: Query) -> str | None:
         """A warning when the index's model was made for other modalities than the query's (an MR on astra-ct's index):
         the search runs all the same, and the answer says so."""
@@ -296,15 +314,18 @@ class Searcher:
         warning = modality_warning(self.embedder, seen)
         return warning.replace("this volume", "the query") if warning else None
 
+    def _cases_allowed(self, scope: SearchScope) -> set[int]:
+        """Rows of the cases the filters allow (all the index's cases without filters)."""
+        return set(self.index.catalog.case_rows_matching({})) if scope.allowed_cases is None else set(scope.allowed_cases)
+
     def cases_in_scope(self, scope: SearchScope) -> set[int]:
         """Rows of the cases a search may show: those the filters allow, less those it leaves out."""
-        complete = set(self.index.catalog.case_rows_matching({})) if scope.allowed_cases is None else set(scope.allowed_cases)
-        return complete - set(scope.left_out_cases)
+        return self._cases_allowed(scope) - set(scope.left_out_cases)
 
     def fewer_note(self, query: Query, scope: SearchScope, k: int, shown: int) -> str:
         """Why an answer shows fewer cases than asked for: the cases the index can show, and those left out."""
         catalog = self.index.catalog
-        complete = set(catalog.case_rows_matching({})) if scope.allowed_cases is None else set(scope.allowed_cases)
+        complete = self._cases_allowed(scope)
         left_out = complete & set(scope.left_out_cases)
         marked = query.spec.feedback.judged if query.spec.feedback is not None else []
         judged = {case.row for case in map(catalog.case_by_id, marked) if case is not None}
@@ -317,6 +338,15 @@ class Searcher:
         return (f"{shown} of the {k} cases asked for: the index holds {held}{why}, but only {shown} came among the first "
                 "stage's nearest items")
 
+
+    def _inferred(self, volume: Volume):
+        """The query volume's modality, body region and body axis as inferred from its image (:func:`body_region.infer`),
+        once per volume."""
+        from ..imaging import body_region
+
+        if self._query_kind is None or self._query_kind[0] is not volume:
+            self._query_kind = (volume, body_region.infer(volume))
+        return self._query_kind[1]
 
     def same_kind_first(self, query: Query, ranked: list[ranking.CaseScore]) -> list[ranking.CaseScore]:
         """Ranked cases in four groups, each in its own order: the query's modality and anatomy; its modality with a
@@ -333,9 +363,7 @@ class Searcher:
         if query.volume is None or not ranked:
             return ranked
         if query.spec.prior is None:
-            if self._query_kind is None or self._query_kind[0] is not query.volume:
-                self._query_kind = (query.volume, body_region.infer(query.volume))
-            kind = body_region.query_kind(query.volume, self._query_kind[1], query.centre_ras)
+            kind = body_region.query_kind(query.volume, self._inferred(query.volume), query.centre_ras)
             query.spec = dataclasses.replace(query.spec, prior=Prior.of_kind(kind))
         wanted = query.spec.prior.kind()
 
@@ -366,7 +394,7 @@ class Searcher:
             return answer
         # Items compared as the search compared them (through the index's vector transform), so the look-alike a placed
         # result carries is the search's own best match
-        transform = None if query.mode == "text" else self.index.transform
+        transform = self.vector_transform(query)
         vectors = self.query_vectors(query)
         compared = vectors if transform is None else transform.apply(vectors)
         weights = query_weights(query, compared)
@@ -401,10 +429,7 @@ class Searcher:
             return None
         items = self.index.catalog.item_arrays([case.row])
         keep = ~np.isin(items.ids, excluded)
-        block = self.index.store.vectors_of(items.ids[keep])
-        if transform is not None:
-            with one_blas_thread():
-                block = transform.apply(block)
+        block = through(transform, [self.index.store.vectors_of(items.ids[keep])])[0]
         similarity = ranking.similarities(vectors, [block])[0]
         agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
         return PlacementJob(result, items.ids[keep], items.centres[keep], items.sizes[keep], items.axes[keep], agreed,
@@ -430,7 +455,7 @@ class Searcher:
 
     def _placing(self, query: Query) -> QueryGrid | None:
         """What placement needs of the query volume, once per volume: its registration grid, body axis and focality."""
-        from ..imaging import body_axis, registration
+        from ..imaging import registration
         from ..imaging.focal import focality
 
         if query.volume is None:
@@ -440,7 +465,8 @@ class Searcher:
                 image = registration.coarse_image(query.volume)
             except RuntimeError:
                 return None
-            self._query_grid = QueryGrid(query.volume, image, body_axis.body_axis(query.volume))
+            # The axis as the index keeps its cases' (body_region.fill_in): none where the rules found it wrong
+            self._query_grid = QueryGrid(query.volume, image, self._inferred(query.volume).placeable_axis)
         placing = self._query_grid
         found = focality(query.volume, query.roi) if query.roi is not None else None
         placing.focal = bool(found is not None and found.focal)
