@@ -3,7 +3,7 @@
 Placing one result (``Searcher.place``, ``imaging/registration.py``) reads the result's volume, brings it to the 4 mm
 registration grid, reads its body axis (stored in the index at build time; timed here apart, not paid at search), then
 registers the query's point from two starts (``result_registration.register_point``): the body coordinate's level
-(``registration.level_transform``) and the whole-volume registration (``registration.global_transform``, similarity then
+(``levels.level_transform``) and the whole-volume registration (``registration.global_transform``, similarity then
 affine at 8 mm; kept per query volume and result). From each start ``registration.place`` runs the local affine stage
 (128 mm, 4 mm), the demons stage (64 mm) and two agreements (the box; the 64 mm neighbourhood). This script runs that
 very code (``result_registration.result_grid``'s steps and ``register_point``) for one query patient's organ boxes into the next
@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import head_neck
 
-from CBIRSlicerLib.imaging import body_axis, registration
+from CBIRSlicerLib.imaging import body_axis, levels, registration
 from CBIRSlicerLib.imaging.focal import focality
 from CBIRSlicerLib.imaging.readers import read_volume
 from CBIRSlicerLib.imaging.roi import RoiBox
@@ -44,8 +44,13 @@ from CBIRSlicerLib.retrieval.result_registration import QueryGrid, ResultGrid, r
 
 # The registration module's stages, each timed inclusively (a stage inside another is also counted in the outer one:
 # global_transform holds level_starts and _full_metric for slab queries; place holds local_affine .. agreement).
-STAGES = ("coarse_image", "level_window", "start_window", "level_transform", "global_transform", "level_starts",
+STAGES = ("coarse_image", "body_planes", "level_window", "start_window", "level_transform", "global_transform", "level_starts",
           "local_affine", "deformation", "agreement", "_full_metric", "place")
+LEVEL_STAGES = ("body_planes", "level_window", "start_window", "level_transform")  # imaging/levels.py; the rest registration.py
+
+
+def _module(name: str):
+    return levels if name in LEVEL_STAGES else registration
 
 
 def _cpu() -> float:
@@ -68,16 +73,16 @@ def measure(organs_asked: int, results: int, query_index: int = 0) -> dict:
     """CPU seconds per stage of placing ``results`` results for each of ``organs_asked`` organ boxes of one patient."""
     totals: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    originals = {name: getattr(registration, name) for name in STAGES}
+    originals = {name: getattr(_module(name), name) for name in STAGES}
     for name, function in originals.items():
-        setattr(registration, name, _timed(totals, calls, name, function))
+        setattr(_module(name), name, _timed(totals, calls, name, function))
     tuning = head_neck.patients("tuning")
     query_patient, result_patients = tuning[query_index], [p for i, p in enumerate(tuning) if i != query_index][:results]
     rows = []
     try:
         began = _cpu()
         query_volume = read_volume(query_patient.image)
-        placing = QueryGrid(query_volume, registration.coarse_image(query_volume), body_axis.body_axis(query_volume))
+        placing = QueryGrid.of(query_volume, body_axis.body_axis(query_volume))
         query_cpu = _cpu() - began
         boxes = [q for q in head_neck.organ_queries(query_patient) if q.kind == "box"][:organs_asked]
         targets: dict[str, ResultGrid] = {}
@@ -98,10 +103,9 @@ def measure(organs_asked: int, results: int, query_index: int = 0) -> dict:
                     cpu = _cpu()
                     axis = body_axis.body_axis(volume)  # in the product: read from the index (case metadata), not computed
                     row["stages"]["body_axis (index-time)"] += _cpu() - cpu
-                    targets[patient.image] = ResultGrid(registration.coarse_image(volume), volume.ijk_to_ras, volume.shape_ijk,
-                                                     axis)
+                    targets[patient.image] = ResultGrid.of(volume, axis)
                 target = targets[patient.image]
-                in_view, window = registration.level_window(placing.axis, target.axis, query.centre, query.size[2] / 2)
+                in_view, window = levels.level_window(placing.axis, target.axis, query.centre, query.size[2] / 2)
                 if in_view is False:
                     continue
                 asked = window.asked_ras if window is not None else query.centre
@@ -115,7 +119,7 @@ def measure(organs_asked: int, results: int, query_index: int = 0) -> dict:
             print(json.dumps(row), flush=True)
     finally:
         for name, function in originals.items():
-            setattr(registration, name, function)
+            setattr(_module(name), name, function)
     return {"query_patient": query_patient.name, "result_patients": [p.name for p in result_patients],
             "query_volume_cpu_s": round(query_cpu, 2), "rows": rows, "calls": dict(calls)}
 

@@ -1,17 +1,19 @@
-"""Both registration starts, for every (organ box, result patient) pair of tuning head-and-neck patients: does the level
-start alone do as well as the better of two when its box already agrees with the query?
+"""Both registration starts, for every (organ box, result patient) pair of tuning head-and-neck patients: which start
+to register first, and when is it enough alone?
 
-Measured, and not kept in the product: the same rule took the abdominal pseudo-patients of ``real_anatomy.py`` (the
-test's coarse index) from 81.8 % to 70.5 % inside at 0.7 (76.1 % at 0.9), where the whole-volume start is the better
-one; both starts run again (``result_registration.register_point``).
+The product registers the whole-volume start first and keeps it alone when the query's box agrees with the result there
+(``result_registration.KEEP_WHOLE_VOLUME_AGREEMENT``); otherwise the level start too, and the better of the two. The
+level start first instead (kept alone when it agreed) was tried and not kept: it took the abdominal pseudo-patients of
+``real_anatomy.py`` (the test's coarse index) from 81.8 % to 70.5 % inside at 0.7 (76.1 % at 0.9), where the
+whole-volume start is the better one.
 
 For each organ box of ``--queries`` tuning patients (from the 21st, so not the patients the starts were first tuned on)
 into each of ``--results`` other tuning patients (from the 41st) that contour the organ, the asked point is registered
-from the body coordinate's level start and from the whole-volume registration (``registration.place`` from each, as
-``result_registration.register_point`` does), and each placed point is judged against the result's organ mask (inside:
-within 5 mm). The summary compares the whole-volume start alone, the level start alone, the better agreeing of the two
-(``placement.better``), and the level start kept alone when its agreement reaches a threshold (the rest: the better of
-two), with how many whole-volume registrations that skips. Tuning patients only: reporting patients stay unseen::
+from the body coordinate's level start and from the whole-volume registration (``registration.place`` from each), and
+each placed point is judged against the result's organ mask (inside: within 5 mm). The summary compares the
+whole-volume start alone, the level start alone, the better agreeing of the two (``placement.better``), either start
+kept alone when its agreement reaches a threshold (the rest: the better of two) with how many registrations that skips,
+and the product's rule. Tuning patients only: reporting patients stay unseen::
 
     nice -n 10 python benchmarks/placement_starts.py [--queries 4] [--results 10] [--out docs/benchmarks/placement_starts_tuning.json]
     python benchmarks/placement_starts.py --summary docs/benchmarks/placement_starts_tuning.json
@@ -30,41 +32,43 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import head_neck
 
+from CBIRSlicerLib.retrieval.result_registration import KEEP_WHOLE_VOLUME_AGREEMENT, SAME_START_MM
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(queries: int, results: int, out: str) -> list[dict]:
+def measure(queries: int, results: int, out: str, query_from: int = 20) -> list[dict]:
     """One row per (organ box, result patient): both starts' placed points, agreements and distances to the organ."""
-    from CBIRSlicerLib.imaging import body_axis, registration
+    from CBIRSlicerLib.imaging import body_axis, levels, registration
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.retrieval.result_registration import QueryGrid, ResultGrid
 
     tuning = head_neck.patients("tuning")
     targets: dict[str, tuple] = {}
     rows: list[dict] = []
-    for query_patient in tuning[20:20 + queries]:
+    for query_patient in tuning[query_from:query_from + queries]:
         volume = read_volume(query_patient.image)
-        grid = QueryGrid(volume, registration.coarse_image(volume), body_axis.body_axis(volume))
+        grid = QueryGrid.of(volume, body_axis.body_axis(volume))
         for query in (q for q in head_neck.organ_queries(query_patient) if q.kind == "box"):
             box_mm = max(round(v, 3) for v in query.size)
             for patient in tuning[40:40 + results]:
                 if patient.image not in targets:
                     other = read_volume(patient.image)
-                    targets[patient.image] = (ResultGrid(registration.coarse_image(other), other.ijk_to_ras, other.shape_ijk,
-                                                         body_axis.body_axis(other)), head_neck.Organs.read(patient.labels))
+                    targets[patient.image] = (ResultGrid.of(other, body_axis.body_axis(other)),
+                                              head_neck.Organs.read(patient.labels))
                 target, organs = targets[patient.image]
                 if not organs.has(query.label):
                     continue
                 row: dict = {"q": query_patient.name, "r": patient.name, "organ": query.organ}
-                in_view, window = registration.level_window(grid.axis, target.axis, query.centre, query.size[2] / 2)
+                in_view, window = levels.level_window(grid.axis, target.axis, query.centre, query.size[2] / 2)
                 if in_view is False:
                     rows.append({**row, "out_of_view": True})
                     continue
                 asked = window.asked_ras if window is not None else query.centre
-                level = window if window is not None else registration.start_window(grid.axis, target.axis, asked)
+                level = window if window is not None else levels.start_window(grid.axis, target.axis, asked)
                 if patient.image not in grid.global_transforms:
                     grid.global_transforms[patient.image] = registration.global_transform(grid.image, target.image)
-                starts = {"level": registration.level_transform(grid.image, target.image, level) if level is not None else None,
+                starts = {"level": levels.level_transform(grid.planes, target.planes, level) if level is not None else None,
                           "global": grid.global_transforms[patient.image]}
                 row["window"] = window is not None
                 for name, start in starts.items():
@@ -95,8 +99,8 @@ def summary(rows: list[dict]) -> dict:
             return c["in_window"] is not False, agreement if np.isfinite(agreement) else -np.inf
         return max((row[k] for k in ("level", "global") if k in row), key=score)
 
-    def lazy(row: dict, threshold: float) -> tuple[dict, bool]:
-        first = row.get("level")
+    def lazy(row: dict, threshold: float, first_start: str = "level") -> tuple[dict, bool]:
+        first = row.get(first_start)
         if first is not None and first["in_window"] is not False and first["agreement"] >= threshold:
             return first, True
         return better(row), False
@@ -110,6 +114,19 @@ def summary(rows: list[dict]) -> dict:
         out["level_start_kept_when_agreeing"][str(threshold)] = {
             "inside": round(float(np.mean([inside(c) for c, _ in kept])), 3),
             "whole_volume_registrations_skipped": f"{sum(s for _, s in kept)}/{len(kept)}"}
+    for threshold in (0.8, 0.85, 0.9, 0.95):
+        kept = [lazy(r, threshold, "global") for r in pairs]
+        out.setdefault("whole_volume_start_kept_when_agreeing", {})[str(threshold)] = {
+            "inside": round(float(np.mean([inside(c) for c, _ in kept])), 3),
+            "level_starts_skipped": f"{sum(s for _, s in kept)}/{len(kept)}"}
+    def same_start(row: dict) -> bool:
+        return "level" in row and float(np.linalg.norm(np.subtract(row["level_start_ras"], row["global_start_ras"]))) < SAME_START_MM
+
+    product = [(row["global"], True) if same_start(row) else lazy(row, KEEP_WHOLE_VOLUME_AGREEMENT, "global") for row in pairs]
+    out["product"] = {"rule": f"whole-volume start kept alone at agreement >= {KEEP_WHOLE_VOLUME_AGREEMENT} or where the "
+                              f"level start lies within {SAME_START_MM} mm of it",
+                      "inside": round(float(np.mean([inside(c) for c, _ in product])), 3),
+                      "level_starts_skipped": f"{sum(s for _, s in product)}/{len(product)}"}
     out["per_organ_better_of_two"] = {organ: round(float(np.mean([inside(better(r)) for r in pairs if r["organ"] == organ])), 3)
                                       for organ in sorted({r["organ"] for r in pairs})}
     return out
@@ -119,10 +136,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--results", type=int, default=10)
+    parser.add_argument("--query-from", type=int, default=20, help="the first query patient (tuning patients in number order)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "placement_starts_tuning.json"))
-    parser.add_argument("--summary", help="summarise a finished run's JSON instead of running")
+    parser.add_argument("--summary", nargs="+", help="summarise finished runs' JSONs (as one) instead of running")
     args = parser.parse_args()
-    rows = json.loads(Path(args.summary).read_text()) if args.summary else measure(args.queries, args.results, args.out)
+    if args.summary:
+        rows = [row for path in args.summary for row in json.loads(Path(path).read_text())]
+    else:
+        rows = measure(args.queries, args.results, args.out, args.query_from)
     print(json.dumps(summary(rows), indent=1))
 
 

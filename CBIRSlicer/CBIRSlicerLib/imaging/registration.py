@@ -1,6 +1,6 @@
 """Registering one volume into another on coarse isotropic copies, to carry a point across (SimpleITK, mutual information).
 
-The stages: a whole-volume similarity then affine registration at 8 mm (the level evidence: the whole body, not a slab
+The stages: a whole-volume similarity then affine registration at 16 mm (the level evidence: the whole body, not a slab
 that looks alike at many levels; a thin slab query has its level searched first, :func:`level_starts`), refined as an
 affine transform on the query's 128 mm neighbourhood at 4 mm, then a demons deformation of its 64 mm neighbourhood;
 :func:`place` carries the query's centre through them and says how well the box agrees with the result there.
@@ -44,19 +44,34 @@ class Placement:
     within_window: bool | None = None
 
 
+SMOOTH_MIN_VOXELS = 0.25  # a Gaussian narrower than this share of a voxel changes nothing sampled: that axis is left
+
+
 def coarse_image(volume: Volume, spacing_mm: float = SPACING_MM):
-    """The volume smoothed and resampled to an isotropic grid (SimpleITK image, LPS), intensities clamped for CT."""
+    """The volume smoothed and resampled to an isotropic grid (SimpleITK image, LPS), intensities clamped for CT.
+
+    Smoothed to the new voxel's width (FWHM) before resampling, in two steps: block means over whole voxels no wider
+    than the new voxel (``BinShrink``: cheap, and itself a low-pass filter), then a recursive Gaussian for the width
+    left, only along axes where it is a quarter voxel or more (narrower, it changed no voxel by 0.02 HU). A 512 x 512 x
+    300 CT took 6.5 s with a Gaussian along every axis of every voxel (placing 10 such results: a minute of grids
+    alone); docs/benchmarks.md, "Where placement's time goes"."""
     import SimpleITK as sitk
 
-    image = sitk.Cast(volume.to_sitk(volume.finite_float32()), sitk.sitkFloat32)
+    image = volume.to_sitk(volume.finite_float32())  # float32 already: no cast (a copy of every voxel)
     if looks_like_ct(volume):
         image = sitk.Clamp(image, sitk.sitkFloat32, *CT_CLAMP_HU)
     old_spacing = np.array(image.GetSpacing())
-    sigma = [max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355 for s in old_spacing]  # FWHM of the new voxel
-    if max(sigma) > 0:
-        image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigma])
     size = [max(1, int(round(n * s / spacing_mm))) for n, s in zip(image.GetSize(), old_spacing)]
     origin = image.TransformContinuousIndexToPhysicalPoint([(spacing_mm / s - 1) / 2 for s in old_spacing])
+    factors = [max(1, int(spacing_mm / s)) for s in old_spacing]
+    if max(factors) > 1:
+        image = sitk.BinShrink(image, factors)
+    # the Gaussian's variance: the new voxel's (FWHM spacing_mm) less the old voxel's and the block mean's
+    variance = [max(0.0, ((spacing_mm ** 2 - s ** 2) / 2.355 ** 2) - (f ** 2 - 1) * s ** 2 / 12)
+                for s, f in zip(old_spacing, factors)]
+    for axis, (v, s) in enumerate(zip(variance, image.GetSpacing())):
+        if v >= (SMOOTH_MIN_VOXELS * s) ** 2:
+            image = sitk.RecursiveGaussian(image, float(v) ** 0.5, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, [spacing_mm] * 3, image.GetDirection(),
                          float(np.min(sitk.GetArrayViewFromImage(image))), sitk.sitkFloat32)
 
@@ -75,12 +90,24 @@ def neighbourhood(image, centre_ras, side_mm: float = CONTEXT_MM):
     return sitk.RegionOfInterest(image, [int(v) for v in high - low + 1], [int(v) for v in low])
 
 
-GLOBAL_SPACING_MM = 8.0
+# The whole-volume registration's grid: it gives the gross pose, which the local stages refine at 4 mm. At 16 mm it took
+# a seventh of the CPU of 8 mm (0.09 s against 0.68 s a result) and placed tuning head-and-neck organs as well (better of
+# the two starts 94.0 % inside against 93.3 %, 150 pairs; docs/benchmarks.md, "Where placement's time goes").
+GLOBAL_SPACING_MM = 16.0
+# Slab queries (SLAB_SHARE) and volumes under GLOBAL_MIN_VOXELS coarse voxels across are registered at 8 mm, as before:
+# at 16 mm a 40 mm slab is 3 planes (abdominal slabs lost their level) and a 12 cm phantom 7 voxels (it lost its pose).
+FINE_GLOBAL_SPACING_MM = 8.0
+GLOBAL_MIN_VOXELS = 12
 
 
 def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step: float, iterations: int):
     """Every stage's registration method: Mattes MI (MI_BINS bins) on a random share of the voxels, linear interpolation,
-    regular-step gradient descent with physical-shift scales; the stages differ in these arguments only."""
+    regular-step gradient descent with physical-shift scales; the stages differ in these arguments only.
+
+    The fixed image's gradient is never used (only the moving image moves): not computed (7 % of the local stage, the
+    same answers). The moving image's stays filtered: central differences at the samples instead saved 29 % of the local
+    stage and placed tuning head-and-neck organs as well, but abdominal slabs worse (docs/benchmarks.md, "Where
+    placement's time goes")."""
     import SimpleITK as sitk
 
     method = sitk.ImageRegistrationMethod()
@@ -88,6 +115,7 @@ def _mi_registration(sampling: float, seed: int, learning_rate: float, min_step:
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(sampling, seed)
     method.SetInterpolator(sitk.sitkLinear)
+    method.SetMetricUseFixedImageGradientFilter(False)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step, numberOfIterations=iterations,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
@@ -105,7 +133,7 @@ def body_axis_extent(image) -> float:
     return float(np.ptp(body_region.corners_lps(image)[:, 2]))
 
 
-def _axis_aligned(image, spacing_mm: float):
+def axis_aligned_array(image, spacing_mm: float):
     """An image resampled on an identity-direction LPS grid that covers it: (array [z, y, x], origin (x, y, z))."""
     import SimpleITK as sitk
 
@@ -127,7 +155,7 @@ def _mutual_information(fixed_bins: np.ndarray, moving_bins: np.ndarray) -> floa
     return float(np.sum(joint * np.log(np.where(joint > 0, joint, 1.0) / np.where(joint > 0, outer, 1.0))))  # 0 log 0 = 0
 
 
-def _body_centroids(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def body_centroids(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per plane of an axis-aligned array: how many body voxels, and their mean (x, y) voxel position."""
     body = array > body_region.body_threshold(array, ct=bool(array.min() < -500))  # coarse CT is clamped at -1000 HU
     counts = body.sum(axis=(1, 2)).astype(float)
@@ -155,7 +183,7 @@ class LevelStart:
     target_lps: np.ndarray
 
 
-def level_starts(query_image, target_image, spacing_mm: float = GLOBAL_SPACING_MM) -> list[LevelStart]:
+def level_starts(query_image, target_image, spacing_mm: float = FINE_GLOBAL_SPACING_MM) -> list[LevelStart]:
     """Where a slab query may lie along a result's body axis, best first: at most :data:`LEVEL_STARTS`, their levels
     :data:`LEVELS_APART_MM` apart.
 
@@ -166,10 +194,10 @@ def level_starts(query_image, target_image, spacing_mm: float = GLOBAL_SPACING_M
     with the result sampled there (nearest voxel, the result's lowest value outside it, so hanging off costs).
     A few hundredths of a second: the arrays are on an 8 mm grid and each candidate is one gather and one histogram.
     """
-    fixed, fixed_origin = _axis_aligned(query_image, spacing_mm)
-    moving, moving_origin = _axis_aligned(target_image, spacing_mm)
-    fixed_counts, fixed_sums = _body_centroids(fixed)
-    moving_counts, moving_sums = _body_centroids(moving)
+    fixed, fixed_origin = axis_aligned_array(query_image, spacing_mm)
+    moving, moving_origin = axis_aligned_array(target_image, spacing_mm)
+    fixed_counts, fixed_sums = body_centroids(fixed)
+    moving_counts, moving_sums = body_centroids(moving)
     fixed_bins, moving_bins = _bins(fixed), _bins(moving)
     depth, rows, columns = fixed.shape
     planes = moving.shape[0]
@@ -236,24 +264,28 @@ def _similarity_start(level: LevelStart):
 
 
 def global_transform(query_image: Any, target_image: Any) -> Any:
-    """A whole-volume registration of the query into the target at a coarser grid: similarity, then affine from there
-    (bodies differ in proportions, not only in size: a scale per axis and shear).
+    """A whole-volume registration of the query into the target at a coarser grid (:data:`GLOBAL_SPACING_MM`, finer for
+    slabs and small volumes): similarity, then affine from there (bodies differ in proportions, not only in size: a
+    scale per axis and shear).
 
     The similarity starts from the images' centres of mass, or for a slab query (:data:`SLAB_SHARE`) from each of its
     likely levels in the result (:func:`level_starts`), keeping the registration that ends best.
     """
     import SimpleITK as sitk
 
-    fixed = sitk.Shrink(query_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in query_image.GetSpacing()])
-    moving = sitk.Shrink(target_image, [max(1, int(GLOBAL_SPACING_MM / s)) for s in target_image.GetSpacing()])
+    slab = body_axis_extent(query_image) < SLAB_SHARE * body_axis_extent(target_image)
+    narrowest = min(n * s for image in (query_image, target_image) for n, s in zip(image.GetSize(), image.GetSpacing()))
+    spacing = FINE_GLOBAL_SPACING_MM if slab or narrowest < GLOBAL_MIN_VOXELS * GLOBAL_SPACING_MM else GLOBAL_SPACING_MM
+    fixed = sitk.Shrink(query_image, [max(1, int(spacing / s)) for s in query_image.GetSpacing()])
+    moving = sitk.Shrink(target_image, [max(1, int(spacing / s)) for s in target_image.GetSpacing()])
     moments = sitk.Similarity3DTransform(sitk.CenteredTransformInitializer(
         fixed, moving, sitk.Similarity3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS))
     starts = [moments]
-    if body_axis_extent(query_image) < SLAB_SHARE * body_axis_extent(target_image):
+    if slab:
         starts = [_similarity_start(level) for level in level_starts(query_image, target_image)] or [moments]
     best = None
     for start in starts:
-        method = _mi_registration(0.3, 1, GLOBAL_SPACING_MM, 0.5, ITERATIONS)
+        method = _mi_registration(0.3, 1, spacing, 0.5, ITERATIONS)
         method.SetInitialTransform(start, inPlace=False)
         try:
             similarity = sitk.Similarity3DTransform(_single(method.Execute(fixed, moving)))
@@ -269,7 +301,7 @@ def global_transform(query_image: Any, target_image: Any) -> Any:
     affine.SetCenter(similarity.GetCenter())
     affine.SetMatrix(similarity.GetMatrix())
     affine.SetTranslation(similarity.GetTranslation())
-    method = _mi_registration(0.3, 1, GLOBAL_SPACING_MM, 0.5, ITERATIONS)
+    method = _mi_registration(0.3, 1, spacing, 0.5, ITERATIONS)
     method.SetInitialTransform(affine, inPlace=False)
     return _single(method.Execute(fixed, moving))
 
@@ -301,16 +333,6 @@ def local_affine(fixed, moving, initial, iterations: int = ITERATIONS, seed: int
     return transform, float(method.GetMetricValue())
 
 
-# --- Across patients: the body coordinate (imaging/body_axis) starts the registration and bounds it ---------------------
-# Whole-volume registration between different patients missed the level often (tuning head-and-neck patients: organs
-# carried with |error along S| p90 36-60 mm, worst 113 mm; the body coordinate: p90 17-25 mm, worst 44 mm). So the level
-# evidence gives the start (the query centre's plane goes to the plane of the same level, scaled by the two bodies'
-# slopes, the bodies' centres aligned in that plane) and a window no stage may leave.
-LEVEL_WINDOW_MIN_MM = 24.0  # half-width of the window at least: the body coordinate's p90 error between patients
-LEVEL_WINDOW_MAX_MM = 48.0
-LEVEL_PLANES_MM = 8.0  # the body's centre in the plane is read over this thickness
-
-
 @dataclass(frozen=True)
 class LevelWindow:
     """Where the point asked lies in a result (RAS S, mm), how far a registration may place from it, the size ratio of
@@ -326,92 +348,6 @@ class LevelWindow:
     def holds(self, ras) -> bool:
         """Whether a RAS point lies within the window."""
         return bool(abs(float(np.asarray(ras, float)[2]) - self.s_mm) <= self.half_mm)
-
-
-def _point(ras) -> tuple[float, float, float]:
-    """A RAS point as a typed triple."""
-    return float(ras[0]), float(ras[1]), float(ras[2])
-
-
-def _reliable(axis) -> bool:
-    """Whether a body axis is good enough to place by (BodyAxis.reliable where the body coordinate has it; before, its
-    misfit to the template under 1.2, the bound it uses)."""
-    return bool(getattr(axis, "reliable", axis.cost <= 1.2))
-
-
-LEVEL_INSET_MM = 4.0  # a point moved into a result's body goes this far inside its first or last plane of body
-
-
-def level_window(query_axis, target_axis, centre_ras, reach_mm: float = 0.0) -> tuple[bool | None, LevelWindow | None]:
-    """(in view, window) for a query centre carried by two body axes (:class:`imaging.body_axis.BodyAxis`).
-
-    In view is None (and no window) when either axis is missing or unreliable: the registration alone decides; False
-    when neither the centre's level nor any level within ``reach_mm`` of it along the body axis (the query box's half
-    height) lies in the result's body: its field of view does not hold that anatomy.
-    """
-    if query_axis is None or target_axis is None or not _reliable(query_axis) or not _reliable(target_axis):
-        return None, None
-    centre = np.asarray(centre_ras, float)
-    level = query_axis.level_at(float(centre[2]), margin_mm=LEVEL_WINDOW_MIN_MM)
-    if level is None:  # the query point lies outside its own body (in the air above the head): no level to carry
-        return None, None
-    asked = centre.copy()
-    s = target_axis.s_at(level)
-    if s is None:
-        top, bottom = target_axis.level_range  # levels of the result's highest and lowest planes of body
-        inset = LEVEL_INSET_MM * target_axis.slope
-        nearest = float(np.clip(level, top + inset, bottom - inset)) if bottom - top > 2 * inset else (top + bottom) / 2
-        if abs(nearest - level) > reach_mm * query_axis.slope:
-            return False, None
-        asked[2] -= (nearest - level) / query_axis.slope  # the level grows toward the feet, S toward the head
-        level, s = nearest, target_axis.s_at(nearest, margin_mm=LEVEL_INSET_MM)
-        if s is None:
-            return False, None
-    half = float(np.clip(LEVEL_WINDOW_MIN_MM + query_axis.uncertainty_mm + target_axis.uncertainty_mm,
-                         LEVEL_WINDOW_MIN_MM, LEVEL_WINDOW_MAX_MM))
-    return True, LevelWindow(float(s), half / target_axis.slope, float(query_axis.slope / target_axis.slope), _point(asked))
-
-
-def start_window(query_axis, target_axis, centre_ras) -> LevelWindow | None:
-    """A level to start from where the axes are too uncertain to bound the registration (no window: half-width
-    infinite); None when either axis is missing or the centre's level lies outside the result's body."""
-    if query_axis is None or target_axis is None:
-        return None
-    centre = np.asarray(centre_ras, float)
-    level = query_axis.level_at(float(centre[2]), margin_mm=LEVEL_WINDOW_MAX_MM)
-    s = None if level is None else target_axis.s_at(level)
-    if s is None:
-        return None
-    return LevelWindow(float(s), float("inf"), float(query_axis.slope / target_axis.slope), _point(centre))
-
-
-def _body_centre(image, s_mm: float) -> np.ndarray | None:
-    """LPS (x, y) of the body's centre in the planes within LEVEL_PLANES_MM / 2 of RAS S ``s_mm`` of a coarse image."""
-    array, origin = _axis_aligned(image, SPACING_MM)
-    planes = origin[2] + SPACING_MM * np.arange(array.shape[0])  # LPS z is RAS S
-    near = np.abs(planes - s_mm) <= max(LEVEL_PLANES_MM / 2, SPACING_MM / 2)
-    if not near.any():
-        return None
-    counts, sums = _body_centroids(array[near])
-    if counts.sum() == 0:
-        return None
-    return origin[:2] + sums.sum(axis=0) / counts.sum() * SPACING_MM
-
-
-def level_transform(query_image, target_image, window: LevelWindow):
-    """The start a level window gives: the asked point's plane onto the window's plane, scaled by the bodies' ratio,
-    the bodies' centres in those planes onto each other (an affine transform, LPS, query to result)."""
-    import SimpleITK as sitk
-
-    s_query = float(window.asked_ras[2])
-    here, there = _body_centre(query_image, s_query), _body_centre(target_image, window.s_mm)
-    if here is None or there is None:
-        return None
-    start = sitk.AffineTransform(3)
-    start.SetCenter((float(here[0]), float(here[1]), s_query))
-    start.SetMatrix(tuple((np.eye(3) * window.scale).ravel()))
-    start.SetTranslation((float(there[0] - here[0]), float(there[1] - here[1]), window.s_mm - s_query))
-    return start
 
 
 DEFORM_MM = 64.0  # the last, deformable stage: demons on this neighbourhood, measured against 48 and 96 mm (docs/benchmarks.md)

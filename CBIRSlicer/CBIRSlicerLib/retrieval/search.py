@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from . import ranking, result_registration
 from .answers import BestMatch, CaseResult, SearchAnswer
 from .queries import Prior, Query, load_volume_for_query
 from .result_registration import PlacementJob, QueryGrid, Registered
+
+if TYPE_CHECKING:
+    from ..imaging import body_region
 
 # HNSW breadth per image when a query has several images: at 1 M vectors a 16-image query then agrees with an exact
 # first stage on 95 % of its top 10 cases, in 47-49 ms on 2 cores (docs/benchmarks.md); single images keep the store's 1,024.
@@ -140,6 +144,17 @@ class SearchScope:
 
 
 @dataclass
+class CaseItems:
+    """One case's searchable items (as arrays) and each one's similarity to the query (weighted over its images)."""
+
+    ids: np.ndarray
+    centres: np.ndarray
+    sizes: np.ndarray
+    axes: np.ndarray
+    agreed: np.ndarray
+
+
+@dataclass
 class ScoredCases:
     """The candidate cases scored: their items (as arrays), and per case its score, its items and their similarities."""
 
@@ -168,7 +183,7 @@ class Searcher:
         self._query_grid: QueryGrid | None = None
         # The last query volume's modality and body region as inferred from its image (~70 ms of CPU, as much as the rest of
         # a search's ranking at 1 M region vectors; docs/benchmarks.md): the next ROI on the same volume reuses them.
-        self._query_kind: tuple[Volume, object] | None = None
+        self._query_kind: tuple[Volume, body_region.Inferred] | None = None
 
     def query_vectors(self, query: Query) -> np.ndarray:
         """The query's vectors for the first stage: what :func:`embedding_request` says it needs, run by the searcher's
@@ -269,7 +284,7 @@ class Searcher:
         if scope.allowed is not None and not len(scope.allowed):
             return SearchAnswer(query.spec, method, [],
                                 note="no case of the index matches the filters " + ", ".join(f"{k}={v}" for k, v in filters.items()))
-        transform = self.vector_transform(query)
+        transform = self.transform_for(query)
         hits = hits_per_image or first_stage_hits(k)
         candidates = self.first_stage(vectors, scope, k, hits, transform)
         # Fewer candidate cases than asked for, where the scope holds more: the nearest items crowded into a few cases
@@ -297,7 +312,7 @@ class Searcher:
         notes = [note for note in found if note is not None]
         return dataclasses.replace(answer, note="; ".join(notes)) if notes else answer
 
-    def vector_transform(self, query: Query) -> vector_transform.VectorTransform | None:
+    def transform_for(self, query: Query) -> vector_transform.VectorTransform | None:
         """The index's vector transform as this query's vectors are compared through it: none for text (the transform
         is learned on image vectors, :mod:`vector_transform`)."""
         return None if query.mode == "text" else self.index.transform
@@ -339,7 +354,7 @@ class Searcher:
                 "stage's nearest items")
 
 
-    def _inferred(self, volume: Volume):
+    def _inferred(self, volume: Volume) -> body_region.Inferred:
         """The query volume's modality, body region and body axis as inferred from its image (:func:`body_region.infer`),
         once per volume."""
         from ..imaging import body_region
@@ -392,17 +407,8 @@ class Searcher:
         placing = self._placing(query)
         if placing is None:  # a volume too thin to smooth at the coarse grid: nothing to register
             return answer
-        # Items compared as the search compared them (through the index's vector transform), so the look-alike a placed
-        # result carries is the search's own best match
-        transform = self.vector_transform(query)
-        vectors = self.query_vectors(query)
-        compared = vectors if transform is None else transform.apply(vectors)
-        weights = query_weights(query, compared)
-        excluded = self.index.excluded_ids()
-        if self.embedder.embeds_volumes:
-            excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         shown = answer.results if limit is None else answer.results[:limit]
-        jobs = [self._placement_job(result, compared, weights, excluded, transform) for result in shown]
+        jobs = [self._placement_job(result) for result in shown]
         box_mm = max(round(v, 3) for v in query.roi.size) if query.roi is not None else None
         reach_mm = query.roi.size[2] / 2 if query.roi is not None else 0.0  # how far the box reaches along the body
 
@@ -411,43 +417,62 @@ class Searcher:
         def register(job: PlacementJob | None) -> Registered | None:
             return None if job is None else result_registration.register_result(placing, job, centre, read, box_mm, reach_mm)
 
-        registered = result_registration.register_all(jobs, register, workers)
-        placed = [self._placed(query, result, job, done, placing) if job is not None and done is not None else result
+        def alike() -> dict[int, CaseItems]:
+            """The results' items against the query, read while they register. Compared as the search compared them
+            (through the index's vector transform), so the look-alike a placed result carries is the search's own."""
+            transform = self.transform_for(query)
+            vectors = self.query_vectors(query)
+            compared = vectors if transform is None else transform.apply(vectors)
+            excluded = self.index.excluded_ids()
+            if self.embedder.embeds_volumes:
+                excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
+            rows = [job.case_row for job in jobs if job is not None]
+            return self.case_items(rows, compared, query_weights(query, compared), excluded, transform)
+
+        registered, items = result_registration.register_all(jobs, register, workers, alike)
+        # a case left with no searchable item (removed since the search) keeps its match
+        placed = [self._placed(query, result, items[job.case_row], done, placing)
+                  if job is not None and done is not None and job.case_row in items else result
                   for result, job, done in zip(shown, jobs, registered)]
         for job, done in zip(jobs, registered):  # kept in the calling thread: the same cases come back often
             if job is not None and done is not None and job.grid is None:
                 self._coarse_images.put(job.result.source, done.grid)
         return dataclasses.replace(answer, results=placed + list(answer.results[len(shown):]))
 
-    def _placement_job(self, result: CaseResult, vectors: np.ndarray, weights: np.ndarray | None, excluded: np.ndarray,
-                       transform: vector_transform.VectorTransform | None = None) -> PlacementJob | None:
-        """What placing one result needs from the index (read here, in the calling thread): its items, their
-        similarity to the query, its stored body axis and any registration grid kept from before; None for a case no
-        longer in the index (removed since the search: it keeps its match)."""
+    def _placement_job(self, result: CaseResult) -> PlacementJob | None:
+        """What registering one result needs from the index (read here, in the calling thread): its case, stored body
+        axis and any registration grid kept from before; None for a case no longer in the index (removed since the
+        search: it keeps its match)."""
         case = self.index.catalog.case_by_id(result.case_id)
         if case is None or case.row is None:
             return None
-        items = self.index.catalog.item_arrays([case.row])
-        keep = ~np.isin(items.ids, excluded)
-        block = through(transform, [self.index.store.vectors_of(items.ids[keep])])[0]
-        similarity = ranking.similarities(vectors, [block])[0]
-        agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
-        return PlacementJob(result, items.ids[keep], items.centres[keep], items.sizes[keep], items.axes[keep], agreed,
-                             case.metadata.get("body_axis"), self._coarse_images.get(result.source))
+        return PlacementJob(result, case.row, case.metadata.get("body_axis"), self._coarse_images.get(result.source))
 
-    def _placed(self, query: Query, result: CaseResult, job: PlacementJob, done: Registered,
+    def case_items(self, rows: list[int], vectors: np.ndarray, weights: np.ndarray | None, excluded: np.ndarray,
+                   transform: vector_transform.VectorTransform | None = None) -> dict[int, CaseItems]:
+        """Each case's searchable items and their similarity to the query (``vectors`` compared as the search compares
+        them), by case row: what placement chooses a result's look-alike from."""
+        scored = self.score_cases(vectors, dict.fromkeys(rows, 0), SearchScope(excluded), "maxsim", weights, transform)
+        items, found = scored.items, {}
+        for row, mine in scored.members.items():
+            similarity = scored.similarities[row]
+            agreed = similarity.mean(axis=0) if weights is None else weights @ similarity
+            found[row] = CaseItems(items.ids[mine], items.centres[mine], items.sizes[mine], items.axes[mine], agreed)
+        return found
+
+    def _placed(self, query: Query, result: CaseResult, items: CaseItems, done: Registered,
                 placing: QueryGrid) -> CaseResult:
         """A result with its best match placed: the registered point judged against its items (:func:`placement.choose`)."""
         from . import placement
 
         if done.where is None:
-            choice = placement.choose(job.agreed, job.centres, job.sizes, job.axes, None, False, query.spec.match, placing.focal)
+            choice = placement.choose(items.agreed, items.centres, items.sizes, items.axes, None, False, query.spec.match, placing.focal)
         else:
             where, window = done.where, done.window
-            level_items = None if window is None else np.abs(job.centres[:, 2] - window.s_mm) <= window.half_mm
-            choice = placement.choose(job.agreed, job.centres, job.sizes, job.axes, where.ras, done.grid.holds(where.ras),
+            level_items = None if window is None else np.abs(items.centres[:, 2] - window.s_mm) <= window.half_mm
+            choice = placement.choose(items.agreed, items.centres, items.sizes, items.axes, where.ras, done.grid.holds(where.ras),
                                       query.spec.match, placing.focal, where.agreement, placement.rejected(where), level_items)
-        item_id = int(job.ids[choice.item])
+        item_id = int(items.ids[choice.item])
         anatomy = None if choice.anatomy_ras is None else choice.anatomy_ras.tolist()
         match = BestMatch.of_item(self.index.catalog.items([item_id])[item_id], choice.focus_ras.tolist(), anatomy,
                                   choice.shown, choice.look_alike_ras.tolist(), choice.in_view, choice.note)
@@ -455,18 +480,15 @@ class Searcher:
 
     def _placing(self, query: Query) -> QueryGrid | None:
         """What placement needs of the query volume, once per volume: its registration grid, body axis and focality."""
-        from ..imaging import registration
         from ..imaging.focal import focality
 
         if query.volume is None:
             return None
         if self._query_grid is None or self._query_grid.volume is not query.volume:
-            try:
-                image = registration.coarse_image(query.volume)
+            try:  # the axis as the index keeps its cases' (body_region.fill_in): none where the rules found it wrong
+                self._query_grid = QueryGrid.of(query.volume, self._inferred(query.volume).placeable_axis)
             except RuntimeError:
                 return None
-            # The axis as the index keeps its cases' (body_region.fill_in): none where the rules found it wrong
-            self._query_grid = QueryGrid(query.volume, image, self._inferred(query.volume).placeable_axis)
         placing = self._query_grid
         found = focality(query.volume, query.roi) if query.roi is not None else None
         placing.focal = bool(found is not None and found.focal)
