@@ -147,12 +147,15 @@ def _bins(array: np.ndarray) -> np.ndarray:
     return np.clip(((array - low) / max(high - low, 1e-6) * MI_BINS).astype(np.int64), 0, MI_BINS - 1)
 
 
-def _mutual_information(fixed_bins: np.ndarray, moving_bins: np.ndarray) -> float:
-    """Mutual information of two equally shaped arrays of bin numbers."""
-    joint = np.bincount((fixed_bins * MI_BINS + moving_bins).ravel(), minlength=MI_BINS * MI_BINS).astype(float)
-    joint = joint.reshape(MI_BINS, MI_BINS) / joint.sum()
-    outer = joint.sum(axis=1, keepdims=True) * joint.sum(axis=0, keepdims=True)
-    return float(np.sum(joint * np.log(np.where(joint > 0, joint, 1.0) / np.where(joint > 0, outer, 1.0))))  # 0 log 0 = 0
+def _mutual_informations(fixed_bins: np.ndarray, moving_bins: np.ndarray) -> np.ndarray:
+    """Mutual information of one array of bin numbers with each row of another (candidates x samples)."""
+    count = len(moving_bins)
+    keys = (np.arange(count)[:, None] * MI_BINS * MI_BINS + fixed_bins[None, :] * MI_BINS + moving_bins).ravel()
+    joint = np.bincount(keys, minlength=count * MI_BINS * MI_BINS).astype(float).reshape(count, MI_BINS, MI_BINS)
+    joint /= joint.sum(axis=(1, 2), keepdims=True)
+    outer = joint.sum(axis=2, keepdims=True) * joint.sum(axis=1, keepdims=True)
+    ratio = np.where(joint > 0, joint, 1.0) / np.where(joint > 0, outer, 1.0)
+    return np.sum(joint * np.log(ratio), axis=(1, 2))  # 0 log 0 = 0
 
 
 def body_centroids(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +171,7 @@ LEVEL_STARTS = 3  # the slab's best levels each start a similarity registration;
 LEVELS_APART_MM = 24.0
 LEVEL_ANGLES_DEG = (-10.0, 0.0, 10.0)  # turns about the body axis tried at each level (patients lie turned by some degrees)
 LEVEL_SCALES = (0.8, 1.25)  # the bounds of the size ratio read from the body's cross-section
+LEVEL_CHUNK = 400_000  # candidate samples scored at once (memory: ~30 bytes each)
 LEVEL_SAMPLES = 16_000  # the slab's voxels scored at each candidate level, at most (every other one across the plane, or fewer)
 LEVEL_OVERHANG = 0.5  # share of the slab that may lie beyond the result's first or last plane (a shorter result)
 
@@ -193,7 +197,8 @@ def level_starts(query_image, target_image, spacing_mm: float = FINE_GLOBAL_SPAC
     the two bodies' cross-sections there: patients differ in size by 10-20 %, and a slab drawn at the wrong size matches
     the wrong level), turned by each of :data:`LEVEL_ANGLES_DEG`; each is scored by the mutual information of the slab
     with the result sampled there (nearest voxel, the result's lowest value outside it, so hanging off costs).
-    A few hundredths of a second: the arrays are on an 8 mm grid and each candidate is one gather and one histogram.
+    A few hundredths of a second: the arrays are on an 8 mm grid, and the candidates are gathered and histogrammed a
+    chunk at a time (one at a time, the Python around each took 0.15-0.35 s a result).
     """
     fixed, fixed_origin = axis_aligned_array(query_image, spacing_mm)
     moving, moving_origin = axis_aligned_array(target_image, spacing_mm)
@@ -216,7 +221,8 @@ def level_starts(query_image, target_image, spacing_mm: float = FINE_GLOBAL_SPAC
     overhang = int(np.floor(LEVEL_OVERHANG * depth))
     half = (depth - 1) / 2
     bounds = np.array([moving.shape[2], moving.shape[1], planes])  # x, y, z
-    scored = []
+    # Every candidate (level, size, turn), in this order; scored together below, a chunk of them a numpy call.
+    candidates = []
     for middle in np.arange(half - overhang, planes - 1 - half + overhang + 1e-6):
         low, high = int(max(0, np.floor(middle - half))), int(min(planes, np.ceil(middle + half) + 1))
         counts = moving_counts[low:high]
@@ -224,16 +230,27 @@ def level_starts(query_image, target_image, spacing_mm: float = FINE_GLOBAL_SPAC
             continue
         there = np.array([*(moving_sums[low:high].sum(axis=0) / counts.sum()), middle])
         ratio = float(np.clip(np.sqrt(counts[counts > 0].mean() / area), *LEVEL_SCALES))
-        for scale in dict.fromkeys((ratio, 1.0)):
-            for angle in LEVEL_ANGLES_DEG:
-                turn = np.deg2rad(angle)
-                rotation = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
-                index = np.rint(there + scale * offsets @ rotation.T).astype(int)
-                inside = np.all((index >= 0) & (index < bounds), axis=1)
-                sampled = np.full(len(offsets), lowest, dtype=np.int64)
-                sampled[inside] = moving_bins[index[inside, 2], index[inside, 1], index[inside, 0]]
-                scored.append(LevelStart(_mutual_information(slab_bins, sampled), scale, angle,
-                                         fixed_origin + centre * spacing_mm, moving_origin + there * spacing_mm))
+        candidates += [(there, scale, angle) for scale in dict.fromkeys((ratio, 1.0)) for angle in LEVEL_ANGLES_DEG]
+    scores = np.empty(len(candidates))
+    chunk = max(1, LEVEL_CHUNK // max(len(offsets), 1))
+    flat_bins = moving_bins.ravel()
+    for first in range(0, len(candidates), chunk):
+        batch = candidates[first:first + chunk]
+        there = np.array([c[0] for c in batch])
+        scale = np.array([c[1] for c in batch])[:, None]
+        turn = np.deg2rad([c[2] for c in batch])
+        cos, sin = np.cos(turn)[:, None], np.sin(turn)[:, None]
+        # (scale * offsets) turned about the body axis, then moved to the level: a rotation about z leaves z alone
+        sx, sy = scale * offsets[:, 0], scale * offsets[:, 1]
+        x = np.rint(there[:, :1] + (cos * sx - sin * sy)).astype(np.int64)
+        y = np.rint(there[:, 1:2] + (sin * sx + cos * sy)).astype(np.int64)
+        z = np.rint(there[:, 2:] + scale * offsets[:, 2]).astype(np.int64)
+        inside = (x >= 0) & (x < bounds[0]) & (y >= 0) & (y < bounds[1]) & (z >= 0) & (z < bounds[2])
+        sampled = np.full(inside.shape, lowest, dtype=np.int64)
+        sampled[inside] = flat_bins[((z * bounds[1] + y) * bounds[0] + x)[inside]]
+        scores[first:first + len(batch)] = _mutual_informations(slab_bins, sampled)
+    scored = [LevelStart(float(score), scale, angle, fixed_origin + centre * spacing_mm, moving_origin + there * spacing_mm)
+              for score, (there, scale, angle) in zip(scores, candidates)]
     chosen: list[LevelStart] = []
     for start in sorted(scored, key=lambda candidate: -candidate.score):
         if all(abs(start.target_lps[2] - other.target_lps[2]) >= LEVELS_APART_MM for other in chosen):
