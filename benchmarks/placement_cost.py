@@ -43,9 +43,9 @@ from CBIRSlicerLib.imaging.roi import RoiBox
 from CBIRSlicerLib.retrieval.result_registration import QueryGrid, ResultGrid, register_point
 
 # The registration module's stages, each timed inclusively (a stage inside another is also counted in the outer one:
-# global_transform holds level_starts and _full_metric for slab queries; place holds local_affine .. agreement).
+# global_transform holds level_starts for slab queries; place holds local_affine .. agreement).
 STAGES = ("coarse_image", "body_planes", "level_window", "start_window", "level_transform", "global_transform", "level_starts",
-          "local_affine", "deformation", "agreement", "_full_metric", "place")
+          "local_affine", "deformation", "agreement", "place")
 LEVEL_STAGES = ("body_planes", "level_window", "start_window", "level_transform")  # imaging/levels.py; the rest registration.py
 
 

@@ -9,7 +9,7 @@ whole-volume registrations made), the later boxes of the same volume warm (grids
 Every setting's placed points are compared with the first setting's (the same answers, to ITK's threading noise).
 Run on a quiet machine: wall time is the figure; the load average is recorded beside it::
 
-    nice -n 10 python benchmarks/placement_wall.py [--workers 1,2] [--patients 12] [--queries 2] [--work DIR]
+    nice -n 10 python benchmarks/placement_wall.py [--workers 1,2] [--patients 12] [--queries 2] [--slabs] [--work DIR]
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ def _cpu() -> float:
     return used.ru_utime + used.ru_stime
 
 
-def measure(folder: str, queried: list, workers: int) -> list[dict]:
-    """Every organ box of the queried patients, searched and placed by one fresh searcher with ``workers``."""
+def measure(folder: str, queried: list, workers: int, slabs: bool = False) -> list[dict]:
+    """Every organ box of the queried patients, searched and placed by one fresh searcher with ``workers``; with
+    ``slabs``, each asked on a 40-60 mm slab of its patient's series around the organ (``cross_patient.py --slabs
+    from``'s slabs: every query a new volume, its level searched in each result)."""
     from CBIRSlicerLib.imaging.readers import read_volume
     from CBIRSlicerLib.imaging.roi import RoiBox
     from CBIRSlicerLib.index.folder import Index
@@ -51,11 +53,15 @@ def measure(folder: str, queried: list, workers: int) -> list[dict]:
     for patient in queried:
         volume = read_volume(patient.image)
         for number, query in enumerate(q for q in head_neck.organ_queries(patient) if q.kind == "box"):
-            asked = roi_query(volume, RoiBox(query.centre, query.size), "axial", searcher.index)
+            asked_volume = volume
+            if slabs:
+                thickness, shift = head_neck.slab_draw(patient.number * 10 + query.label)
+                asked_volume = head_neck.cut(volume, query.centre[2] + shift, thickness)
+            asked = roi_query(asked_volume, RoiBox(query.centre, query.size), "axial", searcher.index)
             answer = searcher.search(asked, k=10)
             wall, cpu = time.monotonic(), _cpu()
             placed = searcher.place(asked, answer, workers=workers)
-            rows.append({"patient": patient.name, "organ": query.organ, "cold": number == 0, "results": len(answer.results),
+            rows.append({"patient": patient.name, "organ": query.organ, "cold": number == 0 or slabs, "results": len(answer.results),
                          "wall_s": round(time.monotonic() - wall, 2), "cpu_s": round(_cpu() - cpu, 2),
                          "load": round(os.getloadavg()[0], 2),
                          "spots": [[round(float(v), 2) for v in r.best_match.spot] for r in placed.results]})
@@ -69,6 +75,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="settings of Searcher.place's workers, compared in this order")
     parser.add_argument("--patients", type=int, default=12, help="tuning patients indexed")
     parser.add_argument("--queries", type=int, default=2, help="of them, patients whose organ boxes are asked")
+    parser.add_argument("--slabs", action="store_true", help="ask each box on a 40-60 mm slab of its series (all cold)")
     parser.add_argument("--work", default=None, help="folder for the index (kept; reused when present)")
     parser.add_argument("--cache", default=None, help="folder of the Debian packages (real_data.py)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "placement_wall.json"))
@@ -78,7 +85,7 @@ def main() -> None:
     built = cross_patient.build(work, "tuning", config, "none", "handcrafted", args.cache)
     queried = [p for p in head_neck.patients("tuning") if p.name in built["patients"]][:args.queries]
     settings = [int(v) for v in args.workers.split(",")]
-    runs = {workers: measure(built["folder"], queried, workers) for workers in settings}
+    runs = {workers: measure(built["folder"], queried, workers, args.slabs) for workers in settings}
     first = runs[settings[0]]
     summary = {}
     for workers, rows in runs.items():

@@ -260,18 +260,6 @@ def level_starts(query_image, target_image, spacing_mm: float = FINE_GLOBAL_SPAC
     return chosen
 
 
-def _full_metric(fixed, moving, transform) -> float:
-    """Mattes mutual information (lower is better) of two images under a transform, on every voxel."""
-    import SimpleITK as sitk
-
-    check = sitk.ImageRegistrationMethod()
-    check.SetMetricAsMattesMutualInformation(MI_BINS)
-    check.SetMetricSamplingStrategy(check.NONE)
-    check.SetInterpolator(sitk.sitkLinear)
-    check.SetInitialTransform(transform)
-    return float(check.MetricEvaluate(fixed, moving))
-
-
 def _similarity_start(level: LevelStart):
     """The similarity transform a level start describes (centred on the slab's body centre)."""
     import SimpleITK as sitk
@@ -310,7 +298,10 @@ def global_transform(query_image: Any, target_image: Any) -> Any:
         method.SetInitialTransform(start, inPlace=False)
         try:
             similarity = sitk.Similarity3DTransform(_single(method.Execute(fixed, moving)))
-            metric = _full_metric(fixed, moving, similarity) if len(starts) > 1 else 0.0
+            # The starts' ends compared by the optimiser's last metric value: the same sampled voxels for every start
+            # (one seed). The metric on every voxel again was 12 % of a slab query's placement; tuning slab queries
+            # placed as well without it (164 against 165 of 189 pairs, 7 moved by over 2 mm, both ways).
+            metric = float(method.GetMetricValue())
         except RuntimeError:  # ITK: this start left too little overlap; another may not
             continue
         if best is None or metric < best[0]:
