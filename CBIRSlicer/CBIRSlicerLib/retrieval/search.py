@@ -193,17 +193,23 @@ class Searcher:
             query.vectors = request.run(self.embedder)
         return query.vectors
 
+    def excluded_items(self, query: Query) -> np.ndarray:
+        """Items no answer to this query may show, whatever its scope: those removed from the index, and for a 3D model
+        the other scale's (:func:`volume_model_other_scale`)."""
+        excluded = self.index.excluded_ids()
+        if self.embedder.embeds_volumes:
+            excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
+        return excluded
+
     def scope(self, query: Query, filters: dict[str, str] | None = None) -> SearchScope:
         """The items the query must not find (its own case, removed items, the item it started from) and the filters' items."""
         catalog = self.index.catalog
         # A path and the same file reached through a symbolic link are one case.
         own = {form(s) for s in query.exclude_sources for form in (os.path.abspath, os.path.realpath)}
         excluded_rows = sorted(set(catalog.case_rows_of_sources(own)) | set(query.exclude_rows))
-        excluded = np.union1d(self.index.excluded_ids(), catalog.item_ids(excluded_rows) if excluded_rows else [])
+        excluded = np.union1d(self.excluded_items(query), catalog.item_ids(excluded_rows) if excluded_rows else [])
         if query.exclude_item is not None:
             excluded = np.union1d(excluded, [query.exclude_item])
-        if self.embedder.embeds_volumes:
-            excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
         allowed_rows = catalog.case_rows_matching(filters) if filters else None  # a field no case has raises there
         # Item ids for the folder; a store that filters inside its own search (Milvus) gets the filters as its condition.
         allowed = self.index.allowed_items(filters) if filters else None
@@ -423,11 +429,8 @@ class Searcher:
             transform = self.transform_for(query)
             vectors = self.query_vectors(query)
             compared = vectors if transform is None else transform.apply(vectors)
-            excluded = self.index.excluded_ids()
-            if self.embedder.embeds_volumes:
-                excluded = np.union1d(excluded, volume_model_other_scale(self.index, query))
             rows = [job.case_row for job in jobs if job is not None]
-            return self.case_items(rows, compared, query_weights(query, compared), excluded, transform)
+            return self.case_items(rows, compared, query_weights(query, compared), self.excluded_items(query), transform)
 
         registered, items = result_registration.register_all(jobs, register, workers, alike)
         # a case left with no searchable item (removed since the search) keeps its match
